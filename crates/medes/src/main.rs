@@ -1,0 +1,53 @@
+//! The `medes` command line: one binary, one subcommand per job.
+//!
+//! Only this crate uses `anyhow`, installs the tracing subscriber and the metrics recorder, and
+//! merges configuration files with flags. `main` maps any error to an exit code in one place.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// medes: a serverless platform whose idle sandboxes can be deduplicated.
+#[derive(Parser)]
+#[command(name = "medes", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform (controller + one node agent) on this machine.
+    Serve(cmd::serve::Args),
+    /// Measure the platform: `startup`, `dedup`.
+    Bench(cmd::bench::Args),
+    /// Deploy, run and list the ten-function workload suite.
+    Suite(cmd::suite::Args),
+    /// Load, generate and summarise invocation traces.
+    Trace(cmd::trace::Args),
+    /// Replay a trace file against a running platform (open loop).
+    Replay(cmd::replay::Args),
+    /// Start the platform, deploy a sample action, invoke it cold and warm (the README's first command).
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Suite(a) => cmd::suite::run(a),
+        Command::Trace(a) => cmd::trace::run(a),
+        Command::Replay(a) => cmd::replay::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
