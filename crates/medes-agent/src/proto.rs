@@ -1,0 +1,227 @@
+//! The controller ↔ agent protocol: a closed set of messages, no behaviour.
+//!
+//! Every type here is plain data (serde), so a later issue can carry it over gRPC unchanged.
+//! Errors that cross this boundary carry their causes as text: a `#[source]` chain cannot travel
+//! over a network.
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+use medes_core::{ActionName, Bytes, Code, NodeId, SandboxId};
+use serde::{Deserialize, Serialize};
+
+pub use medes_sandbox::{LogLine, Stream};
+
+/// A node agent as the controller sees it.
+///
+/// The future is `'static` and the work it stands for runs to completion even if the caller
+/// drops it (the local [`Agent`](crate::Agent) runs each command on its own task), so a caller
+/// that gives up never leaks a half-made sandbox.
+pub trait NodeAgent: Send + Sync + 'static {
+    /// Carries out one command.
+    fn execute(&self, cmd: Command) -> BoxFuture<'static, Result<Reply, AgentError>>;
+}
+
+/// What the controller asks of an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a sandbox for an action and initialise it (a cold start). Answered by
+    /// [`Reply::Spawned`].
+    Spawn(SpawnCommand),
+    /// Run one invocation in an initialised sandbox. Answered by [`Reply::Ran`].
+    Run(RunCommand),
+    /// Destroy a sandbox (immediately if idle, else as soon as its runs end). Answered by
+    /// [`Reply::Purged`].
+    Purge {
+        /// The sandbox.
+        sandbox: SandboxId,
+    },
+    /// Report the node's sandboxes and their memory. Answered by [`Reply::Status`].
+    Status,
+}
+
+impl Command {
+    /// The command's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Spawn(_) => "spawn",
+            Command::Run(_) => "run",
+            Command::Purge { .. } => "purge",
+            Command::Status => "status",
+        }
+    }
+}
+
+/// A cold start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnCommand {
+    /// Id for the new sandbox, unique on the node (`[A-Za-z0-9_-]`, at most 64 characters).
+    pub sandbox: SandboxId,
+    /// The action (selects the code directory).
+    pub action: ActionName,
+    /// The action version (selects the code directory).
+    pub version: String,
+    /// The code.
+    pub code: Code,
+    /// Entry function name.
+    pub main: String,
+    /// Memory limit of the sandbox.
+    pub memory_limit: Bytes,
+    /// Static environment of the runtime (`__OW_NAMESPACE`, `__OW_ACTION_NAME`, ...).
+    pub env: BTreeMap<String, String>,
+    /// Bound on the init step (OpenWhisk applies the action's time limit to init too).
+    pub init_timeout_ms: u64,
+}
+
+/// One invocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunCommand {
+    /// The sandbox, initialised by an earlier [`Command::Spawn`].
+    pub sandbox: SandboxId,
+    /// Parameters passed to `main`.
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// Per-run environment (`__OW_ACTIVATION_ID`, `__OW_DEADLINE`, `__OW_API_KEY`, `__OW_API_HOST`).
+    pub env: BTreeMap<String, String>,
+    /// Time limit of the run.
+    pub timeout_ms: u64,
+}
+
+/// An agent's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    /// Answer to [`Command::Spawn`].
+    Spawned(SpawnReply),
+    /// Answer to [`Command::Run`].
+    Ran(RunReply),
+    /// Answer to [`Command::Purge`].
+    Purged,
+    /// Answer to [`Command::Status`].
+    Status(NodeStatus),
+}
+
+/// Outcome of a cold start that reached the init step (or failed on the action's own code).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnReply {
+    /// `None` when the sandbox is ready; otherwise the init error (OpenWhisk style message), and
+    /// the sandbox is already destroyed.
+    pub init_error: Option<String>,
+    /// Time to create the sandbox until its runtime answered, ms.
+    pub start_ms: f64,
+    /// Time of the init step as measured by the runtime, ms.
+    pub init_ms: f64,
+    /// Output produced while loading the code.
+    pub logs: Vec<LogLine>,
+}
+
+/// Outcome of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReply {
+    /// What happened.
+    pub outcome: RunOutcome,
+    /// Output lines of the run.
+    pub logs: Vec<LogLine>,
+    /// Time inside `main` as measured by the runtime, ms (when the runtime answered).
+    pub main_ms: Option<f64>,
+}
+
+impl RunReply {
+    /// Whether the sandbox is gone after this run (it must not be used again).
+    pub fn sandbox_lost(&self) -> bool {
+        self.outcome.sandbox_lost()
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RunOutcome {
+    /// `main` returned this value (normally a dict, possibly with an `error` key).
+    Returned(serde_json::Value),
+    /// `main` raised or returned a non-dict; the message is the runtime's. The sandbox is fine.
+    ActionError(String),
+    /// The time limit passed; the sandbox was destroyed.
+    Timeout {
+        /// The limit, ms.
+        limit_ms: u64,
+    },
+    /// The sandbox ran out of memory; it was destroyed.
+    OutOfMemory {
+        /// The limit.
+        limit: Bytes,
+    },
+    /// The runtime died or the connection to it failed; the sandbox was destroyed.
+    Crashed(String),
+    /// The runtime answered nonsense; the sandbox was destroyed.
+    Protocol(String),
+}
+
+impl RunOutcome {
+    /// Whether the sandbox was destroyed by this outcome.
+    pub fn sandbox_lost(&self) -> bool {
+        !matches!(self, RunOutcome::Returned(_) | RunOutcome::ActionError(_))
+    }
+}
+
+/// The node's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node: NodeId,
+    /// Every initialised sandbox on the node.
+    pub sandboxes: Vec<SandboxStatus>,
+}
+
+/// One sandbox's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    /// The sandbox.
+    pub id: SandboxId,
+    /// Whether its runtime process is alive.
+    pub alive: bool,
+    /// Its memory, if it could be read.
+    pub memory: Option<SandboxMemory>,
+}
+
+/// Memory of one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxMemory {
+    /// Proportional set size of its processes.
+    pub pss: Bytes,
+    /// Resident set size of its processes.
+    pub rss: Bytes,
+    /// What its memory cgroup charges.
+    pub cgroup_usage: Bytes,
+}
+
+/// A command the agent could not carry out. Action failures are not errors (they are
+/// [`SpawnReply::init_error`] and [`RunOutcome`]); these are platform failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum AgentError {
+    /// No such sandbox on this node (never spawned, or already gone).
+    #[error("sandbox {0} is not on this node")]
+    UnknownSandbox(SandboxId),
+    /// The id is taken or not usable.
+    #[error("sandbox id {0:?} is already in use or not valid")]
+    BadSandboxId(SandboxId),
+    /// Writing the action's code to the data directory failed.
+    #[error("preparing the code of {action}: {reason}")]
+    Code {
+        /// The action.
+        action: ActionName,
+        /// The cause.
+        reason: String,
+    },
+    /// Creating the sandbox failed.
+    #[error("starting sandbox {sandbox}: {reason}")]
+    Start {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The cause.
+        reason: String,
+    },
+    /// The agent is shutting down.
+    #[error("the node agent is shutting down")]
+    ShuttingDown,
+    /// The agent could not be reached or failed internally (a transport error, a lost task).
+    #[error("node agent unavailable: {0}")]
+    Unavailable(String),
+}
