@@ -1,0 +1,207 @@
+//! Per-sandbox cgroups by direct file writes (v1: `memory` + `pids` hierarchies; v2: one unified
+//! directory with both controllers enabled in the parent).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use medes_core::Bytes;
+
+const CG_ROOT: &str = "/sys/fs/cgroup";
+/// Ceiling on tasks per sandbox (fork bombs stay inside).
+const PIDS_MAX: u32 = 1024;
+
+/// Which cgroup layout the host uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    V1,
+    V2,
+}
+
+pub(crate) fn detect() -> Option<Layout> {
+    if Path::new(CG_ROOT).join("memory/memory.limit_in_bytes").exists() {
+        return Some(Layout::V1);
+    }
+    let ctrl = fs::read_to_string(Path::new(CG_ROOT).join("cgroup.controllers")).ok()?;
+    ctrl.split_whitespace().any(|c| c == "memory").then_some(Layout::V2)
+}
+
+/// The cgroup(s) of one sandbox.
+#[derive(Debug)]
+pub(crate) struct Cgroup {
+    layout: Layout,
+    /// v1: [memory dir, pids dir]; v2: [the dir].
+    dirs: Vec<PathBuf>,
+}
+
+fn werr(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn write(path: &Path, v: &str) -> io::Result<()> {
+    fs::write(path, v).map_err(werr(path))
+}
+
+impl Cgroup {
+    /// Creates `<root>/<parent>/<id>` and applies the memory limit.
+    pub(crate) fn create(parent: &str, id: &str, limit: Bytes) -> Result<Cgroup, (PathBuf, io::Error)> {
+        let layout = detect().ok_or_else(|| {
+            (PathBuf::from(CG_ROOT), io::Error::new(io::ErrorKind::NotFound, "no memory cgroup"))
+        })?;
+        let cg = match layout {
+            Layout::V1 => Cgroup {
+                layout,
+                dirs: vec![
+                    Path::new(CG_ROOT).join("memory").join(parent).join(id),
+                    Path::new(CG_ROOT).join("pids").join(parent).join(id),
+                ],
+            },
+            Layout::V2 => {
+                let p = Path::new(CG_ROOT).join(parent);
+                if !p.exists() {
+                    fs::create_dir_all(&p).map_err(|e| (p.clone(), e))?;
+                }
+                // Enable the controllers for the sandboxes below (idempotent).
+                let root_ctl = Path::new(CG_ROOT).join("cgroup.subtree_control");
+                let _ = fs::write(&root_ctl, "+memory +pids");
+                let ctl = p.join("cgroup.subtree_control");
+                write(&ctl, "+memory +pids").map_err(|e| (ctl.clone(), e))?;
+                Cgroup { layout, dirs: vec![p.join(id)] }
+            }
+        };
+        for d in &cg.dirs {
+            match fs::create_dir_all(d) {
+                Ok(()) => {}
+                Err(e) => {
+                    let _ = cg.remove();
+                    return Err((d.clone(), e));
+                }
+            }
+        }
+        if let Err(e) = cg.set_limits(limit) {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn set_limits(&self, limit: Bytes) -> Result<(), (PathBuf, io::Error)> {
+        let w = |p: PathBuf, v: String| write(&p, &v).map_err(|e| (p, e));
+        match self.layout {
+            Layout::V1 => {
+                let m = &self.dirs[0];
+                w(m.join("memory.limit_in_bytes"), limit.0.to_string())?;
+                let sw = m.join("memory.memsw.limit_in_bytes");
+                if sw.exists() {
+                    w(sw, limit.0.to_string())?;
+                }
+                // Let the OOM killer act (not pause the cgroup).
+                let _ = fs::write(m.join("memory.oom_control"), "0");
+                w(self.dirs[1].join("pids.max"), PIDS_MAX.to_string())?;
+            }
+            Layout::V2 => {
+                let d = &self.dirs[0];
+                w(d.join("memory.max"), limit.0.to_string())?;
+                let sw = d.join("memory.swap.max");
+                if sw.exists() {
+                    w(sw, "0".into())?;
+                }
+                w(d.join("pids.max"), PIDS_MAX.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `cgroup.procs` files a process writes `0` into to join every hierarchy.
+    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    fn memory_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// How many times the OOM killer killed a task of this cgroup.
+    pub(crate) fn oom_kills(&self) -> u64 {
+        let f = match self.layout {
+            Layout::V1 => "memory.oom_control",
+            Layout::V2 => "memory.events",
+        };
+        fs::read_to_string(self.memory_dir().join(f))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Bytes the memory controller charges to the sandbox.
+    pub(crate) fn usage(&self) -> io::Result<(PathBuf, u64)> {
+        let p = self.memory_dir().join(match self.layout {
+            Layout::V1 => "memory.usage_in_bytes",
+            Layout::V2 => "memory.current",
+        });
+        let s = fs::read_to_string(&p)?;
+        let v = s
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not a number"))?;
+        Ok((p, v))
+    }
+
+    /// Host PIDs of every process in the sandbox.
+    pub(crate) fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.memory_dir().join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs everything in the cgroup until it is empty (bounded), then removes it.
+    pub(crate) fn kill_and_remove(&self, bound: Duration) -> Result<(), (PathBuf, io::Error)> {
+        let t0 = Instant::now();
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            if t0.elapsed() > bound {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.remove()
+    }
+
+    /// Removes the cgroup directories (retrying briefly while the kernel releases dead tasks).
+    pub(crate) fn remove(&self) -> Result<(), (PathBuf, io::Error)> {
+        let mut first_err = None;
+        for d in &self.dirs {
+            let mut tries = 0;
+            loop {
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if tries < 200 => {
+                        let _ = e;
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert((d.clone(), e));
+                        break;
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

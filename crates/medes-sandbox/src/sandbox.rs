@@ -1,0 +1,773 @@
+//! The [`Sandbox`] type: start, talk, measure, checkpoint, restore, destroy.
+
+use std::ffi::{CString, OsString};
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use medes_core::{Bytes, SandboxId};
+use serde_json::{Value, json};
+use tracing::{debug, info, warn};
+
+use crate::cgroup::Cgroup;
+use crate::criu::{self, Meta, Outcome};
+use crate::launch::{self, LaunchPlan, cpath};
+use crate::net::Netns;
+use crate::rootfs::{self, Mount, MountKind};
+use crate::*;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const INIT_TIMEOUT: Duration = Duration::from_secs(300);
+const DUMP_TIMEOUT: Duration = Duration::from_secs(120);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+const NET_KEY: &str = "medes-net";
+const LISTEN_FD: RawFd = 3;
+
+/// One running sandbox: a process tree in its own namespaces and cgroup.
+///
+/// `Send + Sync`: requests may run concurrently (up to the action's concurrency); a checkpoint
+/// waits for in-flight requests and holds new ones back while CRIU runs.
+#[derive(Debug)]
+pub struct Sandbox {
+    id: SandboxId,
+    sock: PathBuf,
+    pid: i32,
+    memory_limit: Bytes,
+    hostname: String,
+    mounts: Vec<Mount>,
+    listen_ino: u64,
+    criu: PathBuf,
+    dead: AtomicBool,
+    gate: tokio::sync::RwLock<()>,
+    res: Mutex<Resources>,
+}
+
+/// What must be released when the sandbox goes; teardown is idempotent.
+#[derive(Debug)]
+struct Resources {
+    pid: Option<i32>,
+    pidfd: Option<OwnedFd>,
+    cgroup: Option<Cgroup>,
+    netns: Option<Netns>,
+    dir: Option<PathBuf>,
+}
+
+impl Resources {
+    fn empty() -> Resources {
+        Resources { pid: None, pidfd: None, cgroup: None, netns: None, dir: None }
+    }
+
+    fn kill(&self) {
+        if let Some(fd) = &self.pidfd {
+            pidfd_kill(fd);
+        }
+    }
+
+    fn teardown(&mut self) -> Result<(), DestroyError> {
+        self.kill();
+        let mut err = None;
+        if let Some(cg) = self.cgroup.take()
+            && let Err((path, source)) = cg.kill_and_remove(Duration::from_secs(5))
+        {
+            err.get_or_insert(DestroyError::Cgroup { path, source });
+        }
+        if let Some(pid) = self.pid.take() {
+            reap(pid, Duration::from_secs(5));
+        }
+        self.pidfd = None;
+        if let Some(ns) = self.netns.take() {
+            ns.remove();
+        }
+        if let Some(dir) = self.dir.take()
+            && let Err(source) = fs::remove_dir_all(&dir)
+            && source.kind() != io::ErrorKind::NotFound
+        {
+            err.get_or_insert(DestroyError::Cleanup { what: dir.display().to_string(), source });
+        }
+        err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+fn pidfd_kill(fd: &OwnedFd) {
+    // SAFETY: a signal sent through a pidfd we own cannot hit a recycled pid.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32)
+    };
+}
+
+fn pidfd_exited(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & libc::POLLIN != 0
+}
+
+/// Reaps `pid` if it is our child (bounded); ignores "not our child".
+fn reap(pid: i32, bound: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid on a specific pid with a local status.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG | libc::__WALL) };
+        if r != 0 || t0.elapsed() > bound {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Ensures `run_dir` exists on a tmpfs of our own (device nodes must work there).
+fn ensure_run_dir(run_dir: &Path) -> io::Result<()> {
+    static DONE: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+    let done = DONE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+    if done.iter().any(|p| p == run_dir) {
+        return Ok(());
+    }
+    fs::create_dir_all(run_dir)?;
+    let canon = run_dir.canonicalize()?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let mounted = mountinfo.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.get(4).is_some_and(|mp| Path::new(mp) == canon)
+    });
+    if !mounted {
+        let c = cpath(&canon)?;
+        // SAFETY: valid C strings; mounting a fresh tmpfs on our own directory.
+        let r = unsafe {
+            libc::mount(
+                c"medes-run".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID,
+                c"mode=0755".as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    done.push(run_dir.to_path_buf());
+    Ok(())
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 48
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn hostname_for(id: &str) -> String {
+    let mut h: String = format!("sb-{id}");
+    h.truncate(63);
+    h
+}
+
+/// Pre-allocated state for a pre-exec hook that joins cgroups (writes `0` into `cgroup.procs`).
+fn join_cgroup_hook(
+    procs: Vec<CString>,
+    dups: Vec<(RawFd, RawFd)>,
+) -> Box<dyn FnMut() -> io::Result<()> + Send + Sync> {
+    Box::new(move || {
+        for f in &procs {
+            // SAFETY: raw syscalls on pre-built C strings.
+            unsafe {
+                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
+        }
+        // Move every source out of the target range first, then place them.
+        let mut moved = [0 as RawFd; 8];
+        for (i, (src, _)) in dups.iter().enumerate().take(8) {
+            // SAFETY: duplicating an fd we own to a number >= 64.
+            let r = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            moved[i] = r;
+        }
+        for (i, (_, dst)) in dups.iter().enumerate().take(8) {
+            // SAFETY: dup2 onto a fixed fd number; clears close-on-exec on the target.
+            if unsafe { libc::dup2(moved[i], *dst) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    })
+}
+
+struct Prepared {
+    res: Resources,
+    dir: PathBuf,
+    root: PathBuf,
+    sock: PathBuf,
+    listener: UnixListener,
+    listen_ino: u64,
+    netns_fd: OwnedFd,
+    mounts: Vec<Mount>,
+}
+
+/// Creates run dir, cgroup, netns, root skeleton and the listening socket.
+fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartError> {
+    let id = &spec.id.0;
+    if !valid_id(id) {
+        return Err(StartError::InvalidSpec {
+            reason: format!("sandbox id {id:?} must be 1-48 characters of [A-Za-z0-9_-]"),
+        });
+    }
+    if !spec.code_dir.is_dir() {
+        return Err(StartError::InvalidSpec {
+            reason: format!("code directory {:?} does not exist", spec.code_dir),
+        });
+    }
+    if spec.memory_limit.0 < 16 * 1024 * 1024 {
+        return Err(StartError::InvalidSpec {
+            reason: format!("memory limit {} is below 16 MiB", spec.memory_limit),
+        });
+    }
+    let io_err = |what: String| move |source| StartError::Io { what, source };
+    ensure_run_dir(&cfg.run_dir).map_err(io_err(format!("preparing {:?}", cfg.run_dir)))?;
+    let dir = cfg.run_dir.join(id);
+    fs::create_dir(&dir).map_err(io_err(format!("creating {dir:?}")))?;
+    let mut res = Resources::empty();
+    res.dir = Some(dir.clone());
+    let cg = Cgroup::create(&cfg.cgroup_name, id, spec.memory_limit)
+        .map_err(|(path, source)| StartError::Cgroup { path, source })?;
+    res.cgroup = Some(cg);
+    let ns = Netns::create(id, cfg.network).map_err(|detail| StartError::Network { detail })?;
+    let ns_path = ns.path();
+    res.netns = Some(ns);
+    let (mounts, links) = rootfs::plan(cfg, spec);
+    let root = dir.join("root");
+    rootfs::prepare(&root, &mounts, &links, cfg.uid, cfg.gid)
+        .map_err(io_err("preparing the root".into()))?;
+    let sock = dir.join("rt.sock");
+    let listener = UnixListener::bind(&sock).map_err(io_err(format!("binding {sock:?}")))?;
+    let listen_ino =
+        fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).map(|m| m.ino()).map_err(
+            io_err("reading the socket inode".into()),
+        )?;
+    let netns_fd: OwnedFd = fs::File::open(&ns_path)
+        .map_err(io_err(format!("opening {ns_path:?}")))?
+        .into();
+    Ok(Prepared { res, dir, root, sock, listener, listen_ino, netns_fd, mounts })
+}
+
+fn runtime_env(spec: &SandboxSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("HOME".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("MEDES_LISTEN_FD".into(), LISTEN_FD.to_string()),
+    ];
+    for (k, v) in &spec.env {
+        if !k.is_empty() && !k.contains('=') && !k.contains('\0') && !v.contains('\0') {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env
+}
+
+impl Sandbox {
+    /// Starts a sandbox; returns once the runtime answers on its socket.
+    pub async fn start(cfg: &SandboxConfig, spec: SandboxSpec) -> Result<Sandbox, StartError> {
+        let t0 = Instant::now();
+        let cfg2 = cfg.clone();
+        let spec2 = spec.clone();
+        let (mut res, sock, listen_ino, mounts, pid) =
+            tokio::task::spawn_blocking(move || -> Result<_, StartError> {
+                let p = prepare(&cfg2, &spec2)?;
+                let argv = vec![
+                    cfg2.python.display().to_string(),
+                    "-I".into(),
+                    "-B".into(),
+                    "/runtime/medes_runtime.py".into(),
+                ];
+                let plan = LaunchPlan::new(
+                    &p.root,
+                    &p.mounts,
+                    p.res.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+                    p.netns_fd.as_raw_fd(),
+                    p.listener.as_raw_fd(),
+                    &hostname_for(&spec2.id.0),
+                    cfg2.uid,
+                    cfg2.gid,
+                    &argv,
+                    &runtime_env(&spec2),
+                )
+                .map_err(|source| StartError::Io { what: "building the launch plan".into(), source })?;
+                let mut res = p.res;
+                let pid = launch::spawn(&plan)
+                    .map_err(|(step, source)| StartError::Setup { step, source })?;
+                res.pid = Some(pid);
+                res.pidfd = Some(
+                    pidfd_open(pid)
+                        .map_err(|source| StartError::Io { what: "pidfd_open".into(), source })?,
+                );
+                let _ = p.dir;
+                Ok((res, p.sock, p.listen_ino, p.mounts, pid))
+            })
+            .await
+            .map_err(|e| StartError::Io { what: "joining the launcher".into(), source: io::Error::other(e) })??;
+        let sb = Sandbox {
+            id: spec.id.clone(),
+            sock,
+            pid,
+            memory_limit: spec.memory_limit,
+            hostname: hostname_for(&spec.id.0),
+            mounts,
+            listen_ino,
+            criu: cfg.criu.clone(),
+            dead: AtomicBool::new(false),
+            gate: tokio::sync::RwLock::new(()),
+            res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
+        };
+        match tokio::time::timeout(READY_TIMEOUT, client::call(&sb.sock, &json!({"op": "ping"}))).await
+        {
+            Ok(Ok(r)) if !r.is_empty() => {}
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                let reason = sb.exit_reason();
+                let _ = sb.destroy().await;
+                return Err(StartError::Died { reason });
+            }
+            Err(_) => {
+                let _ = sb.destroy().await;
+                return Err(StartError::NotReady { after: READY_TIMEOUT });
+            }
+        }
+        info!(sandbox_id = %spec.id, pid, ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox started");
+        Ok(sb)
+    }
+
+    fn exit_reason(&self) -> String {
+        let mut st = 0;
+        // SAFETY: waitpid on our own child's pid with a local status.
+        let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG | libc::__WALL) };
+        if r == self.pid {
+            self.res.lock().unwrap_or_else(|e| e.into_inner()).pid = None;
+            if libc::WIFSIGNALED(st) {
+                return format!("runtime killed by signal {}", libc::WTERMSIG(st));
+            }
+            if libc::WIFEXITED(st) {
+                return format!("runtime exited with status {}", libc::WEXITSTATUS(st));
+            }
+        }
+        "the runtime closed the connection without a reply".into()
+    }
+
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.res.lock().unwrap_or_else(|e| e.into_inner()).kill();
+    }
+
+    fn oom_kills(&self) -> u64 {
+        self.res.lock().unwrap_or_else(|e| e.into_inner()).cgroup.as_ref().map_or(0, |c| c.oom_kills())
+    }
+
+    /// Classifies a failed request and kills the sandbox.
+    fn failed(&self, reason: String) -> RunError {
+        // The kernel may still be delivering the OOM kill: give the counter a moment.
+        let mut oom = self.oom_kills() > 0;
+        if !oom {
+            std::thread::sleep(Duration::from_millis(5));
+            oom = self.oom_kills() > 0;
+        }
+        let reason = if self.is_alive() { reason } else { self.exit_reason() };
+        self.kill();
+        if oom { RunError::OutOfMemory { limit: self.memory_limit } } else { RunError::Crashed { reason } }
+    }
+
+    async fn request(&self, req: Value, timeout: Duration) -> Result<Value, RunError> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(RunError::NotRunning);
+        }
+        let reply = match tokio::time::timeout(timeout, client::call(&self.sock, &req)).await {
+            Err(_) => {
+                let oom = self.oom_kills() > 0;
+                self.kill();
+                return Err(if oom {
+                    RunError::OutOfMemory { limit: self.memory_limit }
+                } else {
+                    RunError::Timeout { after: timeout }
+                });
+            }
+            Ok(Err(e)) => {
+                if self.is_alive() && self.oom_kills() == 0 {
+                    return Err(RunError::Io { socket: self.sock.clone(), source: e });
+                }
+                return Err(self.failed(format!("connection failed: {e}")));
+            }
+            Ok(Ok(r)) if r.is_empty() => return Err(self.failed("no reply".into())),
+            Ok(Ok(r)) => r,
+        };
+        let v: Value = serde_json::from_slice(&reply)
+            .map_err(|e| RunError::Protocol { detail: format!("reply is not JSON: {e}") })?;
+        if let Some(p) = v.get("protocol_error") {
+            return Err(RunError::Protocol { detail: p.as_str().unwrap_or("?").to_string() });
+        }
+        Ok(v)
+    }
+
+    /// Loads the action's code and resolves the entry function.
+    pub async fn init(&self, req: InitRequest) -> Result<InitReply, RunError> {
+        let _g = self.gate.read().await;
+        let v = self.request(json!({"op": "init", "main": req.main}), INIT_TIMEOUT).await?;
+        Ok(InitReply {
+            ok: v.get("ok").and_then(Value::as_bool).unwrap_or(false),
+            error: v.get("error").and_then(Value::as_str).map(str::to_string),
+            logs: parse_logs(v.get("logs")),
+            init_ms: v.get("init_ms").and_then(Value::as_f64).unwrap_or(0.0),
+        })
+    }
+
+    /// Runs the action once.
+    pub async fn run(&self, req: RunRequest) -> Result<RunReply, RunError> {
+        let _g = self.gate.read().await;
+        let body = json!({"op": "run", "value": req.value, "env": req.env});
+        let mut v = self.request(body, req.timeout).await?;
+        Ok(RunReply {
+            result: v.get_mut("result").map(Value::take).unwrap_or(Value::Null),
+            error: v.get("error").and_then(Value::as_str).map(str::to_string),
+            logs: parse_logs(v.get("logs")),
+            main_ms: v.get("main_ms").and_then(Value::as_f64).unwrap_or(0.0),
+        })
+    }
+
+    /// The sandbox's id.
+    pub fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    /// Host PID of the sandbox's init process (the runtime).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Path of the runtime's Unix socket on the host.
+    pub fn socket_path(&self) -> &Path {
+        &self.sock
+    }
+
+    /// Current memory of the sandbox.
+    pub fn memory(&self) -> Result<MemoryUsage, MemoryError> {
+        let res = self.res.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cg) = res.cgroup.as_ref() else {
+            return Err(MemoryError::Read {
+                path: PathBuf::new(),
+                source: io::Error::new(io::ErrorKind::NotFound, "sandbox destroyed"),
+            });
+        };
+        let (mut pss, mut rss) = (0u64, 0u64);
+        for pid in cg.pids() {
+            let p = PathBuf::from(format!("/proc/{pid}/smaps_rollup"));
+            let Ok(s) = fs::read_to_string(&p) else { continue }; // exited meanwhile
+            for l in s.lines() {
+                let kb = |rest: &str| -> Option<u64> {
+                    rest.trim().strip_suffix("kB").and_then(|n| n.trim().parse().ok())
+                };
+                if let Some(rest) = l.strip_prefix("Pss:") {
+                    pss += kb(rest).ok_or_else(|| MemoryError::Parse { path: p.clone() })? * 1024;
+                } else if let Some(rest) = l.strip_prefix("Rss:") {
+                    rss += kb(rest).ok_or_else(|| MemoryError::Parse { path: p.clone() })? * 1024;
+                }
+            }
+        }
+        let (_, usage) = cg.usage().map_err(|source| MemoryError::Read {
+            path: PathBuf::from("memory cgroup usage"),
+            source,
+        })?;
+        Ok(MemoryUsage { pss: Bytes(pss), rss: Bytes(rss), cgroup_usage: Bytes(usage) })
+    }
+
+    /// Whether the sandbox's init process is still alive.
+    pub fn is_alive(&self) -> bool {
+        if self.dead.load(Ordering::SeqCst) {
+            return false;
+        }
+        let res = self.res.lock().unwrap_or_else(|e| e.into_inner());
+        match &res.pidfd {
+            Some(fd) => !pidfd_exited(fd),
+            None => false,
+        }
+    }
+
+    /// Dumps the sandbox with CRIU into `images_dir` (created if missing).
+    pub async fn checkpoint(
+        &self,
+        images_dir: &Path,
+        mode: CheckpointMode,
+    ) -> Result<CheckpointInfo, CheckpointError> {
+        let _g = self.gate.write().await;
+        if !self.is_alive() {
+            return Err(CheckpointError::NotRunning);
+        }
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CheckpointError::Io { path, source }
+        };
+        fs::create_dir_all(images_dir).map_err(io_err(images_dir))?;
+        let netns_ino = {
+            let res = self.res.lock().unwrap_or_else(|e| e.into_inner());
+            let p = res.netns.as_ref().map(|n| n.path()).unwrap_or_default();
+            fs::metadata(&p).map(|m| m.ino()).map_err(io_err(&p))?
+        };
+        let log = images_dir.join("dump.log");
+        let mut args: Vec<OsString> = vec![
+            "dump".into(),
+            "--tree".into(),
+            self.pid.to_string().into(),
+            "--images-dir".into(),
+            images_dir.into(),
+            "--log-file".into(),
+            log.clone().into(),
+            "-v2".into(),
+            "--external".into(),
+            format!("net[{netns_ino}]:{NET_KEY}").into(),
+        ];
+        let mut ext = Vec::new();
+        for (i, m) in self.mounts.iter().enumerate() {
+            if matches!(m.kind, MountKind::Bind { .. }) {
+                let key = format!("m{i}");
+                args.push("--external".into());
+                args.push(format!("mnt[{}]:{key}", m.target.display()).into());
+                ext.push((m.target.clone(), key));
+            }
+        }
+        if mode == CheckpointMode::LeaveRunning {
+            args.push("--leave-running".into());
+        }
+        let t0 = Instant::now();
+        let outcome = criu::run(&self.criu, args, &log, DUMP_TIMEOUT, None).await;
+        let dump_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if mode == CheckpointMode::Stop {
+            // CRIU kills the tree after a successful dump; on failure it resumes it.
+            if matches!(outcome, Outcome::Ok) {
+                self.dead.store(true, Ordering::SeqCst);
+            }
+        }
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Failed { status, log_tail } => return Err(CheckpointError::Criu { status, log_tail }),
+            Outcome::TimedOut => {
+                // A half-dumped tree may be left frozen: it is unusable.
+                self.kill();
+                return Err(CheckpointError::Timeout { after: DUMP_TIMEOUT });
+            }
+            Outcome::Spawn(source) => {
+                return Err(CheckpointError::Io { path: self.criu.clone(), source });
+            }
+        }
+        let files = criu::image_files(images_dir).map_err(io_err(images_dir))?;
+        let page_image_bytes =
+            files.iter().filter(|(n, _)| n.starts_with("pages-")).map(|(_, s)| *s).sum();
+        let meta = Meta {
+            format: 1,
+            listen_ino: self.listen_ino,
+            net_key: NET_KEY.into(),
+            mounts: ext,
+            hostname: self.hostname.clone(),
+            files,
+        };
+        criu::write_meta(images_dir, &meta).map_err(io_err(images_dir))?;
+        debug!(sandbox_id = %self.id, dump_ms, "checkpointed");
+        Ok(CheckpointInfo {
+            images_dir: images_dir.to_path_buf(),
+            page_image_bytes: Bytes(page_image_bytes),
+            dump_ms,
+        })
+    }
+
+    /// Restores a new sandbox from a checkpoint (see the crate docs).
+    pub async fn restore(
+        cfg: &SandboxConfig,
+        spec: SandboxSpec,
+        images_dir: &Path,
+    ) -> Result<Sandbox, RestoreError> {
+        let t0 = Instant::now();
+        let bad = |reason: String| RestoreError::BadImage { path: images_dir.to_path_buf(), reason };
+        let meta = criu::read_meta(images_dir).map_err(bad)?;
+        let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
+        for (name, size) in &meta.files {
+            match now.get(name) {
+                Some(s) if s == size => {}
+                Some(s) => return Err(bad(format!("{name} has {s} bytes, the dump wrote {size}"))),
+                None => return Err(bad(format!("{name} is missing"))),
+            }
+        }
+        let _ = become_subreaper();
+        let cfg2 = cfg.clone();
+        let spec2 = spec.clone();
+        let p = tokio::task::spawn_blocking(move || prepare(&cfg2, &spec2))
+            .await
+            .map_err(|e| RestoreError::Io { what: "joining".into(), source: io::Error::other(e) })?
+            .map_err(|e| match e {
+                StartError::InvalidSpec { reason } => RestoreError::InvalidSpec { reason },
+                e => RestoreError::Prepare(e),
+            })?;
+        let mut args: Vec<OsString> = vec![
+            "restore".into(),
+            "--images-dir".into(),
+            images_dir.into(),
+            "--restore-detached".into(),
+            "--pidfile".into(),
+            p.dir.join("criu.pid").into(),
+            "--root".into(),
+            p.root.clone().into(),
+            "-v2".into(),
+            "--manage-cgroups=ignore".into(),
+            "--inherit-fd".into(),
+            format!("fd[3]:socket:[{}]", meta.listen_ino).into(),
+            "--inherit-fd".into(),
+            format!("fd[4]:{}", meta.net_key).into(),
+        ];
+        for (target, key) in &meta.mounts {
+            let src = p.mounts.iter().find_map(|m| match &m.kind {
+                MountKind::Bind { src, .. } if &m.target == target => Some(src.clone()),
+                _ => None,
+            });
+            let Some(src) = src else {
+                return Err(bad(format!("{target:?} is not mounted by this configuration")));
+            };
+            args.push("--external".into());
+            let mut a = OsString::from(format!("mnt[{key}]:"));
+            a.push(src);
+            args.push(a);
+        }
+        let log = images_dir.join(format!("restore-{}.log", spec.id.0));
+        args.push("--log-file".into());
+        args.push(log.clone().into());
+        let procs = p
+            .res
+            .cgroup
+            .as_ref()
+            .map(|c| c.procs_files())
+            .unwrap_or_default()
+            .iter()
+            .map(|f| cpath(f))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| RestoreError::Io { what: "cgroup paths".into(), source })?;
+        let hook = join_cgroup_hook(
+            procs,
+            vec![(p.listener.as_raw_fd(), 3), (p.netns_fd.as_raw_fd(), 4)],
+        );
+        let outcome = criu::run(&cfg.criu, args, &log, RESTORE_TIMEOUT, Some(hook)).await;
+        let Prepared { mut res, dir, sock, listener, listen_ino, netns_fd, mounts, .. } = p;
+        drop(listener);
+        drop(netns_fd);
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Failed { status, log_tail } => return Err(RestoreError::Criu { status, log_tail }),
+            Outcome::TimedOut => return Err(RestoreError::Timeout { after: RESTORE_TIMEOUT }),
+            Outcome::Spawn(source) => {
+                return Err(RestoreError::Io { what: "running criu".into(), source });
+            }
+        }
+        let _ = fs::remove_file(&log);
+        let pidfile = dir.join("criu.pid");
+        let pid: i32 = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| RestoreError::Io {
+                what: format!("reading {pidfile:?}"),
+                source: io::Error::new(io::ErrorKind::InvalidData, "no pid"),
+            })?;
+        res.pid = Some(pid);
+        res.pidfd = Some(
+            pidfd_open(pid).map_err(|source| RestoreError::Io { what: "pidfd_open".into(), source })?,
+        );
+        let sb = Sandbox {
+            id: spec.id.clone(),
+            sock,
+            pid,
+            memory_limit: spec.memory_limit,
+            hostname: meta.hostname.clone(),
+            mounts,
+            listen_ino,
+            criu: cfg.criu.clone(),
+            dead: AtomicBool::new(false),
+            gate: tokio::sync::RwLock::new(()),
+            res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
+        };
+        let seed: [u8; 32] = random_seed();
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        match sb.request(json!({"op": "reseed", "seed": hex}), READY_TIMEOUT).await {
+            Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {}
+            Ok(v) => {
+                let _ = sb.destroy().await;
+                return Err(RestoreError::NotAnswering { detail: format!("reseed replied {v}") });
+            }
+            Err(e) => {
+                let _ = sb.destroy().await;
+                return Err(RestoreError::NotAnswering { detail: e.to_string() });
+            }
+        }
+        info!(sandbox_id = %spec.id, pid, ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox restored");
+        Ok(sb)
+    }
+
+    /// Kills the process tree and removes cgroup, network namespace and run directory.
+    pub async fn destroy(self) -> Result<(), DestroyError> {
+        self.dead.store(true, Ordering::SeqCst);
+        let mut res = std::mem::replace(
+            &mut *self.res.lock().unwrap_or_else(|e| e.into_inner()),
+            Resources::empty(),
+        );
+        let r = tokio::task::spawn_blocking(move || res.teardown()).await;
+        match r {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(sandbox_id = %self.id, error = %e, "teardown task failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn random_seed() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b
+}
+
+fn parse_logs(v: Option<&Value>) -> Vec<LogLine> {
+    let Some(Value::Array(a)) = v else { return Vec::new() };
+    a.iter()
+        .filter_map(|l| {
+            let l = l.as_array()?;
+            let ts = l.first()?.as_u64()?;
+            let stream = match l.get(1)?.as_str()? {
+                "stderr" => Stream::Stderr,
+                _ => Stream::Stdout,
+            };
+            Some((ts, stream, l.get(2)?.as_str()?.to_string()))
+        })
+        .collect()
+}
