@@ -43,6 +43,8 @@ pub struct Sandbox {
     mounts: Vec<Mount>,
     listen_ino: u64,
     criu: PathBuf,
+    uid: u32,
+    gid: u32,
     dead: AtomicBool,
     gate: tokio::sync::RwLock<()>,
     res: Mutex<Resources>,
@@ -221,6 +223,59 @@ fn join_cgroup_hook(
     })
 }
 
+/// A pre-exec hook that runs CRIU as the sandbox's uid/gid while keeping every capability the
+/// caller has (`PR_SET_KEEPCAPS`, then ambient capabilities across exec); CRIU then needs
+/// `--unprivileged`. Why: `criu dump` reads the task's rlimits with `prlimit(2)`, which the
+/// kernel allows only with matching uids/gids or `CAP_SYS_RESOURCE`, and root lacks the latter in
+/// some environments (containers, this project's CI machines).
+fn ids_hook(uid: u32, gid: u32) -> Box<dyn FnMut() -> io::Result<()> + Send + Sync> {
+    Box::new(move || {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const V3: u32 = 0x2008_0522;
+        let err = || Err(io::Error::last_os_error());
+        // SAFETY: raw syscalls on local, correctly laid-out structs (capget/capset ABI v3).
+        unsafe {
+            if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return err();
+            }
+            let mut h = Header { version: V3, pid: 0 };
+            let mut d = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+            if libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) != 0 {
+                return err();
+            }
+            for x in &mut d {
+                x.effective = x.permitted;
+                x.inheritable = x.permitted;
+            }
+            if libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) != 0 {
+                return err();
+            }
+            for cap in 0..64u32 {
+                let (w, b) = ((cap / 32) as usize, cap % 32);
+                if d[w].permitted & (1 << b) != 0 {
+                    libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap as u64, 0, 0);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 struct Prepared {
     res: Resources,
     dir: PathBuf,
@@ -266,16 +321,36 @@ fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartErr
     let root = dir.join("root");
     rootfs::prepare(&root, &mounts, &links, cfg.uid, cfg.gid)
         .map_err(io_err("preparing the root".into()))?;
+    let netns_fd: OwnedFd = fs::File::open(&ns_path)
+        .map_err(io_err(format!("opening {ns_path:?}")))?
+        .into();
     let sock = dir.join("rt.sock");
-    let listener = UnixListener::bind(&sock).map_err(io_err(format!("binding {sock:?}")))?;
+    let listener =
+        bind_in_netns(&sock, &netns_fd).map_err(io_err(format!("binding {sock:?}")))?;
     let listen_ino =
         fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).map(|m| m.ino()).map_err(
             io_err("reading the socket inode".into()),
         )?;
-    let netns_fd: OwnedFd = fs::File::open(&ns_path)
-        .map_err(io_err(format!("opening {ns_path:?}")))?
-        .into();
     Ok(Prepared { res, dir, root, sock, listener, listen_ino, netns_fd, mounts })
+}
+
+/// Binds the runtime's listening socket *inside* the sandbox's network namespace (CRIU only
+/// finds sockets of the dumped task's netns) at a host path, from a short-lived thread so the
+/// caller's own namespace never changes.
+fn bind_in_netns(path: &Path, netns: &OwnedFd) -> io::Result<UnixListener> {
+    let raw = netns.as_raw_fd();
+    let path = path.to_path_buf();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on this (dedicated, about to exit) thread with an fd we own.
+            if unsafe { libc::setns(raw, libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            UnixListener::bind(&path)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("bind thread panicked")))
+    })
 }
 
 fn runtime_env(spec: &SandboxSpec) -> Vec<(String, String)> {
@@ -343,6 +418,8 @@ impl Sandbox {
             mounts,
             listen_ino,
             criu: cfg.criu.clone(),
+            uid: cfg.uid,
+            gid: cfg.gid,
             dead: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
@@ -546,6 +623,9 @@ impl Sandbox {
             "--log-file".into(),
             log.clone().into(),
             "-v2".into(),
+            "--unprivileged".into(),
+            "--network-lock".into(),
+            "skip".into(),
             "--external".into(),
             format!("net[{netns_ino}]:{NET_KEY}").into(),
         ];
@@ -562,7 +642,7 @@ impl Sandbox {
             args.push("--leave-running".into());
         }
         let t0 = Instant::now();
-        let outcome = criu::run(&self.criu, args, &log, DUMP_TIMEOUT, None).await;
+        let outcome = criu::run(&self.criu, args, &log, DUMP_TIMEOUT, Some(ids_hook(self.uid, self.gid))).await;
         let dump_ms = t0.elapsed().as_secs_f64() * 1e3;
         if mode == CheckpointMode::Stop {
             // CRIU kills the tree after a successful dump; on failure it resumes it.
@@ -640,6 +720,8 @@ impl Sandbox {
             p.root.clone().into(),
             "-v2".into(),
             "--manage-cgroups=ignore".into(),
+            "--network-lock".into(),
+            "skip".into(),
             "--inherit-fd".into(),
             format!("fd[3]:socket:[{}]", meta.listen_ino).into(),
             "--inherit-fd".into(),
@@ -709,6 +791,8 @@ impl Sandbox {
             mounts,
             listen_ino,
             criu: cfg.criu.clone(),
+            uid: cfg.uid,
+            gid: cfg.gid,
             dead: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),

@@ -106,3 +106,43 @@ async fn start_init_run_with_logs() {
     assert!(m.pss.0 > 1_000_000 && m.rss.0 >= m.pss.0 && m.cgroup_usage.0 > 0, "{m:?}");
     sb.destroy().await.expect("destroy");
 }
+
+const RANDOM: &str = r#"
+import random, os
+state = {"n": 0}
+def main(args):
+    state["n"] += 1
+    return {"n": state["n"], "r": random.random(), "pid": os.getpid(), "x": args.get("x")}
+"#;
+
+#[tokio::test]
+async fn checkpoint_and_two_restores_side_by_side() {
+    let Some(cfg) = config() else { return };
+    let a = action(RANDOM);
+    let sb = started(&cfg, "ckpt", &a.path, 128).await;
+    let r = sb.run(run_req(json!({"x": 1}))).await.expect("run");
+    assert_eq!(r.result["n"], 1);
+    let images = tempfile::tempdir().expect("tempdir");
+    let info = sb.checkpoint(images.path(), CheckpointMode::LeaveRunning).await.expect("dump");
+    eprintln!("dump (leave running): {:.1} ms, pages {}", info.dump_ms, info.page_image_bytes);
+    assert!(info.page_image_bytes.0 > 1_000_000);
+    // the original keeps running
+    let r = sb.run(run_req(json!({"x": 2}))).await.expect("run after dump");
+    assert_eq!(r.result["n"], 2);
+    let t0 = std::time::Instant::now();
+    let (c1, c2) = tokio::join!(
+        Sandbox::restore(&cfg, spec("r1", &a.path, 128), images.path()),
+        Sandbox::restore(&cfg, spec("r2", &a.path, 128), images.path()),
+    );
+    eprintln!("two concurrent restores: {:?}", t0.elapsed());
+    let (c1, c2) = (c1.expect("restore 1"), c2.expect("restore 2"));
+    let r1 = c1.run(run_req(json!({"x": 3}))).await.expect("run copy 1");
+    let r2 = c2.run(run_req(json!({"x": 4}))).await.expect("run copy 2");
+    assert_eq!(r1.result["n"], 2, "copy continues from the checkpointed state");
+    assert_eq!(r2.result["n"], 2);
+    assert_eq!(r1.result["pid"], 1);
+    assert_ne!(r1.result["r"], r2.result["r"], "reseeded copies must differ");
+    sb.destroy().await.expect("destroy");
+    c1.destroy().await.expect("destroy");
+    c2.destroy().await.expect("destroy");
+}
