@@ -1,0 +1,111 @@
+//! Measures savings and speeds on real dumps made by `scripts/make-dumps.sh`.
+//!
+//! usage: measure DUMPS_DIR [variant...] [--json] [--aslr-off]
+//! DUMPS_DIR holds `<function>-0` (the base) and `<function>-1..` (deduplicated sandboxes).
+//! Variants: default, norebase, nozref, lz4, raw, sparse-only, k8, materialize.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use medes_dedup::eval::{EvalConfig, evaluate};
+use medes_dedup::{DedupConfig, Standalone};
+
+fn variant(name: &str) -> (DedupConfig, bool) {
+    let mut c = DedupConfig::default();
+    let mut materialize = false;
+    for part in name.split('+') {
+        match part {
+            "default" => {}
+            "norebase" => c.rebase = false,
+            "nozref" => c.codec.zstd_ref = false,
+            "lz4" => c.codec.standalone = Standalone::Lz4,
+            "raw" => c.codec.standalone = Standalone::Raw,
+            "zstd3" => c.codec.standalone = Standalone::Zstd(3),
+            "nosecond" => c.second_candidate_above = 0,
+            "k8" => c.fingerprint.k = 8,
+            "k16" => c.fingerprint.k = 16,
+            "mask3" => c.fingerprint.mask_bits = 3,
+            "mask7" => c.fingerprint.mask_bits = 7,
+            "gain0" => c.codec.zref_min_gain = 0,
+            "gain256" => c.codec.zref_min_gain = 256,
+            "materialize" => materialize = true,
+            other => panic!("unknown variant part {other}"),
+        }
+    }
+    (c, materialize)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = PathBuf::from(args.first().ok_or("usage: measure DUMPS_DIR [variant...]")?);
+    let json = args.iter().any(|a| a == "--json");
+    let aslr = !args.iter().any(|a| a == "--aslr-off");
+    let mut variants: Vec<&str> = args[1..]
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    if variants.is_empty() {
+        variants.push("default");
+    }
+    let mut groups: BTreeMap<String, Vec<(u32, PathBuf)>> = BTreeMap::new();
+    for e in std::fs::read_dir(&dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((f, i)) = name.rsplit_once('-')
+            && let Ok(i) = i.parse::<u32>()
+            && e.path().is_dir()
+        {
+            groups.entry(f.to_owned()).or_default().push((i, e.path()));
+        }
+    }
+    let mut bases = Vec::new();
+    let mut targets = Vec::new();
+    for (f, mut v) in groups {
+        v.sort();
+        let mut it = v.into_iter();
+        if let Some((_, b)) = it.next() {
+            bases.push((f.clone(), b));
+        }
+        targets.extend(it.map(|(_, p)| (f.clone(), p)));
+    }
+    for v in variants {
+        let (dedup, materialize_bases) = variant(v);
+        let cfg = EvalConfig {
+            dedup,
+            aslr,
+            store_dir: std::env::temp_dir(),
+            materialize_bases,
+        };
+        let r = evaluate(&bases, &targets, &cfg)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            continue;
+        }
+        println!(
+            "== {v} (aslr {aslr}): mean savings {:.1}%  registry {:.1} B/entry ({} refs)",
+            r.mean_savings_pct, r.registry.bytes_per_entry, r.registry.chunk_refs
+        );
+        for f in &r.functions {
+            println!(
+                "  {:8} pages {:6} zero {:5} same {:5} patch {:5} alone {:5} | img {:6.1} MB stored {:5.2} MB savings {:5.1}% | patch {:4.0} B cross {:4.1}% | fp {:.2} us/p lookup {:.2} us/p dedup {:6.1} ms | rebuild {:6.1} ms {:5.2} GB/s",
+                f.name,
+                f.pages,
+                f.zero,
+                f.exact,
+                f.patched,
+                f.standalone,
+                f.image_mb,
+                f.stored_mb,
+                f.savings_pct,
+                f.avg_patch_bytes,
+                f.cross_function_base_pct,
+                f.fingerprint_us_per_page,
+                f.lookup_us_per_page,
+                f.dedup_ms,
+                f.rebuild_ms,
+                f.rebuild_gb_per_s
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! The dedup operation: fingerprint, choose bases, encode, build the store; and base registration.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::codec::{CodecConfig, Encoder, PageKind};
+use crate::fingerprint::{FingerprintConfig, PageFingerprint, fingerprint};
+use crate::image::{BasePageError, BasePages, DumpImage};
+use crate::registry::{AddBaseError, BaseId, BaseMeta, Choice, NodeId, PageRef, Registry};
+use crate::store::{DedupStore, PageEntry, StoredProcess};
+
+/// Dedup settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DedupConfig {
+    /// Fingerprinting.
+    pub fingerprint: FingerprintConfig,
+    /// Page codecs.
+    pub codec: CodecConfig,
+    /// Pointer rebasing (pointers into the dump's own mappings as mapping + offset).
+    pub rebase: bool,
+    /// Try the runner-up base page when the first gives a patch larger than this (0: never).
+    pub second_candidate_above: usize,
+    /// The node the dedup runs on (base choice prefers local bases on ties).
+    pub local_node: NodeId,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            fingerprint: FingerprintConfig::default(),
+            codec: CodecConfig::default(),
+            rebase: true,
+            second_candidate_above: 256,
+            local_node: NodeId(0),
+        }
+    }
+}
+
+/// Figures of one dedup operation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupStats {
+    /// Pages.
+    pub pages: u64,
+    /// Pages per kind.
+    pub kinds: HashMap<String, u64>,
+    /// Zero pages.
+    pub zero: u64,
+    /// Pages identical to their base page.
+    pub exact: u64,
+    /// Pages stored as a patch against a base page.
+    pub patched: u64,
+    /// Pages stored on their own.
+    pub standalone: u64,
+    /// Bytes of all patches.
+    pub patch_bytes: u64,
+    /// Pages stored against a base page of each base.
+    pub per_base: HashMap<u32, u64>,
+    /// Pages that were rebased.
+    pub rebased: u64,
+    /// Time fingerprinting (including rebasing).
+    pub fingerprint: Duration,
+    /// Time choosing base pages.
+    pub lookup: Duration,
+    /// Time encoding.
+    pub encode: Duration,
+}
+
+/// Error of a dedup operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DedupError {
+    /// A chosen base page could not be fetched.
+    #[error("fetching base page for page {page}")]
+    BasePage {
+        /// The target page.
+        page: u64,
+        /// The cause.
+        #[source]
+        source: BasePageError,
+    },
+    /// More distinct bases than the page table can reference.
+    #[error("too many distinct bases")]
+    TooManyBases,
+}
+
+/// Fingerprints every page of a dump (in parallel), rebasing first when `rebase` is set.
+/// Returns the fingerprints and which pages were rebased.
+pub fn fingerprint_dump(
+    dump: &DumpImage,
+    cfg: &FingerprintConfig,
+    rebase: bool,
+) -> (Vec<PageFingerprint>, Vec<bool>) {
+    (0..dump.n_pages())
+        .into_par_iter()
+        .map(|i| match dump.canonical_page(i, rebase) {
+            Some((p, r)) => (fingerprint(&p, cfg), r),
+            None => (fingerprint(&[0u8; crate::PAGE], cfg), false),
+        })
+        .unzip()
+}
+
+/// Fingerprints a base dump and adds it to the registry.
+pub fn register_base(
+    registry: &Registry,
+    id: BaseId,
+    meta: BaseMeta,
+    dump: &DumpImage,
+    cfg: &DedupConfig,
+) -> Result<(), AddBaseError> {
+    let (fps, _) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
+    registry.add_base(id, meta, &fps)
+}
+
+struct Encoded {
+    kind: PageKind,
+    base: Option<PageRef>,
+    data: Vec<u8>,
+    checksum: u64,
+}
+
+/// Deduplicates a dump against the registry's bases: fingerprint, choose a base page per page,
+/// encode, and build the store (not written: see [`DedupStore::write`]).
+pub fn dedup(
+    dump: &DumpImage,
+    registry: &Registry,
+    bases: &dyn BasePages,
+    cfg: &DedupConfig,
+) -> Result<(DedupStore, DedupStats), DedupError> {
+    let n = dump.n_pages();
+    let t0 = Instant::now();
+    let (fps, rebased) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
+    let t1 = Instant::now();
+    let choices = registry.choose_batch(&fps, cfg.local_node);
+    let t2 = Instant::now();
+    let encoded: Result<Vec<Encoded>, DedupError> = (0..n)
+        .into_par_iter()
+        .map_init(Encoder::default, |enc, i| {
+            let raw = dump.page(i).unwrap_or(&[0u8; crate::PAGE]);
+            let checksum = xxh3_64(raw);
+            let iu = i as usize;
+            if fps[iu].zero {
+                return Ok(Encoded {
+                    kind: PageKind::Zero,
+                    base: None,
+                    data: Vec::new(),
+                    checksum,
+                });
+            }
+            let target = if rebased[iu] {
+                dump.canonical_page(i, true).map(|(p, _)| p)
+            } else {
+                None
+            };
+            let target: &crate::Page = target.as_deref().unwrap_or(raw);
+            let fetch = |r: PageRef| {
+                bases
+                    .page(r.base, u64::from(r.page))
+                    .map_err(|source| DedupError::BasePage { page: i, source })
+            };
+            let mut data = Vec::new();
+            let (kind, base) = match choices[iu] {
+                None => (enc.encode(target, None, &cfg.codec, &mut data), None),
+                Some(c) => {
+                    let r = c.page();
+                    let bp = fetch(r)?;
+                    let mut kind = enc.encode(target, Some(&bp), &cfg.codec, &mut data);
+                    let mut used = r;
+                    if let Choice::Similar {
+                        second: Some(s), ..
+                    } = c
+                        && cfg.second_candidate_above > 0
+                        && (data.len() > cfg.second_candidate_above || !kind.needs_base())
+                    {
+                        let bp2 = fetch(s)?;
+                        let mut d2 = Vec::new();
+                        let k2 = enc.encode(target, Some(&bp2), &cfg.codec, &mut d2);
+                        if d2.len() < data.len() {
+                            data = d2;
+                            kind = k2;
+                            used = s;
+                        }
+                    }
+                    (kind, kind.needs_base().then_some(used))
+                }
+            };
+            Ok(Encoded {
+                kind,
+                base,
+                data,
+                checksum,
+            })
+        })
+        .collect();
+    let encoded = encoded?;
+    let t3 = Instant::now();
+
+    let mut stats = DedupStats {
+        pages: n,
+        fingerprint: t1 - t0,
+        lookup: t2 - t1,
+        encode: t3 - t2,
+        ..Default::default()
+    };
+    let mut slots: HashMap<BaseId, u16> = HashMap::new();
+    let mut store = DedupStore {
+        images: dump.dir.files.clone(),
+        procs: dump
+            .procs
+            .iter()
+            .map(|p| StoredProcess {
+                pid: p.pid,
+                pages_file: p.pages_file.clone(),
+                n_pages: p.n_pages,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    store.blob.reserve(encoded.iter().map(|e| e.data.len()).sum());
+    store.pages.reserve(encoded.len());
+    for (i, e) in encoded.into_iter().enumerate() {
+        let (base_slot, base_page) = match e.base {
+            Some(r) => {
+                let next = store.bases.len();
+                let slot = *slots.entry(r.base).or_insert_with(|| {
+                    store.bases.push(r.base);
+                    next as u16
+                });
+                if store.bases.len() > usize::from(u16::MAX) {
+                    return Err(DedupError::TooManyBases);
+                }
+                *stats.per_base.entry(r.base.0).or_default() += 1;
+                (slot, r.page)
+            }
+            None => (0, 0),
+        };
+        match e.kind {
+            PageKind::Zero => stats.zero += 1,
+            PageKind::Same => stats.exact += 1,
+            PageKind::Sparse | PageKind::ZstdRef => {
+                stats.patched += 1;
+                stats.patch_bytes += e.data.len() as u64;
+            }
+            PageKind::Raw | PageKind::Lz4 | PageKind::Zstd => stats.standalone += 1,
+        }
+        *stats.kinds.entry(format!("{:?}", e.kind)).or_default() += 1;
+        let r = rebased[i] && e.kind != PageKind::Zero;
+        stats.rebased += u64::from(r);
+        store.pages.push(PageEntry {
+            kind: e.kind,
+            rebased: r,
+            base_slot,
+            base_page,
+            len: e.data.len() as u32,
+            checksum: e.checksum,
+        });
+        store.blob.extend_from_slice(&e.data);
+    }
+    Ok((store, stats))
+}

@@ -1,0 +1,310 @@
+//! Library-level evaluation behind `medes bench dedup --json`: register one base per function,
+//! deduplicate further sandboxes, write and reload their stores, rebuild and verify them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dedup::{DedupConfig, DedupError, dedup, register_base};
+use crate::image::{DumpImage, LocalBases, OpenDumpError};
+use crate::rebuild::{RebuildError, rebuild_into};
+use crate::registry::{AddBaseError, BaseId, BaseMeta, Registry, RegistryStats};
+use crate::store::{DedupStore, LoadStoreError, WriteStoreError};
+use crate::PAGE;
+
+const MB: f64 = 1e6;
+
+/// Evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    /// Dedup settings.
+    pub dedup: DedupConfig,
+    /// Whether the dumps were taken with ASLR on (reported, not acted on).
+    pub aslr: bool,
+    /// Where stores are written (each deleted after its rebuild).
+    pub store_dir: PathBuf,
+    /// Precompute rebased base pages (faster rebuild, one more copy of each base).
+    pub materialize_bases: bool,
+}
+
+/// Figures for one function (means over its deduplicated sandboxes; MB = 10^6 bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionReport {
+    /// Function name.
+    pub name: String,
+    /// Deduplicated sandboxes measured.
+    pub sandboxes: u64,
+    /// Pages per sandbox.
+    pub pages: u64,
+    /// Zero pages.
+    pub zero: u64,
+    /// Pages identical to their base page.
+    pub exact: u64,
+    /// Pages stored as patches.
+    pub patched: u64,
+    /// Pages stored on their own.
+    pub standalone: u64,
+    /// CRIU page image size.
+    pub image_mb: f64,
+    /// Everything stored for the sandbox (the store file).
+    pub stored_mb: f64,
+    /// 100 × (1 − stored / image).
+    pub savings_pct: f64,
+    /// The function's base image (pages), not counted in `stored_mb`.
+    pub base_mb: f64,
+    /// Mean patch size.
+    pub avg_patch_bytes: f64,
+    /// Of the pages stored against a base page, the share whose base is another function's.
+    pub cross_function_base_pct: f64,
+    /// Fingerprinting wall time per page (parallel).
+    pub fingerprint_us_per_page: f64,
+    /// Base choice wall time per page.
+    pub lookup_us_per_page: f64,
+    /// The whole dedup operation (fingerprint, lookup, encode, write store).
+    pub dedup_ms: f64,
+    /// Rebuild of all pages (verified), from the reloaded store.
+    pub rebuild_ms: f64,
+    /// Pages rebuilt per second, 10^9 bytes.
+    pub rebuild_gb_per_s: f64,
+}
+
+/// The evaluation's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DedupReport {
+    /// Dumps taken with ASLR on.
+    pub aslr: bool,
+    /// Unweighted mean of the functions' `savings_pct`.
+    pub mean_savings_pct: f64,
+    /// Per function.
+    pub functions: Vec<FunctionReport>,
+    /// Registry size with all bases.
+    pub registry: RegistryStats,
+    /// The settings used.
+    pub config: DedupConfig,
+}
+
+/// Error of an evaluation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EvalError {
+    /// A dump could not be opened.
+    #[error("opening dump {path:?}")]
+    Open {
+        /// The dump directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: OpenDumpError,
+    },
+    /// A base could not be registered.
+    #[error("registering base {path:?}")]
+    Register {
+        /// The dump directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: AddBaseError,
+    },
+    /// Dedup failed.
+    #[error("deduplicating {path:?}")]
+    Dedup {
+        /// The dump directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: DedupError,
+    },
+    /// Writing a store failed.
+    #[error("writing store")]
+    Write(#[from] WriteStoreError),
+    /// Loading a store failed.
+    #[error("loading store")]
+    Load(#[from] LoadStoreError),
+    /// Rebuild failed.
+    #[error("rebuilding {path:?}")]
+    Rebuild {
+        /// The dump directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: RebuildError,
+    },
+    /// A rebuilt page differs from the original (cannot happen unless checksums collide).
+    #[error("{path:?}: rebuilt page {page} differs from the original")]
+    Mismatch {
+        /// The dump directory.
+        path: PathBuf,
+        /// The page.
+        page: u64,
+    },
+}
+
+#[derive(Default)]
+struct Acc {
+    n: u64,
+    pages: u64,
+    zero: u64,
+    exact: u64,
+    patched: u64,
+    standalone: u64,
+    image: u64,
+    stored: u64,
+    patch_bytes: u64,
+    based: u64,
+    cross: u64,
+    fp_us: f64,
+    lookup_us: f64,
+    dedup_ms: f64,
+    rebuild_ms: f64,
+}
+
+fn open(path: &Path) -> Result<DumpImage, EvalError> {
+    DumpImage::open(path).map_err(|source| EvalError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Registers `bases` (one per function, ids in order), deduplicates every target against all of
+/// them, writes and reloads each store, rebuilds and compares every page with the original.
+pub fn evaluate(
+    bases: &[(String, PathBuf)],
+    targets: &[(String, PathBuf)],
+    cfg: &EvalConfig,
+) -> Result<DedupReport, EvalError> {
+    let dcfg = &cfg.dedup;
+    let registry = Registry::new();
+    let mut local = LocalBases::new(dcfg.rebase);
+    let mut base_fn = BTreeMap::new();
+    let mut base_mb = BTreeMap::new();
+    for (i, (name, path)) in bases.iter().enumerate() {
+        let id = BaseId(i as u32);
+        let dump = open(path)?;
+        let meta = BaseMeta {
+            function: name.clone(),
+            node: dcfg.local_node,
+        };
+        register_base(&registry, id, meta, &dump, dcfg).map_err(|source| {
+            EvalError::Register {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        base_fn.insert(id.0, name.clone());
+        base_mb.insert(name.clone(), dump.pages_bytes() as f64 / MB);
+        local.insert(id, dump);
+    }
+    if cfg.materialize_bases {
+        local.materialize();
+    }
+    let mut accs: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut order = Vec::new();
+    for (k, (name, path)) in targets.iter().enumerate() {
+        let dump = open(path)?;
+        let store_path = cfg.store_dir.join(format!("eval-{k}.medes"));
+        let t0 = Instant::now();
+        let (store, stats) = dedup(&dump, &registry, &local, dcfg).map_err(|source| {
+            EvalError::Dedup {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let stored = store.write(&store_path)?;
+        let dedup_ms = t0.elapsed().as_secs_f64() * 1e3;
+        drop(store);
+        let store = DedupStore::load(&store_path)?;
+        let _ = std::fs::remove_file(&store_path);
+        let mut out = vec![1u8; store.n_pages() as usize * PAGE];
+        let t1 = Instant::now();
+        rebuild_into(&store, &local, &mut out).map_err(|source| EvalError::Rebuild {
+            path: path.clone(),
+            source,
+        })?;
+        let rebuild_ms = t1.elapsed().as_secs_f64() * 1e3;
+        for i in 0..dump.n_pages() {
+            let o = i as usize * PAGE;
+            if dump.page(i).map(|p| &p[..]) != Some(&out[o..o + PAGE]) {
+                return Err(EvalError::Mismatch {
+                    path: path.clone(),
+                    page: i,
+                });
+            }
+        }
+        if !accs.contains_key(name) {
+            order.push(name.clone());
+        }
+        let a = accs.entry(name.clone()).or_default();
+        let pages = stats.pages.max(1) as f64;
+        a.n += 1;
+        a.pages += stats.pages;
+        a.zero += stats.zero;
+        a.exact += stats.exact;
+        a.patched += stats.patched;
+        a.standalone += stats.standalone;
+        a.image += dump.pages_bytes();
+        a.stored += stored;
+        a.patch_bytes += stats.patch_bytes;
+        for (b, c) in &stats.per_base {
+            a.based += c;
+            if base_fn.get(b) != Some(name) {
+                a.cross += c;
+            }
+        }
+        a.fp_us += stats.fingerprint.as_secs_f64() * 1e6 / pages;
+        a.lookup_us += stats.lookup.as_secs_f64() * 1e6 / pages;
+        a.dedup_ms += dedup_ms;
+        a.rebuild_ms += rebuild_ms;
+    }
+    let functions: Vec<FunctionReport> = order
+        .iter()
+        .map(|name| {
+            let a = &accs[name];
+            let n = a.n.max(1) as f64;
+            let per = |x: u64| (x as f64 / n).round() as u64;
+            let image_mb = a.image as f64 / n / MB;
+            let stored_mb = a.stored as f64 / n / MB;
+            FunctionReport {
+                name: name.clone(),
+                sandboxes: a.n,
+                pages: per(a.pages),
+                zero: per(a.zero),
+                exact: per(a.exact),
+                patched: per(a.patched),
+                standalone: per(a.standalone),
+                image_mb,
+                stored_mb,
+                savings_pct: if image_mb > 0.0 {
+                    100.0 * (1.0 - stored_mb / image_mb)
+                } else {
+                    0.0
+                },
+                base_mb: base_mb.get(name).copied().unwrap_or(0.0),
+                avg_patch_bytes: a.patch_bytes as f64 / a.patched.max(1) as f64,
+                cross_function_base_pct: 100.0 * a.cross as f64 / a.based.max(1) as f64,
+                fingerprint_us_per_page: a.fp_us / n,
+                lookup_us_per_page: a.lookup_us / n,
+                dedup_ms: a.dedup_ms / n,
+                rebuild_ms: a.rebuild_ms / n,
+                rebuild_gb_per_s: if a.rebuild_ms > 0.0 {
+                    a.image as f64 / (a.rebuild_ms / 1e3) / 1e9
+                } else {
+                    0.0
+                },
+            }
+        })
+        .collect();
+    let mean_savings_pct = if functions.is_empty() {
+        0.0
+    } else {
+        functions.iter().map(|f| f.savings_pct).sum::<f64>() / functions.len() as f64
+    };
+    Ok(DedupReport {
+        aslr: cfg.aslr,
+        mean_savings_pct,
+        functions,
+        registry: registry.stats(),
+        config: *dcfg,
+    })
+}

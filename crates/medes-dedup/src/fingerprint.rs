@@ -1,0 +1,226 @@
+//! Page fingerprints: content-defined 64-byte chunks found by a Gear rolling hash.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::{PAGE, Page};
+
+/// Largest supported number of chunks per page.
+pub const MAX_K: usize = 16;
+/// Chunk (window) size in bytes.
+pub const WINDOW: usize = 64;
+
+/// How pages are fingerprinted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FingerprintConfig {
+    /// Chunks kept per page (the paper's 5). At most [`MAX_K`].
+    pub k: usize,
+    /// A window is an anchor candidate when the low `mask_bits` bits of its Gear hash are zero
+    /// (default 5: about 125 candidates per page, from which the `k` with the smallest Gear
+    /// hashes are kept, so the choice does not depend on where in the page the chunks lie).
+    pub mask_bits: u32,
+}
+
+impl Default for FingerprintConfig {
+    fn default() -> Self {
+        Self { k: 5, mask_bits: 5 }
+    }
+}
+
+/// The fingerprint of one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFingerprint {
+    /// xxh3-64 of the whole page (exact-duplicate detection).
+    pub page_hash: u64,
+    /// Whether the page is all zeros.
+    pub zero: bool,
+    n: u8,
+    chunks: [u64; MAX_K],
+}
+
+impl PageFingerprint {
+    /// The sampled chunks' xxh3-64 hashes (at most `k`, fewer for low-entropy pages).
+    pub fn chunks(&self) -> &[u64] {
+        &self.chunks[..usize::from(self.n)]
+    }
+}
+
+const fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const fn gear_table() -> [u64; 256] {
+    let mut t = [0u64; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = splitmix(i as u64 ^ 0x6D65_6465_735F_6765); // "medes_ge"
+        i += 1;
+    }
+    t
+}
+
+/// The Gear table (fixed: fingerprints are stable across runs and machines).
+static GEAR: [u64; 256] = gear_table();
+
+/// Gear hash of 64 zero bytes: all-zero windows are never sampled.
+const fn zero_window_hash() -> u64 {
+    let t = gear_table();
+    let mut h = 0u64;
+    let mut i = 0;
+    while i < WINDOW {
+        h = (h << 1).wrapping_add(t[0]);
+        i += 1;
+    }
+    h
+}
+const ZERO_WINDOW: u64 = zero_window_hash();
+
+/// Keeps the `k` smallest (gear, end) pairs.
+struct BottomK {
+    k: usize,
+    n: usize,
+    v: [(u64, u16); MAX_K],
+}
+
+impl BottomK {
+    #[inline]
+    fn offer(&mut self, h: u64, end: usize) {
+        if h == ZERO_WINDOW {
+            return;
+        }
+        if self.n < self.k {
+            self.v[self.n] = (h, end as u16);
+            self.n += 1;
+            return;
+        }
+        // Replace the largest if h is smaller.
+        let mut imax = 0;
+        for i in 1..self.n {
+            if self.v[i].0 > self.v[imax].0 {
+                imax = i;
+            }
+        }
+        if h < self.v[imax].0 {
+            self.v[imax] = (h, end as u16);
+        }
+    }
+}
+
+fn is_zero(page: &Page) -> bool {
+    page.chunks_exact(64).all(|c| {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        }
+        acc == 0
+    })
+}
+
+/// Fingerprints one page: zero check, whole-page xxh3, and up to `k` content-defined chunks.
+///
+/// Every byte offset is a window end (windows lie inside the page). Two interleaved Gear lanes
+/// (first and second half of the page) keep the CPU's pipelines busy.
+pub fn fingerprint(page: &Page, cfg: &FingerprintConfig) -> PageFingerprint {
+    let k = cfg.k.min(MAX_K);
+    let mut fp = PageFingerprint {
+        page_hash: 0,
+        zero: false,
+        n: 0,
+        chunks: [0; MAX_K],
+    };
+    if is_zero(page) {
+        fp.zero = true;
+        fp.page_hash = xxh3_64(page);
+        return fp;
+    }
+    fp.page_hash = xxh3_64(page);
+    if k == 0 {
+        return fp;
+    }
+    let mask = (1u64 << cfg.mask_bits.min(63)) - 1;
+    let mut best = BottomK {
+        k,
+        n: 0,
+        v: [(0, 0); MAX_K],
+    };
+    const HALF: usize = PAGE / 2;
+    const B0: usize = HALF - (WINDOW - 1);
+    let (mut ha, mut hb) = (0u64, 0u64);
+    // Lane A: windows ending at 63..HALF; lane B: windows ending at HALF..PAGE.
+    for j in 0..HALF {
+        ha = (ha << 1).wrapping_add(GEAR[usize::from(page[j])]);
+        hb = (hb << 1).wrapping_add(GEAR[usize::from(page[B0 + j])]);
+        if j >= WINDOW - 1 {
+            if ha & mask == 0 {
+                best.offer(ha, j);
+            }
+            if hb & mask == 0 {
+                best.offer(hb, B0 + j);
+            }
+        }
+    }
+    for (j, &b) in page.iter().enumerate().skip(B0 + HALF) {
+        hb = (hb << 1).wrapping_add(GEAR[usize::from(b)]);
+        if hb & mask == 0 {
+            best.offer(hb, j);
+        }
+    }
+    for i in 0..best.n {
+        let end = usize::from(best.v[i].1);
+        let start = end + 1 - WINDOW;
+        fp.chunks[i] = xxh3_64(&page[start..=end]);
+    }
+    fp.n = best.n as u8;
+    fp.chunks[..best.n].sort_unstable();
+    fp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_from(seed: u64) -> Box<Page> {
+        let mut p = Box::new([0u8; PAGE]);
+        let mut x = seed;
+        for b in p.iter_mut() {
+            x = splitmix(x);
+            *b = x as u8;
+        }
+        p
+    }
+
+    #[test]
+    fn zero_page_is_detected() {
+        let fp = fingerprint(&[0u8; PAGE], &FingerprintConfig::default());
+        assert!(fp.zero);
+        assert!(fp.chunks().is_empty());
+    }
+
+    #[test]
+    fn random_page_gets_k_chunks_and_shifted_copy_shares_most() {
+        let cfg = FingerprintConfig::default();
+        let p = page_from(7);
+        let fp = fingerprint(&p, &cfg);
+        assert_eq!(fp.chunks().len(), 5);
+        // Shift content by 40 bytes: most chunks survive (content-defined, not aligned).
+        let mut q = Box::new([0u8; PAGE]);
+        q[40..].copy_from_slice(&p[..PAGE - 40]);
+        let fq = fingerprint(&q, &cfg);
+        let shared = fp.chunks().iter().filter(|c| fq.chunks().contains(c)).count();
+        assert!(shared >= 3, "shared {shared}");
+        assert_ne!(fp.page_hash, fq.page_hash);
+    }
+
+    #[test]
+    fn chunks_are_hashes_of_windows_inside_the_page() {
+        let cfg = FingerprintConfig { k: 16, mask_bits: 3 };
+        let p = page_from(3);
+        let fp = fingerprint(&p, &cfg);
+        for c in fp.chunks() {
+            assert!((0..=PAGE - WINDOW).any(|s| xxh3_64(&p[s..s + WINDOW]) == *c));
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Pointer rebasing: every aligned 8-byte word that points into one of the dump's own mappings is
+//! rewritten as a token `(mapping id, offset)`, so two processes whose mappings sit at different
+//! (ASLR-randomised) addresses get equal words for "the same" pointer.
+//!
+//! Mapping ids are canonical: a 16-bit hash of the mapping's key (file path and file offset for
+//! file mappings; kind, preceding file mapping and ordinal for anonymous ones), so the mappings of
+//! a base and a target are matched by file, kind and order without looking at each other. The
+//! transform is exactly invertible from the dump's own mm image: ids are made unique within a dump
+//! by probing, and a page that already holds a word looking like a token is not rebased at all
+//! (the page table records that), so no escape encoding is needed.
+
+use std::collections::BTreeMap;
+
+use medes_criu_image::{MmEntry, vma_status};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::Page;
+
+/// Top 16 bits of a token word (user-space pointers have zero top bits).
+const TAG: u64 = 0xC6A5;
+const EMPTY: u64 = u64::MAX;
+
+/// The mappings of one dump, with canonical ids.
+#[derive(Clone)]
+pub struct MappingTable {
+    starts: Vec<u64>,
+    ends: Vec<u64>,
+    ids: Vec<u16>,
+    /// Start address by id (`EMPTY` if unused).
+    by_id: Box<[u64]>,
+    lo: u64,
+    hi: u64,
+}
+
+impl std::fmt::Debug for MappingTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappingTable")
+            .field("mappings", &self.starts.len())
+            .finish()
+    }
+}
+
+/// A token word's mapping id is not in the table (the store or its mm image is corrupt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("pointer token names unknown mapping {id}")]
+pub struct UnknownMapping {
+    /// The id found.
+    pub id: u16,
+}
+
+fn kind_of(status: u32, flags: u32) -> &'static str {
+    use vma_status as s;
+    if status & s::AREA_HEAP != 0 {
+        "heap"
+    } else if status & s::AREA_STACK != 0 || flags & 0x0100 != 0 {
+        "stack"
+    } else if status & s::AREA_VDSO != 0 {
+        "vdso"
+    } else if status & s::AREA_VVAR != 0 {
+        "vvar"
+    } else if status & s::ANON_SHARED != 0 {
+        "shanon"
+    } else {
+        "anon"
+    }
+}
+
+impl MappingTable {
+    /// Builds the table of a process from its mm image and the names of `files.img`'s regular
+    /// files (by file id).
+    pub fn new(mm: &MmEntry, reg_files: &BTreeMap<u32, String>) -> Self {
+        let mut vmas: Vec<_> = mm
+            .vmas
+            .iter()
+            .filter(|v| v.end > v.start && v.end <= 1 << 47)
+            .collect();
+        vmas.sort_by_key(|v| v.start);
+        let mut by_id = vec![EMPTY; 1 << 16].into_boxed_slice();
+        let (mut starts, mut ends, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        let mut prev_file = 0u64;
+        let mut ordinal = 0u32;
+        for v in vmas {
+            let file = (v.status & (vma_status::FILE_PRIVATE | vma_status::FILE_SHARED) != 0)
+                .then(|| u32::try_from(v.shmid).ok().and_then(|id| reg_files.get(&id)))
+                .flatten();
+            let key = match file {
+                Some(path) => {
+                    let k = xxh3_64(format!("f\0{path}\0{}", v.pgoff).as_bytes());
+                    prev_file = k;
+                    ordinal = 0;
+                    k
+                }
+                None => {
+                    ordinal += 1;
+                    let kind = kind_of(v.status, v.flags);
+                    xxh3_64(format!("a\0{kind}\0{prev_file}\0{ordinal}").as_bytes())
+                }
+            };
+            let mut id = (key & 0xFFFF) as u16;
+            while by_id[usize::from(id)] != EMPTY {
+                id = id.wrapping_add(1);
+            }
+            by_id[usize::from(id)] = v.start;
+            starts.push(v.start);
+            ends.push(v.end);
+            ids.push(id);
+        }
+        let lo = starts.first().copied().unwrap_or(u64::MAX);
+        let hi = ends.iter().copied().max().unwrap_or(0);
+        Self {
+            starts,
+            ends,
+            ids,
+            by_id,
+            lo,
+            hi,
+        }
+    }
+
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Whether the table has no mappings.
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    #[inline]
+    fn find(&self, w: u64, hint: &mut usize) -> Option<usize> {
+        let h = *hint;
+        if h < self.starts.len() && w >= self.starts[h] && w < self.ends[h] {
+            return Some(h);
+        }
+        let i = self.starts.partition_point(|&s| s <= w);
+        if i == 0 {
+            return None;
+        }
+        let i = i - 1;
+        if w < self.ends[i] {
+            *hint = i;
+            Some(i)
+        } else {
+            None
+        }
+    }
+
+    /// Writes the rebased form of `src` to `dst`. Returns the number of words rewritten, or
+    /// `None` if `src` holds a word that looks like a token (the page must then be stored
+    /// without rebasing).
+    pub fn rebase(&self, src: &Page, dst: &mut Page) -> Option<usize> {
+        let mut hint = 0usize;
+        let mut n = 0;
+        for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+            let w = u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+            let mut out = w;
+            if w >> 48 == TAG {
+                return None;
+            }
+            if w >= self.lo && w < self.hi {
+                if let Some(i) = self.find(w, &mut hint) {
+                    let off = w - self.starts[i];
+                    if off < 1 << 32 {
+                        out = TAG << 48 | u64::from(self.ids[i]) << 32 | off;
+                        n += 1;
+                    }
+                }
+            }
+            d.copy_from_slice(&out.to_le_bytes());
+        }
+        Some(n)
+    }
+
+    /// Rebases a page in place if possible; returns whether it was rebased (the page is left
+    /// untouched otherwise).
+    pub fn rebase_in_place(&self, page: &mut Page) -> bool {
+        let mut tmp = [0u8; crate::PAGE];
+        if self.rebase(page, &mut tmp).is_some() {
+            *page = tmp;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Inverts [`MappingTable::rebase`] in place with this (the page's own dump's) table.
+    pub fn unrebase(&self, page: &mut Page) -> Result<(), UnknownMapping> {
+        for d in page.chunks_exact_mut(8) {
+            let w = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+            if w >> 48 == TAG {
+                let id = (w >> 32) as u16;
+                let start = self.by_id[usize::from(id)];
+                if start == EMPTY {
+                    return Err(UnknownMapping { id });
+                }
+                d.copy_from_slice(&(start + (w & 0xFFFF_FFFF)).to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medes_criu_image::VmaEntry;
+
+    fn vma(start: u64, end: u64, shmid: u64, file: bool) -> VmaEntry {
+        VmaEntry {
+            start,
+            end,
+            pgoff: 0,
+            shmid,
+            prot: 3,
+            flags: 2,
+            status: if file {
+                vma_status::AREA_REGULAR | vma_status::FILE_PRIVATE
+            } else {
+                vma_status::AREA_REGULAR | vma_status::ANON_PRIVATE
+            },
+            fd: -1,
+            madv: None,
+            fdflags: None,
+        }
+    }
+
+    fn mm(base: u64) -> MmEntry {
+        MmEntry {
+            vmas: vec![
+                vma(base, base + 0x10000, 1, true),
+                vma(base + 0x10000, base + 0x20000, 0, false),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pointers_of_two_slides_rebase_equal_and_invert() {
+        let files: BTreeMap<u32, String> = [(1, "/lib/x.so".to_owned())].into();
+        let (a, b) = (
+            MappingTable::new(&mm(0x7f00_0000_0000), &files),
+            MappingTable::new(&mm(0x7f12_3450_0000), &files),
+        );
+        let mut pa = [0u8; crate::PAGE];
+        let mut pb = [0u8; crate::PAGE];
+        pa[..8].copy_from_slice(&(0x7f00_0000_0000u64 + 0x10010).to_le_bytes());
+        pb[..8].copy_from_slice(&(0x7f12_3450_0000u64 + 0x10010).to_le_bytes());
+        pa[8..16].copy_from_slice(&12345u64.to_le_bytes());
+        pb[8..16].copy_from_slice(&12345u64.to_le_bytes());
+        let (mut ra, mut rb) = ([0u8; crate::PAGE], [0u8; crate::PAGE]);
+        assert_eq!(a.rebase(&pa, &mut ra), Some(1));
+        assert_eq!(b.rebase(&pb, &mut rb), Some(1));
+        assert_eq!(ra, rb);
+        a.unrebase(&mut ra).unwrap();
+        assert_eq!(ra, pa);
+        // A word that looks like a token blocks rebasing.
+        pa[16..24].copy_from_slice(&(TAG << 48 | 5).to_le_bytes());
+        assert_eq!(a.rebase(&pa, &mut ra), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! Rebuild: store + base pages → the exact pages images CRIU restores from.
+
+use std::path::{Path, PathBuf};
+
+use medes_criu_image::{DecodeImageError, decode_mm, reg_file_names};
+use rayon::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::codec::{DecodePageError, Decoder};
+use crate::image::{BasePageError, BasePages};
+use crate::rebase::{MappingTable, UnknownMapping};
+use crate::store::DedupStore;
+use crate::{PAGE, Page};
+
+/// Pages decoded per parallel work item.
+const BATCH: usize = 256;
+
+/// Error rebuilding a sandbox's pages. Every variant that concerns a page names it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RebuildError {
+    /// A page's base page is unavailable.
+    #[error("page {page}: base page unavailable")]
+    BasePage {
+        /// The page index.
+        page: u64,
+        /// The cause.
+        #[source]
+        source: BasePageError,
+    },
+    /// A page's stored data could not be decoded.
+    #[error("page {page}: cannot decode")]
+    Decode {
+        /// The page index.
+        page: u64,
+        /// The cause.
+        #[source]
+        source: DecodePageError,
+    },
+    /// A page's rebased pointers name an unknown mapping.
+    #[error("page {page}: cannot restore pointers")]
+    Unrebase {
+        /// The page index.
+        page: u64,
+        /// The cause.
+        #[source]
+        source: UnknownMapping,
+    },
+    /// A rebuilt page does not match its checksum.
+    #[error("page {page}: checksum mismatch")]
+    Checksum {
+        /// The page index.
+        page: u64,
+    },
+    /// A page references a base slot the store does not have.
+    #[error("page {page}: unknown base slot {slot}")]
+    BaseSlot {
+        /// The page index.
+        page: u64,
+        /// The slot.
+        slot: u16,
+    },
+    /// The store lacks or has a corrupt mm/files image needed to restore pointers.
+    #[error("image {name} needed to restore pointers is missing or corrupt")]
+    Image {
+        /// The image name.
+        name: String,
+        /// The decode error, if it was present.
+        #[source]
+        source: Option<DecodeImageError>,
+    },
+    /// The output buffer has the wrong size.
+    #[error("output buffer has {found} bytes, expected {expected}")]
+    OutputSize {
+        /// Expected bytes.
+        expected: u64,
+        /// Bytes given.
+        found: u64,
+    },
+    /// Writing the rebuilt images failed.
+    #[error("writing {path:?}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The mapping tables of the store's processes (needed when any page is rebased).
+fn tables(store: &DedupStore) -> Result<Vec<Option<MappingTable>>, RebuildError> {
+    let mut first = 0u64;
+    let mut out = Vec::new();
+    let reg = match store.images.get("files.img") {
+        Some(b) => Some(reg_file_names(b).map_err(|e| RebuildError::Image {
+            name: "files.img".into(),
+            source: Some(e),
+        })?),
+        None => None,
+    };
+    for p in &store.procs {
+        let range = first as usize..(first + p.n_pages) as usize;
+        first += p.n_pages;
+        if !store.pages.get(range).is_some_and(|r| r.iter().any(|e| e.rebased)) {
+            out.push(None);
+            continue;
+        }
+        let name = format!("mm-{}.img", p.pid);
+        let mm = store.images.get(&name).ok_or(RebuildError::Image {
+            name: name.clone(),
+            source: None,
+        })?;
+        let mm = decode_mm(mm).map_err(|e| RebuildError::Image {
+            name,
+            source: Some(e),
+        })?;
+        let reg = reg.as_ref().ok_or(RebuildError::Image {
+            name: "files.img".into(),
+            source: None,
+        })?;
+        out.push(Some(MappingTable::new(&mm, reg)));
+    }
+    Ok(out)
+}
+
+/// Rebuilds all pages of the store, in page order, into `out` (`n_pages * 4096` bytes), in
+/// parallel on rayon's pool, verifying every page's checksum.
+pub fn rebuild_into(
+    store: &DedupStore,
+    bases: &dyn BasePages,
+    out: &mut [u8],
+) -> Result<(), RebuildError> {
+    let expected = store.n_pages() * PAGE as u64;
+    if out.len() as u64 != expected {
+        return Err(RebuildError::OutputSize {
+            expected,
+            found: out.len() as u64,
+        });
+    }
+    let tables = tables(store)?;
+    let mut proc_of = Vec::with_capacity(store.pages.len());
+    for (pi, p) in store.procs.iter().enumerate() {
+        proc_of.extend(std::iter::repeat_n(pi as u16, p.n_pages as usize));
+    }
+    let offsets = store.offsets();
+    out.par_chunks_mut(PAGE * BATCH)
+        .enumerate()
+        .try_for_each_init(Decoder::default, |dec, (b, chunk)| {
+            for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
+                let i = b * BATCH + j;
+                let page = i as u64;
+                let e = &store.pages[i];
+                let dst: &mut Page = dst.try_into().map_err(|_| RebuildError::OutputSize {
+                    expected,
+                    found: 0,
+                })?;
+                let base = if e.kind.needs_base() {
+                    let id = *store
+                        .bases
+                        .get(usize::from(e.base_slot))
+                        .ok_or(RebuildError::BaseSlot {
+                            page,
+                            slot: e.base_slot,
+                        })?;
+                    Some(
+                        bases
+                            .page(id, u64::from(e.base_page))
+                            .map_err(|source| RebuildError::BasePage { page, source })?,
+                    )
+                } else {
+                    None
+                };
+                let o = offsets[i] as usize;
+                let data = &store.blob[o..o + e.len as usize];
+                dec.decode(e.kind, data, base.as_deref(), dst)
+                    .map_err(|source| RebuildError::Decode { page, source })?;
+                if e.rebased {
+                    let t = tables[usize::from(proc_of[i])].as_ref().ok_or(
+                        RebuildError::Unrebase {
+                            page,
+                            source: UnknownMapping { id: 0 },
+                        },
+                    )?;
+                    t.unrebase(dst)
+                        .map_err(|source| RebuildError::Unrebase { page, source })?;
+                }
+                if xxh3_64(dst) != e.checksum {
+                    return Err(RebuildError::Checksum { page });
+                }
+            }
+            Ok(())
+        })
+}
+
+/// Rebuilds all pages into a new buffer.
+pub fn rebuild_pages(store: &DedupStore, bases: &dyn BasePages) -> Result<Vec<u8>, RebuildError> {
+    let mut out = vec![0u8; store.n_pages() as usize * PAGE];
+    rebuild_into(store, bases, &mut out)?;
+    Ok(out)
+}
+
+/// Rebuilds a CRIU image directory: every non-page image as stored, and each process's
+/// `pages-<id>.img`. `dir` must exist.
+pub fn rebuild_dir(
+    store: &DedupStore,
+    bases: &dyn BasePages,
+    dir: &Path,
+) -> Result<(), RebuildError> {
+    let pages = rebuild_pages(store, bases)?;
+    let write = |name: &str, data: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, data).map_err(|source| RebuildError::Write { path, source })
+    };
+    for (name, data) in &store.images {
+        write(name, data)?;
+    }
+    let mut at = 0usize;
+    for p in &store.procs {
+        let len = p.n_pages as usize * PAGE;
+        write(&p.pages_file, &pages[at..at + len])?;
+        at += len;
+    }
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! The dedup store: the stored form of one deduplicated sandbox.
+//!
+//! File layout (all integers little-endian):
+//! `"MEDESDS1"`, version u32, reserved u32, payload length u64, xxh3-64 of the payload u64, then
+//! the payload: five length-prefixed sections (u64 length each): non-page images (zstd),
+//! processes, base ids, page table (column layout, zstd), page blob. Every page table entry holds
+//! the xxh3-64 of the original page, so a rebuild can never return a wrong page silently.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::codec::PageKind;
+use crate::registry::BaseId;
+
+const MAGIC: &[u8; 8] = b"MEDESDS1";
+const VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 4 + 8 + 8;
+
+/// One page's entry in the page table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageEntry {
+    /// How the page is stored.
+    pub kind: PageKind,
+    /// Whether the stored form is rebased (pointers as tokens of the sandbox's own mappings).
+    pub rebased: bool,
+    /// Index into [`DedupStore::bases`] (meaningful when the kind needs a base).
+    pub base_slot: u16,
+    /// The base page's index in its base image.
+    pub base_page: u32,
+    /// Byte length of the page's data in the blob.
+    pub len: u32,
+    /// xxh3-64 of the original page.
+    pub checksum: u64,
+}
+
+/// A process of the deduplicated dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredProcess {
+    /// The pid in the image names.
+    pub pid: u32,
+    /// The pages image to rebuild.
+    pub pages_file: String,
+    /// Its number of pages.
+    pub n_pages: u64,
+}
+
+/// A deduplicated sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DedupStore {
+    /// CRIU's non-page images (pagemaps and mm images included), by file name.
+    pub images: BTreeMap<String, Vec<u8>>,
+    /// Processes in page order.
+    pub procs: Vec<StoredProcess>,
+    /// Bases used, by slot.
+    pub bases: Vec<BaseId>,
+    /// One entry per page, in page order.
+    pub pages: Vec<PageEntry>,
+    /// Page data, in page order.
+    pub blob: Vec<u8>,
+}
+
+/// Error writing a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteStoreError {
+    /// Writing or renaming failed.
+    #[error("writing store {path:?}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Error loading a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadStoreError {
+    /// Reading failed.
+    #[error("reading store {path:?}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a store file, or another version.
+    #[error("not a medes dedup store (version 1)")]
+    BadHeader,
+    /// The payload checksum does not match.
+    #[error("store checksum mismatch")]
+    Checksum,
+    /// The payload is malformed.
+    #[error("malformed store section {0}")]
+    Malformed(&'static str),
+}
+
+fn put_u64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+fn put_section(v: &mut Vec<u8>, s: &[u8]) {
+    put_u64(v, s.len() as u64);
+    v.extend_from_slice(s);
+}
+
+struct Reader<'a> {
+    d: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], LoadStoreError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.d.len())
+            .ok_or(LoadStoreError::Malformed(self.what))?;
+        let s = &self.d[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u64(&mut self) -> Result<u64, LoadStoreError> {
+        let b = self.bytes(8)?;
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| LoadStoreError::Malformed(self.what))?))
+    }
+    fn u32(&mut self) -> Result<u32, LoadStoreError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes(b.try_into().map_err(|_| LoadStoreError::Malformed(self.what))?))
+    }
+    fn len(&mut self) -> Result<usize, LoadStoreError> {
+        usize::try_from(self.u64()?).map_err(|_| LoadStoreError::Malformed(self.what))
+    }
+    fn section(&mut self) -> Result<&'a [u8], LoadStoreError> {
+        let n = self.len()?;
+        self.bytes(n)
+    }
+}
+
+fn zstd_decompress(data: &[u8], what: &'static str) -> Result<Vec<u8>, LoadStoreError> {
+    // Bounded: a store section never decompresses to more than 1 GiB.
+    zstd::bulk::decompress(data, 1 << 30).map_err(|_| LoadStoreError::Malformed(what))
+}
+
+impl DedupStore {
+    /// Serialises the store.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(self.blob.len() + self.pages.len() * 12 + 4096);
+        // Images.
+        let mut imgs = Vec::new();
+        put_u64(&mut imgs, self.images.len() as u64);
+        for (name, data) in &self.images {
+            put_section(&mut imgs, name.as_bytes());
+            put_section(&mut imgs, data);
+        }
+        let imgs = zstd::bulk::compress(&imgs, 3).unwrap_or(imgs);
+        put_section(&mut payload, &imgs);
+        // Processes.
+        let mut procs = Vec::new();
+        put_u64(&mut procs, self.procs.len() as u64);
+        for p in &self.procs {
+            procs.extend_from_slice(&p.pid.to_le_bytes());
+            put_section(&mut procs, p.pages_file.as_bytes());
+            put_u64(&mut procs, p.n_pages);
+        }
+        put_section(&mut payload, &procs);
+        // Bases.
+        let mut bases = Vec::new();
+        for b in &self.bases {
+            bases.extend_from_slice(&b.0.to_le_bytes());
+        }
+        put_section(&mut payload, &bases);
+        // Page table, column layout: kinds+flags, slots, base pages (delta), lens, checksums.
+        let n = self.pages.len();
+        let mut t = Vec::with_capacity(n * 19 + 8);
+        put_u64(&mut t, n as u64);
+        t.extend(self.pages.iter().map(|e| e.kind as u8 | u8::from(e.rebased) << 7));
+        for e in &self.pages {
+            t.extend_from_slice(&e.base_slot.to_le_bytes());
+        }
+        let mut prev = 0u32;
+        for e in &self.pages {
+            t.extend_from_slice(&e.base_page.wrapping_sub(prev).to_le_bytes());
+            prev = e.base_page;
+        }
+        for e in &self.pages {
+            t.extend_from_slice(&e.len.to_le_bytes());
+        }
+        for e in &self.pages {
+            t.extend_from_slice(&e.checksum.to_le_bytes());
+        }
+        let t = zstd::bulk::compress(&t, 3).unwrap_or(t);
+        put_section(&mut payload, &t);
+        put_section(&mut payload, &self.blob);
+
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        put_u64(&mut out, payload.len() as u64);
+        put_u64(&mut out, xxh3_64(&payload));
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Parses a serialised store, verifying its checksum.
+    pub fn from_bytes(data: &[u8]) -> Result<Self, LoadStoreError> {
+        if data.len() < HEADER || &data[..8] != MAGIC {
+            return Err(LoadStoreError::BadHeader);
+        }
+        let mut h = Reader {
+            d: data,
+            at: 8,
+            what: "header",
+        };
+        if h.u32()? != VERSION {
+            return Err(LoadStoreError::BadHeader);
+        }
+        let _reserved = h.u32()?;
+        let len = h.len()?;
+        let sum = h.u64()?;
+        let payload = h.bytes(len)?;
+        if xxh3_64(payload) != sum {
+            return Err(LoadStoreError::Checksum);
+        }
+        let mut r = Reader {
+            d: payload,
+            at: 0,
+            what: "images",
+        };
+        let imgs = zstd_decompress(r.section()?, "images")?;
+        let mut ir = Reader {
+            d: &imgs,
+            at: 0,
+            what: "images",
+        };
+        let mut images = BTreeMap::new();
+        for _ in 0..ir.u64()? {
+            let name = String::from_utf8(ir.section()?.to_vec())
+                .map_err(|_| LoadStoreError::Malformed("images"))?;
+            images.insert(name, ir.section()?.to_vec());
+        }
+        r.what = "processes";
+        let mut pr = Reader {
+            d: r.section()?,
+            at: 0,
+            what: "processes",
+        };
+        let mut procs = Vec::new();
+        for _ in 0..pr.u64()? {
+            let pid = pr.u32()?;
+            let pages_file = String::from_utf8(pr.section()?.to_vec())
+                .map_err(|_| LoadStoreError::Malformed("processes"))?;
+            let n_pages = pr.u64()?;
+            procs.push(StoredProcess {
+                pid,
+                pages_file,
+                n_pages,
+            });
+        }
+        r.what = "bases";
+        let bases = r
+            .section()?
+            .chunks_exact(4)
+            .map(|c| BaseId(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        r.what = "page table";
+        let t = zstd_decompress(r.section()?, "page table")?;
+        let mut tr = Reader {
+            d: &t,
+            at: 0,
+            what: "page table",
+        };
+        let n = tr.len()?;
+        if t.len() != 8 + n.checked_mul(19).ok_or(LoadStoreError::Malformed("page table"))? {
+            return Err(LoadStoreError::Malformed("page table"));
+        }
+        let kinds = tr.bytes(n)?;
+        let slots = tr.bytes(2 * n)?;
+        let bpages = tr.bytes(4 * n)?;
+        let lens = tr.bytes(4 * n)?;
+        let sums = tr.bytes(8 * n)?;
+        let mut pages = Vec::with_capacity(n);
+        let mut prev = 0u32;
+        let mut total = 0u64;
+        for i in 0..n {
+            let kind = PageKind::from_u8(kinds[i] & 0x7F)
+                .ok_or(LoadStoreError::Malformed("page kind"))?;
+            let d = u32::from_le_bytes(bpages[4 * i..4 * i + 4].try_into().unwrap_or_default());
+            prev = prev.wrapping_add(d);
+            let len = u32::from_le_bytes(lens[4 * i..4 * i + 4].try_into().unwrap_or_default());
+            total += u64::from(len);
+            pages.push(PageEntry {
+                kind,
+                rebased: kinds[i] & 0x80 != 0,
+                base_slot: u16::from_le_bytes(
+                    slots[2 * i..2 * i + 2].try_into().unwrap_or_default(),
+                ),
+                base_page: prev,
+                len,
+                checksum: u64::from_le_bytes(
+                    sums[8 * i..8 * i + 8].try_into().unwrap_or_default(),
+                ),
+            });
+        }
+        r.what = "blob";
+        let blob = r.section()?.to_vec();
+        if total != blob.len() as u64 {
+            return Err(LoadStoreError::Malformed("blob length"));
+        }
+        let store = Self {
+            images,
+            procs,
+            bases,
+            pages,
+            blob,
+        };
+        if store.procs.iter().map(|p| p.n_pages).sum::<u64>() != n as u64 {
+            return Err(LoadStoreError::Malformed("process page counts"));
+        }
+        Ok(store)
+    }
+
+    /// Writes the store atomically: a temporary file in the same directory, fsync, rename.
+    /// Returns the number of bytes written.
+    pub fn write(&self, path: &Path) -> Result<u64, WriteStoreError> {
+        let bytes = self.to_bytes();
+        let err = |source| WriteStoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&bytes).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })?;
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    /// Loads a store written by [`DedupStore::write`].
+    pub fn load(path: &Path) -> Result<Self, LoadStoreError> {
+        let data = std::fs::read(path).map_err(|source| LoadStoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(&data)
+    }
+
+    /// Byte offset of every page's data in the blob (prefix sums of the lengths).
+    pub fn offsets(&self) -> Vec<u64> {
+        let mut o = Vec::with_capacity(self.pages.len());
+        let mut at = 0u64;
+        for e in &self.pages {
+            o.push(at);
+            at += u64::from(e.len);
+        }
+        o
+    }
+
+    /// Total pages.
+    pub fn n_pages(&self) -> u64 {
+        self.pages.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> DedupStore {
+        DedupStore {
+            images: [("mm-1.img".to_owned(), vec![1, 2, 3])].into(),
+            procs: vec![StoredProcess {
+                pid: 1,
+                pages_file: "pages-1.img".into(),
+                n_pages: 2,
+            }],
+            bases: vec![BaseId(7)],
+            pages: vec![
+                PageEntry {
+                    kind: PageKind::Sparse,
+                    rebased: true,
+                    base_slot: 0,
+                    base_page: 9,
+                    len: 3,
+                    checksum: 42,
+                },
+                PageEntry {
+                    kind: PageKind::Zero,
+                    rebased: false,
+                    base_slot: 0,
+                    base_page: 0,
+                    len: 0,
+                    checksum: 43,
+                },
+            ],
+            blob: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_detects_corruption() {
+        let s = sample();
+        let b = s.to_bytes();
+        assert_eq!(DedupStore::from_bytes(&b).unwrap(), s);
+        let mut c = b.clone();
+        let last = c.len() - 1;
+        c[last] ^= 1;
+        assert!(matches!(
+            DedupStore::from_bytes(&c),
+            Err(LoadStoreError::Checksum)
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200), flip in any::<usize>()) {
+            let _ = DedupStore::from_bytes(&data);
+            let mut b = sample().to_bytes();
+            let i = flip % b.len();
+            b[i] ^= 0x55;
+            let _ = DedupStore::from_bytes(&b);
+        }
+    }
+}
