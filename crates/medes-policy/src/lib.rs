@@ -42,7 +42,9 @@ use medes_core::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A point in time, in milliseconds on the caller's monotonic clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -77,7 +79,8 @@ pub enum SandboxState {
 }
 
 /// The state without its data, for metrics labels and counting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum StateKind {
     /// [`SandboxState::Starting`].
@@ -92,8 +95,12 @@ pub enum StateKind {
 
 impl StateKind {
     /// Every kind, in a fixed order (for gauges).
-    pub const ALL: [StateKind; 4] =
-        [StateKind::Starting, StateKind::Running, StateKind::Warm, StateKind::Purging];
+    pub const ALL: [StateKind; 4] = [
+        StateKind::Starting,
+        StateKind::Running,
+        StateKind::Warm,
+        StateKind::Purging,
+    ];
 
     /// Lowercase name used in metrics labels.
     pub fn as_str(self) -> &'static str {
@@ -160,11 +167,13 @@ impl SandboxState {
             (S::Running { in_flight }, Event::Assign { concurrency })
                 if in_flight < concurrency.max(1) =>
             {
-                S::Running { in_flight: in_flight + 1 }
+                S::Running {
+                    in_flight: in_flight + 1,
+                }
             }
-            (S::Running { in_flight }, Event::Finished) if in_flight > 1 => {
-                S::Running { in_flight: in_flight - 1 }
-            }
+            (S::Running { in_flight }, Event::Finished) if in_flight > 1 => S::Running {
+                in_flight: in_flight - 1,
+            },
             (S::Running { .. }, Event::Finished) => S::Warm { idle_since: now },
             (S::Purging, Event::Purge) => return Err(TransitionError { state: self, event }),
             (_, Event::Purge) => S::Purging,
@@ -243,8 +252,12 @@ pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// The decision for an idle sandbox at `now`.
-    fn on_idle(&mut self, function: &FunctionView, sandbox: &SandboxView, now: Timestamp)
-    -> Decision;
+    fn on_idle(
+        &mut self,
+        function: &FunctionView,
+        sandbox: &SandboxView,
+        now: Timestamp,
+    ) -> Decision;
 
     /// When to call [`Policy::on_idle`] for this sandbox next; `None`: never (not idle).
     fn next_decision(&self, function: &FunctionView, sandbox: &SandboxView) -> Option<Timestamp>;
@@ -294,7 +307,10 @@ impl Policy for KeepAlive {
     }
 
     fn next_decision(&self, _: &FunctionView, sandbox: &SandboxView) -> Option<Timestamp> {
-        sandbox.state.idle_since().map(|t| t.plus_ms(self.keep_alive_ms))
+        sandbox
+            .state
+            .idle_since()
+            .map(|t| t.plus_ms(self.keep_alive_ms))
     }
 }
 
@@ -387,31 +403,87 @@ mod tests {
         use SandboxState as S;
         let warm = S::Warm { idle_since: T0 };
         check(S::Starting, Event::Started, 5, "Running { in_flight: 1 }");
-        check(warm, Event::Assign { concurrency: 1 }, 5, "Running { in_flight: 1 }");
+        check(
+            warm,
+            Event::Assign { concurrency: 1 },
+            5,
+            "Running { in_flight: 1 }",
+        );
         check(
             S::Running { in_flight: 1 },
             Event::Assign { concurrency: 1 },
             5,
             "error: event Assign { concurrency: 1 } is not allowed in state Running { in_flight: 1 }",
         );
-        check(S::Running { in_flight: 1 }, Event::Assign { concurrency: 3 }, 5, "Running { in_flight: 2 }");
-        check(S::Running { in_flight: 0 }, Event::Assign { concurrency: 0 }, 5, "Running { in_flight: 1 }");
-        check(S::Running { in_flight: 2 }, Event::Finished, 5, "Running { in_flight: 1 }");
-        check(S::Running { in_flight: 1 }, Event::Finished, 7, "Warm { idle_since: Timestamp(7) }");
-        check(warm, Event::Finished, 5, "error: event Finished is not allowed in state Warm { idle_since: Timestamp(1000) }");
-        check(S::Starting, Event::Assign { concurrency: 5 }, 5, "error: event Assign { concurrency: 5 } is not allowed in state Starting");
+        check(
+            S::Running { in_flight: 1 },
+            Event::Assign { concurrency: 3 },
+            5,
+            "Running { in_flight: 2 }",
+        );
+        check(
+            S::Running { in_flight: 0 },
+            Event::Assign { concurrency: 0 },
+            5,
+            "Running { in_flight: 1 }",
+        );
+        check(
+            S::Running { in_flight: 2 },
+            Event::Finished,
+            5,
+            "Running { in_flight: 1 }",
+        );
+        check(
+            S::Running { in_flight: 1 },
+            Event::Finished,
+            7,
+            "Warm { idle_since: Timestamp(7) }",
+        );
+        check(
+            warm,
+            Event::Finished,
+            5,
+            "error: event Finished is not allowed in state Warm { idle_since: Timestamp(1000) }",
+        );
+        check(
+            S::Starting,
+            Event::Assign { concurrency: 5 },
+            5,
+            "error: event Assign { concurrency: 5 } is not allowed in state Starting",
+        );
         check(S::Starting, Event::Purge, 5, "Purging");
         check(warm, Event::Purge, 5, "Purging");
         check(S::Running { in_flight: 2 }, Event::Purge, 5, "Purging");
-        check(S::Purging, Event::Purge, 5, "error: event Purge is not allowed in state Purging");
-        check(S::Purging, Event::Assign { concurrency: 1 }, 5, "error: event Assign { concurrency: 1 } is not allowed in state Purging");
-        check(warm, Event::Started, 5, "error: event Started is not allowed in state Warm { idle_since: Timestamp(1000) }");
+        check(
+            S::Purging,
+            Event::Purge,
+            5,
+            "error: event Purge is not allowed in state Purging",
+        );
+        check(
+            S::Purging,
+            Event::Assign { concurrency: 1 },
+            5,
+            "error: event Assign { concurrency: 1 } is not allowed in state Purging",
+        );
+        check(
+            warm,
+            Event::Started,
+            5,
+            "error: event Started is not allowed in state Warm { idle_since: Timestamp(1000) }",
+        );
     }
 
     #[test]
     fn can_assign_matches_apply() {
         use SandboxState as S;
-        for s in [S::Starting, S::Running { in_flight: 1 }, S::Running { in_flight: 2 }, S::Warm { idle_since: T0 }, S::Purging] {
+        for s in [
+            S::Starting,
+            S::Running { in_flight: 1 },
+            S::Running { in_flight: 2 },
+            S::Warm { idle_since: T0 },
+            S::Purging,
+        ] {
             for c in 0..4 {
                 assert_eq!(
                     s.can_assign(c),
@@ -424,33 +496,86 @@ mod tests {
 
     fn check_keep_alive(state: SandboxState, now: u64, expect: &str) {
         let mut p = KeepAlive::new(600_000);
-        let f = FunctionView { memory_limit: Bytes::mib(256), n_sandboxes: 1, n_idle: 1 };
-        let s = SandboxView { state, created: Timestamp(0), memory: Bytes::mib(20) };
-        let got = format!("{:?} next={:?}", p.on_idle(&f, &s, Timestamp(now)), p.next_decision(&f, &s).map(|t| t.0));
+        let f = FunctionView {
+            memory_limit: Bytes::mib(256),
+            n_sandboxes: 1,
+            n_idle: 1,
+        };
+        let s = SandboxView {
+            state,
+            created: Timestamp(0),
+            memory: Bytes::mib(20),
+        };
+        let got = format!(
+            "{:?} next={:?}",
+            p.on_idle(&f, &s, Timestamp(now)),
+            p.next_decision(&f, &s).map(|t| t.0)
+        );
         assert_eq!(got, expect, "{state:?} at {now}");
     }
 
     #[test]
     fn keep_alive_decisions() {
         use SandboxState as S;
-        check_keep_alive(S::Warm { idle_since: T0 }, 1_000, "KeepWarm next=Some(601000)");
-        check_keep_alive(S::Warm { idle_since: T0 }, 600_999, "KeepWarm next=Some(601000)");
-        check_keep_alive(S::Warm { idle_since: T0 }, 601_000, "Purge next=Some(601000)");
-        check_keep_alive(S::Warm { idle_since: T0 }, 10_000_000, "Purge next=Some(601000)");
+        check_keep_alive(
+            S::Warm { idle_since: T0 },
+            1_000,
+            "KeepWarm next=Some(601000)",
+        );
+        check_keep_alive(
+            S::Warm { idle_since: T0 },
+            600_999,
+            "KeepWarm next=Some(601000)",
+        );
+        check_keep_alive(
+            S::Warm { idle_since: T0 },
+            601_000,
+            "Purge next=Some(601000)",
+        );
+        check_keep_alive(
+            S::Warm { idle_since: T0 },
+            10_000_000,
+            "Purge next=Some(601000)",
+        );
         // A clock that went backwards never purges early.
         check_keep_alive(S::Warm { idle_since: T0 }, 0, "KeepWarm next=Some(601000)");
-        check_keep_alive(S::Running { in_flight: 1 }, 10_000_000, "KeepWarm next=None");
+        check_keep_alive(
+            S::Running { in_flight: 1 },
+            10_000_000,
+            "KeepWarm next=None",
+        );
         check_keep_alive(S::Starting, 10_000_000, "KeepWarm next=None");
-        check_keep_alive(S::Warm { idle_since: Timestamp(u64::MAX - 1) }, 0, "KeepWarm next=Some(18446744073709551615)");
+        check_keep_alive(
+            S::Warm {
+                idle_since: Timestamp(u64::MAX - 1),
+            },
+            0,
+            "KeepWarm next=Some(18446744073709551615)",
+        );
     }
 
     fn v(key: u32, idle: u64, mb: u64) -> Victim<u32> {
-        Victim { key, idle_since: Timestamp(idle), memory: Bytes::mib(mb) }
+        Victim {
+            key,
+            idle_since: Timestamp(idle),
+            memory: Bytes::mib(mb),
+        }
     }
 
     fn check_admit(budget_mb: u64, used_mb: u64, need_mb: u64, idle: &[Victim<u32>], expect: &str) {
-        let got = format!("{:?}", admit(Bytes::mib(budget_mb), Bytes::mib(used_mb), Bytes::mib(need_mb), idle.iter().copied()));
-        assert_eq!(got, expect, "budget {budget_mb} used {used_mb} need {need_mb}");
+        let got = format!(
+            "{:?}",
+            admit(
+                Bytes::mib(budget_mb),
+                Bytes::mib(used_mb),
+                Bytes::mib(need_mb),
+                idle.iter().copied()
+            )
+        );
+        assert_eq!(
+            got, expect,
+            "budget {budget_mb} used {used_mb} need {need_mb}"
+        );
     }
 
     #[test]
@@ -460,8 +585,20 @@ mod tests {
         check_admit(1024, 1024, 2048, &[], "Reject");
         check_admit(1024, 900, 256, &[], "Wait");
         // Oldest idle first, only as many as needed.
-        check_admit(1024, 1000, 256, &[v(1, 50, 300), v(2, 10, 100), v(3, 30, 200)], "Evict([2, 3])");
-        check_admit(1024, 1000, 256, &[v(1, 50, 300), v(2, 10, 300)], "Evict([2])");
+        check_admit(
+            1024,
+            1000,
+            256,
+            &[v(1, 50, 300), v(2, 10, 100), v(3, 30, 200)],
+            "Evict([2, 3])",
+        );
+        check_admit(
+            1024,
+            1000,
+            256,
+            &[v(1, 50, 300), v(2, 10, 300)],
+            "Evict([2])",
+        );
         // Not enough idle memory: wait rather than evict uselessly.
         check_admit(1024, 1024, 256, &[v(1, 1, 100), v(2, 2, 100)], "Wait");
         check_admit(1024, 2000, 256, &[v(1, 1, 1000)], "Wait");

@@ -1,0 +1,92 @@
+//! Metric handles, registered once (per action or globally) so the invocation path only bumps
+//! atomics. The binary installs the recorder; it must do so before the controller is created.
+
+use medes_core::{ActionName, ActivationStatus, StartKind};
+use medes_policy::StateKind;
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+const KINDS: [StartKind; 4] = [
+    StartKind::Cold,
+    StartKind::Warm,
+    StartKind::Dedup,
+    StartKind::Template,
+];
+const STATUSES: [ActivationStatus; 4] = [
+    ActivationStatus::Success,
+    ActivationStatus::ApplicationError,
+    ActivationStatus::DeveloperError,
+    ActivationStatus::InternalError,
+];
+
+fn kind_idx(k: StartKind) -> usize {
+    match k {
+        StartKind::Cold => 0,
+        StartKind::Warm => 1,
+        StartKind::Dedup => 2,
+        StartKind::Template => 3,
+    }
+}
+
+fn status_label(s: ActivationStatus) -> &'static str {
+    match s {
+        ActivationStatus::Success => "success",
+        ActivationStatus::ApplicationError => "application_error",
+        ActivationStatus::DeveloperError => "developer_error",
+        ActivationStatus::InternalError => "internal_error",
+    }
+}
+
+/// Per-action counters and histograms.
+pub(crate) struct ActionMetrics {
+    invocations: [[Counter; 4]; 4],
+    duration: [Histogram; 4],
+}
+
+impl ActionMetrics {
+    pub(crate) fn new(action: &ActionName) -> Self {
+        let name = action.to_string();
+        let invocations = KINDS.map(|k| {
+            STATUSES.map(|s| {
+                counter!("medes_invocations_total", "action" => name.clone(), "start_kind" => k.as_str(), "status" => status_label(s))
+            })
+        });
+        let duration = KINDS.map(|k| {
+            histogram!("medes_invocation_duration_seconds", "action" => name.clone(), "start_kind" => k.as_str())
+        });
+        ActionMetrics {
+            invocations,
+            duration,
+        }
+    }
+
+    pub(crate) fn record(&self, kind: StartKind, status: ActivationStatus, seconds: f64) {
+        self.invocations[kind_idx(kind)][status.code() as usize].increment(1);
+        self.duration[kind_idx(kind)].record(seconds);
+    }
+}
+
+/// Node-wide metrics.
+pub(crate) struct GlobalMetrics {
+    start_latency: [Histogram; 4],
+    pub(crate) sandboxes: [Gauge; 4],
+    pub(crate) memory: [Gauge; 4],
+    pub(crate) evictions: Counter,
+    pub(crate) rejections: Counter,
+}
+
+impl GlobalMetrics {
+    pub(crate) fn new() -> Self {
+        GlobalMetrics {
+            start_latency: KINDS
+                .map(|k| histogram!("medes_start_latency_seconds", "start_kind" => k.as_str())),
+            sandboxes: StateKind::ALL.map(|s| gauge!("medes_sandboxes", "state" => s.as_str())),
+            memory: StateKind::ALL.map(|s| gauge!("medes_memory_bytes", "state" => s.as_str())),
+            evictions: counter!("medes_evictions_total"),
+            rejections: counter!("medes_admission_rejections_total"),
+        }
+    }
+
+    pub(crate) fn start_latency(&self, kind: StartKind, seconds: f64) {
+        self.start_latency[kind_idx(kind)].record(seconds);
+    }
+}

@@ -1,0 +1,512 @@
+//! Scheduling logic against a fake node agent, on tokio's paused clock (no root needed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use medes_agent::{
+    AgentError, Command, NodeAgent, NodeStatus, Reply, RunOutcome, RunReply, SandboxMemory,
+    SandboxStatus, SpawnReply, Stream,
+};
+use medes_core::{
+    Action, ActionName, ActivationId, ActivationStatus, Bytes, Code, Exec, InvokeError,
+    InvokeRequest, Invoker, Limits, Namespace, NodeId, SandboxId, StartKind,
+};
+use parking_lot::Mutex;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+/// A node agent that pretends: spawns take `spawn_ms`, runs do what their parameters say.
+#[derive(Clone)]
+struct Fake(Arc<FakeInner>);
+
+struct FakeInner {
+    spawn_ms: u64,
+    pss: u64,
+    live: Mutex<HashMap<SandboxId, ()>>,
+    log: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        Fake(Arc::new(FakeInner {
+            spawn_ms: 100,
+            pss: 20 << 20,
+            live: Mutex::new(HashMap::new()),
+            log: Mutex::new(Vec::new()),
+        }))
+    }
+    fn commands(&self, name: &str) -> usize {
+        self.0
+            .log
+            .lock()
+            .iter()
+            .filter(|c| c.starts_with(name))
+            .count()
+    }
+    fn log(&self) -> Vec<String> {
+        self.0.log.lock().clone()
+    }
+}
+
+impl NodeAgent for Fake {
+    fn execute(&self, cmd: Command) -> BoxFuture<'static, Result<Reply, AgentError>> {
+        let me = self.0.clone();
+        Box::pin(async move {
+            match cmd {
+                Command::Spawn(c) => {
+                    me.log
+                        .lock()
+                        .push(format!("spawn {} {}", c.sandbox, c.action.name));
+                    tokio::time::sleep(Duration::from_millis(me.spawn_ms)).await;
+                    if matches!(&c.code, Code::Source(s) if s.contains("syntax error")) {
+                        return Ok(Reply::Spawned(SpawnReply {
+                            init_error: Some(
+                                "Initialization has failed due to: SyntaxError".into(),
+                            ),
+                            start_ms: 1.0,
+                            init_ms: 1.0,
+                            logs: vec![(0, Stream::Stderr, "Traceback".into())],
+                        }));
+                    }
+                    me.live.lock().insert(c.sandbox, ());
+                    Ok(Reply::Spawned(SpawnReply {
+                        init_error: None,
+                        start_ms: 1.0,
+                        init_ms: 1.0,
+                        logs: vec![],
+                    }))
+                }
+                Command::Run(c) => {
+                    me.log.lock().push(format!("run {}", c.sandbox));
+                    if !me.live.lock().contains_key(&c.sandbox) {
+                        return Err(AgentError::UnknownSandbox(c.sandbox));
+                    }
+                    let sleep = c
+                        .params
+                        .get("sleep_ms")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(10);
+                    tokio::time::sleep(Duration::from_millis(sleep)).await;
+                    let outcome = match c.params.get("outcome").and_then(Value::as_str) {
+                        Some("exception") => {
+                            RunOutcome::ActionError("An error has occurred: boom".into())
+                        }
+                        Some("timeout") => RunOutcome::Timeout {
+                            limit_ms: c.timeout_ms,
+                        },
+                        Some("oom") => RunOutcome::OutOfMemory {
+                            limit: Bytes::mib(256),
+                        },
+                        Some("crash") => RunOutcome::Crashed("signal 9".into()),
+                        _ => RunOutcome::Returned(json!({ "env_id": c.env["__OW_ACTIVATION_ID"] })),
+                    };
+                    if outcome.sandbox_lost() {
+                        me.live.lock().remove(&c.sandbox);
+                    }
+                    Ok(Reply::Ran(RunReply {
+                        outcome,
+                        logs: vec![(0, Stream::Stdout, "hello".into())],
+                        main_ms: Some(sleep as f64),
+                    }))
+                }
+                Command::Purge { sandbox } => {
+                    me.log.lock().push(format!("purge {sandbox}"));
+                    match me.live.lock().remove(&sandbox) {
+                        Some(()) => Ok(Reply::Purged),
+                        None => Err(AgentError::UnknownSandbox(sandbox)),
+                    }
+                }
+                Command::Status => {
+                    let sandboxes = me
+                        .live
+                        .lock()
+                        .keys()
+                        .map(|id| SandboxStatus {
+                            id: id.clone(),
+                            alive: true,
+                            memory: Some(SandboxMemory {
+                                pss: Bytes(me.pss),
+                                rss: Bytes(me.pss),
+                                cgroup_usage: Bytes(me.pss),
+                            }),
+                        })
+                        .collect();
+                    Ok(Reply::Status(NodeStatus {
+                        node: NodeId("n0".into()),
+                        sandboxes,
+                    }))
+                }
+            }
+        })
+    }
+}
+
+fn action(name: &str, version: &str, memory_mb: u64, concurrency: u32) -> Arc<Action> {
+    Arc::new(Action {
+        name: ActionName {
+            namespace: Namespace("guest".into()),
+            name: name.into(),
+        },
+        version: version.into(),
+        exec: Exec {
+            kind: "python:3".into(),
+            code: Code::Source("def main(args): return args".into()),
+            main: "main".into(),
+        },
+        parameters: Map::new(),
+        annotations: vec![],
+        limits: Limits {
+            timeout_ms: 1_000,
+            memory_mb,
+            concurrency,
+            logs_kb: 10,
+        },
+        publish: false,
+        updated: 0,
+    })
+}
+
+fn request(a: &Arc<Action>, params: Value) -> InvokeRequest {
+    InvokeRequest {
+        id: ActivationId::random(),
+        action: a.clone(),
+        params: params.as_object().cloned().unwrap_or_default(),
+        subject: "tester".into(),
+        api_key: "u:k".into(),
+        arrived: unix_now(),
+    }
+}
+
+fn setup(budget_mb: u64) -> (Arc<Controller>, Fake) {
+    let fake = Fake::new();
+    let cfg = ControllerConfig {
+        node_memory_budget_mb: budget_mb,
+        memory_refresh_ms: 1_000,
+        ..Default::default()
+    };
+    let ctl = Controller::new(
+        cfg,
+        vec![(NodeId("n0".into()), Arc::new(fake.clone()) as _)],
+    );
+    (ctl, fake)
+}
+
+fn states(ctl: &Controller) -> String {
+    ctl.sandboxes()
+        .iter()
+        .map(|s| s.state.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test(start_paused = true)]
+async fn cold_then_warm_start() {
+    let (ctl, fake) = setup(1024);
+    let a = action("hello", "0.0.1", 256, 1);
+    let r = request(&a, json!({}));
+    let id = r.id.clone();
+    let first = ctl.invoke(r).await.unwrap();
+    assert_eq!(first.start_kind, StartKind::Cold);
+    assert!(
+        first.init_time_ms.unwrap() >= 100,
+        "{:?}",
+        first.init_time_ms
+    );
+    assert_eq!(first.response.status, ActivationStatus::Success);
+    assert_eq!(first.response.result, json!({"env_id": id.0}));
+    assert_eq!(first.logs.len(), 1);
+    assert!(
+        first.logs[0].ends_with("Z stdout: hello"),
+        "{:?}",
+        first.logs
+    );
+    assert_eq!(first.node, Some(NodeId("n0".into())));
+    assert_eq!(states(&ctl), "warm");
+
+    let second = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(second.start_kind, StartKind::Warm);
+    assert_eq!(second.init_time_ms, None);
+    assert_eq!(fake.commands("spawn"), 1);
+    assert_eq!(fake.commands("run"), 2);
+    // Admission charged the limit; nothing measured yet.
+    assert_eq!(ctl.memory_used(), vec![Bytes::mib(256)]);
+    ctl.refresh_memory().await;
+    assert_eq!(ctl.memory_used(), vec![Bytes(20 << 20)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn busy_sandboxes_cause_cold_starts_and_concurrency_packs() {
+    let (ctl, fake) = setup(4096);
+    let a = action("slow", "1", 128, 1);
+    let runs: Vec<_> = (0..3)
+        .map(|_| ctl.invoke(request(&a, json!({"sleep_ms": 500}))))
+        .collect();
+    let acts = futures::future::join_all(runs).await;
+    assert!(
+        acts.iter()
+            .all(|r| r.as_ref().unwrap().start_kind == StartKind::Cold)
+    );
+    assert_eq!(fake.commands("spawn"), 3);
+    assert_eq!(states(&ctl), "warm,warm,warm");
+
+    // Concurrency 3: once one sandbox runs, two more invocations share it.
+    let b = action("conc", "1", 128, 3);
+    let first = ctl.invoke(request(&b, json!({"sleep_ms": 1000})));
+    tokio::time::sleep(Duration::from_millis(300)).await; // cold start done, run in progress
+    let more: Vec<_> = (0..2)
+        .map(|_| ctl.invoke(request(&b, json!({"sleep_ms": 100}))))
+        .collect();
+    let more = futures::future::join_all(more).await;
+    assert!(
+        more.iter()
+            .all(|r| r.as_ref().unwrap().start_kind == StartKind::Warm)
+    );
+    assert_eq!(first.await.unwrap().start_kind, StartKind::Cold);
+    assert_eq!(fake.commands("spawn"), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lru_idle_sandbox_is_evicted_for_a_cold_start() {
+    let (ctl, fake) = setup(512);
+    let a = action("a", "1", 256, 1);
+    let b = action("b", "1", 256, 1);
+    let c = action("c", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctl.invoke(request(&b, json!({}))).await.unwrap();
+    let a_id = ctl
+        .sandboxes()
+        .into_iter()
+        .find(|s| s.action.name == "a")
+        .unwrap()
+        .id;
+    let act = ctl.invoke(request(&c, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert!(
+        fake.log().contains(&format!("purge {a_id}")),
+        "{:?}",
+        fake.log()
+    );
+    let names: Vec<String> = ctl.sandboxes().into_iter().map(|s| s.action.name).collect();
+    assert_eq!(names.len(), 2);
+    assert!(
+        names.contains(&"b".to_string()) && names.contains(&"c".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(ctl.evictions(), 1);
+    assert!(ctl.memory_used()[0] <= Bytes::mib(512));
+}
+
+#[tokio::test(start_paused = true)]
+async fn admission_waits_then_takes_a_freed_sandbox() {
+    let (ctl, fake) = setup(512);
+    let a = action("a", "1", 256, 1);
+    let long: Vec<_> = (0..2)
+        .map(|_| ctl.invoke(request(&a, json!({"sleep_ms": 3000}))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No room and nothing idle: waits until one of the two finishes, then runs warm in it.
+    let t0 = tokio::time::Instant::now();
+    let waited = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(waited.start_kind, StartKind::Warm);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2_800),
+        "{:?}",
+        t0.elapsed()
+    );
+    for r in futures::future::join_all(long).await {
+        assert_eq!(r.unwrap().start_kind, StartKind::Cold);
+    }
+    assert_eq!(fake.commands("spawn"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn admission_gives_up_with_no_capacity() {
+    let (ctl, _fake) = setup(512);
+    let mut a = (*action("a", "1", 256, 1)).clone();
+    a.limits.timeout_ms = 60_000;
+    let a = Arc::new(a);
+    let b = action("b", "1", 256, 1);
+    let long: Vec<_> = (0..2)
+        .map(|_| ctl.invoke(request(&a, json!({"sleep_ms": 30_000}))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = tokio::time::Instant::now();
+    let err = ctl.invoke(request(&b, json!({}))).await.unwrap_err();
+    assert!(matches!(err, InvokeError::NoCapacity(_)), "{err:?}");
+    assert!(err.to_string().contains("within 10000 ms"), "{err}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
+    // An action that can never fit is rejected at once.
+    let huge = action("huge", "1", 1024, 1);
+    assert!(matches!(
+        ctl.invoke(request(&huge, json!({}))).await,
+        Err(InvokeError::Rejected(_))
+    ));
+    drop(long);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_cold_starts_are_fifo_and_evict_when_room_appears() {
+    let (ctl, fake) = setup(512);
+    let a = action("a", "1", 256, 1);
+    let b = action("b", "1", 256, 1);
+    let long: Vec<_> = (0..2)
+        .map(|_| ctl.invoke(request(&a, json!({"sleep_ms": 2000}))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // b waits; when a's runs end, their sandboxes go idle and the LRU one is evicted for b.
+    let act = ctl.invoke(request(&b, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(fake.commands("purge"), 1);
+    futures::future::join_all(long).await;
+    assert!(ctl.memory_used()[0] <= Bytes::mib(512));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keep_alive_expiry_destroys_idle_sandboxes() {
+    let (ctl, fake) = setup(1024);
+    let stop = CancellationToken::new();
+    let timers = tokio::spawn(ctl.clone().run_timers(stop.clone()));
+    let a = action("a", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(599)).await;
+    assert_eq!(states(&ctl), "warm");
+    // A warm start resets the idle clock.
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Warm
+    );
+    tokio::time::sleep(Duration::from_secs(599)).await;
+    assert_eq!(states(&ctl), "warm");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(states(&ctl), "");
+    assert_eq!(fake.commands("purge"), 1);
+    assert_eq!(ctl.memory_used(), vec![Bytes(0)]);
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Cold
+    );
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+fn check_failure(outcome: &str, expect: &str, next_start: StartKind) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (ctl, _fake) = setup(1024);
+        let a = action("f", "1", 256, 1);
+        ctl.invoke(request(&a, json!({}))).await.unwrap();
+        let act = ctl
+            .invoke(request(&a, json!({"outcome": outcome})))
+            .await
+            .unwrap();
+        let got = format!(
+            "{} {} timeout={}",
+            act.response.status.as_str(),
+            act.response.result,
+            act.timeout
+        );
+        assert_eq!(got, expect, "{outcome}");
+        let next = ctl.invoke(request(&a, json!({}))).await.unwrap();
+        assert_eq!(next.start_kind, next_start, "{outcome}");
+        assert_eq!(next.response.status, ActivationStatus::Success);
+        assert_eq!(ctl.sandboxes().len(), 1, "{outcome}");
+    });
+}
+
+#[test]
+fn failures_map_to_activations_and_broken_sandboxes_are_replaced() {
+    check_failure(
+        "exception",
+        r#"action developer error {"error":"An error has occurred: boom"} timeout=false"#,
+        StartKind::Warm,
+    );
+    check_failure(
+        "timeout",
+        r#"action developer error {"error":"The action exceeded its time limits of 1000 milliseconds."} timeout=true"#,
+        StartKind::Cold,
+    );
+    check_failure(
+        "oom",
+        r#"action developer error {"error":"The action exhausted its memory and was aborted."} timeout=false"#,
+        StartKind::Cold,
+    );
+    check_failure(
+        "crash",
+        r#"action developer error {"error":"The action did not produce a valid response and exited unexpectedly."} timeout=false"#,
+        StartKind::Cold,
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn init_failure_is_a_developer_error_and_frees_memory() {
+    let (ctl, _fake) = setup(1024);
+    let mut a = (*action("bad", "1", 256, 1)).clone();
+    a.exec.code = Code::Source("syntax error here".into());
+    let a = Arc::new(a);
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(act.response.status, ActivationStatus::DeveloperError);
+    assert_eq!(
+        act.response.result,
+        json!({"error": "Initialization has failed due to: SyntaxError"})
+    );
+    assert!(act.logs[0].ends_with("stderr: Traceback"), "{:?}", act.logs);
+    assert!(ctl.sandboxes().is_empty());
+    assert_eq!(ctl.memory_used(), vec![Bytes(0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn action_update_retires_old_sandboxes() {
+    let (ctl, fake) = setup(1024);
+    let v1 = action("u", "0.0.1", 256, 1);
+    ctl.invoke(request(&v1, json!({}))).await.unwrap();
+    // One busy old-version sandbox too.
+    let busy = ctl.invoke(request(&v1, json!({"sleep_ms": 1000})));
+    let busy = tokio::spawn(busy);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let idle_busy = ctl.invoke(request(&v1, json!({"sleep_ms": 1000})));
+    let idle_busy = tokio::spawn(idle_busy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(states(&ctl), "running,running");
+    ctl.action_changed(&v1.name);
+    let v2 = action("u", "0.0.2", 256, 1);
+    let act = ctl.invoke(request(&v2, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    busy.await.unwrap().unwrap();
+    idle_busy.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Old sandboxes were purged after their runs; the new version's stays.
+    let left = ctl.sandboxes();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].version, "0.0.2");
+    assert_eq!(fake.commands("purge"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_destroys_everything_and_refuses_work() {
+    let (ctl, fake) = setup(1024);
+    let a = action("a", "1", 256, 1);
+    let b = action("b", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    ctl.invoke(request(&b, json!({}))).await.unwrap();
+    ctl.shutdown().await;
+    assert!(ctl.sandboxes().is_empty());
+    assert_eq!(fake.commands("purge"), 2);
+    assert!(matches!(
+        ctl.invoke(request(&a, json!({}))).await,
+        Err(InvokeError::ShuttingDown)
+    ));
+}
