@@ -348,21 +348,17 @@ pub async fn replay(
         };
         let client = client.clone();
         let tx = tx.clone();
-        let function = e.function.clone();
-        let params = e.params.clone().unwrap_or_default();
-        let (scheduled_ms, wait) = (e.time_ms, opts.accepted_wait);
+        let job = Job {
+            idx,
+            function: e.function.clone(),
+            scheduled_ms: e.time_ms,
+            target_ms,
+            params: e.params.clone().unwrap_or_default(),
+            start,
+            accepted_wait: opts.accepted_wait,
+        };
         tokio::spawn(async move {
-            let rec = fire(
-                client,
-                idx,
-                function,
-                scheduled_ms,
-                target_ms,
-                params,
-                start,
-                wait,
-            )
-            .await;
+            let rec = fire(client, job).await;
             drop(permit);
             let _ = tx.send(rec);
         });
