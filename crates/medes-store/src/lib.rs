@@ -441,9 +441,12 @@ impl Store {
     /// Queues an activation for the writer thread; blocks while the queue is full
     /// (backpressure). It is readable by [`Store::get_activation`] at once and listed once its
     /// batch is committed.
-    pub fn record_activation(&self, activation: Activation) -> Result<(), WriteError> {
+    pub fn record_activation(
+        &self,
+        activation: impl Into<Arc<Activation>>,
+    ) -> Result<(), WriteError> {
         let tx = self.tx.as_ref().ok_or(WriteError::WriterStopped)?;
-        let a = self.add_pending(activation);
+        let a = self.add_pending(activation.into());
         tx.send(WriterMsg::Record(a.clone())).map_err(|_| {
             self.inner.pending.lock().remove(&a.id.0);
             WriteError::WriterStopped
@@ -453,29 +456,27 @@ impl Store {
     /// Like [`Store::record_activation`] but never blocks: if the queue is full the activation
     /// is handed back in `Err(Ok(activation))` (call [`Store::record_activation`] from a
     /// blocking context); `Err(Err(_))` if the writer has stopped.
-    #[allow(clippy::result_large_err)]
     pub fn try_record_activation(
         &self,
-        activation: Activation,
-    ) -> Result<(), Result<Activation, WriteError>> {
+        activation: impl Into<Arc<Activation>>,
+    ) -> Result<(), Result<Arc<Activation>, WriteError>> {
         let tx = self.tx.as_ref().ok_or(Err(WriteError::WriterStopped))?;
-        let a = self.add_pending(activation);
+        let a = self.add_pending(activation.into());
         match tx.try_send(WriterMsg::Record(a)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(WriterMsg::Record(a)))
-            | Err(TrySendError::Disconnected(WriterMsg::Record(a))) => {
+            Err(TrySendError::Full(WriterMsg::Record(a))) => {
                 self.inner.pending.lock().remove(&a.id.0);
-                if self.writer.as_ref().is_some_and(|w| w.is_finished()) {
-                    return Err(Err(WriteError::WriterStopped));
-                }
-                Err(Ok(Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone())))
+                Err(Ok(a))
+            }
+            Err(TrySendError::Disconnected(WriterMsg::Record(a))) => {
+                self.inner.pending.lock().remove(&a.id.0);
+                Err(Err(WriteError::WriterStopped))
             }
             Err(_) => Err(Err(WriteError::WriterStopped)),
         }
     }
 
-    fn add_pending(&self, activation: Activation) -> Arc<Activation> {
-        let a = Arc::new(activation);
+    fn add_pending(&self, a: Arc<Activation>) -> Arc<Activation> {
         self.inner.pending.lock().insert(a.id.0.clone(), a.clone());
         a
     }
