@@ -2,7 +2,7 @@
 
 Runs as PID 1 of a medes sandbox. The agent hands over a listening Unix stream socket as fd 3
 (``MEDES_LISTEN_FD``); one request per connection: the agent writes one JSON object and shuts down
-its write side, the runtime answers with one JSON object and closes the connection.
+its write side, the runtime answers with one JSON object on one line and closes the connection.
 
 Operations (field ``op``):
   ping                     -> {"ok": true, "pid": ...}
@@ -236,7 +236,34 @@ def recv_all(conn):
         chunks.append(b)
 
 
+OPEN_CONNS = set()
+OPEN_LOCK = threading.Lock()
+
+
+def _forget_conns_in_child():
+    """A child forked during a request (e.g. a multiprocessing pool created in init) must not
+    keep the agent's connection open: the agent would wait for EOF, and CRIU would find a
+    socket whose peer is gone. The fd numbers stay taken (pointed at /dev/null) so stale socket
+    objects cannot close an unrelated fd later."""
+    if not OPEN_CONNS:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in list(OPEN_CONNS):
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+    OPEN_CONNS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_conns_in_child)
+
+
 def serve_conn(rt, conn):
+    fd = conn.fileno()
+    with OPEN_LOCK:
+        OPEN_CONNS.add(fd)
     try:
         with conn:
             try:
@@ -250,9 +277,12 @@ def serve_conn(rt, conn):
                     reply = handler(req)
             except Exception as e:  # noqa: BLE001
                 reply = {"protocol_error": exc_line(e)}
-            conn.sendall(json.dumps(reply, separators=(",", ":")).encode())
+            conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+            with OPEN_LOCK:
+                OPEN_CONNS.discard(fd)
     except OSError:
-        pass
+        with OPEN_LOCK:
+            OPEN_CONNS.discard(fd)
 
 
 def main():

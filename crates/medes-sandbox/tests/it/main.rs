@@ -146,3 +146,243 @@ async fn checkpoint_and_two_restores_side_by_side() {
     c1.destroy().await.expect("destroy");
     c2.destroy().await.expect("destroy");
 }
+
+const ERRORS: &str = r#"
+def main(args):
+    kind = args.get("kind")
+    if kind == "raise":
+        raise ValueError("boom")
+    if kind == "list":
+        return [1, 2]
+    if kind == "exit":
+        raise SystemExit(3)
+    return {"ok": True}
+"#;
+
+#[tokio::test]
+async fn action_errors_are_replies_and_the_sandbox_survives() {
+    let Some(cfg) = config() else { return };
+    let a = action(ERRORS);
+    let sb = started(&cfg, "errors", &a.path, 128).await;
+    let r = sb.run(run_req(json!({"kind": "raise"}))).await.expect("run");
+    assert_eq!(r.error.as_deref(), Some("An error has occurred: ValueError: boom"));
+    assert!(r.logs.iter().any(|l| l.1 == Stream::Stderr && l.2.contains("Traceback")), "{:?}", r.logs);
+    let r = sb.run(run_req(json!({"kind": "list"}))).await.expect("run");
+    assert_eq!(r.error.as_deref(), Some("The action did not return a dictionary."));
+    let r = sb.run(run_req(json!({"kind": "exit"}))).await.expect("run");
+    assert!(r.error.is_some());
+    let r = sb.run(run_req(json!({}))).await.expect("run");
+    assert_eq!(r.result, json!({"ok": true}));
+    assert!(sb.is_alive());
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test]
+async fn init_errors_are_reported() {
+    let Some(cfg) = config() else { return };
+    let a = action("def main(args):\n    return {\n");
+    let sb = Sandbox::start(&cfg, spec("syntax", &a.path, 128)).await.expect("start");
+    let init = sb.init(InitRequest { main: "main".into() }).await.expect("init");
+    assert!(!init.ok);
+    assert!(init.error.as_deref().unwrap_or("").contains("SyntaxError"), "{:?}", init.error);
+    sb.destroy().await.expect("destroy");
+    let a = action("def handler(args):\n    return {'h': 1}\n");
+    let sb = Sandbox::start(&cfg, spec("entry", &a.path, 128)).await.expect("start");
+    let init = sb.init(InitRequest { main: "main".into() }).await.expect("init");
+    assert!(!init.ok, "main does not exist");
+    sb.destroy().await.expect("destroy");
+    let sb = Sandbox::start(&cfg, spec("entry2", &a.path, 128)).await.expect("start");
+    let init = sb.init(InitRequest { main: "handler".into() }).await.expect("init");
+    assert!(init.ok);
+    let r = sb.run(run_req(json!({}))).await.expect("run");
+    assert_eq!(r.result, json!({"h": 1}));
+    sb.destroy().await.expect("destroy");
+}
+
+const ISOLATION: &str = r#"
+import os, socket
+def main(args):
+    try:
+        open("/action/x", "w").write("x")
+        action_writable = True
+    except OSError:
+        action_writable = False
+    try:
+        open("/usr/x", "w").write("x")
+        usr_writable = True
+    except OSError:
+        usr_writable = False
+    status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
+    procs = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    open("/tmp/scratch", "w").write("ok")
+    return {
+        "pid": os.getpid(), "procs": procs, "uid": os.getuid(), "gid": os.getgid(),
+        "cap_eff": status["CapEff"].strip(), "cap_bnd": status["CapBnd"].strip(),
+        "no_new_privs": status["NoNewPrivs"].strip(),
+        "action_writable": action_writable, "usr_writable": usr_writable,
+        "hostname": socket.gethostname(), "root": sorted(os.listdir("/")),
+        "ifaces": sorted(n for _, n in socket.if_nameindex()),
+        "route": open("/proc/net/route").read(),
+        "shm": os.path.isdir("/dev/shm"), "sid": os.getsid(0),
+    }
+"#;
+
+#[tokio::test]
+async fn isolation_pid1_unprivileged_readonly_own_hostname() {
+    let Some(cfg) = config() else { return };
+    let a = action(ISOLATION);
+    let sb = started(&cfg, "iso", &a.path, 128).await;
+    let r = sb.run(run_req(json!({}))).await.expect("run");
+    let v = &r.result;
+    assert_eq!(r.error, None, "{:?}", r.logs);
+    assert_eq!(v["pid"], 1, "runtime is PID 1 of its namespace");
+    assert_eq!(v["sid"], 1, "and a session leader");
+    assert_eq!(v["procs"], json!([1]), "no other process visible");
+    assert_eq!(v["uid"], cfg.uid);
+    assert_eq!(v["gid"], cfg.gid);
+    assert_eq!(v["cap_eff"], "0000000000000000");
+    assert_eq!(v["cap_bnd"], "0000000000000000");
+    assert_eq!(v["no_new_privs"], "1");
+    assert_eq!(v["action_writable"], false);
+    assert_eq!(v["usr_writable"], false);
+    assert_eq!(v["shm"], true);
+    let host = nix::unistd::gethostname().expect("hostname").into_string().expect("utf8");
+    assert_ne!(v["hostname"], host.as_str());
+    assert!(v["hostname"].as_str().unwrap_or("").starts_with("sb-"));
+    let root: Vec<&str> = v["root"].as_array().expect("list").iter().filter_map(|x| x.as_str()).collect();
+    assert!(!root.contains(&"home") && !root.contains(&"root") && !root.contains(&"var"), "{root:?}");
+    // Outbound mode: eth0 with a default route (destination 00000000).
+    assert!(v["ifaces"].as_array().expect("list").contains(&json!("eth0")), "{v}");
+    assert!(v["route"].as_str().unwrap_or("").contains("eth0\t00000000"), "{}", v["route"]);
+    sb.destroy().await.expect("destroy");
+
+    let iso = SandboxConfig { network: NetworkMode::Isolated, ..cfg.clone() };
+    let sb = started(&iso, "isonet", &a.path, 128).await;
+    let r = sb.run(run_req(json!({}))).await.expect("run");
+    assert_eq!(r.result["ifaces"], json!(["lo"]));
+    sb.destroy().await.expect("destroy");
+}
+
+const OUTBOUND: &str = r#"
+import socket
+def main(args):
+    s = socket.create_connection((args["host"], args["port"]), timeout=3)
+    s.close()
+    return {"connected": True}
+"#;
+
+#[tokio::test]
+async fn outbound_network_reaches_the_host_network() {
+    let Some(cfg) = config() else { return };
+    // A listener on the host's primary address (not loopback, not the veth): reached via NAT.
+    let out = std::process::Command::new("ip").args(["-4", "route", "get", "1.1.1.1"]).output();
+    let src = out.ok().and_then(|o| {
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        let mut it = s.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == "src" {
+                return it.next().map(str::to_string);
+            }
+        }
+        None
+    });
+    let Some(src) = src else {
+        eprintln!("skipping outbound test: host has no default route");
+        return;
+    };
+    let l = std::net::TcpListener::bind((src.as_str(), 0)).expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let a = action(OUTBOUND);
+    let sb = started(&cfg, "out", &a.path, 128).await;
+    let r = sb.run(run_req(json!({"host": src, "port": port}))).await.expect("run");
+    // The host's input chain drops new connections from sandboxes to the host itself.
+    assert!(r.error.is_some(), "sandbox must not reach host services: {:?}", r.result);
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test]
+async fn memory_limit_kills_with_out_of_memory() {
+    let Some(cfg) = config() else { return };
+    let a = action("def main(args):\n    x = bytearray(args['mb'] * 1024 * 1024)\n    return {'n': len(x)}\n");
+    let sb = started(&cfg, "oom", &a.path, 64).await;
+    let r = sb.run(run_req(json!({"mb": 8}))).await.expect("small allocation");
+    assert_eq!(r.result["n"], 8 * 1024 * 1024);
+    let e = sb.run(run_req(json!({"mb": 200}))).await.expect_err("must fail");
+    assert!(matches!(e, RunError::OutOfMemory { .. }), "{e:?}");
+    assert!(!sb.is_alive());
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test]
+async fn timeout_kills_the_sandbox() {
+    let Some(cfg) = config() else { return };
+    let a = action("import time\ndef main(args):\n    time.sleep(30)\n    return {}\n");
+    let sb = started(&cfg, "timeout", &a.path, 64).await;
+    let mut req = run_req(json!({}));
+    req.timeout = Duration::from_millis(300);
+    let t0 = std::time::Instant::now();
+    let e = sb.run(req).await.expect_err("must time out");
+    assert!(matches!(e, RunError::Timeout { .. }), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!sb.is_alive());
+    assert!(matches!(sb.run(run_req(json!({}))).await, Err(RunError::NotRunning)));
+    sb.destroy().await.expect("destroy");
+}
+
+const POOL: &str = r#"
+import multiprocessing as mp
+def square(x):
+    return x * x
+pool = mp.Pool(2)  # at import time: the workers exist when the sandbox is checkpointed
+def main(args):
+    n = args.get("n", 10)
+    return {"sum": sum(pool.map(square, range(n)))}
+"#;
+
+#[tokio::test]
+async fn multiprocessing_pool_survives_checkpoint_restore() {
+    let Some(cfg) = config() else { return };
+    let a = action(POOL);
+    let sb = started(&cfg, "pool", &a.path, 256).await;
+    let r = sb.run(run_req(json!({"n": 100}))).await.expect("run");
+    assert_eq!(r.result["sum"], 328350, "{:?} {:?}", r.error, r.logs);
+    let images = tempfile::tempdir().expect("tempdir");
+    let info = sb.checkpoint(images.path(), CheckpointMode::Stop).await.expect("dump");
+    eprintln!("pool dump (stop): {:.1} ms, pages {}", info.dump_ms, info.page_image_bytes);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!sb.is_alive(), "Stop mode kills the original");
+    sb.destroy().await.expect("destroy");
+    let c = Sandbox::restore(&cfg, spec("poolr", &a.path, 256), images.path()).await.expect("restore");
+    let r = c.run(run_req(json!({"n": 10}))).await.expect("run restored");
+    assert_eq!(r.result["sum"], 285);
+    c.destroy().await.expect("destroy");
+}
+
+#[tokio::test]
+async fn bad_specs_and_images_are_rejected() {
+    let Some(cfg) = config() else { return };
+    let a = action(HELLO);
+    let mut s = spec("x", &a.path, 64);
+    s.id = SandboxId("../evil".into());
+    assert!(matches!(Sandbox::start(&cfg, s).await, Err(StartError::InvalidSpec { .. })));
+    let s = spec("nodir", Path::new("/nonexistent/code"), 64);
+    assert!(matches!(Sandbox::start(&cfg, s).await, Err(StartError::InvalidSpec { .. })));
+    let empty = tempfile::tempdir().expect("tempdir");
+    let r = Sandbox::restore(&cfg, spec("noimg", &a.path, 64), empty.path()).await;
+    assert!(matches!(r, Err(RestoreError::BadImage { .. })), "{r:?}");
+    // A truncated pages file is caught before CRIU runs (CRIU would hang on it).
+    let sb = started(&cfg, "trunc", &a.path, 128).await;
+    let images = tempfile::tempdir().expect("tempdir");
+    sb.checkpoint(images.path(), CheckpointMode::LeaveRunning).await.expect("dump");
+    sb.destroy().await.expect("destroy");
+    let pages = std::fs::read_dir(images.path())
+        .expect("ls")
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .expect("pages image");
+    let f = std::fs::OpenOptions::new().write(true).open(pages.path()).expect("open");
+    f.set_len(4096).expect("truncate");
+    let r = Sandbox::restore(&cfg, spec("trunc2", &a.path, 64), images.path()).await;
+    assert!(matches!(r, Err(RestoreError::BadImage { .. })), "{r:?}");
+}
