@@ -7,7 +7,8 @@
 # session leader, stdio on /dev/null, no terminal), cold-started independently, warmed with one
 # invocation, then dumped with `criu dump` into OUT_DIR/<function>-<i>/ (the process is killed by
 # the dump). With --no-aslr the runtime is started under `setarch -R` and PYTHONHASHSEED=0
-# (like-for-like with the paper). Needs root and CRIU. Put OUT_DIR on tmpfs (/dev/shm).
+# (like-for-like with the paper). Inputs are deterministic (seeded), like functions/. Needs root
+# and CRIU. Put OUT_DIR on tmpfs (/dev/shm).
 set -euo pipefail
 
 OUT=${1:?usage: make-dumps.sh OUT_DIR [N] [--no-aslr] [FUNCTIONS...]}
@@ -31,10 +32,10 @@ code_for() {
 d = {"k%d" % i: [i, str(i), {"x": i * 1.5}] for i in range(2000)}
 s = json.dumps(d); json.loads(s)' ;;
     numpy) echo 'import numpy as np
-a = np.random.rand(256, 256); b = a @ a.T; np.linalg.svd(b[:64, :64])' ;;
+a = np.random.default_rng(0).random((256, 256)); b = a @ a.T; np.linalg.svd(b[:64, :64])' ;;
     pillow) echo 'import numpy as np
 from PIL import Image, ImageFilter
-img = Image.fromarray((np.random.rand(256, 256, 3) * 255).astype("uint8"))
+img = Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype("uint8"))
 img = img.filter(ImageFilter.BLUR).resize((128, 128)).rotate(30)' ;;
     sklearn) echo 'import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer

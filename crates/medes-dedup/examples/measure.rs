@@ -36,7 +36,10 @@ fn variant(name: &str) -> (DedupConfig, bool) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().ok_or("usage: measure DUMPS_DIR [variant...]")?);
+    let dir = PathBuf::from(
+        args.first()
+            .ok_or("usage: measure DUMPS_DIR [variant...]")?,
+    );
     let json = args.iter().any(|a| a == "--json");
     let aslr = !args.iter().any(|a| a == "--aslr-off");
     let mut variants: Vec<&str> = args[1..]

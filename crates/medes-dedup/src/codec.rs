@@ -182,7 +182,10 @@ pub fn sparse_decode(data: &[u8], base: &Page, out: &mut Page) -> Result<(), Dec
         let skip = get_varint(data, &mut at).ok_or(bad.clone())?;
         let len = get_varint(data, &mut at).ok_or(bad.clone())?;
         pos = pos.checked_add(skip).ok_or(bad.clone())?;
-        let end = pos.checked_add(len).filter(|&e| e <= PAGE).ok_or(bad.clone())?;
+        let end = pos
+            .checked_add(len)
+            .filter(|&e| e <= PAGE)
+            .ok_or(bad.clone())?;
         let src = data.get(at..at + len).ok_or(bad.clone())?;
         out[pos..end].copy_from_slice(src);
         at += len;
@@ -239,12 +242,9 @@ impl Encoder {
             }
             if cfg.zstd_ref {
                 self.buf.clear();
-                let r = self.cctx.compress_using_dict(
-                    &mut self.buf,
-                    target,
-                    base,
-                    cfg.zstd_ref_level,
-                );
+                let r =
+                    self.cctx
+                        .compress_using_dict(&mut self.buf, target, base, cfg.zstd_ref_level);
                 if r.is_ok()
                     && self.buf.len() < limit
                     && self.buf.len().saturating_add(cfg.zref_min_gain) <= sparse_len

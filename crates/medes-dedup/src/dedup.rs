@@ -219,7 +219,9 @@ pub fn dedup(
             .collect(),
         ..Default::default()
     };
-    store.blob.reserve(encoded.iter().map(|e| e.data.len()).sum());
+    store
+        .blob
+        .reserve(encoded.iter().map(|e| e.data.len()).sum());
     store.pages.reserve(encoded.len());
     for (i, e) in encoded.into_iter().enumerate() {
         let (base_slot, base_page) = match e.base {

@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::PAGE;
 use crate::dedup::{DedupConfig, DedupError, dedup, register_base};
 use crate::image::{DumpImage, LocalBases, OpenDumpError};
 use crate::rebuild::{RebuildError, rebuild_into};
 use crate::registry::{AddBaseError, BaseId, BaseMeta, Registry, RegistryStats};
 use crate::store::{DedupStore, LoadStoreError, WriteStoreError};
-use crate::PAGE;
 
 const MB: f64 = 1e6;
 
@@ -186,11 +186,9 @@ pub fn evaluate(
             function: name.clone(),
             node: dcfg.local_node,
         };
-        register_base(&registry, id, meta, &dump, dcfg).map_err(|source| {
-            EvalError::Register {
-                path: path.clone(),
-                source,
-            }
+        register_base(&registry, id, meta, &dump, dcfg).map_err(|source| EvalError::Register {
+            path: path.clone(),
+            source,
         })?;
         base_fn.insert(id.0, name.clone());
         base_mb.insert(name.clone(), dump.pages_bytes() as f64 / MB);
@@ -205,12 +203,11 @@ pub fn evaluate(
         let dump = open(path)?;
         let store_path = cfg.store_dir.join(format!("eval-{k}.medes"));
         let t0 = Instant::now();
-        let (store, stats) = dedup(&dump, &registry, &local, dcfg).map_err(|source| {
-            EvalError::Dedup {
+        let (store, stats) =
+            dedup(&dump, &registry, &local, dcfg).map_err(|source| EvalError::Dedup {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let stored = store.write(&store_path)?;
         let dedup_ms = t0.elapsed().as_secs_f64() * 1e3;
         drop(store);

@@ -209,14 +209,21 @@ mod tests {
         let mut q = Box::new([0u8; PAGE]);
         q[40..].copy_from_slice(&p[..PAGE - 40]);
         let fq = fingerprint(&q, &cfg);
-        let shared = fp.chunks().iter().filter(|c| fq.chunks().contains(c)).count();
+        let shared = fp
+            .chunks()
+            .iter()
+            .filter(|c| fq.chunks().contains(c))
+            .count();
         assert!(shared >= 3, "shared {shared}");
         assert_ne!(fp.page_hash, fq.page_hash);
     }
 
     #[test]
     fn chunks_are_hashes_of_windows_inside_the_page() {
-        let cfg = FingerprintConfig { k: 16, mask_bits: 3 };
+        let cfg = FingerprintConfig {
+            k: 16,
+            mask_bits: 3,
+        };
         let p = page_from(3);
         let fp = fingerprint(&p, &cfg);
         for c in fp.chunks() {

@@ -52,8 +52,7 @@ pub use image::{BasePageError, BasePages, DumpImage, LocalBases, OpenDumpError};
 pub use rebase::MappingTable;
 pub use rebuild::{RebuildError, rebuild_dir, rebuild_into, rebuild_pages};
 pub use registry::{
-    AddBaseError, BaseId, BaseMeta, BaseRefError, Choice, NodeId, PageRef, Registry,
-    RegistryStats,
+    AddBaseError, BaseId, BaseMeta, BaseRefError, Choice, NodeId, PageRef, Registry, RegistryStats,
 };
 pub use store::{DedupStore, LoadStoreError, PageEntry, StoredProcess, WriteStoreError};
 

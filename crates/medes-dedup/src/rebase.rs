@@ -81,7 +81,11 @@ impl MappingTable {
         let mut ordinal = 0u32;
         for v in vmas {
             let file = (v.status & (vma_status::FILE_PRIVATE | vma_status::FILE_SHARED) != 0)
-                .then(|| u32::try_from(v.shmid).ok().and_then(|id| reg_files.get(&id)))
+                .then(|| {
+                    u32::try_from(v.shmid)
+                        .ok()
+                        .and_then(|id| reg_files.get(&id))
+                })
                 .flatten();
             let key = match file {
                 Some(path) => {
@@ -158,13 +162,14 @@ impl MappingTable {
             if w >> 48 == TAG {
                 return None;
             }
-            if w >= self.lo && w < self.hi {
-                if let Some(i) = self.find(w, &mut hint) {
-                    let off = w - self.starts[i];
-                    if off < 1 << 32 {
-                        out = TAG << 48 | u64::from(self.ids[i]) << 32 | off;
-                        n += 1;
-                    }
+            if w >= self.lo
+                && w < self.hi
+                && let Some(i) = self.find(w, &mut hint)
+            {
+                let off = w - self.starts[i];
+                if off < 1 << 32 {
+                    out = TAG << 48 | u64::from(self.ids[i]) << 32 | off;
+                    n += 1;
                 }
             }
             d.copy_from_slice(&out.to_le_bytes());

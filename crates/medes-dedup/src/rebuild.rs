@@ -102,7 +102,11 @@ fn tables(store: &DedupStore) -> Result<Vec<Option<MappingTable>>, RebuildError>
     for p in &store.procs {
         let range = first as usize..(first + p.n_pages) as usize;
         first += p.n_pages;
-        if !store.pages.get(range).is_some_and(|r| r.iter().any(|e| e.rebased)) {
+        if !store
+            .pages
+            .get(range)
+            .is_some_and(|r| r.iter().any(|e| e.rebased))
+        {
             out.push(None);
             continue;
         }
@@ -151,18 +155,16 @@ pub fn rebuild_into(
                 let i = b * BATCH + j;
                 let page = i as u64;
                 let e = &store.pages[i];
-                let dst: &mut Page = dst.try_into().map_err(|_| RebuildError::OutputSize {
-                    expected,
-                    found: 0,
-                })?;
+                let dst: &mut Page = dst
+                    .try_into()
+                    .map_err(|_| RebuildError::OutputSize { expected, found: 0 })?;
                 let base = if e.kind.needs_base() {
-                    let id = *store
-                        .bases
-                        .get(usize::from(e.base_slot))
-                        .ok_or(RebuildError::BaseSlot {
+                    let id = *store.bases.get(usize::from(e.base_slot)).ok_or(
+                        RebuildError::BaseSlot {
                             page,
                             slot: e.base_slot,
-                        })?;
+                        },
+                    )?;
                     Some(
                         bases
                             .page(id, u64::from(e.base_page))
@@ -176,12 +178,13 @@ pub fn rebuild_into(
                 dec.decode(e.kind, data, base.as_deref(), dst)
                     .map_err(|source| RebuildError::Decode { page, source })?;
                 if e.rebased {
-                    let t = tables[usize::from(proc_of[i])].as_ref().ok_or(
-                        RebuildError::Unrebase {
-                            page,
-                            source: UnknownMapping { id: 0 },
-                        },
-                    )?;
+                    let t =
+                        tables[usize::from(proc_of[i])]
+                            .as_ref()
+                            .ok_or(RebuildError::Unrebase {
+                                page,
+                                source: UnknownMapping { id: 0 },
+                            })?;
                     t.unrebase(dst)
                         .map_err(|source| RebuildError::Unrebase { page, source })?;
                 }

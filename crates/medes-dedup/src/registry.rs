@@ -60,6 +60,8 @@ pub const MAX_REFS_PER_CHUNK: usize = 8;
 #[derive(Debug, Clone)]
 struct Refs {
     first: PageRef,
+    /// Boxed so that an entry with one ref (the common case) stays 16 bytes.
+    #[allow(clippy::box_collection)]
     more: Option<Box<Vec<PageRef>>>,
 }
 
@@ -262,7 +264,10 @@ impl Registry {
     pub fn release(&self, id: BaseId) -> Result<(), BaseRefError> {
         let mut g = self.inner.write();
         let e = g.bases.get_mut(&id).ok_or(BaseRefError::Unknown(id))?;
-        e.dependents = e.dependents.checked_sub(1).ok_or(BaseRefError::NotHeld(id))?;
+        e.dependents = e
+            .dependents
+            .checked_sub(1)
+            .ok_or(BaseRefError::NotHeld(id))?;
         Ok(())
     }
 
@@ -329,12 +334,19 @@ fn choose_in(g: &Inner, fp: &PageFingerprint, local: NodeId) -> Option<Choice> {
     if let Some(&r) = g.exact.get(&fp.page_hash) {
         return Some(Choice::Exact(r));
     }
-    let mut cands: [(PageRef, u8); MAX_K * MAX_REFS_PER_CHUNK] =
-        [(PageRef { base: BaseId(0), page: 0 }, 0); MAX_K * MAX_REFS_PER_CHUNK];
+    let mut cands: [(PageRef, u8); MAX_K * MAX_REFS_PER_CHUNK] = [(
+        PageRef {
+            base: BaseId(0),
+            page: 0,
+        },
+        0,
+    ); MAX_K * MAX_REFS_PER_CHUNK];
     let mut n = 0;
     let cap = cands.len();
     for c in fp.chunks() {
-        let Some(refs) = g.chunks.get(c) else { continue };
+        let Some(refs) = g.chunks.get(c) else {
+            continue;
+        };
         for r in refs.iter() {
             match cands[..n].iter_mut().find(|(p, _)| p == r) {
                 Some((_, cnt)) => *cnt += 1,

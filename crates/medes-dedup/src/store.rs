@@ -129,11 +129,17 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, LoadStoreError> {
         let b = self.bytes(8)?;
-        Ok(u64::from_le_bytes(b.try_into().map_err(|_| LoadStoreError::Malformed(self.what))?))
+        Ok(u64::from_le_bytes(
+            b.try_into()
+                .map_err(|_| LoadStoreError::Malformed(self.what))?,
+        ))
     }
     fn u32(&mut self) -> Result<u32, LoadStoreError> {
         let b = self.bytes(4)?;
-        Ok(u32::from_le_bytes(b.try_into().map_err(|_| LoadStoreError::Malformed(self.what))?))
+        Ok(u32::from_le_bytes(
+            b.try_into()
+                .map_err(|_| LoadStoreError::Malformed(self.what))?,
+        ))
     }
     fn len(&mut self) -> Result<usize, LoadStoreError> {
         usize::try_from(self.u64()?).map_err(|_| LoadStoreError::Malformed(self.what))
@@ -181,7 +187,11 @@ impl DedupStore {
         let n = self.pages.len();
         let mut t = Vec::with_capacity(n * 19 + 8);
         put_u64(&mut t, n as u64);
-        t.extend(self.pages.iter().map(|e| e.kind as u8 | u8::from(e.rebased) << 7));
+        t.extend(
+            self.pages
+                .iter()
+                .map(|e| e.kind as u8 | u8::from(e.rebased) << 7),
+        );
         for e in &self.pages {
             t.extend_from_slice(&e.base_slot.to_le_bytes());
         }
@@ -279,7 +289,11 @@ impl DedupStore {
             what: "page table",
         };
         let n = tr.len()?;
-        if t.len() != 8 + n.checked_mul(19).ok_or(LoadStoreError::Malformed("page table"))? {
+        if t.len()
+            != 8 + n
+                .checked_mul(19)
+                .ok_or(LoadStoreError::Malformed("page table"))?
+        {
             return Err(LoadStoreError::Malformed("page table"));
         }
         let kinds = tr.bytes(n)?;
@@ -291,8 +305,8 @@ impl DedupStore {
         let mut prev = 0u32;
         let mut total = 0u64;
         for i in 0..n {
-            let kind = PageKind::from_u8(kinds[i] & 0x7F)
-                .ok_or(LoadStoreError::Malformed("page kind"))?;
+            let kind =
+                PageKind::from_u8(kinds[i] & 0x7F).ok_or(LoadStoreError::Malformed("page kind"))?;
             let d = u32::from_le_bytes(bpages[4 * i..4 * i + 4].try_into().unwrap_or_default());
             prev = prev.wrapping_add(d);
             let len = u32::from_le_bytes(lens[4 * i..4 * i + 4].try_into().unwrap_or_default());
@@ -305,9 +319,7 @@ impl DedupStore {
                 ),
                 base_page: prev,
                 len,
-                checksum: u64::from_le_bytes(
-                    sums[8 * i..8 * i + 8].try_into().unwrap_or_default(),
-                ),
+                checksum: u64::from_le_bytes(sums[8 * i..8 * i + 8].try_into().unwrap_or_default()),
             });
         }
         r.what = "blob";
@@ -345,10 +357,10 @@ impl DedupStore {
             let _ = std::fs::remove_file(&tmp);
             err(e)
         })?;
-        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
         }
         Ok(bytes.len() as u64)
     }

@@ -55,17 +55,25 @@ pub fn skip_without_criu(test: &str) -> bool {
 /// The code of a tiny json-only "function" (fast to start and dump).
 pub const JSON_FUNCTION: &str = r#"import json
 d = {"k%d" % i: [i, str(i), {"x": i * 1.5}] for i in range(2000)}
-s = json.dumps(d); json.loads(s)"#;
+s = json.dumps(d); json.loads(s)
+ANSWER = len(s)"#;
+
+/// Path of the answer file a sandbox dumped into `dir` keeps rewriting (also after a restore).
+pub fn answer_file(dir: &Path) -> PathBuf {
+    dir.with_extension("answer")
+}
 
 /// Cold-starts `code` as PID 1 of a new PID namespace (setsid, stdio on /dev/null), waits until it
 /// has run, and dumps it with CRIU into `dir` (which must not exist or be empty). With
-/// `aslr == false` the runtime runs under `setarch -R` with `PYTHONHASHSEED=0`.
+/// `aslr == false` the runtime runs under `setarch -R` with `PYTHONHASHSEED=0`. After `code`, the
+/// process rewrites [`answer_file`] every 50 ms with `str(ANSWER)` (a global `code` may set),
+/// opening and closing it each time, so a restored copy can be seen answering.
 pub fn make_dump(code: &str, dir: &Path, aslr: bool) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir:?}: {e}"))?;
-    let ready = dir.with_extension("ready");
+    let ready = answer_file(dir);
     let _ = std::fs::remove_file(&ready);
     let script = format!(
-        "{code}\nopen({:?}, 'w').close()\nimport time\nwhile True:\n    time.sleep(3600)\n",
+        "{code}\nimport os, time\nANS = {:?}\nwhile True:\n    _fd = os.open(ANS + '.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n    os.write(_fd, str(globals().get('ANSWER', 'alive')).encode())\n    os.close(_fd)\n    os.rename(ANS + '.tmp', ANS)\n    time.sleep(0.05)\n",
         ready.display().to_string()
     );
     let mut cmd = Command::new("unshare");
@@ -124,4 +132,40 @@ pub fn tmp_dir(tag: &str) -> PathBuf {
     let d = base.join(format!("medes-test-{tag}-{}-{nanos}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
+}
+
+/// Restores the dump in `dir` with CRIU (detached), waits until the restored process rewrites
+/// `answer` and returns what it wrote; the restored process is killed afterwards.
+pub fn restore_and_read_answer(dir: &Path, answer: &Path) -> Result<String, String> {
+    let _ = std::fs::remove_file(answer);
+    let pidfile = dir.join("restore.pid");
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "30", "criu", "restore", "-d", "-D"])
+        .arg(dir)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .args(["-o", "restore.log", "-v1"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("criu: {e}"))?;
+    if !out.status.success() {
+        let log = std::fs::read_to_string(dir.join("restore.log")).unwrap_or_default();
+        return Err(format!("criu restore failed: {log}"));
+    }
+    let pid = std::fs::read_to_string(&pidfile)
+        .map_err(|e| format!("pidfile: {e}"))?
+        .trim()
+        .to_owned();
+    let start = Instant::now();
+    let result = loop {
+        if let Ok(s) = std::fs::read_to_string(answer) {
+            break Ok(s);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            break Err("restored process did not answer".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = Command::new("kill").args(["-9", &pid]).status();
+    result
 }
