@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod config;
+mod platform;
 
 /// medes: a serverless platform whose idle sandboxes can be deduplicated.
 #[derive(Parser)]

@@ -1,0 +1,149 @@
+//! The `medes.toml` configuration: one file merging every crate's plain `Config`.
+//!
+//! Each crate owns its section's meaning and defaults; this module only nests them, fills what
+//! depends on other sections (the agent's data directory is the platform's), and validates once.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration (`medes serve --print-config` prints the defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MedesConfig {
+    /// Directory for everything the platform keeps: the store (actions, keys, activations), the
+    /// default API key, action code. Default `/var/lib/medes`.
+    pub data_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it. Default `info`.
+    pub log: String,
+    /// Extra API keys accepted besides the generated default key.
+    pub auth: AuthConfig,
+    /// The REST edge.
+    pub api: medes_api::ApiConfig,
+    /// The embedded store.
+    pub store: medes_store::StoreConfig,
+    /// The scheduler.
+    pub controller: medes_controller::ControllerConfig,
+    /// The node agent (its `data_dir` is always the platform's `data_dir`).
+    pub agent: medes_agent::AgentConfig,
+}
+
+/// API keys from the configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys as OpenWhisk writes them, `uuid:key`, each with its namespace.
+    pub keys: Vec<KeyEntry>,
+}
+
+/// One configured API key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// `uuid:key`.
+    pub key: String,
+    /// The namespace the key acts in. Default `guest`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_namespace() -> String {
+    "guest".into()
+}
+
+impl Default for MedesConfig {
+    fn default() -> Self {
+        MedesConfig {
+            data_dir: "/var/lib/medes".into(),
+            log: "info".into(),
+            auth: AuthConfig::default(),
+            api: medes_api::ApiConfig::default(),
+            store: medes_store::StoreConfig::default(),
+            controller: medes_controller::ControllerConfig::default(),
+            agent: medes_agent::AgentConfig::default(),
+        }
+    }
+}
+
+impl MedesConfig {
+    /// Reads `path` (TOML) over the defaults; `None` means defaults only.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<MedesConfig> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", p.display()))?
+            }
+            None => MedesConfig::default(),
+        };
+        cfg.finish();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Fills fields derived from others.
+    pub fn finish(&mut self) {
+        self.agent.data_dir = self.data_dir.clone();
+        if self.controller.api_host == medes_controller::ControllerConfig::default().api_host {
+            self.controller.api_host = format!("http://{}", self.api.listen);
+        }
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for k in &self.auth.keys {
+            let ok = k
+                .key
+                .split_once(':')
+                .is_some_and(|(u, s)| !u.is_empty() && !s.is_empty());
+            anyhow::ensure!(ok, "auth key {:?} is not of the form uuid:key", k.key);
+        }
+        anyhow::ensure!(
+            self.api.max_payload_bytes > 0,
+            "api.max_payload_bytes must be positive"
+        );
+        Ok(())
+    }
+
+    /// The defaults as commented TOML.
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&MedesConfig::default())
+            .unwrap_or_else(|e| format!("# cannot render defaults: {e}\n"));
+        format!(
+            "# medes configuration: every key with its default value.\n\
+             # Pass a file with `medes serve --config FILE`; missing keys keep their defaults.\n\
+             # Sizes: *_mb in MiB; times: *_ms milliseconds, *_s seconds.\n\
+             # agent.data_dir is always replaced by data_dir.\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_defaults_parse_back() {
+        let text = MedesConfig::default_toml();
+        let cfg: MedesConfig = toml::from_str(&text).expect("defaults parse");
+        assert_eq!(cfg.api.listen.port(), 3233);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<MedesConfig>("nonsense = 1").unwrap_err();
+        assert!(err.to_string().contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn bad_auth_keys_are_rejected() {
+        let mut cfg = MedesConfig::default();
+        cfg.auth.keys.push(KeyEntry {
+            key: "nokey".into(),
+            namespace: "guest".into(),
+        });
+        assert!(cfg.validate().is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! One platform instance in this process: store, agent, controller, REST API.
+//!
+//! `medes serve`, `medes demo` and `medes bench startup` all start the platform through
+//! [`Platform::start`], so what a benchmark measures is exactly what `serve` runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use medes_agent::{Agent, NodeAgent};
+use medes_controller::Controller;
+use medes_core::Namespace;
+use medes_store::{ApiKey, Store};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::MedesConfig;
+
+/// File in the data directory holding the default key (`uuid:key`), readable by root only.
+pub const AUTH_FILE: &str = "auth.key";
+
+/// A running platform.
+pub struct Platform {
+    /// Base URL of the REST API, e.g. `http://127.0.0.1:3233`.
+    pub url: String,
+    /// The default key, `uuid:key`.
+    pub auth: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The scheduler (for in-process inspection by benchmarks).
+    pub controller: Arc<Controller>,
+    agent: Agent,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    timers: tokio::task::JoinHandle<()>,
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+impl Platform {
+    /// Checks the host, opens the store, starts agent, controller and API, and returns once the
+    /// API accepts connections.
+    pub async fn start(cfg: MedesConfig) -> anyhow::Result<Platform> {
+        medes_sandbox::preflight(&cfg.agent.sandbox)
+            .context("this machine cannot run sandboxes (run scripts/setup.sh as root)")?;
+        medes_sandbox::become_subreaper().context("becoming a child subreaper")?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+
+        let store_path = cfg.data_dir.join("store.redb");
+        let store_cfg = cfg.store;
+        let store = tokio::task::spawn_blocking(move || Store::open_with(&store_path, store_cfg))
+            .await?
+            .context("opening the store")?;
+        let store = Arc::new(store);
+        let key = store
+            .ensure_default_key()
+            .context("creating the default API key")?;
+        for k in &cfg.auth.keys {
+            let (uuid, secret) = k.key.split_once(':').context("auth key without ':'")?;
+            store
+                .add_key(&ApiKey {
+                    uuid: uuid.into(),
+                    key: secret.into(),
+                    namespace: Namespace(k.namespace.clone()),
+                    subject: k.namespace.clone(),
+                })
+                .context("storing a configured API key")?;
+        }
+        let auth = key.auth_string();
+        write_auth_file(&cfg.data_dir, &auth)?;
+
+        let agent = Agent::new(cfg.agent.clone()).context("starting the node agent")?;
+        let node: Arc<dyn NodeAgent> = Arc::new(agent.clone());
+        let controller = Controller::new(
+            cfg.controller.clone(),
+            vec![(cfg.agent.node_id.clone(), node)],
+        );
+        let shutdown = CancellationToken::new();
+        let timers = tokio::spawn(controller.clone().run_timers(shutdown.clone()));
+
+        let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.api.listen))?;
+        let addr = listener.local_addr()?;
+        let state = medes_api::ApiState {
+            store: store.clone(),
+            invoker: controller.clone(),
+            metrics: metrics_handle(),
+            config: cfg.api.clone(),
+        };
+        let token = shutdown.clone();
+        let api = tokio::spawn(medes_api::serve(listener, state, async move {
+            token.cancelled().await
+        }));
+        let url = format!("http://{addr}");
+        info!(%url, data_dir = %cfg.data_dir.display(), "platform started");
+        Ok(Platform {
+            url,
+            auth,
+            data_dir: cfg.data_dir.clone(),
+            controller,
+            agent,
+            store,
+            shutdown,
+            api,
+            timers,
+        })
+    }
+
+    /// A token that, when cancelled, stops the platform (used for signals).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the shutdown token is cancelled, then stops.
+    pub async fn run_until_shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        self.stop().await
+    }
+
+    /// Stops accepting requests, lets running ones finish, destroys every sandbox, flushes the
+    /// store.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let api = self.api.await;
+        let _ = self.timers.await;
+        self.controller.shutdown().await;
+        self.agent.shutdown().await;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush()).await??;
+        api??;
+        info!("platform stopped");
+        Ok(())
+    }
+}
+
+fn write_auth_file(dir: &Path, auth: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(AUTH_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{auth}")?;
+    Ok(())
+}
+
+/// Reads the default key that `medes serve` wrote into `data_dir`.
+pub fn read_auth_file(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(AUTH_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the API key from {} (is `medes serve` running with this data directory? \
+             or pass --auth uuid:key)",
+            path.display()
+        )
+    })?;
+    Ok(text.trim().to_string())
+}
+
+/// Installs the tracing subscriber (once per process).
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
