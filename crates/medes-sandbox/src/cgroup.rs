@@ -20,11 +20,16 @@ pub(crate) enum Layout {
 }
 
 pub(crate) fn detect() -> Option<Layout> {
-    if Path::new(CG_ROOT).join("memory/memory.limit_in_bytes").exists() {
+    if Path::new(CG_ROOT)
+        .join("memory/memory.limit_in_bytes")
+        .exists()
+    {
         return Some(Layout::V1);
     }
     let ctrl = fs::read_to_string(Path::new(CG_ROOT).join("cgroup.controllers")).ok()?;
-    ctrl.split_whitespace().any(|c| c == "memory").then_some(Layout::V2)
+    ctrl.split_whitespace()
+        .any(|c| c == "memory")
+        .then_some(Layout::V2)
 }
 
 /// The cgroup(s) of one sandbox.
@@ -45,9 +50,16 @@ fn write(path: &Path, v: &str) -> io::Result<()> {
 
 impl Cgroup {
     /// Creates `<root>/<parent>/<id>` and applies the memory limit.
-    pub(crate) fn create(parent: &str, id: &str, limit: Bytes) -> Result<Cgroup, (PathBuf, io::Error)> {
+    pub(crate) fn create(
+        parent: &str,
+        id: &str,
+        limit: Bytes,
+    ) -> Result<Cgroup, (PathBuf, io::Error)> {
         let layout = detect().ok_or_else(|| {
-            (PathBuf::from(CG_ROOT), io::Error::new(io::ErrorKind::NotFound, "no memory cgroup"))
+            (
+                PathBuf::from(CG_ROOT),
+                io::Error::new(io::ErrorKind::NotFound, "no memory cgroup"),
+            )
         })?;
         let cg = match layout {
             Layout::V1 => Cgroup {
@@ -67,7 +79,10 @@ impl Cgroup {
                 let _ = fs::write(&root_ctl, "+memory +pids");
                 let ctl = p.join("cgroup.subtree_control");
                 write(&ctl, "+memory +pids").map_err(|e| (ctl.clone(), e))?;
-                Cgroup { layout, dirs: vec![p.join(id)] }
+                Cgroup {
+                    layout,
+                    dirs: vec![p.join(id)],
+                }
             }
         };
         for d in &cg.dirs {
@@ -131,8 +146,10 @@ impl Cgroup {
         fs::read_to_string(self.memory_dir().join(f))
             .ok()
             .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+                s.lines().find_map(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|v| v.trim().parse().ok())
+                })
             })
             .unwrap_or(0)
     }

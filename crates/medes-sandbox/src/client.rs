@@ -20,7 +20,9 @@ pub(crate) async fn call(sock: &Path, req: &Value) -> io::Result<Vec<u8>> {
     // The reply is one line; do not wait for EOF (a process forked by the action could hold a
     // copy of the connection).
     let mut out = Vec::with_capacity(512);
-    BufReader::new((&mut s).take(MAX_REPLY)).read_until(b'\n', &mut out).await?;
+    BufReader::new((&mut s).take(MAX_REPLY))
+        .read_until(b'\n', &mut out)
+        .await?;
     if out.last() == Some(&b'\n') {
         out.pop();
     } else {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// Name of our metadata file inside an images directory.
 pub(crate) const META: &str = "medes-sandbox.json";
 /// Logs are cut to this many trailing bytes.
-const LOG_KEEP: u64 = 64 * 1024;
+const LOG_KEEP: u64 = 4 * 1024 * 1024;
 
 /// What a restore needs to know besides CRIU's own images.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +29,17 @@ pub(crate) struct Meta {
     pub(crate) hostname: String,
     /// Size of every image file at dump time (a truncated pages file makes CRIU hang).
     pub(crate) files: BTreeMap<String, u64>,
+}
+
+/// CRIU's log level flag: `-v2` (errors and warnings), or `-v<N>` from the environment variable
+/// `MEDES_CRIU_VERBOSITY` for diagnostics (logs are truncated either way).
+pub(crate) fn verbosity() -> String {
+    let n = std::env::var("MEDES_CRIU_VERBOSITY")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|n| *n <= 4)
+        .unwrap_or(2);
+    format!("-v{n}")
 }
 
 /// How a CRIU run ended.
@@ -74,7 +85,10 @@ pub(crate) async fn run(
     if status.success() {
         Outcome::Ok
     } else {
-        Outcome::Failed { status: status.to_string(), log_tail: log_tail(log) }
+        Outcome::Failed {
+            status: status.to_string(),
+            log_tail: log_tail(log),
+        }
     }
 }
 
@@ -94,9 +108,16 @@ pub(crate) fn truncate_log(log: &Path) {
 pub(crate) fn log_tail(log: &Path) -> String {
     let s = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
-    let errs: Vec<&str> =
-        lines.iter().copied().filter(|l| l.contains("Error") || l.contains("rror (")).collect();
-    let pick = if errs.is_empty() { &lines[..] } else { &errs[..] };
+    let errs: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("Error") || l.contains("rror ("))
+        .collect();
+    let pick = if errs.is_empty() {
+        &lines[..]
+    } else {
+        &errs[..]
+    };
     pick[pick.len().saturating_sub(12)..].join("\n")
 }
 
@@ -120,7 +141,10 @@ pub(crate) fn image_files(dir: &Path) -> io::Result<BTreeMap<String, u64>> {
 pub(crate) fn write_meta(dir: &Path, meta: &Meta) -> io::Result<PathBuf> {
     let p = dir.join(META);
     let tmp = dir.join(format!("{META}.tmp"));
-    fs::write(&tmp, serde_json::to_vec_pretty(meta).map_err(io::Error::other)?)?;
+    fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(meta).map_err(io::Error::other)?,
+    )?;
     fs::rename(&tmp, &p)?;
     Ok(p)
 }
@@ -129,4 +153,56 @@ pub(crate) fn read_meta(dir: &Path) -> Result<Meta, String> {
     let p = dir.join(META);
     let data = fs::read(&p).map_err(|e| format!("reading {}: {e}", p.display()))?;
     serde_json::from_slice(&data).map_err(|e| format!("parsing {}: {e}", p.display()))
+}
+
+/// CRIU probes kernel features on every run (about 30 ms here, most of it creating a network
+/// namespace) unless it finds its cache `/run/criu.kdat`, which it only writes when `/run` is a
+/// tmpfs. Where `/run` is not (as on this project's machines), generate the cache once per boot
+/// by running `criu check` in a private mount namespace with a tmpfs on `/run`, and install it.
+/// Best effort: without the cache CRIU still works, only slower.
+pub(crate) fn ensure_kdat_cache(criu: &Path) {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let cache = Path::new("/run/criu.kdat");
+        if run_is_tmpfs() || fresh_since_boot(cache) {
+            return;
+        }
+        let out = std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg("mount -t tmpfs medes-kdat /run && \"$0\" check >/dev/null 2>&1; cat /run/criu.kdat")
+            .arg(criu)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        if let Ok(o) = out
+            && o.status.success()
+            && o.stdout.len() > 64
+        {
+            let tmp = PathBuf::from(format!("/run/criu.kdat.medes-{}", std::process::id()));
+            if fs::write(&tmp, &o.stdout).is_ok() && fs::rename(&tmp, cache).is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+        }
+    });
+}
+
+fn run_is_tmpfs() -> bool {
+    nix::sys::statfs::statfs("/run")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+fn fresh_since_boot(p: &Path) -> bool {
+    let btime = fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines().find_map(|l| {
+            l.strip_prefix("btime ")
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        })
+    });
+    match (fs::metadata(p), btime) {
+        (Ok(m), Some(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            m.len() > 0 && m.mtime() > b
+        }
+        _ => false,
+    }
 }

@@ -71,7 +71,10 @@ impl LaunchPlan {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(40);
         Ok(LaunchPlan {
-            cgroup_procs: cgroup_procs.iter().map(|p| cpath(p)).collect::<io::Result<_>>()?,
+            cgroup_procs: cgroup_procs
+                .iter()
+                .map(|p| cpath(p))
+                .collect::<io::Result<_>>()?,
             netns_fd,
             listen_fd,
             root: cpath(root)?,
@@ -82,7 +85,10 @@ impl LaunchPlan {
             uid,
             gid,
             cap_last,
-            argv: argv.iter().map(|a| cstr(a.as_bytes())).collect::<io::Result<_>>()?,
+            argv: argv
+                .iter()
+                .map(|a| cstr(a.as_bytes()))
+                .collect::<io::Result<_>>()?,
             envp: env
                 .iter()
                 .map(|(k, v)| cstr(format!("{k}={v}").as_bytes()))
@@ -122,14 +128,25 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<i32, (String, io::Error)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(("creating the status pipe".into(), io::Error::last_os_error()));
+        return Err((
+            "creating the status pipe".into(),
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: pipe2 just returned these two fds; nothing else owns them.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let argv: Vec<*const c_char> =
-        plan.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let envp: Vec<*const c_char> =
-        plan.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv: Vec<*const c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const c_char> = plan
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     let wr_fd = wr.as_raw_fd();
     let mut stack = vec![0u8; 256 * 1024];
     let flags = CloneFlags::CLONE_NEWPID
@@ -167,7 +184,11 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<i32, (String, io::Error)> {
     let mut status = 0;
     // SAFETY: reaping our own child.
     unsafe { libc::waitpid(pid.as_raw(), &mut status, 0) };
-    let step = STEPS.get(msg[0] as usize).copied().unwrap_or("unknown").to_string();
+    let step = STEPS
+        .get(msg[0] as usize)
+        .copied()
+        .unwrap_or("unknown")
+        .to_string();
     let errno = i32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
     Err((step, io::Error::from_raw_os_error(errno)))
 }
@@ -200,32 +221,87 @@ fn child(p: &LaunchPlan, argv: &[*const c_char], envp: &[*const c_char]) -> (u8,
         unsafe { libc::close(fd) };
     }
     chk!(1, libc::setsid());
-    chk!(2, libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()));
+    chk!(
+        2,
+        libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null()
+        )
+    );
     chk!(3, libc::setns(p.netns_fd, libc::CLONE_NEWNET));
-    chk!(4, libc::mount(p.root.as_ptr(), p.root.as_ptr(), null, libc::MS_BIND, std::ptr::null()));
+    chk!(
+        4,
+        libc::mount(
+            p.root.as_ptr(),
+            p.root.as_ptr(),
+            null,
+            libc::MS_BIND,
+            std::ptr::null()
+        )
+    );
     for (src, dst) in &p.binds {
-        chk!(5, libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND, std::ptr::null()));
-        let fl = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-        chk!(6, libc::mount(null, dst.as_ptr(), null, fl, std::ptr::null()));
+        chk!(
+            5,
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                null,
+                libc::MS_BIND,
+                std::ptr::null()
+            )
+        );
+        let fl =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        chk!(
+            6,
+            libc::mount(null, dst.as_ptr(), null, fl, std::ptr::null())
+        );
     }
     for t in &p.proc_target {
         let fl = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        chk!(7, libc::mount(c"proc".as_ptr(), t.as_ptr(), c"proc".as_ptr(), fl, std::ptr::null()));
+        chk!(
+            7,
+            libc::mount(
+                c"proc".as_ptr(),
+                t.as_ptr(),
+                c"proc".as_ptr(),
+                fl,
+                std::ptr::null()
+            )
+        );
     }
     for (t, opts) in &p.tmpfs {
         let fl = libc::MS_NOSUID | libc::MS_NODEV;
         chk!(
             8,
-            libc::mount(c"tmpfs".as_ptr(), t.as_ptr(), c"tmpfs".as_ptr(), fl, opts.as_ptr().cast())
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                t.as_ptr(),
+                c"tmpfs".as_ptr(),
+                fl,
+                opts.as_ptr().cast()
+            )
         );
     }
     chk!(9, libc::chdir(p.root.as_ptr()));
-    chk!(9, libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32);
+    chk!(
+        9,
+        libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32
+    );
     chk!(10, libc::umount2(c".".as_ptr(), libc::MNT_DETACH));
     chk!(10, libc::chdir(c"/".as_ptr()));
     let fl = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
-    chk!(11, libc::mount(null, c"/".as_ptr(), null, fl, std::ptr::null()));
-    chk!(12, libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len()));
+    chk!(
+        11,
+        libc::mount(null, c"/".as_ptr(), null, fl, std::ptr::null())
+    );
+    chk!(
+        12,
+        libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len())
+    );
     // SAFETY: opening a device node by a static path.
     let devnull = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
     if devnull < 0 {
@@ -244,17 +320,37 @@ fn child(p: &LaunchPlan, argv: &[*const c_char], envp: &[*const c_char]) -> (u8,
         chk!(14, libc::dup2(p.listen_fd, 3));
     }
     // Everything else the agent had open is closed at exec.
-    chk!(14, libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) as i32);
+    chk!(
+        14,
+        libc::syscall(
+            libc::SYS_close_range,
+            4u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC
+        ) as i32
+    );
     // SAFETY: umask never fails.
     unsafe { libc::umask(0o022) };
     chk!(15, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
     for cap in 0..=p.cap_last {
-        chk!(16, libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0));
+        chk!(
+            16,
+            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
+        );
     }
     chk!(17, libc::setgroups(0, std::ptr::null()));
     chk!(18, libc::setresgid(p.gid, p.gid, p.gid));
     chk!(19, libc::setresuid(p.uid, p.uid, p.uid));
-    chk!(20, libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0));
+    chk!(
+        20,
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0
+        )
+    );
     // SAFETY: argv/envp are NUL-terminated arrays of valid C strings owned by the parent's copy.
     unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
     (21, errno())

@@ -34,12 +34,22 @@ pub fn preflight(cfg: &SandboxConfig) -> Result<(), PreflightError> {
                 detail: String::from_utf8_lossy(&o.stderr).trim().to_string(),
             });
         }
-        Err(e) => return Err(PreflightError::Criu { path: cfg.criu.clone(), detail: e.to_string() }),
+        Err(e) => {
+            return Err(PreflightError::Criu {
+                path: cfg.criu.clone(),
+                detail: e.to_string(),
+            });
+        }
     };
     let major = version
         .lines()
         .find_map(|l| l.trim().strip_prefix("Version:"))
-        .and_then(|v| v.trim().split('.').next().and_then(|m| m.parse::<u32>().ok()));
+        .and_then(|v| {
+            v.trim()
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok())
+        });
     if major.is_none_or(|m| m < 4) {
         return Err(PreflightError::Criu {
             path: cfg.criu.clone(),
@@ -48,7 +58,9 @@ pub fn preflight(cfg: &SandboxConfig) -> Result<(), PreflightError> {
     }
     let python_ok = std::fs::metadata(&cfg.python).is_ok_and(|m| m.is_file());
     if !python_ok {
-        return Err(PreflightError::Python { path: cfg.python.clone() });
+        return Err(PreflightError::Python {
+            path: cfg.python.clone(),
+        });
     }
     let script = cfg.runtime_dir.join("medes_runtime.py");
     if !script.is_file() {

@@ -57,7 +57,10 @@ impl Netns {
             let veth = format!("mdv{n}");
             match run(
                 "ip",
-                &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &self.name],
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+                    &self.name,
+                ],
                 None,
             ) {
                 Ok(()) => {
@@ -68,7 +71,9 @@ impl Netns {
                     run(
                         "ip",
                         &["-batch", "-"],
-                        Some(&format!("addr add {host}/30 dev {veth}\nlink set {veth} up\n")),
+                        Some(&format!(
+                            "addr add {host}/30 dev {veth}\nlink set {veth} up\n"
+                        )),
                     )?;
                     return run(
                         "ip",
@@ -127,14 +132,20 @@ table inet medes {
 fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
     let mut cmd = Command::new(prog);
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
     if let (Some(s), Some(mut w)) = (stdin, child.stdin.take()) {
         let _ = w.write_all(s.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|e| format!("{prog}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{prog}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {

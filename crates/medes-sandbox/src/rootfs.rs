@@ -34,18 +34,30 @@ pub(crate) struct Mount {
     pub(crate) kind: MountKind,
 }
 
-const ETC_FILES: &[&str] = &["ld.so.cache", "resolv.conf", "hosts", "nsswitch.conf", "host.conf"];
+const ETC_FILES: &[&str] = &[
+    "ld.so.cache",
+    "resolv.conf",
+    "hosts",
+    "nsswitch.conf",
+    "host.conf",
+];
 const ETC_DIRS: &[&str] = &["ssl", "ca-certificates"];
 const TOP: &[&str] = &["usr", "bin", "sbin", "lib", "lib64", "lib32", "libx32"];
 
 /// Top-level host entries that are usr-merge symlinks (recreated as symlinks) or directories
 /// (bind-mounted).
-pub(crate) fn plan(cfg: &SandboxConfig, spec: &SandboxSpec) -> (Vec<Mount>, Vec<(PathBuf, PathBuf)>) {
+pub(crate) fn plan(
+    cfg: &SandboxConfig,
+    spec: &SandboxSpec,
+) -> (Vec<Mount>, Vec<(PathBuf, PathBuf)>) {
     let mut mounts = Vec::new();
     let mut links = Vec::new();
     let bind = |src: &Path, target: &Path, file: bool| Mount {
         target: target.to_path_buf(),
-        kind: MountKind::Bind { src: src.to_path_buf(), file },
+        kind: MountKind::Bind {
+            src: src.to_path_buf(),
+            file,
+        },
     };
     for t in TOP {
         let p = Path::new("/").join(t);
@@ -84,11 +96,21 @@ pub(crate) fn plan(cfg: &SandboxConfig, spec: &SandboxSpec) -> (Vec<Mount>, Vec<
             mounts.push(bind(p, p, p.is_file()));
         }
     }
-    mounts.push(Mount { target: "/proc".into(), kind: MountKind::Proc });
-    mounts.push(Mount { target: "/tmp".into(), kind: MountKind::Tmpfs { size_mb: cfg.tmp_size_mb } });
+    mounts.push(Mount {
+        target: "/proc".into(),
+        kind: MountKind::Proc,
+    });
+    mounts.push(Mount {
+        target: "/tmp".into(),
+        kind: MountKind::Tmpfs {
+            size_mb: cfg.tmp_size_mb,
+        },
+    });
     mounts.push(Mount {
         target: "/dev/shm".into(),
-        kind: MountKind::Tmpfs { size_mb: cfg.tmp_size_mb },
+        kind: MountKind::Tmpfs {
+            size_mb: cfg.tmp_size_mb,
+        },
     });
     (mounts, links)
 }
@@ -114,7 +136,8 @@ pub(crate) fn prepare(
         io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
     };
     fs::create_dir_all(root).map_err(|e| ctx("creating", root, e))?;
-    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(|e| ctx("chmod", root, e))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+        .map_err(|e| ctx("chmod", root, e))?;
     for d in ["etc", "dev", "proc", "tmp", "action", "runtime"] {
         let p = root.join(d);
         fs::create_dir_all(&p).map_err(|e| ctx("creating", &p, e))?;
@@ -145,7 +168,13 @@ pub(crate) fn prepare(
     fs::write(root.join("etc/passwd"), passwd).map_err(|e| ctx("writing", root, e))?;
     fs::write(root.join("etc/group"), group).map_err(|e| ctx("writing", root, e))?;
     let dev = root.join("dev");
-    for (name, minor) in [("null", 3u32), ("zero", 5), ("full", 7), ("random", 8), ("urandom", 9)] {
+    for (name, minor) in [
+        ("null", 3u32),
+        ("zero", 5),
+        ("full", 7),
+        ("random", 8),
+        ("urandom", 9),
+    ] {
         let p = dev.join(name);
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -154,7 +183,8 @@ pub(crate) fn prepare(
         if r != 0 {
             return Err(ctx("mknod", &p, io::Error::last_os_error()));
         }
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o666)).map_err(|e| ctx("chmod", &p, e))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o666))
+            .map_err(|e| ctx("chmod", &p, e))?;
     }
     fs::create_dir_all(dev.join("shm")).map_err(|e| ctx("creating", &dev, e))?;
     for (name, dest) in [

@@ -62,7 +62,13 @@ struct Resources {
 
 impl Resources {
     fn empty() -> Resources {
-        Resources { pid: None, pidfd: None, cgroup: None, netns: None, dir: None }
+        Resources {
+            pid: None,
+            pidfd: None,
+            cgroup: None,
+            netns: None,
+            dir: None,
+        }
     }
 
     fn kill(&self) {
@@ -90,7 +96,10 @@ impl Resources {
             && let Err(source) = fs::remove_dir_all(&dir)
             && source.kind() != io::ErrorKind::NotFound
         {
-            err.get_or_insert(DestroyError::Cleanup { what: dir.display().to_string(), source });
+            err.get_or_insert(DestroyError::Cleanup {
+                what: dir.display().to_string(),
+                source,
+            });
         }
         err.map_or(Ok(()), Err)
     }
@@ -115,12 +124,22 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 fn pidfd_kill(fd: &OwnedFd) {
     // SAFETY: a signal sent through a pidfd we own cannot hit a recycled pid.
     unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            0usize,
+            0u32,
+        )
     };
 }
 
 fn pidfd_exited(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let r = unsafe { libc::poll(&mut p, 1, 0) };
     r > 0 && p.revents & libc::POLLIN != 0
@@ -178,7 +197,9 @@ fn ensure_run_dir(run_dir: &Path) -> io::Result<()> {
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 48
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn hostname_for(id: &str) -> String {
@@ -253,8 +274,15 @@ fn ids_hook(uid: u32, gid: u32) -> Box<dyn FnMut() -> io::Result<()> + Send + Sy
             {
                 return err();
             }
-            let mut h = Header { version: V3, pid: 0 };
-            let mut d = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+            let mut h = Header {
+                version: V3,
+                pid: 0,
+            };
+            let mut d = [Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
             if libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) != 0 {
                 return err();
             }
@@ -268,7 +296,13 @@ fn ids_hook(uid: u32, gid: u32) -> Box<dyn FnMut() -> io::Result<()> + Send + Sy
             for cap in 0..64u32 {
                 let (w, b) = ((cap / 32) as usize, cap % 32);
                 if d[w].permitted & (1 << b) != 0 {
-                    libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap as u64, 0, 0);
+                    libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_RAISE,
+                        cap as u64,
+                        0,
+                        0,
+                    );
                 }
             }
         }
@@ -325,13 +359,20 @@ fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartErr
         .map_err(io_err(format!("opening {ns_path:?}")))?
         .into();
     let sock = dir.join("rt.sock");
-    let listener =
-        bind_in_netns(&sock, &netns_fd).map_err(io_err(format!("binding {sock:?}")))?;
-    let listen_ino =
-        fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).map(|m| m.ino()).map_err(
-            io_err("reading the socket inode".into()),
-        )?;
-    Ok(Prepared { res, dir, root, sock, listener, listen_ino, netns_fd, mounts })
+    let listener = bind_in_netns(&sock, &netns_fd).map_err(io_err(format!("binding {sock:?}")))?;
+    let listen_ino = fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+        .map(|m| m.ino())
+        .map_err(io_err("reading the socket inode".into()))?;
+    Ok(Prepared {
+        res,
+        dir,
+        root,
+        sock,
+        listener,
+        listen_ino,
+        netns_fd,
+        mounts,
+    })
 }
 
 /// Binds the runtime's listening socket *inside* the sandbox's network namespace (CRIU only
@@ -386,7 +427,11 @@ impl Sandbox {
                 let plan = LaunchPlan::new(
                     &p.root,
                     &p.mounts,
-                    p.res.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+                    p.res
+                        .cgroup
+                        .as_ref()
+                        .map(|c| c.procs_files())
+                        .unwrap_or_default(),
                     p.netns_fd.as_raw_fd(),
                     p.listener.as_raw_fd(),
                     &hostname_for(&spec2.id.0),
@@ -395,20 +440,26 @@ impl Sandbox {
                     &argv,
                     &runtime_env(&spec2),
                 )
-                .map_err(|source| StartError::Io { what: "building the launch plan".into(), source })?;
+                .map_err(|source| StartError::Io {
+                    what: "building the launch plan".into(),
+                    source,
+                })?;
                 let mut res = p.res;
                 let pid = launch::spawn(&plan)
                     .map_err(|(step, source)| StartError::Setup { step, source })?;
                 res.pid = Some(pid);
-                res.pidfd = Some(
-                    pidfd_open(pid)
-                        .map_err(|source| StartError::Io { what: "pidfd_open".into(), source })?,
-                );
+                res.pidfd = Some(pidfd_open(pid).map_err(|source| StartError::Io {
+                    what: "pidfd_open".into(),
+                    source,
+                })?);
                 let _ = p.dir;
                 Ok((res, p.sock, p.listen_ino, p.mounts, pid))
             })
             .await
-            .map_err(|e| StartError::Io { what: "joining the launcher".into(), source: io::Error::other(e) })??;
+            .map_err(|e| StartError::Io {
+                what: "joining the launcher".into(),
+                source: io::Error::other(e),
+            })??;
         let sb = Sandbox {
             id: spec.id.clone(),
             sock,
@@ -424,7 +475,11 @@ impl Sandbox {
             gate: tokio::sync::RwLock::new(()),
             res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
         };
-        match tokio::time::timeout(READY_TIMEOUT, client::call(&sb.sock, &json!({"op": "ping"}))).await
+        match tokio::time::timeout(
+            READY_TIMEOUT,
+            client::call(&sb.sock, &json!({"op": "ping"})),
+        )
+        .await
         {
             Ok(Ok(r)) if !r.is_empty() => {}
             Ok(Ok(_)) | Ok(Err(_)) => {
@@ -434,7 +489,9 @@ impl Sandbox {
             }
             Err(_) => {
                 let _ = sb.destroy().await;
-                return Err(StartError::NotReady { after: READY_TIMEOUT });
+                return Err(StartError::NotReady {
+                    after: READY_TIMEOUT,
+                });
             }
         }
         info!(sandbox_id = %spec.id, pid, ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox started");
@@ -463,7 +520,12 @@ impl Sandbox {
     }
 
     fn oom_kills(&self) -> u64 {
-        self.res.lock().unwrap_or_else(|e| e.into_inner()).cgroup.as_ref().map_or(0, |c| c.oom_kills())
+        self.res
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cgroup
+            .as_ref()
+            .map_or(0, |c| c.oom_kills())
     }
 
     /// Classifies a failed request and kills the sandbox.
@@ -474,9 +536,19 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(5));
             oom = self.oom_kills() > 0;
         }
-        let reason = if self.is_alive() { reason } else { self.exit_reason() };
+        let reason = if self.is_alive() {
+            reason
+        } else {
+            self.exit_reason()
+        };
         self.kill();
-        if oom { RunError::OutOfMemory { limit: self.memory_limit } } else { RunError::Crashed { reason } }
+        if oom {
+            RunError::OutOfMemory {
+                limit: self.memory_limit,
+            }
+        } else {
+            RunError::Crashed { reason }
+        }
     }
 
     async fn request(&self, req: Value, timeout: Duration) -> Result<Value, RunError> {
@@ -488,24 +560,32 @@ impl Sandbox {
                 let oom = self.oom_kills() > 0;
                 self.kill();
                 return Err(if oom {
-                    RunError::OutOfMemory { limit: self.memory_limit }
+                    RunError::OutOfMemory {
+                        limit: self.memory_limit,
+                    }
                 } else {
                     RunError::Timeout { after: timeout }
                 });
             }
             Ok(Err(e)) => {
                 if self.is_alive() && self.oom_kills() == 0 {
-                    return Err(RunError::Io { socket: self.sock.clone(), source: e });
+                    return Err(RunError::Io {
+                        socket: self.sock.clone(),
+                        source: e,
+                    });
                 }
                 return Err(self.failed(format!("connection failed: {e}")));
             }
             Ok(Ok(r)) if r.is_empty() => return Err(self.failed("no reply".into())),
             Ok(Ok(r)) => r,
         };
-        let v: Value = serde_json::from_slice(&reply)
-            .map_err(|e| RunError::Protocol { detail: format!("reply is not JSON: {e}") })?;
+        let v: Value = serde_json::from_slice(&reply).map_err(|e| RunError::Protocol {
+            detail: format!("reply is not JSON: {e}"),
+        })?;
         if let Some(p) = v.get("protocol_error") {
-            return Err(RunError::Protocol { detail: p.as_str().unwrap_or("?").to_string() });
+            return Err(RunError::Protocol {
+                detail: p.as_str().unwrap_or("?").to_string(),
+            });
         }
         Ok(v)
     }
@@ -513,7 +593,9 @@ impl Sandbox {
     /// Loads the action's code and resolves the entry function.
     pub async fn init(&self, req: InitRequest) -> Result<InitReply, RunError> {
         let _g = self.gate.read().await;
-        let v = self.request(json!({"op": "init", "main": req.main}), INIT_TIMEOUT).await?;
+        let v = self
+            .request(json!({"op": "init", "main": req.main}), INIT_TIMEOUT)
+            .await?;
         Ok(InitReply {
             ok: v.get("ok").and_then(Value::as_bool).unwrap_or(false),
             error: v.get("error").and_then(Value::as_str).map(str::to_string),
@@ -562,10 +644,14 @@ impl Sandbox {
         let (mut pss, mut rss) = (0u64, 0u64);
         for pid in cg.pids() {
             let p = PathBuf::from(format!("/proc/{pid}/smaps_rollup"));
-            let Ok(s) = fs::read_to_string(&p) else { continue }; // exited meanwhile
+            let Ok(s) = fs::read_to_string(&p) else {
+                continue;
+            }; // exited meanwhile
             for l in s.lines() {
                 let kb = |rest: &str| -> Option<u64> {
-                    rest.trim().strip_suffix("kB").and_then(|n| n.trim().parse().ok())
+                    rest.trim()
+                        .strip_suffix("kB")
+                        .and_then(|n| n.trim().parse().ok())
                 };
                 if let Some(rest) = l.strip_prefix("Pss:") {
                     pss += kb(rest).ok_or_else(|| MemoryError::Parse { path: p.clone() })? * 1024;
@@ -578,7 +664,11 @@ impl Sandbox {
             path: PathBuf::from("memory cgroup usage"),
             source,
         })?;
-        Ok(MemoryUsage { pss: Bytes(pss), rss: Bytes(rss), cgroup_usage: Bytes(usage) })
+        Ok(MemoryUsage {
+            pss: Bytes(pss),
+            rss: Bytes(rss),
+            cgroup_usage: Bytes(usage),
+        })
     }
 
     /// Whether the sandbox's init process is still alive.
@@ -608,6 +698,8 @@ impl Sandbox {
             move |source| CheckpointError::Io { path, source }
         };
         fs::create_dir_all(images_dir).map_err(io_err(images_dir))?;
+        let criu_bin = self.criu.clone();
+        let _ = tokio::task::spawn_blocking(move || criu::ensure_kdat_cache(&criu_bin)).await;
         let netns_ino = {
             let res = self.res.lock().unwrap_or_else(|e| e.into_inner());
             let p = res.netns.as_ref().map(|n| n.path()).unwrap_or_default();
@@ -622,7 +714,7 @@ impl Sandbox {
             images_dir.into(),
             "--log-file".into(),
             log.clone().into(),
-            "-v2".into(),
+            criu::verbosity().into(),
             "--unprivileged".into(),
             "--network-lock".into(),
             "skip".into(),
@@ -642,7 +734,14 @@ impl Sandbox {
             args.push("--leave-running".into());
         }
         let t0 = Instant::now();
-        let outcome = criu::run(&self.criu, args, &log, DUMP_TIMEOUT, Some(ids_hook(self.uid, self.gid))).await;
+        let outcome = criu::run(
+            &self.criu,
+            args,
+            &log,
+            DUMP_TIMEOUT,
+            Some(ids_hook(self.uid, self.gid)),
+        )
+        .await;
         let dump_ms = t0.elapsed().as_secs_f64() * 1e3;
         if mode == CheckpointMode::Stop {
             // CRIU kills the tree after a successful dump; on failure it resumes it.
@@ -652,19 +751,29 @@ impl Sandbox {
         }
         match outcome {
             Outcome::Ok => {}
-            Outcome::Failed { status, log_tail } => return Err(CheckpointError::Criu { status, log_tail }),
+            Outcome::Failed { status, log_tail } => {
+                return Err(CheckpointError::Criu { status, log_tail });
+            }
             Outcome::TimedOut => {
                 // A half-dumped tree may be left frozen: it is unusable.
                 self.kill();
-                return Err(CheckpointError::Timeout { after: DUMP_TIMEOUT });
+                return Err(CheckpointError::Timeout {
+                    after: DUMP_TIMEOUT,
+                });
             }
             Outcome::Spawn(source) => {
-                return Err(CheckpointError::Io { path: self.criu.clone(), source });
+                return Err(CheckpointError::Io {
+                    path: self.criu.clone(),
+                    source,
+                });
             }
         }
         let files = criu::image_files(images_dir).map_err(io_err(images_dir))?;
-        let page_image_bytes =
-            files.iter().filter(|(n, _)| n.starts_with("pages-")).map(|(_, s)| *s).sum();
+        let page_image_bytes = files
+            .iter()
+            .filter(|(n, _)| n.starts_with("pages-"))
+            .map(|(_, s)| *s)
+            .sum();
         let meta = Meta {
             format: 1,
             listen_ino: self.listen_ino,
@@ -689,7 +798,10 @@ impl Sandbox {
         images_dir: &Path,
     ) -> Result<Sandbox, RestoreError> {
         let t0 = Instant::now();
-        let bad = |reason: String| RestoreError::BadImage { path: images_dir.to_path_buf(), reason };
+        let bad = |reason: String| RestoreError::BadImage {
+            path: images_dir.to_path_buf(),
+            reason,
+        };
         let meta = criu::read_meta(images_dir).map_err(bad)?;
         let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
         for (name, size) in &meta.files {
@@ -700,11 +812,16 @@ impl Sandbox {
             }
         }
         let _ = become_subreaper();
+        let criu_bin = cfg.criu.clone();
+        let _ = tokio::task::spawn_blocking(move || criu::ensure_kdat_cache(&criu_bin)).await;
         let cfg2 = cfg.clone();
         let spec2 = spec.clone();
         let p = tokio::task::spawn_blocking(move || prepare(&cfg2, &spec2))
             .await
-            .map_err(|e| RestoreError::Io { what: "joining".into(), source: io::Error::other(e) })?
+            .map_err(|e| RestoreError::Io {
+                what: "joining".into(),
+                source: io::Error::other(e),
+            })?
             .map_err(|e| match e {
                 StartError::InvalidSpec { reason } => RestoreError::InvalidSpec { reason },
                 e => RestoreError::Prepare(e),
@@ -718,7 +835,7 @@ impl Sandbox {
             p.dir.join("criu.pid").into(),
             "--root".into(),
             p.root.clone().into(),
-            "-v2".into(),
+            criu::verbosity().into(),
             "--manage-cgroups=ignore".into(),
             "--network-lock".into(),
             "skip".into(),
@@ -733,7 +850,9 @@ impl Sandbox {
                 _ => None,
             });
             let Some(src) = src else {
-                return Err(bad(format!("{target:?} is not mounted by this configuration")));
+                return Err(bad(format!(
+                    "{target:?} is not mounted by this configuration"
+                )));
             };
             args.push("--external".into());
             let mut a = OsString::from(format!("mnt[{key}]:"));
@@ -752,24 +871,47 @@ impl Sandbox {
             .iter()
             .map(|f| cpath(f))
             .collect::<io::Result<Vec<_>>>()
-            .map_err(|source| RestoreError::Io { what: "cgroup paths".into(), source })?;
+            .map_err(|source| RestoreError::Io {
+                what: "cgroup paths".into(),
+                source,
+            })?;
         let hook = join_cgroup_hook(
             procs,
             vec![(p.listener.as_raw_fd(), 3), (p.netns_fd.as_raw_fd(), 4)],
         );
         let outcome = criu::run(&cfg.criu, args, &log, RESTORE_TIMEOUT, Some(hook)).await;
-        let Prepared { mut res, dir, sock, listener, listen_ino, netns_fd, mounts, .. } = p;
+        let Prepared {
+            mut res,
+            dir,
+            sock,
+            listener,
+            listen_ino,
+            netns_fd,
+            mounts,
+            ..
+        } = p;
         drop(listener);
         drop(netns_fd);
         match outcome {
             Outcome::Ok => {}
-            Outcome::Failed { status, log_tail } => return Err(RestoreError::Criu { status, log_tail }),
-            Outcome::TimedOut => return Err(RestoreError::Timeout { after: RESTORE_TIMEOUT }),
+            Outcome::Failed { status, log_tail } => {
+                return Err(RestoreError::Criu { status, log_tail });
+            }
+            Outcome::TimedOut => {
+                return Err(RestoreError::Timeout {
+                    after: RESTORE_TIMEOUT,
+                });
+            }
             Outcome::Spawn(source) => {
-                return Err(RestoreError::Io { what: "running criu".into(), source });
+                return Err(RestoreError::Io {
+                    what: "running criu".into(),
+                    source,
+                });
             }
         }
-        let _ = fs::remove_file(&log);
+        if criu::verbosity() == "-v2" {
+            let _ = fs::remove_file(&log); // kept when diagnostics were asked for
+        }
         let pidfile = dir.join("criu.pid");
         let pid: i32 = fs::read_to_string(&pidfile)
             .ok()
@@ -779,9 +921,10 @@ impl Sandbox {
                 source: io::Error::new(io::ErrorKind::InvalidData, "no pid"),
             })?;
         res.pid = Some(pid);
-        res.pidfd = Some(
-            pidfd_open(pid).map_err(|source| RestoreError::Io { what: "pidfd_open".into(), source })?,
-        );
+        res.pidfd = Some(pidfd_open(pid).map_err(|source| RestoreError::Io {
+            what: "pidfd_open".into(),
+            source,
+        })?);
         let sb = Sandbox {
             id: spec.id.clone(),
             sock,
@@ -799,15 +942,22 @@ impl Sandbox {
         };
         let seed: [u8; 32] = random_seed();
         let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-        match sb.request(json!({"op": "reseed", "seed": hex}), READY_TIMEOUT).await {
+        match sb
+            .request(json!({"op": "reseed", "seed": hex}), READY_TIMEOUT)
+            .await
+        {
             Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {}
             Ok(v) => {
                 let _ = sb.destroy().await;
-                return Err(RestoreError::NotAnswering { detail: format!("reseed replied {v}") });
+                return Err(RestoreError::NotAnswering {
+                    detail: format!("reseed replied {v}"),
+                });
             }
             Err(e) => {
                 let _ = sb.destroy().await;
-                return Err(RestoreError::NotAnswering { detail: e.to_string() });
+                return Err(RestoreError::NotAnswering {
+                    detail: e.to_string(),
+                });
             }
         }
         info!(sandbox_id = %spec.id, pid, ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox restored");
@@ -842,7 +992,9 @@ fn random_seed() -> [u8; 32] {
 }
 
 fn parse_logs(v: Option<&Value>) -> Vec<LogLine> {
-    let Some(Value::Array(a)) = v else { return Vec::new() };
+    let Some(Value::Array(a)) = v else {
+        return Vec::new();
+    };
     a.iter()
         .filter_map(|l| {
             let l = l.as_array()?;

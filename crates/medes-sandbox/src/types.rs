@@ -45,7 +45,11 @@ impl Default for SandboxConfig {
             python: "/opt/medes/venv/bin/python3".into(),
             venv_dir: "/opt/medes/venv".into(),
             runtime_dir: default_runtime_dir(),
-            ro_mounts: if inputs.is_dir() { vec![inputs] } else { vec![] },
+            ro_mounts: if inputs.is_dir() {
+                vec![inputs]
+            } else {
+                vec![]
+            },
             run_dir: "/run/medes/sandboxes".into(),
             network: NetworkMode::Outbound,
             uid: 65534,
@@ -208,7 +212,9 @@ pub enum PreflightError {
         path: PathBuf,
     },
     /// No usable memory cgroup controller.
-    #[error("no memory cgroup controller found (looked for /sys/fs/cgroup/memory and a cgroup2 mount with memory)")]
+    #[error(
+        "no memory cgroup controller found (looked for /sys/fs/cgroup/memory and a cgroup2 mount with memory)"
+    )]
     Cgroup,
     /// A helper tool is missing.
     #[error("required tool {tool:?} not found in PATH")]

@@ -31,7 +31,11 @@ fn config() -> Option<SandboxConfig> {
 static N: AtomicU32 = AtomicU32::new(0);
 
 fn new_id(tag: &str) -> SandboxId {
-    SandboxId(format!("t{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    SandboxId(format!(
+        "t{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 struct Action {
@@ -44,15 +48,23 @@ fn action(code: &str) -> Action {
     let path = dir.path().to_path_buf();
     std::fs::write(path.join("__main__.py"), code).expect("write code");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::set_permissions(path.join("__main__.py"), std::fs::Permissions::from_mode(0o644))
-        .expect("chmod");
+    std::fs::set_permissions(
+        path.join("__main__.py"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
     Action { _dir: dir, path }
 }
 
 fn spec(tag: &str, code: &Path, mb: u64) -> SandboxSpec {
     let mut env = BTreeMap::new();
     env.insert("__OW_NAMESPACE".to_string(), "guest".to_string());
-    SandboxSpec { id: new_id(tag), code_dir: code.to_path_buf(), memory_limit: Bytes::mib(mb), env }
+    SandboxSpec {
+        id: new_id(tag),
+        code_dir: code.to_path_buf(),
+        memory_limit: Bytes::mib(mb),
+        env,
+    }
 }
 
 fn args(v: Value) -> serde_json::Map<String, Value> {
@@ -60,12 +72,23 @@ fn args(v: Value) -> serde_json::Map<String, Value> {
 }
 
 fn run_req(v: Value) -> RunRequest {
-    RunRequest { value: args(v), env: BTreeMap::new(), timeout: Duration::from_secs(20) }
+    RunRequest {
+        value: args(v),
+        env: BTreeMap::new(),
+        timeout: Duration::from_secs(20),
+    }
 }
 
 async fn started(cfg: &SandboxConfig, tag: &str, code: &Path, mb: u64) -> Sandbox {
-    let sb = Sandbox::start(cfg, spec(tag, code, mb)).await.expect("start");
-    let init = sb.init(InitRequest { main: "main".into() }).await.expect("init");
+    let sb = Sandbox::start(cfg, spec(tag, code, mb))
+        .await
+        .expect("start");
+    let init = sb
+        .init(InitRequest {
+            main: "main".into(),
+        })
+        .await
+        .expect("init");
     assert!(init.ok, "init failed: {:?} {:?}", init.error, init.logs);
     sb
 }
@@ -89,9 +112,15 @@ async fn start_init_run_with_logs() {
     req.env.insert("__OW_ACTIVATION_ID".into(), "abc".into());
     let r = sb.run(req).await.expect("run");
     assert_eq!(r.error, None);
-    assert_eq!(r.result, json!({"greeting": "hi medes", "ns": "guest", "act": "abc"}));
+    assert_eq!(
+        r.result,
+        json!({"greeting": "hi medes", "ns": "guest", "act": "abc"})
+    );
     let texts: Vec<_> = r.logs.iter().map(|l| (l.1, l.2.as_str())).collect();
-    assert!(texts.contains(&(Stream::Stdout, "hello medes")), "{texts:?}");
+    assert!(
+        texts.contains(&(Stream::Stdout, "hello medes")),
+        "{texts:?}"
+    );
     assert!(texts.contains(&(Stream::Stderr, "to stderr")), "{texts:?}");
     assert!(texts.contains(&(Stream::Stdout, "from-child")), "{texts:?}");
     assert!(r.main_ms > 0.0);
@@ -103,7 +132,10 @@ async fn start_init_run_with_logs() {
     }
     eprintln!("warm run with logs: {:?} avg", t0.elapsed() / 20);
     let m = sb.memory().expect("memory");
-    assert!(m.pss.0 > 1_000_000 && m.rss.0 >= m.pss.0 && m.cgroup_usage.0 > 0, "{m:?}");
+    assert!(
+        m.pss.0 > 1_000_000 && m.rss.0 >= m.pss.0 && m.cgroup_usage.0 > 0,
+        "{m:?}"
+    );
     sb.destroy().await.expect("destroy");
 }
 
@@ -123,11 +155,20 @@ async fn checkpoint_and_two_restores_side_by_side() {
     let r = sb.run(run_req(json!({"x": 1}))).await.expect("run");
     assert_eq!(r.result["n"], 1);
     let images = tempfile::tempdir().expect("tempdir");
-    let info = sb.checkpoint(images.path(), CheckpointMode::LeaveRunning).await.expect("dump");
-    eprintln!("dump (leave running): {:.1} ms, pages {}", info.dump_ms, info.page_image_bytes);
+    let info = sb
+        .checkpoint(images.path(), CheckpointMode::LeaveRunning)
+        .await
+        .expect("dump");
+    eprintln!(
+        "dump (leave running): {:.1} ms, pages {}",
+        info.dump_ms, info.page_image_bytes
+    );
     assert!(info.page_image_bytes.0 > 1_000_000);
     // the original keeps running
-    let r = sb.run(run_req(json!({"x": 2}))).await.expect("run after dump");
+    let r = sb
+        .run(run_req(json!({"x": 2})))
+        .await
+        .expect("run after dump");
     assert_eq!(r.result["n"], 2);
     let t0 = std::time::Instant::now();
     let (c1, c2) = tokio::join!(
@@ -138,10 +179,16 @@ async fn checkpoint_and_two_restores_side_by_side() {
     let (c1, c2) = (c1.expect("restore 1"), c2.expect("restore 2"));
     let r1 = c1.run(run_req(json!({"x": 3}))).await.expect("run copy 1");
     let r2 = c2.run(run_req(json!({"x": 4}))).await.expect("run copy 2");
-    assert_eq!(r1.result["n"], 2, "copy continues from the checkpointed state");
+    assert_eq!(
+        r1.result["n"], 2,
+        "copy continues from the checkpointed state"
+    );
     assert_eq!(r2.result["n"], 2);
     assert_eq!(r1.result["pid"], 1);
-    assert_ne!(r1.result["r"], r2.result["r"], "reseeded copies must differ");
+    assert_ne!(
+        r1.result["r"], r2.result["r"],
+        "reseeded copies must differ"
+    );
     sb.destroy().await.expect("destroy");
     c1.destroy().await.expect("destroy");
     c2.destroy().await.expect("destroy");
@@ -164,11 +211,26 @@ async fn action_errors_are_replies_and_the_sandbox_survives() {
     let Some(cfg) = config() else { return };
     let a = action(ERRORS);
     let sb = started(&cfg, "errors", &a.path, 128).await;
-    let r = sb.run(run_req(json!({"kind": "raise"}))).await.expect("run");
-    assert_eq!(r.error.as_deref(), Some("An error has occurred: ValueError: boom"));
-    assert!(r.logs.iter().any(|l| l.1 == Stream::Stderr && l.2.contains("Traceback")), "{:?}", r.logs);
+    let r = sb
+        .run(run_req(json!({"kind": "raise"})))
+        .await
+        .expect("run");
+    assert_eq!(
+        r.error.as_deref(),
+        Some("An error has occurred: ValueError: boom")
+    );
+    assert!(
+        r.logs
+            .iter()
+            .any(|l| l.1 == Stream::Stderr && l.2.contains("Traceback")),
+        "{:?}",
+        r.logs
+    );
     let r = sb.run(run_req(json!({"kind": "list"}))).await.expect("run");
-    assert_eq!(r.error.as_deref(), Some("The action did not return a dictionary."));
+    assert_eq!(
+        r.error.as_deref(),
+        Some("The action did not return a dictionary.")
+    );
     let r = sb.run(run_req(json!({"kind": "exit"}))).await.expect("run");
     assert!(r.error.is_some());
     let r = sb.run(run_req(json!({}))).await.expect("run");
@@ -181,18 +243,43 @@ async fn action_errors_are_replies_and_the_sandbox_survives() {
 async fn init_errors_are_reported() {
     let Some(cfg) = config() else { return };
     let a = action("def main(args):\n    return {\n");
-    let sb = Sandbox::start(&cfg, spec("syntax", &a.path, 128)).await.expect("start");
-    let init = sb.init(InitRequest { main: "main".into() }).await.expect("init");
+    let sb = Sandbox::start(&cfg, spec("syntax", &a.path, 128))
+        .await
+        .expect("start");
+    let init = sb
+        .init(InitRequest {
+            main: "main".into(),
+        })
+        .await
+        .expect("init");
     assert!(!init.ok);
-    assert!(init.error.as_deref().unwrap_or("").contains("SyntaxError"), "{:?}", init.error);
+    assert!(
+        init.error.as_deref().unwrap_or("").contains("SyntaxError"),
+        "{:?}",
+        init.error
+    );
     sb.destroy().await.expect("destroy");
     let a = action("def handler(args):\n    return {'h': 1}\n");
-    let sb = Sandbox::start(&cfg, spec("entry", &a.path, 128)).await.expect("start");
-    let init = sb.init(InitRequest { main: "main".into() }).await.expect("init");
+    let sb = Sandbox::start(&cfg, spec("entry", &a.path, 128))
+        .await
+        .expect("start");
+    let init = sb
+        .init(InitRequest {
+            main: "main".into(),
+        })
+        .await
+        .expect("init");
     assert!(!init.ok, "main does not exist");
     sb.destroy().await.expect("destroy");
-    let sb = Sandbox::start(&cfg, spec("entry2", &a.path, 128)).await.expect("start");
-    let init = sb.init(InitRequest { main: "handler".into() }).await.expect("init");
+    let sb = Sandbox::start(&cfg, spec("entry2", &a.path, 128))
+        .await
+        .expect("start");
+    let init = sb
+        .init(InitRequest {
+            main: "handler".into(),
+        })
+        .await
+        .expect("init");
     assert!(init.ok);
     let r = sb.run(run_req(json!({}))).await.expect("run");
     assert_eq!(r.result, json!({"h": 1}));
@@ -246,17 +333,41 @@ async fn isolation_pid1_unprivileged_readonly_own_hostname() {
     assert_eq!(v["action_writable"], false);
     assert_eq!(v["usr_writable"], false);
     assert_eq!(v["shm"], true);
-    let host = nix::unistd::gethostname().expect("hostname").into_string().expect("utf8");
+    let host = nix::unistd::gethostname()
+        .expect("hostname")
+        .into_string()
+        .expect("utf8");
     assert_ne!(v["hostname"], host.as_str());
     assert!(v["hostname"].as_str().unwrap_or("").starts_with("sb-"));
-    let root: Vec<&str> = v["root"].as_array().expect("list").iter().filter_map(|x| x.as_str()).collect();
-    assert!(!root.contains(&"home") && !root.contains(&"root") && !root.contains(&"var"), "{root:?}");
+    let root: Vec<&str> = v["root"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        !root.contains(&"home") && !root.contains(&"root") && !root.contains(&"var"),
+        "{root:?}"
+    );
     // Outbound mode: eth0 with a default route (destination 00000000).
-    assert!(v["ifaces"].as_array().expect("list").contains(&json!("eth0")), "{v}");
-    assert!(v["route"].as_str().unwrap_or("").contains("eth0\t00000000"), "{}", v["route"]);
+    assert!(
+        v["ifaces"]
+            .as_array()
+            .expect("list")
+            .contains(&json!("eth0")),
+        "{v}"
+    );
+    assert!(
+        v["route"].as_str().unwrap_or("").contains("eth0\t00000000"),
+        "{}",
+        v["route"]
+    );
     sb.destroy().await.expect("destroy");
 
-    let iso = SandboxConfig { network: NetworkMode::Isolated, ..cfg.clone() };
+    let iso = SandboxConfig {
+        network: NetworkMode::Isolated,
+        ..cfg.clone()
+    };
     let sb = started(&iso, "isonet", &a.path, 128).await;
     let r = sb.run(run_req(json!({}))).await.expect("run");
     assert_eq!(r.result["ifaces"], json!(["lo"]));
@@ -275,7 +386,9 @@ def main(args):
 async fn outbound_network_reaches_the_host_network() {
     let Some(cfg) = config() else { return };
     // A listener on the host's primary address (not loopback, not the veth): reached via NAT.
-    let out = std::process::Command::new("ip").args(["-4", "route", "get", "1.1.1.1"]).output();
+    let out = std::process::Command::new("ip")
+        .args(["-4", "route", "get", "1.1.1.1"])
+        .output();
     let src = out.ok().and_then(|o| {
         let s = String::from_utf8_lossy(&o.stdout).into_owned();
         let mut it = s.split_whitespace();
@@ -294,20 +407,35 @@ async fn outbound_network_reaches_the_host_network() {
     let port = l.local_addr().expect("addr").port();
     let a = action(OUTBOUND);
     let sb = started(&cfg, "out", &a.path, 128).await;
-    let r = sb.run(run_req(json!({"host": src, "port": port}))).await.expect("run");
+    let r = sb
+        .run(run_req(json!({"host": src, "port": port})))
+        .await
+        .expect("run");
     // The host's input chain drops new connections from sandboxes to the host itself.
-    assert!(r.error.is_some(), "sandbox must not reach host services: {:?}", r.result);
+    assert!(
+        r.error.is_some(),
+        "sandbox must not reach host services: {:?}",
+        r.result
+    );
     sb.destroy().await.expect("destroy");
 }
 
 #[tokio::test]
 async fn memory_limit_kills_with_out_of_memory() {
     let Some(cfg) = config() else { return };
-    let a = action("def main(args):\n    x = bytearray(args['mb'] * 1024 * 1024)\n    return {'n': len(x)}\n");
+    let a = action(
+        "def main(args):\n    x = bytearray(args['mb'] * 1024 * 1024)\n    return {'n': len(x)}\n",
+    );
     let sb = started(&cfg, "oom", &a.path, 64).await;
-    let r = sb.run(run_req(json!({"mb": 8}))).await.expect("small allocation");
+    let r = sb
+        .run(run_req(json!({"mb": 8})))
+        .await
+        .expect("small allocation");
     assert_eq!(r.result["n"], 8 * 1024 * 1024);
-    let e = sb.run(run_req(json!({"mb": 200}))).await.expect_err("must fail");
+    let e = sb
+        .run(run_req(json!({"mb": 200})))
+        .await
+        .expect_err("must fail");
     assert!(matches!(e, RunError::OutOfMemory { .. }), "{e:?}");
     assert!(!sb.is_alive());
     sb.destroy().await.expect("destroy");
@@ -326,7 +454,10 @@ async fn timeout_kills_the_sandbox() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!sb.is_alive());
-    assert!(matches!(sb.run(run_req(json!({}))).await, Err(RunError::NotRunning)));
+    assert!(matches!(
+        sb.run(run_req(json!({}))).await,
+        Err(RunError::NotRunning)
+    ));
     sb.destroy().await.expect("destroy");
 }
 
@@ -348,13 +479,24 @@ async fn multiprocessing_pool_survives_checkpoint_restore() {
     let r = sb.run(run_req(json!({"n": 100}))).await.expect("run");
     assert_eq!(r.result["sum"], 328350, "{:?} {:?}", r.error, r.logs);
     let images = tempfile::tempdir().expect("tempdir");
-    let info = sb.checkpoint(images.path(), CheckpointMode::Stop).await.expect("dump");
-    eprintln!("pool dump (stop): {:.1} ms, pages {}", info.dump_ms, info.page_image_bytes);
+    let info = sb
+        .checkpoint(images.path(), CheckpointMode::Stop)
+        .await
+        .expect("dump");
+    eprintln!(
+        "pool dump (stop): {:.1} ms, pages {}",
+        info.dump_ms, info.page_image_bytes
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(!sb.is_alive(), "Stop mode kills the original");
     sb.destroy().await.expect("destroy");
-    let c = Sandbox::restore(&cfg, spec("poolr", &a.path, 256), images.path()).await.expect("restore");
-    let r = c.run(run_req(json!({"n": 10}))).await.expect("run restored");
+    let c = Sandbox::restore(&cfg, spec("poolr", &a.path, 256), images.path())
+        .await
+        .expect("restore");
+    let r = c
+        .run(run_req(json!({"n": 10})))
+        .await
+        .expect("run restored");
     assert_eq!(r.result["sum"], 285);
     c.destroy().await.expect("destroy");
 }
@@ -365,23 +507,34 @@ async fn bad_specs_and_images_are_rejected() {
     let a = action(HELLO);
     let mut s = spec("x", &a.path, 64);
     s.id = SandboxId("../evil".into());
-    assert!(matches!(Sandbox::start(&cfg, s).await, Err(StartError::InvalidSpec { .. })));
+    assert!(matches!(
+        Sandbox::start(&cfg, s).await,
+        Err(StartError::InvalidSpec { .. })
+    ));
     let s = spec("nodir", Path::new("/nonexistent/code"), 64);
-    assert!(matches!(Sandbox::start(&cfg, s).await, Err(StartError::InvalidSpec { .. })));
+    assert!(matches!(
+        Sandbox::start(&cfg, s).await,
+        Err(StartError::InvalidSpec { .. })
+    ));
     let empty = tempfile::tempdir().expect("tempdir");
     let r = Sandbox::restore(&cfg, spec("noimg", &a.path, 64), empty.path()).await;
     assert!(matches!(r, Err(RestoreError::BadImage { .. })), "{r:?}");
     // A truncated pages file is caught before CRIU runs (CRIU would hang on it).
     let sb = started(&cfg, "trunc", &a.path, 128).await;
     let images = tempfile::tempdir().expect("tempdir");
-    sb.checkpoint(images.path(), CheckpointMode::LeaveRunning).await.expect("dump");
+    sb.checkpoint(images.path(), CheckpointMode::LeaveRunning)
+        .await
+        .expect("dump");
     sb.destroy().await.expect("destroy");
     let pages = std::fs::read_dir(images.path())
         .expect("ls")
         .filter_map(|e| e.ok())
         .find(|e| e.file_name().to_string_lossy().starts_with("pages-"))
         .expect("pages image");
-    let f = std::fs::OpenOptions::new().write(true).open(pages.path()).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pages.path())
+        .expect("open");
     f.set_len(4096).expect("truncate");
     let r = Sandbox::restore(&cfg, spec("trunc2", &a.path, 64), images.path()).await;
     assert!(matches!(r, Err(RestoreError::BadImage { .. })), "{r:?}");
