@@ -4,17 +4,18 @@
 //! (default 60) of every function row is a candidate pattern. A candidate is eligible if its
 //! scaled invocation rate lies in `[min_per_hour, max_per_hour]`. One eligible window is drawn per
 //! row, then `functions.len()` rows are drawn (reservoir sampling, so gigabyte files stream in
-//! constant memory), shuffled, and mapped onto the functions in order. Each pattern's per-minute
-//! counts are scaled by `scale` (stochastic rounding) and turned into arrival times inside each
-//! minute: evenly spaced for timer patterns (strictly periodic), uniform for the others (Poisson
-//! within the minute). Everything is a pure function of the input and the seed.
+//! constant memory), shuffled, and mapped onto the functions in order. Each non-timer pattern's
+//! per-minute counts are scaled by `scale` (stochastic rounding) and turned into uniform arrival
+//! times inside each minute (a Poisson process given the minute's count). A timer pattern stays
+//! strictly periodic: its period is divided by `scale`. Everything is a pure function of the
+//! input and the seed.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::arrivals::{Spread, minute_arrivals, scale_count};
+use crate::arrivals::{MINUTE_MS, Spread, minute_arrivals, scale_count};
 use crate::azure::{FunctionInvocations, ReadError, Trigger};
 use crate::replay::{Trace, TraceEntry};
 
@@ -127,6 +128,33 @@ struct Candidate {
     counts: Vec<u32>,
 }
 
+/// A timer pattern scaled by `scale` stays strictly periodic: its period is divided by `scale`
+/// (replicating each minute's count would instead fire `scale` calls in a burst every period).
+/// The first arrival keeps the source's phase (its first minute, placed as [`Spread::Even`]).
+fn timer_arrivals<R: Rng>(counts: &[u32], scale: f64, rng: &mut R, out: &mut Vec<u64>) {
+    let n: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+    let window_ms = counts.len() as u64 * MINUTE_MS;
+    let Some(first_minute) = counts.iter().position(|&c| c > 0) else {
+        return;
+    };
+    let first = first_minute as u64 * MINUTE_MS + MINUTE_MS / (2 * u64::from(counts[first_minute]));
+    let scaled = u64::from(scale_count(
+        u32::try_from(n).unwrap_or(u32::MAX),
+        scale,
+        rng,
+    ));
+    if scaled == 0 {
+        return;
+    }
+    let period = window_ms as f64 / scaled as f64;
+    let phase = first as f64 % period;
+    out.extend(
+        (0..scaled)
+            .map(|i| (phase + i as f64 * period) as u64)
+            .filter(|&t| t < window_ms),
+    );
+}
+
 /// Builds the workload from 2019-format rows.
 pub fn recipe<I>(rows: I, cfg: &RecipeConfig) -> Result<Recipe, RecipeError>
 where
@@ -213,10 +241,13 @@ where
         let mut prng = ChaCha8Rng::seed_from_u64(cfg.seed);
         prng.set_stream(1 + i as u64);
         times.clear();
-        let spread = Spread::for_trigger(c.trigger);
-        for (m, &count) in c.counts.iter().enumerate() {
-            let scaled = scale_count(count, cfg.scale, &mut prng);
-            minute_arrivals(scaled, m as u64, spread, &mut prng, &mut times);
+        if c.trigger == Trigger::Timer {
+            timer_arrivals(&c.counts, cfg.scale, &mut prng, &mut times);
+        } else {
+            for (m, &count) in c.counts.iter().enumerate() {
+                let scaled = scale_count(count, cfg.scale, &mut prng);
+                minute_arrivals(scaled, m as u64, Spread::Uniform, &mut prng, &mut times);
+            }
         }
         entries.extend(times.iter().map(|&t| TraceEntry {
             time_ms: t,
@@ -238,4 +269,36 @@ where
         trace: Trace::new(entries),
         picks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_timers_stay_periodic() {
+        let mut counts = vec![0u32; 60];
+        for m in (2..60).step_by(5) {
+            counts[m] = 1;
+        }
+        let mut out = Vec::new();
+        timer_arrivals(&counts, 5.0, &mut ChaCha8Rng::seed_from_u64(1), &mut out);
+        assert_eq!(out.len(), 60);
+        assert!(out.windows(2).all(|w| w[1] - w[0] == 60_000), "{out:?}");
+        assert_eq!(out[0], 30_000);
+    }
+
+    #[test]
+    fn bad_configs_are_rejected() {
+        let rows = std::iter::empty::<Result<FunctionInvocations, ReadError>>;
+        for cfg in [
+            RecipeConfig { scale: 0.0, ..Default::default() },
+            RecipeConfig { window_minutes: 0, ..Default::default() },
+            RecipeConfig { functions: vec![], ..Default::default() },
+            RecipeConfig { min_per_hour: 10.0, max_per_hour: 1.0, ..Default::default() },
+        ] {
+            assert!(matches!(recipe(rows(), &cfg), Err(RecipeError::Config(_))));
+        }
+        assert!(matches!(recipe(rows(), &RecipeConfig::default()), Err(RecipeError::NotEnough { found: 0, .. })));
+    }
 }
