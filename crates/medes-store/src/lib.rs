@@ -62,6 +62,10 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 const META_DEFAULT_KEY: &str = "default_key_uuid";
 
+/// The user part of OpenWhisk's well-known public guest key, which [`Store::add_key`] refuses:
+/// everyone knows its secret.
+pub const OPENWHISK_GUEST_UUID: &str = "23bc46b1-71f6-4ed5-8c54-816aa4f8c502";
+
 /// Default number of activations listed when the caller gives no limit (OpenWhisk's).
 pub const DEFAULT_LIST_LIMIT: usize = 30;
 /// Largest `limit` OpenWhisk accepts for listings.
@@ -236,6 +240,9 @@ pub enum WriteError {
     /// The activation writer thread has stopped (the store is shutting down).
     #[error("the activation writer has stopped")]
     WriterStopped,
+    /// The key is OpenWhisk's well-known public guest key.
+    #[error("refusing OpenWhisk's well-known public guest key (its secret is published)")]
+    WellKnownKey,
 }
 
 impl From<redb::Error> for ReadError {
@@ -578,8 +585,11 @@ impl Store {
 
     // -------------------------------------------------------------------------------- keys
 
-    /// Adds (or replaces) an API key.
+    /// Adds (or replaces) an API key. OpenWhisk's well-known guest key is refused.
     pub fn add_key(&self, key: &ApiKey) -> Result<(), WriteError> {
+        if key.uuid.eq_ignore_ascii_case(OPENWHISK_GUEST_UUID) {
+            return Err(WriteError::WellKnownKey);
+        }
         let tx = self.inner.db.begin_write().db()?;
         {
             let mut table = tx.open_table(API_KEYS).db()?;

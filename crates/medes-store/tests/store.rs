@@ -172,6 +172,18 @@ fn default_key_is_random_and_never_the_openwhisk_guest_key() {
     assert_ne!(k1, k2);
     assert_ne!(k1.uuid, "23bc46b1-71f6-4ed5-8c54-816aa4f8c502");
     assert_eq!(k1.key.len(), 64);
+    let guest = ApiKey {
+        uuid: medes_store::OPENWHISK_GUEST_UUID.into(),
+        key: "123zO3xZCLrMN6v2BKK1dXYFpXlPkccOFqm12CdAsMgRU4VrNZ9lyGVCGuMDGIwP".into(),
+        namespace: Namespace("guest".into()),
+        subject: "guest".into(),
+    };
+    let store = Store::open(d1.path().join("b")).unwrap();
+    assert!(matches!(
+        store.add_key(&guest),
+        Err(medes_store::WriteError::WellKnownKey)
+    ));
+    assert!(store.lookup_key(&guest.uuid).unwrap().is_none());
     assert!(k1.key.chars().all(|c| c.is_ascii_alphanumeric()));
 }
 
