@@ -189,6 +189,20 @@ async fn checkpoint_and_two_restores_side_by_side() {
         r1.result["r"], r2.result["r"],
         "reseeded copies must differ"
     );
+    // A restored copy is a full sandbox: it can be checkpointed and restored again.
+    let images2 = tempfile::tempdir().expect("tempdir");
+    c1.checkpoint(images2.path(), CheckpointMode::LeaveRunning)
+        .await
+        .expect("dump of a copy");
+    let c3 = Sandbox::restore(&cfg, spec("r3", &a.path, 128), images2.path())
+        .await
+        .expect("restore");
+    let r3 = c3
+        .run(run_req(json!({"x": 5})))
+        .await
+        .expect("run copy of copy");
+    assert_eq!(r3.result["n"], 3);
+    c3.destroy().await.expect("destroy");
     sb.destroy().await.expect("destroy");
     c1.destroy().await.expect("destroy");
     c2.destroy().await.expect("destroy");
@@ -377,44 +391,125 @@ async fn isolation_pid1_unprivileged_readonly_own_hostname() {
 const OUTBOUND: &str = r#"
 import socket
 def main(args):
-    s = socket.create_connection((args["host"], args["port"]), timeout=3)
+    s = socket.create_connection((args["host"], args["port"]), timeout=args.get("t", 3))
     s.close()
     return {"connected": True}
 "#;
 
-#[tokio::test]
-async fn outbound_network_reaches_the_host_network() {
-    let Some(cfg) = config() else { return };
-    // A listener on the host's primary address (not loopback, not the veth): reached via NAT.
-    let out = std::process::Command::new("ip")
-        .args(["-4", "route", "get", "1.1.1.1"])
-        .output();
-    let src = out.ok().and_then(|o| {
-        let s = String::from_utf8_lossy(&o.stdout).into_owned();
-        let mut it = s.split_whitespace();
-        while let Some(w) = it.next() {
-            if w == "src" {
-                return it.next().map(str::to_string);
-            }
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+/// A fake "other host": a network namespace behind a veth pair, routed from the host. The
+/// sandbox reaches it through the host's forwarding and NAT, like any outside service.
+struct ExtHost {
+    ns: String,
+    addr: String,
+    host_side: String,
+}
+
+impl ExtHost {
+    fn new() -> ExtHost {
+        let n = std::process::id() % 250;
+        let ns = format!("medes-test-ext-{}", std::process::id());
+        let veth = format!("mdx{}", std::process::id() % 100_000);
+        let (host_side, addr) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{host_side}/30"), "dev", &veth]);
+        ip(&["link", "set", &veth, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/30"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "route", "add", "default", "via", &host_side]);
+        ExtHost {
+            ns,
+            addr,
+            host_side,
         }
-        None
-    });
-    let Some(src) = src else {
-        eprintln!("skipping outbound test: host has no default route");
-        return;
-    };
-    let l = std::net::TcpListener::bind((src.as_str(), 0)).expect("bind");
-    let port = l.local_addr().expect("addr").port();
+    }
+
+    /// Accepts one TCP connection inside the namespace; returns the peer address it saw.
+    fn accept_one(&self) -> (u16, std::thread::JoinHandle<Option<std::net::SocketAddr>>) {
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.ns)).expect("open netns");
+        let addr = self.addr.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let l = std::net::TcpListener::bind((addr.as_str(), 0)).expect("bind");
+            tx.send(l.local_addr().expect("addr").port()).expect("send");
+            l.set_nonblocking(true).expect("nonblocking");
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok((_, peer)) = l.accept() {
+                    return Some(peer);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            None
+        });
+        (rx.recv().expect("port"), h)
+    }
+}
+
+impl Drop for ExtHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn outbound_network_goes_through_nat_and_host_services_are_closed() {
+    let Some(cfg) = config() else { return };
+    let ext = ExtHost::new();
+    let (port, seen) = ext.accept_one();
     let a = action(OUTBOUND);
     let sb = started(&cfg, "out", &a.path, 128).await;
     let r = sb
-        .run(run_req(json!({"host": src, "port": port})))
+        .run(run_req(json!({"host": ext.addr, "port": port})))
         .await
         .expect("run");
-    // The host's input chain drops new connections from sandboxes to the host itself.
+    assert_eq!(
+        r.result,
+        json!({"connected": true}),
+        "{:?} {:?}",
+        r.error,
+        r.logs
+    );
+    let peer = seen.join().expect("join").expect("a connection arrived");
+    assert_eq!(
+        peer.ip().to_string(),
+        ext.host_side,
+        "source is masqueraded to the host"
+    );
+    // A service on the host itself is not reachable from sandboxes.
+    let l = std::net::TcpListener::bind(("0.0.0.0", 0)).expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let r = sb
+        .run(run_req(
+            json!({"host": ext.host_side, "port": port, "t": 0.5}),
+        ))
+        .await
+        .expect("run");
     assert!(
         r.error.is_some(),
-        "sandbox must not reach host services: {:?}",
+        "sandbox reached a host service: {:?}",
         r.result
     );
     sb.destroy().await.expect("destroy");
@@ -538,4 +633,30 @@ async fn bad_specs_and_images_are_rejected() {
     f.set_len(4096).expect("truncate");
     let r = Sandbox::restore(&cfg, spec("trunc2", &a.path, 64), images.path()).await;
     assert!(matches!(r, Err(RestoreError::BadImage { .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn concurrent_runs_in_one_sandbox() {
+    let Some(cfg) = config() else { return };
+    let a = action(
+        "import time\ndef main(args):\n    time.sleep(0.4)\n    print('run', args['i'])\n    return {'i': args['i']}\n",
+    );
+    let sb = started(&cfg, "conc", &a.path, 128).await;
+    let t0 = std::time::Instant::now();
+    let replies = futures::future::join_all((0..4).map(|i| sb.run(run_req(json!({"i": i}))))).await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(1400),
+        "runs were serialised: {:?}",
+        t0.elapsed()
+    );
+    for (i, r) in replies.into_iter().enumerate() {
+        let r = r.expect("run");
+        assert_eq!(r.result["i"], i);
+        assert!(
+            r.logs.iter().any(|l| l.2 == format!("run {i}")),
+            "{:?}",
+            r.logs
+        );
+    }
+    sb.destroy().await.expect("destroy");
 }
