@@ -31,6 +31,8 @@ pub struct Args {
 enum Bench {
     /// Cold/warm start latency per function, warm overhead and no-op throughput.
     Startup(StartupArgs),
+    /// The dedup engine on real checkpoints of the suite's sandboxes (savings, speeds).
+    Dedup(super::bench_dedup::DedupArgs),
 }
 
 /// Arguments of `medes bench startup`.
@@ -94,6 +96,7 @@ struct StartupReport {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         Bench::Startup(a) => startup(a),
+        Bench::Dedup(a) => super::bench_dedup::run(a),
     }
 }
 
