@@ -19,6 +19,7 @@ use medes_core::{
 };
 use medes_store::{ActivationQuery, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, PutActionError};
 use serde_json::{Map, Value, json};
+use tower_http::timeout::TimeoutLayer;
 
 use crate::Shared;
 use crate::auth::Caller;
@@ -64,6 +65,12 @@ pub(crate) fn build(s: Arc<Shared>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.")
         })
+        // A bound on every request, so a stuck request cannot hold a graceful shutdown forever;
+        // blocking invocations answer 202 at `blocking_timeout_ms`, well before it.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            Duration::from_millis(cfg.blocking_timeout_ms.saturating_add(30_000)),
+        ))
         .layer(middleware::map_response(jsonify_errors))
         .with_state(s)
 }
