@@ -60,12 +60,12 @@ fn benches(c: &mut Criterion) {
     let (fps, _) = fingerprint_dump(&target, &cfg.fingerprint, cfg.rebase);
     let sfps: Vec<_> = sample.iter().map(|&i| fps[i as usize]).collect();
     g.bench_function("lookup", |b| {
-        b.iter(|| black_box(registry.choose_batch(&sfps, NodeId(0))))
+        b.iter(|| black_box(registry.choose_batch(&sfps, &[], NodeId(0))))
     });
     let mut bases = LocalBases::new(cfg.rebase);
     bases.insert(BaseId(0), base);
     bases.materialize();
-    let choices = registry.choose_batch(&fps, NodeId(0));
+    let choices = registry.choose_batch(&fps, target.positions(), NodeId(0));
     // Similar pages with their base pages, both canonical.
     let pairs: Vec<(Page, Page)> = (0..n)
         .filter_map(|i| {
@@ -102,7 +102,7 @@ fn benches(c: &mut Criterion) {
             .iter()
             .map(|(t, b)| {
                 let mut d = Vec::new();
-                (enc.encode(t, Some(b), &codec, &mut d), d)
+                (enc.encode(t, Some(b), None, &codec, &mut d), d)
             })
             .collect();
         let bytes: usize = encoded.iter().map(|e| e.1.len()).sum();
@@ -116,7 +116,7 @@ fn benches(c: &mut Criterion) {
             b.iter(|| {
                 for (t, bp) in &pairs {
                     d.clear();
-                    black_box(enc.encode(t, Some(bp), &codec, &mut d));
+                    black_box(enc.encode(t, Some(bp), None, &codec, &mut d));
                 }
             })
         });
@@ -125,7 +125,7 @@ fn benches(c: &mut Criterion) {
             let mut out = [0u8; PAGE];
             b.iter(|| {
                 for ((k, d), (_, bp)) in encoded.iter().zip(&pairs) {
-                    dec.decode(*k, d, Some(bp), &mut out).unwrap();
+                    dec.decode(*k, d, Some(bp), None, &mut out).unwrap();
                     black_box(&out);
                 }
             })

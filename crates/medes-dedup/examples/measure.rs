@@ -21,6 +21,8 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "raw" => c.codec.standalone = Standalone::Raw,
             "zstd3" => c.codec.standalone = Standalone::Zstd(3),
             "nosecond" => c.second_candidate_above = 0,
+            "nopos" => c.positional = false,
+            "second0" => c.second_candidate_above = 1,
             "k8" => c.fingerprint.k = 8,
             "k16" => c.fingerprint.k = 16,
             "mask3" => c.fingerprint.mask_bits = 3,
@@ -28,6 +30,9 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "gain0" => c.codec.zref_min_gain = 0,
             "gain256" => c.codec.zref_min_gain = 256,
             "materialize" => materialize = true,
+            "win1" => c.codec.window_radius = 1,
+            "win2" => c.codec.window_radius = 2,
+            "win4" => c.codec.window_radius = 4,
             other => panic!("unknown variant part {other}"),
         }
     }
@@ -108,6 +113,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 f.rebuild_ms,
                 f.rebuild_gb_per_s
             );
+            let kinds: Vec<String> = f
+                .kind_pages
+                .iter()
+                .map(|(k, n)| format!("{k} {n}p/{:.0}KB", f.kind_bytes.get(k).copied().unwrap_or(0) as f64 / 1e3))
+                .collect();
+            println!("           {}", kinds.join("  "));
         }
     }
     Ok(())

@@ -35,6 +35,8 @@ pub enum PageKind {
     Lz4 = 5,
     /// zstd on its own.
     Zstd = 6,
+    /// zstd with a window of base pages around the base page as prefix (shifted content).
+    ZstdWin = 7,
 }
 
 impl PageKind {
@@ -48,13 +50,19 @@ impl PageKind {
             4 => Self::Raw,
             5 => Self::Lz4,
             6 => Self::Zstd,
+            7 => Self::ZstdWin,
             _ => return None,
         })
     }
 
     /// Whether decoding needs the base page.
     pub fn needs_base(self) -> bool {
-        matches!(self, Self::Same | Self::Sparse | Self::ZstdRef)
+        matches!(self, Self::Same | Self::Sparse | Self::ZstdRef | Self::ZstdWin)
+    }
+
+    /// Whether decoding needs the window of base pages (instead of the base page).
+    pub fn needs_window(self) -> bool {
+        self == Self::ZstdWin
     }
 }
 
@@ -82,6 +90,8 @@ pub struct CodecConfig {
     pub zref_min_gain: usize,
     /// Standalone codec.
     pub standalone: Standalone,
+    /// Base pages on each side of the base page in the `ZstdWin` dictionary (0: `ZstdRef`).
+    pub window_radius: u64,
     /// A patch is used only if smaller than this; else the page is stored standalone.
     pub patch_threshold: usize,
 }
@@ -94,6 +104,7 @@ impl Default for CodecConfig {
             sparse_good_enough: 96,
             zref_min_gain: 64,
             standalone: Standalone::Zstd(1),
+            window_radius: 0,
             patch_threshold: 2048,
         }
     }
@@ -217,11 +228,13 @@ impl std::fmt::Debug for Encoder {
 
 impl Encoder {
     /// Encodes `target` against `base` (or on its own), appending the stored bytes to `out`.
-    /// Zero pages must be detected by the caller (fingerprinting does).
+    /// `window` (base pages around `base`, see [`crate::BasePages::window`]) replaces the base
+    /// page as zstd dictionary when given. Zero pages must be detected by the caller.
     pub fn encode(
         &mut self,
         target: &Page,
         base: Option<&Page>,
+        window: Option<&[u8]>,
         cfg: &CodecConfig,
         out: &mut Vec<u8>,
     ) -> PageKind {
@@ -242,16 +255,21 @@ impl Encoder {
             }
             if cfg.zstd_ref {
                 self.buf.clear();
+                let dict: &[u8] = window.unwrap_or(base);
                 let r =
                     self.cctx
-                        .compress_using_dict(&mut self.buf, target, base, cfg.zstd_ref_level);
+                        .compress_using_dict(&mut self.buf, target, dict, cfg.zstd_ref_level);
                 if r.is_ok()
                     && self.buf.len() < limit
                     && self.buf.len().saturating_add(cfg.zref_min_gain) <= sparse_len
                 {
                     out.truncate(start);
                     out.extend_from_slice(&self.buf);
-                    return PageKind::ZstdRef;
+                    return if window.is_some() {
+                        PageKind::ZstdWin
+                    } else {
+                        PageKind::ZstdRef
+                    };
                 }
             }
             if sparse_ok {
@@ -307,12 +325,13 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
-    /// Decodes one stored page into `out`.
+    /// Decodes one stored page into `out` (`window` only for `ZstdWin`).
     pub fn decode(
         &mut self,
         kind: PageKind,
         data: &[u8],
         base: Option<&Page>,
+        window: Option<&[u8]>,
         out: &mut Page,
     ) -> Result<(), DecodePageError> {
         let need = || base.ok_or(DecodePageError::MissingBase(kind));
@@ -326,6 +345,16 @@ impl Decoder {
                 let n = self
                     .dctx
                     .decompress_using_dict(&mut out[..], data, base)
+                    .map_err(|_| bad.clone())?;
+                if n != PAGE {
+                    return Err(bad);
+                }
+            }
+            PageKind::ZstdWin => {
+                let w = window.ok_or(DecodePageError::MissingBase(kind))?;
+                let n = self
+                    .dctx
+                    .decompress_using_dict(&mut out[..], data, w)
                     .map_err(|_| bad.clone())?;
                 if n != PAGE {
                     return Err(bad);
@@ -389,19 +418,19 @@ mod tests {
             let mut dec = Decoder::default();
             for b in [Some(&*base), None] {
                 let mut data = Vec::new();
-                let kind = enc.encode(&target, b, &cfg, &mut data);
+                let kind = enc.encode(&target, b, None, &cfg, &mut data);
                 let mut out = [0u8; PAGE];
-                dec.decode(kind, &data, b, &mut out).unwrap();
+                dec.decode(kind, &data, b, None, &mut out).unwrap();
                 prop_assert_eq!(&out[..], &target[..]);
             }
         }
 
         #[test]
-        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), kind in 0u8..7) {
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), kind in 0u8..8) {
             let kind = PageKind::from_u8(kind).unwrap();
             let base = [7u8; PAGE];
             let mut out = [0u8; PAGE];
-            let _ = Decoder::default().decode(kind, &data, Some(&base), &mut out);
+            let _ = Decoder::default().decode(kind, &data, Some(&base), Some(&base), &mut out);
         }
     }
 
@@ -412,8 +441,40 @@ mod tests {
         t[100] ^= 1;
         t[2000..2008].copy_from_slice(&[9; 8]);
         let mut data = Vec::new();
-        let kind = Encoder::default().encode(&t, Some(&base), &CodecConfig::default(), &mut data);
+        let kind = Encoder::default().encode(&t, Some(&base), None, &CodecConfig::default(), &mut data);
         assert_eq!(kind, PageKind::Sparse);
         assert!(data.len() < 20, "{}", data.len());
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn window_codec_round_trips_shifted_content() {
+        let mut w = vec![0u8; 3 * PAGE];
+        let mut x = 1u32;
+        for b in w.iter_mut() {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            *b = (x >> 24) as u8 & 0x0F;
+        }
+        let mut target = [0u8; PAGE];
+        target.copy_from_slice(&w[PAGE + 100..2 * PAGE + 100]);
+        target[5] ^= 0xFF;
+        let base: &Page = w[PAGE..2 * PAGE].try_into().unwrap();
+        let cfg = CodecConfig {
+            sparse_good_enough: 0,
+            zref_min_gain: 0,
+            ..CodecConfig::default()
+        };
+        let mut data = Vec::new();
+        let kind = Encoder::default().encode(&target, Some(base), Some(&w), &cfg, &mut data);
+        assert_eq!(kind, PageKind::ZstdWin);
+        let mut out = [0u8; PAGE];
+        Decoder::default()
+            .decode(kind, &data, Some(base), Some(&w), &mut out)
+            .unwrap();
+        assert_eq!(out, target);
     }
 }

@@ -22,6 +22,9 @@ pub struct DedupConfig {
     pub codec: CodecConfig,
     /// Pointer rebasing (pointers into the dump's own mappings as mapping + offset).
     pub rebase: bool,
+    /// Position candidates: the base page at the same mapping and offset is a candidate (the
+    /// only one when no chunk matches, else the runner-up).
+    pub positional: bool,
     /// Try the runner-up base page when the first gives a patch larger than this (0: never).
     pub second_candidate_above: usize,
     /// The node the dedup runs on (base choice prefers local bases on ties).
@@ -34,6 +37,7 @@ impl Default for DedupConfig {
             fingerprint: FingerprintConfig::default(),
             codec: CodecConfig::default(),
             rebase: true,
+            positional: true,
             second_candidate_above: 256,
             local_node: NodeId(0),
         }
@@ -47,6 +51,8 @@ pub struct DedupStats {
     pub pages: u64,
     /// Pages per kind.
     pub kinds: HashMap<String, u64>,
+    /// Stored bytes per kind.
+    pub kind_bytes: HashMap<String, u64>,
     /// Zero pages.
     pub zero: u64,
     /// Pages identical to their base page.
@@ -112,7 +118,8 @@ pub fn register_base(
     cfg: &DedupConfig,
 ) -> Result<(), AddBaseError> {
     let (fps, _) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
-    registry.add_base(id, meta, &fps)
+    let positions: &[u64] = if cfg.positional { dump.positions() } else { &[] };
+    registry.add_base(id, meta, &fps, positions)
 }
 
 struct Encoded {
@@ -134,7 +141,8 @@ pub fn dedup(
     let t0 = Instant::now();
     let (fps, rebased) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
     let t1 = Instant::now();
-    let choices = registry.choose_batch(&fps, cfg.local_node);
+    let positions: &[u64] = if cfg.positional { dump.positions() } else { &[] };
+    let choices = registry.choose_batch(&fps, positions, cfg.local_node);
     let t2 = Instant::now();
     let encoded: Result<Vec<Encoded>, DedupError> = (0..n)
         .into_par_iter()
@@ -161,13 +169,24 @@ pub fn dedup(
                     .page(r.base, u64::from(r.page))
                     .map_err(|source| DedupError::BasePage { page: i, source })
             };
+            let radius = cfg.codec.window_radius;
+            let fetch_window = |r: PageRef| {
+                if radius == 0 || !cfg.codec.zstd_ref {
+                    return Ok(None);
+                }
+                bases
+                    .window(r.base, u64::from(r.page), radius)
+                    .map(Some)
+                    .map_err(|source| DedupError::BasePage { page: i, source })
+            };
             let mut data = Vec::new();
             let (kind, base) = match choices[iu] {
-                None => (enc.encode(target, None, &cfg.codec, &mut data), None),
+                None => (enc.encode(target, None, None, &cfg.codec, &mut data), None),
                 Some(c) => {
                     let r = c.page();
                     let bp = fetch(r)?;
-                    let mut kind = enc.encode(target, Some(&bp), &cfg.codec, &mut data);
+                    let w = fetch_window(r)?;
+                    let mut kind = enc.encode(target, Some(&bp), w.as_deref(), &cfg.codec, &mut data);
                     let mut used = r;
                     if let Choice::Similar {
                         second: Some(s), ..
@@ -176,8 +195,9 @@ pub fn dedup(
                         && (data.len() > cfg.second_candidate_above || !kind.needs_base())
                     {
                         let bp2 = fetch(s)?;
+                        let w2 = fetch_window(s)?;
                         let mut d2 = Vec::new();
-                        let k2 = enc.encode(target, Some(&bp2), &cfg.codec, &mut d2);
+                        let k2 = enc.encode(target, Some(&bp2), w2.as_deref(), &cfg.codec, &mut d2);
                         if d2.len() < data.len() {
                             data = d2;
                             kind = k2;
@@ -217,6 +237,7 @@ pub fn dedup(
                 n_pages: p.n_pages,
             })
             .collect(),
+        window_radius: cfg.codec.window_radius,
         ..Default::default()
     };
     store
@@ -242,13 +263,14 @@ pub fn dedup(
         match e.kind {
             PageKind::Zero => stats.zero += 1,
             PageKind::Same => stats.exact += 1,
-            PageKind::Sparse | PageKind::ZstdRef => {
+            PageKind::Sparse | PageKind::ZstdRef | PageKind::ZstdWin => {
                 stats.patched += 1;
                 stats.patch_bytes += e.data.len() as u64;
             }
             PageKind::Raw | PageKind::Lz4 | PageKind::Zstd => stats.standalone += 1,
         }
         *stats.kinds.entry(format!("{:?}", e.kind)).or_default() += 1;
+        *stats.kind_bytes.entry(format!("{:?}", e.kind)).or_default() += e.data.len() as u64;
         let r = rebased[i] && e.kind != PageKind::Zero;
         stats.rebased += u64::from(r);
         store.pages.push(PageEntry {

@@ -68,6 +68,10 @@ pub struct FunctionReport {
     pub rebuild_ms: f64,
     /// Pages rebuilt per second, 10^9 bytes.
     pub rebuild_gb_per_s: f64,
+    /// Pages per stored kind (per sandbox).
+    pub kind_pages: BTreeMap<String, u64>,
+    /// Stored bytes per kind (per sandbox).
+    pub kind_bytes: BTreeMap<String, u64>,
 }
 
 /// The evaluation's output.
@@ -158,6 +162,8 @@ struct Acc {
     lookup_us: f64,
     dedup_ms: f64,
     rebuild_ms: f64,
+    kind_pages: BTreeMap<String, u64>,
+    kind_bytes: BTreeMap<String, u64>,
 }
 
 fn open(path: &Path) -> Result<DumpImage, EvalError> {
@@ -249,6 +255,12 @@ pub fn evaluate(
                 a.cross += c;
             }
         }
+        for (k, v) in &stats.kinds {
+            *a.kind_pages.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &stats.kind_bytes {
+            *a.kind_bytes.entry(k.clone()).or_default() += v;
+        }
         a.fp_us += stats.fingerprint.as_secs_f64() * 1e6 / pages;
         a.lookup_us += stats.lookup.as_secs_f64() * 1e6 / pages;
         a.dedup_ms += dedup_ms;
@@ -289,6 +301,8 @@ pub fn evaluate(
                 } else {
                     0.0
                 },
+                kind_pages: a.kind_pages.iter().map(|(k, v)| (k.clone(), per(*v))).collect(),
+                kind_bytes: a.kind_bytes.iter().map(|(k, v)| (k.clone(), per(*v))).collect(),
             }
         })
         .collect();

@@ -24,6 +24,13 @@ pub struct ProcessPages {
     map: PagesMap,
 }
 
+impl ProcessPages {
+    /// The raw pages image.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.bytes()
+    }
+}
+
 #[derive(Debug)]
 enum PagesMap {
     Mapped(memmap2::Mmap),
@@ -49,6 +56,8 @@ pub struct DumpImage {
     pub procs: Vec<ProcessPages>,
     /// Index of each process's first page.
     first_page: Vec<u64>,
+    /// Position key of every page ([`MappingTable::position_key`]).
+    positions: Vec<u64>,
     n_pages: u64,
 }
 
@@ -100,6 +109,7 @@ impl DumpImage {
         let mut procs = Vec::new();
         let mut first_page = Vec::new();
         let mut n_pages = 0u64;
+        let mut positions = Vec::new();
         for p in &dir.processes {
             let mm = p.mm.as_ref().ok_or(OpenDumpError::NoMm { pid: p.pid })?;
             let pages_file = p.pages_file_name();
@@ -107,20 +117,33 @@ impl DumpImage {
             let n = p.pagemap.n_present_pages();
             first_page.push(n_pages);
             n_pages += n;
+            let table = MappingTable::new(mm, &dir.reg_files);
+            for r in p.pagemap.present_runs() {
+                for i in 0..r.nr_pages {
+                    positions.push(table.position_key(r.vaddr.wrapping_add(i * PAGE as u64)));
+                }
+            }
             procs.push(ProcessPages {
                 pid: p.pid,
                 pages_file,
                 n_pages: n,
-                table: MappingTable::new(mm, &dir.reg_files),
+                table,
                 map,
             });
         }
+        positions.resize(n_pages as usize, 0);
         Ok(Self {
             dir,
             procs,
             first_page,
+            positions,
             n_pages,
         })
+    }
+
+    /// Position keys of all pages (same mapping and page offset ⇒ same key across dumps).
+    pub fn positions(&self) -> &[u64] {
+        &self.positions
     }
 
     /// Total pages.
@@ -192,6 +215,27 @@ pub enum BasePageError {
 pub trait BasePages: Sync {
     /// Base page `idx` of `base`.
     fn page(&self, base: BaseId, idx: u64) -> Result<Cow<'_, Page>, BasePageError>;
+
+    /// Number of pages of `base`.
+    fn n_pages(&self, base: BaseId) -> Result<u64, BasePageError>;
+
+    /// Pages `idx - radius ..= idx + radius` of `base` (clamped to its pages), contiguous: the
+    /// dictionary of the `ZstdWin` codec. The default concatenates [`BasePages::page`].
+    fn window(&self, base: BaseId, idx: u64, radius: u64) -> Result<Cow<'_, [u8]>, BasePageError> {
+        let (start, end) = window_range(idx, radius, self.n_pages(base)?);
+        let mut v = Vec::with_capacity((end - start) as usize * PAGE);
+        for i in start..end {
+            v.extend_from_slice(&self.page(base, i)?[..]);
+        }
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// The page range of a window (see [`BasePages::window`]).
+pub fn window_range(idx: u64, radius: u64, n_pages: u64) -> (u64, u64) {
+    let start = idx.saturating_sub(radius);
+    let end = idx.saturating_add(radius).saturating_add(1).min(n_pages);
+    (start.min(end), end)
 }
 
 /// Local bases: memory-mapped dumps, rebased on the fly or from a precomputed canonical copy.
@@ -260,6 +304,43 @@ impl LocalBases {
 }
 
 impl BasePages for LocalBases {
+    fn n_pages(&self, base: BaseId) -> Result<u64, BasePageError> {
+        self.bases
+            .get(&base)
+            .map(|b| b.dump.n_pages())
+            .ok_or(BasePageError::MissingBase(base))
+    }
+
+    fn window(&self, base: BaseId, idx: u64, radius: u64) -> Result<Cow<'_, [u8]>, BasePageError> {
+        let b = self
+            .bases
+            .get(&base)
+            .ok_or(BasePageError::MissingBase(base))?;
+        let (start, end) = window_range(idx, radius, b.dump.n_pages());
+        if idx >= end {
+            return Err(BasePageError::MissingPage { base, page: idx });
+        }
+        if let Some(c) = &b.canonical {
+            return Ok(Cow::Borrowed(&c[start as usize * PAGE..end as usize * PAGE]));
+        }
+        if !self.rebase && b.dump.locate(start).map(|l| l.0) == b.dump.locate(end - 1).map(|l| l.0) {
+            let first = b.dump.page(start).ok_or(BasePageError::MissingPage { base, page: start })?;
+            let (p, i) = b.dump.locate(start).ok_or(BasePageError::MissingPage { base, page: start })?;
+            let _ = first;
+            let o = i as usize * PAGE;
+            let bytes = b.dump.procs[p].bytes();
+            return bytes
+                .get(o..o + (end - start) as usize * PAGE)
+                .map(Cow::Borrowed)
+                .ok_or(BasePageError::MissingPage { base, page: idx });
+        }
+        let mut v = Vec::with_capacity((end - start) as usize * PAGE);
+        for i in start..end {
+            v.extend_from_slice(&self.page(base, i)?[..]);
+        }
+        Ok(Cow::Owned(v))
+    }
+
     fn page(&self, base: BaseId, idx: u64) -> Result<Cow<'_, Page>, BasePageError> {
         let b = self
             .bases

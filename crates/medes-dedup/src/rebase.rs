@@ -26,6 +26,8 @@ pub struct MappingTable {
     starts: Vec<u64>,
     ends: Vec<u64>,
     ids: Vec<u16>,
+    /// Full 64-bit canonical key of each mapping.
+    keys: Vec<u64>,
     /// Start address by id (`EMPTY` if unused).
     by_id: Box<[u64]>,
     lo: u64,
@@ -76,7 +78,7 @@ impl MappingTable {
             .collect();
         vmas.sort_by_key(|v| v.start);
         let mut by_id = vec![EMPTY; 1 << 16].into_boxed_slice();
-        let (mut starts, mut ends, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut starts, mut ends, mut ids, mut keys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut prev_file = 0u64;
         let mut ordinal = 0u32;
         for v in vmas {
@@ -108,6 +110,7 @@ impl MappingTable {
             starts.push(v.start);
             ends.push(v.end);
             ids.push(id);
+            keys.push(key);
         }
         let lo = starts.first().copied().unwrap_or(u64::MAX);
         let hi = ends.iter().copied().max().unwrap_or(0);
@@ -115,6 +118,7 @@ impl MappingTable {
             starts,
             ends,
             ids,
+            keys,
             by_id,
             lo,
             hi,
@@ -129,6 +133,20 @@ impl MappingTable {
     /// Whether the table has no mappings.
     pub fn is_empty(&self) -> bool {
         self.starts.is_empty()
+    }
+
+    /// A key naming "page `n` of mapping `m`" that is equal across dumps for matched mappings
+    /// (0 if `vaddr` is in no mapping): the base page at the same place is a good candidate.
+    pub fn position_key(&self, vaddr: u64) -> u64 {
+        let mut hint = 0;
+        match self.find(vaddr, &mut hint) {
+            Some(i) => {
+                let page = (vaddr - self.starts[i]) / crate::PAGE as u64;
+                let k = self.keys[i] ^ page.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                k.max(1)
+            }
+            None => 0,
+        }
     }
 
     #[inline]

@@ -158,24 +158,32 @@ pub fn rebuild_into(
                 let dst: &mut Page = dst
                     .try_into()
                     .map_err(|_| RebuildError::OutputSize { expected, found: 0 })?;
-                let base = if e.kind.needs_base() {
-                    let id = *store.bases.get(usize::from(e.base_slot)).ok_or(
+                let id = if e.kind.needs_base() {
+                    Some(*store.bases.get(usize::from(e.base_slot)).ok_or(
                         RebuildError::BaseSlot {
                             page,
                             slot: e.base_slot,
                         },
-                    )?;
-                    Some(
-                        bases
-                            .page(id, u64::from(e.base_page))
-                            .map_err(|source| RebuildError::BasePage { page, source })?,
-                    )
+                    )?)
                 } else {
                     None
                 };
+                let bp = |source| RebuildError::BasePage { page, source };
+                let (base, window) = match id {
+                    Some(id) if e.kind.needs_window() => (
+                        None,
+                        Some(
+                            bases
+                                .window(id, u64::from(e.base_page), store.window_radius)
+                                .map_err(bp)?,
+                        ),
+                    ),
+                    Some(id) => (Some(bases.page(id, u64::from(e.base_page)).map_err(bp)?), None),
+                    None => (None, None),
+                };
                 let o = offsets[i] as usize;
                 let data = &store.blob[o..o + e.len as usize];
-                dec.decode(e.kind, data, base.as_deref(), dst)
+                dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
                     .map_err(|source| RebuildError::Decode { page, source })?;
                 if e.rebased {
                     let t =

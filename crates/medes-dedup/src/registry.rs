@@ -98,6 +98,7 @@ struct BaseEntry {
 struct Inner {
     chunks: IdMap<Refs>,
     exact: IdMap<PageRef>,
+    positional: IdMap<Refs>,
     bases: BTreeMap<BaseId, BaseEntry>,
 }
 
@@ -170,9 +171,11 @@ pub struct RegistryStats {
     pub chunk_refs: usize,
     /// Distinct whole-page hashes.
     pub exact_keys: usize,
+    /// Distinct position keys.
+    pub position_keys: usize,
     /// Estimated heap bytes (table capacity and spill vectors).
     pub bytes: usize,
-    /// `bytes` per (chunk ref + exact key).
+    /// `bytes` per (chunk ref + exact key + position key).
     pub bytes_per_entry: f64,
 }
 
@@ -188,12 +191,15 @@ impl Registry {
         Self::default()
     }
 
-    /// Registers a base image's page fingerprints (in page order).
+    /// Registers a base image's page fingerprints (in page order) and, optionally, the pages'
+    /// position keys (`positions[i]`: mapping and offset of page `i`, 0 if unknown; may be
+    /// empty).
     pub fn add_base(
         &self,
         id: BaseId,
         meta: BaseMeta,
         fps: &[PageFingerprint],
+        positions: &[u64],
     ) -> Result<(), AddBaseError> {
         if u32::try_from(fps.len()).is_err() {
             return Err(AddBaseError::TooLarge(id));
@@ -212,6 +218,16 @@ impl Registry {
                 page: i as u32,
             };
             inner.exact.entry(fp.page_hash).or_insert(r);
+            if let Some(&pos) = positions.get(i).filter(|&&p| p != 0) {
+                inner
+                    .positional
+                    .entry(pos)
+                    .and_modify(|refs| refs.push(r))
+                    .or_insert(Refs {
+                        first: r,
+                        more: None,
+                    });
+            }
             for &c in fp.chunks() {
                 inner
                     .chunks
@@ -247,8 +263,10 @@ impl Registry {
         g.bases.remove(&id);
         g.chunks.retain(|_, refs| refs.remove_base(id));
         g.exact.retain(|_, r| r.base != id);
+        g.positional.retain(|_, refs| refs.remove_base(id));
         g.chunks.shrink_to_fit();
         g.exact.shrink_to_fit();
+        g.positional.shrink_to_fit();
         Ok(())
     }
 
@@ -286,15 +304,24 @@ impl Registry {
         self.inner.read().bases.keys().copied().collect()
     }
 
-    /// Chooses a base page for one page (zero pages: `None`).
-    pub fn choose(&self, fp: &PageFingerprint, local: NodeId) -> Option<Choice> {
-        choose_in(&self.inner.read(), fp, local)
+    /// Chooses a base page for one page (zero pages: `None`). `position` is the page's position
+    /// key (0: none).
+    pub fn choose(&self, fp: &PageFingerprint, position: u64, local: NodeId) -> Option<Choice> {
+        choose_in(&self.inner.read(), fp, position, local)
     }
 
-    /// Chooses base pages for a whole sandbox under one read lock.
-    pub fn choose_batch(&self, fps: &[PageFingerprint], local: NodeId) -> Vec<Option<Choice>> {
+    /// Chooses base pages for a whole sandbox under one read lock (`positions` may be empty).
+    pub fn choose_batch(
+        &self,
+        fps: &[PageFingerprint],
+        positions: &[u64],
+        local: NodeId,
+    ) -> Vec<Option<Choice>> {
         let g = self.inner.read();
-        fps.iter().map(|fp| choose_in(&g, fp, local)).collect()
+        fps.iter()
+            .enumerate()
+            .map(|(i, fp)| choose_in(&g, fp, positions.get(i).copied().unwrap_or(0), local))
+            .collect()
     }
 
     /// Size figures (memory per entry).
@@ -302,7 +329,13 @@ impl Registry {
         let g = self.inner.read();
         let slot = |k: usize, v: usize| k + v + 1;
         let mut bytes = g.chunks.capacity() * slot(8, std::mem::size_of::<Refs>())
-            + g.exact.capacity() * slot(8, std::mem::size_of::<PageRef>());
+            + g.exact.capacity() * slot(8, std::mem::size_of::<PageRef>())
+            + g.positional.capacity() * slot(8, std::mem::size_of::<Refs>());
+        for r in g.positional.values() {
+            if let Some(m) = &r.more {
+                bytes += std::mem::size_of::<Vec<PageRef>>() + m.capacity() * 8;
+            }
+        }
         let mut chunk_refs = 0;
         for r in g.chunks.values() {
             chunk_refs += 1;
@@ -311,12 +344,13 @@ impl Registry {
                 bytes += std::mem::size_of::<Vec<PageRef>>() + m.capacity() * 8;
             }
         }
-        let entries = chunk_refs + g.exact.len();
+        let entries = chunk_refs + g.exact.len() + g.positional.len();
         RegistryStats {
             bases: g.bases.len(),
             chunk_keys: g.chunks.len(),
             chunk_refs,
             exact_keys: g.exact.len(),
+            position_keys: g.positional.len(),
             bytes,
             bytes_per_entry: if entries == 0 {
                 0.0
@@ -327,13 +361,14 @@ impl Registry {
     }
 }
 
-fn choose_in(g: &Inner, fp: &PageFingerprint, local: NodeId) -> Option<Choice> {
+fn choose_in(g: &Inner, fp: &PageFingerprint, position: u64, local: NodeId) -> Option<Choice> {
     if fp.zero {
         return None;
     }
     if let Some(&r) = g.exact.get(&fp.page_hash) {
         return Some(Choice::Exact(r));
     }
+    let positional = (position != 0).then(|| g.positional.get(&position)).flatten();
     let mut cands: [(PageRef, u8); MAX_K * MAX_REFS_PER_CHUNK] = [(
         PageRef {
             base: BaseId(0),
@@ -359,7 +394,23 @@ fn choose_in(g: &Inner, fp: &PageFingerprint, local: NodeId) -> Option<Choice> {
         }
     }
     if n == 0 {
-        return None;
+        // No shared chunk: the base page at the same place (mapping and offset), if any.
+        return positional.map(|refs| {
+            let mut all: Vec<PageRef> = refs.iter().copied().collect();
+            all.sort_unstable_by_key(|p| {
+                let (is_local, deps) = g
+                    .bases
+                    .get(&p.base)
+                    .map(|e| (e.meta.node == local, e.dependents))
+                    .unwrap_or((false, u64::MAX));
+                (!is_local, deps, *p)
+            });
+            Choice::Similar {
+                best: all[0],
+                shared: 0,
+                second: all.get(1).copied(),
+            }
+        });
     }
     // Rank: most shared chunks, then local node, then fewer dependents, then lowest ref.
     let rank = |(p, cnt): &(PageRef, u8)| {
@@ -372,10 +423,16 @@ fn choose_in(g: &Inner, fp: &PageFingerprint, local: NodeId) -> Option<Choice> {
     };
     let cands = &mut cands[..n];
     cands.sort_unstable_by_key(rank);
+    let best = cands[0].0;
+    // Runner-up: the positional page in the best candidate's base (the same place in the same
+    // base is usually the closest page), else the second most-shared candidate.
+    let second = positional
+        .and_then(|refs| refs.iter().find(|p| p.base == best.base && **p != best).copied())
+        .or_else(|| cands.get(1).map(|c| c.0));
     Some(Choice::Similar {
-        best: cands[0].0,
+        best,
         shared: cands[0].1,
-        second: cands.get(1).map(|c| c.0),
+        second,
     })
 }
 

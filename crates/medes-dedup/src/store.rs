@@ -1,7 +1,7 @@
 //! The dedup store: the stored form of one deduplicated sandbox.
 //!
 //! File layout (all integers little-endian):
-//! `"MEDESDS1"`, version u32, reserved u32, payload length u64, xxh3-64 of the payload u64, then
+//! `"MEDESDS1"`, version u32, window radius u32, payload length u64, xxh3-64 of the payload u64, then
 //! the payload: five length-prefixed sections (u64 length each): non-page images (zstd),
 //! processes, base ids, page table (column layout, zstd), page blob. Every page table entry holds
 //! the xxh3-64 of the original page, so a rebuild can never return a wrong page silently.
@@ -60,6 +60,8 @@ pub struct DedupStore {
     pub pages: Vec<PageEntry>,
     /// Page data, in page order.
     pub blob: Vec<u8>,
+    /// Window radius of `ZstdWin` pages.
+    pub window_radius: u64,
 }
 
 /// Error writing a store.
@@ -213,7 +215,7 @@ impl DedupStore {
         let mut out = Vec::with_capacity(HEADER + payload.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(self.window_radius.min(u64::from(u32::MAX)) as u32).to_le_bytes());
         put_u64(&mut out, payload.len() as u64);
         put_u64(&mut out, xxh3_64(&payload));
         out.extend_from_slice(&payload);
@@ -233,7 +235,7 @@ impl DedupStore {
         if h.u32()? != VERSION {
             return Err(LoadStoreError::BadHeader);
         }
-        let _reserved = h.u32()?;
+        let window_radius = u64::from(h.u32()?);
         let len = h.len()?;
         let sum = h.u64()?;
         let payload = h.bytes(len)?;
@@ -333,6 +335,7 @@ impl DedupStore {
             bases,
             pages,
             blob,
+            window_radius,
         };
         if store.procs.iter().map(|p| p.n_pages).sum::<u64>() != n as u64 {
             return Err(LoadStoreError::Malformed("process page counts"));
@@ -424,6 +427,7 @@ mod tests {
                 },
             ],
             blob: vec![1, 2, 3],
+            window_radius: 1,
         }
     }
 
