@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::activation::{LogBuilder, classify, error_result};
-use crate::metrics::GlobalMetrics;
+use crate::metrics::{ActionMetrics, GlobalMetrics};
 use crate::state::{Grant, Key, PurgeJob, State, Waiter};
 
 /// Scheduler settings.
@@ -443,9 +443,10 @@ impl Controller {
             )));
         }
 
-        let queued = {
+        let (queued, metrics) = {
             let mut st = self.state.lock();
             let now = self.now();
+            let metrics = st.pool(&action.name).metrics.clone();
             let grant = match st.try_assign(&action.name, &action.version, concurrency) {
                 Some(g) => Some(g),
                 None if st.waiters.is_empty() => {
@@ -454,7 +455,7 @@ impl Controller {
                 }
                 None => None,
             };
-            match grant {
+            let queued = match grant {
                 Some(g) => Ok(g),
                 None if st.waiters.len() >= self.cfg.max_waiting => Err(None),
                 None => {
@@ -471,7 +472,8 @@ impl Controller {
                     });
                     Err(Some((rx, ticket)))
                 }
-            }
+            };
+            (queued, metrics)
         };
         let grant = match queued {
             Ok(g) => g,
@@ -564,7 +566,7 @@ impl Controller {
                         status,
                         result: error_result(msg),
                     };
-                    return Ok(self.finish_activation(act, logs, arrival));
+                    return Ok(finish_activation(act, logs, arrival, &metrics));
                 }
                 self.state.lock().started(key);
                 (key, id, node)
@@ -644,32 +646,24 @@ impl Controller {
                 }
             }
         }
-        Ok(self.finish_activation(act, logs, arrival))
+        Ok(finish_activation(act, logs, arrival, &metrics))
     }
+}
 
-    fn finish_activation(
-        &self,
-        mut act: Activation,
-        logs: LogBuilder,
-        arrival: Instant,
-    ) -> Activation {
-        act.end = unix_now().max(act.start);
-        act.logs = logs.finish();
-        let metrics = self
-            .state
-            .lock()
-            .pools
-            .get(&act.action)
-            .map(|p| p.metrics.clone());
-        if let Some(m) = metrics {
-            m.record(
-                act.start_kind,
-                act.response.status,
-                arrival.elapsed().as_secs_f64(),
-            );
-        }
-        act
-    }
+fn finish_activation(
+    mut act: Activation,
+    logs: LogBuilder,
+    arrival: Instant,
+    metrics: &ActionMetrics,
+) -> Activation {
+    act.end = unix_now().max(act.start);
+    act.logs = logs.finish();
+    metrics.record(
+        act.start_kind,
+        act.response.status,
+        arrival.elapsed().as_secs_f64(),
+    );
+    act
 }
 
 fn internal(msg: String) -> ActivationResponse {

@@ -311,6 +311,10 @@ impl State {
         let Some(sb) = self.sbs.get_mut(&key) else {
             return (None, None);
         };
+        if sb.state.kind() == StateKind::Purging {
+            // Purged while running (shutdown): nothing to do.
+            return (None, None);
+        }
         match sb.state.apply(Event::Finished, now) {
             Ok(s) => sb.state = s,
             Err(e) => {
