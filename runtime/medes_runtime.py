@@ -28,6 +28,7 @@ import warnings
 ACTION_DIR = "/action"
 LISTEN_FD = int(os.environ.pop("MEDES_LISTEN_FD", "3"))
 MAX_REQUEST = 64 * 1024 * 1024
+LOG_CAP = 10 * 1024 * 1024  # OpenWhisk's default log limit (10 MB)
 
 # Forking a process that has threads (ours: log readers, connection handlers) is what
 # multiprocessing does on Linux; the warning would land in every activation's logs.
@@ -44,6 +45,8 @@ class LogCapture:
         self.active = 0  # requests currently collecting
         self.pending = {}  # marker bytes -> [event, streams seen]
         self.counter = 0
+        self.bytes = 0  # text bytes held in lines
+        self.truncated = False
         for fd, name in ((1, "stdout"), (2, "stderr")):
             r, w = os.pipe()
             os.dup2(w, fd)
@@ -79,8 +82,13 @@ class LogCapture:
             marker, line = line[z:], line[:z]
         now = time.time_ns() // 1_000_000
         with self.lock:
-            if line or marker is None:
-                self.lines.append((now, name, line.decode("utf-8", "backslashreplace")))
+            # Output while no request runs belongs to no activation; past the cap it is dropped.
+            if (line or marker is None) and self.active:
+                if self.bytes < LOG_CAP:
+                    self.bytes += len(line)
+                    self.lines.append((now, name, line.decode("utf-8", "backslashreplace")))
+                else:
+                    self.truncated = True
             if marker is not None:
                 entry = self.pending.get(marker)
                 if entry is not None:
@@ -110,12 +118,18 @@ class LogCapture:
         ev.wait(5.0)
         with self.lock:
             del self.pending[marker]
-            out = self.lines[max(0, start - self.base):]
+            out = [list(x) for x in self.lines[max(0, start - self.base):]]
+            if self.truncated:
+                out.append([time.time_ns() // 1_000_000, "stderr",
+                            "Logs were truncated because the total bytes size exceeds the limit "
+                            "of %d bytes." % LOG_CAP])
             self.active -= 1
             if self.active == 0:
                 self.base += len(self.lines)
                 self.lines = []
-        return [list(x) for x in out]
+                self.bytes = 0
+                self.truncated = False
+        return out
 
 
 class Runtime:
@@ -214,6 +228,13 @@ def load_action(entry):
         path = os.path.join(ACTION_DIR, cands[0])
     if ACTION_DIR not in sys.path:
         sys.path.insert(0, ACTION_DIR)
+    # OpenWhisk convention: a zip may carry its dependencies in ./virtualenv.
+    venv = os.path.join(ACTION_DIR, "virtualenv")
+    if os.path.isdir(venv):
+        import glob
+        import site
+        for sp in glob.glob(os.path.join(venv, "lib", "python3*", "site-packages")):
+            site.addsitedir(sp)
     spec = importlib.util.spec_from_file_location("main__", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["main__"] = mod

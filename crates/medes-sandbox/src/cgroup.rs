@@ -49,6 +49,19 @@ fn write(path: &Path, v: &str) -> io::Result<()> {
 }
 
 impl Cgroup {
+    /// The (possibly existing) cgroup of sandbox `id`, without creating anything.
+    pub(crate) fn existing(parent: &str, id: &str) -> Option<Cgroup> {
+        let layout = detect()?;
+        let dirs = match layout {
+            Layout::V1 => vec![
+                Path::new(CG_ROOT).join("memory").join(parent).join(id),
+                Path::new(CG_ROOT).join("pids").join(parent).join(id),
+            ],
+            Layout::V2 => vec![Path::new(CG_ROOT).join(parent).join(id)],
+        };
+        Some(Cgroup { layout, dirs })
+    }
+
     /// Creates `<root>/<parent>/<id>` and applies the memory limit.
     pub(crate) fn create(
         parent: &str,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// Name of our metadata file inside an images directory.
 pub(crate) const META: &str = "medes-sandbox.json";
 /// Logs are cut to this many trailing bytes.
-const LOG_KEEP: u64 = 4 * 1024 * 1024;
+const LOG_KEEP: u64 = 1024 * 1024;
 
 /// What a restore needs to know besides CRIU's own images.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,5 +204,51 @@ fn fresh_since_boot(p: &Path) -> bool {
             m.len() > 0 && m.mtime() > b
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_and_image_listing_skips_logs() {
+        let d = tempfile::tempdir().expect("tempdir");
+        fs::write(d.path().join("pages-1.img"), [0u8; 8192]).expect("write");
+        fs::write(d.path().join("dump.log"), "x").expect("write");
+        let files = image_files(d.path()).expect("list");
+        assert_eq!(files.len(), 1);
+        let meta = Meta {
+            format: 1,
+            listen_ino: 42,
+            net_key: "k".into(),
+            mounts: vec![("/usr".into(), "m0".into())],
+            hostname: "h".into(),
+            files,
+        };
+        write_meta(d.path(), &meta).expect("write meta");
+        let back = read_meta(d.path()).expect("read meta");
+        assert_eq!(back.listen_ino, 42);
+        assert_eq!(back.files["pages-1.img"], 8192);
+        assert_eq!(
+            image_files(d.path()).expect("list").len(),
+            1,
+            "metadata is not an image"
+        );
+    }
+
+    #[test]
+    fn logs_are_truncated_and_errors_picked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let log = d.path().join("x.log");
+        let mut s = String::new();
+        for i in 0..200_000 {
+            s.push_str(&format!("(0.{i}) line {i}\n"));
+        }
+        s.push_str("(9.9) Error (criu/x.c:1): boom\n");
+        fs::write(&log, s).expect("write");
+        truncate_log(&log);
+        assert!(fs::metadata(&log).expect("stat").len() <= LOG_KEEP);
+        assert_eq!(log_tail(&log), "(9.9) Error (criu/x.c:1): boom");
     }
 }

@@ -1,6 +1,96 @@
 //! Isolated, CRIU-checkpointable sandboxes running medes' OpenWhisk-compatible Python runtime.
 //!
-//! (Design notes are filled in as the implementation lands.)
+//! A [`Sandbox`] is one process tree: the Python runtime (`runtime/medes_runtime.py`) as PID 1
+//! of its own PID namespace, in its own mount, IPC, UTS and network namespaces and its own
+//! cgroup, running as an unprivileged user with no capabilities. The agent talks to it over a
+//! Unix socket; CRIU dumps it and restores any number of independent copies of it.
+//! This is the only crate of the workspace that touches libc, nix or CRIU.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use medes_sandbox::*;
+//! let cfg = SandboxConfig::default();
+//! preflight(&cfg)?;          // root, criu >= 4, python, cgroups, ip/nft
+//! become_subreaper()?;       // restored copies are reparented to us; we reap them
+//! cleanup_stale(&cfg);       // leftovers of a crashed earlier agent
+//! let spec = SandboxSpec {
+//!     id: medes_core::SandboxId("sb-1".into()),
+//!     code_dir: "/var/lib/medes/code/hello".into(), // holds __main__.py
+//!     memory_limit: medes_core::Bytes::mib(256),
+//!     env: Default::default(),
+//! };
+//! let sb = Sandbox::start(&cfg, spec.clone()).await?;
+//! sb.init(InitRequest { main: "main".into() }).await?;
+//! let reply = sb.run(RunRequest {
+//!     value: serde_json::Map::new(),
+//!     env: Default::default(),
+//!     timeout: std::time::Duration::from_secs(60),
+//! }).await?;
+//! let images = std::path::Path::new("/var/lib/medes/images/sb-1");
+//! sb.checkpoint(images, CheckpointMode::LeaveRunning).await?;
+//! let copy = Sandbox::restore(&cfg, SandboxSpec { id: medes_core::SandboxId("sb-2".into()), ..spec }, images).await?;
+//! # let _ = (reply, copy); Ok(()) }
+//! ```
+//!
+//! # Design
+//! - **Launch.** `clone(2)` with `CLONE_NEWPID|NEWNS|NEWIPC|NEWUTS` straight from the caller, so
+//!   the runtime is our child, PID 1 of its namespace and (after `setsid`) a session leader, as
+//!   CRIU needs to restore copies side by side. The child runs only raw syscalls on data built
+//!   before the clone (no allocation after a fork of a multi-threaded process): join the cgroup,
+//!   join the prepared network namespace, bind-mount the minimal root read-only, mount `/proc`
+//!   and private tmpfs `/tmp` and `/dev/shm`, `pivot_root`, drop every capability (bounding,
+//!   ambient, `NO_NEW_PRIVS`), switch to the unprivileged uid/gid, exec Python. No `unshare`
+//!   or `setsid` helper process stays around (nothing like `--kill-child` is recorded in images).
+//! - **Root.** A skeleton directory on a tmpfs of ours (`run_dir`): empty mount points,
+//!   device nodes (null, zero, full, random, urandom), a two-line passwd/group, the host's
+//!   usr-merge symlinks. Read-only binds: `/usr` (and non-symlink `/bin`, `/lib`, ...), a few
+//!   `/etc` files and `/etc/ssl`, the venv, the runtime at `/runtime`, the code at `/action`,
+//!   `ro_mounts`. The root itself is remounted read-only.
+//! - **Network.** Each sandbox gets a named netns made with `ip` before launch: `Isolated` has
+//!   `lo` only; `Outbound` has a veth pair `mdv<N>`/`eth0` on 10.201.0.0/16 (`/30` number `N`,
+//!   unique because the host-side name is), a default route, and NAT by an nftables table
+//!   `inet medes` that also drops new connections from sandboxes to the host itself and between
+//!   sandboxes.
+//! - **Cgroups** by direct file writes (v1: `memory` + `pids` hierarchies, v2: one directory;
+//!   detected at run time). A dozen files do not justify `cgroups-rs`, and direct writes keep the
+//!   pre-exec cgroup join (writing `0` into `cgroup.procs`) allocation-free. Memory limit =
+//!   memory + swap; OOM kills are read from `memory.oom_control`/`memory.events`; `pids.max`
+//!   1024 contains fork bombs.
+//! - **Runtime protocol.** The agent binds the listening socket (inside the sandbox's netns, so
+//!   CRIU finds it) and passes it as fd 3; one JSON request per connection, one JSON line back.
+//!   No connection stays open between requests, so a dump never sees an external socket. The
+//!   runtime captures fds 1 and 2 through pipes (C extensions and children included) and ends
+//!   each request with a marker so the lines of a run are exactly its own.
+//! - **Checkpoint** (`criu dump`): the netns and every bind mount are declared external
+//!   (`--external net[ino]`, `--external mnt[..]`); the small tmpfs mounts are dumped by CRIU.
+//!   Our metadata file (`medes-sandbox.json`) records the listening socket's inode, the keys and
+//!   the size of every image file. CRIU runs as the sandbox's uid/gid with all of our
+//!   capabilities (`--unprivileged`): `criu dump` reads the task's rlimits with `prlimit(2)`,
+//!   which the kernel only allows with matching ids or `CAP_SYS_RESOURCE`, which root lacks on
+//!   this project's machines.
+//! - **Restore** (`criu restore --restore-detached`): a new run directory, cgroup (CRIU is
+//!   started inside it, `--manage-cgroups=ignore`, so every restored page is charged there),
+//!   netns (handed over with `--inherit-fd fd[4]:<key>`), root (`--root`), and a fresh listening
+//!   socket at its own path (`--inherit-fd fd[3]:socket:[ino]`). Image file sizes are checked
+//!   first (a short pages file makes CRIU hang). The restored runtime is then told to reseed
+//!   `random`, numpy's global RNG, OpenSSL and tempfile names.
+//! - Every CRIU run is bounded (SIGKILL on expiry), logs at `-v2` (`MEDES_CRIU_VERBOSITY` to
+//!   raise) into the images directory, truncated. Where `/run` is not a tmpfs, CRIU's kernel
+//!   feature cache (`/run/criu.kdat`) is generated once per boot, saving ~30 ms per CRIU run.
+//!
+//! # Limitations
+//! - No seccomp filter and no user namespace: the function is an unprivileged user of the host
+//!   kernel's full syscall surface. All sandboxes share one uid (they cannot see each other's
+//!   processes, but files they could both write, e.g. in a shared `ro_mount`, are not separated).
+//! - No CPU or I/O limits (only memory and pids); `/tmp` and `/dev/shm` are bounded by size.
+//! - `/etc/resolv.conf` is the host's: a resolver on the host's loopback is unreachable from a
+//!   sandbox. The outbound subnet 10.201.0.0/16 is fixed.
+//! - The runtime as PID 1 does not reap orphaned grandchildren (reaping every child would break
+//!   `subprocess`/`multiprocessing`'s own waits); they vanish with the sandbox.
+//! - Reseeding after restore reaches only the runtime process: worker processes forked before the
+//!   checkpoint (e.g. a `multiprocessing.Pool`) keep identical `random` states across copies,
+//!   and Python's hash seed is shared by all copies of one image.
+//! - Image integrity beyond file sizes (checksums) is the caller's business.
 #![deny(missing_docs)]
 
 mod cgroup;
@@ -15,7 +105,7 @@ mod types;
 use std::path::Path;
 use std::process::Command;
 
-pub use sandbox::Sandbox;
+pub use sandbox::{Sandbox, cleanup_stale};
 pub use types::*;
 
 /// Checks that this host can run sandboxes: root, CRIU 4 or newer, the Python interpreter, the

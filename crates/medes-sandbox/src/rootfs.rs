@@ -197,3 +197,48 @@ pub(crate) fn prepare(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_mounts_code_runtime_and_private_tmp() {
+        let cfg = SandboxConfig {
+            ro_mounts: vec!["/nonexistent".into()],
+            ..Default::default()
+        };
+        let spec = SandboxSpec {
+            id: medes_core::SandboxId("x".into()),
+            code_dir: "/tmp".into(),
+            memory_limit: medes_core::Bytes::mib(64),
+            env: Default::default(),
+        };
+        let (mounts, _links) = plan(&cfg, &spec);
+        let at = |t: &str| {
+            mounts
+                .iter()
+                .find(|m| m.target == Path::new(t))
+                .map(|m| m.kind.clone())
+        };
+        assert_eq!(
+            at("/action"),
+            Some(MountKind::Bind {
+                src: "/tmp".into(),
+                file: false
+            })
+        );
+        assert!(matches!(at("/runtime"), Some(MountKind::Bind { .. })));
+        assert_eq!(at("/proc"), Some(MountKind::Proc));
+        assert_eq!(at("/tmp"), Some(MountKind::Tmpfs { size_mb: 64 }));
+        assert!(
+            at("/nonexistent").is_none(),
+            "missing ro_mounts are skipped"
+        );
+        assert!(at("/home").is_none() && at("/root").is_none());
+        assert_eq!(
+            under(Path::new("/r"), Path::new("/usr/lib")),
+            Path::new("/r/usr/lib")
+        );
+    }
+}

@@ -194,6 +194,58 @@ fn ensure_run_dir(run_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// File in a sandbox's run directory naming the process that owns it (`<pid> <start time>`).
+const OWNER: &str = "owner";
+
+/// `<pid> <start time in clock ticks>` of a live process (the start time tells a recycled pid
+/// apart).
+fn owner_tag(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let start = after.split(' ').nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+/// Removes what sandboxes of processes that no longer exist left behind under
+/// `cfg.run_dir` (a crashed or killed agent cannot run its destructors): kills their
+/// processes, removes their cgroups, network namespaces and run directories. Sandboxes of live
+/// processes (other agents, concurrent tests) are left alone. Returns how many were removed.
+/// Call it once when an agent starts.
+pub fn cleanup_stale(cfg: &SandboxConfig) -> usize {
+    let Ok(entries) = fs::read_dir(&cfg.run_dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        if !valid_id(&id) || !e.path().is_dir() {
+            continue;
+        }
+        let owner = fs::read_to_string(e.path().join(OWNER)).unwrap_or_default();
+        let live = owner
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(owner_tag)
+            .is_some_and(|now| now == owner.trim());
+        if live {
+            continue;
+        }
+        let mut res = Resources::empty();
+        res.cgroup = Cgroup::existing(&cfg.cgroup_name, &id);
+        res.netns = Some(Netns {
+            name: format!("medes-{id}"),
+            veth: None,
+        });
+        res.dir = Some(e.path());
+        match res.teardown() {
+            Ok(()) => n += 1,
+            Err(err) => warn!(sandbox_id = %id, error = %err, "cleaning up a stale sandbox"),
+        }
+    }
+    n
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 48
@@ -345,6 +397,11 @@ fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartErr
     fs::create_dir(&dir).map_err(io_err(format!("creating {dir:?}")))?;
     let mut res = Resources::empty();
     res.dir = Some(dir.clone());
+    fs::write(
+        dir.join(OWNER),
+        owner_tag(std::process::id()).unwrap_or_default(),
+    )
+    .map_err(io_err(format!("writing {dir:?}/{OWNER}")))?;
     let cg = Cgroup::create(&cfg.cgroup_name, id, spec.memory_limit)
         .map_err(|(path, source)| StartError::Cgroup { path, source })?;
     res.cgroup = Some(cg);
@@ -529,11 +586,11 @@ impl Sandbox {
     }
 
     /// Classifies a failed request and kills the sandbox.
-    fn failed(&self, reason: String) -> RunError {
+    async fn failed(&self, reason: String) -> RunError {
         // The kernel may still be delivering the OOM kill: give the counter a moment.
         let mut oom = self.oom_kills() > 0;
         if !oom {
-            std::thread::sleep(Duration::from_millis(5));
+            tokio::time::sleep(Duration::from_millis(5)).await;
             oom = self.oom_kills() > 0;
         }
         let reason = if self.is_alive() {
@@ -574,9 +631,9 @@ impl Sandbox {
                         source: e,
                     });
                 }
-                return Err(self.failed(format!("connection failed: {e}")));
+                return Err(self.failed(format!("connection failed: {e}")).await);
             }
-            Ok(Ok(r)) if r.is_empty() => return Err(self.failed("no reply".into())),
+            Ok(Ok(r)) if r.is_empty() => return Err(self.failed("no reply".into()).await),
             Ok(Ok(r)) => r,
         };
         let v: Value = serde_json::from_slice(&reply).map_err(|e| RunError::Protocol {
@@ -1006,4 +1063,43 @@ fn parse_logs(v: Option<&Value>) -> Vec<LogLine> {
             Some((ts, stream, l.get(2)?.as_str()?.to_string()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_safe_file_and_interface_names() {
+        assert!(valid_id("sb-1_a"));
+        for bad in ["", "../x", "a/b", "a b", "x".repeat(49).as_str(), "é"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn logs_parse_and_skip_garbage() {
+        let v = json!([
+            [1, "stdout", "a"],
+            [2, "stderr", "b"],
+            ["x"],
+            5,
+            [3, "stdout"]
+        ]);
+        assert_eq!(
+            parse_logs(Some(&v)),
+            vec![
+                (1, Stream::Stdout, "a".to_string()),
+                (2, Stream::Stderr, "b".to_string())
+            ]
+        );
+        assert!(parse_logs(None).is_empty());
+    }
+
+    #[test]
+    fn owner_tag_identifies_a_live_process() {
+        let me = owner_tag(std::process::id()).expect("own tag");
+        assert!(me.starts_with(&format!("{} ", std::process::id())));
+        assert_eq!(owner_tag(u32::MAX), None);
+    }
 }

@@ -217,6 +217,9 @@ def main(args):
         return [1, 2]
     if kind == "exit":
         raise SystemExit(3)
+    if kind == "spam":
+        for _ in range(12):
+            print("x" * (1 << 20))
     return {"ok": True}
 "#;
 
@@ -247,8 +250,16 @@ async fn action_errors_are_replies_and_the_sandbox_survives() {
     );
     let r = sb.run(run_req(json!({"kind": "exit"}))).await.expect("run");
     assert!(r.error.is_some());
+    let r = sb.run(run_req(json!({"kind": "spam"}))).await.expect("run");
+    assert!(r.logs.len() < 12, "logs are capped");
+    assert!(
+        r.logs
+            .last()
+            .is_some_and(|l| l.2.starts_with("Logs were truncated"))
+    );
     let r = sb.run(run_req(json!({}))).await.expect("run");
     assert_eq!(r.result, json!({"ok": true}));
+    assert!(r.logs.is_empty(), "{:?}", r.logs.len());
     assert!(sb.is_alive());
     sb.destroy().await.expect("destroy");
 }
@@ -659,4 +670,25 @@ async fn concurrent_runs_in_one_sandbox() {
         );
     }
     sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test]
+async fn stale_sandboxes_of_dead_owners_are_cleaned_up() {
+    let Some(cfg) = config() else { return };
+    let a = action(HELLO);
+    let sb = started(&cfg, "stale", &a.path, 64).await;
+    let dir = cfg.run_dir.join(&sb.id().0);
+    // Pretend the owner died: a pid that exited.
+    let mut child = std::process::Command::new("true").spawn().expect("spawn");
+    let dead = child.id();
+    child.wait().expect("wait");
+    std::fs::write(dir.join("owner"), format!("{dead} 1")).expect("write owner");
+    let pid = sb.pid();
+    assert!(cleanup_stale(&cfg) >= 1);
+    assert!(!dir.exists());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!sb.is_alive(), "process {pid} must be gone");
+    sb.destroy()
+        .await
+        .expect("destroy after cleanup is harmless");
 }
