@@ -299,11 +299,17 @@ impl Controller {
     /// Refreshes the measured memory of every sandbox now (also done by [`Self::run_timers`]).
     pub async fn refresh_memory(&self) {
         for (i, node) in self.nodes.iter().enumerate() {
+            let asked_at = self.now();
             match node.agent.execute(Command::Status).await {
                 Ok(Reply::Status(status)) => {
                     let mut st = self.state.lock();
-                    if st.apply_status(i, &status) {
+                    let (freed, jobs) = st.apply_status(i, &status, asked_at);
+                    if freed {
                         st.pump(self.now());
+                    }
+                    drop(st);
+                    for job in jobs {
+                        self.purge_in_background(job);
                     }
                 }
                 Ok(other) => warn!(node = %node.id, reply = ?other, "unexpected reply to status"),
@@ -568,7 +574,7 @@ impl Controller {
                     };
                     return Ok(finish_activation(act, logs, arrival, &metrics));
                 }
-                self.state.lock().started(key);
+                self.state.lock().started(key, self.now());
                 (key, id, node)
             }
         };

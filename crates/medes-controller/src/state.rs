@@ -29,6 +29,8 @@ pub(crate) struct Sb {
     pub created: Timestamp,
     pub measured: Option<u64>,
     pub charge: u64,
+    /// When the controller learnt that the node has the sandbox ready.
+    pub ready_at: Option<Timestamp>,
     pub next_decision: Option<Timestamp>,
 }
 
@@ -252,6 +254,7 @@ impl State {
                 created: now,
                 measured: None,
                 charge: need,
+                ready_at: None,
                 next_decision: None,
             },
         );
@@ -291,8 +294,9 @@ impl State {
     }
 
     /// The cold start of `key` finished; it now serves its first invocation.
-    pub(crate) fn started(&mut self, key: Key) {
+    pub(crate) fn started(&mut self, key: Key, now: Timestamp) {
         if let Some(sb) = self.sbs.get_mut(&key) {
+            sb.ready_at = Some(now);
             match sb.state.apply(Event::Started, Timestamp(0)) {
                 Ok(s) => sb.state = s,
                 Err(e) => warn!(sandbox = %sb.id, error = %e, "unexpected start"),
@@ -457,12 +461,19 @@ impl State {
         }
     }
 
-    /// Applies a node's status report: charges measured memory (PSS, capped at the limit) and
-    /// drops idle sandboxes the node no longer has. Returns whether any memory was freed.
-    pub(crate) fn apply_status(&mut self, node: usize, status: &NodeStatus) -> bool {
+    /// Applies a node's status report, requested at `asked_at`: charges measured memory (PSS,
+    /// capped at the limit) and purges idle sandboxes whose runtime died or that the node no
+    /// longer has. Returns whether any memory was freed, and the purges to carry out.
+    pub(crate) fn apply_status(
+        &mut self,
+        node: usize,
+        status: &NodeStatus,
+        asked_at: Timestamp,
+    ) -> (bool, Vec<PurgeJob>) {
         let reported: HashMap<&SandboxId, &medes_agent::SandboxStatus> =
             status.sandboxes.iter().map(|s| (&s.id, s)).collect();
         let mut freed = false;
+        let mut jobs = Vec::new();
         let keys: Vec<Key> = self
             .sbs
             .iter()
@@ -475,6 +486,8 @@ impl State {
             if !matches!(kind, StateKind::Running | StateKind::Warm) {
                 continue;
             }
+            // Only sandboxes the node had before the report was asked for can be missed by it.
+            let judged = sb.ready_at.is_some_and(|t| t < asked_at);
             match reported.get(&sb.id) {
                 Some(st) if st.alive => {
                     if let Some(m) = st.memory {
@@ -488,15 +501,14 @@ impl State {
                         sb.charge = charge;
                     }
                 }
-                _ if kind == StateKind::Warm => {
-                    warn!(sandbox = %sb.id, action = %sb.action, "idle sandbox vanished from its node; forgetting it");
-                    self.take(key);
-                    freed = true;
+                _ if kind == StateKind::Warm && judged => {
+                    warn!(sandbox = %sb.id, action = %sb.action, "idle sandbox died or vanished from its node; purging it");
+                    jobs.extend(self.start_purge(key));
                 }
                 _ => {}
             }
         }
-        freed
+        (freed, jobs)
     }
 
     /// Sandboxes and charged memory per state, in [`StateKind::ALL`] order.

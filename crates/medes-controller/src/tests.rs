@@ -510,3 +510,21 @@ async fn shutdown_destroys_everything_and_refuses_work() {
         Err(InvokeError::ShuttingDown)
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_sandboxes_that_vanish_from_their_node_are_forgotten() {
+    let (ctl, fake) = setup(1024);
+    let a = action("a", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let id = ctl.sandboxes()[0].id.clone();
+    fake.0.live.lock().remove(&id);
+    ctl.refresh_memory().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(ctl.sandboxes().is_empty());
+    assert_eq!(ctl.memory_used(), vec![Bytes(0)]);
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Cold
+    );
+}
