@@ -30,7 +30,11 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "gain0" => c.codec.zref_min_gain = 0,
             "gain256" => c.codec.zref_min_gain = 256,
             "materialize" => materialize = true,
+            "win0" => c.codec.window_radius = 0,
             "win1" => c.codec.window_radius = 1,
+            "zstd1" => c.codec.standalone = Standalone::Zstd(1),
+            "bf1" => c.codec.block_factor = 1,
+            "k5" => c.fingerprint.k = 5,
             "win2" => c.codec.window_radius = 2,
             "win4" => c.codec.window_radius = 4,
             other => panic!("unknown variant part {other}"),
@@ -116,7 +120,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let kinds: Vec<String> = f
                 .kind_pages
                 .iter()
-                .map(|(k, n)| format!("{k} {n}p/{:.0}KB", f.kind_bytes.get(k).copied().unwrap_or(0) as f64 / 1e3))
+                .map(|(k, n)| {
+                    format!(
+                        "{k} {n}p/{:.0}KB",
+                        f.kind_bytes.get(k).copied().unwrap_or(0) as f64 / 1e3
+                    )
+                })
                 .collect();
             println!("           {}", kinds.join("  "));
         }

@@ -11,7 +11,7 @@ use crate::codec::{CodecConfig, Encoder, PageKind};
 use crate::fingerprint::{FingerprintConfig, PageFingerprint, fingerprint};
 use crate::image::{BasePageError, BasePages, DumpImage};
 use crate::registry::{AddBaseError, BaseId, BaseMeta, Choice, NodeId, PageRef, Registry};
-use crate::store::{DedupStore, PageEntry, StoredProcess};
+use crate::store::{BLOCK_PAGES, DedupStore, PageEntry, StoredProcess};
 
 /// Dedup settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -29,17 +29,23 @@ pub struct DedupConfig {
     pub second_candidate_above: usize,
     /// The node the dedup runs on (base choice prefers local bases on ties).
     pub local_node: NodeId,
+    /// zstd level of the store's blocks (sparse diffs and raw pages of 256-page batches).
+    pub block_level: i32,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
         Self {
-            fingerprint: FingerprintConfig::default(),
+            fingerprint: FingerprintConfig {
+                k: 16,
+                ..FingerprintConfig::default()
+            },
             codec: CodecConfig::default(),
             rebase: true,
             positional: true,
             second_candidate_above: 256,
             local_node: NodeId(0),
+            block_level: 3,
         }
     }
 }
@@ -118,7 +124,11 @@ pub fn register_base(
     cfg: &DedupConfig,
 ) -> Result<(), AddBaseError> {
     let (fps, _) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
-    let positions: &[u64] = if cfg.positional { dump.positions() } else { &[] };
+    let positions: &[u64] = if cfg.positional {
+        dump.positions()
+    } else {
+        &[]
+    };
     registry.add_base(id, meta, &fps, positions)
 }
 
@@ -141,7 +151,11 @@ pub fn dedup(
     let t0 = Instant::now();
     let (fps, rebased) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
     let t1 = Instant::now();
-    let positions: &[u64] = if cfg.positional { dump.positions() } else { &[] };
+    let positions: &[u64] = if cfg.positional {
+        dump.positions()
+    } else {
+        &[]
+    };
     let choices = registry.choose_batch(&fps, positions, cfg.local_node);
     let t2 = Instant::now();
     let encoded: Result<Vec<Encoded>, DedupError> = (0..n)
@@ -186,7 +200,8 @@ pub fn dedup(
                     let r = c.page();
                     let bp = fetch(r)?;
                     let w = fetch_window(r)?;
-                    let mut kind = enc.encode(target, Some(&bp), w.as_deref(), &cfg.codec, &mut data);
+                    let mut kind =
+                        enc.encode(target, Some(&bp), w.as_deref(), &cfg.codec, &mut data);
                     let mut used = r;
                     if let Choice::Similar {
                         second: Some(s), ..
@@ -240,10 +255,8 @@ pub fn dedup(
         window_radius: cfg.codec.window_radius,
         ..Default::default()
     };
-    store
-        .blob
-        .reserve(encoded.iter().map(|e| e.data.len()).sum());
     store.pages.reserve(encoded.len());
+    let mut datas = Vec::with_capacity(encoded.len());
     for (i, e) in encoded.into_iter().enumerate() {
         let (base_slot, base_page) = match e.base {
             Some(r) => {
@@ -265,12 +278,16 @@ pub fn dedup(
             PageKind::Same => stats.exact += 1,
             PageKind::Sparse | PageKind::ZstdRef | PageKind::ZstdWin => {
                 stats.patched += 1;
-                stats.patch_bytes += e.data.len() as u64;
+                if !e.kind.in_block() {
+                    stats.patch_bytes += e.data.len() as u64;
+                }
             }
             PageKind::Raw | PageKind::Lz4 | PageKind::Zstd => stats.standalone += 1,
         }
         *stats.kinds.entry(format!("{:?}", e.kind)).or_default() += 1;
-        *stats.kind_bytes.entry(format!("{:?}", e.kind)).or_default() += e.data.len() as u64;
+        if !e.kind.in_block() {
+            *stats.kind_bytes.entry(format!("{:?}", e.kind)).or_default() += e.data.len() as u64;
+        }
         let r = rebased[i] && e.kind != PageKind::Zero;
         stats.rebased += u64::from(r);
         store.pages.push(PageEntry {
@@ -281,7 +298,25 @@ pub fn dedup(
             len: e.data.len() as u32,
             checksum: e.checksum,
         });
-        store.blob.extend_from_slice(&e.data);
+        if !e.kind.in_block() {
+            store.blob.extend_from_slice(&e.data);
+        }
+        datas.push(e.data);
+    }
+    store.blocks = DedupStore::build_blocks(&store.pages, &datas, cfg.block_level);
+    // Attribute each block's compressed bytes to its pages in proportion to their raw data.
+    for (b, block) in store.blocks.iter().enumerate() {
+        let range = b * BLOCK_PAGES..((b + 1) * BLOCK_PAGES).min(store.pages.len());
+        let raw = store.block_len(b).max(1) as f64;
+        for (p, d) in store.pages[range.clone()].iter().zip(&datas[range]) {
+            if p.kind.in_block() {
+                let share = (block.len() as f64 * d.len() as f64 / raw).round() as u64;
+                *stats.kind_bytes.entry(format!("{:?}", p.kind)).or_default() += share;
+                if p.kind == PageKind::Sparse {
+                    stats.patch_bytes += share;
+                }
+            }
+        }
     }
     Ok((store, stats))
 }

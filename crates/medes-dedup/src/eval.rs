@@ -301,8 +301,16 @@ pub fn evaluate(
                 } else {
                     0.0
                 },
-                kind_pages: a.kind_pages.iter().map(|(k, v)| (k.clone(), per(*v))).collect(),
-                kind_bytes: a.kind_bytes.iter().map(|(k, v)| (k.clone(), per(*v))).collect(),
+                kind_pages: a
+                    .kind_pages
+                    .iter()
+                    .map(|(k, v)| (k.clone(), per(*v)))
+                    .collect(),
+                kind_bytes: a
+                    .kind_bytes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), per(*v)))
+                    .collect(),
             }
         })
         .collect();

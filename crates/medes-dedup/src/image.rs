@@ -321,11 +321,20 @@ impl BasePages for LocalBases {
             return Err(BasePageError::MissingPage { base, page: idx });
         }
         if let Some(c) = &b.canonical {
-            return Ok(Cow::Borrowed(&c[start as usize * PAGE..end as usize * PAGE]));
+            return Ok(Cow::Borrowed(
+                &c[start as usize * PAGE..end as usize * PAGE],
+            ));
         }
-        if !self.rebase && b.dump.locate(start).map(|l| l.0) == b.dump.locate(end - 1).map(|l| l.0) {
-            let first = b.dump.page(start).ok_or(BasePageError::MissingPage { base, page: start })?;
-            let (p, i) = b.dump.locate(start).ok_or(BasePageError::MissingPage { base, page: start })?;
+        if !self.rebase && b.dump.locate(start).map(|l| l.0) == b.dump.locate(end - 1).map(|l| l.0)
+        {
+            let first = b
+                .dump
+                .page(start)
+                .ok_or(BasePageError::MissingPage { base, page: start })?;
+            let (p, i) = b
+                .dump
+                .locate(start)
+                .ok_or(BasePageError::MissingPage { base, page: start })?;
             let _ = first;
             let o = i as usize * PAGE;
             let bytes = b.dump.procs[p].bytes();

@@ -78,7 +78,8 @@ impl MappingTable {
             .collect();
         vmas.sort_by_key(|v| v.start);
         let mut by_id = vec![EMPTY; 1 << 16].into_boxed_slice();
-        let (mut starts, mut ends, mut ids, mut keys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut starts, mut ends, mut ids, mut keys) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut prev_file = 0u64;
         let mut ordinal = 0u32;
         for v in vmas {

@@ -12,8 +12,8 @@ use crate::rebase::{MappingTable, UnknownMapping};
 use crate::store::DedupStore;
 use crate::{PAGE, Page};
 
-/// Pages decoded per parallel work item.
-const BATCH: usize = 256;
+/// Pages decoded per parallel work item (one store block).
+const BATCH: usize = crate::store::BLOCK_PAGES;
 
 /// Error rebuilding a sandbox's pages. Every variant that concerns a page names it.
 #[derive(Debug, thiserror::Error)]
@@ -150,58 +150,85 @@ pub fn rebuild_into(
     let offsets = store.offsets();
     out.par_chunks_mut(PAGE * BATCH)
         .enumerate()
-        .try_for_each_init(Decoder::default, |dec, (b, chunk)| {
-            for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
-                let i = b * BATCH + j;
-                let page = i as u64;
-                let e = &store.pages[i];
-                let dst: &mut Page = dst
-                    .try_into()
-                    .map_err(|_| RebuildError::OutputSize { expected, found: 0 })?;
-                let id = if e.kind.needs_base() {
-                    Some(*store.bases.get(usize::from(e.base_slot)).ok_or(
-                        RebuildError::BaseSlot {
-                            page,
-                            slot: e.base_slot,
-                        },
-                    )?)
-                } else {
-                    None
-                };
-                let bp = |source| RebuildError::BasePage { page, source };
-                let (base, window) = match id {
-                    Some(id) if e.kind.needs_window() => (
-                        None,
-                        Some(
-                            bases
-                                .window(id, u64::from(e.base_page), store.window_radius)
-                                .map_err(bp)?,
+        .try_for_each_init(
+            || (Decoder::default(), Vec::new()),
+            |(dec, block), (b, chunk)| {
+                let want = store.block_len(b);
+                block.clear();
+                if want > 0 {
+                    let first = store.pages[b * BATCH..]
+                        .iter()
+                        .position(|e| e.kind.in_block())
+                        .unwrap_or(0);
+                    let bad = || RebuildError::Decode {
+                        page: (b * BATCH + first) as u64,
+                        source: DecodePageError::Malformed(store.pages[b * BATCH + first].kind),
+                    };
+                    let src = store.blocks.get(b).ok_or_else(bad)?;
+                    dec.decompress_block(src, block, want).map_err(|_| bad())?;
+                }
+                for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
+                    let i = b * BATCH + j;
+                    let page = i as u64;
+                    let e = &store.pages[i];
+                    let dst: &mut Page = dst
+                        .try_into()
+                        .map_err(|_| RebuildError::OutputSize { expected, found: 0 })?;
+                    let id = if e.kind.needs_base() {
+                        Some(*store.bases.get(usize::from(e.base_slot)).ok_or(
+                            RebuildError::BaseSlot {
+                                page,
+                                slot: e.base_slot,
+                            },
+                        )?)
+                    } else {
+                        None
+                    };
+                    let bp = |source| RebuildError::BasePage { page, source };
+                    let (base, window) = match id {
+                        Some(id) if e.kind.needs_window() => (
+                            None,
+                            Some(
+                                bases
+                                    .window(id, u64::from(e.base_page), store.window_radius)
+                                    .map_err(bp)?,
+                            ),
                         ),
-                    ),
-                    Some(id) => (Some(bases.page(id, u64::from(e.base_page)).map_err(bp)?), None),
-                    None => (None, None),
-                };
-                let o = offsets[i] as usize;
-                let data = &store.blob[o..o + e.len as usize];
-                dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
-                    .map_err(|source| RebuildError::Decode { page, source })?;
-                if e.rebased {
-                    let t =
-                        tables[usize::from(proc_of[i])]
-                            .as_ref()
-                            .ok_or(RebuildError::Unrebase {
+                        Some(id) => (
+                            Some(bases.page(id, u64::from(e.base_page)).map_err(bp)?),
+                            None,
+                        ),
+                        None => (None, None),
+                    };
+                    let o = offsets[i] as usize;
+                    let src: &[u8] = if e.kind.in_block() {
+                        block
+                    } else {
+                        &store.blob
+                    };
+                    let data = src.get(o..o + e.len as usize).ok_or(RebuildError::Decode {
+                        page,
+                        source: DecodePageError::Malformed(e.kind),
+                    })?;
+                    dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
+                        .map_err(|source| RebuildError::Decode { page, source })?;
+                    if e.rebased {
+                        let t = tables[usize::from(proc_of[i])].as_ref().ok_or(
+                            RebuildError::Unrebase {
                                 page,
                                 source: UnknownMapping { id: 0 },
-                            })?;
-                    t.unrebase(dst)
-                        .map_err(|source| RebuildError::Unrebase { page, source })?;
+                            },
+                        )?;
+                        t.unrebase(dst)
+                            .map_err(|source| RebuildError::Unrebase { page, source })?;
+                    }
+                    if xxh3_64(dst) != e.checksum {
+                        return Err(RebuildError::Checksum { page });
+                    }
                 }
-                if xxh3_64(dst) != e.checksum {
-                    return Err(RebuildError::Checksum { page });
-                }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
 }
 
 /// Rebuilds all pages into a new buffer.

@@ -368,7 +368,9 @@ fn choose_in(g: &Inner, fp: &PageFingerprint, position: u64, local: NodeId) -> O
     if let Some(&r) = g.exact.get(&fp.page_hash) {
         return Some(Choice::Exact(r));
     }
-    let positional = (position != 0).then(|| g.positional.get(&position)).flatten();
+    let positional = (position != 0)
+        .then(|| g.positional.get(&position))
+        .flatten();
     let mut cands: [(PageRef, u8); MAX_K * MAX_REFS_PER_CHUNK] = [(
         PageRef {
             base: BaseId(0),
@@ -427,7 +429,11 @@ fn choose_in(g: &Inner, fp: &PageFingerprint, position: u64, local: NodeId) -> O
     // Runner-up: the positional page in the best candidate's base (the same place in the same
     // base is usually the closest page), else the second most-shared candidate.
     let second = positional
-        .and_then(|refs| refs.iter().find(|p| p.base == best.base && **p != best).copied())
+        .and_then(|refs| {
+            refs.iter()
+                .find(|p| p.base == best.base && **p != best)
+                .copied()
+        })
         .or_else(|| cands.get(1).map(|c| c.0));
     Some(Choice::Similar {
         best,

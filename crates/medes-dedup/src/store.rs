@@ -3,7 +3,8 @@
 //! File layout (all integers little-endian):
 //! `"MEDESDS1"`, version u32, window radius u32, payload length u64, xxh3-64 of the payload u64, then
 //! the payload: five length-prefixed sections (u64 length each): non-page images (zstd),
-//! processes, base ids, page table (column layout, zstd), page blob. Every page table entry holds
+//! processes, base ids, page table (column layout, zstd), page blob, compressed blocks (per 256
+//! pages, the data of sparse-diff and raw pages, zstd-compressed together). Every page table entry holds
 //! the xxh3-64 of the original page, so a rebuild can never return a wrong page silently.
 
 use std::collections::BTreeMap;
@@ -18,6 +19,9 @@ use crate::registry::BaseId;
 const MAGIC: &[u8; 8] = b"MEDESDS1";
 const VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 4 + 8 + 8;
+
+/// Pages per block (batch) of block-compressed page data.
+pub const BLOCK_PAGES: usize = 256;
 
 /// One page's entry in the page table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +62,12 @@ pub struct DedupStore {
     pub bases: Vec<BaseId>,
     /// One entry per page, in page order.
     pub pages: Vec<PageEntry>,
-    /// Page data, in page order.
+    /// Data of pages whose kind is not block-compressed ([`PageKind::in_block`]), in page
+    /// order.
     pub blob: Vec<u8>,
+    /// Per batch of [`BLOCK_PAGES`] pages, the zstd-compressed concatenated data of its pages
+    /// whose kind is block-compressed (empty if it has none).
+    pub blocks: Vec<Vec<u8>>,
     /// Window radius of `ZstdWin` pages.
     pub window_radius: u64,
 }
@@ -211,6 +219,12 @@ impl DedupStore {
         let t = zstd::bulk::compress(&t, 3).unwrap_or(t);
         put_section(&mut payload, &t);
         put_section(&mut payload, &self.blob);
+        let mut blocks = Vec::with_capacity(self.blocks.iter().map(|b| b.len() + 8).sum());
+        put_u64(&mut blocks, self.blocks.len() as u64);
+        for b in &self.blocks {
+            put_section(&mut blocks, b);
+        }
+        put_section(&mut payload, &blocks);
 
         let mut out = Vec::with_capacity(HEADER + payload.len());
         out.extend_from_slice(MAGIC);
@@ -307,12 +321,15 @@ impl DedupStore {
         let mut prev = 0u32;
         let mut total = 0u64;
         for i in 0..n {
+            let in_block = PageKind::from_u8(kinds[i] & 0x7F).is_some_and(PageKind::in_block);
             let kind =
                 PageKind::from_u8(kinds[i] & 0x7F).ok_or(LoadStoreError::Malformed("page kind"))?;
             let d = u32::from_le_bytes(bpages[4 * i..4 * i + 4].try_into().unwrap_or_default());
             prev = prev.wrapping_add(d);
             let len = u32::from_le_bytes(lens[4 * i..4 * i + 4].try_into().unwrap_or_default());
-            total += u64::from(len);
+            if !in_block {
+                total += u64::from(len);
+            }
             pages.push(PageEntry {
                 kind,
                 rebased: kinds[i] & 0x80 != 0,
@@ -329,12 +346,27 @@ impl DedupStore {
         if total != blob.len() as u64 {
             return Err(LoadStoreError::Malformed("blob length"));
         }
+        r.what = "blocks";
+        let mut br = Reader {
+            d: r.section()?,
+            at: 0,
+            what: "blocks",
+        };
+        let n_blocks = br.len()?;
+        if n_blocks != n.div_ceil(BLOCK_PAGES) {
+            return Err(LoadStoreError::Malformed("block count"));
+        }
+        let mut blocks = Vec::with_capacity(n_blocks);
+        for _ in 0..n_blocks {
+            blocks.push(br.section()?.to_vec());
+        }
         let store = Self {
             images,
             procs,
             bases,
             pages,
             blob,
+            blocks,
             window_radius,
         };
         if store.procs.iter().map(|p| p.n_pages).sum::<u64>() != n as u64 {
@@ -377,15 +409,57 @@ impl DedupStore {
         Self::from_bytes(&data)
     }
 
-    /// Byte offset of every page's data in the blob (prefix sums of the lengths).
+    /// Byte offset of every page's data: in the blob, or, for block-compressed kinds, in its
+    /// batch's decompressed block.
     pub fn offsets(&self) -> Vec<u64> {
         let mut o = Vec::with_capacity(self.pages.len());
-        let mut at = 0u64;
-        for e in &self.pages {
-            o.push(at);
-            at += u64::from(e.len);
+        let (mut at, mut in_block) = (0u64, 0u64);
+        for (i, e) in self.pages.iter().enumerate() {
+            if i % BLOCK_PAGES == 0 {
+                in_block = 0;
+            }
+            if e.kind.in_block() {
+                o.push(in_block);
+                in_block += u64::from(e.len);
+            } else {
+                o.push(at);
+                at += u64::from(e.len);
+            }
         }
         o
+    }
+
+    /// Decompressed size of block `b` (from the page table).
+    pub fn block_len(&self, b: usize) -> usize {
+        let start = (b * BLOCK_PAGES).min(self.pages.len());
+        let end = (start + BLOCK_PAGES).min(self.pages.len());
+        self.pages[start..end]
+            .iter()
+            .filter(|e| e.kind.in_block())
+            .map(|e| e.len as usize)
+            .sum()
+    }
+
+    /// Compresses the block-compressed kinds' data of each batch (`data[i]`: page `i`'s data).
+    pub fn build_blocks(pages: &[PageEntry], data: &[Vec<u8>], level: i32) -> Vec<Vec<u8>> {
+        use rayon::prelude::*;
+        pages
+            .par_chunks(BLOCK_PAGES)
+            .zip(data.par_chunks(BLOCK_PAGES))
+            .map(|(ps, ds)| {
+                let mut raw = Vec::new();
+                for (p, d) in ps.iter().zip(ds) {
+                    if p.kind.in_block() {
+                        raw.extend_from_slice(d);
+                    }
+                }
+                if raw.is_empty() {
+                    Vec::new()
+                } else {
+                    zstd::bulk::compress(&raw, level).unwrap_or_default()
+                }
+            })
+            .collect()
     }
 
     /// Total pages.
@@ -426,7 +500,8 @@ mod tests {
                     checksum: 43,
                 },
             ],
-            blob: vec![1, 2, 3],
+            blob: vec![],
+            blocks: vec![zstd::bulk::compress(&[1, 2, 3], 3).unwrap()],
             window_radius: 1,
         }
     }

@@ -98,23 +98,39 @@ fn corrupt_or_missing_base_is_an_error_naming_the_page() {
     let target = DumpImage::open(&d.target).unwrap();
     let (store, _) = dedup(&target, &registry, &bases, &cfg).unwrap();
 
-    // A flipped byte in a patch: checksum mismatch (or undecodable), naming the page.
+    // A flipped byte in a zstd patch: checksum mismatch or undecodable, naming the page.
     let i = store
         .pages
         .iter()
-        .position(|e| e.kind == PageKind::Sparse)
+        .position(|e| e.kind.needs_base() && !e.kind.in_block() && e.len > 0)
         .unwrap();
-    let off = store.offsets()[i] as usize + store.pages[i].len as usize - 1;
+    let off = store.offsets()[i] as usize + store.pages[i].len as usize / 2;
     let mut bad = store.clone();
     bad.blob[off] ^= 0x40;
     let err = rebuild_pages(&bad, &bases).unwrap_err();
     match err {
-        RebuildError::Checksum { page } | RebuildError::Decode { page, .. } => {
+        RebuildError::Checksum { page }
+        | RebuildError::Decode { page, .. }
+        | RebuildError::Unrebase { page, .. } => {
             assert_eq!(page, i as u64)
+        }
+        ref e => panic!("unexpected {e}"),
+    }
+    assert!(err.to_string().contains(&format!("page {i}")), "{err}");
+
+    // A corrupt block of sparse diffs and raw pages: an error naming a page of that block.
+    let b = store.blocks.iter().position(|b| b.len() > 16).unwrap();
+    let mut bad = store.clone();
+    let mid = bad.blocks[b].len() / 2;
+    bad.blocks[b][mid] ^= 0x40;
+    match rebuild_pages(&bad, &bases).unwrap_err() {
+        RebuildError::Checksum { page }
+        | RebuildError::Decode { page, .. }
+        | RebuildError::Unrebase { page, .. } => {
+            assert_eq!(page as usize / store::BLOCK_PAGES, b)
         }
         e => panic!("unexpected {e}"),
     }
-    assert!(err.to_string().contains(&format!("page {i}")), "{err}");
 
     // The base is gone.
     let empty = LocalBases::new(true);
