@@ -47,7 +47,7 @@ mod state;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
@@ -147,7 +147,7 @@ pub struct Controller {
     wake: Notify,
     armed: AtomicU64,
     shutting_down: AtomicBool,
-    metrics: GlobalMetrics,
+    metrics: OnceLock<GlobalMetrics>,
 }
 
 /// Half of `MemTotal`, or 4 GiB if it cannot be read.
@@ -224,7 +224,7 @@ impl Controller {
             wake: Notify::new(),
             armed: AtomicU64::new(u64::MAX),
             shutting_down: AtomicBool::new(false),
-            metrics: GlobalMetrics::new(),
+            metrics: OnceLock::new(),
         })
     }
 
@@ -252,6 +252,12 @@ impl Controller {
     /// Idle sandboxes evicted to make room so far.
     pub fn evictions(&self) -> u64 {
         self.state.lock().evictions
+    }
+
+    /// Node-wide metric handles, registered on first use so that a recorder installed after
+    /// [`Controller::new`] (but before the first invocation) still sees them.
+    fn metrics(&self) -> &GlobalMetrics {
+        self.metrics.get_or_init(GlobalMetrics::new)
     }
 
     fn now(&self) -> Timestamp {
@@ -321,8 +327,8 @@ impl Controller {
     fn update_gauges(&self) {
         let (n, mem) = self.state.lock().census();
         for i in 0..StateKind::ALL.len() {
-            self.metrics.sandboxes[i].set(n[i] as f64);
-            self.metrics.memory[i].set(mem[i] as f64);
+            self.metrics().sandboxes[i].set(n[i] as f64);
+            self.metrics().memory[i].set(mem[i] as f64);
         }
     }
 
@@ -413,7 +419,7 @@ impl Controller {
                     st.waiters.remove(pos);
                     st.pump(self.now());
                     drop(st);
-                    self.metrics.rejections.increment(1);
+                    self.metrics().rejections.increment(1);
                     return Err(InvokeError::NoCapacity(self.no_capacity_message(need)));
                 }
                 drop(st);
@@ -441,7 +447,7 @@ impl Controller {
         let need = Bytes::mib(limits.memory_mb).0;
         let concurrency = limits.concurrency.max(1);
         if need > self.max_budget {
-            self.metrics.rejections.increment(1);
+            self.metrics().rejections.increment(1);
             return Err(InvokeError::Rejected(format!(
                 "the action's memory limit of {} MiB exceeds the node memory budget of {} MiB",
                 limits.memory_mb,
@@ -488,7 +494,7 @@ impl Controller {
                 self.wait_for_grant(rx, ticket, need).await?
             }
             Err(None) => {
-                self.metrics.rejections.increment(1);
+                self.metrics().rejections.increment(1);
                 return Err(InvokeError::NoCapacity(self.no_capacity_message(need)));
             }
         };
@@ -527,7 +533,7 @@ impl Controller {
                 act.start_kind = StartKind::Cold;
                 let agent = &self.nodes[node].agent;
                 for v in victims {
-                    self.metrics.evictions.increment(1);
+                    self.metrics().evictions.increment(1);
                     match agent.execute(Command::Purge { sandbox: v.clone() }).await {
                         Ok(_) | Err(AgentError::UnknownSandbox(_)) => {}
                         Err(e) => warn!(sandbox = %v, error = %e, "evicting sandbox failed"),
@@ -579,7 +585,7 @@ impl Controller {
             }
         };
         act.node = Some(self.nodes[node].id.clone());
-        self.metrics
+        self.metrics()
             .start_latency(act.start_kind, arrival.elapsed().as_secs_f64());
 
         let deadline = unix_now().saturating_add(limits.timeout_ms);

@@ -528,3 +528,50 @@ async fn idle_sandboxes_that_vanish_from_their_node_are_forgotten() {
         StartKind::Cold
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn invocations_are_counted_per_action_start_kind_and_status() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only test installing a recorder");
+    let (ctl, _fake) = setup(1024);
+    let a = action("metered", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    ctl.invoke(request(&a, json!({"outcome": "exception"})))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        if !labels.iter().any(|l| l == "action=/guest/metered") {
+            continue;
+        }
+        let v = match value {
+            DebugValue::Counter(0) => continue,
+            DebugValue::Counter(n) => n.to_string(),
+            DebugValue::Histogram(v) if v.is_empty() => continue,
+            DebugValue::Histogram(v) => format!("{} samples", v.len()),
+            DebugValue::Gauge(g) => g.to_string(),
+        };
+        got.push(format!("{}{{{}}} {v}", key.name(), labels.join(",")));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=cold} 1 samples",
+            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=warm} 2 samples",
+            "medes_invocations_total{action=/guest/metered,start_kind=cold,status=success} 1",
+            "medes_invocations_total{action=/guest/metered,start_kind=warm,status=developer_error} 1",
+            "medes_invocations_total{action=/guest/metered,start_kind=warm,status=success} 1",
+        ]
+    );
+}
