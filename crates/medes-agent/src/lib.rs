@@ -118,7 +118,6 @@ struct Inner {
 /// One live sandbox. Whoever gets it back from `Arc::into_inner` destroys it.
 struct Slot {
     sandbox: Sandbox,
-    memory_limit: Bytes,
 }
 
 impl Agent {
@@ -283,10 +282,7 @@ impl Inner {
                     let _ = sandbox.destroy().await;
                     return Err(AgentError::ShuttingDown);
                 }
-                let slot = Arc::new(Slot {
-                    sandbox,
-                    memory_limit: c.memory_limit,
-                });
+                let slot = Arc::new(Slot { sandbox });
                 self.sandboxes.lock().insert(c.sandbox.clone(), slot);
                 debug!(sandbox = %c.sandbox, start_ms, init_ms = r.init_ms, "sandbox ready");
                 return Ok(SpawnReply {
@@ -357,13 +353,6 @@ impl Inner {
                     },
                     RunError::OutOfMemory { limit } => RunOutcome::OutOfMemory { limit },
                     RunError::Protocol { detail } => RunOutcome::Protocol(detail),
-                    // A dead runtime after an OOM kill may surface as a crash: ask the cgroup.
-                    other if slot_oom(&slot) => {
-                        debug!(sandbox = %c.sandbox, error = %other, "crash attributed to OOM");
-                        RunOutcome::OutOfMemory {
-                            limit: slot.memory_limit,
-                        }
-                    }
                     other => RunOutcome::Crashed(error_chain(&other)),
                 };
                 RunReply {
@@ -420,13 +409,6 @@ impl Inner {
         }
         NodeStatus { node, sandboxes }
     }
-}
-
-/// Whether the sandbox's memory cgroup says it hit its limit (best effort).
-fn slot_oom(slot: &Slot) -> bool {
-    slot.sandbox
-        .memory()
-        .is_ok_and(|m| m.cgroup_usage.0 >= slot.memory_limit.0.saturating_sub(1 << 20))
 }
 
 fn init_error_message(e: &RunError, limit: Bytes) -> String {
