@@ -1,6 +1,12 @@
 """featuregen: TF-IDF features of a text corpus, preprocessed with pandas (FunctionBench feature_generation)."""
 
 import os
+
+# One invocation at a time per sandbox: no BLAS/OpenMP thread pools (they only contend for the
+# node's cores and, under load, spin). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import time
 
 import numpy as np

@@ -1,7 +1,13 @@
 """imagepro: flip, rotate, resize and filter an image with Pillow, return a digest (FunctionBench image_processing)."""
 
-import hashlib
 import os
+
+# One invocation at a time per sandbox: no BLAS/OpenMP thread pools (they only contend for the
+# node's cores and, under load, spin). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import hashlib
 import time
 
 import numpy as np

@@ -1,5 +1,12 @@
 """linalg: solve, multiply and decompose dense matrices with numpy (FunctionBench linpack/matmul)."""
 
+import os
+
+# One invocation at a time per sandbox: no BLAS/OpenMP thread pools (they only contend for the
+# node's cores and, under load, spin). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import time
 
 import numpy as np

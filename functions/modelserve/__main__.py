@@ -4,8 +4,14 @@ The model (embedding + LSTM(256) + dense + softmax) is built by setup_inputs.py 
 package and loaded once, when the action is loaded; each invocation only runs inference.
 """
 
-import json
 import os
+
+# One invocation at a time per sandbox: no BLAS/OpenMP thread pools (they only contend for the
+# node's cores and, under load, spin). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json
 import time
 
 import numpy as np

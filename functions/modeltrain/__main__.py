@@ -1,7 +1,13 @@
 """modeltrain: train a TF-IDF + logistic regression text classifier, report accuracy (FunctionBench model_training)."""
 
-import csv
 import os
+
+# One invocation at a time per sandbox: no BLAS/OpenMP thread pools (they only contend for the
+# node's cores and, under load, spin). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import csv
 import time
 
 import numpy as np

@@ -1,11 +1,19 @@
 """videopro: read a video's frames with OpenCV, grayscale and resize them, write a clip (FunctionBench video_processing)."""
 
-import hashlib
 import os
+
+# One invocation at a time per sandbox: no BLAS/OpenMP thread pools (they only contend for the
+# node's cores and, under load, spin). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import hashlib
 import time
 
 import cv2
 import numpy as np
+
+cv2.setNumThreads(1)
 
 INPUTS = os.environ.get("MEDES_INPUTS", "/opt/medes/inputs")
 

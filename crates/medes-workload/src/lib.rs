@@ -22,12 +22,14 @@
 //!   values, the same file `functions/test_functions.py` checks in-process.
 //!
 //! # What this crate does not do
-//! It starts no platform and measures no sandbox memory (that needs the node: see the platform's
-//! benchmarks); it reports what the API returns plus client-side timings.
+//! It starts no platform and takes no checkpoints: it reports what the API returns, client-side
+//! timings and, when the platform runs on the same machine, the sandboxes' PSS/RSS read from
+//! `/proc` ([`footprint`]).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod footprint;
 pub mod replay;
 pub mod suite;
 

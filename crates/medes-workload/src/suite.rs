@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::client::{ActionSpec, Client, ExecSpec, Invoked, LimitsSpec, RequestError, base64};
+use crate::footprint::{SandboxFootprint, sandbox_footprints};
 
 /// One function of `functions/manifest.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -338,6 +339,9 @@ pub struct RunOptions {
     pub invocations: u32,
     /// Also check that `bad_params` yields an error. Default true.
     pub check_bad_params: bool,
+    /// Where to find the sandboxes' memory cgroups when the platform runs on this machine
+    /// (see [`crate::footprint`]); `None` skips the measurement. Default `None`.
+    pub cgroup_dir: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -345,6 +349,7 @@ impl Default for RunOptions {
         RunOptions {
             invocations: 3,
             check_bad_params: true,
+            cgroup_dir: None,
         }
     }
 }
@@ -379,6 +384,8 @@ pub struct RunReport {
     pub paper_ms: Option<f64>,
     /// Paper's memory, MB.
     pub paper_mb: Option<f64>,
+    /// The warm sandbox's memory right after the calls (host-side; `None` if not measured).
+    pub footprint: Option<SandboxFootprint>,
 }
 
 impl RunReport {
@@ -452,6 +459,7 @@ pub async fn run(
                 bad_params_rejected: None,
                 paper_ms: None,
                 paper_mb: None,
+                footprint: None,
             });
             continue;
         };
@@ -468,12 +476,24 @@ pub async fn run(
             }),
             _ => None,
         };
+        // The sandbox that served the calls: this action's, the one with the most processes and
+        // memory if an older one is still alive.
+        let footprint = opts
+            .cgroup_dir
+            .as_deref()
+            .and_then(|d| sandbox_footprints(d).ok())
+            .and_then(|fps| {
+                fps.into_iter()
+                    .filter(|f| f.action == name)
+                    .max_by_key(|f| (f.processes, f.pss))
+            });
         out.push(RunReport {
             name,
             calls,
             bad_params_rejected,
             paper_ms: spec.paper_ms,
             paper_mb: spec.paper_mb,
+            footprint,
         });
     }
     out
@@ -495,6 +515,10 @@ impl fmt::Display for RunTable<'_> {
             "warm ms (med)",
             "warm exec ms",
             "paper exec ms",
+            "PSS MB",
+            "RSS MB",
+            "USS MB",
+            "procs",
             "paper MB",
         ]);
         let ms = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
@@ -531,6 +555,12 @@ impl fmt::Display for RunTable<'_> {
                 ms(med.map(|c| c.client_ms)),
                 ms(med.and_then(|c| c.duration_ms.map(|d| d as f64))),
                 ms(r.paper_ms),
+                ms(r.footprint.as_ref().map(|f| f.pss as f64 / 1e6)),
+                ms(r.footprint.as_ref().map(|f| f.rss as f64 / 1e6)),
+                ms(r.footprint.as_ref().map(|f| f.private as f64 / 1e6)),
+                r.footprint
+                    .as_ref()
+                    .map_or("-".to_string(), |f| f.processes.to_string()),
                 ms(r.paper_mb),
             ]);
         }

@@ -60,6 +60,10 @@ enum SuiteCommand {
         /// Also write the reports as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The sandboxes' memory cgroup directory (platform on this machine): each function's warm
+        /// sandbox PSS/RSS is read from /proc after its calls. `none` to skip.
+        #[arg(long, default_value = medes_workload::footprint::DEFAULT_CGROUP_DIR)]
+        cgroup_dir: PathBuf,
     },
     /// List the manifest's functions and what the API has deployed.
     List,
@@ -114,9 +118,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 names,
                 invocations,
                 json,
+                cgroup_dir,
             } => {
+                let cgroup_dir =
+                    (cgroup_dir.as_os_str() != "none" && cgroup_dir.is_dir()).then_some(cgroup_dir);
                 let opts = RunOptions {
                     invocations,
+                    cgroup_dir,
                     ..Default::default()
                 };
                 let reports = medes_workload::run(&client, &manifest, &names, &opts).await;
