@@ -34,6 +34,7 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "win1" => c.codec.window_radius = 1,
             "zstd1" => c.codec.standalone = Standalone::Zstd(1),
             "bf1" => c.codec.block_factor = 1,
+            "bf4" => c.codec.block_factor = 4,
             "k5" => c.fingerprint.k = 5,
             "win2" => c.codec.window_radius = 2,
             "win4" => c.codec.window_radius = 4,

@@ -82,6 +82,8 @@ const ZERO_WINDOW: u64 = zero_window_hash();
 struct BottomK {
     k: usize,
     n: usize,
+    /// Index of the largest kept value once `n == k`.
+    imax: usize,
     v: [(u64, u16); MAX_K],
 }
 
@@ -94,18 +96,25 @@ impl BottomK {
         if self.n < self.k {
             self.v[self.n] = (h, end as u16);
             self.n += 1;
+            if self.n == self.k {
+                self.recompute_max();
+            }
             return;
         }
-        // Replace the largest if h is smaller.
+        if h < self.v[self.imax].0 {
+            self.v[self.imax] = (h, end as u16);
+            self.recompute_max();
+        }
+    }
+
+    fn recompute_max(&mut self) {
         let mut imax = 0;
         for i in 1..self.n {
             if self.v[i].0 > self.v[imax].0 {
                 imax = i;
             }
         }
-        if h < self.v[imax].0 {
-            self.v[imax] = (h, end as u16);
-        }
+        self.imax = imax;
     }
 }
 
@@ -144,6 +153,7 @@ pub fn fingerprint(page: &Page, cfg: &FingerprintConfig) -> PageFingerprint {
     let mut best = BottomK {
         k,
         n: 0,
+        imax: 0,
         v: [(0, 0); MAX_K],
     };
     const HALF: usize = PAGE / 2;
