@@ -10,6 +10,9 @@ import os
 # node's cores and, under load, spin). Must be set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# onnxruntime >= 1.2x otherwise keeps a SQLite telemetry cache (~/.cache/Microsoft/DeveloperTools)
+# open with POSIX locks held, which makes the warm sandbox impossible to checkpoint with CRIU.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import json
 import time
