@@ -88,6 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             aslr,
             store_dir: std::env::temp_dir(),
             materialize_bases,
+            rebuild_cpu_repeats: 20,
         };
         let r = evaluate(&bases, &targets, &cfg)?;
         if json {
@@ -117,6 +118,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 f.dedup_ms,
                 f.rebuild_ms,
                 f.rebuild_gb_per_s
+            );
+            println!(
+                "           rebuild CPU {:.1} ms/sandbox = {:.2} GB/s on 2 unshared cores",
+                f.rebuild_cpu_ms.unwrap_or(0.0),
+                f.rebuild_cpu_gb_per_s_2_cores.unwrap_or(0.0)
             );
             let kinds: Vec<String> = f
                 .kind_pages

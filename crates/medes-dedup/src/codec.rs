@@ -212,7 +212,15 @@ pub fn sparse_decode(data: &[u8], base: &Page, out: &mut Page) -> Result<(), Dec
             .filter(|&e| e <= PAGE)
             .ok_or(bad.clone())?;
         let src = data.get(at..at + len).ok_or(bad.clone())?;
-        out[pos..end].copy_from_slice(src);
+        let dst = &mut out[pos..end];
+        if len <= 16 {
+            // Most runs are a few bytes: a call to memmove costs more than the copy.
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = *s;
+            }
+        } else {
+            dst.copy_from_slice(src);
+        }
         at += len;
         pos = end;
     }

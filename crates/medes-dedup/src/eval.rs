@@ -27,6 +27,9 @@ pub struct EvalConfig {
     pub store_dir: PathBuf,
     /// Precompute rebased base pages (faster rebuild, one more copy of each base).
     pub materialize_bases: bool,
+    /// Extra rebuilds per sandbox to measure the rebuild's CPU time (0: none). On a shared
+    /// machine wall time mostly measures the neighbours; CPU time does not.
+    pub rebuild_cpu_repeats: u32,
 }
 
 /// Figures for one function (means over its deduplicated sandboxes; MB = 10^6 bytes).
@@ -68,6 +71,11 @@ pub struct FunctionReport {
     pub rebuild_ms: f64,
     /// Pages rebuilt per second, 10^9 bytes.
     pub rebuild_gb_per_s: f64,
+    /// CPU time (all threads) per rebuild, if measured (`rebuild_cpu_repeats` > 0).
+    pub rebuild_cpu_ms: Option<f64>,
+    /// Rebuild throughput on this machine's 2 cores if they were not shared: bytes /
+    /// (CPU time / 2), 10^9 bytes per second.
+    pub rebuild_cpu_gb_per_s_2_cores: Option<f64>,
     /// Pages per stored kind (per sandbox).
     pub kind_pages: BTreeMap<String, u64>,
     /// Stored bytes per kind (per sandbox).
@@ -162,8 +170,25 @@ struct Acc {
     lookup_us: f64,
     dedup_ms: f64,
     rebuild_ms: f64,
+    rebuild_cpu_ms: f64,
     kind_pages: BTreeMap<String, u64>,
     kind_bytes: BTreeMap<String, u64>,
+}
+
+/// User + system CPU time of this process, from `/proc/self/stat` (0 if unavailable).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the full line: 12 and 13 after the ')'.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn open(path: &Path) -> Result<DumpImage, EvalError> {
@@ -226,6 +251,18 @@ pub fn evaluate(
             source,
         })?;
         let rebuild_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let mut rebuild_cpu_ms = 0.0;
+        if cfg.rebuild_cpu_repeats > 0 {
+            let c0 = process_cpu_seconds();
+            for _ in 0..cfg.rebuild_cpu_repeats {
+                rebuild_into(&store, &local, &mut out).map_err(|source| EvalError::Rebuild {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            let c1 = process_cpu_seconds();
+            rebuild_cpu_ms = (c1 - c0) * 1e3 / f64::from(cfg.rebuild_cpu_repeats);
+        }
         for i in 0..dump.n_pages() {
             let o = i as usize * PAGE;
             if dump.page(i).map(|p| &p[..]) != Some(&out[o..o + PAGE]) {
@@ -265,6 +302,7 @@ pub fn evaluate(
         a.lookup_us += stats.lookup.as_secs_f64() * 1e6 / pages;
         a.dedup_ms += dedup_ms;
         a.rebuild_ms += rebuild_ms;
+        a.rebuild_cpu_ms += rebuild_cpu_ms;
     }
     let functions: Vec<FunctionReport> = order
         .iter()
@@ -301,6 +339,10 @@ pub fn evaluate(
                 } else {
                     0.0
                 },
+                rebuild_cpu_ms: (cfg.rebuild_cpu_repeats > 0).then(|| a.rebuild_cpu_ms / n),
+                rebuild_cpu_gb_per_s_2_cores: (cfg.rebuild_cpu_repeats > 0
+                    && a.rebuild_cpu_ms > 0.0)
+                    .then(|| a.image as f64 / (a.rebuild_cpu_ms / 1e3 / 2.0) / 1e9),
                 kind_pages: a
                     .kind_pages
                     .iter()

@@ -175,8 +175,10 @@ impl MappingTable {
     pub fn rebase(&self, src: &Page, dst: &mut Page) -> Option<usize> {
         let mut hint = 0usize;
         let mut n = 0;
-        for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
-            let w = u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+        let (src_words, _) = src.as_chunks::<8>();
+        let (dst_words, _) = dst.as_chunks_mut::<8>();
+        for (s, d) in src_words.iter().zip(dst_words) {
+            let w = u64::from_le_bytes(*s);
             let mut out = w;
             if w >> 48 == TAG {
                 return None;
@@ -191,7 +193,7 @@ impl MappingTable {
                     n += 1;
                 }
             }
-            d.copy_from_slice(&out.to_le_bytes());
+            *d = out.to_le_bytes();
         }
         Some(n)
     }
@@ -214,15 +216,16 @@ impl MappingTable {
     /// non-token words look up slot 0 and keep their value.
     pub fn unrebase(&self, page: &mut Page) -> Result<(), UnknownMapping> {
         let mut bad = 0u64;
-        for d in page.chunks_exact_mut(8) {
-            let w = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        let (words, _) = page.as_chunks_mut::<8>();
+        for d in words {
+            let w = u64::from_le_bytes(*d);
             let t = u64::from(w >> 48 == TAG);
             let idx = ((w >> 32) & 0xFFFF) * t;
             let start = self.by_id[idx as usize];
             bad |= t & u64::from(start == EMPTY);
             let mask = 0u64.wrapping_sub(t);
             let out = w ^ ((w ^ start.wrapping_add(w & 0xFFFF_FFFF)) & mask);
-            d.copy_from_slice(&out.to_le_bytes());
+            *d = out.to_le_bytes();
         }
         if bad != 0 {
             return Err(UnknownMapping {

@@ -179,6 +179,7 @@ fn evaluate_reports_the_contract_fields() {
         aslr: true,
         store_dir: d.base.parent().unwrap().to_path_buf(),
         materialize_bases: true,
+        rebuild_cpu_repeats: 1,
     };
     let r = evaluate(
         &[("json".into(), d.base.clone())],
