@@ -2,7 +2,8 @@
 //!
 //! usage: measure DUMPS_DIR [variant...] [--json] [--aslr-off]
 //! DUMPS_DIR holds `<function>-0` (the base) and `<function>-1..` (deduplicated sandboxes).
-//! Variants: default, norebase, nozref, lz4, raw, sparse-only, k8, materialize.
+//! Variants (joined with '+'): default, norebase, pos, win0, win1, k5, k8, zstd1, lz4, nozref,
+//! bf1, bf2, bf8, nosecond, materialize (precomputed rebased bases: use it for rebuild figures).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -22,6 +23,7 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "zstd3" => c.codec.standalone = Standalone::Zstd(3),
             "nosecond" => c.second_candidate_above = 0,
             "nopos" => c.positional = false,
+            "pos" => c.positional = true,
             "second0" => c.second_candidate_above = 1,
             "k8" => c.fingerprint.k = 8,
             "k16" => c.fingerprint.k = 16,
@@ -34,7 +36,9 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "win1" => c.codec.window_radius = 1,
             "zstd1" => c.codec.standalone = Standalone::Zstd(1),
             "bf1" => c.codec.block_factor = 1,
+            "bf2" => c.codec.block_factor = 2,
             "bf4" => c.codec.block_factor = 4,
+            "bf8" => c.codec.block_factor = 8,
             "k5" => c.fingerprint.k = 5,
             "win2" => c.codec.window_radius = 2,
             "win4" => c.codec.window_radius = 4,

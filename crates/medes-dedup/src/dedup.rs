@@ -23,7 +23,9 @@ pub struct DedupConfig {
     /// Pointer rebasing (pointers into the dump's own mappings as mapping + offset).
     pub rebase: bool,
     /// Position candidates: the base page at the same mapping and offset is a candidate (the
-    /// only one when no chunk matches, else the runner-up).
+    /// only one when no chunk matches, else the runner-up). Off by default: it turned
+    /// stand-alone pages into zstd patches of about the same size (±0.2 points of savings) at a
+    /// slower rebuild.
     pub positional: bool,
     /// Try the runner-up base page when the first gives a patch larger than this (0: never).
     pub second_candidate_above: usize,
@@ -42,7 +44,7 @@ impl Default for DedupConfig {
             },
             codec: CodecConfig::default(),
             rebase: true,
-            positional: true,
+            positional: false,
             second_candidate_above: 256,
             local_node: NodeId(0),
             block_level: 3,
@@ -149,7 +151,25 @@ pub fn dedup(
 ) -> Result<(DedupStore, DedupStats), DedupError> {
     let n = dump.n_pages();
     let t0 = Instant::now();
-    let (fps, rebased) = fingerprint_dump(dump, &cfg.fingerprint, cfg.rebase);
+    // Canonical (rebased) pages, computed once for fingerprinting and encoding.
+    let mut canon = vec![0u8; n as usize * crate::PAGE];
+    let (fps, rebased): (Vec<PageFingerprint>, Vec<bool>) = canon
+        .as_chunks_mut::<{ crate::PAGE }>()
+        .0
+        .par_iter_mut()
+        .enumerate()
+        .map(|(i, dst)| {
+            let raw = dump.page(i as u64).unwrap_or(&[0u8; crate::PAGE]);
+            let r = cfg.rebase
+                && dump
+                    .locate(i as u64)
+                    .is_some_and(|(p, _)| dump.procs[p].table.rebase(raw, dst).is_some());
+            if !r {
+                dst.copy_from_slice(raw);
+            }
+            (fingerprint(dst, &cfg.fingerprint), r)
+        })
+        .unzip();
     let t1 = Instant::now();
     let positions: &[u64] = if cfg.positional {
         dump.positions()
@@ -172,12 +192,9 @@ pub fn dedup(
                     checksum,
                 });
             }
-            let target = if rebased[iu] {
-                dump.canonical_page(i, true).map(|(p, _)| p)
-            } else {
-                None
-            };
-            let target: &crate::Page = target.as_deref().unwrap_or(raw);
+            let target: &crate::Page = canon[iu * crate::PAGE..(iu + 1) * crate::PAGE]
+                .try_into()
+                .unwrap_or(raw);
             let fetch = |r: PageRef| {
                 bases
                     .page(r.base, u64::from(r.page))

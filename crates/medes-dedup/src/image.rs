@@ -327,15 +327,11 @@ impl BasePages for LocalBases {
         }
         if !self.rebase && b.dump.locate(start).map(|l| l.0) == b.dump.locate(end - 1).map(|l| l.0)
         {
-            let first = b
-                .dump
-                .page(start)
-                .ok_or(BasePageError::MissingPage { base, page: start })?;
+            // Raw pages of one process are contiguous in its mapped pages image.
             let (p, i) = b
                 .dump
                 .locate(start)
                 .ok_or(BasePageError::MissingPage { base, page: start })?;
-            let _ = first;
             let o = i as usize * PAGE;
             let bytes = b.dump.procs[p].bytes();
             return bytes

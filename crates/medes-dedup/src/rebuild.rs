@@ -213,7 +213,8 @@ pub fn rebuild_into(
                     dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
                         .map_err(|source| RebuildError::Decode { page, source })?;
                     if e.rebased {
-                        let t = tables[usize::from(proc_of[i])].as_ref().ok_or(
+                        let proc_idx = proc_of.get(i).map_or(usize::MAX, |&p| usize::from(p));
+                        let t = tables.get(proc_idx).and_then(Option::as_ref).ok_or(
                             RebuildError::Unrebase {
                                 page,
                                 source: UnknownMapping { id: 0 },
