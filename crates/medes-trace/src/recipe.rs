@@ -292,13 +292,29 @@ mod tests {
     fn bad_configs_are_rejected() {
         let rows = std::iter::empty::<Result<FunctionInvocations, ReadError>>;
         for cfg in [
-            RecipeConfig { scale: 0.0, ..Default::default() },
-            RecipeConfig { window_minutes: 0, ..Default::default() },
-            RecipeConfig { functions: vec![], ..Default::default() },
-            RecipeConfig { min_per_hour: 10.0, max_per_hour: 1.0, ..Default::default() },
+            RecipeConfig {
+                scale: 0.0,
+                ..Default::default()
+            },
+            RecipeConfig {
+                window_minutes: 0,
+                ..Default::default()
+            },
+            RecipeConfig {
+                functions: vec![],
+                ..Default::default()
+            },
+            RecipeConfig {
+                min_per_hour: 10.0,
+                max_per_hour: 1.0,
+                ..Default::default()
+            },
         ] {
             assert!(matches!(recipe(rows(), &cfg), Err(RecipeError::Config(_))));
         }
-        assert!(matches!(recipe(rows(), &RecipeConfig::default()), Err(RecipeError::NotEnough { found: 0, .. })));
+        assert!(matches!(
+            recipe(rows(), &RecipeConfig::default()),
+            Err(RecipeError::NotEnough { found: 0, .. })
+        ));
     }
 }
