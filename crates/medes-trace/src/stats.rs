@@ -116,7 +116,7 @@ pub struct TriggerStats {
     pub pct_functions: f64,
     /// Share of invocations, %.
     pub pct_invocations: f64,
-    /// Published share of functions, % ([S] Fig. 2a).
+    /// Published share of functions, % (\[S\] Fig. 2a).
     pub published_pct_functions: f64,
     /// Published share of invocations, %.
     pub published_pct_invocations: f64,
@@ -156,7 +156,7 @@ pub struct Azure2019Summary {
     pub triggers: Vec<TriggerStats>,
 }
 
-/// Published reference values for [`Azure2019Summary`] ([S] = Shahrad et al., ATC '20).
+/// Published reference values for [`Azure2019Summary`] (\[S\] = Shahrad et al., ATC '20).
 pub const PUBLISHED_REFERENCE: &str = "\
 published (Shahrad et al., ATC'20, 2019 trace): invocation rates span ~8 orders of magnitude (Fig. 5);
   81% of apps invoked at most once per minute, 45% at most once per hour (§3.3);

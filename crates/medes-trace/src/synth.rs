@@ -3,41 +3,41 @@
 //! Every parameter is a constant below, fixed in the repository and never fitted to the trace
 //! being studied; each one cites the published fact it stands for. Sources:
 //!
-//! - **[S]** Shahrad et al., *Serverless in the Wild*, USENIX ATC '20 (the 2019 trace's paper):
+//! - **\[S\]** Shahrad et al., *Serverless in the Wild*, USENIX ATC '20 (the 2019 trace's paper):
 //!   §3 and Figures 1–7.
-//! - **[D]** The dataset's own documentation (AzurePublicDataset, `AzureFunctionsDataset2019.md`):
+//! - **\[D\]** The dataset's own documentation (AzurePublicDataset, `AzureFunctionsDataset2019.md`):
 //!   file layout, one row per function per day, 1440 per-minute counts.
 //!
 //! The model, per function:
 //! 1. **Apps.** Functions are grouped into applications: 54% of apps have one function, larger
-//!    apps have `2 + Geometric(0.22)` functions, so ~95% of apps have at most 10 ([S] §3.1:
+//!    apps have `2 + Geometric(0.22)` functions, so ~95% of apps have at most 10 (\[S\] §3.1:
 //!    "54% of the applications have a single function, 95% have at most 10").
 //! 2. **Trigger** drawn from the published share of functions: HTTP 55%, queue 15%, event 2%,
-//!    timer 16%, orchestration 7%, others 5% ([S] Fig. 2a / §3.2; storage is folded into others).
+//!    timer 16%, orchestration 7%, others 5% (\[S\] Fig. 2a / §3.2; storage is folded into others).
 //! 3. **Daily rate.** Timers: a period drawn from [`TIMER_PERIODS`] (common CRON schedules) and a
 //!    random phase; their arrivals are strictly periodic. Other triggers: `log10(invocations per
 //!    day)` is normal with a per-trigger mean ([`LOG10_DAILY_MU`]) and a common σ
 //!    ([`LOG10_DAILY_SIGMA`]), clipped to [-1, 8]; the functions of one app share the app's
 //!    popularity ([`APP_RATE_CORRELATION`]) and split it. This gives the ~8 orders of magnitude
-//!    of per-function rates ([S] Fig. 5: "invocation frequency spans over 8 orders of
-//!    magnitude"), app rates close to [S] §3.3 (81% of apps at most once per minute, 45% at most
+//!    of per-function rates (\[S\] Fig. 5: "invocation frequency spans over 8 orders of
+//!    magnitude"), app rates close to \[S\] §3.3 (81% of apps at most once per minute, 45% at most
 //!    once per hour), and per-trigger means chosen so that the share of invocations approaches
 //!    the published HTTP 36%, queue 34%, event 25%, timer 2%, orchestration 2%, others 1%
-//!    ([S] Fig. 2a). The shares of a finite sample vary with the seed because the rates are
-//!    heavy-tailed (a few functions carry most invocations, as in [S]).
+//!    (\[S\] Fig. 2a). The shares of a finite sample vary with the seed because the rates are
+//!    heavy-tailed (a few functions carry most invocations, as in \[S\]).
 //! 4. **Diurnal shape.** The expected rate of minute `m` is multiplied by
 //!    `1 + A·cos(2π(m − peak)/1440)` with `A` = [`DIURNAL_AMPLITUDE`] and a peak around the
-//!    middle of the day with a per-function jitter ([S] Fig. 3: clear diurnal pattern; the hourly
+//!    middle of the day with a per-function jitter (\[S\] Fig. 3: clear diurnal pattern; the hourly
 //!    total swings by roughly a factor of two between trough and peak).
 //! 5. **Burstiness.** Half of the non-timer functions ([`BURSTY_FRACTION`]) are on/off: a
 //!    two-state Markov chain over minutes with mean ON run [`BURST_MEAN_ON_MIN`] minutes and a duty
 //!    cycle uniform in [`BURST_DUTY`]; the rate is divided by the duty cycle when ON and zero
-//!    when OFF (the daily mean is preserved). The others are Poisson. ([S] Fig. 6: inter-arrival
+//!    when OFF (the daily mean is preserved). The others are Poisson. (\[S\] Fig. 6: inter-arrival
 //!    CV is ~0 for timers, ~1 for a large group of apps (Poisson-like) and > 1 for many
 //!    (bursty).)
 //! 6. **Counts.** Each minute's count is Poisson with that minute's expected rate. A function with
 //!    no invocation in the day gets one at a random minute (a day file lists the functions invoked
-//!    that day [D]).
+//!    that day \[D\]).
 //!
 //! Determinism: row `i`'s randomness comes from ChaCha8 seeded with the seed and stream = app
 //! index, so a row never depends on the rows generated before its app.
@@ -46,7 +46,7 @@
 //! `cargo run --release -p medes-trace --example synth_report` (10 000 functions, seeds 1–10;
 //! mean [min, max] over the seeds; `medes trace stats FILE` prints the same for one file):
 //!
-//! | statistic | synthetic | published ([S]) |
+//! | statistic | synthetic | published (\[S\]) |
 //! |---|---|---|
 //! | rate spread (max/min invocations per function) | 7.7 [7.2, 8.0] orders | ~8 orders (Fig. 5) |
 //! | apps invoked < once per minute | 75.9% [74.9, 76.8] | 81% (§3.3) |
@@ -71,7 +71,7 @@ use rand_distr::{Distribution, Geometric, Poisson};
 
 use crate::azure::{FunctionInvocations, MINUTES_PER_DAY, Trigger};
 
-/// Share of functions per trigger ([S] Fig. 2a).
+/// Share of functions per trigger (\[S\] Fig. 2a).
 pub const TRIGGER_MIX: [(Trigger, f64); 6] = [
     (Trigger::Http, 0.55),
     (Trigger::Queue, 0.15),
@@ -81,7 +81,7 @@ pub const TRIGGER_MIX: [(Trigger, f64); 6] = [
     (Trigger::Others, 0.05),
 ];
 
-/// Published share of invocations per trigger, for comparison ([S] Fig. 2a).
+/// Published share of invocations per trigger, for comparison (\[S\] Fig. 2a).
 pub const PUBLISHED_INVOCATION_SHARE: [(Trigger, f64); 6] = [
     (Trigger::Http, 0.36),
     (Trigger::Queue, 0.34),
@@ -107,7 +107,7 @@ pub const LOG10_DAILY_MU: [(Trigger, f64); 5] = [
 pub const LOG10_DAILY_SIGMA: f64 = 2.0;
 
 /// Correlation of the log-rates of the functions of one app (they share the app's popularity;
-/// an app's total then follows the per-function law, which is what [S] Fig. 5 reports for apps).
+/// an app's total then follows the per-function law, which is what \[S\] Fig. 5 reports for apps).
 pub const APP_RATE_CORRELATION: f64 = 0.8;
 
 /// Functions above this many invocations per day are never on/off bursty: their traffic is the
@@ -151,7 +151,7 @@ pub const BURST_MEAN_ON_MIN: f64 = 10.0;
 /// Range of the duty cycle (fraction of minutes ON).
 pub const BURST_DUTY: (f64, f64) = (0.05, 0.5);
 
-/// Share of single-function apps ([S] §3.1).
+/// Share of single-function apps (\[S\] §3.1).
 pub const SINGLE_FUNCTION_APPS: f64 = 0.54;
 /// Success probability of the geometric tail of app sizes (`2 + Geometric(p)`).
 pub const APP_SIZE_GEOMETRIC_P: f64 = 0.22;
