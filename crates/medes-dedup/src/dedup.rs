@@ -163,7 +163,10 @@ pub fn dedup(
             let r = cfg.rebase
                 && dump
                     .locate(i as u64)
-                    .is_some_and(|(p, _)| dump.procs[p].table.rebase(raw, dst).is_some());
+                    // A page without pointers is left as is: no un-rebasing at rebuild.
+                    .is_some_and(|(p, _)| {
+                        dump.procs[p].table.rebase(raw, dst).is_some_and(|n| n > 0)
+                    });
             if !r {
                 dst.copy_from_slice(raw);
             }
