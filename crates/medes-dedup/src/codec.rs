@@ -116,7 +116,7 @@ impl Default for CodecConfig {
         Self {
             zstd_ref: true,
             zstd_ref_level: 1,
-            sparse_good_enough: 160,
+            sparse_good_enough: 800,
             zref_min_gain: 64,
             block_factor: 4,
             standalone: Standalone::Raw,

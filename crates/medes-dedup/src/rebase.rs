@@ -32,6 +32,9 @@ pub struct MappingTable {
     by_id: Box<[u64]>,
     lo: u64,
     hi: u64,
+    /// One bit per 1 GiB of the 47-bit address space: set if any mapping overlaps it. Most
+    /// non-pointer words in `lo..hi` fall into unmapped gigabytes and are rejected here.
+    gb_map: Box<[u64]>,
 }
 
 impl std::fmt::Debug for MappingTable {
@@ -115,6 +118,12 @@ impl MappingTable {
         }
         let lo = starts.first().copied().unwrap_or(u64::MAX);
         let hi = ends.iter().copied().max().unwrap_or(0);
+        let mut gb_map = vec![0u64; (1 << 17) / 64].into_boxed_slice();
+        for (&s, &e) in starts.iter().zip(&ends) {
+            for g in (s >> 30)..=((e - 1) >> 30) {
+                gb_map[(g / 64) as usize] |= 1 << (g % 64);
+            }
+        }
         Self {
             starts,
             ends,
@@ -123,6 +132,7 @@ impl MappingTable {
             by_id,
             lo,
             hi,
+            gb_map,
         }
     }
 
@@ -139,7 +149,7 @@ impl MappingTable {
     /// A key naming "page `n` of mapping `m`" that is equal across dumps for matched mappings
     /// (0 if `vaddr` is in no mapping): the base page at the same place is a good candidate.
     pub fn position_key(&self, vaddr: u64) -> u64 {
-        let mut hint = 0;
+        let mut hint = [usize::MAX; 4];
         match self.find(vaddr, &mut hint) {
             Some(i) => {
                 let page = (vaddr - self.starts[i]) / crate::PAGE as u64;
@@ -151,10 +161,11 @@ impl MappingTable {
     }
 
     #[inline]
-    fn find(&self, w: u64, hint: &mut usize) -> Option<usize> {
-        let h = *hint;
-        if h < self.starts.len() && w >= self.starts[h] && w < self.ends[h] {
-            return Some(h);
+    fn find(&self, w: u64, hint: &mut [usize; 4]) -> Option<usize> {
+        for &h in hint.iter() {
+            if h < self.starts.len() && w >= self.starts[h] && w < self.ends[h] {
+                return Some(h);
+            }
         }
         let i = self.starts.partition_point(|&s| s <= w);
         if i == 0 {
@@ -162,7 +173,8 @@ impl MappingTable {
         }
         let i = i - 1;
         if w < self.ends[i] {
-            *hint = i;
+            hint.rotate_right(1);
+            hint[0] = i;
             Some(i)
         } else {
             None
@@ -173,7 +185,7 @@ impl MappingTable {
     /// `None` if `src` holds a word that looks like a token (the page must then be stored
     /// without rebasing).
     pub fn rebase(&self, src: &Page, dst: &mut Page) -> Option<usize> {
-        let mut hint = 0usize;
+        let mut hint = [usize::MAX; 4];
         let mut n = 0;
         let (src_words, _) = src.as_chunks::<8>();
         let (dst_words, _) = dst.as_chunks_mut::<8>();
@@ -185,6 +197,7 @@ impl MappingTable {
             }
             if w >= self.lo
                 && w < self.hi
+                && self.gb_map[(w >> 36) as usize] & (1 << ((w >> 30) % 64)) != 0
                 && let Some(i) = self.find(w, &mut hint)
             {
                 let off = w - self.starts[i];
