@@ -72,6 +72,9 @@ pub struct AgentConfig {
     pub max_code_mb: u64,
     /// Most entries in a zip action. Default 20000.
     pub max_code_entries: usize,
+    /// Bound on creating a sandbox until its runtime answers (init not included), ms; a start
+    /// that takes longer fails the cold start. Default 30000.
+    pub start_timeout_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -83,6 +86,7 @@ impl Default for AgentConfig {
             max_concurrent_starts: 4,
             max_code_mb: 512,
             max_code_entries: 20_000,
+            start_timeout_ms: 30_000,
         }
     }
 }
@@ -121,7 +125,8 @@ struct Slot {
 }
 
 impl Agent {
-    /// An agent for one node; creates `<data_dir>/code`. Call [`medes_sandbox::preflight`]
+    /// An agent for one node; creates `<data_dir>/code` and removes what sandboxes of dead
+    /// processes (a crashed earlier agent) left behind. Call [`medes_sandbox::preflight`]
     /// first to check the host.
     pub fn new(cfg: AgentConfig) -> Result<Agent, NewAgentError> {
         let code_root = cfg.data_dir.join("code");
@@ -129,6 +134,10 @@ impl Agent {
             path: code_root.clone(),
             source,
         })?;
+        let stale = medes_sandbox::cleanup_stale(&cfg.sandbox);
+        if stale > 0 {
+            info!(node = %cfg.node_id, removed = stale, "removed leftovers of earlier sandboxes");
+        }
         let starts = Semaphore::new(cfg.max_concurrent_starts.max(1));
         Ok(Agent {
             inner: Arc::new(Inner {
@@ -227,6 +236,7 @@ impl Inner {
             .map_err(|_| AgentError::ShuttingDown)?;
         self.check_running()?;
         let t0 = Instant::now();
+        let start_timeout = Duration::from_millis(self.cfg.start_timeout_ms.max(1));
 
         let root = self.code_root.clone();
         let limits = code::ZipLimits {
@@ -264,13 +274,24 @@ impl Inner {
             memory_limit: c.memory_limit,
             env: c.env,
         };
-        let sandbox =
-            Sandbox::start(&self.cfg.sandbox, spec)
-                .await
-                .map_err(|e| AgentError::Start {
+        let sandbox = match tokio::time::timeout(
+            start_timeout,
+            Sandbox::start(&self.cfg.sandbox, spec),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| AgentError::Start {
+                sandbox: c.sandbox.clone(),
+                reason: error_chain(&e),
+            })?,
+            Err(_) => {
+                warn!(sandbox = %c.sandbox, "sandbox start timed out");
+                return Err(AgentError::Start {
                     sandbox: c.sandbox.clone(),
-                    reason: error_chain(&e),
-                })?;
+                    reason: format!("no answer within {start_timeout:?}"),
+                });
+            }
+        };
         let start_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         let init_timeout = Duration::from_millis(c.init_timeout_ms.max(1));
