@@ -575,3 +575,97 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
         ]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn cold_starts_go_to_the_node_with_most_room() {
+    let (f0, f1) = (Fake::new(), Fake::new());
+    let cfg = ControllerConfig {
+        node_memory_budget_mb: 512,
+        ..Default::default()
+    };
+    let ctl = Controller::new(
+        cfg,
+        vec![
+            (NodeId("n0".into()), Arc::new(f0.clone()) as _),
+            (NodeId("n1".into()), Arc::new(f1.clone()) as _),
+        ],
+    );
+    let a = action("a", "1", 256, 1);
+    let runs: Vec<_> = (0..4)
+        .map(|_| ctl.invoke(request(&a, json!({"sleep_ms": 500}))))
+        .collect();
+    let acts = futures::future::join_all(runs).await;
+    let mut nodes: Vec<String> = acts
+        .into_iter()
+        .map(|r| r.unwrap().node.unwrap().0)
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["n0", "n0", "n1", "n1"]);
+    assert_eq!((f0.commands("spawn"), f1.commands("spawn")), (2, 2));
+    assert_eq!(ctl.memory_used(), vec![Bytes::mib(512), Bytes::mib(512)]);
+}
+
+/// Many invocations of several actions at pseudo-random times on a tight budget: the budget
+/// and the concurrency limits hold at every instant, and every invocation ends (served or 503).
+#[tokio::test(start_paused = true)]
+async fn invariants_hold_under_a_random_load() {
+    let (ctl, _fake) = setup(1024);
+    let actions = [
+        action("x", "1", 256, 1),
+        action("y", "1", 384, 2),
+        action("z", "1", 128, 1),
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let stop = CancellationToken::new();
+    let checker = {
+        let (ctl, stop) = (ctl.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut samples = 0;
+            while !stop.is_cancelled() {
+                assert!(
+                    ctl.memory_used()[0] <= Bytes::mib(1024),
+                    "{:?}",
+                    ctl.memory_used()
+                );
+                for s in ctl.sandboxes() {
+                    let limit = if s.action.name == "y" { 2 } else { 1 };
+                    assert!(s.in_flight <= limit, "{s:?}");
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            samples
+        })
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let a = &actions[(next() % 3) as usize];
+        let sleep = next() % 400;
+        tasks.push(tokio::spawn(
+            ctl.invoke(request(a, json!({"sleep_ms": sleep}))),
+        ));
+        tokio::time::sleep(Duration::from_millis(next() % 20)).await;
+    }
+    let (mut ok, mut no_capacity) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(act) => {
+                assert_eq!(act.response.status, ActivationStatus::Success);
+                ok += 1;
+            }
+            Err(InvokeError::NoCapacity(_)) => no_capacity += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    stop.cancel();
+    assert!(checker.await.unwrap() > 1000);
+    assert_eq!(ok + no_capacity, 300);
+    assert!(ok > 250, "{ok} served, {no_capacity} refused");
+    assert!(ctl.evictions() > 0);
+}
