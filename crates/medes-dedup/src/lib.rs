@@ -50,7 +50,7 @@ pub mod store;
 
 pub use codec::{CodecConfig, DecodePageError, Decoder, Encoder, PageKind, Standalone};
 pub use dedup::{DedupConfig, DedupError, DedupStats, dedup, fingerprint_dump, register_base};
-pub use eval::{DedupReport, EvalError, FunctionReport, evaluate};
+pub use eval::{DedupReport, EvalConfig, EvalError, FunctionReport, evaluate};
 pub use fingerprint::{FingerprintConfig, PageFingerprint, fingerprint};
 pub use image::{BasePageError, BasePages, DumpImage, LocalBases, OpenDumpError};
 pub use rebase::MappingTable;
