@@ -2,7 +2,8 @@
 //!
 //! The child is created with `clone(2)` straight from the calling process (so it is our child)
 //! and runs a closure that only issues raw syscalls on data prepared before the clone: after a
-//! clone in a multi-threaded process, allocating or taking locks could deadlock.
+//! clone in a multi-threaded process, allocating or taking locks could deadlock (and glibc's
+//! id-changing wrappers would wait for the parent's threads, which the child does not have).
 
 use std::ffi::{CString, c_char};
 use std::io;
@@ -123,6 +124,9 @@ pub(crate) const STEPS: &[&str] = &[
     "execve",
 ];
 
+/// Bound on the child's setup (clone to exec).
+const SETUP_TIMEOUT_MS: i32 = 20_000;
+
 /// Clones the child; returns its host PID once it has exec'd the runtime, or the step that failed.
 pub(crate) fn spawn(plan: &LaunchPlan) -> Result<i32, (String, io::Error)> {
     let mut fds = [0 as RawFd; 2];
@@ -170,6 +174,26 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<i32, (String, io::Error)> {
         .map_err(|e| ("clone".to_string(), io::Error::from(e)))?;
     drop(wr);
     let mut msg = [0u8; 5];
+    // The child execs within milliseconds; if it wedges, kill it rather than wait forever.
+    let mut pfd = libc::pollfd {
+        fd: rd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, SETUP_TIMEOUT_MS) };
+    if ready == 0 {
+        let mut status = 0;
+        // SAFETY: killing and reaping our own child.
+        unsafe {
+            libc::kill(pid.as_raw(), libc::SIGKILL);
+            libc::waitpid(pid.as_raw(), &mut status, 0);
+        }
+        return Err((
+            "waiting for the sandbox to exec".into(),
+            io::Error::new(io::ErrorKind::TimedOut, "setup did not finish in time"),
+        ));
+    }
     let n = loop {
         // SAFETY: reading into a local buffer from an fd we own.
         let n = unsafe { libc::read(rd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
@@ -338,9 +362,20 @@ fn child(p: &LaunchPlan, argv: &[*const c_char], envp: &[*const c_char]) -> (u8,
             libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
         );
     }
-    chk!(17, libc::setgroups(0, std::ptr::null()));
-    chk!(18, libc::setresgid(p.gid, p.gid, p.gid));
-    chk!(19, libc::setresuid(p.uid, p.uid, p.uid));
+    // Raw syscalls, not glibc's wrappers: those broadcast the change to every thread glibc
+    // believes exists (copied from the parent by clone) and wait for them forever.
+    chk!(
+        17,
+        libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) as i32
+    );
+    chk!(
+        18,
+        libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid) as i32
+    );
+    chk!(
+        19,
+        libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid) as i32
+    );
     chk!(
         20,
         libc::prctl(

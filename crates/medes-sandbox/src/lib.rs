@@ -105,6 +105,7 @@ mod types;
 use std::path::Path;
 use std::process::Command;
 
+pub use net::release_spares as release_spare_netns;
 pub use sandbox::{Sandbox, cleanup_stale};
 pub use types::*;
 

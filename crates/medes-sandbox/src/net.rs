@@ -1,5 +1,7 @@
-//! Network namespaces: one named netns per sandbox (`/run/netns/medes-<id>`), created and
-//! configured from the host with `ip`, joined by the sandbox (or handed to CRIU at restore).
+//! Network namespaces: one named netns per sandbox (`/run/netns/medes-<pid>-<n>`, `<pid>` being
+//! the creating process), created and configured from the host with `ip`, joined by the sandbox
+//! (or handed to CRIU at restore). Creating one costs 3 `ip` runs (10-30 ms on a busy 2-core
+//! machine), so a few configured spares are kept ready per mode and refilled in the background.
 //!
 //! `Outbound`: a veth pair `mdv<N>` (host) / `eth0` (sandbox) on the /30 number `N` of
 //! 10.201.0.0/16, a default route via the host end, and NAT masquerade by an nftables table
@@ -9,14 +11,103 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use crate::NetworkMode;
 
 const SLOTS: u32 = 16_384;
 static NEXT: AtomicU32 = AtomicU32::new(0);
 static NAT: OnceLock<Result<(), String>> = OnceLock::new();
+static NAMES: AtomicU32 = AtomicU32::new(0);
+static SPARES: Mutex<Vec<(NetworkMode, Netns)>> = Mutex::new(Vec::new());
+static REFILLING: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+/// A configured namespace for a new sandbox: a spare if one is ready, else a new one; then
+/// tops the spares of `mode` up to `spares` in a background thread.
+pub(crate) fn take(mode: NetworkMode, spares: usize) -> Result<Netns, String> {
+    let spare = {
+        let mut pool = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+        pool.iter()
+            .position(|(m, _)| *m == mode)
+            .map(|i| pool.swap_remove(i).1)
+    };
+    let ns = match spare {
+        // A spare whose namespace vanished (someone ran `ip netns del`) is not used.
+        Some(ns) if ns.path().exists() => ns,
+        _ => Netns::create(mode)?,
+    };
+    if spares > 0 {
+        refill(mode, spares);
+    }
+    Ok(ns)
+}
+
+fn refill(mode: NetworkMode, target: usize) {
+    let flag = &REFILLING[mode as usize];
+    if flag.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("medes-netns".into())
+        .spawn(move || {
+            loop {
+                let have = SPARES
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter(|(m, _)| *m == mode)
+                    .count();
+                if have >= target {
+                    break;
+                }
+                match Netns::create(mode) {
+                    Ok(ns) => SPARES
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((mode, ns)),
+                    Err(_) => break, // the next take() creates synchronously and reports the error
+                }
+            }
+            flag.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        flag.store(false, Ordering::Release);
+    }
+}
+
+/// Deletes the spare namespaces of this process (call at shutdown).
+pub fn release_spares() {
+    let spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(|e| e.into_inner()));
+    for (_, ns) in spares {
+        ns.remove();
+    }
+}
+
+/// Deletes `/run/netns/medes-<pid>-<n>` namespaces whose creating process is gone, except
+/// those named in `keep`.
+pub(crate) fn remove_orphans(keep: &[String]) -> usize {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("medes-")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if keep.contains(&name) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        Netns { name, veth: None }.remove();
+        n += 1;
+    }
+    n
+}
 
 /// One sandbox's network namespace.
 #[derive(Debug)]
@@ -30,12 +121,16 @@ impl Netns {
         PathBuf::from("/run/netns").join(&self.name)
     }
 
-    /// Creates and configures the namespace.
-    pub(crate) fn create(id: &str, mode: NetworkMode) -> Result<Netns, String> {
+    /// Creates and configures a namespace.
+    fn create(mode: NetworkMode) -> Result<Netns, String> {
         if mode == NetworkMode::Outbound {
             NAT.get_or_init(setup_nat).clone()?;
         }
-        let name = format!("medes-{id}");
+        let name = format!(
+            "medes-{}-{}",
+            std::process::id(),
+            NAMES.fetch_add(1, Ordering::Relaxed)
+        );
         run("ip", &["netns", "add", &name], None)?;
         let mut ns = Netns { name, veth: None };
         let r = ns.configure(mode);

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::cgroup::Cgroup;
 use crate::criu::{self, Meta, Outcome};
 use crate::launch::{self, LaunchPlan, cpath};
-use crate::net::Netns;
+use crate::net::{self, Netns};
 use crate::rootfs::{self, Mount, MountKind};
 use crate::*;
 
@@ -196,6 +196,8 @@ fn ensure_run_dir(run_dir: &Path) -> io::Result<()> {
 
 /// File in a sandbox's run directory naming the process that owns it (`<pid> <start time>`).
 const OWNER: &str = "owner";
+/// File in a sandbox's run directory naming its network namespace.
+const NETNS: &str = "netns";
 
 /// `<pid> <start time in clock ticks>` of a live process (the start time tells a recycled pid
 /// apart).
@@ -208,8 +210,9 @@ fn owner_tag(pid: u32) -> Option<String> {
 
 /// Removes what sandboxes of processes that no longer exist left behind under
 /// `cfg.run_dir` (a crashed or killed agent cannot run its destructors): kills their
-/// processes, removes their cgroups, network namespaces and run directories. Sandboxes of live
-/// processes (other agents, concurrent tests) are left alone. Returns how many were removed.
+/// processes, removes their cgroups, network namespaces and run directories, and deletes spare
+/// network namespaces of dead processes. Sandboxes of live processes (other agents, concurrent
+/// tests) are left alone. Returns how many sandboxes and namespaces were removed.
 /// Call it once when an agent starts.
 pub fn cleanup_stale(cfg: &SandboxConfig) -> usize {
     let Ok(entries) = fs::read_dir(&cfg.run_dir) else {
@@ -233,17 +236,19 @@ pub fn cleanup_stale(cfg: &SandboxConfig) -> usize {
         }
         let mut res = Resources::empty();
         res.cgroup = Cgroup::existing(&cfg.cgroup_name, &id);
-        res.netns = Some(Netns {
-            name: format!("medes-{id}"),
-            veth: None,
-        });
+        res.netns = fs::read_to_string(e.path().join(NETNS))
+            .ok()
+            .map(|name| Netns {
+                name: name.trim().to_string(),
+                veth: None,
+            });
         res.dir = Some(e.path());
         match res.teardown() {
             Ok(()) => n += 1,
             Err(err) => warn!(sandbox_id = %id, error = %err, "cleaning up a stale sandbox"),
         }
     }
-    n
+    n + net::remove_orphans(&[])
 }
 
 fn valid_id(id: &str) -> bool {
@@ -320,9 +325,9 @@ fn ids_hook(uid: u32, gid: u32) -> Box<dyn FnMut() -> io::Result<()> + Send + Sy
         // SAFETY: raw syscalls on local, correctly laid-out structs (capget/capset ABI v3).
         unsafe {
             if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
-                || libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
+                || libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
             {
                 return err();
             }
@@ -405,7 +410,9 @@ fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartErr
     let cg = Cgroup::create(&cfg.cgroup_name, id, spec.memory_limit)
         .map_err(|(path, source)| StartError::Cgroup { path, source })?;
     res.cgroup = Some(cg);
-    let ns = Netns::create(id, cfg.network).map_err(|detail| StartError::Network { detail })?;
+    let ns =
+        net::take(cfg.network, cfg.spare_netns).map_err(|detail| StartError::Network { detail })?;
+    fs::write(dir.join(NETNS), &ns.name).map_err(io_err(format!("writing {dir:?}/{NETNS}")))?;
     let ns_path = ns.path();
     res.netns = Some(ns);
     let (mounts, links) = rootfs::plan(cfg, spec);
@@ -475,6 +482,7 @@ impl Sandbox {
         let (mut res, sock, listen_ino, mounts, pid) =
             tokio::task::spawn_blocking(move || -> Result<_, StartError> {
                 let p = prepare(&cfg2, &spec2)?;
+                let prepared = t0.elapsed();
                 let argv = vec![
                     cfg2.python.display().to_string(),
                     "-I".into(),
@@ -510,6 +518,11 @@ impl Sandbox {
                     source,
                 })?);
                 let _ = p.dir;
+                debug!(
+                    prepare_ms = prepared.as_secs_f64() * 1e3,
+                    exec_ms = (t0.elapsed() - prepared).as_secs_f64() * 1e3,
+                    "sandbox launched"
+                );
                 Ok((res, p.sock, p.listen_ino, p.mounts, pid))
             })
             .await
@@ -936,7 +949,9 @@ impl Sandbox {
             procs,
             vec![(p.listener.as_raw_fd(), 3), (p.netns_fd.as_raw_fd(), 4)],
         );
+        let prepared = t0.elapsed();
         let outcome = criu::run(&cfg.criu, args, &log, RESTORE_TIMEOUT, Some(hook)).await;
+        let restored = t0.elapsed();
         let Prepared {
             mut res,
             dir,
@@ -1017,7 +1032,14 @@ impl Sandbox {
                 });
             }
         }
-        info!(sandbox_id = %spec.id, pid, ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox restored");
+        info!(
+            sandbox_id = %spec.id,
+            pid,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            prepare_ms = prepared.as_secs_f64() * 1e3,
+            criu_ms = (restored - prepared).as_secs_f64() * 1e3,
+            "sandbox restored"
+        );
         Ok(sb)
     }
 

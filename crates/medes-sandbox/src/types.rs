@@ -36,6 +36,9 @@ pub struct SandboxConfig {
     pub criu: PathBuf,
     /// Size of the sandbox's private `/tmp` tmpfs in MiB (charged to its cgroup). Default 64.
     pub tmp_size_mb: u64,
+    /// Configured network namespaces kept ready (per network mode) to take their setup off the
+    /// start and restore paths; 0 disables. Default 2.
+    pub spare_netns: usize,
 }
 
 impl Default for SandboxConfig {
@@ -57,6 +60,7 @@ impl Default for SandboxConfig {
             cgroup_name: "medes".into(),
             criu: "criu".into(),
             tmp_size_mb: 64,
+            spare_netns: 2,
         }
     }
 }

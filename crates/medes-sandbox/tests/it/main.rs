@@ -15,7 +15,11 @@ fn config() -> Option<SandboxConfig> {
     let cfg = SandboxConfig::default();
     match preflight(&cfg) {
         Ok(()) => {
-            let _ = become_subreaper();
+            static CLEAN: std::sync::Once = std::sync::Once::new();
+            CLEAN.call_once(|| {
+                let _ = become_subreaper();
+                cleanup_stale(&cfg); // leftovers of killed earlier runs
+            });
             Some(cfg)
         }
         Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
