@@ -3,6 +3,8 @@
 //! for a trivial action and one importing numpy.
 //!
 //! `cargo run -p medes-sandbox --example sandbox_bench --release -- [runs]`
+//! (`MEDES_BENCH_KEEP=1` keeps the images and CRIU logs under the temp dir; `RUST_LOG=debug`
+//! prints per-phase timings.)
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -102,7 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             c.run(req()).await?;
             restore.push(t0.elapsed().as_secs_f64() * 1e3);
             c.destroy().await?;
-            if std::env::var_os("KEEP").is_none() {
+            if std::env::var_os("MEDES_BENCH_KEEP").is_none() {
                 std::fs::remove_dir_all(&img)?;
             }
         }
@@ -123,8 +125,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             pct(&mut restore, 0.99),
         );
     }
-    if std::env::var_os("KEEP").is_none() {
+    if std::env::var_os("MEDES_BENCH_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    release_spare_netns();
     Ok(())
 }

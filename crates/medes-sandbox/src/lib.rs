@@ -46,11 +46,14 @@
 //!   usr-merge symlinks. Read-only binds: `/usr` (and non-symlink `/bin`, `/lib`, ...), a few
 //!   `/etc` files and `/etc/ssl`, the venv, the runtime at `/runtime`, the code at `/action`,
 //!   `ro_mounts`. The root itself is remounted read-only.
-//! - **Network.** Each sandbox gets a named netns made with `ip` before launch: `Isolated` has
-//!   `lo` only; `Outbound` has a veth pair `mdv<N>`/`eth0` on 10.201.0.0/16 (`/30` number `N`,
-//!   unique because the host-side name is), a default route, and NAT by an nftables table
-//!   `inet medes` that also drops new connections from sandboxes to the host itself and between
-//!   sandboxes.
+//! - **Network.** Each sandbox gets a named netns (`/run/netns/medes-<pid>-<n>`) made with `ip`
+//!   before launch: `Isolated` has `lo` only; `Outbound` has a veth pair `mdv<N>`/`eth0` on
+//!   10.201.0.0/16 (`/30` number `N`, unique because the host-side name is), a default route,
+//!   and NAT by an nftables table `inet medes` that also drops new connections from sandboxes to
+//!   the host itself and between sandboxes. Creating one takes three `ip` runs, so
+//!   `spare_netns` configured namespaces per mode are kept ready and refilled by a background
+//!   thread ([`release_spare_netns`] deletes them at shutdown; [`cleanup_stale`] deletes those of
+//!   dead processes).
 //! - **Cgroups** by direct file writes (v1: `memory` + `pids` hierarchies, v2: one directory;
 //!   detected at run time). A dozen files do not justify `cgroups-rs`, and direct writes keep the
 //!   pre-exec cgroup join (writing `0` into `cgroup.procs`) allocation-free. Memory limit =
@@ -91,6 +94,16 @@
 //!   checkpoint (e.g. a `multiprocessing.Pool`) keep identical `random` states across copies,
 //!   and Python's hash seed is shared by all copies of one image.
 //! - Image integrity beyond file sizes (checksums) is the caller's business.
+//! - Only cgroup v1 (this project's machines) is exercised by the tests; the v2 path is written
+//!   to the kernel's documented interface but untested here.
+//! - The cgroup v1 migration of a new process costs ~10 ms of kernel time (an RCU grace period)
+//!   on every start and restore.
+//!
+//! # Measured (2 vCPU, idle machine, release build, `examples/sandbox_bench.rs`)
+//! | action | cold start → first answer | warm round trip | dump | restore → first answer |
+//! |---|---|---|---|---|
+//! | no-op | 41 ms | 0.27 ms | 51 ms (6.4 MB pages) | 42 ms |
+//! | numpy | 94 ms | 0.26 ms | 56 ms (14.7 MB pages) | 61 ms |
 #![deny(missing_docs)]
 
 mod cgroup;
