@@ -753,7 +753,13 @@ impl Sandbox {
         }
     }
 
-    /// Dumps the sandbox with CRIU into `images_dir` (created if missing).
+    /// Dumps the sandbox with CRIU into `images_dir` (created if missing; use an empty one:
+    /// files of an earlier dump are overwritten, stray ones would be listed as part of it).
+    ///
+    /// The directory then holds plain CRIU images (`pages-*.img`, `pagemap-*.img`, ...), the
+    /// tmpfs contents of `/tmp` and `/dev/shm`, `dump.log` (truncated) and `medes-sandbox.json`
+    /// (what [`Sandbox::restore`] needs besides CRIU's images, including every image file's
+    /// size). Waits for in-flight requests and holds new ones until the dump is done.
     pub async fn checkpoint(
         &self,
         images_dir: &Path,
@@ -861,7 +867,12 @@ impl Sandbox {
         })
     }
 
-    /// Restores a new sandbox from a checkpoint (see the crate docs).
+    /// Restores a new, independent sandbox from a checkpoint: its own id, cgroup (charged for
+    /// every restored page), network namespace, run directory and socket. Several restores of
+    /// one images directory may run concurrently. The images must match the sizes recorded at
+    /// dump time. After CRIU, the runtime is asked to reseed its random number generators, which
+    /// also proves it answers. `spec.code_dir` may differ from the original's (same contents
+    /// expected); `restore-<id>.log` stays in the images directory only if the restore fails.
     pub async fn restore(
         cfg: &SandboxConfig,
         spec: SandboxSpec,

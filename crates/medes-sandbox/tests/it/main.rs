@@ -193,6 +193,11 @@ async fn checkpoint_and_two_restores_side_by_side() {
         r1.result["r"], r2.result["r"],
         "reseeded copies must differ"
     );
+    let m = c1.memory().expect("memory of a copy");
+    assert!(
+        m.cgroup_usage.0 >= m.rss.0 / 2 && m.pss.0 > 1_000_000,
+        "restored pages are charged to the copy's cgroup: {m:?}"
+    );
     // A restored copy is a full sandbox: it can be checkpointed and restored again.
     let images2 = tempfile::tempdir().expect("tempdir");
     c1.checkpoint(images2.path(), CheckpointMode::LeaveRunning)
