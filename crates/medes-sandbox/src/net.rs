@@ -84,9 +84,9 @@ pub fn release_spares() {
     }
 }
 
-/// Deletes `/run/netns/medes-<pid>-<n>` namespaces whose creating process is gone, except
-/// those named in `keep`.
-pub(crate) fn remove_orphans(keep: &[String]) -> usize {
+/// Deletes `/run/netns/medes-<pid>-<n>` namespaces whose creating process is gone (spares of a
+/// dead agent; namespaces of its sandboxes are removed with their run directories first).
+pub(crate) fn remove_orphans() -> usize {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return 0;
     };
@@ -100,7 +100,7 @@ pub(crate) fn remove_orphans(keep: &[String]) -> usize {
         else {
             continue;
         };
-        if keep.contains(&name) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
         Netns { name, veth: None }.remove();

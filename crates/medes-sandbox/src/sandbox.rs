@@ -248,7 +248,7 @@ pub fn cleanup_stale(cfg: &SandboxConfig) -> usize {
             Err(err) => warn!(sandbox_id = %id, error = %err, "cleaning up a stale sandbox"),
         }
     }
-    n + net::remove_orphans(&[])
+    n + net::remove_orphans()
 }
 
 fn valid_id(id: &str) -> bool {
