@@ -129,6 +129,7 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
         aslr: !args.no_aslr,
         store_dir: work.path().join("stores"),
         materialize_bases: true,
+        rebuild_cpu_repeats: 3,
     };
     std::fs::create_dir_all(&cfg.store_dir)?;
     let t = Instant::now();
