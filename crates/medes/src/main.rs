@@ -31,6 +31,14 @@ enum Command {
     Trace(cmd::trace::Args),
     /// Replay a trace file against a running platform (open loop).
     Replay(cmd::replay::Args),
+    /// Trace-driven simulation of a cluster under a policy.
+    Sim(cmd::sim::Args),
+    /// Run the paper's evaluation in the simulator and write the report.
+    Eval(cmd::eval::Args),
+    /// Write a Markdown report with plots from replay/sim outputs.
+    Report(cmd::report::Args),
+    /// Write a per-function cost profile measured on the live platform.
+    Profile(cmd::profile::Args),
     /// Start the platform, deploy a sample action, invoke it cold and warm (the README's first command).
     Demo(cmd::demo::Args),
 }
@@ -44,6 +52,10 @@ fn main() -> ExitCode {
         Command::Trace(a) => cmd::trace::run(a),
         Command::Replay(a) => cmd::replay::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Sim(a) => cmd::sim::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Report(a) => cmd::report::run(a),
+        Command::Profile(a) => cmd::profile::run(a),
     };
     match result {
         Ok(code) => code,

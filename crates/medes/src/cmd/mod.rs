@@ -3,7 +3,11 @@
 pub mod bench;
 pub mod bench_dedup;
 pub mod demo;
+pub mod eval;
+pub mod profile;
 pub mod replay;
+pub mod report;
 pub mod serve;
+pub mod sim;
 pub mod suite;
 pub mod trace;
