@@ -51,8 +51,9 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 pub use proto::{
-    AgentError, Command, LogLine, NodeAgent, NodeStatus, Reply, RunCommand, RunOutcome, RunReply,
-    SandboxMemory, SandboxStatus, SpawnCommand, SpawnReply, Stream,
+    AgentError, BaseReply, Command, DedupReply, LogLine, NodeAgent, NodeStatus, Reply,
+    RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus,
+    SpawnCommand, SpawnReply, Stream,
 };
 
 /// Configuration of one node agent.
@@ -75,6 +76,39 @@ pub struct AgentConfig {
     /// Bound on creating a sandbox until its runtime answers (init not included), ms; a start
     /// that takes longer fails the cold start. Default 30000.
     pub start_timeout_ms: u64,
+    /// Dedup settings (checkpoints, bases, dedup starts).
+    pub dedup: DedupSettings,
+}
+
+/// How the agent deduplicates and restores sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DedupSettings {
+    /// Directory (a tmpfs; mounted if it is not one) for checkpoint images, base images and
+    /// dedup stores. Default `/run/medes/images`.
+    pub images_dir: PathBuf,
+    /// Dedup and make-base operations carried out at the same time on this node; more wait.
+    /// Default 1 (a node here has 2 cores, one stays for invocations).
+    pub max_concurrent_dedups: usize,
+    /// One fingerprint registry for all namespaces (true) or one per namespace (false, the
+    /// default: shared pages are a side channel between tenants).
+    pub share_across_tenants: bool,
+    /// The dedup engine's knobs.
+    pub engine: medes_dedup::DedupConfig,
+    /// Bound on a dedup start (rebuild + restore until the runtime answers), ms. Default 10000.
+    pub restore_timeout_ms: u64,
+}
+
+impl Default for DedupSettings {
+    fn default() -> Self {
+        DedupSettings {
+            images_dir: "/run/medes/images".into(),
+            max_concurrent_dedups: 1,
+            share_across_tenants: false,
+            engine: medes_dedup::DedupConfig::default(),
+            restore_timeout_ms: 10_000,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -87,6 +121,7 @@ impl Default for AgentConfig {
             max_code_mb: 512,
             max_code_entries: 20_000,
             start_timeout_ms: 30_000,
+            dedup: DedupSettings::default(),
         }
     }
 }
@@ -185,6 +220,20 @@ impl NodeAgent for Agent {
                 Command::Run(c) => inner.run(c).await.map(Reply::Ran),
                 Command::Purge { sandbox } => inner.purge(sandbox).await.map(|()| Reply::Purged),
                 Command::Status => Ok(Reply::Status(inner.status().await)),
+                Command::MakeBase { sandbox } => Err(AgentError::NotDeduplicable {
+                    sandbox,
+                    reason: "not implemented yet".into(),
+                    sandbox_alive: true,
+                }),
+                Command::Dedup { sandbox } => Err(AgentError::NotDeduplicable {
+                    sandbox,
+                    reason: "not implemented yet".into(),
+                    sandbox_alive: true,
+                }),
+                Command::Restore { sandbox } => Err(AgentError::RestoreFailed {
+                    sandbox,
+                    reason: "not implemented yet".into(),
+                }),
             }
         });
         task.map(|r| {
@@ -418,6 +467,12 @@ impl Inner {
                         rss: m.rss,
                         cgroup_usage: m.cgroup_usage,
                     }),
+                    form: SandboxForm::Warm,
+                    held_bytes: 0,
+                })
+                .map(|mut st| {
+                    st.held_bytes = st.memory.map_or(0, |m| m.pss.0);
+                    st
                 })
                 .collect::<Vec<_>>();
             (st, slots)

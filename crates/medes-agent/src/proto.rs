@@ -38,6 +38,28 @@ pub enum Command {
     },
     /// Report the node's sandboxes and their memory. Answered by [`Reply::Status`].
     Status,
+    /// Make a warm sandbox a base: checkpoint it (leaving it running), register its pages in the
+    /// registry of its dedup domain and keep the page image resident. The sandbox stays warm and
+    /// keeps serving runs. Answered by [`Reply::BaseReady`].
+    MakeBase {
+        /// The sandbox (warm, idle).
+        sandbox: SandboxId,
+    },
+    /// Turn a warm sandbox into a dedup sandbox: checkpoint it (stopping it), deduplicate its
+    /// pages against the bases of its domain, store the result and drop the full image. Answered
+    /// by [`Reply::Deduped`]; a sandbox that cannot be deduplicated gives
+    /// [`AgentError::NotDeduplicable`].
+    Dedup {
+        /// The sandbox (warm, idle).
+        sandbox: SandboxId,
+    },
+    /// A dedup start: rebuild the sandbox's pages from its store and the base pages, restore
+    /// it, reseed its runtime. The sandbox is warm again under the same id. Answered by
+    /// [`Reply::Restored`]; on any failure [`AgentError::RestoreFailed`] (the sandbox is purged).
+    Restore {
+        /// The sandbox (a dedup sandbox).
+        sandbox: SandboxId,
+    },
 }
 
 impl Command {
@@ -48,6 +70,9 @@ impl Command {
             Command::Run(_) => "run",
             Command::Purge { .. } => "purge",
             Command::Status => "status",
+            Command::MakeBase { .. } => "make_base",
+            Command::Dedup { .. } => "dedup",
+            Command::Restore { .. } => "restore",
         }
     }
 }
@@ -97,6 +122,56 @@ pub enum Reply {
     Purged,
     /// Answer to [`Command::Status`].
     Status(NodeStatus),
+    /// Answer to [`Command::MakeBase`].
+    BaseReady(BaseReply),
+    /// Answer to [`Command::Dedup`].
+    Deduped(DedupReply),
+    /// Answer to [`Command::Restore`].
+    Restored(RestoreReply),
+}
+
+/// A sandbox became a base.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BaseReply {
+    /// Bytes of its page image (kept resident while it is a base).
+    pub image_bytes: u64,
+    /// Pages registered.
+    pub pages: u64,
+    /// Time of the checkpoint (the sandbox was frozen for part of it), ms.
+    pub checkpoint_ms: f64,
+    /// Time to fingerprint and register the pages and materialise the base, ms.
+    pub register_ms: f64,
+}
+
+/// A sandbox became a dedup sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DedupReply {
+    /// Bytes of its page image before dedup.
+    pub image_bytes: u64,
+    /// Everything held for the dedup sandbox: store, non-page images, metadata.
+    pub stored_bytes: u64,
+    /// Time of the checkpoint, ms (0 when the previous store was reused).
+    pub checkpoint_ms: f64,
+    /// Time to fingerprint, look up, encode and store, ms (0 when reused).
+    pub dedup_ms: f64,
+    /// Pages in the image.
+    pub pages: u64,
+    /// The sandbox had been restored from a store and was unchanged in identity, so its
+    /// process was stopped and the earlier store kept (no new checkpoint), as the paper does.
+    pub reused_previous: bool,
+}
+
+/// A dedup sandbox was restored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RestoreReply {
+    /// Time to read (map, check) the store and the base pages it needs, ms.
+    pub read_base_ms: f64,
+    /// Time to rebuild the page images, ms.
+    pub rebuild_ms: f64,
+    /// Time of the CRIU restore until the runtime answered (reseed included), ms.
+    pub restore_ms: f64,
+    /// Whole command, ms.
+    pub total_ms: f64,
 }
 
 /// Outcome of a cold start that reached the init step (or failed on the action's own code).
@@ -175,10 +250,26 @@ pub struct NodeStatus {
 pub struct SandboxStatus {
     /// The sandbox.
     pub id: SandboxId,
-    /// Whether its runtime process is alive.
+    /// Whether its runtime process is alive (false for a dedup sandbox: it has no process).
     pub alive: bool,
-    /// Its memory, if it could be read.
+    /// Its memory, if it could be read (warm and base sandboxes).
     pub memory: Option<SandboxMemory>,
+    /// Its form.
+    pub form: SandboxForm,
+    /// Bytes held for it on this node: warm = PSS, dedup = everything stored for it, base =
+    /// PSS + its resident base image.
+    pub held_bytes: u64,
+}
+
+/// The form of a sandbox on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SandboxForm {
+    /// A live, initialised runtime.
+    Warm,
+    /// No process: a deduplicated checkpoint that a [`Command::Restore`] brings back.
+    Dedup,
+    /// A live runtime whose checkpointed pages are a base for dedup sandboxes.
+    Base,
 }
 
 /// Memory of one sandbox.
@@ -216,6 +307,43 @@ pub enum AgentError {
         /// The sandbox.
         sandbox: SandboxId,
         /// The cause.
+        reason: String,
+    },
+    /// The sandbox could not be checkpointed or deduplicated (e.g. it holds TCP sockets).
+    #[error("sandbox {sandbox} cannot be deduplicated: {reason}")]
+    NotDeduplicable {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The cause.
+        reason: String,
+        /// Whether the sandbox is still there, warm (else it is gone).
+        sandbox_alive: bool,
+    },
+    /// A dedup start failed; the dedup sandbox has been purged.
+    #[error("restoring sandbox {sandbox}: {reason}")]
+    RestoreFailed {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The cause.
+        reason: String,
+    },
+    /// A base cannot be purged while dedup sandboxes depend on it.
+    #[error("base sandbox {sandbox} has {dependents} dependent dedup sandboxes")]
+    BaseInUse {
+        /// The base.
+        sandbox: SandboxId,
+        /// Dedup sandboxes that need its pages.
+        dependents: u64,
+    },
+    /// The command does not apply to the sandbox in its current form or state (e.g. `Run` on a
+    /// dedup sandbox, `Dedup` while it runs or is already a base).
+    #[error("sandbox {sandbox} is {form:?}: {reason}")]
+    WrongForm {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// Its form.
+        form: SandboxForm,
+        /// Why the command does not apply.
         reason: String,
     },
     /// The agent is shutting down.
