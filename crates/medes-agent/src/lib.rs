@@ -26,25 +26,64 @@
 //!   so a purge that races a run destroys the sandbox exactly once, when the run ends.
 //! - Action code is written once per action version into `<data_dir>/code/` (see [`AgentConfig`]).
 //!
+//! # Dedup state (issue 5)
+//! A sandbox has one of three forms ([`SandboxForm`]): **warm** (a live runtime), **base** (a live
+//! runtime whose checkpointed pages are resident and registered) and **dedup** (no process: a
+//! dedup store on tmpfs).
+//! - [`Command::MakeBase`] checkpoints with `--leave-running`, fingerprints the pages into the
+//!   registry of the sandbox's *dedup domain* (its namespace; the whole node with
+//!   [`DedupSettings::share_across_tenants`]) and keeps the canonical (rebased) pages in memory;
+//!   the dump's files are then deleted. The sandbox keeps serving.
+//! - [`Command::Dedup`] checkpoints and stops the sandbox (images on the tmpfs
+//!   [`DedupSettings::images_dir`]), destroys its cgroup and netns, then deduplicates against every
+//!   base of its domain, writes the store atomically (xxh3-checksummed) and deletes the dump.
+//!   Every base the store points into is reference-counted in the registry until the store is
+//!   gone, so such a base cannot be retired ([`AgentError::BaseInUse`]).
+//! - [`Command::Restore`] (a dedup start) loads and verifies the store, rebuilds the page images
+//!   (every page checksummed) into a tmpfs directory *while* medes-sandbox prepares the new
+//!   sandbox's run directory, cgroup, netns and root ([`Sandbox::restore_with`]), then runs CRIU
+//!   and reseeds the runtime (`random`, numpy, OpenSSL, tempfile names, glibc's `getrandom`
+//!   state). Any failure purges the dedup sandbox and answers [`AgentError::RestoreFailed`].
+//! - **Re-dedup reuses the store** (as the paper does): a sandbox restored from a store keeps it
+//!   while warm; its next [`Command::Dedup`] stops the process and keeps the store instead of
+//!   checkpointing again ([`DedupReply::reused_previous`]). This relies on actions being
+//!   stateless: state an action built in memory after the restore is dropped, and the store is
+//!   still accounted to the warm sandbox (`held_bytes`).
+//! - Dedups and make-bases run on their command's task, CPU work in `spawn_blocking`, at most
+//!   [`DedupSettings::max_concurrent_dedups`] at a time; restores and runs are never queued
+//!   behind them (though they share the node's cores).
+//! - Memory ([`SandboxStatus::held_bytes`]): warm = PSS (+ a kept store), base = PSS + resident
+//!   base pages, dedup = the store file on tmpfs (rounded to pages; it holds the pages' encoding,
+//!   every non-page CRIU image and our metadata). The cgroup figure stays in
+//!   [`SandboxStatus::memory`] as a cross-check.
+//! - The registry lives in this agent, one per domain, behind a small internal interface
+//!   (`domain.rs`) so the cluster-wide registry of issue 7 can replace it.
+//!
 //! # What this crate does not do
-//! No scheduling, no memory budget, no keep-alive (the controller decides all of that); no
-//! OpenWhisk JSON; no checkpoints yet (issue 5 adds dedup commands).
+//! No scheduling, no memory budget, no keep-alive, no dedup policy (the controller decides all of
+//! that); no OpenWhisk JSON. Stores and bases do not survive an agent restart (the tmpfs files
+//! of a dead agent are removed by the next one); there is no remote base fetch.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod code;
+mod domain;
+mod images;
 pub mod proto;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use medes_core::{Bytes, NodeId, SandboxId};
-use medes_sandbox::{InitRequest, RunError, RunRequest, Sandbox, SandboxConfig, SandboxSpec};
+use medes_dedup::{BaseId, BaseMeta, BasePages, DedupStore, DumpImage};
+use medes_sandbox::{
+    CheckpointMode, InitRequest, RunError, RunRequest, Sandbox, SandboxConfig, SandboxSpec,
+};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -138,6 +177,34 @@ pub enum NewAgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The images directory could not be prepared (created, mounted as a tmpfs).
+    #[error("preparing the images directory {path:?}")]
+    ImagesDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counts of the dedup paths' outcomes since the agent started (also logged one by one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupCounters {
+    /// Sandboxes deduplicated (new stores).
+    pub dedups: u64,
+    /// Re-dedups that reused the previous store.
+    pub reused: u64,
+    /// Dedup or make-base refused: the sandbox could not be checkpointed or deduplicated.
+    pub not_deduplicable: u64,
+    /// Bases made.
+    pub bases: u64,
+    /// Bases retired.
+    pub retired: u64,
+    /// Dedup starts that succeeded.
+    pub restores: u64,
+    /// Dedup starts that failed (the dedup sandbox was purged).
+    pub restore_failures: u64,
 }
 
 /// The local node agent. Cheap to clone (all clones share one node).
@@ -149,37 +216,130 @@ pub struct Agent {
 struct Inner {
     cfg: AgentConfig,
     code_root: PathBuf,
-    sandboxes: Mutex<HashMap<SandboxId, Arc<Slot>>>,
+    /// This agent's own subdirectory of `cfg.dedup.images_dir`.
+    images: PathBuf,
+    sandboxes: Mutex<HashMap<SandboxId, Entry>>,
+    domains: domain::Domains,
+    next_base: AtomicU32,
     starts: Semaphore,
+    dedups: Semaphore,
+    counters: Mutex<DedupCounters>,
     shutting_down: AtomicBool,
+}
+
+/// A sandbox in the table.
+enum Entry {
+    /// A live runtime (warm, or a base when `Slot::base` is set).
+    Live(Arc<Slot>),
+    /// A dedup sandbox: no process, a store.
+    Dedup(Arc<DedupRec>),
+    /// A dedup or a dedup start is in progress; `purge` records a purge asked meanwhile.
+    Busy { form: SandboxForm, purge: bool },
+    /// A base whose process was lost while dedup sandboxes still depend on its pages.
+    LostBase(Arc<BaseRec>),
+}
+
+/// What every form of a sandbox keeps: how to recreate it, and its dedup domain.
+struct SandboxInfo {
+    spec: SandboxSpec,
+    domain: Arc<domain::Domain>,
+    function: String,
 }
 
 /// One live sandbox. Whoever gets it back from `Arc::into_inner` destroys it.
 struct Slot {
     sandbox: Sandbox,
+    info: Arc<SandboxInfo>,
+    /// Set once the sandbox is a base.
+    base: Mutex<Option<Arc<BaseRec>>>,
+    /// The store it was restored from, kept for a re-dedup (see [`DedupReply::reused_previous`]).
+    store: Mutex<Option<Arc<DedupRec>>>,
+    /// A make-base or dedup holds the sandbox.
+    changing: AtomicBool,
+}
+
+impl Slot {
+    fn new(sandbox: Sandbox, info: Arc<SandboxInfo>, store: Option<Arc<DedupRec>>) -> Slot {
+        Slot {
+            sandbox,
+            info,
+            base: Mutex::new(None),
+            store: Mutex::new(store),
+            changing: AtomicBool::new(false),
+        }
+    }
+
+    fn form(&self) -> SandboxForm {
+        if self.base.lock().is_some() {
+            SandboxForm::Base
+        } else {
+            SandboxForm::Warm
+        }
+    }
+}
+
+/// A base: its pages are resident in its domain.
+struct BaseRec {
+    domain: Arc<domain::Domain>,
+    id: BaseId,
+    /// Bytes of its resident pages.
+    bytes: u64,
+}
+
+/// A dedup sandbox's store. Dropping the last reference deletes the store file and releases
+/// the bases it points into.
+struct DedupRec {
+    info: Arc<SandboxInfo>,
+    path: PathBuf,
+    stored_bytes: u64,
+    image_bytes: u64,
+    pages: u64,
+    _pins: domain::Pins,
+}
+
+impl Drop for DedupRec {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_file(&self.path)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %self.path.display(), %error, "removing a dedup store");
+        }
+    }
 }
 
 impl Agent {
-    /// An agent for one node; creates `<data_dir>/code` and removes what sandboxes of dead
-    /// processes (a crashed earlier agent) left behind. Call [`medes_sandbox::preflight`]
-    /// first to check the host.
+    /// An agent for one node; creates `<data_dir>/code` and the images directory (mounting a
+    /// tmpfs there if it is not on one), and removes what sandboxes and agents of dead processes
+    /// (a crashed earlier agent) left behind. Call [`medes_sandbox::preflight`] first to check
+    /// the host.
     pub fn new(cfg: AgentConfig) -> Result<Agent, NewAgentError> {
         let code_root = cfg.data_dir.join("code");
         std::fs::create_dir_all(&code_root).map_err(|source| NewAgentError::CodeDir {
             path: code_root.clone(),
             source,
         })?;
+        let images =
+            images::prepare(&cfg.dedup.images_dir).map_err(|source| NewAgentError::ImagesDir {
+                path: cfg.dedup.images_dir.clone(),
+                source,
+            })?;
         let stale = medes_sandbox::cleanup_stale(&cfg.sandbox);
         if stale > 0 {
             info!(node = %cfg.node_id, removed = stale, "removed leftovers of earlier sandboxes");
         }
         let starts = Semaphore::new(cfg.max_concurrent_starts.max(1));
+        let dedups = Semaphore::new(cfg.dedup.max_concurrent_dedups.max(1));
         Ok(Agent {
             inner: Arc::new(Inner {
                 cfg,
                 code_root,
+                images,
                 sandboxes: Mutex::new(HashMap::new()),
+                domains: domain::Domains::default(),
+                next_base: AtomicU32::new(0),
                 starts,
+                dedups,
+                counters: Mutex::new(DedupCounters::default()),
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -190,15 +350,48 @@ impl Agent {
         &self.inner.cfg.node_id
     }
 
-    /// Number of initialised sandboxes on the node.
+    /// Number of sandboxes on the node, in any form.
     pub fn n_sandboxes(&self) -> usize {
         self.inner.sandboxes.lock().len()
     }
 
-    /// Refuses new work and destroys every sandbox (running ones as soon as their runs end).
+    /// Counts of the dedup paths' outcomes.
+    pub fn dedup_counters(&self) -> DedupCounters {
+        *self.inner.counters.lock()
+    }
+
+    /// This agent's directory of checkpoint images and dedup stores (on a tmpfs).
+    pub fn images_dir(&self) -> &Path {
+        &self.inner.images
+    }
+
+    /// The path of a dedup sandbox's store file, if it is one (for inspection and fault
+    /// injection in tests).
+    pub fn store_path(&self, sandbox: &SandboxId) -> Option<PathBuf> {
+        match self.inner.sandboxes.lock().get(sandbox) {
+            Some(Entry::Dedup(r)) => Some(r.path.clone()),
+            _ => None,
+        }
+    }
+
+    /// Fault injection for tests: drops the resident pages of a base sandbox's image (its
+    /// registry entries and dependents stay), as if the base image were lost. Returns whether
+    /// there were pages to drop.
+    #[doc(hidden)]
+    pub fn lose_base_pages(&self, sandbox: &SandboxId) -> bool {
+        let base = match self.inner.sandboxes.lock().get(sandbox) {
+            Some(Entry::Live(s)) => s.base.lock().clone(),
+            Some(Entry::LostBase(b)) => Some(b.clone()),
+            _ => None,
+        };
+        base.is_some_and(|b| b.domain.lose_pages(b.id))
+    }
+
+    /// Refuses new work and destroys every sandbox (running ones as soon as their runs end),
+    /// dedup stores included.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
-        let all: Vec<Arc<Slot>> = self
+        let all: Vec<Entry> = self
             .inner
             .sandboxes
             .lock()
@@ -206,7 +399,11 @@ impl Agent {
             .map(|(_, s)| s)
             .collect();
         let n = all.len();
-        futures::future::join_all(all.into_iter().map(release)).await;
+        let slots = all.into_iter().filter_map(|e| match e {
+            Entry::Live(s) => Some(s),
+            _ => None,
+        });
+        futures::future::join_all(slots.map(release)).await;
         info!(node = %self.inner.cfg.node_id, sandboxes = n, "node agent shut down");
     }
 }
@@ -220,20 +417,11 @@ impl NodeAgent for Agent {
                 Command::Run(c) => inner.run(c).await.map(Reply::Ran),
                 Command::Purge { sandbox } => inner.purge(sandbox).await.map(|()| Reply::Purged),
                 Command::Status => Ok(Reply::Status(inner.status().await)),
-                Command::MakeBase { sandbox } => Err(AgentError::NotDeduplicable {
-                    sandbox,
-                    reason: "not implemented yet".into(),
-                    sandbox_alive: true,
-                }),
-                Command::Dedup { sandbox } => Err(AgentError::NotDeduplicable {
-                    sandbox,
-                    reason: "not implemented yet".into(),
-                    sandbox_alive: true,
-                }),
-                Command::Restore { sandbox } => Err(AgentError::RestoreFailed {
-                    sandbox,
-                    reason: "not implemented yet".into(),
-                }),
+                Command::MakeBase { sandbox } => {
+                    inner.make_base(sandbox).await.map(Reply::BaseReady)
+                }
+                Command::Dedup { sandbox } => inner.dedup(sandbox).await.map(Reply::Deduped),
+                Command::Restore { sandbox } => inner.restore(sandbox).await.map(Reply::Restored),
             }
         });
         task.map(|r| {
@@ -247,10 +435,28 @@ impl NodeAgent for Agent {
 /// sandbox.
 async fn release(slot: Arc<Slot>) {
     if let Some(slot) = Arc::into_inner(slot) {
-        let id = slot.sandbox.id().clone();
-        match slot.sandbox.destroy().await {
-            Ok(()) => debug!(sandbox = %id, "sandbox destroyed"),
-            Err(e) => warn!(sandbox = %id, error = %e, "destroying sandbox left something behind"),
+        destroy(slot).await;
+    }
+}
+
+async fn destroy(slot: Slot) {
+    let id = slot.sandbox.id().clone();
+    match slot.sandbox.destroy().await {
+        Ok(()) => debug!(sandbox = %id, "sandbox destroyed"),
+        Err(e) => warn!(sandbox = %id, error = %e, "destroying sandbox left something behind"),
+    }
+}
+
+/// Waits until `slot` is the last reference (in-flight runs and status walks end), so the
+/// sandbox can be destroyed before the caller goes on.
+async fn take_last(mut slot: Arc<Slot>) -> Slot {
+    loop {
+        match Arc::try_unwrap(slot) {
+            Ok(s) => return s,
+            Err(s) => {
+                slot = s;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
     }
 }
@@ -264,12 +470,109 @@ fn valid_id(id: &SandboxId) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn wrong_form(sandbox: SandboxId, form: SandboxForm, reason: &str) -> AgentError {
+    AgentError::WrongForm {
+        sandbox,
+        form,
+        reason: reason.into(),
+    }
+}
+
 impl Inner {
     fn check_running(&self) -> Result<(), AgentError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             Err(AgentError::ShuttingDown)
         } else {
             Ok(())
+        }
+    }
+
+    /// The live slot of `id`, or the error that fits the entry.
+    fn live(&self, id: &SandboxId) -> Result<Arc<Slot>, AgentError> {
+        match self.sandboxes.lock().get(id) {
+            Some(Entry::Live(s)) => Ok(s.clone()),
+            Some(Entry::Dedup(_)) => Err(wrong_form(
+                id.clone(),
+                SandboxForm::Dedup,
+                "a dedup sandbox must be restored first",
+            )),
+            Some(Entry::Busy { form, .. }) => Err(wrong_form(
+                id.clone(),
+                *form,
+                "a dedup or a dedup start is in progress",
+            )),
+            Some(Entry::LostBase(_)) => Err(wrong_form(
+                id.clone(),
+                SandboxForm::Base,
+                "the base's process was lost; only its pages remain",
+            )),
+            None => Err(AgentError::UnknownSandbox(id.clone())),
+        }
+    }
+
+    /// Replaces the entry of `id` by `new` if it is still the live `slot`; returns whether it
+    /// was.
+    fn swap_live(&self, id: &SandboxId, slot: &Arc<Slot>, new: Entry) -> bool {
+        let mut t = self.sandboxes.lock();
+        match t.get(id) {
+            Some(Entry::Live(s)) if Arc::ptr_eq(s, slot) => {
+                t.insert(id.clone(), new);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends a `Busy` entry: puts `new` in its place (or removes it with `None`). Returns false
+    /// (and removes the entry) when a purge was asked meanwhile.
+    fn finish_busy(&self, id: &SandboxId, new: Option<Entry>) -> bool {
+        let mut t = self.sandboxes.lock();
+        let purged = !matches!(t.get(id), Some(Entry::Busy { purge: false, .. }));
+        match new {
+            Some(e) if !purged => {
+                t.insert(id.clone(), e);
+            }
+            _ => {
+                t.remove(id);
+            }
+        }
+        !purged
+    }
+
+    /// The slot lost its process: take it out of the table. A base with dependents leaves its
+    /// pages behind as a [`Entry::LostBase`].
+    async fn drop_lost(&self, id: &SandboxId, slot: &Arc<Slot>) {
+        let base = slot.base.lock().clone();
+        let keep = match base {
+            Some(b) if b.domain.retire(b.id).is_err() => Some(b),
+            Some(_) => {
+                self.counters.lock().retired += 1;
+                None
+            }
+            None => None,
+        };
+        let removed = {
+            let mut t = self.sandboxes.lock();
+            match t.get(id) {
+                Some(Entry::Live(s)) if Arc::ptr_eq(s, slot) => match keep {
+                    Some(b) => match t.insert(id.clone(), Entry::LostBase(b)) {
+                        Some(Entry::Live(s)) => Some(s),
+                        _ => None,
+                    },
+                    None => match t.remove(id) {
+                        Some(Entry::Live(s)) => Some(s),
+                        _ => None,
+                    },
+                },
+                _ => None,
+            }
+        };
+        if let Some(s) = removed {
+            release(s).await;
         }
     }
 
@@ -323,6 +626,16 @@ impl Inner {
             memory_limit: c.memory_limit,
             env: c.env,
         };
+        let domain_key = if self.cfg.dedup.share_across_tenants {
+            "*".to_string()
+        } else {
+            c.action.namespace.0.clone()
+        };
+        let info = Arc::new(SandboxInfo {
+            spec: spec.clone(),
+            domain: self.domains.get(&domain_key),
+            function: c.action.to_string(),
+        });
         let sandbox = match tokio::time::timeout(
             start_timeout,
             Sandbox::start(&self.cfg.sandbox, spec),
@@ -352,8 +665,10 @@ impl Inner {
                     let _ = sandbox.destroy().await;
                     return Err(AgentError::ShuttingDown);
                 }
-                let slot = Arc::new(Slot { sandbox });
-                self.sandboxes.lock().insert(c.sandbox.clone(), slot);
+                let slot = Arc::new(Slot::new(sandbox, info, None));
+                self.sandboxes
+                    .lock()
+                    .insert(c.sandbox.clone(), Entry::Live(slot));
                 debug!(sandbox = %c.sandbox, start_ms, init_ms = r.init_ms, "sandbox ready");
                 return Ok(SpawnReply {
                     init_error: None,
@@ -392,12 +707,7 @@ impl Inner {
     }
 
     async fn run(self: &Arc<Self>, c: RunCommand) -> Result<RunReply, AgentError> {
-        let slot = self
-            .sandboxes
-            .lock()
-            .get(&c.sandbox)
-            .cloned()
-            .ok_or_else(|| AgentError::UnknownSandbox(c.sandbox.clone()))?;
+        let slot = self.live(&c.sandbox)?;
         let timeout = Duration::from_millis(c.timeout_ms);
         let req = RunRequest {
             value: c.params,
@@ -433,46 +743,107 @@ impl Inner {
             }
         };
         if reply.sandbox_lost() {
-            let removed = self.sandboxes.lock().remove(&c.sandbox);
-            if let Some(s) = removed {
-                release(s).await;
-            }
+            self.drop_lost(&c.sandbox, &slot).await;
         }
         release(slot).await;
         Ok(reply)
     }
 
     async fn purge(self: &Arc<Self>, id: SandboxId) -> Result<(), AgentError> {
-        let removed = self.sandboxes.lock().remove(&id);
-        match removed {
-            Some(slot) => {
-                release(slot).await;
-                Ok(())
+        let removed = {
+            let mut t = self.sandboxes.lock();
+            let base = match t.get_mut(&id) {
+                None => return Err(AgentError::UnknownSandbox(id)),
+                Some(Entry::Busy { purge, .. }) => {
+                    *purge = true;
+                    return Ok(());
+                }
+                Some(Entry::Live(s)) => s.base.lock().clone(),
+                Some(Entry::LostBase(b)) => Some(b.clone()),
+                Some(Entry::Dedup(_)) => None,
+            };
+            if let Some(b) = base {
+                if let Err(domain::RetireError::InUse(dependents)) = b.domain.retire(b.id) {
+                    return Err(AgentError::BaseInUse {
+                        sandbox: id,
+                        dependents,
+                    });
+                }
+                self.counters.lock().retired += 1;
+                info!(sandbox = %id, base = b.id.0, domain = %b.domain.key, "base retired");
             }
-            None => Err(AgentError::UnknownSandbox(id)),
+            t.remove(&id)
+        };
+        match removed {
+            Some(Entry::Live(slot)) => release(slot).await,
+            Some(Entry::Dedup(rec)) => {
+                // The store file goes with the last reference (a restore may hold one).
+                drop(rec);
+            }
+            _ => {}
         }
+        Ok(())
     }
 
     async fn status(self: &Arc<Self>) -> NodeStatus {
-        let slots: Vec<Arc<Slot>> = self.sandboxes.lock().values().cloned().collect();
+        enum Seen {
+            Live(Arc<Slot>),
+            Fixed(SandboxStatus),
+        }
+        let seen: Vec<Seen> = self
+            .sandboxes
+            .lock()
+            .iter()
+            .map(|(id, e)| match e {
+                Entry::Live(s) => Seen::Live(s.clone()),
+                Entry::Dedup(r) => Seen::Fixed(SandboxStatus {
+                    id: id.clone(),
+                    alive: false,
+                    memory: None,
+                    form: SandboxForm::Dedup,
+                    held_bytes: r.stored_bytes,
+                }),
+                Entry::Busy { form, .. } => Seen::Fixed(SandboxStatus {
+                    id: id.clone(),
+                    alive: false,
+                    memory: None,
+                    form: *form,
+                    held_bytes: 0,
+                }),
+                Entry::LostBase(b) => Seen::Fixed(SandboxStatus {
+                    id: id.clone(),
+                    alive: false,
+                    memory: None,
+                    form: SandboxForm::Base,
+                    held_bytes: b.bytes,
+                }),
+            })
+            .collect();
         let node = self.cfg.node_id.clone();
         let (sandboxes, slots) = tokio::task::spawn_blocking(move || {
-            let st = slots
-                .iter()
-                .map(|s| SandboxStatus {
-                    id: s.sandbox.id().clone(),
-                    alive: s.sandbox.is_alive(),
-                    memory: s.sandbox.memory().ok().map(|m| SandboxMemory {
-                        pss: m.pss,
-                        rss: m.rss,
-                        cgroup_usage: m.cgroup_usage,
-                    }),
-                    form: SandboxForm::Warm,
-                    held_bytes: 0,
-                })
-                .map(|mut st| {
-                    st.held_bytes = st.memory.map_or(0, |m| m.pss.0);
-                    st
+            let mut slots = Vec::new();
+            let st = seen
+                .into_iter()
+                .map(|s| match s {
+                    Seen::Fixed(st) => st,
+                    Seen::Live(s) => {
+                        let memory = s.sandbox.memory().ok().map(|m| SandboxMemory {
+                            pss: m.pss,
+                            rss: m.rss,
+                            cgroup_usage: m.cgroup_usage,
+                        });
+                        let base = s.base.lock().as_ref().map_or(0, |b| b.bytes);
+                        let kept = s.store.lock().as_ref().map_or(0, |r| r.stored_bytes);
+                        let st = SandboxStatus {
+                            id: s.sandbox.id().clone(),
+                            alive: s.sandbox.is_alive(),
+                            memory,
+                            form: s.form(),
+                            held_bytes: memory.map_or(0, |m| m.pss.0) + base + kept,
+                        };
+                        slots.push(s);
+                        st
+                    }
                 })
                 .collect::<Vec<_>>();
             (st, slots)
@@ -484,6 +855,357 @@ impl Inner {
             release(s).await;
         }
         NodeStatus { node, sandboxes }
+    }
+
+    /// Takes a warm sandbox for a make-base or dedup (one at a time per sandbox).
+    fn claim(&self, id: &SandboxId) -> Result<Arc<Slot>, AgentError> {
+        let slot = self.live(id)?;
+        if slot.base.lock().is_some() {
+            return Err(wrong_form(id.clone(), SandboxForm::Base, "already a base"));
+        }
+        if slot
+            .changing
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(wrong_form(
+                id.clone(),
+                SandboxForm::Warm,
+                "a make-base or dedup of it is in progress",
+            ));
+        }
+        Ok(slot)
+    }
+
+    fn not_deduplicable(&self, sandbox: SandboxId, reason: String, alive: bool) -> AgentError {
+        self.counters.lock().not_deduplicable += 1;
+        warn!(sandbox = %sandbox, reason = %reason, sandbox_alive = alive, "not deduplicable");
+        AgentError::NotDeduplicable {
+            sandbox,
+            reason,
+            sandbox_alive: alive,
+        }
+    }
+
+    async fn make_base(self: &Arc<Self>, id: SandboxId) -> Result<BaseReply, AgentError> {
+        self.check_running()?;
+        let slot = self.claim(&id)?;
+        let r = self.make_base_of(&id, &slot).await;
+        slot.changing.store(false, Ordering::SeqCst);
+        if r.is_err() && !slot.sandbox.is_alive() {
+            self.drop_lost(&id, &slot).await;
+        }
+        release(slot).await;
+        r
+    }
+
+    async fn make_base_of(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        slot: &Arc<Slot>,
+    ) -> Result<BaseReply, AgentError> {
+        let _permit = self
+            .dedups
+            .acquire()
+            .await
+            .map_err(|_| AgentError::ShuttingDown)?;
+        let dir = self.images.join("base").join(&id.0);
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = Instant::now();
+        let ck = slot
+            .sandbox
+            .checkpoint(&dir, CheckpointMode::LeaveRunning)
+            .await;
+        let checkpoint_ms = ms(t0.elapsed());
+        if let Err(e) = ck {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(self.not_deduplicable(
+                id.clone(),
+                error_chain(&e),
+                slot.sandbox.is_alive(),
+            ));
+        }
+        let t1 = Instant::now();
+        let base_id = BaseId(self.next_base.fetch_add(1, Ordering::Relaxed));
+        let domain = slot.info.domain.clone();
+        let meta = BaseMeta {
+            function: slot.info.function.clone(),
+            node: self.cfg.dedup.engine.local_node,
+        };
+        let engine = self.cfg.dedup.engine;
+        let d2 = dir.clone();
+        let dom = domain.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(d2.join("dump.log"));
+            let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
+            let bytes = dom
+                .add_base(base_id, meta, &dump, &engine)
+                .map_err(|e| error_chain(&e))?;
+            Ok::<_, String>((bytes, dump.pages_bytes(), dump.n_pages()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("base task failed: {e}")));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (bytes, image_bytes, pages) =
+            r.map_err(|reason| self.not_deduplicable(id.clone(), reason, true))?;
+        let rec = Arc::new(BaseRec {
+            domain: domain.clone(),
+            id: base_id,
+            bytes,
+        });
+        let still_here = {
+            let t = self.sandboxes.lock();
+            matches!(t.get(id), Some(Entry::Live(s)) if Arc::ptr_eq(s, slot))
+        };
+        if !still_here {
+            let _ = domain.retire(base_id);
+            return Err(AgentError::UnknownSandbox(id.clone()));
+        }
+        *slot.base.lock() = Some(rec);
+        self.counters.lock().bases += 1;
+        let register_ms = ms(t1.elapsed());
+        info!(sandbox = %id, base = base_id.0, domain = %domain.key, image_bytes, checkpoint_ms,
+              register_ms, "sandbox is a base");
+        Ok(BaseReply {
+            image_bytes,
+            pages,
+            checkpoint_ms,
+            register_ms,
+        })
+    }
+
+    async fn dedup(self: &Arc<Self>, id: SandboxId) -> Result<DedupReply, AgentError> {
+        self.check_running()?;
+        let slot = self.claim(&id)?;
+        let permit = match self.dedups.acquire().await {
+            Ok(p) => p,
+            Err(_) => {
+                slot.changing.store(false, Ordering::SeqCst);
+                release(slot).await;
+                return Err(AgentError::ShuttingDown);
+            }
+        };
+        let busy = Entry::Busy {
+            form: SandboxForm::Warm,
+            purge: false,
+        };
+        if !self.swap_live(&id, &slot, busy) {
+            slot.changing.store(false, Ordering::SeqCst);
+            release(slot).await;
+            return Err(AgentError::UnknownSandbox(id));
+        }
+        // Re-dedup of a sandbox restored from a store: the store still describes it (functions
+        // are stateless), so stop the process and keep the store.
+        let kept = slot.store.lock().take();
+        if let Some(rec) = kept {
+            drop(permit);
+            destroy(take_last(slot).await).await;
+            let reply = DedupReply {
+                image_bytes: rec.image_bytes,
+                stored_bytes: rec.stored_bytes,
+                checkpoint_ms: 0.0,
+                dedup_ms: 0.0,
+                pages: rec.pages,
+                reused_previous: true,
+            };
+            if !self.finish_busy(&id, Some(Entry::Dedup(rec))) {
+                return Err(AgentError::UnknownSandbox(id));
+            }
+            self.counters.lock().reused += 1;
+            debug!(sandbox = %id, "re-dedup reused the previous store");
+            return Ok(reply);
+        }
+
+        let dir = self.images.join("ckpt").join(&id.0);
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = Instant::now();
+        let ck = slot.sandbox.checkpoint(&dir, CheckpointMode::Stop).await;
+        let checkpoint_ms = ms(t0.elapsed());
+        if let Err(e) = ck {
+            let _ = std::fs::remove_dir_all(&dir);
+            let alive = slot.sandbox.is_alive();
+            slot.changing.store(false, Ordering::SeqCst);
+            let kept = alive && self.finish_busy(&id, Some(Entry::Live(slot.clone())));
+            if !alive {
+                self.finish_busy(&id, None);
+            }
+            release(slot).await;
+            return Err(self.not_deduplicable(id, error_chain(&e), kept));
+        }
+        // The process is gone; free its cgroup, netns and run directory now.
+        let info = slot.info.clone();
+        destroy(take_last(slot).await).await;
+
+        let t1 = Instant::now();
+        let path = self.images.join("store").join(format!("{}.medes", id.0));
+        let engine = self.cfg.dedup.engine;
+        let domain = info.domain.clone();
+        let (d2, p2) = (dir.clone(), path.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(d2.join("dump.log"));
+            let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
+            let (snap, mut pins) = domain.pin_all();
+            let (store, stats) = medes_dedup::dedup(&dump, domain.registry(), &*snap, &engine)
+                .map_err(|e| error_chain(&e))?;
+            pins.retain(&store.bases);
+            let written = store.write(&p2).map_err(|e| error_chain(&e))?;
+            Ok::<_, String>((written, dump.pages_bytes(), stats, pins))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("dedup task failed: {e}")));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(permit);
+        let (written, image_bytes, stats, pins) = match r {
+            Ok(x) => x,
+            Err(reason) => {
+                let _ = std::fs::remove_file(&path);
+                self.finish_busy(&id, None);
+                return Err(self.not_deduplicable(id, reason, false));
+            }
+        };
+        let dedup_ms = ms(t1.elapsed());
+        let n_bases = pins.ids().len();
+        let rec = Arc::new(DedupRec {
+            info,
+            path,
+            stored_bytes: images::held_bytes(written),
+            image_bytes,
+            pages: stats.pages,
+            _pins: pins,
+        });
+        let reply = DedupReply {
+            image_bytes,
+            stored_bytes: rec.stored_bytes,
+            checkpoint_ms,
+            dedup_ms,
+            pages: stats.pages,
+            reused_previous: false,
+        };
+        if !self.finish_busy(&id, Some(Entry::Dedup(rec))) {
+            return Err(AgentError::UnknownSandbox(id));
+        }
+        self.counters.lock().dedups += 1;
+        info!(sandbox = %id, image_bytes, stored_bytes = reply.stored_bytes, bases = n_bases,
+              exact = stats.exact, patched = stats.patched, standalone = stats.standalone,
+              zero = stats.zero, checkpoint_ms, dedup_ms, "sandbox deduplicated");
+        Ok(reply)
+    }
+
+    async fn restore(self: &Arc<Self>, id: SandboxId) -> Result<RestoreReply, AgentError> {
+        self.check_running()?;
+        let t0 = Instant::now();
+        let rec = {
+            let mut t = self.sandboxes.lock();
+            let rec = match t.get(&id) {
+                Some(Entry::Dedup(r)) => r.clone(),
+                Some(Entry::Live(s)) => {
+                    return Err(wrong_form(id, s.form(), "the sandbox is already warm"));
+                }
+                Some(Entry::Busy { form, .. }) => {
+                    return Err(wrong_form(
+                        id,
+                        *form,
+                        "a dedup or dedup start is in progress",
+                    ));
+                }
+                Some(Entry::LostBase(_)) => {
+                    return Err(wrong_form(
+                        id,
+                        SandboxForm::Base,
+                        "a lost base has no store",
+                    ));
+                }
+                None => return Err(AgentError::UnknownSandbox(id)),
+            };
+            t.insert(
+                id.clone(),
+                Entry::Busy {
+                    form: SandboxForm::Dedup,
+                    purge: false,
+                },
+            );
+            rec
+        };
+        let r = self.restore_from(&rec).await;
+        match r {
+            Ok((sandbox, mut reply)) => {
+                let slot = Arc::new(Slot::new(sandbox, rec.info.clone(), Some(rec)));
+                if !self.finish_busy(&id, Some(Entry::Live(slot.clone()))) {
+                    release(slot).await;
+                    return Err(AgentError::UnknownSandbox(id));
+                }
+                reply.total_ms = ms(t0.elapsed());
+                self.counters.lock().restores += 1;
+                debug!(sandbox = %id, total_ms = reply.total_ms, read_base_ms = reply.read_base_ms,
+                       rebuild_ms = reply.rebuild_ms, restore_ms = reply.restore_ms, "dedup start");
+                Ok(reply)
+            }
+            Err(reason) => {
+                self.finish_busy(&id, None);
+                drop(rec);
+                self.counters.lock().restore_failures += 1;
+                warn!(sandbox = %id, reason = %reason, "dedup start failed; dedup sandbox purged");
+                Err(AgentError::RestoreFailed {
+                    sandbox: id,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Rebuilds the images of `rec` (verified) while the new sandbox is prepared, then restores.
+    async fn restore_from(
+        self: &Arc<Self>,
+        rec: &Arc<DedupRec>,
+    ) -> Result<(Sandbox, RestoreReply), String> {
+        let id = &rec.info.spec.id;
+        let dir = self.images.join("restore").join(&id.0);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+        let steps = Arc::new(Mutex::new((0.0, 0.0)));
+        let (rec2, dir2, steps2) = (rec.clone(), dir.clone(), steps.clone());
+        let images = async move {
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let store = DedupStore::load(&rec2.path).map_err(|e| error_chain(&e))?;
+                let bases = rec2.info.domain.snapshot();
+                for b in &store.bases {
+                    bases
+                        .n_pages(*b)
+                        .map_err(|e| format!("base {} is unavailable: {e}", b.0))?;
+                }
+                let read = t.elapsed();
+                medes_dedup::rebuild_dir(&store, &*bases, &dir2).map_err(|e| error_chain(&e))?;
+                *steps2.lock() = (ms(read), ms(t.elapsed() - read));
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("rebuild task failed: {e}")))
+        };
+        let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
+        let r = tokio::time::timeout(
+            bound,
+            Sandbox::restore_with(&self.cfg.sandbox, rec.info.spec.clone(), &dir, images),
+        )
+        .await;
+        // CRIU has read the images: they are not needed any more.
+        let dir2 = dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir2));
+        let (sandbox, t) = match r {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(error_chain(&e)),
+            Err(_) => return Err(format!("no restored runtime within {bound:?}")),
+        };
+        let (read_base_ms, rebuild_ms) = *steps.lock();
+        Ok((
+            sandbox,
+            RestoreReply {
+                read_base_ms,
+                rebuild_ms,
+                restore_ms: t.total_ms - t.images_ready_ms,
+                total_ms: t.total_ms,
+            },
+        ))
     }
 }
 

@@ -29,6 +29,11 @@ pub(crate) struct Meta {
     pub(crate) hostname: String,
     /// Size of every image file at dump time (a truncated pages file makes CRIU hang).
     pub(crate) files: BTreeMap<String, u64>,
+    /// `MAP_DROPPABLE` ranges (`[start, end)`) of each process at dump time, by pid inside the
+    /// sandbox: glibc's `getrandom` state, to be invalidated in every restored copy (CRIU
+    /// restores these mappings as plain anonymous memory).
+    #[serde(default)]
+    pub(crate) droppable: BTreeMap<u32, Vec<(u64, u64)>>,
 }
 
 /// CRIU's log level flag: `-v2` (errors and warnings), or `-v<N>` from the environment variable
@@ -225,11 +230,13 @@ mod tests {
             mounts: vec![("/usr".into(), "m0".into())],
             hostname: "h".into(),
             files,
+            droppable: BTreeMap::from([(1, vec![(4096, 8192)])]),
         };
         write_meta(d.path(), &meta).expect("write meta");
         let back = read_meta(d.path()).expect("read meta");
         assert_eq!(back.listen_ino, 42);
         assert_eq!(back.files["pages-1.img"], 8192);
+        assert_eq!(back.droppable[&1], vec![(4096, 8192)]);
         assert_eq!(
             image_files(d.path()).expect("list").len(),
             1,

@@ -75,8 +75,13 @@
 //!   started inside it, `--manage-cgroups=ignore`, so every restored page is charged there),
 //!   netns (handed over with `--inherit-fd fd[4]:<key>`), root (`--root`), and a fresh listening
 //!   socket at its own path (`--inherit-fd fd[3]:socket:[ino]`). Image file sizes are checked
-//!   first (a short pages file makes CRIU hang). The restored runtime is then told to reseed
-//!   `random`, numpy's global RNG, OpenSSL and tempfile names.
+//!   first (a short pages file makes CRIU hang). glibc's user-space `getrandom` state
+//!   (`MAP_DROPPABLE` pages, recorded at dump time) is overwritten in every restored process so
+//!   that `os.urandom`/`secrets` fall back to the system call instead of replaying the image's
+//!   ChaCha stream; the restored runtime is then told to reseed `random`, numpy's global RNG,
+//!   OpenSSL and tempfile names. [`Sandbox::restore_with`] prepares the new sandbox (run
+//!   directory, cgroup, netns, root, socket) while the caller still produces the images (e.g. a
+//!   rebuild from a dedup store) and reports each step's time.
 //! - Every CRIU run is bounded (SIGKILL on expiry), logs at `-v2` (`MEDES_CRIU_VERBOSITY` to
 //!   raise) into the images directory, truncated. Where `/run` is not a tmpfs, CRIU's kernel
 //!   feature cache (`/run/criu.kdat`) is generated once per boot, saving ~30 ms per CRIU run.

@@ -1,5 +1,6 @@
 //! The [`Sandbox`] type: start, talk, measure, checkpoint, restore, destroy.
 
+use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
 use std::fs;
 use std::io;
@@ -810,6 +811,10 @@ impl Sandbox {
             args.push("--leave-running".into());
         }
         let t0 = Instant::now();
+        let droppable = {
+            let res = self.res.lock().unwrap_or_else(|e| e.into_inner());
+            droppable_by_ns_pid(&res.cgroup.as_ref().map(|c| c.pids()).unwrap_or_default())
+        };
         let outcome = criu::run(
             &self.criu,
             args,
@@ -857,6 +862,7 @@ impl Sandbox {
             mounts: ext,
             hostname: self.hostname.clone(),
             files,
+            droppable,
         };
         criu::write_meta(images_dir, &meta).map_err(io_err(images_dir))?;
         debug!(sandbox_id = %self.id, dump_ms, "checkpointed");
@@ -878,11 +884,57 @@ impl Sandbox {
         spec: SandboxSpec,
         images_dir: &Path,
     ) -> Result<Sandbox, RestoreError> {
+        Self::restore_with(cfg, spec, images_dir, async { Ok(()) })
+            .await
+            .map(|(sb, _)| sb)
+    }
+
+    /// [`Sandbox::restore`] whose images are still being produced: `images` (e.g. a rebuild
+    /// of the pages from a dedup store into `images_dir`) runs while the new sandbox's run
+    /// directory, cgroup, network namespace, root and socket are prepared, and CRIU starts once
+    /// both are done. An `Err` from `images` fails the restore with [`RestoreError::Images`]
+    /// (everything prepared is removed). Also returns the time of each step.
+    pub async fn restore_with<F>(
+        cfg: &SandboxConfig,
+        spec: SandboxSpec,
+        images_dir: &Path,
+        images: F,
+    ) -> Result<(Sandbox, RestoreTimings), RestoreError>
+    where
+        F: std::future::Future<Output = Result<(), String>>,
+    {
         let t0 = Instant::now();
         let bad = |reason: String| RestoreError::BadImage {
             path: images_dir.to_path_buf(),
             reason,
         };
+        let _ = become_subreaper();
+        let cfg2 = cfg.clone();
+        let spec2 = spec.clone();
+        let prep = async move {
+            let criu_bin = cfg2.criu.clone();
+            tokio::task::spawn_blocking(move || {
+                criu::ensure_kdat_cache(&criu_bin);
+                let t = Instant::now();
+                (prepare(&cfg2, &spec2), t.elapsed())
+            })
+            .await
+        };
+        let images = async {
+            let r = images.await;
+            (r, t0.elapsed())
+        };
+        let (p, (ready, images_at)) = tokio::join!(prep, images);
+        let (p, prepare_time) = p.map_err(|e| RestoreError::Io {
+            what: "joining".into(),
+            source: io::Error::other(e),
+        })?;
+        let p = p.map_err(|e| match e {
+            StartError::InvalidSpec { reason } => RestoreError::InvalidSpec { reason },
+            e => RestoreError::Prepare(e),
+        })?;
+        // From here on, dropping `p` tears down what was prepared.
+        ready.map_err(|reason| RestoreError::Images { reason })?;
         let meta = criu::read_meta(images_dir).map_err(bad)?;
         let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
         for (name, size) in &meta.files {
@@ -892,21 +944,6 @@ impl Sandbox {
                 None => return Err(bad(format!("{name} is missing"))),
             }
         }
-        let _ = become_subreaper();
-        let criu_bin = cfg.criu.clone();
-        let _ = tokio::task::spawn_blocking(move || criu::ensure_kdat_cache(&criu_bin)).await;
-        let cfg2 = cfg.clone();
-        let spec2 = spec.clone();
-        let p = tokio::task::spawn_blocking(move || prepare(&cfg2, &spec2))
-            .await
-            .map_err(|e| RestoreError::Io {
-                what: "joining".into(),
-                source: io::Error::other(e),
-            })?
-            .map_err(|e| match e {
-                StartError::InvalidSpec { reason } => RestoreError::InvalidSpec { reason },
-                e => RestoreError::Prepare(e),
-            })?;
         let mut args: Vec<OsString> = vec![
             "restore".into(),
             "--images-dir".into(),
@@ -1008,6 +1045,18 @@ impl Sandbox {
             what: "pidfd_open".into(),
             source,
         })?);
+        let pids = res.cgroup.as_ref().map(|c| c.pids()).unwrap_or_default();
+        for p in pids {
+            let ranges = ns_pid(p)
+                .and_then(|n| meta.droppable.get(&n))
+                .map_or(&[][..], |v| &v[..]);
+            if let Err(source) = scramble_droppable(p, ranges) {
+                return Err(RestoreError::Io {
+                    what: format!("resetting the getrandom state of process {p}"),
+                    source,
+                });
+            }
+        }
         let sb = Sandbox {
             id: spec.id.clone(),
             sock,
@@ -1025,6 +1074,7 @@ impl Sandbox {
         };
         let seed: [u8; 32] = random_seed();
         let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        let t_reseed = Instant::now();
         match sb
             .request(json!({"op": "reseed", "seed": hex}), READY_TIMEOUT)
             .await
@@ -1051,7 +1101,15 @@ impl Sandbox {
             criu_ms = (restored - prepared).as_secs_f64() * 1e3,
             "sandbox restored"
         );
-        Ok(sb)
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let timings = RestoreTimings {
+            prepare_ms: ms(prepare_time),
+            images_ready_ms: ms(images_at),
+            criu_ms: ms(restored - prepared),
+            reseed_ms: ms(t_reseed.elapsed()),
+            total_ms: ms(t0.elapsed()),
+        };
+        Ok((sb, timings))
     }
 
     /// Kills the process tree and removes cgroup, network namespace and run directory.
@@ -1070,6 +1128,89 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// The `MAP_DROPPABLE` mappings (`dp` in `VmFlags`) of a process: where glibc ≥ 2.41 keeps
+/// each thread's state for the vDSO `getrandom` (a ChaCha key and buffered output).
+fn droppable_ranges(pid: i32) -> io::Result<Vec<(u64, u64)>> {
+    let smaps = match fs::read_to_string(format!("/proc/{pid}/smaps")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()), // exited
+        Err(e) => return Err(e),
+    };
+    let mut ranges = Vec::new();
+    let mut cur: Option<(u64, u64)> = None;
+    for l in smaps.lines() {
+        if let Some(flags) = l.strip_prefix("VmFlags:") {
+            if let Some(r) = cur.take()
+                && flags.split_whitespace().any(|f| f == "dp")
+            {
+                ranges.push(r);
+            }
+        } else if let Some((range, _)) = l.split_once(' ')
+            && let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            cur = Some((a, b));
+        }
+    }
+    Ok(ranges)
+}
+
+/// The pid of a host process inside its innermost PID namespace.
+fn ns_pid(pid: i32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `MAP_DROPPABLE` ranges of every process of a sandbox, by pid inside the sandbox.
+fn droppable_by_ns_pid(pids: &[i32]) -> BTreeMap<u32, Vec<(u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for &p in pids {
+        if let (Some(ns), Ok(r)) = (ns_pid(p), droppable_ranges(p))
+            && !r.is_empty()
+        {
+            out.insert(ns, r);
+        }
+    }
+    out
+}
+
+/// Invalidates the user-space `getrandom` state of a restored process.
+///
+/// glibc ≥ 2.41 keeps each thread's state for the vDSO `getrandom` in `MAP_DROPPABLE` pages,
+/// which CRIU restores verbatim (as plain anonymous memory), so every copy of one image would
+/// draw the same `os.urandom`/`secrets` bytes until the kernel's RNG next reseeds (the state's
+/// generation still matches). Filling those pages with `0xFF` marks every state as in use, which
+/// makes the vDSO fall back to the `getrandom` system call for good (also in children forked
+/// later: the restored pages are no longer wiped on fork), and gives each state a generation
+/// that never matches. `ranges` are the dump-time ranges; current `dp` mappings are added.
+/// Returns the bytes overwritten.
+fn scramble_droppable(pid: i32, ranges: &[(u64, u64)]) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut all = ranges.to_vec();
+    all.extend(droppable_ranges(pid)?);
+    all.sort_unstable();
+    all.dedup();
+    if all.is_empty() {
+        return Ok(0);
+    }
+    let mem = fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))?;
+    let mut n = 0;
+    for (a, b) in all {
+        let len = usize::try_from(b.saturating_sub(a))
+            .unwrap_or(0)
+            .min(1 << 20);
+        mem.write_all_at(&vec![0xFF; len], a)?;
+        n += len as u64;
+    }
+    Ok(n)
 }
 
 fn random_seed() -> [u8; 32] {

@@ -185,6 +185,23 @@ pub struct CheckpointInfo {
     pub dump_ms: f64,
 }
 
+/// Where the time of a restore went (see
+/// [`Sandbox::restore_with`](crate::Sandbox::restore_with)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreTimings {
+    /// Preparing run directory, cgroup, network namespace, root and socket, ms (overlaps the
+    /// images step).
+    pub prepare_ms: f64,
+    /// From the start until the images were ready, ms (overlaps the prepare step).
+    pub images_ready_ms: f64,
+    /// CRIU restore, ms (cgroup join included).
+    pub criu_ms: f64,
+    /// Reseeding the runtime: the first round trip with the restored process, ms.
+    pub reseed_ms: f64,
+    /// Whole restore until the runtime answered, ms.
+    pub total_ms: f64,
+}
+
 /// A host requirement is missing.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -424,6 +441,12 @@ pub enum RestoreError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The images could not be produced (see [`Sandbox::restore_with`](crate::Sandbox::restore_with)).
+    #[error("producing the images: {reason}")]
+    Images {
+        /// Why.
+        reason: String,
     },
     /// The restored runtime did not answer (or failed to reseed).
     #[error("restored runtime is not answering: {detail}")]

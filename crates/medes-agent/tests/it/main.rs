@@ -11,7 +11,7 @@ use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
 use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
 use serde_json::{Value, json};
 
-fn agent() -> Option<(Agent, tempfile::TempDir)> {
+pub(crate) fn agent() -> Option<(Agent, tempfile::TempDir)> {
     let sandbox = SandboxConfig::default();
     if let Err(e) = preflight(&sandbox) {
         if std::env::var("CI").as_deref() == Ok("true") {
@@ -186,3 +186,5 @@ async fn init_errors_and_timeouts_destroy_the_sandbox() {
         AgentError::ShuttingDown
     );
 }
+
+mod dedup;

@@ -148,7 +148,8 @@ import random, os
 state = {"n": 0}
 def main(args):
     state["n"] += 1
-    return {"n": state["n"], "r": random.random(), "pid": os.getpid(), "x": args.get("x")}
+    return {"n": state["n"], "r": random.random(), "u": os.urandom(16).hex(), "pid": os.getpid(),
+            "x": args.get("x")}
 "#;
 
 #[tokio::test]
@@ -192,6 +193,11 @@ async fn checkpoint_and_two_restores_side_by_side() {
     assert_ne!(
         r1.result["r"], r2.result["r"],
         "reseeded copies must differ"
+    );
+    // glibc's vDSO getrandom state is part of the image: it must be invalidated per copy.
+    assert_ne!(
+        r1.result["u"], r2.result["u"],
+        "os.urandom of two copies must differ"
     );
     let m = c1.memory().expect("memory of a copy");
     assert!(
