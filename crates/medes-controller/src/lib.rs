@@ -1,13 +1,21 @@
-//! The scheduler: decides which sandbox serves each invocation and builds the activation record.
+//! The scheduler: decides which sandbox serves each invocation, what becomes of idle sandboxes,
+//! and builds the activation record.
 //!
-//! [`Controller`] implements [`medes_core::Invoker`]. For each invocation it picks an idle warm
-//! sandbox of the same action version (a *warm start*), or reserves the action's memory limit on
-//! a node and has that node's agent create and initialise a new sandbox (a *cold start*). It
-//! enforces a per-node memory budget: a cold start that does not fit evicts least recently used
-//! idle sandboxes; if nothing can be evicted the invocation waits (bounded, FIFO) and then fails
-//! with [`InvokeError::NoCapacity`]. A background task ([`Controller::run_timers`]) refreshes the
-//! measured memory of sandboxes and destroys idle ones when the [`Policy`] says so (today: a fixed
-//! keep-alive, 10 minutes by default).
+//! [`Controller`] implements [`medes_core::Invoker`]. For each invocation it picks, in order of
+//! preference, an idle warm sandbox of the same action version (a base included: a *warm
+//! start*), a dedup sandbox to restore (a *dedup start*), or reserves the action's memory limit
+//! on a node and has that node's agent create and initialise a new sandbox (a *cold start*). A
+//! dedup start that fails falls back to a cold start, which serves the request. It enforces a
+//! per-node memory budget: a start that does not fit evicts idle sandboxes (warm, dedup, or bases
+//! without dependents) in the policy's order; if nothing can be evicted the invocation waits
+//! (bounded, FIFO) and then fails with [`InvokeError::NoCapacity`].
+//!
+//! A background task ([`Controller::run_timers`]) puts idle sandboxes to the [`Policy`] when
+//! their decision time comes (timer-driven, not only on arrivals), carries out its decisions in
+//! the background (make a base, deduplicate, purge; checkpoints bounded per node, never blocking
+//! invocations), runs the policy's own timer and pre-warms, and refreshes measured memory. The
+//! default policy is [`medes_policy::DedupRule`] (idle period → base or dedup, keep-dedup, T
+//! dedups per base); with `dedup_enabled = false` it is a fixed keep-alive.
 //!
 //! ```no_run
 //! # async fn demo(agent: medes_agent::Agent) {
@@ -17,6 +25,9 @@
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let timers = tokio::spawn(ctl.clone().run_timers(shutdown.clone()));
 //! // ... serve invocations through `ctl` (an `Arc<dyn Invoker>`) ...
+//! // Benchmarks: decide about every idle sandbox now and wait for the checkpoints.
+//! ctl.force_decisions(None).await;
+//! ctl.wait_settled().await;
 //! shutdown.cancel();
 //! let _ = timers.await;
 //! ctl.shutdown().await;
@@ -26,18 +37,23 @@
 //!
 //! # Design
 //! - All bookkeeping sits behind one mutex that is held only for short, synchronous sections
-//!   (a few microseconds): never across an await. The agent is called outside it.
+//!   (never across an await). The agent is called outside it.
 //! - Every state change of a sandbox goes through [`medes_policy::SandboxState::apply`]; every
-//!   idle-sandbox decision through the [`Policy`] trait, so issue 5 (DEDUP/BASE) and issue 6
-//!   (Medes and baseline policies) plug in without touching the scheduling paths.
+//!   idle-sandbox decision through the [`Policy`] trait and [`medes_policy::enforce`] (no
+//!   DEDUP → WARM by policy, a base never purged while dedup sandboxes of its dedup domain — its
+//!   namespace on its node — exist, nothing deduplicated that failed once).
 //! - Each invocation runs on its own task, so a client that disconnects never strands a
 //!   reservation or a sandbox.
-//! - Memory: admission charges a new sandbox its full memory limit; once the node reports its
-//!   measured PSS (every `memory_refresh_ms`), the sandbox is charged that, capped at its limit.
+//! - Memory: admission charges a new sandbox its full memory limit; once the node reports, a warm
+//!   sandbox is charged its PSS (capped at its limit) plus anything else the node holds for it, a
+//!   base its PSS plus its resident page image, a dedup sandbox everything stored for it. A
+//!   checkpoint reserves the image being written (the sandbox's size) until it ends, a restore
+//!   reserves the restored process (its limit) plus m_R (its page image) until it ends.
 //!
 //! # What this crate does not do
 //! No HTTP or OpenWhisk JSON (that is `medes-api`), no persistence of activations (the caller
-//! stores what [`Invoker::invoke`] returns), no sandboxes of its own (agents own them).
+//! stores what [`Invoker::invoke`] returns), no sandboxes, checkpoints or stores of its own
+//! (agents own them).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -52,12 +68,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use medes_agent::{AgentError, Command, NodeAgent, Reply, RunCommand, SpawnCommand};
+use medes_agent::{AgentError, Command, NodeAgent, Reply, RestoreReply, RunCommand, SpawnCommand};
 use medes_core::{
-    ActionName, Activation, ActivationResponse, ActivationStatus, Bytes, InvokeError,
-    InvokeRequest, Invoker, NodeId, SandboxId, StartKind, UnixMillis, static_env,
+    Action, ActionName, Activation, ActivationResponse, ActivationStatus, Bytes, InvokeError,
+    InvokeRequest, Invoker, NodeId, SandboxId, SandboxScope, SandboxSummary, StartKind, UnixMillis,
+    static_env,
 };
-use medes_policy::{KeepAlive, Policy, StateKind, Timestamp};
+use medes_policy::{DedupRule, Form, Policy, Purpose, RuleConfig, StateKind, Timestamp};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
@@ -67,13 +84,16 @@ use tracing::{debug, info, warn};
 
 use crate::activation::{LogBuilder, classify, error_result};
 use crate::metrics::{ActionMetrics, GlobalMetrics};
-use crate::state::{Grant, Key, PurgeJob, State, Waiter};
+use crate::state::{
+    CheckpointJob, CheckpointOutcome, Grant, Key, Limits, PrewarmJob, PurgeJob, State, Waiter, Work,
+};
 
 /// Scheduler settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// How long an idle sandbox is kept warm, seconds. Default 600 (OpenWhisk's 10 minutes).
+    /// How long an idle warm sandbox (or a base without dependents) is kept, seconds. Default
+    /// 600 (OpenWhisk's 10 minutes).
     pub keep_alive_s: u64,
     /// Memory budget of each node, MiB; 0 means automatic: half of the machine's `MemTotal`,
     /// decided at start and logged. Default 0.
@@ -89,6 +109,28 @@ pub struct ControllerConfig {
     /// Extra time beyond an action's time limit after which the controller stops waiting for a
     /// node agent's answer (a safety net; the agent enforces the limit itself), ms. Default 5000.
     pub agent_grace_ms: u64,
+    /// Whether idle sandboxes are deduplicated (made bases or dedup sandboxes); `false` is
+    /// today's warm/cold platform with a fixed keep-alive. Default true.
+    pub dedup_enabled: bool,
+    /// Idle time after which a warm sandbox is put to the policy (the paper's idle period),
+    /// seconds. Default 60.
+    pub idle_period_s: u64,
+    /// How long a dedup sandbox is kept after its dedup (keep-dedup), seconds. Default 900.
+    pub keep_dedup_s: u64,
+    /// T: per function and node, one more base whenever dedup ÷ base > T. Default 40.
+    pub dedup_per_base: u32,
+    /// Checkpoints (make-base or dedup) in flight per node; more wait, the sandbox staying warm
+    /// and assignable meanwhile. Default 1 (a node here has 2 cores).
+    pub max_checkpoints_per_node: usize,
+    /// Dedup starts (restores) in flight per node; beyond, requests take cold starts. Default 10
+    /// (the paper's bound).
+    pub max_restores_per_node: usize,
+    /// How long the controller waits for a restore before falling back to a cold start, ms
+    /// (the agent bounds it too). Default 15000.
+    pub restore_timeout_ms: u64,
+    /// How long the controller waits for a checkpoint before giving the sandbox up, ms.
+    /// Default 120000.
+    pub checkpoint_timeout_ms: u64,
 }
 
 impl Default for ControllerConfig {
@@ -101,11 +143,32 @@ impl Default for ControllerConfig {
             api_host: "http://127.0.0.1:3233".into(),
             memory_refresh_ms: 2_000,
             agent_grace_ms: 5_000,
+            dedup_enabled: true,
+            idle_period_s: 60,
+            keep_dedup_s: 900,
+            dedup_per_base: 40,
+            max_checkpoints_per_node: 1,
+            max_restores_per_node: 10,
+            restore_timeout_ms: 15_000,
+            checkpoint_timeout_ms: 120_000,
         }
     }
 }
 
-/// A snapshot of one sandbox, for tests, debugging and metrics.
+impl ControllerConfig {
+    /// The settings of the default policy ([`DedupRule`]).
+    pub fn rule(&self) -> RuleConfig {
+        RuleConfig {
+            idle_period_ms: self.idle_period_s.saturating_mul(1000),
+            keep_alive_ms: self.keep_alive_s.saturating_mul(1000),
+            keep_dedup_ms: self.keep_dedup_s.saturating_mul(1000),
+            dedup_per_base: self.dedup_per_base,
+            dedup_enabled: self.dedup_enabled,
+        }
+    }
+}
+
+/// A snapshot of one sandbox, for tests, debugging, benchmarks and metrics.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SandboxInfo {
     /// Its id.
@@ -116,18 +179,47 @@ pub struct SandboxInfo {
     pub action: ActionName,
     /// The action version it runs.
     pub version: String,
-    /// Lifecycle state.
+    /// Lifecycle state; [`StateKind::Base`] for a live base.
     pub state: StateKind,
+    /// Plain or base.
+    pub form: Form,
     /// Invocations running in it.
     pub in_flight: u32,
-    /// How long it has been idle, ms (warm sandboxes).
+    /// How long it has been idle, ms (warm, checkpointing and dedup sandboxes).
     pub idle_ms: Option<u64>,
     /// Memory charged against the node budget.
     pub charged: Bytes,
-    /// Last measured PSS.
+    /// Last measured PSS (live sandboxes).
     pub measured: Option<Bytes>,
     /// The action's memory limit.
     pub memory_limit: Bytes,
+    /// `false` once a checkpoint or dedup of it failed (never tried again).
+    pub deduplicable: bool,
+    /// Bytes stored for it as a dedup sandbox.
+    pub stored: Option<Bytes>,
+    /// Bytes of its page image at its last checkpoint.
+    pub image: Option<Bytes>,
+    /// For a base: dedup sandboxes of its dedup domain on its node.
+    pub dependents: usize,
+    /// Breakdown of its last dedup start.
+    pub last_restore: Option<RestoreReply>,
+}
+
+/// Counts of the dedup machinery since the controller started (also exported as metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DedupStats {
+    /// Sandboxes made bases.
+    pub bases: u64,
+    /// Sandboxes deduplicated.
+    pub dedups: u64,
+    /// Dedup starts that served their request.
+    pub dedup_starts: u64,
+    /// Sandboxes pre-warmed at the policy's request.
+    pub prewarms: u64,
+    /// Checkpoints (make-base or dedup) that failed, by reason.
+    pub dedup_failures: BTreeMap<String, u64>,
+    /// Dedup starts that failed (and fell back to a cold start), by reason.
+    pub dedup_start_failures: BTreeMap<String, u64>,
 }
 
 struct Node {
@@ -145,6 +237,7 @@ pub struct Controller {
     state: Mutex<State>,
     epoch: Instant,
     wake: Notify,
+    settled: Notify,
     armed: AtomicU64,
     shutting_down: AtomicBool,
     metrics: OnceLock<GlobalMetrics>,
@@ -173,17 +266,72 @@ fn unix_now() -> UnixMillis {
         .unwrap_or(0)
 }
 
+/// A short, fixed label for a failed checkpoint (metrics), from the agent's error.
+fn checkpoint_failure_label(e: &AgentError) -> &'static str {
+    match e {
+        AgentError::NotDeduplicable { reason, .. } => {
+            let r = reason.to_ascii_lowercase();
+            if r.contains("tcp") || r.contains("socket") {
+                "tcp_socket"
+            } else if r.contains("not implemented") {
+                "not_implemented"
+            } else if r.contains("criu") || r.contains("dump") || r.contains("checkpoint") {
+                "checkpoint_failed"
+            } else {
+                "not_deduplicable"
+            }
+        }
+        AgentError::UnknownSandbox(_) => "sandbox_gone",
+        AgentError::WrongForm { .. } => "wrong_form",
+        AgentError::ShuttingDown | AgentError::Unavailable(_) => "agent_unavailable",
+        _ => "agent_error",
+    }
+}
+
+/// A short, fixed label for a failed dedup start (metrics), from the agent's error.
+fn restore_failure_label(e: &AgentError) -> &'static str {
+    match e {
+        AgentError::RestoreFailed { reason, .. } => {
+            let r = reason.to_ascii_lowercase();
+            if r.contains("base") {
+                "missing_base"
+            } else if r.contains("checksum") || r.contains("corrupt") {
+                "checksum"
+            } else if r.contains("criu") {
+                "criu"
+            } else if r.contains("time") {
+                "timeout"
+            } else {
+                "restore_failed"
+            }
+        }
+        AgentError::UnknownSandbox(_) => "sandbox_gone",
+        AgentError::WrongForm { .. } => "wrong_form",
+        AgentError::ShuttingDown | AgentError::Unavailable(_) => "agent_unavailable",
+        _ => "agent_error",
+    }
+}
+
+/// How a dedup start went, for the invocation.
+enum RestoreResult {
+    Ok,
+    /// Failed; the request falls back to a cold start.
+    Failed,
+}
+
 impl Controller {
-    /// A controller over the given nodes, with the keep-alive policy from `cfg`.
+    /// A controller over the given nodes with the default policy: [`DedupRule`] configured from
+    /// `cfg` (a fixed keep-alive when `cfg.dedup_enabled` is false).
     pub fn new(
         cfg: ControllerConfig,
         agents: Vec<(NodeId, Arc<dyn NodeAgent>)>,
     ) -> Arc<Controller> {
-        let policy = Box::new(KeepAlive::new(cfg.keep_alive_s.saturating_mul(1000)));
+        let policy = Box::new(DedupRule::new(cfg.rule()));
         Self::with_policy(cfg, agents, policy)
     }
 
-    /// A controller with an explicit idle-sandbox policy.
+    /// A controller with an explicit idle-sandbox policy (its answers still pass through
+    /// [`medes_policy::enforce`], with `cfg.dedup_enabled`).
     pub fn with_policy(
         cfg: ControllerConfig,
         agents: Vec<(NodeId, Arc<dyn NodeAgent>)>,
@@ -203,6 +351,10 @@ impl Controller {
             nodes = agents.len(),
             budget_mb = budget >> 20,
             keep_alive_s = cfg.keep_alive_s,
+            dedup = cfg.dedup_enabled,
+            idle_period_s = cfg.idle_period_s,
+            keep_dedup_s = cfg.keep_dedup_s,
+            dedup_per_base = cfg.dedup_per_base,
             policy = policy.name(),
             "controller configured"
         );
@@ -213,15 +365,22 @@ impl Controller {
             .into_iter()
             .map(|(id, agent)| Node { id, agent })
             .collect();
+        let limits = Limits {
+            max_checkpoints: cfg.max_checkpoints_per_node.max(1),
+            max_restores: cfg.max_restores_per_node,
+            idle_period_ms: cfg.idle_period_s.saturating_mul(1000),
+            dedup_enabled: cfg.dedup_enabled,
+        };
         Arc::new_cyclic(|me| Controller {
             max_budget: budgets.iter().copied().max().unwrap_or(0),
-            state: Mutex::new(State::new(budgets, policy, prefix.0)),
+            state: Mutex::new(State::new(budgets, policy, limits, prefix.0)),
             cfg,
             me: me.clone(),
             nodes,
             node_ids,
             epoch: Instant::now(),
             wake: Notify::new(),
+            settled: Notify::new(),
             armed: AtomicU64::new(u64::MAX),
             shutting_down: AtomicBool::new(false),
             metrics: OnceLock::new(),
@@ -254,6 +413,45 @@ impl Controller {
         self.state.lock().evictions
     }
 
+    /// Counts of bases, dedups, dedup starts and failures so far.
+    pub fn dedup_stats(&self) -> DedupStats {
+        self.state.lock().stats.clone()
+    }
+
+    /// Runs the idle decision now for every idle warm sandbox (of `action`, or all), as if its
+    /// idle period had passed; the checkpoints decided run in the background (see
+    /// [`Controller::wait_settled`]). Returns the number of sandboxes something was decided for.
+    pub async fn force_decisions(&self, action: Option<&ActionName>) -> usize {
+        let scope = match action {
+            Some(a) => SandboxScope::Action(a.clone()),
+            None => SandboxScope::All,
+        };
+        self.force_decisions_in(&scope)
+    }
+
+    /// [`Controller::force_decisions`] for a [`SandboxScope`].
+    pub fn force_decisions_in(&self, scope: &SandboxScope) -> usize {
+        let now = self.now();
+        let (n, work) = self.state.lock().decide(now, Some(scope));
+        info!(decided = n, scope = ?scope, "forced idle decisions");
+        self.carry_out(work);
+        self.rearm();
+        n
+    }
+
+    /// Resolves once no checkpoint (make-base or dedup) is in flight or waiting for a slot.
+    pub async fn wait_settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.lock().settled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Node-wide metric handles, registered on first use so that a recorder installed after
     /// [`Controller::new`] (but before the first invocation) still sees them.
     fn metrics(&self) -> &GlobalMetrics {
@@ -268,18 +466,22 @@ impl Controller {
         self.epoch + Duration::from_millis(t.0)
     }
 
-    /// Background work until `shutdown` is cancelled: destroys idle sandboxes when the policy
-    /// says so (woken at the next decision time, not only by arrivals), refreshes measured
-    /// memory and the sandbox/memory gauges every `memory_refresh_ms`.
+    /// Background work until `shutdown` is cancelled: puts idle sandboxes to the policy when
+    /// their decision time comes (woken at the next decision time, not only by arrivals) and
+    /// carries out the decisions, runs the policy's timer, refreshes measured memory and the
+    /// sandbox/memory gauges every `memory_refresh_ms`.
     pub async fn run_timers(self: Arc<Self>, shutdown: CancellationToken) {
         let refresh = Duration::from_millis(self.cfg.memory_refresh_ms.max(50));
         let mut next_refresh = Instant::now() + refresh;
         loop {
             let now = self.now();
-            let jobs = self.state.lock().expire(now);
-            for job in jobs {
-                self.purge_in_background(job);
-            }
+            let work = {
+                let mut st = self.state.lock();
+                let (_, mut work) = st.decide(now, None);
+                work.prewarms = st.tick(now);
+                work
+            };
+            self.carry_out(work);
             if Instant::now() >= next_refresh {
                 self.refresh_memory().await;
                 self.update_gauges();
@@ -302,21 +504,32 @@ impl Controller {
         debug!("controller timers stopped");
     }
 
+    /// Wakes the timer task if a decision is now due earlier than it planned.
+    fn rearm(&self) {
+        let next = self.state.lock().next_deadline();
+        if let Some(t) = next
+            && t.0 < self.armed.load(Ordering::Relaxed)
+        {
+            self.wake.notify_one();
+        }
+    }
+
     /// Refreshes the measured memory of every sandbox now (also done by [`Self::run_timers`]).
     pub async fn refresh_memory(&self) {
         for (i, node) in self.nodes.iter().enumerate() {
             let asked_at = self.now();
             match node.agent.execute(Command::Status).await {
                 Ok(Reply::Status(status)) => {
-                    let mut st = self.state.lock();
-                    let (freed, jobs) = st.apply_status(i, &status, asked_at);
-                    if freed {
-                        st.pump(self.now());
-                    }
-                    drop(st);
-                    for job in jobs {
-                        self.purge_in_background(job);
-                    }
+                    let jobs = {
+                        let mut st = self.state.lock();
+                        let (_, jobs) = st.apply_status(i, &status, asked_at);
+                        jobs
+                    };
+                    self.carry_out(Work {
+                        purges: jobs,
+                        ..Work::default()
+                    });
+                    self.pump();
                 }
                 Ok(other) => warn!(node = %node.id, reply = ?other, "unexpected reply to status"),
                 Err(e) => warn!(node = %node.id, error = %e, "node status failed"),
@@ -332,36 +545,82 @@ impl Controller {
         }
     }
 
-    /// Refuses new invocations, fails waiting ones and destroys every sandbox.
+    /// Refuses new invocations, fails waiting ones and destroys every sandbox (dedup sandboxes
+    /// first, then bases, which the node keeps while dedup sandboxes depend on them).
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let jobs: Vec<PurgeJob> = {
+        let jobs: Vec<(bool, PurgeJob)> = {
             let mut st = self.state.lock();
             st.waiters.clear();
+            st.ckpt_queue.clear();
             let keys: Vec<Key> = st.sbs.keys().copied().collect();
             keys.into_iter()
                 .filter_map(|k| {
-                    st.start_purge(k).or_else(|| {
-                        // Already purging: destroy it again to be sure (unknown ids are fine).
-                        st.sbs.get(&k).map(|s| PurgeJob {
-                            key: k,
-                            node: s.node,
-                            id: s.id.clone(),
+                    let base = st.sbs.get(&k).is_some_and(|s| s.form == Form::Base);
+                    st.start_purge(k)
+                        .or_else(|| {
+                            // Already purging: destroy it again to be sure (unknown ids are fine).
+                            st.sbs.get(&k).map(|s| PurgeJob {
+                                key: k,
+                                node: s.node,
+                                id: s.id.clone(),
+                            })
                         })
-                    })
+                        .map(|j| (base, j))
                 })
                 .collect()
         };
         let n = jobs.len();
-        futures::future::join_all(jobs.into_iter().map(|j| self.purge(j))).await;
+        let (bases, others): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(b, _)| *b);
+        futures::future::join_all(others.into_iter().map(|(_, j)| self.purge(j))).await;
+        futures::future::join_all(bases.into_iter().map(|(_, j)| self.purge(j))).await;
         self.update_gauges();
+        self.settled.notify_waiters();
         info!(sandboxes = n, "controller shut down");
     }
 
-    fn purge_in_background(&self, job: PurgeJob) {
-        if let Some(me) = self.me.upgrade() {
+    /// Spawns the background work produced under the lock.
+    fn carry_out(&self, work: Work) {
+        if work.is_empty() {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        for job in work.purges {
+            let me = me.clone();
             tokio::spawn(async move { me.purge(job).await });
         }
+        for job in work.checkpoints {
+            let me = me.clone();
+            tokio::spawn(async move { me.checkpoint(job).await });
+        }
+        for job in work.prewarms {
+            let me = me.clone();
+            tokio::spawn(async move { me.prewarm(job).await });
+        }
+    }
+
+    fn purge_in_background(&self, job: PurgeJob) {
+        self.carry_out(Work {
+            purges: vec![job],
+            ..Work::default()
+        });
+    }
+
+    /// Serves waiting invocations and starts waiting checkpoints (memory or slots may be free).
+    fn pump(&self) {
+        let now = self.now();
+        let checkpoints = {
+            let mut st = self.state.lock();
+            st.pump(now);
+            st.start_checkpoints(now)
+        };
+        self.carry_out(Work {
+            checkpoints,
+            ..Work::default()
+        });
+        self.rearm();
     }
 
     async fn purge(&self, job: PurgeJob) {
@@ -373,33 +632,150 @@ impl Controller {
             .await
         {
             Ok(_) | Err(AgentError::UnknownSandbox(_)) => {}
+            Err(AgentError::BaseInUse { dependents, .. })
+                if !self.shutting_down.load(Ordering::Relaxed) =>
+            {
+                warn!(sandbox = %job.id, dependents, "node keeps a base its dedup sandboxes need; it stays a base");
+                self.state.lock().purge_refused(job.key, self.now());
+                self.rearm();
+                return;
+            }
             Err(e) => warn!(sandbox = %job.id, error = %e, "purging sandbox failed"),
         }
-        let mut st = self.state.lock();
-        st.take(job.key);
-        st.pump(self.now());
+        self.state.lock().take(job.key);
+        self.pump();
     }
 
     /// Forgets a sandbox its node already destroyed (or never made) and serves waiters.
     fn forget(&self, key: Key) {
-        let mut st = self.state.lock();
-        st.take(key);
-        st.pump(self.now());
+        self.state.lock().take(key);
+        self.pump();
     }
 
-    fn after_run(&self, key: Key) {
+    fn after_run(&self, key: Key, exec_ms: Option<f64>) {
         let now = self.now();
-        let mut st = self.state.lock();
-        let (job, next) = st.finished(key, now);
-        st.pump(now);
-        drop(st);
+        let job = self.state.lock().finished(key, now, exec_ms);
         if let Some(job) = job {
             self.purge_in_background(job);
         }
-        if let Some(t) = next
-            && t.0 < self.armed.load(Ordering::Relaxed)
-        {
-            self.wake.notify_one();
+        self.pump();
+    }
+
+    /// Carries out a checkpoint decided by the policy, in the background.
+    async fn checkpoint(&self, job: CheckpointJob) {
+        let agent = &self.nodes[job.node].agent;
+        let cmd = match job.purpose {
+            Purpose::Base => Command::MakeBase {
+                sandbox: job.id.clone(),
+            },
+            Purpose::Dedup => Command::Dedup {
+                sandbox: job.id.clone(),
+            },
+        };
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(
+            self.cfg
+                .checkpoint_timeout_ms
+                .saturating_add(self.cfg.agent_grace_ms),
+        );
+        let reply = tokio::time::timeout(bound, agent.execute(cmd)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let outcome = match reply {
+            Ok(Ok(Reply::BaseReady(r))) if job.purpose == Purpose::Base => {
+                self.metrics().bases.increment(1);
+                self.state.lock().stats.bases += 1;
+                self.metrics().checkpoint[0].record(secs);
+                CheckpointOutcome::Base(r)
+            }
+            Ok(Ok(Reply::Deduped(r))) if job.purpose == Purpose::Dedup => {
+                self.metrics().dedups.increment(1);
+                self.state.lock().stats.dedups += 1;
+                self.metrics().checkpoint[1].record(secs);
+                CheckpointOutcome::Dedup(r)
+            }
+            Ok(Ok(other)) => {
+                warn!(sandbox = %job.id, reply = reply_name(&other), "unexpected reply to a checkpoint; purging the sandbox");
+                self.dedup_failure("unexpected_reply");
+                CheckpointOutcome::Failed { alive: None }
+            }
+            Ok(Err(e)) => {
+                let label = checkpoint_failure_label(&e);
+                let alive = match &e {
+                    AgentError::NotDeduplicable { sandbox_alive, .. } => Some(*sandbox_alive),
+                    AgentError::UnknownSandbox(_) => Some(false),
+                    AgentError::WrongForm { .. } => Some(true),
+                    _ => Some(true),
+                };
+                warn!(sandbox = %job.id, action = %job.action, purpose = ?job.purpose, reason = label, error = %e, "sandbox cannot be checkpointed; it is never tried again");
+                self.dedup_failure(label);
+                CheckpointOutcome::Failed { alive }
+            }
+            Err(_) => {
+                warn!(sandbox = %job.id, action = %job.action, purpose = ?job.purpose, "checkpoint did not finish in time; purging the sandbox");
+                self.dedup_failure("timeout");
+                CheckpointOutcome::Failed { alive: None }
+            }
+        };
+        let purge = self
+            .state
+            .lock()
+            .checkpoint_done(job.key, outcome, self.now());
+        if let Some(p) = purge {
+            self.purge_in_background(p);
+        }
+        self.pump();
+        if self.state.lock().settled() {
+            self.settled.notify_waiters();
+        }
+    }
+
+    fn dedup_failure(&self, label: &'static str) {
+        self.metrics().dedup_failure(label);
+        *self
+            .state
+            .lock()
+            .stats
+            .dedup_failures
+            .entry(label.to_string())
+            .or_default() += 1;
+    }
+
+    /// Starts a sandbox the policy asked to pre-warm.
+    async fn prewarm(&self, job: PrewarmJob) {
+        let agent = &self.nodes[job.node].agent;
+        for v in job.victims {
+            self.metrics().evictions.increment(1);
+            match agent.execute(Command::Purge { sandbox: v.clone() }).await {
+                Ok(_) | Err(AgentError::UnknownSandbox(_)) => {}
+                Err(e) => warn!(sandbox = %v, error = %e, "evicting sandbox failed"),
+            }
+        }
+        let a = &job.action;
+        let spawn = agent
+            .execute(Command::Spawn(SpawnCommand {
+                sandbox: job.id.clone(),
+                action: a.name.clone(),
+                version: a.version.clone(),
+                code: a.exec.code.clone(),
+                main: a.exec.main.clone(),
+                memory_limit: Bytes::mib(a.limits.memory_mb),
+                env: static_env(a),
+                init_timeout_ms: a.limits.timeout_ms,
+            }))
+            .await;
+        match spawn {
+            Ok(Reply::Spawned(r)) if r.init_error.is_none() => {
+                self.metrics().prewarms.increment(1);
+                let mut st = self.state.lock();
+                st.stats.prewarms += 1;
+                st.prewarmed(job.key, self.now());
+                drop(st);
+                self.pump();
+            }
+            other => {
+                debug!(sandbox = %job.id, action = %a.name, outcome = ?other.map(|r| reply_name(&r)), "pre-warm failed");
+                self.forget(job.key);
+            }
         }
     }
 
@@ -417,8 +793,8 @@ impl Controller {
                 let mut st = self.state.lock();
                 if let Some(pos) = st.waiters.iter().position(|w| w.ticket == ticket) {
                     st.waiters.remove(pos);
-                    st.pump(self.now());
                     drop(st);
+                    self.pump();
                     self.metrics().rejections.increment(1);
                     return Err(InvokeError::NoCapacity(self.no_capacity_message(need)));
                 }
@@ -437,29 +813,25 @@ impl Controller {
         )
     }
 
-    async fn invoke_inner(self: Arc<Self>, req: InvokeRequest) -> Result<Activation, InvokeError> {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return Err(InvokeError::ShuttingDown);
-        }
-        let arrival = Instant::now();
-        let action = req.action.clone();
-        let limits = action.limits;
-        let need = Bytes::mib(limits.memory_mb).0;
-        let concurrency = limits.concurrency.max(1);
-        if need > self.max_budget {
-            self.metrics().rejections.increment(1);
-            return Err(InvokeError::Rejected(format!(
-                "the action's memory limit of {} MiB exceeds the node memory budget of {} MiB",
-                limits.memory_mb,
-                self.max_budget >> 20
-            )));
-        }
-
-        let (queued, metrics) = {
+    /// A sandbox for `action`: warm, else dedup (if `allow_restore`), else cold; waits (FIFO,
+    /// bounded) for memory.
+    async fn acquire(
+        &self,
+        action: &Arc<Action>,
+        allow_restore: bool,
+    ) -> Result<Grant, InvokeError> {
+        let need = Bytes::mib(action.limits.memory_mb).0;
+        let concurrency = action.limits.concurrency.max(1);
+        let queued = {
             let mut st = self.state.lock();
             let now = self.now();
-            let metrics = st.pool(&action.name).metrics.clone();
-            let grant = match st.try_assign(&action.name, &action.version, concurrency) {
+            let grant = match st.try_assign(
+                &action.name,
+                &action.version,
+                concurrency,
+                allow_restore,
+                now,
+            ) {
                 Some(g) => Some(g),
                 None if st.waiters.is_empty() => {
                     let version: Arc<str> = Arc::from(action.version.as_str());
@@ -467,7 +839,7 @@ impl Controller {
                 }
                 None => None,
             };
-            let queued = match grant {
+            match grant {
                 Some(g) => Ok(g),
                 None if st.waiters.len() >= self.cfg.max_waiting => Err(None),
                 None => {
@@ -480,24 +852,130 @@ impl Controller {
                         version: Arc::from(action.version.as_str()),
                         need,
                         concurrency,
+                        allow_restore,
                         tx,
                     });
                     Err(Some((rx, ticket)))
                 }
-            };
-            (queued, metrics)
+            }
         };
-        let grant = match queued {
-            Ok(g) => g,
+        match queued {
+            Ok(g) => Ok(g),
             Err(Some((rx, ticket))) => {
                 debug!(action = %action.name, "waiting for memory");
-                self.wait_for_grant(rx, ticket, need).await?
+                self.wait_for_grant(rx, ticket, need).await
             }
             Err(None) => {
                 self.metrics().rejections.increment(1);
-                return Err(InvokeError::NoCapacity(self.no_capacity_message(need)));
+                Err(InvokeError::NoCapacity(self.no_capacity_message(need)))
             }
+        }
+    }
+
+    async fn evict(&self, node: usize, victims: Vec<SandboxId>) {
+        let agent = &self.nodes[node].agent;
+        for v in victims {
+            self.metrics().evictions.increment(1);
+            match agent.execute(Command::Purge { sandbox: v.clone() }).await {
+                Ok(_) | Err(AgentError::UnknownSandbox(_)) => {}
+                Err(e) => warn!(sandbox = %v, error = %e, "evicting sandbox failed"),
+            }
+        }
+    }
+
+    /// A dedup start: restores the sandbox; on failure counts it and forgets the sandbox.
+    async fn restore(
+        &self,
+        key: Key,
+        id: &SandboxId,
+        node: usize,
+        arrival: Instant,
+    ) -> RestoreResult {
+        let agent = &self.nodes[node].agent;
+        let bound = Duration::from_millis(
+            self.cfg
+                .restore_timeout_ms
+                .saturating_add(self.cfg.agent_grace_ms),
+        );
+        let reply = tokio::time::timeout(
+            bound,
+            agent.execute(Command::Restore {
+                sandbox: id.clone(),
+            }),
+        )
+        .await;
+        let (label, gone, detail) = match reply {
+            Ok(Ok(Reply::Restored(r))) => {
+                let secs = arrival.elapsed().as_secs_f64();
+                let m = self.metrics();
+                m.dedup_start.record(secs);
+                for (h, ms) in m.restore_phases.iter().zip([
+                    r.read_base_ms,
+                    r.rebuild_ms,
+                    r.restore_ms,
+                    r.total_ms,
+                ]) {
+                    h.record(ms / 1000.0);
+                }
+                debug!(sandbox = %id, read_base_ms = r.read_base_ms, rebuild_ms = r.rebuild_ms, restore_ms = r.restore_ms, total_ms = r.total_ms, start_ms = secs * 1000.0, "dedup start");
+                let mut st = self.state.lock();
+                st.stats.dedup_starts += 1;
+                st.restored(key, self.now(), r, secs * 1000.0);
+                return RestoreResult::Ok;
+            }
+            Ok(Ok(other)) => ("unexpected_reply", false, reply_name(&other).to_string()),
+            Ok(Err(e)) => {
+                let gone = matches!(
+                    e,
+                    AgentError::RestoreFailed { .. } | AgentError::UnknownSandbox(_)
+                );
+                (restore_failure_label(&e), gone, e.to_string())
+            }
+            Err(_) => (
+                "timeout",
+                false,
+                format!("no answer within {} ms", bound.as_millis()),
+            ),
         };
+        warn!(sandbox = %id, reason = label, error = %detail, "dedup start failed; falling back to a cold start");
+        self.metrics().dedup_start_failure(label);
+        *self
+            .state
+            .lock()
+            .stats
+            .dedup_start_failures
+            .entry(label.to_string())
+            .or_default() += 1;
+        let job = self.state.lock().restore_failed(key, gone);
+        if let Some(job) = job {
+            self.purge_in_background(job);
+        }
+        self.pump();
+        RestoreResult::Failed
+    }
+
+    async fn invoke_inner(self: Arc<Self>, req: InvokeRequest) -> Result<Activation, InvokeError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(InvokeError::ShuttingDown);
+        }
+        let arrival = Instant::now();
+        let action = req.action.clone();
+        let limits = action.limits;
+        let need = Bytes::mib(limits.memory_mb).0;
+        if need > self.max_budget {
+            self.metrics().rejections.increment(1);
+            return Err(InvokeError::Rejected(format!(
+                "the action's memory limit of {} MiB exceeds the node memory budget of {} MiB",
+                limits.memory_mb,
+                self.max_budget >> 20
+            )));
+        }
+        let metrics = {
+            let mut st = self.state.lock();
+            st.arrival(&action, self.now());
+            st.pool(&action.name).metrics.clone()
+        };
+        let mut grant = self.acquire(&action, true).await?;
 
         let start = unix_now();
         let mut act = Activation {
@@ -522,66 +1000,89 @@ impl Controller {
         };
         let mut logs = LogBuilder::new((limits.logs_kb as usize).saturating_mul(1024));
 
-        let (key, sandbox, node) = match grant {
-            Grant::Warm { key, id, node } => (key, id, node),
-            Grant::Cold {
-                key,
-                id,
-                node,
-                victims,
-            } => {
-                act.start_kind = StartKind::Cold;
-                let agent = &self.nodes[node].agent;
-                for v in victims {
-                    self.metrics().evictions.increment(1);
-                    match agent.execute(Command::Purge { sandbox: v.clone() }).await {
-                        Ok(_) | Err(AgentError::UnknownSandbox(_)) => {}
-                        Err(e) => warn!(sandbox = %v, error = %e, "evicting sandbox failed"),
+        let (key, sandbox, node) = loop {
+            match grant {
+                Grant::Warm { key, id, node } => {
+                    act.start_kind = StartKind::Warm;
+                    self.state
+                        .lock()
+                        .warm_started(&action.name, arrival.elapsed().as_secs_f64() * 1000.0);
+                    break (key, id, node);
+                }
+                Grant::Restore {
+                    key,
+                    id,
+                    node,
+                    victims,
+                } => {
+                    self.evict(node, victims).await;
+                    match self.restore(key, &id, node, arrival).await {
+                        RestoreResult::Ok => {
+                            act.start_kind = StartKind::Dedup;
+                            break (key, id, node);
+                        }
+                        RestoreResult::Failed => {
+                            grant = self.acquire(&action, false).await?;
+                        }
                     }
                 }
-                let t0 = Instant::now();
-                let spawn = agent
-                    .execute(Command::Spawn(SpawnCommand {
-                        sandbox: id.clone(),
-                        action: action.name.clone(),
-                        version: action.version.clone(),
-                        code: action.exec.code.clone(),
-                        main: action.exec.main.clone(),
-                        memory_limit: Bytes(need),
-                        env: static_env(&action),
-                        init_timeout_ms: limits.timeout_ms,
-                    }))
-                    .await;
-                act.init_time_ms = Some(t0.elapsed().as_millis() as u64);
-                act.node = Some(self.nodes[node].id.clone());
-                let failure = match spawn {
-                    Ok(Reply::Spawned(r)) => {
-                        logs.extend(r.logs);
-                        r.init_error
-                            .map(|msg| (ActivationStatus::DeveloperError, msg))
-                    }
-                    Ok(other) => Some((
-                        ActivationStatus::InternalError,
-                        format!("unexpected reply from node agent: {}", reply_name(&other)),
-                    )),
-                    Err(e) => {
-                        warn!(action = %action.name, sandbox = %id, error = %e, "cold start failed");
-                        Some((
+                Grant::Cold {
+                    key,
+                    id,
+                    node,
+                    victims,
+                } => {
+                    act.start_kind = StartKind::Cold;
+                    self.evict(node, victims).await;
+                    let agent = &self.nodes[node].agent;
+                    let t0 = Instant::now();
+                    let spawn = agent
+                        .execute(Command::Spawn(SpawnCommand {
+                            sandbox: id.clone(),
+                            action: action.name.clone(),
+                            version: action.version.clone(),
+                            code: action.exec.code.clone(),
+                            main: action.exec.main.clone(),
+                            memory_limit: Bytes(need),
+                            env: static_env(&action),
+                            init_timeout_ms: limits.timeout_ms,
+                        }))
+                        .await;
+                    act.init_time_ms = Some(t0.elapsed().as_millis() as u64);
+                    act.node = Some(self.nodes[node].id.clone());
+                    let failure = match spawn {
+                        Ok(Reply::Spawned(r)) => {
+                            logs.extend(r.logs);
+                            r.init_error
+                                .map(|msg| (ActivationStatus::DeveloperError, msg))
+                        }
+                        Ok(other) => Some((
                             ActivationStatus::InternalError,
-                            format!("Failed to start a sandbox: {e}"),
-                        ))
-                    }
-                };
-                if let Some((status, msg)) = failure {
-                    self.forget(key);
-                    act.response = ActivationResponse {
-                        status,
-                        result: error_result(msg),
+                            format!("unexpected reply from node agent: {}", reply_name(&other)),
+                        )),
+                        Err(e) => {
+                            warn!(action = %action.name, sandbox = %id, error = %e, "cold start failed");
+                            Some((
+                                ActivationStatus::InternalError,
+                                format!("Failed to start a sandbox: {e}"),
+                            ))
+                        }
                     };
-                    return Ok(finish_activation(act, logs, arrival, &metrics));
+                    if let Some((status, msg)) = failure {
+                        self.forget(key);
+                        act.response = ActivationResponse {
+                            status,
+                            result: error_result(msg),
+                        };
+                        return Ok(finish_activation(act, logs, arrival, &metrics));
+                    }
+                    self.state.lock().started(
+                        key,
+                        self.now(),
+                        arrival.elapsed().as_secs_f64() * 1000.0,
+                    );
+                    break (key, id, node);
                 }
-                self.state.lock().started(key, self.now());
-                (key, id, node)
             }
         };
         act.node = Some(self.nodes[node].id.clone());
@@ -648,7 +1149,7 @@ impl Controller {
             }
         };
         match after {
-            After::Keep => self.after_run(key),
+            After::Keep => self.after_run(key, act.main_ms),
             After::Gone => self.forget(key),
             After::Purge => {
                 let job = self.state.lock().start_purge(key);
@@ -691,6 +1192,9 @@ fn reply_name(r: &Reply) -> &'static str {
         Reply::Ran(_) => "ran",
         Reply::Purged => "purged",
         Reply::Status(_) => "status",
+        Reply::BaseReady(_) => "base_ready",
+        Reply::Deduped(_) => "deduped",
+        Reply::Restored(_) => "restored",
     }
 }
 
@@ -725,9 +1229,33 @@ impl Invoker for Controller {
         if !jobs.is_empty() {
             debug!(action = %name, n = jobs.len(), "purging idle sandboxes of an old version");
         }
-        for job in jobs {
-            self.purge_in_background(job);
-        }
+        self.carry_out(Work {
+            purges: jobs,
+            ..Work::default()
+        });
+    }
+
+    fn force_decisions(&self, scope: SandboxScope) -> BoxFuture<'static, usize> {
+        futures::future::ready(self.force_decisions_in(&scope)).boxed()
+    }
+
+    fn wait_settled(&self) -> BoxFuture<'static, ()> {
+        let Some(me) = self.me.upgrade() else {
+            return futures::future::ready(()).boxed();
+        };
+        async move { Controller::wait_settled(&me).await }.boxed()
+    }
+
+    fn sandbox_states(&self, scope: &SandboxScope) -> Vec<SandboxSummary> {
+        self.sandboxes()
+            .into_iter()
+            .filter(|s| scope.covers(&s.action))
+            .map(|s| SandboxSummary {
+                id: s.id,
+                action: s.action,
+                state: s.state.as_str().to_string(),
+            })
+            .collect()
     }
 }
 

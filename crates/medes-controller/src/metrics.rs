@@ -68,10 +68,18 @@ impl ActionMetrics {
 /// Node-wide metrics.
 pub(crate) struct GlobalMetrics {
     start_latency: [Histogram; 4],
-    pub(crate) sandboxes: [Gauge; 4],
-    pub(crate) memory: [Gauge; 4],
+    pub(crate) sandboxes: [Gauge; 8],
+    pub(crate) memory: [Gauge; 8],
     pub(crate) evictions: Counter,
     pub(crate) rejections: Counter,
+    pub(crate) dedups: Counter,
+    pub(crate) bases: Counter,
+    pub(crate) prewarms: Counter,
+    pub(crate) dedup_start: Histogram,
+    /// `read_base`, `rebuild`, `restore`, `total` (the agent's view of a dedup start).
+    pub(crate) restore_phases: [Histogram; 4],
+    /// Checkpoint + dedup (or register) time, by purpose: `base`, `dedup`.
+    pub(crate) checkpoint: [Histogram; 2],
 }
 
 impl GlobalMetrics {
@@ -83,10 +91,28 @@ impl GlobalMetrics {
             memory: StateKind::ALL.map(|s| gauge!("medes_memory_bytes", "state" => s.as_str())),
             evictions: counter!("medes_evictions_total"),
             rejections: counter!("medes_admission_rejections_total"),
+            dedups: counter!("medes_dedups_total"),
+            bases: counter!("medes_bases_total"),
+            prewarms: counter!("medes_prewarms_total"),
+            dedup_start: histogram!("medes_dedup_start_seconds"),
+            restore_phases: ["read_base", "rebuild", "restore", "total"]
+                .map(|p| histogram!("medes_dedup_restore_phase_seconds", "phase" => p)),
+            checkpoint: ["base", "dedup"]
+                .map(|p| histogram!("medes_checkpoint_seconds", "purpose" => p)),
         }
     }
 
     pub(crate) fn start_latency(&self, kind: StartKind, seconds: f64) {
         self.start_latency[kind_idx(kind)].record(seconds);
+    }
+
+    /// A sandbox could not be made a base or deduplicated (`reason` is a short fixed label).
+    pub(crate) fn dedup_failure(&self, reason: &'static str) {
+        counter!("medes_dedup_failures_total", "reason" => reason).increment(1);
+    }
+
+    /// A dedup start failed and fell back to a cold start (`reason` is a short fixed label).
+    pub(crate) fn dedup_start_failure(&self, reason: &'static str) {
+        counter!("medes_dedup_start_failures_total", "reason" => reason).increment(1);
     }
 }

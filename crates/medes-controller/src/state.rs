@@ -1,17 +1,19 @@
-//! The controller's bookkeeping: every sandbox, per-action pools, node memory and the admission
-//! queue. Plain synchronous code called under one short-lived lock; nothing here awaits.
+//! The controller's bookkeeping: every sandbox, per-action pools and their statistics, node
+//! memory, checkpoint slots and queue, and the admission queue. Plain synchronous code called
+//! under one short-lived lock; nothing here awaits.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use medes_agent::NodeStatus;
-use medes_core::{ActionName, Bytes, NodeId, SandboxId};
+use medes_agent::{BaseReply, DedupReply, NodeStatus, RestoreReply, SandboxForm};
+use medes_core::{Action, ActionName, Bytes, Namespace, NodeId, SandboxId, SandboxScope};
 use medes_policy::{
-    Admission, Decision, Event, FunctionView, Policy, SandboxState, SandboxView, StateKind,
-    Timestamp, Victim, admit,
+    Admission, ArrivalWindow, ClusterView, Counts, Decision, Event, Ewma, Footprints, Form,
+    FunctionView, Policy, Prewarm, Purpose, SandboxState, SandboxView, StartLatencies, StateKind,
+    Timestamp, Victim, admit, enforce, label,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::ActionMetrics;
 
@@ -26,18 +28,47 @@ pub(crate) struct Sb {
     pub generation: u64,
     pub limit: u64,
     pub state: SandboxState,
+    pub form: Form,
+    /// Cleared when a checkpoint or dedup failed: never made a base or dedup again.
+    pub deduplicable: bool,
+    /// It was a dedup sandbox when its purge began.
+    pub was_dedup: bool,
+    /// A checkpoint decided for it waits for a slot (it stays warm and assignable meanwhile).
+    pub queued: Option<Purpose>,
     pub created: Timestamp,
     pub measured: Option<u64>,
+    /// Memory charged against the node budget (transient included).
     pub charge: u64,
+    /// Part of `charge` that is transient (a checkpoint image being written, a restore's m_R).
+    pub transient: u64,
+    /// Bytes stored for it as a dedup sandbox.
+    pub stored: Option<u64>,
+    /// Bytes of its page image (last checkpoint).
+    pub image: Option<u64>,
+    /// The last dedup start's breakdown.
+    pub last_restore: Option<RestoreReply>,
     /// When the controller learnt that the node has the sandbox ready.
     pub ready_at: Option<Timestamp>,
     pub next_decision: Option<Timestamp>,
 }
 
+/// Per-action pool: its sandboxes and what is measured about the function.
 pub(crate) struct Pool {
     pub generation: u64,
     pub keys: Vec<Key>,
     pub metrics: Arc<ActionMetrics>,
+    /// The latest definition seen (for pre-warming).
+    pub action: Option<Arc<Action>>,
+    pub limit: u64,
+    pub arrivals: ArrivalWindow,
+    pub cold_ms: Ewma,
+    pub warm_ms: Ewma,
+    pub dedup_ms: Ewma,
+    pub exec_ms: Ewma,
+    pub m_warm: Ewma,
+    pub m_dedup: Ewma,
+    pub m_base: Ewma,
+    pub m_restore: Ewma,
 }
 
 /// A sandbox handed to an invocation.
@@ -56,6 +87,13 @@ pub(crate) enum Grant {
         node: usize,
         victims: Vec<SandboxId>,
     },
+    /// A dedup sandbox to restore (its restore memory reserved); evict `victims` first.
+    Restore {
+        key: Key,
+        id: SandboxId,
+        node: usize,
+        victims: Vec<SandboxId>,
+    },
 }
 
 pub(crate) struct Waiter {
@@ -64,6 +102,8 @@ pub(crate) struct Waiter {
     pub version: Arc<str>,
     pub need: u64,
     pub concurrency: u32,
+    /// Whether a dedup sandbox may serve it (not after a failed dedup start).
+    pub allow_restore: bool,
     pub tx: oneshot::Sender<Grant>,
 }
 
@@ -74,87 +114,277 @@ pub(crate) struct PurgeJob {
     pub id: SandboxId,
 }
 
+/// A checkpoint to carry out in the background (its slot and transient memory taken).
+pub(crate) struct CheckpointJob {
+    pub key: Key,
+    pub node: usize,
+    pub id: SandboxId,
+    pub action: ActionName,
+    pub purpose: Purpose,
+}
+
+/// A pre-warm start to carry out (memory reserved, victims out of the books).
+pub(crate) struct PrewarmJob {
+    pub key: Key,
+    pub node: usize,
+    pub id: SandboxId,
+    pub action: Arc<Action>,
+    pub victims: Vec<SandboxId>,
+}
+
+/// Work produced under the lock, carried out outside it.
+#[derive(Default)]
+pub(crate) struct Work {
+    pub purges: Vec<PurgeJob>,
+    pub checkpoints: Vec<CheckpointJob>,
+    pub prewarms: Vec<PrewarmJob>,
+}
+
+impl Work {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.purges.is_empty() && self.checkpoints.is_empty() && self.prewarms.is_empty()
+    }
+}
+
+/// How a checkpoint ended.
+pub(crate) enum CheckpointOutcome {
+    Base(BaseReply),
+    Dedup(DedupReply),
+    /// Failed; `alive`: the sandbox is still there, warm; `None`: unknown (purge it).
+    Failed {
+        alive: Option<bool>,
+    },
+}
+
+/// Settings of the bookkeeping (from the controller's config).
+pub(crate) struct Limits {
+    pub max_checkpoints: usize,
+    pub max_restores: usize,
+    pub idle_period_ms: u64,
+    pub dedup_enabled: bool,
+}
+
 pub(crate) struct State {
     pub sbs: HashMap<Key, Sb>,
     pub pools: HashMap<ActionName, Pool>,
     pub budgets: Vec<u64>,
     pub used: Vec<u64>,
+    pub checkpoints: Vec<usize>,
+    pub restores: Vec<usize>,
+    pub ckpt_queue: VecDeque<(Key, Purpose)>,
     pub waiters: VecDeque<Waiter>,
     pub policy: Box<dyn Policy>,
+    pub limits: Limits,
     pub next_key: Key,
     pub next_ticket: u64,
     pub id_prefix: String,
     pub evictions: u64,
+    pub next_tick: Option<Timestamp>,
+    pub stats: crate::DedupStats,
+}
+
+/// Whether the node holds (or is making) a dedup image for the sandbox, which may reference
+/// base pages; a dedup sandbox being purged still counts until its purge is done.
+fn is_dedup_like(sb: &Sb) -> bool {
+    (sb.state == SandboxState::Purging && sb.was_dedup)
+        || matches!(
+            sb.state,
+            SandboxState::Dedup { .. }
+                | SandboxState::Restoring
+                | SandboxState::Checkpointing {
+                    purpose: Purpose::Dedup,
+                    ..
+                }
+        )
+        || (sb.queued == Some(Purpose::Dedup) && sb.state.kind() == StateKind::Warm)
+}
+
+fn count(c: &mut Counts, sb: &Sb) {
+    match (sb.queued, sb.state) {
+        (Some(Purpose::Base), SandboxState::Warm { .. }) => c.base += 1,
+        (Some(Purpose::Dedup), SandboxState::Warm { .. }) => c.dedup += 1,
+        (_, s) => c.add(s, sb.form),
+    }
 }
 
 impl State {
-    pub(crate) fn new(budgets: Vec<u64>, policy: Box<dyn Policy>, id_prefix: String) -> Self {
+    pub(crate) fn new(
+        budgets: Vec<u64>,
+        policy: Box<dyn Policy>,
+        limits: Limits,
+        id_prefix: String,
+    ) -> Self {
+        let n = budgets.len();
         State {
             sbs: HashMap::new(),
             pools: HashMap::new(),
-            used: vec![0; budgets.len()],
+            used: vec![0; n],
+            checkpoints: vec![0; n],
+            restores: vec![0; n],
+            ckpt_queue: VecDeque::new(),
             budgets,
             waiters: VecDeque::new(),
             policy,
+            limits,
             next_key: 1,
             next_ticket: 1,
             id_prefix,
             evictions: 0,
+            next_tick: None,
+            stats: crate::DedupStats::default(),
         }
     }
 
     pub(crate) fn pool(&mut self, action: &ActionName) -> &mut Pool {
-        if !self.pools.contains_key(action) {
-            let metrics = Arc::new(ActionMetrics::new(action));
-            self.pools.insert(
-                action.clone(),
-                Pool {
-                    generation: 0,
-                    keys: Vec::new(),
-                    metrics,
-                },
-            );
-        }
-        self.pools.get_mut(action).expect("inserted above")
+        self.pools.entry(action.clone()).or_insert_with(|| Pool {
+            generation: 0,
+            keys: Vec::new(),
+            metrics: Arc::new(ActionMetrics::new(action)),
+            action: None,
+            limit: 0,
+            arrivals: ArrivalWindow::default(),
+            cold_ms: Ewma::default(),
+            warm_ms: Ewma::default(),
+            dedup_ms: Ewma::default(),
+            exec_ms: Ewma::default(),
+            m_warm: Ewma::default(),
+            m_dedup: Ewma::default(),
+            m_base: Ewma::default(),
+            m_restore: Ewma::default(),
+        })
     }
 
-    fn function_view(&self, action: &ActionName, limit: u64) -> FunctionView {
-        let keys = self
-            .pools
-            .get(action)
-            .map(|p| p.keys.as_slice())
-            .unwrap_or_default();
-        let n_idle = keys
-            .iter()
-            .filter(|k| {
-                self.sbs
-                    .get(k)
-                    .is_some_and(|s| s.state.kind() == StateKind::Warm)
-            })
-            .count();
-        FunctionView {
-            memory_limit: Bytes(limit),
-            n_sandboxes: keys.len(),
-            n_idle,
+    // ---- views -------------------------------------------------------------------------
+
+    fn counts(&self, action: &ActionName, node: Option<usize>) -> Counts {
+        let mut c = Counts::default();
+        let Some(pool) = self.pools.get(action) else {
+            return c;
+        };
+        for k in &pool.keys {
+            if let Some(sb) = self.sbs.get(k)
+                && node.is_none_or(|n| n == sb.node)
+            {
+                count(&mut c, sb);
+            }
+        }
+        c
+    }
+
+    /// Dedup sandboxes (in progress included) of a namespace on a node: the sandboxes that may
+    /// reference the pages of the namespace's bases there (the default dedup domain).
+    fn dependents(&self, node: usize, ns: &Namespace) -> usize {
+        self.sbs
+            .values()
+            .filter(|s| s.node == node && &s.action.namespace == ns && is_dedup_like(s))
+            .count()
+    }
+
+    pub(crate) fn function_view(&self, action: &ActionName, now: Timestamp) -> FunctionView {
+        let mut fv = FunctionView::new(action.clone(), Bytes(0));
+        fv.counts = self.counts(action, None);
+        if let Some(p) = self.pools.get(action) {
+            let bytes = |e: &Ewma| e.get().map(|v| Bytes(v as u64));
+            fv.memory_limit = Bytes(p.limit);
+            fv.arrivals = p.arrivals.summary(now);
+            fv.latency = StartLatencies {
+                cold_ms: p.cold_ms.get(),
+                warm_ms: p.warm_ms.get(),
+                dedup_ms: p.dedup_ms.get(),
+            };
+            fv.exec_ms = p.exec_ms.get();
+            fv.footprint = Footprints {
+                warm: bytes(&p.m_warm),
+                dedup: bytes(&p.m_dedup),
+                base: bytes(&p.m_base),
+                restore: bytes(&p.m_restore),
+            };
+        }
+        fv
+    }
+
+    fn sandbox_view(&self, sb: &Sb) -> SandboxView {
+        let mut v = SandboxView::new(sb.state, sb.created, Bytes(sb.charge));
+        v.form = sb.form;
+        v.deduplicable = sb.deduplicable;
+        if sb.form == Form::Base {
+            v.dependents = self.dependents(sb.node, &sb.action.namespace);
+        }
+        v.local = self.counts(&sb.action, Some(sb.node));
+        v
+    }
+
+    pub(crate) fn cluster_view(&self, now: Timestamp) -> ClusterView {
+        ClusterView {
+            nodes: self.budgets.len(),
+            budget: Bytes(self.budgets.iter().sum()),
+            used: Bytes(self.used.iter().sum()),
+            peak_rate_sum: self
+                .pools
+                .values()
+                .map(|p| p.arrivals.summary(now).peak_rate())
+                .sum(),
+            functions: self.pools.len(),
         }
     }
 
-    /// Assigns an initialised sandbox of `action@version` if one can take another invocation:
-    /// a running one with spare concurrency first, else the most recently used warm one.
+    fn next_decision_of(&self, key: Key, now: Timestamp) -> Option<Timestamp> {
+        let sb = self.sbs.get(&key)?;
+        let fv = self.function_view(&sb.action, now);
+        let view = self.sandbox_view(sb);
+        self.policy.next_decision(&fv, &view, now)
+    }
+
+    fn rearm(&mut self, key: Key, now: Timestamp) {
+        let next = self.next_decision_of(key, now);
+        if let Some(sb) = self.sbs.get_mut(&key) {
+            sb.next_decision = next;
+        }
+    }
+
+    // ---- arrivals and assignment --------------------------------------------------------
+
+    /// An invocation of `action` arrived: counts it and tells the policy.
+    pub(crate) fn arrival(&mut self, action: &Arc<Action>, now: Timestamp) {
+        let need = Bytes::mib(action.limits.memory_mb).0;
+        let pool = self.pool(&action.name);
+        pool.arrivals.record(now);
+        pool.limit = need;
+        if pool
+            .action
+            .as_ref()
+            .is_none_or(|a| a.version != action.version)
+        {
+            pool.action = Some(action.clone());
+        }
+        let fv = self.function_view(&action.name, now);
+        self.policy.on_arrival(&fv, now);
+    }
+
+    /// Assigns an initialised sandbox of `action@version` if one can take another invocation
+    /// (a running one with spare concurrency first, else the most recently used warm one, a
+    /// base included), else a dedup sandbox whose restore fits (if `allow_restore`).
     pub(crate) fn try_assign(
         &mut self,
         action: &ActionName,
         version: &str,
         concurrency: u32,
+        allow_restore: bool,
+        now: Timestamp,
     ) -> Option<Grant> {
         let pool = self.pools.get(action)?;
         let mut best: Option<(Key, (u8, Timestamp))> = None;
+        let mut dedups: Vec<(Timestamp, Key)> = Vec::new();
         for &k in &pool.keys {
             let Some(sb) = self.sbs.get(&k) else { continue };
-            if sb.generation != pool.generation
-                || &*sb.version != version
-                || !sb.state.can_assign(concurrency)
-            {
+            if sb.generation != pool.generation || &*sb.version != version {
+                continue;
+            }
+            if let SandboxState::Dedup { since, .. } = sb.state {
+                dedups.push((since, k));
+                continue;
+            }
+            if !sb.state.can_assign(concurrency) {
                 continue;
             }
             let rank = match sb.state {
@@ -166,22 +396,127 @@ impl State {
                 best = Some((k, rank));
             }
         }
-        let (key, _) = best?;
+        if let Some((key, _)) = best {
+            let sb = self.sbs.get_mut(&key)?;
+            sb.state = sb
+                .state
+                .apply(Event::Assign { concurrency }, Timestamp(0))
+                .ok()?;
+            sb.next_decision = None;
+            sb.queued = None;
+            return Some(Grant::Warm {
+                key,
+                id: sb.id.clone(),
+                node: sb.node,
+            });
+        }
+        if !allow_restore {
+            return None;
+        }
+        // Most recently deduplicated first.
+        dedups.sort_by(|a, b| b.cmp(a));
+        for (_, key) in dedups {
+            if let Some(g) = self.try_restore(key, now) {
+                return Some(g);
+            }
+        }
+        None
+    }
+
+    /// Reserves a restore of dedup sandbox `key`: a concurrent-restore slot on its node and
+    /// memory for the restored process (its limit) plus the transient m_R (its page image).
+    fn try_restore(&mut self, key: Key, now: Timestamp) -> Option<Grant> {
+        let sb = self.sbs.get(&key)?;
+        let node = sb.node;
+        if self.restores[node] >= self.limits.max_restores {
+            return None;
+        }
+        let m_r = sb.image.unwrap_or(sb.limit);
+        let need = sb.limit.saturating_add(m_r);
+        let victims = self.make_room(node, need, Some(key), now)?;
+        let victims = self.evict(victims);
         let sb = self.sbs.get_mut(&key)?;
-        sb.state = sb
-            .state
-            .apply(Event::Assign { concurrency }, Timestamp(0))
-            .ok()?;
+        sb.state = sb.state.apply(Event::Restore, now).ok()?;
         sb.next_decision = None;
-        Some(Grant::Warm {
+        sb.charge += need;
+        sb.transient = m_r;
+        self.used[node] += need;
+        self.restores[node] += 1;
+        Some(Grant::Restore {
             key,
             id: sb.id.clone(),
-            node: sb.node,
+            node,
+            victims,
         })
     }
 
-    /// Reserves memory for a new sandbox on the node with the most room, evicting least recently
-    /// used idle sandboxes if needed; `None` if no node can make room now.
+    /// Idle sandboxes of `node` that may be evicted: warm ones, dedup ones and bases without
+    /// dependents, ranked by the policy.
+    fn victims(&self, node: usize, exclude: Option<Key>, now: Timestamp) -> Vec<Victim<Key>> {
+        let mut views: HashMap<&ActionName, FunctionView> = HashMap::new();
+        let mut out = Vec::new();
+        for (&k, s) in &self.sbs {
+            if s.node != node || Some(k) == exclude {
+                continue;
+            }
+            let idle = match s.state {
+                SandboxState::Warm { .. } => {
+                    s.form == Form::Plain || self.dependents(node, &s.action.namespace) == 0
+                }
+                SandboxState::Dedup { .. } => true,
+                _ => false,
+            };
+            if !idle {
+                continue;
+            }
+            let fv = views
+                .entry(&s.action)
+                .or_insert_with(|| self.function_view(&s.action, now));
+            let view = self.sandbox_view(s);
+            out.push(Victim {
+                key: k,
+                rank: self.policy.eviction_rank(fv, &view, now),
+                memory: Bytes(s.charge),
+            });
+        }
+        out
+    }
+
+    /// Victims to evict on `node` so that `need` more fits; `None` if it cannot fit now.
+    fn make_room(
+        &self,
+        node: usize,
+        need: u64,
+        exclude: Option<Key>,
+        now: Timestamp,
+    ) -> Option<Vec<Key>> {
+        let budget = Bytes(self.budgets[node]);
+        let used = Bytes(self.used[node]);
+        if used.0.saturating_add(need) <= budget.0 {
+            return Some(Vec::new());
+        }
+        match admit(budget, used, Bytes(need), self.victims(node, exclude, now)) {
+            Admission::Fits => Some(Vec::new()),
+            Admission::Evict(v) => Some(v),
+            Admission::Wait | Admission::Reject => None,
+        }
+    }
+
+    /// Takes victims out of the books; returns their ids for the caller to purge.
+    fn evict(&mut self, keys: Vec<Key>) -> Vec<SandboxId> {
+        let mut ids = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(sb) = self.take(k) {
+                debug!(sandbox = %sb.id, action = %sb.action, state = %label(sb.state, sb.form), "evicting idle sandbox");
+                self.evictions += 1;
+                ids.push(sb.id);
+            }
+        }
+        ids
+    }
+
+    /// Reserves memory for a new sandbox on the node with the most room, evicting idle
+    /// sandboxes (in the policy's order) if needed; `None` if no node can make room now.
     pub(crate) fn try_admit(
         &mut self,
         action: &ActionName,
@@ -189,52 +524,43 @@ impl State {
         need: u64,
         now: Timestamp,
     ) -> Option<Grant> {
+        let (key, id, node, victims) = self.admit_new(action, version, need, now)?;
+        Some(Grant::Cold {
+            key,
+            id,
+            node,
+            victims,
+        })
+    }
+
+    fn admit_new(
+        &mut self,
+        action: &ActionName,
+        version: &Arc<str>,
+        need: u64,
+        now: Timestamp,
+    ) -> Option<(Key, SandboxId, usize, Vec<SandboxId>)> {
         let mut choice: Option<(usize, Vec<Key>)> = None;
         for node in 0..self.budgets.len() {
-            let sbs = &self.sbs;
-            let idle = sbs.iter().filter_map(|(&k, s)| match s.state {
-                SandboxState::Warm { idle_since } if s.node == node => Some(Victim {
-                    key: k,
-                    idle_since,
-                    memory: Bytes(s.charge),
-                }),
-                _ => None,
-            });
-            match admit(
-                Bytes(self.budgets[node]),
-                Bytes(self.used[node]),
-                Bytes(need),
-                idle,
-            ) {
-                Admission::Fits => {
-                    let better = match &choice {
-                        None => true,
-                        Some((n, v)) => !v.is_empty() || self.used[node] < self.used[*n],
-                    };
-                    if better {
-                        choice = Some((node, Vec::new()));
+            let Some(v) = self.make_room(node, need, None, now) else {
+                continue;
+            };
+            let better = match &choice {
+                None => true,
+                Some((n, cv)) => {
+                    if v.is_empty() {
+                        !cv.is_empty() || self.used[node] < self.used[*n]
+                    } else {
+                        !cv.is_empty() && v.len() < cv.len()
                     }
                 }
-                Admission::Evict(v) => {
-                    if choice
-                        .as_ref()
-                        .is_none_or(|(_, cv)| !cv.is_empty() && v.len() < cv.len())
-                    {
-                        choice = Some((node, v));
-                    }
-                }
-                Admission::Wait | Admission::Reject => {}
+            };
+            if better {
+                choice = Some((node, v));
             }
         }
         let (node, victim_keys) = choice?;
-        let mut victims = Vec::with_capacity(victim_keys.len());
-        for k in victim_keys {
-            if let Some(sb) = self.take(k) {
-                debug!(sandbox = %sb.id, action = %sb.action, "evicting idle sandbox");
-                self.evictions += 1;
-                victims.push(sb.id);
-            }
-        }
+        let victims = self.evict(victim_keys);
         let key = self.next_key;
         self.next_key += 1;
         let id = SandboxId(format!("{}-{key}", self.id_prefix));
@@ -251,167 +577,528 @@ impl State {
                 generation,
                 limit: need,
                 state: SandboxState::Starting,
+                form: Form::Plain,
+                deduplicable: true,
+                was_dedup: false,
+                queued: None,
                 created: now,
                 measured: None,
                 charge: need,
+                transient: 0,
+                stored: None,
+                image: None,
+                last_restore: None,
                 ready_at: None,
                 next_decision: None,
             },
         );
-        Some(Grant::Cold {
-            key,
-            id,
-            node,
-            victims,
-        })
+        Some((key, id, node, victims))
     }
 
-    /// Removes a sandbox from the books (its memory is free again) and returns it.
+    // ---- removal -----------------------------------------------------------------------
+
+    /// Removes a sandbox from the books (its memory is free again) and returns it. When it was
+    /// the last dedup sandbox of its namespace on its node, that namespace's bases there are
+    /// decided about again (they may retire).
     pub(crate) fn take(&mut self, key: Key) -> Option<Sb> {
         let sb = self.sbs.remove(&key)?;
         self.used[sb.node] = self.used[sb.node].saturating_sub(sb.charge);
+        match sb.state {
+            SandboxState::Restoring => {
+                self.restores[sb.node] = self.restores[sb.node].saturating_sub(1)
+            }
+            SandboxState::Checkpointing { .. } => {
+                self.checkpoints[sb.node] = self.checkpoints[sb.node].saturating_sub(1)
+            }
+            _ => {}
+        }
         if let Some(pool) = self.pools.get_mut(&sb.action) {
             pool.keys.retain(|&k| k != key);
         }
+        if is_dedup_like(&sb) {
+            self.release_bases(sb.node, &sb.action.namespace);
+        }
         Some(sb)
+    }
+
+    fn release_bases(&mut self, node: usize, ns: &Namespace) {
+        if self.dependents(node, ns) > 0 {
+            return;
+        }
+        for s in self.sbs.values_mut() {
+            if s.node == node
+                && &s.action.namespace == ns
+                && s.form == Form::Base
+                && s.state.kind() == StateKind::Warm
+            {
+                s.next_decision = Some(Timestamp(0));
+            }
+        }
     }
 
     /// Marks a sandbox for destruction: never assigned again, still charged until destroyed.
     pub(crate) fn start_purge(&mut self, key: Key) -> Option<PurgeJob> {
         let sb = self.sbs.get_mut(&key)?;
+        let was = sb.state;
+        let held_dedup = is_dedup_like(sb);
         sb.state = sb.state.apply(Event::Purge, Timestamp(0)).ok()?;
+        sb.was_dedup = held_dedup;
         sb.next_decision = None;
+        sb.queued = None;
+        let node = sb.node;
         let job = PurgeJob {
             key,
-            node: sb.node,
+            node,
             id: sb.id.clone(),
         };
         let action = sb.action.clone();
+        match was {
+            SandboxState::Restoring => self.restores[node] = self.restores[node].saturating_sub(1),
+            SandboxState::Checkpointing { .. } => {
+                self.checkpoints[node] = self.checkpoints[node].saturating_sub(1)
+            }
+            _ => {}
+        }
         if let Some(pool) = self.pools.get_mut(&action) {
             pool.keys.retain(|&k| k != key);
         }
         Some(job)
     }
 
+    /// The agent refused to purge a base because dedup sandboxes it does not know of here (another
+    /// dedup domain setting) depend on it: it is a base again, decided about at its next time.
+    pub(crate) fn purge_refused(&mut self, key: Key, now: Timestamp) {
+        let Some(sb) = self.sbs.get_mut(&key) else {
+            return;
+        };
+        sb.state = SandboxState::Warm { idle_since: now };
+        let action = sb.action.clone();
+        self.pool(&action).keys.push(key);
+        self.rearm(key, now);
+    }
+
+    // ---- lifecycle events --------------------------------------------------------------
+
     /// The cold start of `key` finished; it now serves its first invocation.
-    pub(crate) fn started(&mut self, key: Key, now: Timestamp) {
+    pub(crate) fn started(&mut self, key: Key, now: Timestamp, cold_ms: f64) {
         if let Some(sb) = self.sbs.get_mut(&key) {
             sb.ready_at = Some(now);
             match sb.state.apply(Event::Started, Timestamp(0)) {
                 Ok(s) => sb.state = s,
                 Err(e) => warn!(sandbox = %sb.id, error = %e, "unexpected start"),
             }
+            let action = sb.action.clone();
+            self.pool(&action).cold_ms.add(cold_ms);
+        }
+    }
+
+    /// A pre-warmed sandbox is ready and idle.
+    pub(crate) fn prewarmed(&mut self, key: Key, now: Timestamp) {
+        if let Some(sb) = self.sbs.get_mut(&key) {
+            sb.ready_at = Some(now);
+            match sb.state.apply(Event::Ready, now) {
+                Ok(s) => sb.state = s,
+                Err(e) => warn!(sandbox = %sb.id, error = %e, "unexpected pre-warm"),
+            }
+            self.rearm(key, now);
+        }
+    }
+
+    /// A warm start was served (for the policy's latency statistics).
+    pub(crate) fn warm_started(&mut self, action: &ActionName, ms: f64) {
+        self.pool(action).warm_ms.add(ms);
+    }
+
+    /// The restore of `key` succeeded: it serves its first invocation; m_R is released.
+    pub(crate) fn restored(&mut self, key: Key, now: Timestamp, reply: RestoreReply, ms: f64) {
+        let Some(sb) = self.sbs.get_mut(&key) else {
+            return;
+        };
+        if sb.state != SandboxState::Restoring {
+            return;
+        }
+        sb.state = SandboxState::Running { in_flight: 1 };
+        sb.ready_at = Some(now);
+        sb.last_restore = Some(reply);
+        sb.charge -= sb.transient;
+        let node = sb.node;
+        self.used[node] -= sb.transient;
+        let m_r = sb.transient;
+        sb.transient = 0;
+        self.restores[node] = self.restores[node].saturating_sub(1);
+        let action = sb.action.clone();
+        let pool = self.pool(&action);
+        pool.dedup_ms.add(ms);
+        pool.m_restore.add(m_r as f64);
+    }
+
+    /// The restore of `key` failed; the agent already destroyed it (`gone`), or it must be.
+    pub(crate) fn restore_failed(&mut self, key: Key, gone: bool) -> Option<PurgeJob> {
+        if gone {
+            self.take(key);
+            None
+        } else {
+            self.start_purge(key)
         }
     }
 
     /// An invocation in `key` finished and the sandbox is still usable. Returns a purge job if
-    /// the sandbox is now idle but must go (its action changed), and the time of the sandbox's
-    /// next policy decision if it became idle.
+    /// the sandbox is now idle but must go (its action changed).
     pub(crate) fn finished(
         &mut self,
         key: Key,
         now: Timestamp,
-    ) -> (Option<PurgeJob>, Option<Timestamp>) {
-        let Some(sb) = self.sbs.get_mut(&key) else {
-            return (None, None);
-        };
+        exec_ms: Option<f64>,
+    ) -> Option<PurgeJob> {
+        let sb = self.sbs.get_mut(&key)?;
         if sb.state.kind() == StateKind::Purging {
             // Purged while running (shutdown): nothing to do.
-            return (None, None);
+            return None;
         }
         match sb.state.apply(Event::Finished, now) {
             Ok(s) => sb.state = s,
             Err(e) => {
                 warn!(sandbox = %sb.id, error = %e, "unexpected finish");
-                return (None, None);
+                return None;
             }
         }
-        if sb.state.kind() != StateKind::Warm {
-            return (None, None);
+        let action = sb.action.clone();
+        let generation = sb.generation;
+        let idle = sb.state.kind() == StateKind::Warm;
+        let is_base = sb.form == Form::Base;
+        if let Some(ms) = exec_ms {
+            self.pool(&action).exec_ms.add(ms);
+        }
+        if !idle {
+            return None;
         }
         let stale = self
             .pools
-            .get(&sb.action)
-            .is_none_or(|p| p.generation != sb.generation);
-        if stale {
-            return (self.start_purge(key), None);
+            .get(&action)
+            .is_none_or(|p| p.generation != generation);
+        if stale && (!is_base || self.dependents(self.sbs[&key].node, &action.namespace) == 0) {
+            return self.start_purge(key);
         }
-        let (action, limit) = (sb.action.clone(), sb.limit);
-        let fv = self.function_view(&action, limit);
-        let sb = self.sbs.get(&key).expect("present above");
-        let view = SandboxView {
-            state: sb.state,
-            created: sb.created,
-            memory: Bytes(sb.charge),
-        };
-        let next = self.policy.next_decision(&fv, &view);
-        if let Some(sb) = self.sbs.get_mut(&key) {
-            sb.next_decision = next;
-        }
-        (None, next)
+        self.rearm(key, now);
+        None
     }
 
-    /// Asks the policy about every idle sandbox whose decision time has come.
-    pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<PurgeJob> {
-        let due: Vec<Key> = self
+    // ---- decisions ---------------------------------------------------------------------
+
+    /// Asks the policy about every idle sandbox whose decision time has come (`force`: every
+    /// idle warm sandbox of the scope, as if its idle period had passed). Returns the number of
+    /// sandboxes something was decided for, and the work to do.
+    pub(crate) fn decide(&mut self, now: Timestamp, force: Option<&SandboxScope>) -> (usize, Work) {
+        let mut due: Vec<(Timestamp, Key)> = self
             .sbs
             .iter()
-            .filter(|(_, s)| s.next_decision.is_some_and(|t| t <= now))
-            .map(|(&k, _)| k)
+            .filter(|(_, s)| match force {
+                Some(scope) => {
+                    scope.covers(&s.action)
+                        && s.state.kind() == StateKind::Warm
+                        && s.form == Form::Plain
+                        && s.queued.is_none()
+                }
+                None => s.next_decision.is_some_and(|t| t <= now),
+            })
+            .map(|(&k, s)| (s.state.last_used().unwrap_or(now), k))
             .collect();
-        let mut jobs = Vec::new();
-        for key in due {
+        due.sort();
+        let cluster = self.cluster_view(now);
+        let mut work = Work::default();
+        let mut decided = 0;
+        for (_, key) in due {
             let Some(sb) = self.sbs.get(&key) else {
                 continue;
             };
-            let fv = self.function_view(&sb.action, sb.limit);
-            let sb = &self.sbs[&key];
-            let view = SandboxView {
-                state: sb.state,
-                created: sb.created,
-                memory: Bytes(sb.charge),
-            };
-            match self.policy.on_idle(&fv, &view, now) {
-                Decision::Purge => {
-                    debug!(sandbox = %sb.id, action = %sb.action, policy = self.policy.name(), "idle sandbox expired");
-                    jobs.extend(self.start_purge(key));
+            if !matches!(
+                sb.state,
+                SandboxState::Warm { .. } | SandboxState::Dedup { .. }
+            ) {
+                if let Some(sb) = self.sbs.get_mut(&key) {
+                    sb.next_decision = None;
                 }
-                _ => {
-                    let next = self.policy.next_decision(&fv, &view).filter(|&t| t > now);
+                continue;
+            }
+            let stale = self
+                .pools
+                .get(&sb.action)
+                .is_none_or(|p| p.generation != sb.generation);
+            let fv = self.function_view(&sb.action, now);
+            let view = self.sandbox_view(sb);
+            // Forced: asked as if the idle period had passed.
+            let at = match (force, view.state) {
+                (Some(_), SandboxState::Warm { idle_since }) => {
+                    now.max(idle_since.plus_ms(self.limits.idle_period_ms))
+                }
+                _ => now,
+            };
+            let asked = if stale {
+                Decision::Purge
+            } else {
+                self.policy.on_idle(&cluster, &fv, &view, at)
+            };
+            let mut d = enforce(asked, &view, self.limits.dedup_enabled);
+            if sb.queued.is_some() && matches!(d, Decision::Dedup | Decision::Base) {
+                d = Decision::KeepWarm;
+            }
+            debug!(sandbox = %sb.id, action = %sb.action, state = %view.label(), asked = ?asked, decision = ?d, policy = self.policy.name(), "idle decision");
+            match d {
+                Decision::Purge => {
+                    decided += 1;
+                    work.purges.extend(self.start_purge(key));
+                }
+                Decision::Dedup | Decision::Base => {
+                    decided += 1;
+                    let purpose = if d == Decision::Base {
+                        Purpose::Base
+                    } else {
+                        Purpose::Dedup
+                    };
                     if let Some(sb) = self.sbs.get_mut(&key) {
-                        sb.next_decision = next;
+                        sb.queued = Some(purpose);
+                    }
+                    self.ckpt_queue.push_back((key, purpose));
+                    // The keep-alive still applies while it waits for a slot.
+                    let next = self.policy.next_decision(&fv, &view, now);
+                    if let Some(sb) = self.sbs.get_mut(&key) {
+                        sb.next_decision = next.filter(|&t| t > now);
                     }
                 }
+                _ => {
+                    let next = self.policy.next_decision(&fv, &view, now);
+                    if let Some(sb) = self.sbs.get_mut(&key) {
+                        sb.next_decision = next.filter(|&t| t > now);
+                    }
+                }
+            }
+        }
+        work.checkpoints = self.start_checkpoints(now);
+        (decided, work)
+    }
+
+    /// Starts queued checkpoints where a node has a free slot and room for the image being
+    /// written (a transient charge of the sandbox's measured size); a dedup waits while a base
+    /// of its function is being made on its node (so that it finds the base's pages).
+    pub(crate) fn start_checkpoints(&mut self, now: Timestamp) -> Vec<CheckpointJob> {
+        let mut jobs = Vec::new();
+        let mut i = 0;
+        while i < self.ckpt_queue.len() {
+            let (key, purpose) = self.ckpt_queue[i];
+            let Some(sb) = self.sbs.get(&key) else {
+                self.ckpt_queue.remove(i);
+                continue;
+            };
+            if sb.queued != Some(purpose) || sb.state.kind() != StateKind::Warm {
+                self.ckpt_queue.remove(i);
+                continue;
+            }
+            let node = sb.node;
+            let making_base = purpose == Purpose::Dedup
+                && self.sbs.values().any(|s| {
+                    s.node == node
+                        && s.action == sb.action
+                        && matches!(
+                            s.state,
+                            SandboxState::Checkpointing {
+                                purpose: Purpose::Base,
+                                ..
+                            }
+                        )
+                });
+            let extra = sb.measured.unwrap_or(sb.charge).min(sb.limit);
+            let fits = self.used[node].saturating_add(extra) <= self.budgets[node];
+            if self.checkpoints[node] >= self.limits.max_checkpoints || making_base || !fits {
+                i += 1;
+                continue;
+            }
+            self.ckpt_queue.remove(i);
+            let sb = self.sbs.get_mut(&key).expect("present above");
+            let Ok(s) = sb.state.apply(Event::Checkpoint(purpose), now) else {
+                continue;
+            };
+            sb.state = s;
+            sb.queued = None;
+            sb.charge += extra;
+            sb.transient = extra;
+            self.used[node] += extra;
+            self.checkpoints[node] += 1;
+            jobs.push(CheckpointJob {
+                key,
+                node,
+                id: sb.id.clone(),
+                action: sb.action.clone(),
+                purpose,
+            });
+        }
+        jobs
+    }
+
+    /// A checkpoint ended. Returns a purge job if the sandbox must now go.
+    pub(crate) fn checkpoint_done(
+        &mut self,
+        key: Key,
+        outcome: CheckpointOutcome,
+        now: Timestamp,
+    ) -> Option<PurgeJob> {
+        let sb = self.sbs.get_mut(&key)?;
+        if !matches!(sb.state, SandboxState::Checkpointing { .. }) {
+            // Purged meanwhile (shutdown): its slot was released then.
+            return None;
+        }
+        let node = sb.node;
+        self.checkpoints[node] = self.checkpoints[node].saturating_sub(1);
+        sb.charge -= sb.transient;
+        self.used[node] -= sb.transient;
+        sb.transient = 0;
+        let action = sb.action.clone();
+        match outcome {
+            CheckpointOutcome::Base(r) => {
+                sb.state = sb.state.apply(Event::CheckpointDone, now).ok()?;
+                sb.form = Form::Base;
+                sb.image = Some(r.image_bytes);
+                sb.charge += r.image_bytes;
+                self.used[node] += r.image_bytes;
+                let charge = sb.charge;
+                info!(sandbox = %sb.id, action = %action, image_mb = r.image_bytes >> 20, checkpoint_ms = r.checkpoint_ms, register_ms = r.register_ms, "sandbox is a base");
+                self.pool(&action).m_base.add(charge as f64);
+            }
+            CheckpointOutcome::Dedup(r) => {
+                sb.state = sb.state.apply(Event::CheckpointDone, now).ok()?;
+                let before = sb.charge;
+                sb.charge = r.stored_bytes;
+                sb.stored = Some(r.stored_bytes);
+                sb.image = Some(r.image_bytes);
+                sb.measured = None;
+                self.used[node] = self.used[node] - before + r.stored_bytes;
+                debug!(sandbox = %sb.id, action = %action, image_mb = r.image_bytes >> 20, stored_kb = r.stored_bytes >> 10, checkpoint_ms = r.checkpoint_ms, dedup_ms = r.dedup_ms, reused = r.reused_previous, "sandbox deduplicated");
+                let pool = self.pool(&action);
+                pool.m_dedup.add(r.stored_bytes as f64);
+                pool.m_restore.add(r.image_bytes as f64);
+            }
+            CheckpointOutcome::Failed { alive: Some(true) } => {
+                sb.state = sb.state.apply(Event::CheckpointFailed, now).ok()?;
+                sb.deduplicable = false;
+            }
+            CheckpointOutcome::Failed { alive: Some(false) } => {
+                self.take(key);
+                return None;
+            }
+            CheckpointOutcome::Failed { alive: None } => {
+                if let Some(sb) = self.sbs.get_mut(&key) {
+                    sb.deduplicable = false;
+                }
+                return self.start_purge(key);
+            }
+        }
+        let sb = &self.sbs[&key];
+        let stale = self
+            .pools
+            .get(&action)
+            .is_none_or(|p| p.generation != sb.generation);
+        if stale {
+            let is_base = sb.form == Form::Base;
+            if !is_base || self.dependents(node, &action.namespace) == 0 {
+                return self.start_purge(key);
+            }
+        }
+        self.rearm(key, now);
+        None
+    }
+
+    /// Whether no checkpoint is in flight or waiting.
+    pub(crate) fn settled(&self) -> bool {
+        self.checkpoints.iter().all(|&n| n == 0)
+            && self.ckpt_queue.iter().all(|(k, p)| {
+                self.sbs
+                    .get(k)
+                    .is_none_or(|s| s.queued != Some(*p) || s.state.kind() != StateKind::Warm)
+            })
+    }
+
+    /// The earliest pending policy decision or tick.
+    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
+        let d = self.sbs.values().filter_map(|s| s.next_decision).min();
+        match (d, self.next_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the policy's timer if due; returns the pre-warm starts it asked for (memory
+    /// reserved on the node with most room, never by evicting busy sandboxes).
+    pub(crate) fn tick(&mut self, now: Timestamp) -> Vec<PrewarmJob> {
+        let Some(every) = self.policy.tick_ms() else {
+            self.next_tick = None;
+            return Vec::new();
+        };
+        match self.next_tick {
+            Some(t) if t > now => return Vec::new(),
+            _ => {}
+        }
+        self.next_tick = Some(now.plus_ms(every.max(1)));
+        let cluster = self.cluster_view(now);
+        let names: Vec<ActionName> = self.pools.keys().cloned().collect();
+        let views: Vec<FunctionView> = names.iter().map(|n| self.function_view(n, now)).collect();
+        let asks: Vec<Prewarm> = self.policy.on_tick(&cluster, &views, now);
+        let mut jobs = Vec::new();
+        for ask in asks {
+            let Some(action) = self.pools.get(&ask.function).and_then(|p| p.action.clone()) else {
+                continue;
+            };
+            let need = Bytes::mib(action.limits.memory_mb).0;
+            let version: Arc<str> = Arc::from(action.version.as_str());
+            for _ in 0..ask.count {
+                let Some((key, id, node, victims)) =
+                    self.admit_new(&action.name, &version, need, now)
+                else {
+                    break;
+                };
+                jobs.push(PrewarmJob {
+                    key,
+                    node,
+                    id,
+                    action: action.clone(),
+                    victims,
+                });
             }
         }
         jobs
     }
 
-    /// The earliest pending policy decision.
-    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
-        self.sbs.values().filter_map(|s| s.next_decision).min()
-    }
-
-    /// The action changed: no sandbox made before now is assigned again; idle ones go now,
-    /// busy ones when they finish.
+    /// The action changed: no sandbox made before now is assigned again; idle ones go now
+    /// (bases once no dedup sandbox depends on them), busy ones when they finish.
     pub(crate) fn action_changed(&mut self, action: &ActionName) -> Vec<PurgeJob> {
         let Some(pool) = self.pools.get_mut(action) else {
             return Vec::new();
         };
         pool.generation += 1;
-        let idle: Vec<Key> = pool
+        pool.action = None;
+        let mut idle: Vec<Key> = pool
             .keys
             .iter()
             .copied()
             .filter(|k| {
-                self.sbs
-                    .get(k)
-                    .is_some_and(|s| s.state.kind() == StateKind::Warm)
+                self.sbs.get(k).is_some_and(|s| {
+                    matches!(
+                        s.state,
+                        SandboxState::Warm { .. } | SandboxState::Dedup { .. }
+                    )
+                })
             })
             .collect();
-        idle.into_iter()
-            .filter_map(|k| self.start_purge(k))
-            .collect()
+        // Dedup sandboxes first, so that bases they free can go too.
+        idle.sort_by_key(|k| self.sbs[k].form == Form::Base);
+        let mut jobs = Vec::new();
+        for k in idle {
+            let sb = &self.sbs[&k];
+            if sb.form == Form::Base && self.dependents(sb.node, &sb.action.namespace) > 0 {
+                // Decided about (and purged) when its last dependent is gone.
+                continue;
+            }
+            jobs.extend(self.start_purge(k));
+        }
+        jobs
     }
 
     /// Serves queued invocations in arrival order: any of them may take a sandbox that became
@@ -426,9 +1113,14 @@ impl State {
                 continue;
             }
             let w = &self.waiters[i];
-            let (action, version, need, conc) =
-                (w.action.clone(), w.version.clone(), w.need, w.concurrency);
-            let grant = match self.try_assign(&action, &version, conc) {
+            let (action, version, need, conc, restore) = (
+                w.action.clone(),
+                w.version.clone(),
+                w.need,
+                w.concurrency,
+                w.allow_restore,
+            );
+            let grant = match self.try_assign(&action, &version, conc, restore, now) {
                 Some(g) => Some(g),
                 None if !blocked => {
                     let g = self.try_admit(&action, &version, need, now);
@@ -453,17 +1145,35 @@ impl State {
     fn undo(&mut self, g: Grant, now: Timestamp) {
         match g {
             Grant::Warm { key, .. } => {
-                let _ = self.finished(key, now);
+                let _ = self.finished(key, now, None);
             }
             Grant::Cold { key, .. } => {
                 self.take(key);
             }
+            Grant::Restore { key, .. } => {
+                // Back to dedup: release the reservation.
+                if let Some(sb) = self.sbs.get_mut(&key) {
+                    let node = sb.node;
+                    let reserved = sb.limit + sb.transient;
+                    sb.charge -= reserved;
+                    self.used[node] -= reserved;
+                    sb.transient = 0;
+                    sb.state = SandboxState::Dedup {
+                        since: now,
+                        idle_since: now,
+                    };
+                    self.restores[node] = self.restores[node].saturating_sub(1);
+                    self.rearm(key, now);
+                }
+            }
         }
     }
 
-    /// Applies a node's status report, requested at `asked_at`: charges measured memory (PSS,
-    /// capped at the limit) and purges idle sandboxes whose runtime died or that the node no
-    /// longer has. Returns whether any memory was freed, and the purges to carry out.
+    /// Applies a node's status report, requested at `asked_at`: charges measured memory (warm:
+    /// PSS capped at the limit, plus anything else the node holds for it; base: PSS + its
+    /// resident image; dedup: everything stored for it) and purges idle sandboxes whose runtime
+    /// died or that the node no longer has. Returns whether any memory was freed, and the purges
+    /// to carry out.
     pub(crate) fn apply_status(
         &mut self,
         node: usize,
@@ -483,40 +1193,60 @@ impl State {
         for key in keys {
             let sb = &self.sbs[&key];
             let kind = sb.state.kind();
-            if !matches!(kind, StateKind::Running | StateKind::Warm) {
+            if !matches!(
+                kind,
+                StateKind::Running | StateKind::Warm | StateKind::Dedup
+            ) {
                 continue;
             }
             // Only sandboxes the node had before the report was asked for can be missed by it.
-            let judged = sb.ready_at.is_some_and(|t| t < asked_at);
-            match reported.get(&sb.id) {
-                Some(st) if st.alive => {
-                    if let Some(m) = st.memory {
-                        let charge = m.pss.0.min(sb.limit);
-                        let sb = self.sbs.get_mut(&key).expect("present");
-                        sb.measured = Some(m.pss.0);
-                        if charge < sb.charge {
-                            freed = true;
-                        }
-                        self.used[node] = self.used[node] - sb.charge + charge;
-                        sb.charge = charge;
-                    }
+            let judged = sb.ready_at.is_some_and(|t| t < asked_at)
+                || matches!(sb.state, SandboxState::Dedup { since, .. } if since < asked_at);
+            let charge = match reported.get(&sb.id) {
+                Some(st) if kind == StateKind::Dedup && st.form == SandboxForm::Dedup => {
+                    Some((st.held_bytes, None))
                 }
-                _ if kind == StateKind::Warm && judged => {
-                    warn!(sandbox = %sb.id, action = %sb.action, "idle sandbox died or vanished from its node; purging it");
+                Some(st) if st.alive && kind != StateKind::Dedup => st.memory.map(|m| {
+                    let pss = m.pss.0;
+                    let extra = st.held_bytes.saturating_sub(pss);
+                    (pss.min(sb.limit) + extra, Some(pss))
+                }),
+                _ if matches!(kind, StateKind::Warm | StateKind::Dedup) && judged => {
+                    warn!(sandbox = %sb.id, action = %sb.action, state = %kind, "idle sandbox died or vanished from its node; purging it");
                     jobs.extend(self.start_purge(key));
+                    continue;
                 }
-                _ => {}
+                _ => None,
+            };
+            let Some((charge, pss)) = charge else {
+                continue;
+            };
+            let sb = self.sbs.get_mut(&key).expect("present");
+            if pss.is_some() {
+                sb.measured = pss;
+            }
+            if charge < sb.charge {
+                freed = true;
+            }
+            self.used[node] = self.used[node] - sb.charge + charge;
+            sb.charge = charge;
+            let (action, form, k) = (sb.action.clone(), sb.form, kind);
+            let pool = self.pool(&action);
+            match (k, form) {
+                (StateKind::Dedup, _) => pool.m_dedup.add(charge as f64),
+                (_, Form::Base) => pool.m_base.add(charge as f64),
+                _ => pool.m_warm.add(charge as f64),
             }
         }
         (freed, jobs)
     }
 
-    /// Sandboxes and charged memory per state, in [`StateKind::ALL`] order.
-    pub(crate) fn census(&self) -> ([usize; 4], [u64; 4]) {
-        let mut n = [0usize; 4];
-        let mut mem = [0u64; 4];
+    /// Sandboxes and charged memory per label, in [`StateKind::ALL`] order.
+    pub(crate) fn census(&self) -> ([usize; 8], [u64; 8]) {
+        let mut n = [0usize; 8];
+        let mut mem = [0u64; 8];
         for s in self.sbs.values() {
-            let i = s.state.kind().index();
+            let i = label(s.state, s.form).index();
             n[i] += 1;
             mem[i] += s.charge;
         }
@@ -532,15 +1262,25 @@ impl State {
                 node: node_ids[s.node].clone(),
                 action: s.action.clone(),
                 version: s.version.to_string(),
-                state: s.state.kind(),
+                state: label(s.state, s.form),
+                form: s.form,
                 in_flight: match s.state {
                     SandboxState::Running { in_flight } => in_flight,
                     _ => 0,
                 },
-                idle_ms: s.state.idle_since().map(|t| now.since(t)),
+                idle_ms: s.state.last_used().map(|t| now.since(t)),
                 charged: Bytes(s.charge),
                 measured: s.measured.map(Bytes),
                 memory_limit: Bytes(s.limit),
+                deduplicable: s.deduplicable,
+                stored: s.stored.map(Bytes),
+                image: s.image.map(Bytes),
+                dependents: if s.form == Form::Base {
+                    self.dependents(s.node, &s.action.namespace)
+                } else {
+                    0
+                },
+                last_restore: s.last_restore,
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));

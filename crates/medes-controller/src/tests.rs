@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use medes_agent::{
-    AgentError, Command, NodeAgent, NodeStatus, Reply, RunOutcome, RunReply, SandboxMemory,
-    SandboxStatus, SpawnReply, Stream,
+    AgentError, BaseReply, Command, DedupReply, NodeAgent, NodeStatus, Reply, RestoreReply,
+    RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus, SpawnReply, Stream,
 };
 use medes_core::{
     Action, ActionName, ActivationId, ActivationStatus, Bytes, Code, Exec, InvokeError,
@@ -19,14 +21,25 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
-/// A node agent that pretends: spawns take `spawn_ms`, runs do what their parameters say.
+/// A node agent that pretends: spawns take `spawn_ms`, runs do what their parameters say,
+/// make-base and dedup take `ckpt_ms`, restores `restore_ms`. Actions whose name starts with
+/// `tcp` cannot be checkpointed; restores fail while `fail_restores` is set.
 #[derive(Clone)]
 struct Fake(Arc<FakeInner>);
 
+struct FakeSb {
+    action: ActionName,
+    form: SandboxForm,
+}
+
 struct FakeInner {
     spawn_ms: u64,
+    ckpt_ms: u64,
+    restore_ms: u64,
     pss: u64,
-    live: Mutex<HashMap<SandboxId, ()>>,
+    stored: u64,
+    fail_restores: AtomicBool,
+    live: Mutex<HashMap<SandboxId, FakeSb>>,
     log: Mutex<Vec<String>>,
 }
 
@@ -34,7 +47,11 @@ impl Fake {
     fn new() -> Fake {
         Fake(Arc::new(FakeInner {
             spawn_ms: 100,
+            ckpt_ms: 100,
+            restore_ms: 200,
             pss: 20 << 20,
+            stored: 2 << 20,
+            fail_restores: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
         }))
@@ -49,6 +66,17 @@ impl Fake {
     }
     fn log(&self) -> Vec<String> {
         self.0.log.lock().clone()
+    }
+}
+
+impl FakeInner {
+    fn form(&self, id: &SandboxId) -> Option<SandboxForm> {
+        self.live.lock().get(id).map(|s| s.form)
+    }
+    fn set_form(&self, id: &SandboxId, form: SandboxForm) {
+        if let Some(s) = self.live.lock().get_mut(id) {
+            s.form = form;
+        }
     }
 }
 
@@ -72,7 +100,13 @@ impl NodeAgent for Fake {
                             logs: vec![(0, Stream::Stderr, "Traceback".into())],
                         }));
                     }
-                    me.live.lock().insert(c.sandbox, ());
+                    me.live.lock().insert(
+                        c.sandbox,
+                        FakeSb {
+                            action: c.action,
+                            form: SandboxForm::Warm,
+                        },
+                    );
                     Ok(Reply::Spawned(SpawnReply {
                         init_error: None,
                         start_ms: 1.0,
@@ -82,8 +116,16 @@ impl NodeAgent for Fake {
                 }
                 Command::Run(c) => {
                     me.log.lock().push(format!("run {}", c.sandbox));
-                    if !me.live.lock().contains_key(&c.sandbox) {
-                        return Err(AgentError::UnknownSandbox(c.sandbox));
+                    match me.form(&c.sandbox) {
+                        None => return Err(AgentError::UnknownSandbox(c.sandbox)),
+                        Some(SandboxForm::Dedup) => {
+                            return Err(AgentError::WrongForm {
+                                sandbox: c.sandbox,
+                                form: SandboxForm::Dedup,
+                                reason: "restore it first".into(),
+                            });
+                        }
+                        Some(_) => {}
                     }
                     let sleep = c
                         .params
@@ -115,24 +157,114 @@ impl NodeAgent for Fake {
                 }
                 Command::Purge { sandbox } => {
                     me.log.lock().push(format!("purge {sandbox}"));
-                    match me.live.lock().remove(&sandbox) {
-                        Some(()) => Ok(Reply::Purged),
+                    let mut live = me.live.lock();
+                    if let Some(sb) = live.get(&sandbox)
+                        && sb.form == SandboxForm::Base
+                    {
+                        let ns = sb.action.namespace.clone();
+                        let dependents = live
+                            .values()
+                            .filter(|s| s.form == SandboxForm::Dedup && s.action.namespace == ns)
+                            .count() as u64;
+                        if dependents > 0 {
+                            return Err(AgentError::BaseInUse {
+                                sandbox,
+                                dependents,
+                            });
+                        }
+                    }
+                    match live.remove(&sandbox) {
+                        Some(_) => Ok(Reply::Purged),
                         None => Err(AgentError::UnknownSandbox(sandbox)),
                     }
+                }
+                Command::MakeBase { sandbox } | Command::Dedup { sandbox }
+                    if {
+                        let live = me.live.lock();
+                        live.get(&sandbox)
+                            .is_some_and(|s| s.action.name.starts_with("tcp"))
+                    } =>
+                {
+                    me.log.lock().push(format!("not-deduplicable {sandbox}"));
+                    Err(AgentError::NotDeduplicable {
+                        sandbox,
+                        reason: "it holds TCP sockets".into(),
+                        sandbox_alive: true,
+                    })
+                }
+                Command::MakeBase { sandbox } => {
+                    me.log.lock().push(format!("make_base {sandbox}"));
+                    if me.form(&sandbox) != Some(SandboxForm::Warm) {
+                        return Err(AgentError::UnknownSandbox(sandbox));
+                    }
+                    tokio::time::sleep(Duration::from_millis(me.ckpt_ms)).await;
+                    me.set_form(&sandbox, SandboxForm::Base);
+                    Ok(Reply::BaseReady(BaseReply {
+                        image_bytes: me.pss,
+                        pages: me.pss / 4096,
+                        checkpoint_ms: 50.0,
+                        register_ms: 50.0,
+                    }))
+                }
+                Command::Dedup { sandbox } => {
+                    me.log.lock().push(format!("dedup {sandbox}"));
+                    if me.form(&sandbox) != Some(SandboxForm::Warm) {
+                        return Err(AgentError::UnknownSandbox(sandbox));
+                    }
+                    tokio::time::sleep(Duration::from_millis(me.ckpt_ms)).await;
+                    me.set_form(&sandbox, SandboxForm::Dedup);
+                    Ok(Reply::Deduped(DedupReply {
+                        image_bytes: me.pss,
+                        stored_bytes: me.stored,
+                        checkpoint_ms: 50.0,
+                        dedup_ms: 50.0,
+                        pages: me.pss / 4096,
+                        reused_previous: false,
+                    }))
+                }
+                Command::Restore { sandbox } => {
+                    me.log.lock().push(format!("restore {sandbox}"));
+                    if me.form(&sandbox) != Some(SandboxForm::Dedup) {
+                        return Err(AgentError::UnknownSandbox(sandbox));
+                    }
+                    tokio::time::sleep(Duration::from_millis(me.restore_ms)).await;
+                    if me.fail_restores.load(Ordering::SeqCst) {
+                        me.live.lock().remove(&sandbox);
+                        return Err(AgentError::RestoreFailed {
+                            sandbox,
+                            reason: "rebuilding the pages: base pages missing".into(),
+                        });
+                    }
+                    me.set_form(&sandbox, SandboxForm::Warm);
+                    Ok(Reply::Restored(RestoreReply {
+                        read_base_ms: 10.0,
+                        rebuild_ms: 20.0,
+                        restore_ms: 150.0,
+                        total_ms: 190.0,
+                    }))
                 }
                 Command::Status => {
                     let sandboxes = me
                         .live
                         .lock()
-                        .keys()
-                        .map(|id| SandboxStatus {
-                            id: id.clone(),
-                            alive: true,
-                            memory: Some(SandboxMemory {
-                                pss: Bytes(me.pss),
-                                rss: Bytes(me.pss),
-                                cgroup_usage: Bytes(me.pss),
-                            }),
+                        .iter()
+                        .map(|(id, s)| {
+                            let dedup = s.form == SandboxForm::Dedup;
+                            SandboxStatus {
+                                id: id.clone(),
+                                alive: !dedup,
+                                memory: (!dedup).then_some(SandboxMemory {
+                                    pss: Bytes(me.pss),
+                                    rss: Bytes(me.pss),
+                                    cgroup_usage: Bytes(me.pss),
+                                }),
+                                form: s.form,
+                                held_bytes: match s.form {
+                                    SandboxForm::Warm => me.pss,
+                                    SandboxForm::Base => 2 * me.pss,
+                                    SandboxForm::Dedup => me.stored,
+                                },
+                            }
                         })
                         .collect();
                     Ok(Reply::Status(NodeStatus {
@@ -182,12 +314,15 @@ fn request(a: &Arc<Action>, params: Value) -> InvokeRequest {
 }
 
 fn setup(budget_mb: u64) -> (Arc<Controller>, Fake) {
-    let fake = Fake::new();
-    let cfg = ControllerConfig {
+    setup_with(ControllerConfig {
         node_memory_budget_mb: budget_mb,
         memory_refresh_ms: 1_000,
         ..Default::default()
-    };
+    })
+}
+
+fn setup_with(cfg: ControllerConfig) -> (Arc<Controller>, Fake) {
+    let fake = Fake::new();
     let ctl = Controller::new(
         cfg,
         vec![(NodeId("n0".into()), Arc::new(fake.clone()) as _)],
@@ -371,8 +506,13 @@ async fn waiting_cold_starts_are_fifo_and_evict_when_room_appears() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn keep_alive_expiry_destroys_idle_sandboxes() {
-    let (ctl, fake) = setup(1024);
+async fn dedup_disabled_keeps_todays_keep_alive() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 1024,
+        memory_refresh_ms: 1_000,
+        dedup_enabled: false,
+        ..Default::default()
+    });
     let stop = CancellationToken::new();
     let timers = tokio::spawn(ctl.clone().run_timers(stop.clone()));
     let a = action("a", "1", 256, 1);
@@ -394,6 +534,9 @@ async fn keep_alive_expiry_destroys_idle_sandboxes() {
         ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
         StartKind::Cold
     );
+    assert_eq!(fake.commands("make_base") + fake.commands("dedup"), 0);
+    assert_eq!(ctl.force_decisions(None).await, 0);
+    assert_eq!(ctl.dedup_stats(), DedupStats::default());
     stop.cancel();
     timers.await.unwrap();
 }
@@ -668,4 +811,330 @@ async fn invariants_hold_under_a_random_load() {
     assert_eq!(ok + no_capacity, 300);
     assert!(ok > 250, "{ok} served, {no_capacity} refused");
     assert!(ctl.evictions() > 0);
+}
+
+// ---- the dedup state ------------------------------------------------------------------------
+
+/// `id:state` of every sandbox, in id (creation) order.
+fn forms(ctl: &Controller) -> String {
+    ctl.sandboxes()
+        .iter()
+        .map(|s| s.state.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Starts `n` sandboxes of `a` by invoking it `n` times at once.
+async fn spawn_n(ctl: &Arc<Controller>, a: &Arc<Action>, n: usize) {
+    let runs: Vec<_> = (0..n)
+        .map(|_| ctl.invoke(request(a, json!({"sleep_ms": 100}))))
+        .collect();
+    for r in futures::future::join_all(runs).await {
+        assert_eq!(r.unwrap().start_kind, StartKind::Cold);
+    }
+}
+
+fn with_timers(ctl: &Arc<Controller>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let timers = tokio::spawn(ctl.clone().run_timers(stop.clone()));
+    (stop, timers)
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_period_makes_a_base_then_dedups() {
+    let (ctl, fake) = setup(2048);
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 3).await;
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(forms(&ctl), "warm,warm,warm");
+    // At the idle period the first sandbox to reach its decision becomes the base, the others
+    // dedup sandboxes; the checkpoints run one at a time (the base first).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup,dedup");
+    let stats = ctl.dedup_stats();
+    assert_eq!((stats.bases, stats.dedups), (1, 2));
+    let log = fake.log();
+    let first_ckpt = log
+        .iter()
+        .position(|l| l.starts_with("make_base") || l.starts_with("dedup"))
+        .unwrap();
+    assert!(log[first_ckpt].starts_with("make_base"), "{log:?}");
+    let info = ctl.sandboxes();
+    assert_eq!(info[0].form, Form::Base);
+    assert_eq!(info[0].dependents, 2);
+    assert_eq!(info[1].stored, Some(Bytes(2 << 20)));
+    assert_eq!(info[1].image, Some(Bytes(20 << 20)));
+    // Nothing more happens to them before the keep-alive / keep-dedup.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(forms(&ctl), "base,dedup,dedup");
+    assert_eq!(fake.commands("make_base") + fake.commands("dedup"), 3);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dedup_start_restores_then_runs_and_the_sandbox_is_warm_again() {
+    let (ctl, fake) = setup(2048);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    assert_eq!(ctl.force_decisions(Some(&a.name)).await, 2);
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    // Warm (the base) is preferred; while it is busy, the dedup sandbox serves.
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = request(&a, json!({}));
+    let id = r.id.clone();
+    let second = ctl.invoke(r);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Restoring: the restored process (its limit) and m_R (its image) are reserved.
+    let info = ctl.sandboxes();
+    assert_eq!(info[1].state, StateKind::Restoring);
+    assert_eq!(
+        info[1].charged,
+        Bytes((2 << 20) + Bytes::mib(256).0 + (20 << 20))
+    );
+    let act = second.await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup);
+    assert_eq!(act.init_time_ms, None);
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert_eq!(act.response.result, json!({"env_id": id.0}));
+    assert_eq!(busy.await.unwrap().start_kind, StartKind::Warm);
+    assert_eq!(forms(&ctl), "base,warm");
+    let info = ctl.sandboxes();
+    assert_eq!(info[1].last_restore.map(|r| r.total_ms), Some(190.0));
+    assert_eq!(info[1].charged, Bytes((2 << 20) + Bytes::mib(256).0));
+    assert_eq!(ctl.dedup_stats().dedup_starts, 1);
+    let restored = info[1].id.clone();
+    let log = fake.log();
+    let at = log
+        .iter()
+        .position(|l| l == &format!("restore {restored}"))
+        .unwrap();
+    assert_eq!(log[at + 1], format!("run {restored}"), "{log:?}");
+    // The restored sandbox is an ordinary warm sandbox now: a warm start.
+    let third = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(third.start_kind, StartKind::Warm);
+    assert_eq!(fake.commands("spawn"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_dedup_start_falls_back_to_a_cold_start() {
+    let (ctl, fake) = setup(2048);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    ctl.force_decisions(None).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    fake.0.fail_restores.store(true, Ordering::SeqCst);
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert!(act.init_time_ms.is_some());
+    busy.await.unwrap();
+    assert_eq!(fake.commands("restore"), 1);
+    assert_eq!(fake.commands("spawn"), 3);
+    let stats = ctl.dedup_stats();
+    assert_eq!(stats.dedup_starts, 0);
+    assert_eq!(
+        stats.dedup_start_failures,
+        [("missing_base".to_string(), 1)].into()
+    );
+    // The broken dedup sandbox is gone, its memory released; the base has no dependent left.
+    assert_eq!(forms(&ctl), "base,warm");
+    assert_eq!(ctl.sandboxes()[0].dependents, 0);
+    ctl.refresh_memory().await;
+    // Base: PSS + image; the cold-started sandbox: PSS.
+    assert_eq!(ctl.memory_used(), vec![Bytes(60 << 20)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sandbox_that_cannot_be_checkpointed_is_marked_and_kept_warm() {
+    let (ctl, fake) = setup(2048);
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("tcp-client", "1", 256, 1);
+    spawn_n(&ctl, &a, 1).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "warm");
+    let info = ctl.sandboxes();
+    assert!(!info[0].deduplicable);
+    assert_eq!(
+        ctl.dedup_stats().dedup_failures,
+        [("tcp_socket".to_string(), 1)].into()
+    );
+    // Never tried again, even when forced; purged by the keep-alive.
+    assert_eq!(ctl.force_decisions(None).await, 0);
+    tokio::time::sleep(Duration::from_secs(500)).await;
+    assert_eq!(fake.commands("not-deduplicable"), 1);
+    assert_eq!(forms(&ctl), "warm");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(forms(&ctl), "");
+    assert_eq!(ctl.memory_used(), vec![Bytes(0)]);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_sandboxes_go_after_keep_dedup_and_their_base_after_them() {
+    let (ctl, fake) = setup(2048);
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    // Past the base's keep-alive: it stays, a dedup sandbox depends on it.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    assert_eq!(fake.commands("purge"), 0);
+    // Keep-dedup (15 min from the dedup): the dedup sandbox goes, then its base retires.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(forms(&ctl), "");
+    let purges: Vec<String> = fake
+        .log()
+        .into_iter()
+        .filter(|l| l.starts_with("purge"))
+        .collect();
+    let ids: Vec<String> = ["-1", "-2"]
+        .iter()
+        .map(|s| purges.iter().find(|p| p.ends_with(s)).unwrap().clone())
+        .collect();
+    assert_eq!(purges, vec![ids[1].clone(), ids[0].clone()], "dedup first");
+    assert_eq!(ctl.memory_used(), vec![Bytes(0)]);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_is_charged_per_state() {
+    let (ctl, _fake) = setup(2048);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 3).await;
+    ctl.refresh_memory().await;
+    // Warm: PSS.
+    assert_eq!(ctl.memory_used(), vec![Bytes(3 * (20 << 20))]);
+    ctl.force_decisions(None).await;
+    ctl.wait_settled().await;
+    // Base: PSS + its image; dedup: what is stored for it.
+    let expect = (20 << 20) + (20 << 20) + 2 * (2 << 20);
+    assert_eq!(ctl.memory_used(), vec![Bytes(expect)]);
+    ctl.refresh_memory().await;
+    assert_eq!(ctl.memory_used(), vec![Bytes(expect)]);
+    let charged: Vec<u64> = ctl.sandboxes().iter().map(|s| s.charged.0 >> 20).collect();
+    assert_eq!(charged, vec![40, 2, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_reserves_its_image_and_waits_for_room() {
+    // 256 MiB limit; once measured 20 MiB each. Budget 100 MiB: the checkpoint image fits.
+    let (ctl, _fake) = setup(300);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 1).await;
+    ctl.refresh_memory().await;
+    ctl.force_decisions(None).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let info = ctl.sandboxes();
+    assert_eq!(info[0].state, StateKind::Checkpointing, "{info:?}");
+    assert_eq!(
+        info[0].charged,
+        Bytes(40 << 20),
+        "PSS + the image being written"
+    );
+    ctl.wait_settled().await;
+    assert_eq!(ctl.memory_used(), vec![Bytes(40 << 20)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_sandboxes_are_evicted_but_not_a_base_they_need() {
+    let (ctl, fake) = setup(300);
+    let a = action("a", "1", 128, 1);
+    spawn_n(&ctl, &a, 2).await;
+    ctl.refresh_memory().await;
+    ctl.force_decisions(None).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    assert_eq!(ctl.memory_used(), vec![Bytes(42 << 20)]);
+    // 42 + 260 > 300: the dedup sandbox (2 MiB) is the only candidate, and enough.
+    let b = action("b", "1", 260, 1);
+    let act = ctl.invoke(request(&b, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(ctl.evictions(), 1);
+    assert_eq!(forms(&ctl), "base,warm");
+    let dedup_id = ctl.sandboxes()[0].id.0.replace("-1", "-2");
+    assert!(fake.log().contains(&format!("purge {dedup_id}")));
+    assert!(ctl.memory_used()[0] <= Bytes::mib(300));
+    // A request of `a` now finds its base warm.
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Warm
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_base_is_not_evicted_while_dedup_sandboxes_depend_on_it() {
+    let (ctl, _fake) = setup(300);
+    let a = action("a", "1", 128, 1);
+    spawn_n(&ctl, &a, 2).await;
+    ctl.refresh_memory().await;
+    ctl.force_decisions(None).await;
+    ctl.wait_settled().await;
+    // 42 + 280 > 300 and evicting the dedup sandbox frees only 2 MiB: the base would have to
+    // go too, and it cannot while the dedup sandbox is there: the invocation waits, then 503.
+    let b = action("b", "1", 280, 1);
+    let err = ctl.invoke(request(&b, json!({}))).await.unwrap_err();
+    assert!(matches!(err, InvokeError::NoCapacity(_)), "{err:?}");
+    assert_eq!(forms(&ctl), "base,dedup");
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_checkpoints_never_block_invocations() {
+    let (ctl, fake) = setup(2048);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 3).await;
+    // One checkpoint slot: the base is made first, the two dedups wait in the queue.
+    ctl.force_decisions(None).await;
+    let info = ctl.sandboxes();
+    assert_eq!(info[0].state, StateKind::Checkpointing);
+    assert_eq!(
+        (info[1].state, info[2].state),
+        (StateKind::Warm, StateKind::Warm)
+    );
+    // A request takes a queued (still warm) sandbox at once; its dedup is dropped.
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Warm);
+    ctl.wait_settled().await;
+    assert_eq!(fake.commands("dedup"), 1);
+    let states: Vec<&str> = ctl.sandboxes().iter().map(|s| s.state.as_str()).collect();
+    assert_eq!(states.iter().filter(|s| **s == "dedup").count(), 1);
+    assert_eq!(states.iter().filter(|s| **s == "warm").count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_sandboxes_of_an_updated_action_go() {
+    let (ctl, fake) = setup(2048);
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("u", "1", 256, 1);
+    spawn_n(&ctl, &a, 3).await;
+    ctl.force_decisions(None).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup,dedup");
+    ctl.action_changed(&a.name);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(forms(&ctl), "");
+    assert_eq!(fake.commands("purge"), 3);
+    let v2 = action("u", "2", 256, 1);
+    assert_eq!(
+        ctl.invoke(request(&v2, json!({})))
+            .await
+            .unwrap()
+            .start_kind,
+        StartKind::Cold
+    );
+    stop.cancel();
+    timers.await.unwrap();
 }

@@ -317,6 +317,58 @@ pub trait Invoker: Send + Sync + 'static {
 
     /// The action was updated or deleted: sandboxes running older code must go.
     fn action_changed(&self, name: &ActionName);
+
+    /// A medes extension for benchmarks and tests: runs the idle-sandbox decision now for every
+    /// idle warm sandbox in `scope`, as if its idle period had passed, and resolves to the
+    /// number of sandboxes something was decided for. The default does nothing.
+    fn force_decisions(&self, _scope: SandboxScope) -> futures::future::BoxFuture<'static, usize> {
+        Box::pin(std::future::ready(0))
+    }
+
+    /// A medes extension: resolves once no checkpoint or dedup is in flight or waiting. The
+    /// default resolves at once.
+    fn wait_settled(&self) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    /// A medes extension: the sandboxes in `scope` and their states. The default knows none.
+    fn sandbox_states(&self, _scope: &SandboxScope) -> Vec<SandboxSummary> {
+        Vec::new()
+    }
+}
+
+/// Which sandboxes a medes extension call covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxScope {
+    /// Every sandbox.
+    All,
+    /// The sandboxes of one namespace's actions.
+    Namespace(Namespace),
+    /// The sandboxes of one action.
+    Action(ActionName),
+}
+
+impl SandboxScope {
+    /// Whether the scope covers `action`'s sandboxes.
+    pub fn covers(&self, action: &ActionName) -> bool {
+        match self {
+            SandboxScope::All => true,
+            SandboxScope::Namespace(ns) => &action.namespace == ns,
+            SandboxScope::Action(a) => a == action,
+        }
+    }
+}
+
+/// One sandbox as a medes extension call reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSummary {
+    /// Its id.
+    pub id: SandboxId,
+    /// Its action.
+    pub action: ActionName,
+    /// Its state (`starting`, `running`, `warm`, `checkpointing`, `dedup`, `restoring`, `base`,
+    /// `purging`).
+    pub state: String,
 }
 
 /// Why an invocation could not be admitted at all (no activation is recorded).
