@@ -7,6 +7,14 @@
 //! `GET /metrics` (Prometheus) and `GET /health`. Requests authenticate with HTTP basic auth in
 //! OpenWhisk's `uuid:key` form, checked against the keys in the store.
 //!
+//! **Medes extensions** (not OpenWhisk; authenticated like the rest, for benchmarks and
+//! `medes suite run --state dedup`): `POST /api/v1/namespaces/{ns}/actions/{name}/medes/idle`
+//! and `POST /api/v1/namespaces/{ns}/medes/idle` (every action of the namespace) run the
+//! idle-sandbox decision now for every idle warm sandbox, as if its idle period had passed
+//! ([`medes_core::Invoker::force_decisions`]), wait until the checkpoints decided are done
+//! (bounded by [`ApiConfig::blocking_timeout_ms`]) and answer
+//! `{"decided": n, "settled": true, "sandboxes": [{"id", "action", "state"}]}`.
+//!
 //! ```no_run
 //! # async fn run(state: medes_api::ApiState) -> std::io::Result<()> {
 //! let listener = tokio::net::TcpListener::bind(state.config.listen).await?;

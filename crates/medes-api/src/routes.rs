@@ -12,10 +12,10 @@ use axum::handler::Handler;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use medes_core::{
     Action, ActionName, Activation, ActivationId, ActivationResponse, ActivationStatus,
-    InvokeError, InvokeRequest, Namespace, StartKind, UnixMillis, merge_params,
+    InvokeError, InvokeRequest, Namespace, SandboxScope, StartKind, UnixMillis, merge_params,
 };
 use medes_store::{ActivationQuery, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, PutActionError};
 use serde_json::{Map, Value, json};
@@ -44,6 +44,10 @@ pub(crate) fn build(s: Arc<Shared>) -> Router {
                 .delete(delete_action)
                 .put(put_action.layer(put_limit))
                 .post(invoke.layer(payload_limit)),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/medes/idle",
+            post(medes_idle_namespace),
         )
         .route("/api/v1/namespaces/{ns}/activations", get(list_activations))
         .route(
@@ -497,6 +501,14 @@ async fn invoke(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = now_ms();
+    if let Some(action) = name.strip_suffix(MEDES_IDLE) {
+        // `.../actions/{name}/medes/idle` cannot be an action name (at most `package/name`).
+        let name = action_name(&caller, &ns, action)?;
+        load_action(&s, &name)
+            .await?
+            .ok_or_else(ApiError::not_found)?;
+        return Ok(medes_idle(&s, SandboxScope::Action(name)).await);
+    }
     let name = action_name(&caller, &ns, &name)?;
     let body = body_or_error(body, s.state.config.max_payload_bytes)?;
     let given = if body.iter().all(u8::is_ascii_whitespace) {
@@ -651,4 +663,38 @@ async fn activation_logs(
 ) -> Result<Response, ApiError> {
     let a = find_activation(&s, &caller, &ns, &id).await?;
     Ok(ok(&json!({"logs": a.logs})))
+}
+
+// ---------------------------------------------------------------------------- medes extensions
+
+/// Suffix of the per-action medes idle route.
+const MEDES_IDLE: &str = "/medes/idle";
+
+/// `POST /api/v1/namespaces/{ns}/medes/idle`: [`medes_idle`] for every action of the namespace.
+async fn medes_idle_namespace(
+    State(s): S,
+    caller: Caller,
+    Path(ns): Path<String>,
+) -> Result<Response, ApiError> {
+    let ns = caller.resolve(&ns)?;
+    Ok(medes_idle(&s, SandboxScope::Namespace(ns)).await)
+}
+
+/// A medes extension (not OpenWhisk), for benchmarks and `medes suite run --state dedup`: runs
+/// the idle-sandbox decision now for every idle warm sandbox in `scope`, as if its idle period
+/// had passed, waits (bounded by the blocking timeout) until the checkpoints it decided are
+/// done, and answers `{"decided": n, "settled": bool, "sandboxes": [{"id", "action", "state"}]}`.
+async fn medes_idle(s: &Shared, scope: SandboxScope) -> Response {
+    let invoker = &s.state.invoker;
+    let decided = invoker.force_decisions(scope.clone()).await;
+    let wait = Duration::from_millis(s.state.config.blocking_timeout_ms);
+    let settled = tokio::time::timeout(wait, invoker.wait_settled())
+        .await
+        .is_ok();
+    let sandboxes: Vec<Value> = invoker
+        .sandbox_states(&scope)
+        .into_iter()
+        .map(|sb| json!({"id": sb.id.0, "action": sb.action.to_string(), "state": sb.state}))
+        .collect();
+    ok(&json!({"decided": decided, "settled": settled, "sandboxes": sandboxes}))
 }

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use medes_api::{ApiConfig, ApiState};
 use medes_core::{
     ActionName, Activation, ActivationResponse, ActivationStatus, InvokeError, InvokeRequest,
-    Invoker, StartKind,
+    Invoker, Namespace, SandboxId, SandboxScope, SandboxSummary, StartKind,
 };
 use medes_store::{ApiKey, Store};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -28,6 +28,7 @@ use tower::ServiceExt as _;
 struct TestInvoker {
     warm: Mutex<HashSet<ActionName>>,
     changed: Mutex<Vec<ActionName>>,
+    forced: Mutex<Vec<SandboxScope>>,
 }
 
 fn now_ms() -> u64 {
@@ -95,6 +96,36 @@ impl Invoker for TestInvoker {
 
     fn action_changed(&self, name: &ActionName) {
         self.changed.lock().unwrap().push(name.clone());
+    }
+
+    /// Every warm action has one sandbox, which a forced decision makes `dedup`.
+    fn force_decisions(&self, scope: SandboxScope) -> BoxFuture<'static, usize> {
+        let n = self
+            .warm
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| scope.covers(a))
+            .count();
+        self.forced.lock().unwrap().push(scope);
+        Box::pin(async move { n })
+    }
+
+    fn sandbox_states(&self, scope: &SandboxScope) -> Vec<SandboxSummary> {
+        let mut v: Vec<SandboxSummary> = self
+            .warm
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| scope.covers(a))
+            .map(|a| SandboxSummary {
+                id: SandboxId(format!("sb-{}", a.name)),
+                action: a.clone(),
+                state: "dedup".into(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
     }
 }
 
@@ -1218,4 +1249,58 @@ async fn noop_invoke_throughput_report() {
     store.flush().unwrap();
     assert_eq!(store.activation_count().unwrap(), n as u64);
     server.abort();
+}
+
+#[tokio::test]
+async fn medes_idle_extension_forces_decisions() {
+    let app = App::new();
+    for name in ["a", "b"] {
+        assert_eq!(app.put_action(name, hello()).await.status, StatusCode::OK);
+        let r = app.invoke(name, "blocking=true", json!({})).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    }
+    let r = app
+        .post("/api/v1/namespaces/_/actions/a/medes/idle", vec![])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(
+        r.json,
+        json!({"decided": 1, "settled": true, "sandboxes": [
+            {"id": "sb-a", "action": "/guest/a", "state": "dedup"}
+        ]})
+    );
+    let r = app
+        .post("/api/v1/namespaces/guest/medes/idle", vec![])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(r.json["decided"], 2);
+    assert_eq!(r.json["sandboxes"].as_array().unwrap().len(), 2);
+    let guest = Namespace("guest".into());
+    let a = ActionName {
+        namespace: guest.clone(),
+        name: "a".into(),
+    };
+    assert_eq!(
+        *app.invoker.forced.lock().unwrap(),
+        vec![SandboxScope::Action(a), SandboxScope::Namespace(guest)]
+    );
+    // Unknown action: 404; another namespace: 403; no credentials: 401. Nothing forced.
+    let r = app
+        .post("/api/v1/namespaces/_/actions/nope/medes/idle", vec![])
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "");
+    let r = app
+        .post("/api/v1/namespaces/other/medes/idle", vec![])
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app
+        .raw(
+            Method::POST,
+            "/api/v1/namespaces/_/medes/idle",
+            None,
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.invoker.forced.lock().unwrap().len(), 2);
 }
