@@ -333,3 +333,143 @@ async fn memory_budget_evicts_idle_sandboxes_of_real_actions() {
     assert_eq!(p.agent.n_sandboxes(), 2);
     p.stop().await;
 }
+
+/// A json-only action holding a few MB of deterministic state; its answer depends on that state
+/// (`h`) and on the runtime's random generator (`r`).
+const STATEFUL: &str = r#"
+import hashlib, json, random, time
+DATA = [{"k": i, "v": str(i) * 7} for i in range(30000)]
+BLOB = json.dumps(DATA).encode() + random.Random(7).randbytes(2 << 20)
+def main(args):
+    time.sleep(args.get("sleep", 0))
+    h = hashlib.sha256(BLOB + str(args.get("x")).encode()).hexdigest()
+    return {"h": h, "n": len(DATA), "r": random.random()}
+"#;
+
+/// Holds a TCP listening socket: CRIU 4.1 cannot dump it on this kernel.
+const TCP: &str = r#"
+import socket
+S = socket.socket()
+S.bind(("127.0.0.1", 0))
+S.listen(1)
+def main(args):
+    return {"port": S.getsockname()[1]}
+"#;
+
+fn states(p: &Platform) -> Vec<&'static str> {
+    p.ctl.sandboxes().iter().map(|s| s.state.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sandboxes_become_base_and_dedup_and_serve_dedup_starts() {
+    let Some(p) = platform() else { return };
+    let a = action("stateful", Code::Source(STATEFUL.into()), 256, 20_000);
+    // Two sandboxes: two invocations at once.
+    let (x, y) = tokio::join!(
+        invoke(&p, &a, json!({"x": 1, "sleep": 0.3})),
+        invoke(&p, &a, json!({"x": 1, "sleep": 0.3}))
+    );
+    for act in [&x, &y] {
+        assert_eq!(act.start_kind, StartKind::Cold, "{:?}", act.response);
+        assert_eq!(act.response.status, ActivationStatus::Success);
+    }
+    let expect_h = x.response.result["h"].clone();
+    assert_eq!(y.response.result["h"], expect_h);
+
+    // The idle decision, forced: the first becomes the base, the second a dedup sandbox.
+    assert_eq!(p.ctl.force_decisions(Some(&a.name)).await, 2);
+    p.ctl.wait_settled().await;
+    let stats = p.ctl.dedup_stats();
+    let mut sorted = states(&p);
+    sorted.sort();
+    assert_eq!(sorted, vec!["base", "dedup"], "{stats:?}");
+    p.ctl.refresh_memory().await;
+    let sbs = p.ctl.sandboxes();
+    let base = sbs.iter().find(|s| s.state.as_str() == "base").unwrap();
+    let dd = sbs.iter().find(|s| s.state.as_str() == "dedup").unwrap();
+    eprintln!(
+        "base: charged {} (image {:?}); dedup: charged {} (stored {:?}, image {:?})",
+        base.charged, base.image, dd.charged, dd.stored, dd.image
+    );
+    assert!(base.charged > base.image.unwrap(), "PSS + image");
+    assert!(
+        dd.charged.0 * 3 < base.image.unwrap().0,
+        "a dedup sandbox of the base's function holds far less than its image"
+    );
+    let (base_id, dedup_id) = (base.id.clone(), dd.id.clone());
+    let state_of = |id: &medes_core::SandboxId| {
+        p.ctl
+            .sandboxes()
+            .into_iter()
+            .find(|s| &s.id == id)
+            .map(|s| s.state.as_str())
+    };
+
+    // The base serves a long run; a request meanwhile restores the dedup sandbox.
+    let busy = invoke(&p, &a, json!({"x": 2, "sleep": 3}));
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = std::time::Instant::now();
+        let act = invoke(&p, &a, json!({"x": 1})).await;
+        (act, t0.elapsed())
+    };
+    let (busy, (dedup, took)) = tokio::join!(busy, probe);
+    assert_eq!(busy.start_kind, StartKind::Warm);
+    assert_eq!(dedup.start_kind, StartKind::Dedup, "{:?}", dedup.response);
+    assert_eq!(dedup.init_time_ms, None);
+    assert_eq!(
+        dedup.response.status,
+        ActivationStatus::Success,
+        "{:?}",
+        dedup.response
+    );
+    assert_eq!(
+        dedup.response.result["h"], expect_h,
+        "same state after restore"
+    );
+    assert_eq!(dedup.response.result["n"], 30000);
+    let main_ms = dedup.main_ms.unwrap_or(0.0);
+    let restore = p.ctl.sandboxes()[1]
+        .last_restore
+        .expect("restore breakdown");
+    eprintln!(
+        "dedup start as a client sees it: {:.1} ms end to end, {:.1} ms without main ({:.1} ms); agent: {restore:?}",
+        took.as_secs_f64() * 1000.0,
+        took.as_secs_f64() * 1000.0 - main_ms,
+        main_ms
+    );
+    assert_eq!(state_of(&base_id), Some("base"));
+    assert_eq!(state_of(&dedup_id), Some("warm"));
+    assert_eq!(p.ctl.dedup_stats().dedup_starts, 1);
+
+    // The restored sandbox is warm again; the base keeps serving too.
+    let (w1, w2) = tokio::join!(
+        invoke(&p, &a, json!({"x": 1, "sleep": 0.2})),
+        invoke(&p, &a, json!({"x": 1, "sleep": 0.2}))
+    );
+    for w in [&w1, &w2] {
+        assert_eq!(w.start_kind, StartKind::Warm);
+        assert_eq!(w.response.result["h"], expect_h);
+    }
+    assert_eq!(p.ctl.dedup_stats().dedup_start_failures.len(), 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_with_a_tcp_socket_is_marked_not_deduplicable() {
+    let Some(p) = platform() else { return };
+    let a = action("tcp", Code::Source(TCP.into()), 128, 10_000);
+    let act = invoke(&p, &a, json!({})).await;
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert_eq!(p.ctl.force_decisions(None).await, 1);
+    p.ctl.wait_settled().await;
+    let sbs = p.ctl.sandboxes();
+    assert_eq!(states(&p), vec!["warm"], "{sbs:?}");
+    assert!(!sbs[0].deduplicable);
+    let failures = p.ctl.dedup_stats().dedup_failures;
+    assert_eq!(failures.values().sum::<u64>(), 1, "{failures:?}");
+    // It keeps serving warm, and is never tried again.
+    assert_eq!(invoke(&p, &a, json!({})).await.start_kind, StartKind::Warm);
+    assert_eq!(p.ctl.force_decisions(None).await, 0);
+    p.stop().await;
+}
