@@ -687,13 +687,42 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
     ctl.invoke(request(&a, json!({"outcome": "exception"})))
         .await
         .unwrap();
+    // A second sandbox, a base and a dedup sandbox, and a dedup start while the base is busy.
+    let two: Vec<_> = (0..2)
+        .map(|_| ctl.invoke(request(&a, json!({"sleep_ms": 100}))))
+        .collect();
+    futures::future::join_all(two).await;
+    ctl.force_decisions(None).await;
+    ctl.wait_settled().await;
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 1000})));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Dedup
+    );
+    busy.await.unwrap();
+    ctl.refresh_memory().await;
+    ctl.update_gauges();
     let mut got = Vec::new();
+    // Node-wide series other tests may bump too (the recorder is global): only their presence.
+    let mut global = std::collections::BTreeSet::new();
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         let key = key.key();
         let labels: Vec<String> = key
             .labels()
             .map(|l| format!("{}={}", l.key(), l.value()))
             .collect();
+        let nonzero = match &value {
+            DebugValue::Counter(n) => *n > 0,
+            DebugValue::Histogram(v) => !v.is_empty(),
+            DebugValue::Gauge(g) => g.into_inner() > 0.0,
+        };
+        if nonzero
+            && key.name().starts_with("medes_")
+            && !key.name().starts_with("medes_invocation")
+        {
+            global.insert(format!("{}{{{}}}", key.name(), labels.join(",")));
+        }
         if !labels.iter().any(|l| l == "action=/guest/metered") {
             continue;
         }
@@ -710,13 +739,30 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
     assert_eq!(
         got,
         vec![
-            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=cold} 1 samples",
-            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=warm} 2 samples",
-            "medes_invocations_total{action=/guest/metered,start_kind=cold,status=success} 1",
+            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=cold} 2 samples",
+            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=dedup} 1 samples",
+            "medes_invocation_duration_seconds{action=/guest/metered,start_kind=warm} 4 samples",
+            "medes_invocations_total{action=/guest/metered,start_kind=cold,status=success} 2",
+            "medes_invocations_total{action=/guest/metered,start_kind=dedup,status=success} 1",
             "medes_invocations_total{action=/guest/metered,start_kind=warm,status=developer_error} 1",
-            "medes_invocations_total{action=/guest/metered,start_kind=warm,status=success} 1",
+            "medes_invocations_total{action=/guest/metered,start_kind=warm,status=success} 3",
         ]
     );
+    for series in [
+        "medes_bases_total{}",
+        "medes_dedups_total{}",
+        "medes_dedup_start_seconds{}",
+        "medes_dedup_restore_phase_seconds{phase=rebuild}",
+        "medes_checkpoint_seconds{purpose=base}",
+        "medes_checkpoint_seconds{purpose=dedup}",
+        "medes_start_latency_seconds{start_kind=dedup}",
+        "medes_sandboxes{state=base}",
+        "medes_sandboxes{state=warm}",
+        "medes_memory_bytes{state=base}",
+        "medes_memory_bytes{state=warm}",
+    ] {
+        assert!(global.contains(series), "{series} missing from {global:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -1134,6 +1180,86 @@ async fn dedup_sandboxes_of_an_updated_action_go() {
             .unwrap()
             .start_kind,
         StartKind::Cold
+    );
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+/// Purges idle sandboxes after 10 s and, every second, pre-warms one sandbox of any function
+/// that was invoked and has none.
+struct Prewarmer;
+
+impl Policy for Prewarmer {
+    fn name(&self) -> &'static str {
+        "prewarmer"
+    }
+    fn on_idle(
+        &mut self,
+        _: &medes_policy::ClusterView,
+        _: &medes_policy::FunctionView,
+        s: &medes_policy::SandboxView,
+        now: Timestamp,
+    ) -> medes_policy::Decision {
+        match s.state.last_used() {
+            Some(t) if now.since(t) >= 10_000 => medes_policy::Decision::Purge,
+            _ => medes_policy::Decision::KeepWarm,
+        }
+    }
+    fn next_decision(
+        &self,
+        _: &medes_policy::FunctionView,
+        s: &medes_policy::SandboxView,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        s.state
+            .last_used()
+            .map(|t| t.plus_ms(10_000))
+            .filter(|&t| t > now)
+    }
+    fn tick_ms(&self) -> Option<u64> {
+        Some(1_000)
+    }
+    fn on_tick(
+        &mut self,
+        _: &medes_policy::ClusterView,
+        functions: &[medes_policy::FunctionView],
+        _: Timestamp,
+    ) -> Vec<medes_policy::Prewarm> {
+        functions
+            .iter()
+            .filter(|f| f.arrivals.total > 0 && f.counts.total() == 0)
+            .map(|f| medes_policy::Prewarm {
+                function: f.name.clone(),
+                count: 1,
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_timer_can_pre_warm_sandboxes() {
+    let fake = Fake::new();
+    let ctl = Controller::with_policy(
+        ControllerConfig {
+            node_memory_budget_mb: 1024,
+            ..Default::default()
+        },
+        vec![(NodeId("n0".into()), Arc::new(fake.clone()) as _)],
+        Box::new(Prewarmer),
+    );
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    // Purged after 10 s, pre-warmed at the next tick.
+    assert_eq!(fake.commands("purge"), 1);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(forms(&ctl), "warm");
+    assert_eq!(fake.commands("spawn"), 2);
+    assert_eq!(ctl.dedup_stats().prewarms, 1);
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Warm
     );
     stop.cancel();
     timers.await.unwrap();
