@@ -614,7 +614,11 @@ impl Controller {
         let checkpoints = {
             let mut st = self.state.lock();
             st.pump(now);
-            st.start_checkpoints(now)
+            let jobs = st.start_checkpoints(now);
+            if jobs.is_empty() && st.settled() {
+                self.settled.notify_waiters();
+            }
+            jobs
         };
         self.carry_out(Work {
             checkpoints,

@@ -720,9 +720,9 @@ impl State {
         sb.state = SandboxState::Running { in_flight: 1 };
         sb.ready_at = Some(now);
         sb.last_restore = Some(reply);
-        sb.charge -= sb.transient;
+        sb.charge = sb.charge.saturating_sub(sb.transient);
         let node = sb.node;
-        self.used[node] -= sb.transient;
+        self.used[node] = self.used[node].saturating_sub(sb.transient);
         let m_r = sb.transient;
         sb.transient = 0;
         self.restores[node] = self.restores[node].saturating_sub(1);
@@ -948,8 +948,8 @@ impl State {
         }
         let node = sb.node;
         self.checkpoints[node] = self.checkpoints[node].saturating_sub(1);
-        sb.charge -= sb.transient;
-        self.used[node] -= sb.transient;
+        sb.charge = sb.charge.saturating_sub(sb.transient);
+        self.used[node] = self.used[node].saturating_sub(sb.transient);
         sb.transient = 0;
         let action = sb.action.clone();
         match outcome {
@@ -970,7 +970,7 @@ impl State {
                 sb.stored = Some(r.stored_bytes);
                 sb.image = Some(r.image_bytes);
                 sb.measured = None;
-                self.used[node] = self.used[node] - before + r.stored_bytes;
+                self.used[node] = self.used[node].saturating_sub(before) + r.stored_bytes;
                 debug!(sandbox = %sb.id, action = %action, image_mb = r.image_bytes >> 20, stored_kb = r.stored_bytes >> 10, checkpoint_ms = r.checkpoint_ms, dedup_ms = r.dedup_ms, reused = r.reused_previous, "sandbox deduplicated");
                 let pool = self.pool(&action);
                 pool.m_dedup.add(r.stored_bytes as f64);
@@ -1155,8 +1155,8 @@ impl State {
                 if let Some(sb) = self.sbs.get_mut(&key) {
                     let node = sb.node;
                     let reserved = sb.limit + sb.transient;
-                    sb.charge -= reserved;
-                    self.used[node] -= reserved;
+                    sb.charge = sb.charge.saturating_sub(reserved);
+                    self.used[node] = self.used[node].saturating_sub(reserved);
                     sb.transient = 0;
                     sb.state = SandboxState::Dedup {
                         since: now,
@@ -1228,7 +1228,7 @@ impl State {
             if charge < sb.charge {
                 freed = true;
             }
-            self.used[node] = self.used[node] - sb.charge + charge;
+            self.used[node] = self.used[node].saturating_sub(sb.charge) + charge;
             sb.charge = charge;
             let (action, form, k) = (sb.action.clone(), sb.form, kind);
             let pool = self.pool(&action);
