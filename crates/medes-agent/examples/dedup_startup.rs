@@ -124,28 +124,29 @@ async fn held(agent: &Agent, sb: &SandboxId) -> (u64, u64) {
         .unwrap_or_default()
 }
 
-/// Plain CRIU restores of one warm sandbox from its full image on tmpfs, each with its first
-/// run: (restore ms, restore + first run ms, page image bytes).
-async fn plain_restores(
-    cfg: &SandboxConfig,
-    images_root: &Path,
-    f: &Func,
-    code_dir: &Path,
-    runs: usize,
-) -> (Vec<f64>, Vec<f64>, u64) {
-    let pid = std::process::id();
-    let spec = |n: &str| SandboxSpec {
-        id: SandboxId(format!("pr{pid}-{}-{n}", f.name)),
+fn plain_spec(f: &Func, code_dir: &Path, n: &str) -> SandboxSpec {
+    SandboxSpec {
+        id: SandboxId(format!("pr{}-{}-{n}", std::process::id(), f.name)),
         code_dir: code_dir.to_path_buf(),
         memory_limit: f.memory,
         env: BTreeMap::from([("__OW_NAMESPACE".to_string(), "bench".to_string())]),
-    };
-    let req = || RunRequest {
+    }
+}
+
+fn plain_req(f: &Func) -> RunRequest {
+    RunRequest {
         value: f.params.clone(),
         env: BTreeMap::new(),
         timeout: std::time::Duration::from_secs(120),
-    };
-    let sb = Sandbox::start(cfg, spec("orig")).await.expect("start");
+    }
+}
+
+/// Checkpoints a warm sandbox of `f` (after one run) into a full image on tmpfs; returns the
+/// page image bytes.
+async fn plain_checkpoint(cfg: &SandboxConfig, f: &Func, code_dir: &Path, dir: &Path) -> u64 {
+    let sb = Sandbox::start(cfg, plain_spec(f, code_dir, "orig"))
+        .await
+        .expect("start");
     let init = sb
         .init(InitRequest {
             main: "main".into(),
@@ -153,31 +154,41 @@ async fn plain_restores(
         .await
         .expect("init");
     assert!(init.ok, "init failed: {:?}", init.error);
-    sb.run(req()).await.expect("run");
-    let dir = images_root.join(format!("plain-{pid}-{}", f.name));
-    let _ = std::fs::remove_dir_all(&dir);
+    sb.run(plain_req(f)).await.expect("run");
+    let _ = std::fs::remove_dir_all(dir);
     let info = sb
-        .checkpoint(&dir, CheckpointMode::LeaveRunning)
+        .checkpoint(dir, CheckpointMode::LeaveRunning)
         .await
         .expect("checkpoint");
     sb.destroy().await.expect("destroy");
-    let (mut restore, mut first) = (Vec::new(), Vec::new());
-    for i in 0..runs {
-        let t0 = Instant::now();
-        let copy = Sandbox::restore(cfg, spec(&i.to_string()), &dir)
-            .await
-            .expect("restore");
-        restore.push(ms(t0));
-        copy.run(req()).await.expect("run");
-        first.push(ms(t0));
-        copy.destroy().await.expect("destroy");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    (restore, first, info.page_image_bytes.0)
+    info.page_image_bytes.0
+}
+
+/// One plain CRIU restore from the full image, then its first run: (restore ms, + run ms).
+async fn plain_restore(
+    cfg: &SandboxConfig,
+    f: &Func,
+    code_dir: &Path,
+    dir: &Path,
+    i: usize,
+) -> (f64, f64) {
+    let t0 = Instant::now();
+    let copy = Sandbox::restore(cfg, plain_spec(f, code_dir, &i.to_string()), dir)
+        .await
+        .expect("restore");
+    let restore = ms(t0);
+    copy.run(plain_req(f)).await.expect("run");
+    let with_run = ms(t0);
+    copy.destroy().await.expect("destroy");
+    (restore, with_run)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
     let mut runs = 10usize;
     let mut functions = PathBuf::from("functions");
@@ -251,10 +262,12 @@ async fn main() {
             unreachable!()
         };
         must(&agent, spawn_cmd(&f, &target)).await;
-        let Reply::Ran(want) = must(&agent, run_cmd(&f, &target)).await else {
-            unreachable!()
-        };
+        must(&agent, run_cmd(&f, &target)).await;
         let (_, warm_pss) = held(&agent, &target).await;
+        let code_dir = data.join("code/bench").join(name).join("1");
+        let plain_dir = agent.images_dir().join(format!("plain-{name}"));
+        let image = plain_checkpoint(&sandbox, &f, &code_dir, &plain_dir).await;
+        let (mut plain, mut plain_run) = (Vec::new(), Vec::new());
         let mut dedup_mb = 0.0;
         let mut first_dedup = None;
         let (mut start, mut start_run) = (Vec::new(), Vec::new());
@@ -296,12 +309,16 @@ async fn main() {
             read_base.push(r.read_base_ms);
             rebuild.push(r.rebuild_ms);
             restore.push(r.restore_ms);
-            if format!("{:?}", got.outcome).len() != format!("{:?}", want.outcome).len() {
-                eprintln!(
-                    "{name}: result after a dedup start differs in shape: {:?}",
-                    got.outcome
-                );
+            if !matches!(got.outcome, medes_agent::RunOutcome::Returned(_)) {
+                eprintln!("{name}: run after a dedup start: {:?}", got.outcome);
             }
+            // The floor, interleaved so that both see the same machine load.
+            let (p, pr) = plain_restore(&sandbox, &f, &code_dir, &plain_dir, i).await;
+            plain.push(p);
+            plain_run.push(pr);
+        }
+        if std::env::var_os("MEDES_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&plain_dir);
         }
         must(
             &agent,
@@ -318,9 +335,6 @@ async fn main() {
         )
         .await;
 
-        let code_dir = data.join("code/bench").join(name).join("1");
-        let (mut plain, mut plain_run, image) =
-            plain_restores(&sandbox, agent.images_dir(), &f, &code_dir, runs).await;
         let d = first_dedup.expect("dedup");
         let row = json!({
             "function": name,

@@ -1162,21 +1162,47 @@ impl Inner {
         let dir = self.images.join("restore").join(&id.0);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
-        let steps = Arc::new(Mutex::new((0.0, 0.0)));
-        let (rec2, dir2, steps2) = (rec.clone(), dir.clone(), steps.clone());
-        let images = async move {
+        // The store (verified) and every non-page image first: CRIU reads those from its start.
+        let t = Instant::now();
+        let (rec2, dir2) = (rec.clone(), dir.clone());
+        let (store, bases) = tokio::task::spawn_blocking(move || {
+            let store = DedupStore::load(&rec2.path).map_err(|e| error_chain(&e))?;
+            let bases = rec2.info.domain.snapshot();
+            for b in &store.bases {
+                bases
+                    .n_pages(*b)
+                    .map_err(|e| format!("base {} is unavailable: {e}", b.0))?;
+            }
+            for (name, data) in &store.images {
+                let path = dir2.join(name);
+                std::fs::write(&path, data).map_err(|e| format!("writing {path:?}: {e}"))?;
+            }
+            Ok::<_, String>((Arc::new(store), bases))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("store task failed: {e}")))?;
+        let read_base_ms = ms(t.elapsed());
+        // The pages, while the sandbox is prepared and CRIU builds its namespaces.
+        let rebuilt = Arc::new(Mutex::new(0.0));
+        let (rebuilt2, dir2) = (rebuilt.clone(), dir.clone());
+        let pages = async move {
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let store = DedupStore::load(&rec2.path).map_err(|e| error_chain(&e))?;
-                let bases = rec2.info.domain.snapshot();
-                for b in &store.bases {
-                    bases
-                        .n_pages(*b)
-                        .map_err(|e| format!("base {} is unavailable: {e}", b.0))?;
+                let pages =
+                    medes_dedup::rebuild_pages(&store, &*bases).map_err(|e| error_chain(&e))?;
+                let mut at = 0usize;
+                for p in &store.procs {
+                    let len = usize::try_from(p.n_pages)
+                        .unwrap_or(usize::MAX)
+                        .saturating_mul(medes_dedup::PAGE);
+                    let chunk = pages
+                        .get(at..at.saturating_add(len))
+                        .ok_or_else(|| format!("the store lacks pages of process {}", p.pid))?;
+                    let path = dir2.join(&p.pages_file);
+                    std::fs::write(&path, chunk).map_err(|e| format!("writing {path:?}: {e}"))?;
+                    at += len;
                 }
-                let read = t.elapsed();
-                medes_dedup::rebuild_dir(&store, &*bases, &dir2).map_err(|e| error_chain(&e))?;
-                *steps2.lock() = (ms(read), ms(t.elapsed() - read));
+                *rebuilt2.lock() = ms(t.elapsed());
                 Ok(())
             })
             .await
@@ -1185,7 +1211,7 @@ impl Inner {
         let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
         let r = tokio::time::timeout(
             bound,
-            Sandbox::restore_with(&self.cfg.sandbox, rec.info.spec.clone(), &dir, images),
+            Sandbox::restore_with(&self.cfg.sandbox, rec.info.spec.clone(), &dir, pages),
         )
         .await;
         // CRIU has read the images: they are not needed any more.
@@ -1196,14 +1222,17 @@ impl Inner {
             Ok(Err(e)) => return Err(error_chain(&e)),
             Err(_) => return Err(format!("no restored runtime within {bound:?}")),
         };
-        let (read_base_ms, rebuild_ms) = *steps.lock();
+        debug!(sandbox = %id, prepare_ms = t.prepare_ms, images_ready_ms = t.images_ready_ms,
+               criu_ms = t.criu_ms, reseed_ms = t.reseed_ms, total_ms = t.total_ms,
+               "restore steps");
+        let rebuild_ms = *rebuilt.lock();
         Ok((
             sandbox,
             RestoreReply {
                 read_base_ms,
                 rebuild_ms,
                 restore_ms: t.total_ms - t.images_ready_ms,
-                total_ms: t.total_ms,
+                total_ms: read_base_ms + t.total_ms,
             },
         ))
     }

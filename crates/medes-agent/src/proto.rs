@@ -164,11 +164,15 @@ pub struct DedupReply {
 /// A dedup sandbox was restored.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RestoreReply {
-    /// Time to read (map, check) the store and the base pages it needs, ms.
+    /// Time to load and verify the store, check its bases are present and write the non-page
+    /// images, ms (on the critical path).
     pub read_base_ms: f64,
-    /// Time to rebuild the page images, ms.
+    /// Time to rebuild the page images (every page checksummed) and write them, ms. It runs
+    /// while the sandbox is prepared and CRIU builds its namespaces (CRIU waits for it before
+    /// it reads pages), so only part of it is on the critical path.
     pub rebuild_ms: f64,
-    /// Time of the CRIU restore until the runtime answered (reseed included), ms.
+    /// Time from the pages being ready until the restored runtime answered (CRIU's remaining
+    /// work and the reseed), ms.
     pub restore_ms: f64,
     /// Whole command, ms.
     pub total_ms: f64,

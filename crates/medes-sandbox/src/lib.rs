@@ -79,9 +79,13 @@
 //!   (`MAP_DROPPABLE` pages, recorded at dump time) is overwritten in every restored process so
 //!   that `os.urandom`/`secrets` fall back to the system call instead of replaying the image's
 //!   ChaCha stream; the restored runtime is then told to reseed `random`, numpy's global RNG,
-//!   OpenSSL and tempfile names. [`Sandbox::restore_with`] prepares the new sandbox (run
-//!   directory, cgroup, netns, root, socket) while the caller still produces the images (e.g. a
-//!   rebuild from a dedup store) and reports each step's time.
+//!   OpenSSL and tempfile names.
+//! - **Restore with late pages** ([`Sandbox::restore_with`]): the caller may still be writing
+//!   the `pages-*.img` files (a rebuild from a dedup store). The sandbox is prepared meanwhile,
+//!   then CRIU starts with an action script (`pages-gate.sh` in the run directory) that blocks at
+//!   `post-setup-namespaces` on a FIFO: CRIU builds the namespaces and mounts (about half of its
+//!   time) while the pages are produced, and reads no page before their sizes are checked and
+//!   the FIFO is written. Stock CRIU; no lazy pages.
 //! - Every CRIU run is bounded (SIGKILL on expiry), logs at `-v2` (`MEDES_CRIU_VERBOSITY` to
 //!   raise) into the images directory, truncated. Where `/run` is not a tmpfs, CRIU's kernel
 //!   feature cache (`/run/criu.kdat`) is generated once per boot, saving ~30 ms per CRIU run.

@@ -889,16 +889,21 @@ impl Sandbox {
             .map(|(sb, _)| sb)
     }
 
-    /// [`Sandbox::restore`] whose images are still being produced: `images` (e.g. a rebuild
-    /// of the pages from a dedup store into `images_dir`) runs while the new sandbox's run
-    /// directory, cgroup, network namespace, root and socket are prepared, and CRIU starts once
-    /// both are done. An `Err` from `images` fails the restore with [`RestoreError::Images`]
-    /// (everything prepared is removed). Also returns the time of each step.
+    /// [`Sandbox::restore`] whose page images are still being produced: `pages` (e.g. a
+    /// rebuild from a dedup store) writes the `pages-*.img` files into `images_dir`, in which
+    /// every other file of the checkpoint must already be. The new sandbox's run directory,
+    /// cgroup, network namespace, root and socket are prepared meanwhile, and if the pages are
+    /// not ready by then, CRIU is started anyway and held by an action script at
+    /// `post-setup-namespaces` (after it built the namespaces and mounts, before it reads any
+    /// page) until they are, so the pages' production overlaps CRIU's own start-up. Page image
+    /// sizes are checked against the dump before CRIU may go on. An `Err` from `pages` fails
+    /// the restore with [`RestoreError::Images`] (CRIU is killed, everything prepared is
+    /// removed). Also returns the time of each step.
     pub async fn restore_with<F>(
         cfg: &SandboxConfig,
         spec: SandboxSpec,
         images_dir: &Path,
-        images: F,
+        pages: F,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError>
     where
         F: std::future::Future<Output = Result<(), String>>,
@@ -909,23 +914,46 @@ impl Sandbox {
             reason,
         };
         let _ = become_subreaper();
+        let meta = criu::read_meta(images_dir).map_err(bad)?;
+        let check = |with_pages: bool| -> Result<(), RestoreError> {
+            let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
+            for (name, size) in &meta.files {
+                if !with_pages && name.starts_with("pages-") {
+                    continue;
+                }
+                match now.get(name) {
+                    Some(s) if s == size => {}
+                    Some(s) => {
+                        return Err(bad(format!("{name} has {s} bytes, the dump wrote {size}")));
+                    }
+                    None => return Err(bad(format!("{name} is missing"))),
+                }
+            }
+            Ok(())
+        };
+        check(false)?;
+        let mut pages = std::pin::pin!(async {
+            let r = pages.await;
+            (r, t0.elapsed())
+        });
+        let mut ready: Option<Duration> = None;
         let cfg2 = cfg.clone();
         let spec2 = spec.clone();
-        let prep = async move {
-            let criu_bin = cfg2.criu.clone();
-            tokio::task::spawn_blocking(move || {
-                criu::ensure_kdat_cache(&criu_bin);
-                let t = Instant::now();
-                (prepare(&cfg2, &spec2), t.elapsed())
-            })
-            .await
+        let mut prep = std::pin::pin!(tokio::task::spawn_blocking(move || {
+            criu::ensure_kdat_cache(&cfg2.criu);
+            let t = Instant::now();
+            (prepare(&cfg2, &spec2), t.elapsed())
+        }));
+        let prep = loop {
+            tokio::select! {
+                (r, at) = &mut pages, if ready.is_none() => {
+                    r.map_err(|reason| RestoreError::Images { reason })?;
+                    ready = Some(at);
+                }
+                p = &mut prep => break p,
+            }
         };
-        let images = async {
-            let r = images.await;
-            (r, t0.elapsed())
-        };
-        let (p, (ready, images_at)) = tokio::join!(prep, images);
-        let (p, prepare_time) = p.map_err(|e| RestoreError::Io {
+        let (p, prepare_time) = prep.map_err(|e| RestoreError::Io {
             what: "joining".into(),
             source: io::Error::other(e),
         })?;
@@ -934,15 +962,28 @@ impl Sandbox {
             e => RestoreError::Prepare(e),
         })?;
         // From here on, dropping `p` tears down what was prepared.
-        ready.map_err(|reason| RestoreError::Images { reason })?;
-        let meta = criu::read_meta(images_dir).map_err(bad)?;
-        let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
-        for (name, size) in &meta.files {
-            match now.get(name) {
-                Some(s) if s == size => {}
-                Some(s) => return Err(bad(format!("{name} has {s} bytes, the dump wrote {size}"))),
-                None => return Err(bad(format!("{name} is missing"))),
-            }
+        let mut gate = None;
+        if ready.is_some() {
+            check(true)?;
+        } else {
+            let fifo = p.dir.join("pages.ready");
+            let io_err = |source| RestoreError::Io {
+                what: format!("creating {fifo:?}"),
+                source,
+            };
+            nix::unistd::mkfifo(
+                &fifo,
+                nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+            )
+            .map_err(|e| io_err(io::Error::from(e)))?;
+            // Read-write: opening never blocks, and a byte written stays in the pipe until the
+            // script reads it. Closing it without writing makes the script fail (EOF).
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fifo)
+                .map_err(io_err)?;
+            gate = Some((f, fifo));
         }
         let mut args: Vec<OsString> = vec![
             "restore".into(),
@@ -980,6 +1021,30 @@ impl Sandbox {
         let log = images_dir.join(format!("restore-{}.log", spec.id.0));
         args.push("--log-file".into());
         args.push(log.clone().into());
+        if let Some((_, fifo)) = &gate {
+            // CRIU executes the script for every action; it waits only before the pages.
+            let quoted = fifo.to_string_lossy().replace('\'', "'\\''");
+            let script = p.dir.join("pages-gate.sh");
+            let body = format!(
+                "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" != post-setup-namespaces ] || read -r x < '{quoted}'\n"
+            );
+            let io_err = |source| RestoreError::Io {
+                what: format!("writing {script:?}"),
+                source,
+            };
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o700)
+                    .open(&script)
+                    .map_err(io_err)?;
+                std::io::Write::write_all(&mut f, body.as_bytes()).map_err(io_err)?;
+            }
+            args.push("--action-script".into());
+            args.push(script.into());
+        }
         let procs = p
             .res
             .cgroup
@@ -998,7 +1063,32 @@ impl Sandbox {
             vec![(p.listener.as_raw_fd(), 3), (p.netns_fd.as_raw_fd(), 4)],
         );
         let prepared = t0.elapsed();
-        let outcome = criu::run(&cfg.criu, args, &log, RESTORE_TIMEOUT, Some(hook)).await;
+        let mut criu_run = std::pin::pin!(criu::run(
+            &cfg.criu,
+            args,
+            &log,
+            RESTORE_TIMEOUT,
+            Some(hook)
+        ));
+        let outcome = loop {
+            tokio::select! {
+                (r, at) = &mut pages, if ready.is_none() => {
+                    // Returning drops the CRIU run (which kills CRIU) and then `p`.
+                    r.map_err(|reason| RestoreError::Images { reason })?;
+                    check(true)?;
+                    if let Some((f, fifo)) = &mut gate {
+                        use std::io::Write;
+                        f.write_all(b"1\n").map_err(|source| RestoreError::Io {
+                            what: format!("writing {fifo:?}"),
+                            source,
+                        })?;
+                    }
+                    ready = Some(at);
+                }
+                o = &mut criu_run => break o,
+            }
+        };
+        drop(gate);
         let restored = t0.elapsed();
         let Prepared {
             mut res,
@@ -1104,7 +1194,7 @@ impl Sandbox {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let timings = RestoreTimings {
             prepare_ms: ms(prepare_time),
-            images_ready_ms: ms(images_at),
+            images_ready_ms: ms(ready.unwrap_or_default()),
             criu_ms: ms(restored - prepared),
             reseed_ms: ms(t_reseed.elapsed()),
             total_ms: ms(t0.elapsed()),

@@ -223,6 +223,96 @@ async fn checkpoint_and_two_restores_side_by_side() {
     c2.destroy().await.expect("destroy");
 }
 
+/// `restore_with`: CRIU starts before the pages exist and waits for them; a failure to produce
+/// them (or a wrong size) fails the restore and leaves nothing behind.
+#[tokio::test]
+async fn restore_waits_for_late_pages() {
+    let Some(cfg) = config() else { return };
+    let a = action(RANDOM);
+    let sb = started(&cfg, "late", &a.path, 128).await;
+    sb.run(run_req(json!({}))).await.expect("run");
+    let images = tempfile::tempdir().expect("tempdir");
+    sb.checkpoint(images.path(), CheckpointMode::Stop)
+        .await
+        .expect("dump");
+    sb.destroy().await.expect("destroy");
+    let pages: Vec<_> = std::fs::read_dir(images.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pages-"))
+        })
+        .collect();
+    assert!(!pages.is_empty());
+    let aside = tempfile::tempdir().expect("tempdir");
+    let hide = || {
+        for p in &pages {
+            std::fs::rename(p, aside.path().join(p.file_name().expect("name"))).expect("hide");
+        }
+    };
+    let bring_back = || {
+        for p in &pages {
+            std::fs::rename(aside.path().join(p.file_name().expect("name")), p).expect("back");
+        }
+    };
+
+    // Pages arrive 300 ms late: CRIU waits for them.
+    hide();
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bring_back();
+        Ok(())
+    };
+    let s1 = spec("late1", &a.path, 128);
+    let (c, t) = Sandbox::restore_with(&cfg, s1, images.path(), late)
+        .await
+        .expect("restore with late pages");
+    eprintln!("late pages: {t:?}");
+    assert!(
+        t.images_ready_ms >= 300.0 && t.total_ms >= t.images_ready_ms,
+        "{t:?}"
+    );
+    let r = c.run(run_req(json!({}))).await.expect("run restored");
+    assert_eq!(r.result["n"], 2);
+    c.destroy().await.expect("destroy");
+
+    // Producing them fails while CRIU waits: an error, no sandbox left.
+    hide();
+    let s2 = spec("late2", &a.path, 128);
+    let run_dir = cfg.run_dir.join(&s2.id.0);
+    let failing = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err("no pages today".to_string())
+    };
+    let e = Sandbox::restore_with(&cfg, s2, images.path(), failing)
+        .await
+        .expect_err("must fail");
+    assert!(
+        matches!(&e, RestoreError::Images { reason } if reason == "no pages today"),
+        "{e:?}"
+    );
+    assert!(!run_dir.exists(), "run directory left behind");
+
+    // A short pages file is refused before CRIU reads it.
+    let s3 = spec("late3", &a.path, 128);
+    let short = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bring_back();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pages[0])
+            .expect("open");
+        f.set_len(4096).expect("truncate");
+        Ok(())
+    };
+    let e = Sandbox::restore_with(&cfg, s3, images.path(), short)
+        .await
+        .expect_err("must fail");
+    assert!(matches!(&e, RestoreError::BadImage { .. }), "{e:?}");
+}
+
 const ERRORS: &str = r#"
 def main(args):
     kind = args.get("kind")
