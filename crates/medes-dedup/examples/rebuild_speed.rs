@@ -24,9 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(args.get(2).map_or("/dev/shm/rebuild-speed", |s| s));
     std::fs::create_dir_all(&out)?;
     let mb = store.n_pages() as f64 * 4096.0 / 1e6;
-    println!("pages {} ({mb:.1} MB), kinds {:?}", stats.pages, stats.kinds);
+    println!(
+        "pages {} ({mb:.1} MB), kinds {:?}",
+        stats.pages, stats.kinds
+    );
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let mut report = |what: &str, f: &mut dyn FnMut() -> Result<(), RebuildError>| {
+    let report = |what: &str, f: &mut dyn FnMut() -> Result<(), RebuildError>| {
         let mut t = Vec::new();
         for _ in 0..15 {
             let t0 = Instant::now();
@@ -41,11 +44,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mb / t[t.len() / 2]
         );
     };
-    report("buffer, pool", &mut || rebuild_pages(&store, &bases).map(|_| ()));
+    report("buffer, pool", &mut || {
+        rebuild_pages(&store, &bases).map(|_| ())
+    });
     report("buffer, 1 thread", &mut || {
         one.install(|| rebuild_pages(&store, &bases).map(|_| ()))
     });
-    report("rebuild_dir, pool", &mut || rebuild_dir(&store, &bases, &out));
+    report("rebuild_dir, pool", &mut || {
+        rebuild_dir(&store, &bases, &out)
+    });
     report("rebuild_dir, 1 thread", &mut || {
         one.install(|| rebuild_dir(&store, &bases, &out))
     });
