@@ -30,6 +30,11 @@ impl Platform {
 }
 
 fn platform() -> Option<Platform> {
+    // Logs for debugging: `RUST_LOG=medes_controller=debug,medes_agent=debug`.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let sandbox = SandboxConfig::default();
     if let Err(e) = preflight(&sandbox) {
         if std::env::var("CI").as_deref() == Ok("true") {
@@ -425,7 +430,14 @@ async fn idle_sandboxes_become_base_and_dedup_and_serve_dedup_starts() {
     };
     let (busy, (dedup, took)) = tokio::join!(busy, probe);
     assert_eq!(busy.start_kind, StartKind::Warm);
-    assert_eq!(dedup.start_kind, StartKind::Dedup, "{:?}", dedup.response);
+    assert_eq!(
+        dedup.start_kind,
+        StartKind::Dedup,
+        "{:?} {:?} {:?}",
+        dedup.response,
+        p.ctl.dedup_stats(),
+        p.ctl.sandboxes()
+    );
     assert_eq!(dedup.init_time_ms, None);
     assert_eq!(
         dedup.response.status,
