@@ -1184,24 +1184,25 @@ impl Inner {
         let read_base_ms = ms(t.elapsed());
         // The pages, while the sandbox is prepared and CRIU builds its namespaces.
         let rebuilt = Arc::new(Mutex::new(0.0));
-        let (rebuilt2, dir2) = (rebuilt.clone(), dir.clone());
-        let pages = async move {
+        let rebuilt2 = rebuilt.clone();
+        let pages = move |files: Vec<(String, std::fs::File)>| async move {
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let pages =
-                    medes_dedup::rebuild_pages(&store, &*bases).map_err(|e| error_chain(&e))?;
-                let mut at = 0usize;
-                for p in &store.procs {
-                    let len = usize::try_from(p.n_pages)
-                        .unwrap_or(usize::MAX)
-                        .saturating_mul(medes_dedup::PAGE);
-                    let chunk = pages
-                        .get(at..at.saturating_add(len))
-                        .ok_or_else(|| format!("the store lacks pages of process {}", p.pid))?;
-                    let path = dir2.join(&p.pages_file);
-                    std::fs::write(&path, chunk).map_err(|e| format!("writing {path:?}: {e}"))?;
-                    at += len;
+                let mut by_name: HashMap<String, std::fs::File> = files.into_iter().collect();
+                let ordered = store
+                    .procs
+                    .iter()
+                    .map(|p| {
+                        by_name.remove(&p.pages_file).ok_or_else(|| {
+                            format!("the checkpoint has no {} for the store", p.pages_file)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                if let Some(extra) = by_name.keys().next() {
+                    return Err(format!("the store has no pages for {extra}"));
                 }
+                medes_dedup::rebuild_to_files(&store, &*bases, &ordered)
+                    .map_err(|e| error_chain(&e))?;
                 *rebuilt2.lock() = ms(t.elapsed());
                 Ok(())
             })

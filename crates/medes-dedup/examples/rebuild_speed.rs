@@ -1,5 +1,6 @@
-//! Rebuild speed of one dedup store (base dir, target dir): into a buffer, into a CRIU image
-//! directory on tmpfs (`rebuild_dir`), on 1 thread and on the default pool.
+//! Rebuild speed of one dedup store (base dir, target dir): into a buffer, into pages files on
+//! a tmpfs (`rebuild_pages_files`), a buffer then written, a whole CRIU image directory
+//! (`rebuild_dir`); on 1 thread and on the default pool.
 //!
 //! `cargo run --release -p medes-dedup --example rebuild_speed -- BASE_DIR TARGET_DIR [OUT_DIR]`
 use std::time::Instant;
@@ -8,7 +9,10 @@ use medes_dedup::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let cfg = DedupConfig::default();
+    let mut cfg = DedupConfig::default();
+    if std::env::var_os("NO_ZSTD_PATCHES").is_some() {
+        cfg.codec.zstd_ref = false;
+    }
     let registry = Registry::new();
     let base = DumpImage::open(&args[0])?;
     let meta = BaseMeta {
@@ -49,6 +53,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     report("buffer, 1 thread", &mut || {
         one.install(|| rebuild_pages(&store, &bases).map(|_| ()))
+    });
+    report("pages files, pool", &mut || {
+        rebuild_pages_files(&store, &bases, &out)
+    });
+    report("pages files, 1 thread", &mut || {
+        one.install(|| rebuild_pages_files(&store, &bases, &out))
+    });
+    report("buffer + write, pool", &mut || {
+        let pages = rebuild_pages(&store, &bases)?;
+        std::fs::write(out.join("pages-1.img"), pages).map_err(|source| RebuildError::Write {
+            path: out.clone(),
+            source,
+        })
     });
     report("rebuild_dir, pool", &mut || {
         rebuild_dir(&store, &bases, &out)

@@ -54,7 +54,9 @@ pub use eval::{DedupReport, EvalConfig, EvalError, FunctionReport, evaluate};
 pub use fingerprint::{FingerprintConfig, PageFingerprint, fingerprint};
 pub use image::{BasePageError, BasePages, DumpImage, LocalBases, OpenDumpError};
 pub use rebase::MappingTable;
-pub use rebuild::{RebuildError, rebuild_dir, rebuild_into, rebuild_pages};
+pub use rebuild::{
+    RebuildError, rebuild_dir, rebuild_into, rebuild_pages, rebuild_pages_files, rebuild_to_files,
+};
 pub use registry::{
     AddBaseError, BaseId, BaseMeta, BaseRefError, Choice, NodeId, PageRef, Registry, RegistryStats,
 };

@@ -128,6 +128,124 @@ fn tables(store: &DedupStore) -> Result<Vec<Option<MappingTable>>, RebuildError>
     Ok(out)
 }
 
+/// What every batch of a rebuild needs: mapping tables, page → process, data offsets.
+struct Plan<'a> {
+    store: &'a DedupStore,
+    bases: &'a dyn BasePages,
+    tables: Vec<Option<MappingTable>>,
+    proc_of: Vec<u16>,
+    offsets: Vec<u64>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(store: &'a DedupStore, bases: &'a dyn BasePages) -> Result<Self, RebuildError> {
+        let tables = tables(store)?;
+        let mut proc_of = Vec::with_capacity(store.pages.len());
+        for (pi, p) in store.procs.iter().enumerate() {
+            proc_of.extend(std::iter::repeat_n(pi as u16, p.n_pages as usize));
+        }
+        Ok(Plan {
+            store,
+            bases,
+            tables,
+            proc_of,
+            offsets: store.offsets(),
+        })
+    }
+
+    /// Decodes batch `b` (pages `b * BATCH ..`) into `chunk` (its pages, in order), verifying
+    /// every page.
+    fn batch(
+        &self,
+        dec: &mut Decoder,
+        block: &mut Vec<u8>,
+        b: usize,
+        chunk: &mut [u8],
+    ) -> Result<(), RebuildError> {
+        let (store, bases) = (self.store, self.bases);
+        let expected = store.n_pages() * PAGE as u64;
+        let want = store.block_len(b);
+        block.clear();
+        if want > 0 {
+            let first = store.pages[b * BATCH..]
+                .iter()
+                .position(|e| e.kind.in_block())
+                .unwrap_or(0);
+            let bad = || RebuildError::Decode {
+                page: (b * BATCH + first) as u64,
+                source: DecodePageError::Malformed(store.pages[b * BATCH + first].kind),
+            };
+            let src = store.blocks.get(b).ok_or_else(bad)?;
+            dec.decompress_block(src, block, want).map_err(|_| bad())?;
+        }
+        for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
+            let i = b * BATCH + j;
+            let page = i as u64;
+            let e = store
+                .pages
+                .get(i)
+                .ok_or(RebuildError::OutputSize { expected, found: 0 })?;
+            let dst: &mut Page = dst
+                .try_into()
+                .map_err(|_| RebuildError::OutputSize { expected, found: 0 })?;
+            let id =
+                if e.kind.needs_base() {
+                    Some(*store.bases.get(usize::from(e.base_slot)).ok_or(
+                        RebuildError::BaseSlot {
+                            page,
+                            slot: e.base_slot,
+                        },
+                    )?)
+                } else {
+                    None
+                };
+            let bp = |source| RebuildError::BasePage { page, source };
+            let (base, window) = match id {
+                Some(id) if e.kind.needs_window() => (
+                    None,
+                    Some(
+                        bases
+                            .window(id, u64::from(e.base_page), store.window_radius)
+                            .map_err(bp)?,
+                    ),
+                ),
+                Some(id) => (
+                    Some(bases.page(id, u64::from(e.base_page)).map_err(bp)?),
+                    None,
+                ),
+                None => (None, None),
+            };
+            let o = self.offsets[i] as usize;
+            let src: &[u8] = if e.kind.in_block() {
+                block
+            } else {
+                &store.blob
+            };
+            let data = src.get(o..o + e.len as usize).ok_or(RebuildError::Decode {
+                page,
+                source: DecodePageError::Malformed(e.kind),
+            })?;
+            dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
+                .map_err(|source| RebuildError::Decode { page, source })?;
+            if e.rebased {
+                let proc_idx = self.proc_of.get(i).map_or(usize::MAX, |&p| usize::from(p));
+                let t = self.tables.get(proc_idx).and_then(Option::as_ref).ok_or(
+                    RebuildError::Unrebase {
+                        page,
+                        source: UnknownMapping { id: 0 },
+                    },
+                )?;
+                t.unrebase(dst)
+                    .map_err(|source| RebuildError::Unrebase { page, source })?;
+            }
+            if xxh3_64(dst) != e.checksum {
+                return Err(RebuildError::Checksum { page });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Rebuilds all pages of the store, in page order, into `out` (`n_pages * 4096` bytes), in
 /// parallel on rayon's pool, verifying every page's checksum.
 pub fn rebuild_into(
@@ -142,94 +260,81 @@ pub fn rebuild_into(
             found: out.len() as u64,
         });
     }
-    let tables = tables(store)?;
-    let mut proc_of = Vec::with_capacity(store.pages.len());
-    for (pi, p) in store.procs.iter().enumerate() {
-        proc_of.extend(std::iter::repeat_n(pi as u16, p.n_pages as usize));
-    }
-    let offsets = store.offsets();
+    let plan = Plan::new(store, bases)?;
     out.par_chunks_mut(PAGE * BATCH)
         .enumerate()
         .try_for_each_init(
             || (Decoder::default(), Vec::new()),
-            |(dec, block), (b, chunk)| {
-                let want = store.block_len(b);
-                block.clear();
-                if want > 0 {
-                    let first = store.pages[b * BATCH..]
-                        .iter()
-                        .position(|e| e.kind.in_block())
-                        .unwrap_or(0);
-                    let bad = || RebuildError::Decode {
-                        page: (b * BATCH + first) as u64,
-                        source: DecodePageError::Malformed(store.pages[b * BATCH + first].kind),
-                    };
-                    let src = store.blocks.get(b).ok_or_else(bad)?;
-                    dec.decompress_block(src, block, want).map_err(|_| bad())?;
-                }
-                for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
-                    let i = b * BATCH + j;
-                    let page = i as u64;
-                    let e = &store.pages[i];
-                    let dst: &mut Page = dst
-                        .try_into()
-                        .map_err(|_| RebuildError::OutputSize { expected, found: 0 })?;
-                    let id = if e.kind.needs_base() {
-                        Some(*store.bases.get(usize::from(e.base_slot)).ok_or(
-                            RebuildError::BaseSlot {
-                                page,
-                                slot: e.base_slot,
-                            },
-                        )?)
-                    } else {
-                        None
-                    };
-                    let bp = |source| RebuildError::BasePage { page, source };
-                    let (base, window) = match id {
-                        Some(id) if e.kind.needs_window() => (
-                            None,
-                            Some(
-                                bases
-                                    .window(id, u64::from(e.base_page), store.window_radius)
-                                    .map_err(bp)?,
-                            ),
-                        ),
-                        Some(id) => (
-                            Some(bases.page(id, u64::from(e.base_page)).map_err(bp)?),
-                            None,
-                        ),
-                        None => (None, None),
-                    };
-                    let o = offsets[i] as usize;
-                    let src: &[u8] = if e.kind.in_block() {
-                        block
-                    } else {
-                        &store.blob
-                    };
-                    let data = src.get(o..o + e.len as usize).ok_or(RebuildError::Decode {
-                        page,
-                        source: DecodePageError::Malformed(e.kind),
-                    })?;
-                    dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
-                        .map_err(|source| RebuildError::Decode { page, source })?;
-                    if e.rebased {
-                        let proc_idx = proc_of.get(i).map_or(usize::MAX, |&p| usize::from(p));
-                        let t = tables.get(proc_idx).and_then(Option::as_ref).ok_or(
-                            RebuildError::Unrebase {
-                                page,
-                                source: UnknownMapping { id: 0 },
-                            },
-                        )?;
-                        t.unrebase(dst)
-                            .map_err(|source| RebuildError::Unrebase { page, source })?;
-                    }
-                    if xxh3_64(dst) != e.checksum {
-                        return Err(RebuildError::Checksum { page });
-                    }
-                }
-                Ok(())
-            },
+            |(dec, block), (b, chunk)| plan.batch(dec, block, b, chunk),
         )
+}
+
+/// Rebuilds each process's pages image (`pages-<id>.img`) into `dir`, in parallel on rayon's
+/// pool, every page verified (see [`rebuild_to_files`]). Non-page images are not written.
+pub fn rebuild_pages_files(
+    store: &DedupStore,
+    bases: &dyn BasePages,
+    dir: &Path,
+) -> Result<(), RebuildError> {
+    let mut files = Vec::with_capacity(store.procs.len());
+    for p in &store.procs {
+        let path = dir.join(&p.pages_file);
+        let f = std::fs::File::create(&path)
+            .and_then(|f| f.set_len(p.n_pages * PAGE as u64).map(|()| f))
+            .map_err(|source| RebuildError::Write { path, source })?;
+        files.push(f);
+    }
+    rebuild_to_files(store, bases, &files)
+}
+
+/// Rebuilds the pages of each process of the store into its file (`files[i]` for
+/// `store.procs[i]`, opened for writing), at offset 0, in parallel on rayon's pool, every page
+/// verified. Each batch of pages is decoded into a small per-thread buffer and written at its
+/// place (`pwrite`): no buffer of the whole image, whose page faults and zeroing cost about as
+/// much as decoding when the files are on a tmpfs.
+pub fn rebuild_to_files(
+    store: &DedupStore,
+    bases: &dyn BasePages,
+    files: &[std::fs::File],
+) -> Result<(), RebuildError> {
+    use std::os::unix::fs::FileExt;
+    if files.len() != store.procs.len() {
+        return Err(RebuildError::OutputSize {
+            expected: store.procs.len() as u64,
+            found: files.len() as u64,
+        });
+    }
+    let plan = Plan::new(store, bases)?;
+    let mut spans = Vec::with_capacity(files.len());
+    let mut first = 0u64;
+    for (f, p) in files.iter().zip(&store.procs) {
+        spans.push((f, PathBuf::from(&p.pages_file), first, first + p.n_pages));
+        first += p.n_pages;
+    }
+    let n = store.pages.len();
+    (0..n.div_ceil(BATCH)).into_par_iter().try_for_each_init(
+        || (Decoder::default(), Vec::new(), vec![0u8; PAGE * BATCH]),
+        |(dec, block, buf), b| {
+            let pages = BATCH.min(n - b * BATCH);
+            let chunk = &mut buf[..pages * PAGE];
+            plan.batch(dec, block, b, chunk)?;
+            // The batch may span processes: write each part into its own file.
+            let (lo, hi) = ((b * BATCH) as u64, (b * BATCH + pages) as u64);
+            for (f, path, start, end) in &spans {
+                let (a, z) = (lo.max(*start), hi.min(*end));
+                if a >= z {
+                    continue;
+                }
+                let src = &chunk[(a - lo) as usize * PAGE..(z - lo) as usize * PAGE];
+                f.write_all_at(src, (a - start) * PAGE as u64)
+                    .map_err(|source| RebuildError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Rebuilds all pages into a new buffer.
@@ -246,19 +351,9 @@ pub fn rebuild_dir(
     bases: &dyn BasePages,
     dir: &Path,
 ) -> Result<(), RebuildError> {
-    let pages = rebuild_pages(store, bases)?;
-    let write = |name: &str, data: &[u8]| {
-        let path = dir.join(name);
-        std::fs::write(&path, data).map_err(|source| RebuildError::Write { path, source })
-    };
     for (name, data) in &store.images {
-        write(name, data)?;
+        let path = dir.join(name);
+        std::fs::write(&path, data).map_err(|source| RebuildError::Write { path, source })?;
     }
-    let mut at = 0usize;
-    for p in &store.procs {
-        let len = p.n_pages as usize * PAGE;
-        write(&p.pages_file, &pages[at..at + len])?;
-        at += len;
-    }
-    Ok(())
+    rebuild_pages_files(store, bases, dir)
 }

@@ -884,59 +884,92 @@ impl Sandbox {
         spec: SandboxSpec,
         images_dir: &Path,
     ) -> Result<Sandbox, RestoreError> {
-        Self::restore_with(cfg, spec, images_dir, async { Ok(()) })
+        let meta = criu::read_meta(images_dir).map_err(|reason| RestoreError::BadImage {
+            path: images_dir.to_path_buf(),
+            reason,
+        })?;
+        check_files(images_dir, &meta, true)?;
+        Self::restore_impl(cfg, spec, images_dir, meta, None, Instant::now())
             .await
             .map(|(sb, _)| sb)
     }
 
-    /// [`Sandbox::restore`] whose page images are still being produced: `pages` (e.g. a
-    /// rebuild from a dedup store) writes the `pages-*.img` files into `images_dir`, in which
-    /// every other file of the checkpoint must already be. The new sandbox's run directory,
-    /// cgroup, network namespace, root and socket are prepared meanwhile, and if the pages are
-    /// not ready by then, CRIU is started anyway and held by an action script at
-    /// `post-setup-namespaces` (after it built the namespaces and mounts, before it reads any
-    /// page) until they are, so the pages' production overlaps CRIU's own start-up. Page image
-    /// sizes are checked against the dump before CRIU may go on. An `Err` from `pages` fails
-    /// the restore with [`RestoreError::Images`] (CRIU is killed, everything prepared is
-    /// removed). Also returns the time of each step.
-    pub async fn restore_with<F>(
+    /// [`Sandbox::restore`] whose page images are still being produced (e.g. rebuilt from a
+    /// dedup store). Every file of the checkpoint but the `pages-*.img` files must be in
+    /// `images_dir`. The pages files are created here at their dump-time sizes and handed to
+    /// `pages` as `(file name, file opened for writing)`; it must fill them (`write_at`).
+    ///
+    /// Meanwhile the new sandbox's run directory, cgroup, network namespace, root and socket are
+    /// prepared and CRIU is started: until `pages` is done, every other open of the pages files
+    /// is held by a fanotify permission mark, so CRIU builds the namespaces and mounts (about half
+    /// of its time) and then waits in its first read of a page. An `Err` from `pages` fails the
+    /// restore with [`RestoreError::Images`] (CRIU is killed, everything prepared is removed).
+    /// Without fanotify (no `CAP_SYS_ADMIN`), CRIU starts only after `pages`. Also returns the
+    /// time of each step.
+    pub async fn restore_with<F, Fut>(
         cfg: &SandboxConfig,
         spec: SandboxSpec,
         images_dir: &Path,
         pages: F,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError>
     where
-        F: std::future::Future<Output = Result<(), String>>,
+        F: FnOnce(Vec<(String, fs::File)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>> + Send,
     {
         let t0 = Instant::now();
         let bad = |reason: String| RestoreError::BadImage {
             path: images_dir.to_path_buf(),
             reason,
         };
-        let _ = become_subreaper();
         let meta = criu::read_meta(images_dir).map_err(bad)?;
-        let check = |with_pages: bool| -> Result<(), RestoreError> {
-            let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
-            for (name, size) in &meta.files {
-                if !with_pages && name.starts_with("pages-") {
-                    continue;
-                }
-                match now.get(name) {
-                    Some(s) if s == size => {}
-                    Some(s) => {
-                        return Err(bad(format!("{name} has {s} bytes, the dump wrote {size}")));
-                    }
-                    None => return Err(bad(format!("{name} is missing"))),
-                }
+        check_files(images_dir, &meta, false)?;
+        let mut files = Vec::new();
+        let mut paths = Vec::new();
+        for (name, size) in meta.files.iter().filter(|(n, _)| n.starts_with("pages-")) {
+            let path = images_dir.join(name);
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .and_then(|f| f.set_len(*size).map(|()| f))
+                .map_err(|source| RestoreError::Io {
+                    what: format!("creating {path:?}"),
+                    source,
+                })?;
+            files.push((name.clone(), f));
+            paths.push(path);
+        }
+        // Marked after our own opens: only later opens (CRIU's) wait.
+        let gate = match OpenGate::new(&paths) {
+            Ok(g) => Some(g),
+            Err(error) => {
+                debug!(%error, "no fanotify gate: CRIU starts after the pages");
+                None
             }
-            Ok(())
         };
-        check(false)?;
-        let mut pages = std::pin::pin!(async {
-            let r = pages.await;
-            (r, t0.elapsed())
-        });
-        let mut ready: Option<Duration> = None;
+        let fut: PagesFuture<'_> = Box::pin(pages(files));
+        Self::restore_impl(cfg, spec, images_dir, meta, Some((fut, gate)), t0).await
+    }
+
+    async fn restore_impl(
+        cfg: &SandboxConfig,
+        spec: SandboxSpec,
+        images_dir: &Path,
+        meta: Meta,
+        pages: Option<(PagesFuture<'_>, Option<OpenGate>)>,
+        t0: Instant,
+    ) -> Result<(Sandbox, RestoreTimings), RestoreError> {
+        let bad = |reason: String| RestoreError::BadImage {
+            path: images_dir.to_path_buf(),
+            reason,
+        };
+        let _ = become_subreaper();
+        let (mut pages, mut gate) = match pages {
+            Some((f, g)) => (Some(f), g),
+            None => (None, None),
+        };
+        let mut ready: Option<Duration> = pages.is_none().then(Duration::default);
         let cfg2 = cfg.clone();
         let spec2 = spec.clone();
         let mut prep = std::pin::pin!(tokio::task::spawn_blocking(move || {
@@ -946,9 +979,11 @@ impl Sandbox {
         }));
         let prep = loop {
             tokio::select! {
-                (r, at) = &mut pages, if ready.is_none() => {
+                r = async { pages.as_mut().expect("guarded").await }, if ready.is_none() => {
                     r.map_err(|reason| RestoreError::Images { reason })?;
-                    ready = Some(at);
+                    check_files(images_dir, &meta, true)?;
+                    gate = None; // opens proceed
+                    ready = Some(t0.elapsed());
                 }
                 p = &mut prep => break p,
             }
@@ -962,28 +997,12 @@ impl Sandbox {
             e => RestoreError::Prepare(e),
         })?;
         // From here on, dropping `p` tears down what was prepared.
-        let mut gate = None;
-        if ready.is_some() {
-            check(true)?;
-        } else {
-            let fifo = p.dir.join("pages.ready");
-            let io_err = |source| RestoreError::Io {
-                what: format!("creating {fifo:?}"),
-                source,
-            };
-            nix::unistd::mkfifo(
-                &fifo,
-                nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
-            )
-            .map_err(|e| io_err(io::Error::from(e)))?;
-            // Read-write: opening never blocks, and a byte written stays in the pipe until the
-            // script reads it. Closing it without writing makes the script fail (EOF).
-            let f = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&fifo)
-                .map_err(io_err)?;
-            gate = Some((f, fifo));
+        if ready.is_none() && gate.is_none() {
+            // No gate: CRIU must not see the pages before they are complete.
+            let r = pages.as_mut().expect("guarded").await;
+            r.map_err(|reason| RestoreError::Images { reason })?;
+            check_files(images_dir, &meta, true)?;
+            ready = Some(t0.elapsed());
         }
         let mut args: Vec<OsString> = vec![
             "restore".into(),
@@ -1021,30 +1040,6 @@ impl Sandbox {
         let log = images_dir.join(format!("restore-{}.log", spec.id.0));
         args.push("--log-file".into());
         args.push(log.clone().into());
-        if let Some((_, fifo)) = &gate {
-            // CRIU executes the script for every action; it waits only before the pages.
-            let quoted = fifo.to_string_lossy().replace('\'', "'\\''");
-            let script = p.dir.join("pages-gate.sh");
-            let body = format!(
-                "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" != post-setup-namespaces ] || read -r x < '{quoted}'\n"
-            );
-            let io_err = |source| RestoreError::Io {
-                what: format!("writing {script:?}"),
-                source,
-            };
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o700)
-                    .open(&script)
-                    .map_err(io_err)?;
-                std::io::Write::write_all(&mut f, body.as_bytes()).map_err(io_err)?;
-            }
-            args.push("--action-script".into());
-            args.push(script.into());
-        }
         let procs = p
             .res
             .cgroup
@@ -1072,18 +1067,12 @@ impl Sandbox {
         ));
         let outcome = loop {
             tokio::select! {
-                (r, at) = &mut pages, if ready.is_none() => {
-                    // Returning drops the CRIU run (which kills CRIU) and then `p`.
+                r = async { pages.as_mut().expect("guarded").await }, if ready.is_none() => {
+                    // Returning drops the CRIU run (which kills CRIU), then the gate, then `p`.
                     r.map_err(|reason| RestoreError::Images { reason })?;
-                    check(true)?;
-                    if let Some((f, fifo)) = &mut gate {
-                        use std::io::Write;
-                        f.write_all(b"1\n").map_err(|source| RestoreError::Io {
-                            what: format!("writing {fifo:?}"),
-                            source,
-                        })?;
-                    }
-                    ready = Some(at);
+                    check_files(images_dir, &meta, true)?;
+                    gate = None; // CRIU's open of the pages proceeds
+                    ready = Some(t0.elapsed());
                 }
                 o = &mut criu_run => break o,
             }
@@ -1217,6 +1206,71 @@ impl Sandbox {
                 Ok(())
             }
         }
+    }
+}
+
+/// The page images being produced during a [`Sandbox::restore_with`].
+type PagesFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Checks the files of a checkpoint against the sizes recorded at dump time (a short pages
+/// file makes CRIU hang); `with_pages` false skips the pages files.
+fn check_files(images_dir: &Path, meta: &Meta, with_pages: bool) -> Result<(), RestoreError> {
+    let bad = |reason: String| RestoreError::BadImage {
+        path: images_dir.to_path_buf(),
+        reason,
+    };
+    let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
+    for (name, size) in &meta.files {
+        if !with_pages && name.starts_with("pages-") {
+            continue;
+        }
+        match now.get(name) {
+            Some(s) if s == size => {}
+            Some(s) => return Err(bad(format!("{name} has {s} bytes, the dump wrote {size}"))),
+            None => return Err(bad(format!("{name} is missing"))),
+        }
+    }
+    Ok(())
+}
+
+/// Holds every open of some files (a fanotify `FAN_OPEN_PERM` mark, never answered) until
+/// dropped: closing the fanotify group allows all pending and later opens.
+struct OpenGate {
+    _fd: OwnedFd,
+}
+
+impl OpenGate {
+    fn new(paths: &[PathBuf]) -> io::Result<OpenGate> {
+        // SAFETY: fanotify_init takes flags only and returns a new fd or -1.
+        let fd = unsafe {
+            libc::fanotify_init(
+                libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC,
+                (libc::O_RDONLY | libc::O_LARGEFILE) as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        for p in paths {
+            let c = cpath(p)?;
+            // SAFETY: a valid fanotify fd and NUL-terminated path; integer flags.
+            let r = unsafe {
+                libc::fanotify_mark(
+                    fd.as_raw_fd(),
+                    libc::FAN_MARK_ADD,
+                    libc::FAN_OPEN_PERM,
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(OpenGate { _fd: fd })
     }
 }
 

@@ -223,10 +223,11 @@ async fn checkpoint_and_two_restores_side_by_side() {
     c2.destroy().await.expect("destroy");
 }
 
-/// `restore_with`: CRIU starts before the pages exist and waits for them; a failure to produce
-/// them (or a wrong size) fails the restore and leaves nothing behind.
+/// `restore_with`: CRIU starts before the pages are written and waits for them; a failure to
+/// produce them (or a wrong size) fails the restore and leaves nothing behind.
 #[tokio::test]
 async fn restore_waits_for_late_pages() {
+    use std::os::unix::fs::FileExt;
     let Some(cfg) = config() else { return };
     let a = action(RANDOM);
     let sb = started(&cfg, "late", &a.path, 128).await;
@@ -236,33 +237,24 @@ async fn restore_waits_for_late_pages() {
         .await
         .expect("dump");
     sb.destroy().await.expect("destroy");
-    let pages: Vec<_> = std::fs::read_dir(images.path())
+    let saved: BTreeMap<String, Vec<u8>> = std::fs::read_dir(images.path())
         .expect("list")
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("pages-"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .map(|e| {
+            let data = std::fs::read(e.path()).expect("read pages");
+            (e.file_name().to_string_lossy().into_owned(), data)
         })
         .collect();
-    assert!(!pages.is_empty());
-    let aside = tempfile::tempdir().expect("tempdir");
-    let hide = || {
-        for p in &pages {
-            std::fs::rename(p, aside.path().join(p.file_name().expect("name"))).expect("hide");
-        }
-    };
-    let bring_back = || {
-        for p in &pages {
-            std::fs::rename(aside.path().join(p.file_name().expect("name")), p).expect("back");
-        }
-    };
+    assert!(!saved.is_empty());
 
-    // Pages arrive 300 ms late: CRIU waits for them.
-    hide();
-    let late = async {
+    // Pages written 300 ms late: CRIU waits for them (it would restore zeros otherwise).
+    let late = |files: Vec<(String, std::fs::File)>| async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        bring_back();
+        for (name, f) in files {
+            f.write_all_at(&saved[&name], 0)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
     };
     let s1 = spec("late1", &a.path, 128);
@@ -279,10 +271,9 @@ async fn restore_waits_for_late_pages() {
     c.destroy().await.expect("destroy");
 
     // Producing them fails while CRIU waits: an error, no sandbox left.
-    hide();
     let s2 = spec("late2", &a.path, 128);
     let run_dir = cfg.run_dir.join(&s2.id.0);
-    let failing = async {
+    let failing = |_files| async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         Err("no pages today".to_string())
     };
@@ -295,16 +286,11 @@ async fn restore_waits_for_late_pages() {
     );
     assert!(!run_dir.exists(), "run directory left behind");
 
-    // A short pages file is refused before CRIU reads it.
+    // A pages file of the wrong size is refused before CRIU reads it.
     let s3 = spec("late3", &a.path, 128);
-    let short = async {
+    let short = |files: Vec<(String, std::fs::File)>| async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        bring_back();
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&pages[0])
-            .expect("open");
-        f.set_len(4096).expect("truncate");
+        files[0].1.set_len(4096).map_err(|e| e.to_string())?;
         Ok(())
     };
     let e = Sandbox::restore_with(&cfg, s3, images.path(), short)
