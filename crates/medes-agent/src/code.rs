@@ -7,11 +7,15 @@
 //! Files are `0644` and directories `0755`, owned by the agent (root): readable, never writable, by
 //! the sandbox user.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use medes_core::{ActionName, Code};
 
@@ -102,7 +106,20 @@ pub(crate) fn materialise(
     let dir = code_dir(root, action, version);
     let digest_path = dir.with_extension("digest");
     let want = digest(code, main);
-    if dir.is_dir() && fs::read_to_string(&digest_path).is_ok_and(|d| d == want) {
+    let current = || dir.is_dir() && fs::read_to_string(&digest_path).is_ok_and(|d| d == want);
+    if current() {
+        return Ok(dir);
+    }
+    // One writer per directory: a second concurrent cold start of a new version must not move
+    // the first one's fresh tree aside while its sandbox mounts it.
+    let lock = {
+        static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
+        let mut all = LOCKS.get_or_init(Default::default).lock();
+        all.retain(|_, l| Arc::strong_count(l) > 1);
+        all.entry(dir.clone()).or_default().clone()
+    };
+    let _held = lock.lock();
+    if current() {
         return Ok(dir);
     }
     let parent = dir.parent().unwrap_or(root);
@@ -277,6 +294,10 @@ mod tests {
         max_bytes: 1 << 20,
         max_entries: 100,
     };
+    const LIMITS_BIG: ZipLimits = ZipLimits {
+        max_bytes: 64 << 20,
+        max_entries: 100,
+    };
 
     fn action(name: &str) -> ActionName {
         ActionName {
@@ -308,6 +329,44 @@ mod tests {
         assert_eq!(
             code_dir(root, &action("a b/"), ""),
             Path::new("/d/guest/a%20b/%00/%00")
+        );
+    }
+
+    #[test]
+    fn concurrent_materialise_keeps_one_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = format!("y = 2\n#{}\n", "x".repeat(4 << 20));
+        let start = std::sync::Barrier::new(8);
+        // A tree moved aside under a caller that already got it would change the inode it saw.
+        let dirs: Vec<(PathBuf, u64)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        let d = materialise(
+                            tmp.path(),
+                            &action("race"),
+                            "1",
+                            &Code::Source(src.clone()),
+                            "main",
+                            LIMITS_BIG,
+                        )
+                        .unwrap();
+                        let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&d).unwrap());
+                        (d, ino)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let now = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&dirs[0].0).unwrap());
+        for (d, ino) in &dirs {
+            assert_eq!(d, &dirs[0].0);
+            assert_eq!(*ino, now, "a caller's tree was replaced");
+        }
+        assert_eq!(
+            fs::read_to_string(dirs[0].0.join("__main__.py")).unwrap(),
+            src
         );
     }
 
