@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use medes_dedup::{
     AddBaseError, BaseId, BaseMeta, BasePageError, BasePages, DedupConfig, DumpImage, PAGE, Page,
@@ -93,6 +94,8 @@ pub(crate) struct Domain {
     pub(crate) key: String,
     registry: Registry,
     bases: Mutex<Arc<BaseSet>>,
+    /// Estimated heap bytes of the registry (updated when bases come and go).
+    registry_bytes: AtomicU64,
 }
 
 /// Bases held in the registry on behalf of one store (released on drop).
@@ -141,7 +144,24 @@ impl Domain {
             key,
             registry: Registry::new(),
             bases: Mutex::new(Arc::new(BaseSet::default())),
+            registry_bytes: AtomicU64::new(0),
         }
+    }
+
+    fn update_registry_bytes(&self) {
+        let b = self.registry.stats().bytes as u64;
+        self.registry_bytes.store(b, Ordering::Relaxed);
+    }
+
+    /// The share of the registry's memory that a base of `pages` pages stands for (the
+    /// registry's bytes in proportion to the pages of all resident bases).
+    pub(crate) fn registry_share(&self, pages: u64) -> u64 {
+        let total: u64 = self.bases.lock().map.values().map(|b| b.n_pages).sum();
+        if total == 0 {
+            return 0;
+        }
+        let bytes = self.registry_bytes.load(Ordering::Relaxed) as u128;
+        (bytes * u128::from(pages.min(total)) / u128::from(total)) as u64
     }
 
     /// Fingerprints a base dump into the registry and keeps its canonical pages resident.
@@ -169,6 +189,7 @@ impl Domain {
             *g = Arc::new(set);
             return Err(e);
         }
+        self.update_registry_bytes();
         Ok(bytes)
     }
 
@@ -216,6 +237,8 @@ impl Domain {
         let mut set = BaseSet::clone(&g);
         set.map.remove(&id);
         *g = Arc::new(set);
+        drop(g);
+        self.update_registry_bytes();
         Ok(())
     }
 

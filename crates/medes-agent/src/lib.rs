@@ -284,6 +284,16 @@ struct BaseRec {
     id: BaseId,
     /// Bytes of its resident pages.
     bytes: u64,
+    /// Its pages.
+    pages: u64,
+}
+
+impl BaseRec {
+    /// Memory held for the base besides its process: resident pages and its share of the
+    /// registry.
+    fn held(&self) -> u64 {
+        self.bytes + self.domain.registry_share(self.pages)
+    }
 }
 
 /// A dedup sandbox's store. Dropping the last reference deletes the store file and releases
@@ -815,7 +825,7 @@ impl Inner {
                     alive: false,
                     memory: None,
                     form: SandboxForm::Base,
-                    held_bytes: b.bytes,
+                    held_bytes: b.held(),
                 }),
             })
             .collect();
@@ -832,7 +842,7 @@ impl Inner {
                             rss: m.rss,
                             cgroup_usage: m.cgroup_usage,
                         });
-                        let base = s.base.lock().as_ref().map_or(0, |b| b.bytes);
+                        let base = s.base.lock().as_ref().map_or(0, |b| b.held());
                         let kept = s.store.lock().as_ref().map_or(0, |r| r.stored_bytes);
                         let st = SandboxStatus {
                             id: s.sandbox.id().clone(),
@@ -952,6 +962,7 @@ impl Inner {
             domain: domain.clone(),
             id: base_id,
             bytes,
+            pages,
         });
         let still_here = {
             let t = self.sandboxes.lock();

@@ -260,8 +260,11 @@ pub struct SandboxStatus {
     pub memory: Option<SandboxMemory>,
     /// Its form.
     pub form: SandboxForm,
-    /// Bytes held for it on this node: warm = PSS, dedup = everything stored for it, base =
-    /// PSS + its resident base image.
+    /// Bytes held for it on this node: warm = PSS (+ the store it was restored from, kept for
+    /// a re-dedup); dedup = its store file on tmpfs (page encodings, non-page CRIU images,
+    /// metadata); base = PSS + its resident (canonical) base pages + its share of the domain's
+    /// fingerprint registry; a base whose process was lost = pages + registry share. A
+    /// sandbox in the middle of a dedup or dedup start reports 0.
     pub held_bytes: u64,
 }
 
