@@ -49,9 +49,10 @@
 //!   checkpointing again ([`DedupReply::reused_previous`]). This relies on actions being
 //!   stateless: state an action built in memory after the restore is dropped, and the store is
 //!   still accounted to the warm sandbox (`held_bytes`).
-//! - Dedups and make-bases run on their command's task, CPU work in `spawn_blocking`, at most
-//!   [`DedupSettings::max_concurrent_dedups`] at a time; restores and runs are never queued
-//!   behind them (though they share the node's cores).
+//! - Dedups and make-bases run on their command's task, CPU work in `spawn_blocking` on a rayon
+//!   pool of their own whose threads run at nice 10, at most
+//!   [`DedupSettings::max_concurrent_dedups`] at a time. Dedup starts rebuild on another pool
+//!   (nice 0), so they never queue behind a dedup's parallel work; runs are not touched.
 //! - Memory ([`SandboxStatus::held_bytes`]): warm = PSS (+ a kept store), base = PSS + resident
 //!   base pages, dedup = the store file on tmpfs (rounded to pages; it holds the pages' encoding,
 //!   every non-page CRIU image and our metadata). The cgroup figure stays in
@@ -177,6 +178,15 @@ pub enum NewAgentError {
         #[source]
         source: std::io::Error,
     },
+    /// A worker thread pool could not be started.
+    #[error("starting the {which} thread pool")]
+    Pool {
+        /// Which pool.
+        which: &'static str,
+        /// The cause.
+        #[source]
+        source: rayon::ThreadPoolBuildError,
+    },
     /// The images directory could not be prepared (created, mounted as a tmpfs).
     #[error("preparing the images directory {path:?}")]
     ImagesDir {
@@ -223,6 +233,10 @@ struct Inner {
     next_base: AtomicU32,
     starts: Semaphore,
     dedups: Semaphore,
+    /// Background work (dedup, make-base): niced threads.
+    bg_pool: rayon::ThreadPool,
+    /// Dedup starts (rebuilds): never queued behind background work.
+    fg_pool: rayon::ThreadPool,
     counters: Mutex<DedupCounters>,
     shutting_down: AtomicBool,
 }
@@ -339,6 +353,26 @@ impl Agent {
         }
         let starts = Semaphore::new(cfg.max_concurrent_starts.max(1));
         let dedups = Semaphore::new(cfg.dedup.max_concurrent_dedups.max(1));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let bg_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cores)
+            .thread_name(|i| format!("medes-dedup-{i}"))
+            .start_handler(|_| {
+                let _ = medes_sandbox::set_thread_nice(10);
+            })
+            .build()
+            .map_err(|source| NewAgentError::Pool {
+                which: "dedup",
+                source,
+            })?;
+        let fg_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cores)
+            .thread_name(|i| format!("medes-rebuild-{i}"))
+            .build()
+            .map_err(|source| NewAgentError::Pool {
+                which: "rebuild",
+                source,
+            })?;
         Ok(Agent {
             inner: Arc::new(Inner {
                 cfg,
@@ -349,6 +383,8 @@ impl Agent {
                 next_base: AtomicU32::new(0),
                 starts,
                 dedups,
+                bg_pool,
+                fg_pool,
                 counters: Mutex::new(DedupCounters::default()),
                 shutting_down: AtomicBool::new(false),
             }),
@@ -945,11 +981,13 @@ impl Inner {
         let engine = self.cfg.dedup.engine;
         let d2 = dir.clone();
         let dom = domain.clone();
+        let inner = self.clone();
         let r = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(d2.join("dump.log"));
             let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
-            let bytes = dom
-                .add_base(base_id, meta, &dump, &engine)
+            let bytes = inner
+                .bg_pool
+                .install(|| dom.add_base(base_id, meta, &dump, &engine))
                 .map_err(|e| error_chain(&e))?;
             Ok::<_, String>((bytes, dump.pages_bytes(), dump.n_pages()))
         })
@@ -1052,11 +1090,14 @@ impl Inner {
         let engine = self.cfg.dedup.engine;
         let domain = info.domain.clone();
         let (d2, p2) = (dir.clone(), path.clone());
+        let inner = self.clone();
         let r = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(d2.join("dump.log"));
             let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
             let (snap, mut pins) = domain.pin_all();
-            let (store, stats) = medes_dedup::dedup(&dump, domain.registry(), &*snap, &engine)
+            let (store, stats) = inner
+                .bg_pool
+                .install(|| medes_dedup::dedup(&dump, domain.registry(), &*snap, &engine))
                 .map_err(|e| error_chain(&e))?;
             pins.retain(&store.bases);
             let written = store.write(&p2).map_err(|e| error_chain(&e))?;
@@ -1196,6 +1237,7 @@ impl Inner {
         // The pages, while the sandbox is prepared and CRIU builds its namespaces.
         let rebuilt = Arc::new(Mutex::new(0.0));
         let rebuilt2 = rebuilt.clone();
+        let inner = self.clone();
         let pages = move |files: Vec<(String, std::fs::File)>| async move {
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
@@ -1212,7 +1254,9 @@ impl Inner {
                 if let Some(extra) = by_name.keys().next() {
                     return Err(format!("the store has no pages for {extra}"));
                 }
-                medes_dedup::rebuild_to_files(&store, &*bases, &ordered)
+                inner
+                    .fg_pool
+                    .install(|| medes_dedup::rebuild_to_files(&store, &*bases, &ordered))
                     .map_err(|e| error_chain(&e))?;
                 *rebuilt2.lock() = ms(t.elapsed());
                 Ok(())

@@ -213,3 +213,18 @@ pub fn become_subreaper() -> std::io::Result<()> {
 pub fn images_dir_for(parent: &Path, id: &medes_core::SandboxId) -> std::path::PathBuf {
     parent.join(&id.0)
 }
+
+/// Sets the nice value of the calling thread (Linux: `setpriority(PRIO_PROCESS, tid)`), e.g.
+/// to run background work (dedup) below invocations and restores. Raising priority needs
+/// `CAP_SYS_NICE`.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no preconditions; setpriority takes integers only.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
