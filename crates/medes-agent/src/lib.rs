@@ -39,11 +39,13 @@
 //!   base of its domain, writes the store atomically (xxh3-checksummed) and deletes the dump.
 //!   Every base the store points into is reference-counted in the registry until the store is
 //!   gone, so such a base cannot be retired ([`AgentError::BaseInUse`]).
-//! - [`Command::Restore`] (a dedup start) loads and verifies the store, rebuilds the page images
-//!   (every page checksummed) into a tmpfs directory *while* medes-sandbox prepares the new
-//!   sandbox's run directory, cgroup, netns and root ([`Sandbox::restore_with`]), then runs CRIU
-//!   and reseeds the runtime (`random`, numpy, OpenSSL, tempfile names, glibc's `getrandom`
-//!   state). Any failure purges the dedup sandbox and answers [`AgentError::RestoreFailed`].
+//! - [`Command::Restore`] (a dedup start) loads and verifies the store, checks its bases are
+//!   resident and writes the non-page images, then calls [`Sandbox::restore_with`]: CRIU starts
+//!   at once (namespaces, mounts, process tree) while the pages are rebuilt straight into the
+//!   pages files (every page checksummed); CRIU's first open of a pages file is held (fanotify)
+//!   until they are complete. The runtime is then reseeded (`random`, numpy, OpenSSL, tempfile
+//!   names, glibc's `getrandom` state). Any failure purges the dedup sandbox and answers
+//!   [`AgentError::RestoreFailed`]; the controller falls back to a cold start.
 //! - **Re-dedup reuses the store** (as the paper does): a sandbox restored from a store keeps it
 //!   while warm; its next [`Command::Dedup`] stops the process and keeps the store instead of
 //!   checkpointing again ([`DedupReply::reused_previous`]). This relies on actions being
