@@ -1,12 +1,50 @@
-//! `medes profile` (issue 6).
+//! `medes profile`: the per-function cost profile for the simulator, measured on the live
+//! platform (from `medes bench startup --json` and `medes bench dedup --json` outputs) or the
+//! paper's.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
+use medes_sim::Profile;
 
 /// Arguments of `medes profile`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Output of `medes bench startup --json`.
+    #[arg(long, required_unless_present = "paper")]
+    startup: Option<PathBuf>,
+    /// Output of `medes bench dedup --json` (dedup footprints and operation time).
+    #[arg(long)]
+    dedup: Option<PathBuf>,
+    /// Write the paper's built-in profile instead.
+    #[arg(long)]
+    paper: bool,
+    /// Output file (TOML; JSON if it ends in .json); default: stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
 
 /// Runs `medes profile`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("medes profile is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let paper = Profile::paper();
+    let profile = match (&args.startup, args.paper) {
+        (Some(s), false) => Profile::from_bench(s, args.dedup.as_deref(), &paper)
+            .context("building the measured profile")?,
+        _ => paper,
+    };
+    let text = match &args.out {
+        Some(p) if p.extension().is_some_and(|e| e == "json") => {
+            serde_json::to_string_pretty(&profile)?
+        }
+        _ => profile.to_toml(),
+    };
+    match &args.out {
+        Some(p) => {
+            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+            eprintln!("{} functions → {}", profile.functions.len(), p.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

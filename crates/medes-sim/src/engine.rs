@@ -1,0 +1,912 @@
+//! The discrete-event simulator: a trace replayed through a [`ClusterPolicy`] on a modelled
+//! cluster.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+
+use medes_core::StartKind;
+use medes_policy::Timestamp;
+use medes_policy::policies::{
+    ClusterPolicy, FleetView, FunctionCounts, IdleSandbox, IdleState, Verdict,
+};
+use medes_trace::Trace;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, LogNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::output::{InvocationRecord, MemorySample, SimOutput};
+use crate::profile::{FunctionProfile, Profile};
+
+/// The modelled cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Worker nodes.
+    pub nodes: usize,
+    /// Memory budget of each node, MB.
+    pub node_mb: f64,
+    /// A cold start (or pre-warm, or a new base) is placed only where it keeps the node under
+    /// this share of its budget (0.95); restores may use the whole budget.
+    pub admit_fraction: f64,
+    /// Concurrent dedup starts per node (10).
+    pub max_restores_per_node: usize,
+}
+
+impl ClusterConfig {
+    /// The paper's cluster: 19 worker nodes sharing a pool of `pool_gb` GB evenly.
+    pub fn paper(pool_gb: f64) -> Self {
+        ClusterConfig {
+            nodes: 19,
+            node_mb: pool_gb * 1000.0 / 19.0,
+            admit_fraction: 0.95,
+            max_restores_per_node: 10,
+        }
+    }
+
+    /// The whole budget, MB.
+    pub fn budget_mb(&self) -> f64 {
+        self.nodes as f64 * self.node_mb
+    }
+}
+
+/// Simulation settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SimConfig {
+    /// The cluster.
+    pub cluster: ClusterConfig,
+    /// Seed for execution-time draws.
+    pub seed: u64,
+    /// Memory sampling interval, ms.
+    pub sample_ms: u64,
+    /// Policy timer interval, ms.
+    pub tick_ms: u64,
+    /// Keep per-invocation records (the summary is computed either way).
+    pub keep_records: bool,
+}
+
+impl SimConfig {
+    /// Defaults for a cluster: seed 1, memory sampled every 10 s, policy tick every second.
+    pub fn new(cluster: ClusterConfig) -> Self {
+        SimConfig {
+            cluster,
+            seed: 1,
+            sample_ms: 10_000,
+            tick_ms: 1_000,
+            keep_records: true,
+        }
+    }
+}
+
+/// Why a simulation cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The trace names a function the profile lacks.
+    #[error("function {0:?} is in the trace but not in the profile")]
+    UnknownFunction(String),
+    /// A function's sandbox does not fit in one node's admission budget.
+    #[error(
+        "a {function:?} sandbox ({need_mb} MB) does not fit in a node ({cap_mb} MB admissible)"
+    )]
+    DoesNotFit {
+        /// The function.
+        function: String,
+        /// Its footprint.
+        need_mb: f64,
+        /// What a node admits.
+        cap_mb: f64,
+    },
+    /// The cluster settings are unusable.
+    #[error("invalid cluster: {0}")]
+    Cluster(&'static str),
+    /// The profile is invalid.
+    #[error("invalid profile")]
+    Profile(#[from] crate::profile::ProfileError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Starting,
+    Running,
+    Restoring,
+    Warm,
+    Deduping,
+    Dedup,
+    Dead,
+}
+
+#[derive(Debug, Clone)]
+struct Sb {
+    f: usize,
+    node: usize,
+    st: St,
+    base: bool,
+    mem: f64,
+    idle_since: u64,
+    deadline: Option<Timestamp>,
+    score: f64,
+    epoch: u32,
+    /// Position in its function's live list.
+    pos: usize,
+    /// A pre-warm: keep until this time once started.
+    prewarm_until: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    /// A cold start, pre-warm or restore finished.
+    Started(usize),
+    /// An invocation in the sandbox finished.
+    Finish(usize),
+    /// A decision timer (sandbox, generation).
+    Decide(usize, u32),
+    /// A dedup operation finished (sandbox, generation).
+    DedupDone(usize, u32),
+    /// Pre-warm a sandbox of the function, keep it until the time.
+    Prewarm(usize, u64),
+    /// Policy timer and memory sample.
+    Tick,
+}
+
+struct Event {
+    t: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.seq) == (o.t, o.seq)
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Event {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Min-heap on (time, seq).
+        (o.t, o.seq).cmp(&(self.t, self.seq))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    f: usize,
+    arrival: u64,
+    idx: u32,
+}
+
+struct Node {
+    used: f64,
+    restores: usize,
+}
+
+/// Counters besides the per-invocation records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Sandboxes evicted under memory pressure.
+    pub evictions: u64,
+    /// Sandboxes purged by the policy (timers, decisions, unloads).
+    pub purges: u64,
+    /// Dedup operations completed.
+    pub dedup_ops: u64,
+    /// Sandboxes made bases.
+    pub bases: u64,
+    /// Pre-warms started.
+    pub prewarms: u64,
+    /// Pre-warms skipped for lack of memory.
+    pub prewarms_skipped: u64,
+    /// Invocations that had to wait for memory.
+    pub queued: u64,
+    /// Memory samples above a node's budget (must stay 0).
+    pub budget_violations: u64,
+}
+
+struct Sim<'a, P: ClusterPolicy + ?Sized> {
+    cfg: SimConfig,
+    prof: Vec<FunctionProfile>,
+    names: Vec<String>,
+    policy: &'a mut P,
+    now: u64,
+    seq: u64,
+    heap: BinaryHeap<Event>,
+    sbs: Vec<Sb>,
+    live: Vec<Vec<usize>>,
+    /// Idle warm sandboxes (bases included) per function, by (idle_since, id).
+    warm_idle: Vec<BTreeSet<(u64, usize)>>,
+    /// Dedup sandboxes per function, by (idle_since, id).
+    dedup_idle: Vec<BTreeSet<(u64, usize)>>,
+    counts: Vec<FunctionCounts>,
+    nodes: Vec<Node>,
+    /// Invocations waiting for memory, per function, in arrival order.
+    pending: Vec<VecDeque<Req>>,
+    n_pending: usize,
+    rng: ChaCha8Rng,
+    exec: Vec<Option<LogNormal<f64>>>,
+    records: Vec<InvocationRecord>,
+    memory: Vec<MemorySample>,
+    counters: Counters,
+    done: usize,
+    summary: crate::output::SummaryBuilder,
+}
+
+/// Runs `trace` through `policy` on the cluster, with costs from `profile`.
+pub fn simulate<P: ClusterPolicy + ?Sized>(
+    trace: &Trace,
+    profile: &Profile,
+    policy: &mut P,
+    cfg: &SimConfig,
+) -> Result<SimOutput, SimError> {
+    profile.validate()?;
+    let c = cfg.cluster;
+    if c.nodes == 0 || !(c.node_mb.is_finite() && c.node_mb > 0.0) {
+        return Err(SimError::Cluster("nodes and node_mb must be positive"));
+    }
+    if !(c.admit_fraction > 0.0 && c.admit_fraction <= 1.0) {
+        return Err(SimError::Cluster("admit_fraction must be within (0, 1]"));
+    }
+    let names = trace.functions();
+    let mut prof = Vec::with_capacity(names.len());
+    for n in &names {
+        let p = profile
+            .functions
+            .get(n)
+            .ok_or_else(|| SimError::UnknownFunction(n.clone()))?;
+        let cap = c.node_mb * c.admit_fraction;
+        if p.warm_mb > cap {
+            return Err(SimError::DoesNotFit {
+                function: n.clone(),
+                need_mb: p.warm_mb,
+                cap_mb: cap,
+            });
+        }
+        prof.push(p.clone());
+    }
+    let index: HashMap<&str, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let exec = prof
+        .iter()
+        .map(|p| {
+            if p.exec_cv > 0.0 && p.exec_ms > 0.0 {
+                let s2 = (1.0 + p.exec_cv * p.exec_cv).ln();
+                LogNormal::new(p.exec_ms.ln() - s2 / 2.0, s2.sqrt()).ok()
+            } else {
+                None
+            }
+        })
+        .collect();
+    let n_fn = names.len();
+    let mut sim = Sim {
+        cfg: *cfg,
+        prof,
+        names: names.clone(),
+        policy,
+        now: 0,
+        seq: 0,
+        heap: BinaryHeap::new(),
+        sbs: Vec::new(),
+        live: vec![Vec::new(); n_fn],
+        warm_idle: vec![BTreeSet::new(); n_fn],
+        dedup_idle: vec![BTreeSet::new(); n_fn],
+        counts: vec![FunctionCounts::default(); n_fn],
+        nodes: (0..c.nodes)
+            .map(|_| Node {
+                used: 0.0,
+                restores: 0,
+            })
+            .collect(),
+        pending: vec![VecDeque::new(); n_fn],
+        n_pending: 0,
+        rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+        exec,
+        records: Vec::with_capacity(if cfg.keep_records { trace.len() } else { 0 }),
+        memory: Vec::new(),
+        counters: Counters::default(),
+        done: 0,
+        summary: crate::output::SummaryBuilder::new(&names),
+    };
+    sim.summary.expect(trace.len() as u64);
+    let reqs: Vec<Req> = trace
+        .entries()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Req {
+            f: index[e.function.as_str()],
+            arrival: e.time_ms,
+            idx: i as u32,
+        })
+        .collect();
+    sim.push(0, Ev::Tick);
+    let mut next = 0usize;
+    let total = reqs.len();
+    let horizon = trace.duration_ms() + 24 * 3_600_000;
+    loop {
+        let heap_t = sim.heap.peek().map(|e| e.t);
+        let arr_t = reqs.get(next).map(|r| r.arrival);
+        let take_arrival = match (heap_t, arr_t) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(h), Some(a)) => a < h,
+        };
+        if take_arrival {
+            let r = reqs[next];
+            next += 1;
+            sim.now = r.arrival;
+            sim.arrive(r);
+            continue;
+        }
+        if next >= total && sim.done >= total {
+            break;
+        }
+        if next >= total && sim.now > horizon {
+            // Invocations that could never be placed (only possible when pinned bases fill
+            // nodes): stop; the summary counts them as dropped.
+            break;
+        }
+        let Some(e) = sim.heap.pop() else { break };
+        sim.now = e.t;
+        match e.ev {
+            Ev::Tick => {
+                sim.policy.tick(Timestamp(sim.now));
+                if sim.now.is_multiple_of(sim.cfg.sample_ms.max(1)) {
+                    sim.sample();
+                }
+                if next < total || sim.done < total {
+                    let t = sim.now + sim.cfg.tick_ms.max(1);
+                    sim.push(t, Ev::Tick);
+                }
+            }
+            Ev::Started(s) => sim.started(s),
+            Ev::Finish(s) => sim.finish(s),
+            Ev::Decide(s, g) => sim.decide(s, g),
+            Ev::DedupDone(s, g) => sim.dedup_done(s, g),
+            Ev::Prewarm(f, until) => sim.prewarm(f, until),
+        }
+    }
+    sim.sample();
+    let duration_ms = trace.duration_ms();
+    let budget = sim.cfg.cluster.budget_mb();
+    let summary = std::mem::take(&mut sim.summary).finish(
+        sim.policy.name(),
+        &sim.memory,
+        duration_ms,
+        budget,
+        sim.counters,
+    );
+    Ok(SimOutput {
+        policy: sim.policy.name(),
+        functions: names,
+        records: sim.records,
+        memory: sim.memory,
+        summary,
+    })
+}
+
+impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
+    fn push(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Event {
+            t,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn view(&self) -> FleetView<'_> {
+        FleetView {
+            counts: &self.counts,
+            budget_mb: self.cfg.cluster.budget_mb(),
+            used_mb: self.nodes.iter().map(|n| n.used).sum(),
+        }
+    }
+
+    fn bucket(c: &mut FunctionCounts, st: St, base: bool) -> Option<&mut usize> {
+        if st == St::Dead {
+            return None;
+        }
+        if base {
+            return Some(&mut c.base);
+        }
+        Some(match st {
+            St::Starting => &mut c.starting,
+            St::Running | St::Restoring => &mut c.running,
+            St::Warm => &mut c.warm,
+            St::Deduping => &mut c.deduping,
+            St::Dedup => &mut c.dedup,
+            St::Dead => return None,
+        })
+    }
+
+    /// Moves a sandbox to a new state (and base flag), keeping counts and generation.
+    fn set(&mut self, s: usize, st: St, base: bool) {
+        let (f, old, old_base) = (self.sbs[s].f, self.sbs[s].st, self.sbs[s].base);
+        if let Some(b) = Self::bucket(&mut self.counts[f], old, old_base) {
+            *b -= 1;
+        }
+        if let Some(b) = Self::bucket(&mut self.counts[f], st, base) {
+            *b += 1;
+        }
+        let key = (self.sbs[s].idle_since, s);
+        match old {
+            St::Warm => {
+                self.warm_idle[f].remove(&key);
+            }
+            St::Dedup => {
+                self.dedup_idle[f].remove(&key);
+            }
+            _ => {}
+        }
+        match st {
+            St::Warm => {
+                self.warm_idle[f].insert(key);
+            }
+            St::Dedup => {
+                self.dedup_idle[f].insert(key);
+            }
+            _ => {}
+        }
+        let sb = &mut self.sbs[s];
+        sb.st = st;
+        sb.base = base;
+        sb.epoch = sb.epoch.wrapping_add(1);
+    }
+
+    fn charge(&mut self, s: usize, mem: f64) {
+        let node = self.sbs[s].node;
+        self.nodes[node].used += mem - self.sbs[s].mem;
+        self.sbs[s].mem = mem;
+    }
+
+    fn exec_ms(&mut self, f: usize) -> f64 {
+        match &self.exec[f] {
+            Some(d) => d.sample(&mut self.rng),
+            None => self.prof[f].exec_ms,
+        }
+    }
+
+    fn idle_view(&self, s: usize) -> IdleSandbox {
+        let sb = &self.sbs[s];
+        IdleSandbox {
+            state: match (sb.st, sb.base) {
+                (_, true) => IdleState::Base,
+                (St::Dedup, _) => IdleState::Dedup,
+                _ => IdleState::Warm,
+            },
+            idle_since: Timestamp(sb.idle_since),
+            deadline: sb.deadline,
+            score: sb.score,
+            blacklisted: false,
+        }
+    }
+
+    fn schedule_decision(&mut self, s: usize) {
+        let (f, epoch) = (self.sbs[s].f, self.sbs[s].epoch);
+        let iv = self.idle_view(s);
+        if let Some(t) = self.policy.next_decision(f, &iv, Timestamp(self.now)) {
+            let t = t.0.max(self.now);
+            self.push(t, Ev::Decide(s, epoch));
+        }
+    }
+
+    fn kill(&mut self, s: usize) {
+        let f = self.sbs[s].f;
+        self.charge(s, 0.0);
+        self.set(s, St::Dead, false);
+        let i = self.sbs[s].pos;
+        if self.live[f].get(i) == Some(&s) {
+            self.live[f].swap_remove(i);
+            if let Some(&moved) = self.live[f].get(i) {
+                self.sbs[moved].pos = i;
+            }
+        }
+    }
+
+    fn new_sandbox(&mut self, f: usize, node: usize, prewarm_until: Option<Timestamp>) -> usize {
+        let s = self.sbs.len();
+        self.sbs.push(Sb {
+            f,
+            node,
+            st: St::Dead,
+            base: false,
+            mem: 0.0,
+            idle_since: self.now,
+            deadline: None,
+            score: 0.0,
+            epoch: 0,
+            pos: self.live[f].len(),
+            prewarm_until,
+        });
+        self.set(s, St::Starting, false);
+        let m = self.prof[f].warm_mb;
+        self.charge(s, m);
+        self.live[f].push(s);
+        s
+    }
+
+    fn admit_cap(&self) -> f64 {
+        self.cfg.cluster.node_mb * self.cfg.cluster.admit_fraction
+    }
+
+    fn evictable(&self, s: usize) -> bool {
+        let sb = &self.sbs[s];
+        !sb.base && matches!(sb.st, St::Warm | St::Dedup)
+    }
+
+    /// Idle evictable sandboxes (optionally of one node), in the policy's eviction order.
+    fn victims(&self, node: Option<usize>, exclude: Option<usize>) -> Vec<(f64, u64, usize)> {
+        let view = self.view();
+        let now = Timestamp(self.now);
+        let mut v: Vec<(f64, u64, usize)> = self
+            .live
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&s| {
+                Some(s) != exclude
+                    && self.evictable(s)
+                    && node.is_none_or(|n| self.sbs[s].node == n)
+            })
+            .map(|s| {
+                let iv = self.idle_view(s);
+                let r = self.policy.evict_rank(self.sbs[s].f, &iv, &view, now);
+                (r, self.sbs[s].idle_since, s)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        v
+    }
+
+    fn evict(&mut self, s: usize, rank: f64) {
+        self.counters.evictions += 1;
+        self.policy.on_evicted(self.sbs[s].f, rank);
+        self.kill(s);
+    }
+
+    /// Frees `need` MB under `limit` on `node` by evicting idle sandboxes there; false (and
+    /// nothing evicted) if even evicting all of them would not do.
+    fn make_room(&mut self, node: usize, need: f64, limit: f64, exclude: Option<usize>) -> bool {
+        let free = limit - self.nodes[node].used;
+        if free >= need {
+            return true;
+        }
+        let victims = self.victims(Some(node), exclude);
+        let avail: f64 = victims.iter().map(|v| self.sbs[v.2].mem).sum();
+        if free + avail < need {
+            return false;
+        }
+        for (rank, _, s) in victims {
+            if limit - self.nodes[node].used >= need {
+                break;
+            }
+            self.evict(s, rank);
+        }
+        limit - self.nodes[node].used >= need
+    }
+
+    /// A node for a new sandbox of `f`, evicting if `evict`; `None` if there is none.
+    fn place(&mut self, f: usize, evict: bool) -> Option<usize> {
+        let need = self.prof[f].warm_mb;
+        let cap = self.admit_cap();
+        // The node with the most free memory (the paper's rule).
+        let best = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| cap - n.used >= need)
+            .max_by(|a, b| {
+                (cap - a.1.used)
+                    .total_cmp(&(cap - b.1.used))
+                    .then(b.0.cmp(&a.0))
+            })
+            .map(|(i, _)| i);
+        if best.is_some() || !evict {
+            return best;
+        }
+        // Evict on the node of the policy's first victim among the nodes where evicting their
+        // idle sandboxes makes room (one pass to find it; only that node's victims are sorted).
+        let view = self.view();
+        let now = Timestamp(self.now);
+        let mut idle_on = vec![0.0f64; self.nodes.len()];
+        let mut ranked: Vec<(f64, u64, usize)> = Vec::new();
+        for s in self.live.iter().flatten().copied() {
+            if self.evictable(s) {
+                idle_on[self.sbs[s].node] += self.sbs[s].mem;
+                let iv = self.idle_view(s);
+                let r = self.policy.evict_rank(self.sbs[s].f, &iv, &view, now);
+                ranked.push((r, self.sbs[s].idle_since, s));
+            }
+        }
+        let best = ranked
+            .iter()
+            .filter(|v| {
+                let n = self.sbs[v.2].node;
+                cap - self.nodes[n].used + idle_on[n] >= need
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)))
+            .map(|v| self.sbs[v.2].node)?;
+        self.make_room(best, need, cap, None).then_some(best)
+    }
+
+    fn arrive(&mut self, r: Req) {
+        self.policy.on_arrival(r.f, Timestamp(self.now));
+        // Later arrivals do not overtake waiting ones of the same function.
+        if !self.pending[r.f].is_empty() || !self.dispatch(r) {
+            self.counters.queued += 1;
+            self.pending[r.f].push_back(r);
+            self.n_pending += 1;
+        }
+    }
+
+    fn record(&mut self, r: Req, s: usize, kind: StartKind, start_ms: f64) {
+        let exec = self.exec_ms(r.f);
+        let startup = (self.now - r.arrival) as f64 + start_ms;
+        self.policy
+            .on_start(r.f, kind, startup, Timestamp(self.now));
+        let rec = InvocationRecord {
+            request: r.idx,
+            function: r.f as u32,
+            arrival_ms: r.arrival,
+            start: kind,
+            startup_ms: startup,
+            e2e_ms: startup + exec,
+            node: self.sbs[s].node as u32,
+        };
+        self.summary.add(&rec);
+        if self.cfg.keep_records {
+            self.records.push(rec);
+        }
+        let fin = self.now + (start_ms + exec).ceil() as u64;
+        self.push(fin, Ev::Finish(s));
+    }
+
+    /// Starts the invocation now if possible.
+    fn dispatch(&mut self, r: Req) -> bool {
+        let f = r.f;
+        // 1. A warm sandbox (or base), most recently used first.
+        let warm = self.warm_idle[f].last().map(|&(_, s)| s);
+        if let Some(s) = warm {
+            let base = self.sbs[s].base;
+            self.set(s, St::Running, base);
+            let w = self.prof[f].warm_ms;
+            self.record(r, s, StartKind::Warm, w);
+            return true;
+        }
+        // 2. A dedup sandbox on a node with a restore slot and room.
+        let dedups: Vec<usize> = self.dedup_idle[f].iter().rev().map(|&(_, s)| s).collect();
+        let p = self.prof[f].clone();
+        for s in dedups {
+            let node = self.sbs[s].node;
+            if self.nodes[node].restores >= self.cfg.cluster.max_restores_per_node {
+                continue;
+            }
+            let need = (p.warm_mb - self.sbs[s].mem) + p.restore_mb;
+            if !self.make_room(node, need, self.cfg.cluster.node_mb, Some(s)) {
+                continue;
+            }
+            self.nodes[node].restores += 1;
+            self.set(s, St::Restoring, false);
+            self.charge(s, p.warm_mb + p.restore_mb);
+            let t = self.now + p.dedup_ms.ceil() as u64;
+            self.push(t, Ev::Started(s));
+            self.record(r, s, StartKind::Dedup, p.dedup_ms);
+            return true;
+        }
+        // 3. A cold start.
+        let Some(node) = self.place(f, true) else {
+            return false;
+        };
+        let s = self.new_sandbox(f, node, None);
+        let t = self.now + p.cold_ms.ceil() as u64;
+        self.push(t, Ev::Started(s));
+        self.record(r, s, StartKind::Cold, p.cold_ms);
+        true
+    }
+
+    /// Retries waiting invocations, oldest first across functions; a function whose oldest
+    /// waiting invocation cannot start is skipped for the rest of the pass.
+    fn drain_pending(&mut self) {
+        if self.n_pending == 0 {
+            return;
+        }
+        let mut blocked = vec![false; self.pending.len()];
+        loop {
+            let next = self
+                .pending
+                .iter()
+                .enumerate()
+                .filter(|(f, q)| !blocked[*f] && !q.is_empty())
+                .min_by_key(|(f, q)| (q.front().map_or(u64::MAX, |r| r.arrival), *f))
+                .map(|(f, _)| f);
+            let Some(f) = next else { break };
+            let Some(r) = self.pending[f].pop_front() else {
+                break;
+            };
+            if self.dispatch(r) {
+                self.n_pending -= 1;
+            } else {
+                self.pending[f].push_front(r);
+                blocked[f] = true;
+            }
+        }
+    }
+
+    fn started(&mut self, s: usize) {
+        let sb = &self.sbs[s];
+        match sb.st {
+            St::Restoring => {
+                let node = sb.node;
+                self.nodes[node].restores -= 1;
+                let m = self.prof[sb.f].warm_mb;
+                self.charge(s, m);
+                self.set(s, St::Running, false);
+                self.drain_pending();
+            }
+            St::Starting => match sb.prewarm_until {
+                Some(until) => {
+                    self.sbs[s].idle_since = self.now;
+                    self.sbs[s].deadline = Some(until);
+                    self.set(s, St::Warm, false);
+                    self.schedule_decision(s);
+                }
+                None => self.set(s, St::Running, false),
+            },
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, s: usize) {
+        self.done += 1;
+        let (f, base) = (self.sbs[s].f, self.sbs[s].base);
+        let after = self.policy.on_finish(f, Timestamp(self.now));
+        {
+            let sb = &mut self.sbs[s];
+            sb.idle_since = self.now;
+            sb.deadline = after.deadline;
+            sb.score = after.score;
+            sb.prewarm_until = None;
+        }
+        self.set(s, St::Warm, base);
+        if let Some((at, until)) = after.prewarm {
+            self.push(at.0.max(self.now), Ev::Prewarm(f, until.0));
+        }
+        // A queued invocation of this function takes the sandbox at once.
+        if let Some(r) = self.pending[f].pop_front() {
+            self.n_pending -= 1;
+            let ok = self.dispatch(r);
+            debug_assert!(ok);
+        } else if after.unload && !base {
+            self.counters.purges += 1;
+            self.kill(s);
+        } else {
+            self.schedule_decision(s);
+        }
+        self.drain_pending();
+    }
+
+    fn decide(&mut self, s: usize, epoch: u32) {
+        let sb = &self.sbs[s];
+        if sb.epoch != epoch || !matches!(sb.st, St::Warm | St::Dedup) {
+            return;
+        }
+        let f = sb.f;
+        let iv = self.idle_view(s);
+        let now = Timestamp(self.now);
+        let verdict = {
+            let view = FleetView {
+                counts: &self.counts,
+                budget_mb: self.cfg.cluster.budget_mb(),
+                used_mb: self.nodes.iter().map(|n| n.used).sum(),
+            };
+            self.policy.decide(f, &iv, &view, now)
+        };
+        let (st, base) = (self.sbs[s].st, self.sbs[s].base);
+        match verdict {
+            Verdict::Purge if !base => {
+                self.counters.purges += 1;
+                self.kill(s);
+                self.drain_pending();
+            }
+            Verdict::Dedup if st == St::Warm && !base && self.policy.dedups() => {
+                self.set(s, St::Deduping, false);
+                let (t, g) = (
+                    self.now + self.prof[f].dedup_op_ms.ceil() as u64,
+                    self.sbs[s].epoch,
+                );
+                self.push(t, Ev::DedupDone(s, g));
+            }
+            Verdict::MakeBase if st == St::Warm && !base && self.policy.dedups() => {
+                let node = self.sbs[s].node;
+                let extra = self.prof[f].base_extra_mb;
+                if self.admit_cap() - self.nodes[node].used >= extra {
+                    self.counters.bases += 1;
+                    let m = self.sbs[s].mem + extra;
+                    self.charge(s, m);
+                    self.set(s, St::Warm, true);
+                } else {
+                    // No room for the page image now: ask again later.
+                    self.set(s, St::Warm, false);
+                }
+                self.schedule_decision(s);
+            }
+            _ => {
+                self.set(s, st, base);
+                self.schedule_decision(s);
+            }
+        }
+    }
+
+    fn dedup_done(&mut self, s: usize, epoch: u32) {
+        if self.sbs[s].epoch != epoch || self.sbs[s].st != St::Deduping {
+            return;
+        }
+        self.counters.dedup_ops += 1;
+        let m = self.prof[self.sbs[s].f].dedup_mb;
+        self.charge(s, m);
+        self.set(s, St::Dedup, false);
+        self.schedule_decision(s);
+        self.drain_pending();
+    }
+
+    fn prewarm(&mut self, f: usize, until: u64) {
+        if until <= self.now {
+            return;
+        }
+        match self.place(f, false) {
+            Some(node) => {
+                self.counters.prewarms += 1;
+                let s = self.new_sandbox(f, node, Some(Timestamp(until)));
+                let t = self.now + self.prof[f].cold_ms.ceil() as u64;
+                self.push(t, Ev::Started(s));
+            }
+            None => self.counters.prewarms_skipped += 1,
+        }
+    }
+
+    fn sample(&mut self) {
+        let cap = self.cfg.cluster.node_mb;
+        let mut used = 0.0;
+        let mut max_node = 0.0f64;
+        for n in &self.nodes {
+            used += n.used;
+            max_node = max_node.max(n.used);
+            if n.used > cap + 1e-6 {
+                self.counters.budget_violations += 1;
+            }
+        }
+        let mut by = [0.0f64; 4]; // warm/running, dedup, base, starting/restoring
+        let mut n_dedup = 0usize;
+        let mut n_live = 0usize;
+        for s in self.live.iter().flatten().copied() {
+            let sb = &self.sbs[s];
+            n_live += 1;
+            let i = match (sb.st, sb.base) {
+                (_, true) => 2,
+                (St::Dedup | St::Deduping, _) => {
+                    n_dedup += 1;
+                    1
+                }
+                (St::Starting | St::Restoring, _) => 3,
+                _ => 0,
+            };
+            by[i] += sb.mem;
+        }
+        let _ = &self.names;
+        self.memory.push(MemorySample {
+            time_ms: self.now,
+            used_mb: used,
+            max_node_mb: max_node,
+            warm_mb: by[0],
+            dedup_mb: by[1],
+            base_mb: by[2],
+            transient_mb: by[3],
+            sandboxes: n_live,
+            dedup_sandboxes: n_dedup,
+        });
+    }
+}

@@ -1,0 +1,328 @@
+//! Policies by name, as the command line and the evaluation spell them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use medes_policy::policies::{
+    ClusterPolicy, FixedKeepAlive, FunctionCosts, GreedyDual, HistogramConfig, HybridHistogram,
+    Medes, MedesConfig, MedesMode,
+};
+use serde::{Deserialize, Serialize};
+
+/// A policy and its knob.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PolicySpec {
+    /// `fixed-<N>m` (or `ka-<N>`): fixed keep-alive of N minutes.
+    Fixed {
+        /// Keep-alive, minutes.
+        minutes: f64,
+    },
+    /// `hybrid-histogram` (or `hybrid-histogram-<N>m`: range N minutes; default 240).
+    Hybrid {
+        /// Histogram range and fallback keep-alive, minutes.
+        range_minutes: f64,
+    },
+    /// `greedy-dual`.
+    GreedyDual,
+    /// `medes` (memory mode with the cluster budget), `medes-kd-<N>m` (keep-dedup N minutes),
+    /// `medes-ka-<N>m` (keep-alive), `medes-latency[-<α>]` (latency mode, α = 2.5),
+    /// `medes-budget-<GB>` (memory mode with budget M0 = GB). Suffixes combine in that order:
+    /// `medes-latency-2.5-kd-10m`.
+    Medes {
+        /// The knob.
+        mode: MedesMode,
+        /// Keep-alive, minutes.
+        keep_alive_minutes: f64,
+        /// Keep-dedup, minutes.
+        keep_dedup_minutes: f64,
+    },
+}
+
+/// A policy name that is not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown policy {0:?} (fixed-<N>m, hybrid-histogram, greedy-dual, medes, medes-kd-<N>m, medes-latency[-<alpha>], medes-budget-<GB>)"
+)]
+pub struct ParsePolicyError(pub String);
+
+fn minutes(s: &str) -> Option<f64> {
+    let v: f64 = s.strip_suffix('m').unwrap_or(s).parse().ok()?;
+    (v.is_finite() && v > 0.0).then_some(v)
+}
+
+impl FromStr for PolicySpec {
+    type Err = ParsePolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParsePolicyError(s.to_string());
+        if let Some(rest) = s.strip_prefix("fixed-").or(s.strip_prefix("ka-")) {
+            return Ok(PolicySpec::Fixed {
+                minutes: minutes(rest).ok_or_else(err)?,
+            });
+        }
+        if s == "hybrid-histogram" || s == "hybrid" {
+            return Ok(PolicySpec::Hybrid {
+                range_minutes: 240.0,
+            });
+        }
+        if let Some(rest) = s.strip_prefix("hybrid-histogram-") {
+            return Ok(PolicySpec::Hybrid {
+                range_minutes: minutes(rest).ok_or_else(err)?,
+            });
+        }
+        if s == "greedy-dual" {
+            return Ok(PolicySpec::GreedyDual);
+        }
+        let Some(rest) = s.strip_prefix("medes") else {
+            return Err(err());
+        };
+        let mut mode = MedesMode::Memory { budget_mb: None };
+        let mut ka = 10.0;
+        let mut kd = 15.0;
+        let parts: Vec<&str> = rest.split('-').filter(|p| !p.is_empty()).collect();
+        let mut i = 0;
+        while i < parts.len() {
+            match parts[i] {
+                "latency" => {
+                    let alpha = parts
+                        .get(i + 1)
+                        .and_then(|a| a.parse::<f64>().ok())
+                        .filter(|a| a.is_finite() && *a > 1.0);
+                    if alpha.is_some() {
+                        i += 1;
+                    }
+                    mode = MedesMode::Latency {
+                        alpha: alpha.unwrap_or(2.5),
+                    };
+                }
+                "budget" => {
+                    let gb = parts
+                        .get(i + 1)
+                        .and_then(|a| a.parse::<f64>().ok())
+                        .filter(|a| a.is_finite() && *a > 0.0)
+                        .ok_or_else(err)?;
+                    i += 1;
+                    mode = MedesMode::Memory {
+                        budget_mb: Some(gb * 1000.0),
+                    };
+                }
+                "kd" => {
+                    kd = parts.get(i + 1).and_then(|m| minutes(m)).ok_or_else(err)?;
+                    i += 1;
+                }
+                "ka" => {
+                    ka = parts.get(i + 1).and_then(|m| minutes(m)).ok_or_else(err)?;
+                    i += 1;
+                }
+                _ => return Err(err()),
+            }
+            i += 1;
+        }
+        Ok(PolicySpec::Medes {
+            mode,
+            keep_alive_minutes: ka,
+            keep_dedup_minutes: kd,
+        })
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v}")
+    }
+}
+
+impl fmt::Display for PolicySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicySpec::Fixed { minutes } => write!(f, "fixed-{}m", fmt_num(*minutes)),
+            PolicySpec::Hybrid { range_minutes } if *range_minutes == 240.0 => {
+                f.write_str("hybrid-histogram")
+            }
+            PolicySpec::Hybrid { range_minutes } => {
+                write!(f, "hybrid-histogram-{}m", fmt_num(*range_minutes))
+            }
+            PolicySpec::GreedyDual => f.write_str("greedy-dual"),
+            PolicySpec::Medes {
+                mode,
+                keep_alive_minutes,
+                keep_dedup_minutes,
+            } => {
+                f.write_str("medes")?;
+                match mode {
+                    MedesMode::Memory { budget_mb: None } => {}
+                    MedesMode::Memory {
+                        budget_mb: Some(mb),
+                    } => write!(f, "-budget-{}", fmt_num(mb / 1000.0))?,
+                    MedesMode::Latency { alpha } if *alpha == 2.5 => f.write_str("-latency")?,
+                    MedesMode::Latency { alpha } => write!(f, "-latency-{}", fmt_num(*alpha))?,
+                }
+                if *keep_alive_minutes != 10.0 {
+                    write!(f, "-ka-{}m", fmt_num(*keep_alive_minutes))?;
+                }
+                if *keep_dedup_minutes != 15.0 {
+                    write!(f, "-kd-{}m", fmt_num(*keep_dedup_minutes))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A policy named by a spec, reporting the spec as its name.
+struct Named<P> {
+    name: String,
+    inner: P,
+}
+
+macro_rules! forward {
+    () => {
+        fn name(&self) -> String {
+            self.name.clone()
+        }
+        fn dedups(&self) -> bool {
+            self.inner.dedups()
+        }
+        fn on_arrival(&mut self, f: usize, now: medes_policy::Timestamp) {
+            self.inner.on_arrival(f, now)
+        }
+        fn on_start(
+            &mut self,
+            f: usize,
+            kind: medes_core::StartKind,
+            latency_ms: f64,
+            now: medes_policy::Timestamp,
+        ) {
+            self.inner.on_start(f, kind, latency_ms, now)
+        }
+        fn on_finish(
+            &mut self,
+            f: usize,
+            now: medes_policy::Timestamp,
+        ) -> medes_policy::policies::AfterRun {
+            self.inner.on_finish(f, now)
+        }
+        fn next_decision(
+            &self,
+            f: usize,
+            sb: &medes_policy::policies::IdleSandbox,
+            now: medes_policy::Timestamp,
+        ) -> Option<medes_policy::Timestamp> {
+            self.inner.next_decision(f, sb, now)
+        }
+        fn decide(
+            &mut self,
+            f: usize,
+            sb: &medes_policy::policies::IdleSandbox,
+            view: &medes_policy::policies::FleetView<'_>,
+            now: medes_policy::Timestamp,
+        ) -> medes_policy::policies::Verdict {
+            self.inner.decide(f, sb, view, now)
+        }
+        fn evict_rank(
+            &self,
+            f: usize,
+            sb: &medes_policy::policies::IdleSandbox,
+            view: &medes_policy::policies::FleetView<'_>,
+            now: medes_policy::Timestamp,
+        ) -> f64 {
+            self.inner.evict_rank(f, sb, view, now)
+        }
+        fn on_evicted(&mut self, f: usize, rank: f64) {
+            self.inner.on_evicted(f, rank)
+        }
+        fn tick(&mut self, now: medes_policy::Timestamp) {
+            self.inner.tick(now)
+        }
+    };
+}
+
+impl<P: ClusterPolicy> ClusterPolicy for Named<P> {
+    forward!();
+}
+
+impl PolicySpec {
+    /// The policy for functions with these costs (in the trace's function order).
+    pub fn build(&self, costs: Vec<FunctionCosts>) -> Box<dyn ClusterPolicy> {
+        let name = self.to_string();
+        match self {
+            PolicySpec::Fixed { minutes } => Box::new(Named {
+                name,
+                inner: FixedKeepAlive::new((minutes * 60_000.0) as u64),
+            }),
+            PolicySpec::Hybrid { range_minutes } => Box::new(Named {
+                name,
+                inner: HybridHistogram::new(
+                    HistogramConfig {
+                        range_ms: (range_minutes * 60_000.0) as u64,
+                        ..HistogramConfig::default()
+                    },
+                    costs.len(),
+                ),
+            }),
+            PolicySpec::GreedyDual => Box::new(Named {
+                name,
+                inner: GreedyDual::new(costs),
+            }),
+            PolicySpec::Medes {
+                mode,
+                keep_alive_minutes,
+                keep_dedup_minutes,
+            } => Box::new(Named {
+                name,
+                inner: Medes::new(
+                    MedesConfig {
+                        mode: *mode,
+                        keep_alive_ms: (keep_alive_minutes * 60_000.0) as u64,
+                        keep_dedup_ms: (keep_dedup_minutes * 60_000.0) as u64,
+                        ..MedesConfig::default()
+                    },
+                    costs,
+                ),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for s in [
+            "fixed-10m",
+            "fixed-5m",
+            "fixed-0.5m",
+            "hybrid-histogram",
+            "hybrid-histogram-60m",
+            "greedy-dual",
+            "medes",
+            "medes-kd-5m",
+            "medes-latency",
+            "medes-latency-4",
+            "medes-budget-12",
+            "medes-ka-5m-kd-20m",
+        ] {
+            let p: PolicySpec = s.parse().unwrap();
+            assert_eq!(p.to_string(), s);
+        }
+        assert_eq!(
+            "ka-10".parse::<PolicySpec>().unwrap().to_string(),
+            "fixed-10m"
+        );
+        for bad in [
+            "",
+            "fixed-",
+            "fixed-0m",
+            "medes-kd",
+            "medes-x",
+            "lru",
+            "medes-budget-",
+        ] {
+            assert!(bad.parse::<PolicySpec>().is_err(), "{bad}");
+        }
+    }
+}
