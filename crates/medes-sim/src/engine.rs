@@ -201,7 +201,7 @@ pub struct Counters {
     pub prewarms_skipped: u64,
     /// Invocations that had to wait for memory.
     pub queued: u64,
-    /// Memory samples above a node's budget (must stay 0).
+    /// Memory charges that took a node above its budget (must stay 0).
     pub budget_violations: u64,
 }
 
@@ -461,6 +461,9 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         let node = self.sbs[s].node;
         self.nodes[node].used += mem - self.sbs[s].mem;
         self.sbs[s].mem = mem;
+        if self.nodes[node].used > self.cfg.cluster.node_mb + 1e-6 {
+            self.counters.budget_violations += 1;
+        }
     }
 
     fn exec_ms(&mut self, f: usize) -> f64 {
@@ -869,15 +872,11 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
     }
 
     fn sample(&mut self) {
-        let cap = self.cfg.cluster.node_mb;
         let mut used = 0.0;
         let mut max_node = 0.0f64;
         for n in &self.nodes {
             used += n.used;
             max_node = max_node.max(n.used);
-            if n.used > cap + 1e-6 {
-                self.counters.budget_violations += 1;
-            }
         }
         let mut by = [0.0f64; 4]; // warm/running, dedup, base, starting/restoring
         let mut n_dedup = 0usize;

@@ -1,0 +1,313 @@
+//! Simulator properties: determinism, conservation, the memory budget, scenario checks, and a
+//! tiny end-to-end evaluation.
+
+use medes_core::StartKind;
+use medes_sim::eval::{MAIN_POLICIES, patterns_with, run_paper};
+use medes_sim::{ClusterConfig, PolicySpec, Profile, SimConfig, SimOutput, simulate};
+use medes_trace::{RecipeConfig, Trace, TraceEntry};
+
+fn trace(entries: &[(u64, &str)]) -> Trace {
+    Trace::new(
+        entries
+            .iter()
+            .map(|&(t, f)| TraceEntry {
+                time_ms: t,
+                function: f.to_string(),
+                params: None,
+            })
+            .collect(),
+    )
+}
+
+/// A busy one-hour pattern of the ten functions (small enough for debug builds).
+fn pattern(seed: u64) -> Trace {
+    let rc = RecipeConfig {
+        min_per_hour: 300.0,
+        max_per_hour: 3000.0,
+        ..RecipeConfig::default()
+    };
+    patterns_with(1, seed, &rc).unwrap().swap_remove(0)
+}
+
+fn cluster(nodes: usize, node_mb: f64) -> SimConfig {
+    let mut c = SimConfig::new(ClusterConfig {
+        nodes,
+        node_mb,
+        ..ClusterConfig::paper(40.0)
+    });
+    c.sample_ms = 1_000;
+    c
+}
+
+fn run(t: &Trace, policy: &str, cfg: &SimConfig, profile: &Profile) -> SimOutput {
+    let spec: PolicySpec = policy.parse().unwrap();
+    let mut p = spec.build(profile.costs(&t.functions()).unwrap());
+    simulate(t, profile, &mut p, cfg).unwrap()
+}
+
+fn varied_profile() -> Profile {
+    let mut p = Profile::paper();
+    for f in p.functions.values_mut() {
+        f.exec_cv = 0.5;
+    }
+    p
+}
+
+#[test]
+fn same_seed_same_output_other_seed_differs() {
+    let t = pattern(3);
+    let prof = varied_profile();
+    let cfg = cluster(4, 400.0);
+    for policy in ["medes", "hybrid-histogram", "greedy-dual", "fixed-10m"] {
+        let a = run(&t, policy, &cfg, &prof);
+        let b = run(&t, policy, &cfg, &prof);
+        assert_eq!(a, b, "{policy}");
+        let mut other = cfg;
+        other.seed = 99;
+        let c = run(&t, policy, &other, &prof);
+        assert_ne!(a.records, c.records, "{policy}");
+    }
+}
+
+#[test]
+fn every_invocation_is_accounted_for_and_memory_stays_in_budget() {
+    let t = pattern(5);
+    let prof = varied_profile();
+    // From roomy to very tight (a node holds a handful of sandboxes).
+    for (nodes, node_mb) in [(19, 2000.0), (4, 400.0), (2, 200.0)] {
+        let cfg = cluster(nodes, node_mb);
+        for policy in MAIN_POLICIES
+            .iter()
+            .chain(&["medes-latency", "fixed-1m", "medes-kd-5m"])
+        {
+            let out = run(&t, policy, &cfg, &prof);
+            let s = &out.summary;
+            let ctx = format!("{policy} on {nodes} × {node_mb} MB");
+            assert_eq!(s.invocations as usize, t.len(), "{ctx}");
+            assert_eq!(s.dropped, 0, "{ctx}");
+            assert_eq!(
+                s.cold_starts + s.dedup_starts + s.warm_starts,
+                s.invocations,
+                "{ctx}"
+            );
+            let mut seen = vec![false; t.len()];
+            for r in &out.records {
+                assert!(
+                    !seen[r.request as usize],
+                    "{ctx}: request {} twice",
+                    r.request
+                );
+                seen[r.request as usize] = true;
+                let e = &t.entries()[r.request as usize];
+                assert_eq!(out.functions[r.function as usize], e.function, "{ctx}");
+                assert_eq!(r.arrival_ms, e.time_ms, "{ctx}");
+                assert!(r.e2e_ms >= r.startup_ms && r.startup_ms >= 0.0, "{ctx}");
+            }
+            assert!(seen.iter().all(|&x| x), "{ctx}");
+            assert_eq!(s.counters.budget_violations, 0, "{ctx}");
+            for m in &out.memory {
+                assert!(m.max_node_mb <= node_mb + 1e-6, "{ctx}: {m:?}");
+                assert!(m.used_mb <= nodes as f64 * node_mb + 1e-6, "{ctx}");
+            }
+            let dedups = s.dedup_starts + s.counters.dedup_ops + s.counters.bases;
+            if !policy.starts_with("medes") {
+                assert_eq!(dedups, 0, "{ctx}: only Medes deduplicates");
+            }
+        }
+    }
+}
+
+#[test]
+fn medes_deduplicates_under_pressure() {
+    let t = pattern(5);
+    let out = run(&t, "medes", &cluster(2, 400.0), &Profile::paper());
+    let s = &out.summary;
+    assert!(s.counters.dedup_ops > 0 && s.dedup_starts > 0, "{s:?}");
+    assert!(s.counters.bases > 0, "{s:?}");
+}
+
+#[test]
+fn keep_alive_scenarios() {
+    let prof = Profile::paper();
+    let cfg = cluster(1, 2000.0);
+    // linalg: exec 250 ms, cold 835 ms. 9 minutes later: warm; 11 minutes after that: cold.
+    let t = trace(&[
+        (0, "linalg"),
+        (540_000, "linalg"),
+        (540_000 + 660_000, "linalg"),
+    ]);
+    let kinds = |out: &SimOutput| -> Vec<StartKind> {
+        let mut r = out.records.clone();
+        r.sort_by_key(|r| r.request);
+        r.iter().map(|r| r.start).collect()
+    };
+    let out = run(&t, "fixed-10m", &cfg, &prof);
+    assert_eq!(
+        kinds(&out),
+        [StartKind::Cold, StartKind::Warm, StartKind::Cold]
+    );
+    assert_eq!(out.records[0].e2e_ms, 835.0 + 250.0);
+    // Greedy-Dual never expires a sandbox when memory allows.
+    let out = run(&t, "greedy-dual", &cfg, &prof);
+    assert_eq!(
+        kinds(&out),
+        [StartKind::Cold, StartKind::Warm, StartKind::Warm]
+    );
+    // Medes: the first sandbox becomes the function's base at its first idle decision and is
+    // never purged.
+    let out = run(&t, "medes", &cfg, &prof);
+    assert_eq!(
+        kinds(&out),
+        [StartKind::Cold, StartKind::Warm, StartKind::Warm]
+    );
+    assert_eq!(out.summary.counters.bases, 1);
+    // Medes with a tight node: a second concurrent sandbox is deduplicated after its idle
+    // period and restored (a dedup start) 12 minutes later, past the 10-minute keep-alive.
+    let t = trace(&[
+        (0, "modelserve"),
+        (10, "modelserve"),
+        (12 * 60_000, "modelserve"),
+        (12 * 60_000 + 1, "modelserve"),
+    ]);
+    let out = run(&t, "medes-budget-0.1", &cluster(1, 400.0), &prof);
+    let k = kinds(&out);
+    assert_eq!(&k[..2], [StartKind::Cold, StartKind::Cold]);
+    assert!(
+        k[2..].contains(&StartKind::Dedup),
+        "{k:?} {:?}",
+        out.summary
+    );
+    let out = run(&t, "fixed-10m", &cluster(1, 400.0), &prof);
+    assert_eq!(kinds(&out), [StartKind::Cold; 4]);
+}
+
+#[test]
+fn hybrid_histogram_prewarms_a_periodic_function() {
+    let prof = Profile::paper();
+    // vanilla every 7 minutes for 3 hours: idle times of ~7 min; after a few, the policy
+    // unloads after each call and pre-warms before the next: warm starts without keeping the
+    // sandbox for the whole gap.
+    let entries: Vec<(u64, &str)> = (0..26).map(|i| (i * 420_000, "vanilla")).collect();
+    let t = trace(&entries);
+    let out = run(&t, "hybrid-histogram", &cluster(1, 2000.0), &prof);
+    let s = &out.summary;
+    assert!(s.counters.prewarms >= 20, "{s:?}");
+    let mut r = out.records.clone();
+    r.sort_by_key(|r| r.request);
+    assert!(r[5..].iter().all(|r| r.start == StartKind::Warm), "{r:?}");
+    // Memory is freed between calls: well below always-on.
+    let idle_samples = out.memory.iter().filter(|m| m.used_mb == 0.0).count();
+    assert!(
+        idle_samples > out.memory.len() / 2,
+        "{idle_samples} of {}",
+        out.memory.len()
+    );
+}
+
+#[test]
+fn unknown_function_and_oversized_sandbox_are_errors() {
+    let prof = Profile::paper();
+    let t = trace(&[(0, "nope")]);
+    let mut p = PolicySpec::GreedyDual.build(vec![]);
+    assert!(matches!(
+        simulate(&t, &prof, &mut p, &cluster(1, 1000.0)),
+        Err(medes_sim::SimError::UnknownFunction(_))
+    ));
+    let t = trace(&[(0, "modelserve")]);
+    assert!(matches!(
+        simulate(&t, &prof, &mut p, &cluster(1, 50.0)),
+        Err(medes_sim::SimError::DoesNotFit { .. })
+    ));
+    assert!(simulate(&t, &prof, &mut p, &cluster(0, 50.0)).is_err());
+}
+
+#[test]
+fn outputs_round_trip_through_files() {
+    let t = pattern(2);
+    let out = run(&t, "medes", &cluster(3, 300.0), &Profile::paper());
+    let dir = tempfile::tempdir().unwrap();
+    out.write_dir(dir.path()).unwrap();
+    let back = SimOutput::read_dir(dir.path()).unwrap();
+    // JSON and CSV keep counts exactly and floats to within rounding.
+    let (a, b) = (&back.summary, &out.summary);
+    assert_eq!(
+        (a.invocations, a.cold_starts, a.dedup_starts),
+        (b.invocations, b.cold_starts, b.dedup_starts)
+    );
+    assert!((a.mean_memory_gb - b.mean_memory_gb).abs() < 1e-9);
+    assert_eq!(a.functions.len(), b.functions.len());
+    assert_eq!(back.records.len(), out.records.len());
+    for (x, y) in back.records.iter().zip(&out.records) {
+        assert_eq!(
+            (x.request, x.function, x.start, x.node),
+            (y.request, y.function, y.start, y.node)
+        );
+        assert!((x.e2e_ms - y.e2e_ms).abs() < 1e-6);
+    }
+    assert_eq!(back.memory.len(), out.memory.len());
+    let rep = tempfile::tempdir().unwrap();
+    let other = run(&t, "fixed-10m", &cluster(3, 300.0), &Profile::paper());
+    let md = medes_sim::report::write_runs_report(&[other, back], rep.path()).unwrap();
+    let text = std::fs::read_to_string(md).unwrap();
+    assert!(
+        text.contains("fixed-10m") && text.contains("÷ medes"),
+        "{text}"
+    );
+    assert!(rep.path().join("memory_over_time.png").exists());
+}
+
+#[test]
+fn tiny_paper_evaluation_end_to_end() {
+    let pats = vec![pattern(7)];
+    let res = run_paper(&pats, &Profile::paper(), &[4.0, 2.0], true, 1, &|_, _| {}).unwrap();
+    for pool in [4.0, 2.0] {
+        for p in MAIN_POLICIES {
+            let r = res.row(p, pool).unwrap_or_else(|| panic!("{p} {pool}"));
+            assert_eq!(r.invocations as usize, pats[0].len());
+            assert!(r.p50_ms > 0.0 && r.p999_ms >= r.p99_ms && r.p99_ms >= r.p50_ms);
+        }
+    }
+    assert!(res.row("fixed-20m", 40.0).is_some() && res.row("medes-kd-5m", 40.0).is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let md = medes_sim::report::write_paper_report(&res, dir.path()).unwrap();
+    let text = std::fs::read_to_string(md).unwrap();
+    for needle in [
+        "Fig. 10a",
+        "Fig. 7a",
+        "Fig. 7b",
+        "Fig. 9",
+        "Fig. 12",
+        "Fig. 15",
+        "Trade-off",
+    ] {
+        assert!(text.contains(needle), "{needle}");
+    }
+    for f in [
+        "fig10_cold_starts_vs_pool.png",
+        "fig7a_latency_ratio_cdf.png",
+        "fig7b_cold_starts_per_function.png",
+        "fig9_memory_over_time.png",
+        "fig12_keepalive_sweep.png",
+        "fig15_keepdedup_sweep.png",
+        "tradeoff_cold_starts_vs_memory.png",
+    ] {
+        let meta = std::fs::metadata(dir.path().join(f)).unwrap();
+        assert!(meta.len() > 1000, "{f}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("rows.json")).unwrap())
+            .unwrap();
+    let row = &json["rows"][0];
+    for k in [
+        "policy",
+        "pool_gb",
+        "cold_starts",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "startup_p999_ms",
+        "mean_memory_gb",
+    ] {
+        assert!(!row[k].is_null(), "{k}");
+    }
+}
