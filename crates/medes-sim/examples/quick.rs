@@ -1,45 +1,41 @@
-//! Quick look: the main policies on the paper's setup.
+//! Quick look at a few policies on the evaluation's setup:
+//! `POLICIES=medes,fixed-10m POOLS=40,20 cargo run --release -p medes-sim --example quick`.
 use medes_sim::eval::*;
 use medes_sim::*;
-fn main() {
-    let t0 = std::time::Instant::now();
-    let env = |k: &str, d: f64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
     let rc = medes_trace::RecipeConfig {
-        min_per_hour: env("MINH", 12.0),
-        max_per_hour: env("MAXH", 1800.0),
-        scale: env("SCALE", 5.0),
-        ..Default::default()
+        min_per_hour: var("MINH", &EVAL_MIN_PER_HOUR.to_string()).parse()?,
+        max_per_hour: var("MAXH", &EVAL_MAX_PER_HOUR.to_string()).parse()?,
+        ..eval_recipe()
     };
-    let pats = patterns_with(5, 1, &rc).unwrap();
-    for (i, p) in pats.iter().enumerate() {
-        eprintln!("pattern {i}: {} invocations", p.len());
+    let pats = patterns_with(
+        var("PATTERNS", "5").parse()?,
+        1,
+        &rc,
+        var("SYNTH", "2000").parse()?,
+    )?;
+    for p in &pats {
+        eprint!("{} ", p.len());
     }
-    eprintln!("patterns in {:?}", t0.elapsed());
+    eprintln!("invocations");
     let mut jobs = Vec::new();
-    for pool in PAPER_POOLS_GB {
-        for p in MAIN_POLICIES {
-            jobs.push((p.parse::<PolicySpec>().unwrap(), pool));
+    for pool in var("POOLS", "40,30,20").split(',') {
+        for p in var("POLICIES", &MAIN_POLICIES.join(",")).split(',') {
+            jobs.push((p.parse::<PolicySpec>()?, pool.parse::<f64>()?));
         }
     }
-    let runs = run_grid(&pats, &Profile::paper(), &jobs, 1, true, &|_, _| {}).unwrap();
-    eprintln!("runs in {:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    let runs = run_grid(&pats, &Profile::paper(), &jobs, 1, false, &|_, _| {})?;
+    eprintln!("{} runs in {:?}", runs.len(), t0.elapsed());
     for r in rows(&runs) {
         println!(
-            "{:18} {:>4} cold {:6} ({:7.1}/h) dedup {:6} inv {:6} drop {} p50 {:7.0} p99 {:7.0} p999 {:7.0} sp999 {:7.0} mem {:5.2} GB dshare {:.2} evict {}",
+            "{:24} {:>3} cold/h {:7.1} dedup {:6} p999 {:6.0} sp999 {:6.0} mem {:5.2} GB dshare {:.2} evict {}",
             r.policy,
             r.pool_gb,
-            r.cold_starts,
             r.cold_starts_per_hour,
             r.dedup_starts,
-            r.invocations,
-            r.dropped,
-            r.p50_ms,
-            r.p99_ms,
             r.p999_ms,
             r.startup_p999_ms,
             r.mean_memory_gb,
@@ -47,4 +43,5 @@ fn main() {
             r.evictions
         );
     }
+    Ok(())
 }

@@ -354,6 +354,7 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
         match e.ev {
             Ev::Tick => {
                 sim.policy.tick(Timestamp(sim.now));
+                sim.relieve_pressure();
                 if sim.now.is_multiple_of(sim.cfg.sample_ms.max(1)) {
                     sim.sample();
                 }
@@ -868,6 +869,69 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
                 self.push(t, Ev::Started(s));
             }
             None => self.counters.prewarms_skipped += 1,
+        }
+    }
+
+    /// Offers idle warm sandboxes of nodes above the policy's watermark to
+    /// [`ClusterPolicy::on_pressure`], least recently used first, until the dedups under way
+    /// bring the node under the watermark.
+    fn relieve_pressure(&mut self) {
+        let Some(w) = self.policy.pressure_watermark() else {
+            return;
+        };
+        if !self.policy.dedups() {
+            return;
+        }
+        let mark = w * self.cfg.cluster.node_mb;
+        let mut pending_free = vec![0.0f64; self.nodes.len()];
+        for s in self.live.iter().flatten().copied() {
+            let sb = &self.sbs[s];
+            if sb.st == St::Deduping {
+                pending_free[sb.node] += self.prof[sb.f].warm_mb - self.prof[sb.f].dedup_mb;
+            }
+        }
+        let hot: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].used - pending_free[n] > mark)
+            .collect();
+        if hot.is_empty() {
+            return;
+        }
+        let mut cands: Vec<(u64, usize)> = self
+            .live
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&s| {
+                let sb = &self.sbs[s];
+                sb.st == St::Warm && !sb.base && hot.contains(&sb.node)
+            })
+            .map(|s| (self.sbs[s].idle_since, s))
+            .collect();
+        cands.sort_unstable();
+        let now = Timestamp(self.now);
+        for (_, s) in cands {
+            let (node, f) = (self.sbs[s].node, self.sbs[s].f);
+            if self.nodes[node].used - pending_free[node] <= mark {
+                continue;
+            }
+            let iv = self.idle_view(s);
+            let verdict = {
+                let view = FleetView {
+                    counts: &self.counts,
+                    budget_mb: self.cfg.cluster.budget_mb(),
+                    used_mb: self.nodes.iter().map(|n| n.used).sum(),
+                };
+                self.policy.on_pressure(f, &iv, &view, now)
+            };
+            if verdict == Verdict::Dedup {
+                pending_free[node] += self.prof[f].warm_mb - self.prof[f].dedup_mb;
+                self.set(s, St::Deduping, false);
+                let (t, e) = (
+                    self.now + self.prof[f].dedup_op_ms.ceil() as u64,
+                    self.sbs[s].epoch,
+                );
+                self.push(t, Ev::DedupDone(s, e));
+            }
         }
     }
 

@@ -47,17 +47,26 @@ pub fn eval_recipe() -> RecipeConfig {
 /// ([`eval_recipe`]) with seed `seed + i` applied to a synthetic 2019-format day (2000
 /// functions) with the same seed.
 pub fn paper_patterns(n: usize, seed: u64) -> Result<Vec<Trace>, RecipeError> {
-    patterns_with(n, seed, &eval_recipe())
+    patterns_with(n, seed, &eval_recipe(), EVAL_SYNTH_FUNCTIONS)
 }
 
-/// `n` patterns with recipe settings `base` (its seed is replaced by `seed + i`).
-pub fn patterns_with(n: usize, seed: u64, base: &RecipeConfig) -> Result<Vec<Trace>, RecipeError> {
+/// Function rows of each synthetic 2019-format day the patterns are drawn from.
+pub const EVAL_SYNTH_FUNCTIONS: usize = 2000;
+
+/// `n` patterns with recipe settings `base` (its seed is replaced by `seed + i`), each drawn
+/// from a synthetic day of `synth_functions` function rows.
+pub fn patterns_with(
+    n: usize,
+    seed: u64,
+    base: &RecipeConfig,
+    synth_functions: usize,
+) -> Result<Vec<Trace>, RecipeError> {
     (0..n as u64)
         .map(|i| {
             let s = seed.wrapping_add(i);
             let rows = Synthetic::new(SynthConfig {
                 seed: s,
-                functions: 2000,
+                functions: synth_functions,
                 ..SynthConfig::default()
             });
             let cfg = RecipeConfig {
@@ -292,11 +301,11 @@ pub const TRADEOFF: [(&str, &[&str]); 3] = [
     (
         "hybrid-histogram",
         &[
-            "hybrid-histogram-10m",
-            "hybrid-histogram-30m",
-            "hybrid-histogram-60m",
-            "hybrid-histogram-120m",
             "hybrid-histogram",
+            "hybrid-histogram-margin-1",
+            "hybrid-histogram-margin-4",
+            "hybrid-histogram-margin-9",
+            "hybrid-histogram-margin-19",
         ],
     ),
     (
@@ -312,7 +321,11 @@ pub const TRADEOFF: [(&str, &[&str]); 3] = [
 ];
 
 /// Pools of Greedy-Dual's trade-off curve, GB.
-pub const GD_POOLS_GB: [f64; 5] = [10.0, 15.0, 20.0, 30.0, 40.0];
+pub const GD_POOLS_GB: [f64; 4] = [15.0, 20.0, 30.0, 40.0];
+
+/// Medes variants beyond the prototype's rules, run at every pool (see `medes_policy`'s
+/// policies docs): deduplicate at keep-alive expiry instead of purging.
+pub const VARIANTS: [&str; 1] = ["medes-dka"];
 
 /// The keep-alive sweep (paper Fig. 12), at 40 GB.
 pub const KA_SWEEP: [&str; 4] = ["fixed-5m", "fixed-10m", "fixed-15m", "fixed-20m"];
@@ -357,6 +370,11 @@ pub fn paper_jobs(pools: &[f64], sweeps: bool) -> (Vec<Job>, Vec<Job>) {
                 extra.push(j);
             }
         };
+        for &pool in pools {
+            for p in VARIANTS {
+                add(p, pool);
+            }
+        }
         for p in KA_SWEEP.iter().chain(KD_SWEEP.iter()) {
             add(p, 40.0);
         }

@@ -7,7 +7,7 @@ use plotters::prelude::*;
 
 use crate::eval::{
     GD_POOLS_GB, KA_SWEEP, KD_SWEEP, MAIN_POLICIES, PaperResults, Row, Run, TRADEOFF,
-    TRADEOFF_POOL_GB,
+    TRADEOFF_POOL_GB, VARIANTS,
 };
 use crate::output::{SimOutput, percentile};
 
@@ -403,14 +403,19 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
     );
 
     // Headline table.
-    let _ = writeln!(md, "## Results per policy and pool\n\n{ROW_HEADER}");
+    let _ = write!(md, "## Results per policy and pool\n\n{ROW_HEADER}");
     for pool in &pools {
-        for p in MAIN_POLICIES {
+        for p in MAIN_POLICIES.iter().chain(VARIANTS.iter()) {
             if let Some(r) = res.row(p, *pool) {
                 let _ = writeln!(md, "{}", row_line(r));
             }
         }
     }
+    let _ = writeln!(
+        md,
+        "\n`medes` follows the prototype's rules; `medes-dka` deduplicates a warm sandbox at \
+         keep-alive expiry instead of purging it (kept until keep-dedup).\n"
+    );
 
     // Targets.
     let _ = writeln!(
@@ -432,9 +437,17 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
             continue;
         };
         let tf = if pool >= 40.0 { "−35%" } else { "−45%" };
+        let dka = get("medes-dka").map_or(String::new(), |d| {
+            format!(
+                " (medes-dka: {} / {} / {})",
+                fmt_pct(pct_change(d, f)),
+                fmt_pct(pct_change(d, h)),
+                fmt_pct(pct_change(d, g))
+            )
+        });
         let _ = writeln!(
             md,
-            "| {pool:.0} | {} | {} | {tf} | {} | {} | −55% | {} | < 0% |",
+            "| {pool:.0} | {}{dka} | {} | {tf} | {} | {} | −55% | {} | < 0% |",
             fmt_pct(pct_change(m, f)),
             fmt_pct(pct_change(pm, pf)),
             fmt_pct(pct_change(m, h)),
@@ -772,7 +785,7 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
     }
 
     // All rows.
-    let _ = writeln!(md, "## Every run\n\n{ROW_HEADER}");
+    let _ = write!(md, "## Every run\n\n{ROW_HEADER}");
     for r in &res.rows {
         let _ = writeln!(md, "{}", row_line(r));
     }

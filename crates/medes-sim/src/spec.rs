@@ -17,10 +17,13 @@ pub enum PolicySpec {
         /// Keep-alive, minutes.
         minutes: f64,
     },
-    /// `hybrid-histogram` (or `hybrid-histogram-<N>m`: range N minutes; default 240).
+    /// `hybrid-histogram`, `hybrid-histogram-<N>m` (range N minutes; default 240),
+    /// `hybrid-histogram-margin-<x>` (margin on the windows; default 0.1).
     Hybrid {
         /// Histogram range and fallback keep-alive, minutes.
         range_minutes: f64,
+        /// Margin on the histogram windows.
+        margin: f64,
     },
     /// `greedy-dual`.
     GreedyDual,
@@ -35,6 +38,10 @@ pub enum PolicySpec {
         keep_alive_minutes: f64,
         /// Keep-dedup, minutes.
         keep_dedup_minutes: f64,
+        /// `-dka`: deduplicate at keep-alive expiry instead of purging.
+        dedup_at_keep_alive: bool,
+        /// `-pw-<x>`: deduplicate idle sandboxes of nodes fuller than x of their budget.
+        pressure_watermark: Option<f64>,
     },
 }
 
@@ -63,11 +70,30 @@ impl FromStr for PolicySpec {
         if s == "hybrid-histogram" || s == "hybrid" {
             return Ok(PolicySpec::Hybrid {
                 range_minutes: 240.0,
+                margin: 0.1,
             });
         }
         if let Some(rest) = s.strip_prefix("hybrid-histogram-") {
+            let (range, margin) = match rest.split_once("margin-") {
+                Some((r, m)) => (r.strip_suffix('-').unwrap_or(r), Some(m)),
+                None => (rest, None),
+            };
+            let range_minutes = if range.is_empty() {
+                240.0
+            } else {
+                minutes(range).ok_or_else(err)?
+            };
+            let margin = match margin {
+                Some(m) => m
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|m| m.is_finite() && *m >= 0.0 && *m < 100.0)
+                    .ok_or_else(err)?,
+                None => 0.1,
+            };
             return Ok(PolicySpec::Hybrid {
-                range_minutes: minutes(rest).ok_or_else(err)?,
+                range_minutes,
+                margin,
             });
         }
         if s == "greedy-dual" {
@@ -79,6 +105,8 @@ impl FromStr for PolicySpec {
         let mut mode = MedesMode::Memory { budget_mb: None };
         let mut ka = 10.0;
         let mut kd = 15.0;
+        let mut dka = false;
+        let mut pw = None;
         let parts: Vec<&str> = rest.split('-').filter(|p| !p.is_empty()).collect();
         let mut i = 0;
         while i < parts.len() {
@@ -114,6 +142,17 @@ impl FromStr for PolicySpec {
                     ka = parts.get(i + 1).and_then(|m| minutes(m)).ok_or_else(err)?;
                     i += 1;
                 }
+                "dka" => dka = true,
+                "pw" => {
+                    pw = Some(
+                        parts
+                            .get(i + 1)
+                            .and_then(|a| a.parse::<f64>().ok())
+                            .filter(|a| *a > 0.0 && *a <= 1.0)
+                            .ok_or_else(err)?,
+                    );
+                    i += 1;
+                }
                 _ => return Err(err()),
             }
             i += 1;
@@ -122,6 +161,8 @@ impl FromStr for PolicySpec {
             mode,
             keep_alive_minutes: ka,
             keep_dedup_minutes: kd,
+            dedup_at_keep_alive: dka,
+            pressure_watermark: pw,
         })
     }
 }
@@ -138,17 +179,26 @@ impl fmt::Display for PolicySpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PolicySpec::Fixed { minutes } => write!(f, "fixed-{}m", fmt_num(*minutes)),
-            PolicySpec::Hybrid { range_minutes } if *range_minutes == 240.0 => {
-                f.write_str("hybrid-histogram")
-            }
-            PolicySpec::Hybrid { range_minutes } => {
-                write!(f, "hybrid-histogram-{}m", fmt_num(*range_minutes))
+            PolicySpec::Hybrid {
+                range_minutes,
+                margin,
+            } => {
+                f.write_str("hybrid-histogram")?;
+                if *range_minutes != 240.0 {
+                    write!(f, "-{}m", fmt_num(*range_minutes))?;
+                }
+                if *margin != 0.1 {
+                    write!(f, "-margin-{}", fmt_num(*margin))?;
+                }
+                Ok(())
             }
             PolicySpec::GreedyDual => f.write_str("greedy-dual"),
             PolicySpec::Medes {
                 mode,
                 keep_alive_minutes,
                 keep_dedup_minutes,
+                dedup_at_keep_alive,
+                pressure_watermark,
             } => {
                 f.write_str("medes")?;
                 match mode {
@@ -164,6 +214,12 @@ impl fmt::Display for PolicySpec {
                 }
                 if *keep_dedup_minutes != 15.0 {
                     write!(f, "-kd-{}m", fmt_num(*keep_dedup_minutes))?;
+                }
+                if *dedup_at_keep_alive {
+                    f.write_str("-dka")?;
+                }
+                if let Some(w) = pressure_watermark {
+                    write!(f, "-pw-{}", fmt_num(*w))?;
                 }
                 Ok(())
             }
@@ -236,6 +292,18 @@ macro_rules! forward {
         fn tick(&mut self, now: medes_policy::Timestamp) {
             self.inner.tick(now)
         }
+        fn pressure_watermark(&self) -> Option<f64> {
+            self.inner.pressure_watermark()
+        }
+        fn on_pressure(
+            &mut self,
+            f: usize,
+            sb: &medes_policy::policies::IdleSandbox,
+            view: &medes_policy::policies::FleetView<'_>,
+            now: medes_policy::Timestamp,
+        ) -> medes_policy::policies::Verdict {
+            self.inner.on_pressure(f, sb, view, now)
+        }
     };
 }
 
@@ -252,11 +320,15 @@ impl PolicySpec {
                 name,
                 inner: FixedKeepAlive::new((minutes * 60_000.0) as u64),
             }),
-            PolicySpec::Hybrid { range_minutes } => Box::new(Named {
+            PolicySpec::Hybrid {
+                range_minutes,
+                margin,
+            } => Box::new(Named {
                 name,
                 inner: HybridHistogram::new(
                     HistogramConfig {
                         range_ms: (range_minutes * 60_000.0) as u64,
+                        hist_margin: *margin,
                         ..HistogramConfig::default()
                     },
                     costs.len(),
@@ -270,6 +342,8 @@ impl PolicySpec {
                 mode,
                 keep_alive_minutes,
                 keep_dedup_minutes,
+                dedup_at_keep_alive,
+                pressure_watermark,
             } => Box::new(Named {
                 name,
                 inner: Medes::new(
@@ -277,6 +351,8 @@ impl PolicySpec {
                         mode: *mode,
                         keep_alive_ms: (keep_alive_minutes * 60_000.0) as u64,
                         keep_dedup_ms: (keep_dedup_minutes * 60_000.0) as u64,
+                        dedup_at_keep_alive: *dedup_at_keep_alive,
+                        pressure_watermark: *pressure_watermark,
                         ..MedesConfig::default()
                     },
                     costs,
@@ -305,6 +381,11 @@ mod tests {
             "medes-latency-4",
             "medes-budget-12",
             "medes-ka-5m-kd-20m",
+            "medes-dka",
+            "medes-kd-20m-dka",
+            "medes-dka-pw-0.8",
+            "hybrid-histogram-margin-4",
+            "hybrid-histogram-60m-margin-1",
         ] {
             let p: PolicySpec = s.parse().unwrap();
             assert_eq!(p.to_string(), s);

@@ -26,7 +26,7 @@ fn pattern(seed: u64) -> Trace {
         max_per_hour: 3000.0,
         ..RecipeConfig::default()
     };
-    patterns_with(1, seed, &rc).unwrap().swap_remove(0)
+    patterns_with(1, seed, &rc, 2000).unwrap().swap_remove(0)
 }
 
 fn cluster(nodes: usize, node_mb: f64) -> SimConfig {

@@ -2,7 +2,7 @@
 //! been idle for a fixed period; under memory pressure the least recently used idle sandbox is
 //! evicted first.
 
-use super::{AfterRun, ClusterPolicy, ClusterView, FnId, IdleSandbox, Verdict};
+use super::{AfterRun, ClusterPolicy, FleetView, FnId, IdleSandbox, Verdict};
 use crate::Timestamp;
 
 /// Fixed keep-alive with LRU eviction.
@@ -26,7 +26,7 @@ impl FixedKeepAlive {
 impl ClusterPolicy for FixedKeepAlive {
     fn name(&self) -> String {
         let ms = self.keep_alive_ms;
-        if ms % 60_000 == 0 {
+        if ms.is_multiple_of(60_000) {
             format!("fixed-{}m", ms / 60_000)
         } else {
             format!("fixed-{}s", ms / 1000)
@@ -51,7 +51,7 @@ impl ClusterPolicy for FixedKeepAlive {
         &mut self,
         _f: FnId,
         sb: &IdleSandbox,
-        _view: &ClusterView<'_>,
+        _view: &FleetView<'_>,
         now: Timestamp,
     ) -> Verdict {
         let due = sb
@@ -68,7 +68,7 @@ impl ClusterPolicy for FixedKeepAlive {
         &self,
         _f: FnId,
         sb: &IdleSandbox,
-        _view: &ClusterView<'_>,
+        _view: &FleetView<'_>,
         _now: Timestamp,
     ) -> f64 {
         // Least recently used first.
@@ -88,7 +88,7 @@ mod tests {
         assert_eq!(p.name(), "fixed-10m");
         assert_eq!(FixedKeepAlive::new(90_000).name(), "fixed-90s");
         let counts = [FunctionCounts::default()];
-        let view = ClusterView {
+        let view = FleetView {
             counts: &counts,
             budget_mb: 1000.0,
             used_mb: 0.0,
@@ -98,7 +98,10 @@ mod tests {
         assert!(!after.unload && after.prewarm.is_none());
         let mut sb = idle(IdleState::Warm, 5_000);
         sb.deadline = after.deadline;
-        assert_eq!(p.next_decision(0, &sb, Timestamp(5_000)), Some(Timestamp(605_000)));
+        assert_eq!(
+            p.next_decision(0, &sb, Timestamp(5_000)),
+            Some(Timestamp(605_000))
+        );
         assert_eq!(p.decide(0, &sb, &view, Timestamp(604_999)), Verdict::Keep);
         assert_eq!(p.decide(0, &sb, &view, Timestamp(605_000)), Verdict::Purge);
         // A clock that went backwards never purges early.

@@ -13,7 +13,7 @@
 //! The crate's [`crate::Policy`] trait decides the fate of one idle sandbox on one node. A
 //! cluster policy needs more than that, so this module has its own trait, [`ClusterPolicy`]:
 //! it also sees cluster-wide per-function counts ([`FunctionCounts`]) and the memory budget
-//! ([`ClusterView`]), learns start latencies ([`ClusterPolicy::on_start`]), says what happens
+//! ([`FleetView`]), learns start latencies ([`ClusterPolicy::on_start`]), says what happens
 //! when an invocation ends (keep with a deadline, or unload and pre-warm later:
 //! [`AfterRun`]), and ranks eviction victims ([`ClusterPolicy::evict_rank`]). Per-sandbox
 //! policy data (a deadline, a Greedy-Dual priority) is handed back by the caller inside
@@ -34,7 +34,9 @@ mod medes;
 pub use greedy_dual::GreedyDual;
 pub use histogram::{HistogramConfig, HybridHistogram, IdleHistogram, Pattern, Windows};
 pub use keepalive::FixedKeepAlive;
-pub use medes::{LambdaWindow, Medes, MedesConfig, MedesMode, MedesTrace};
+pub use medes::{
+    LambdaWindow, Medes, MedesConfig, MedesInputs, MedesMode, MedesTrace, decide as medes_decide,
+};
 
 use medes_core::StartKind;
 use serde::{Deserialize, Serialize};
@@ -110,7 +112,7 @@ impl FunctionCounts {
 
 /// What a policy sees of the cluster when deciding.
 #[derive(Debug, Clone, Copy)]
-pub struct ClusterView<'a> {
+pub struct FleetView<'a> {
     /// Per-function counts, indexed by [`FnId`].
     pub counts: &'a [FunctionCounts],
     /// The cluster's memory budget, MB (sum of the nodes' caps).
@@ -199,7 +201,7 @@ pub trait ClusterPolicy: Send {
         &mut self,
         f: FnId,
         sandbox: &IdleSandbox,
-        view: &ClusterView<'_>,
+        view: &FleetView<'_>,
         now: Timestamp,
     ) -> Verdict;
 
@@ -209,7 +211,7 @@ pub trait ClusterPolicy: Send {
         &self,
         _f: FnId,
         _sandbox: &IdleSandbox,
-        _view: &ClusterView<'_>,
+        _view: &FleetView<'_>,
         _now: Timestamp,
     ) -> f64 {
         0.0
@@ -220,6 +222,25 @@ pub trait ClusterPolicy: Send {
 
     /// Periodic timer (the caller calls it at least once a second of trace time).
     fn tick(&mut self, _now: Timestamp) {}
+
+    /// A node fuller than this share of its budget is under pressure: the caller then offers
+    /// its idle warm sandboxes (least recently used first) to [`ClusterPolicy::on_pressure`] on
+    /// each tick until enough memory is being freed. `None` (the default): never.
+    fn pressure_watermark(&self) -> Option<f64> {
+        None
+    }
+
+    /// The verdict for an idle warm sandbox on a node under pressure ([`Verdict::Dedup`] to
+    /// shrink it; anything else leaves it).
+    fn on_pressure(
+        &mut self,
+        _f: FnId,
+        _sandbox: &IdleSandbox,
+        _view: &FleetView<'_>,
+        _now: Timestamp,
+    ) -> Verdict {
+        Verdict::Keep
+    }
 }
 
 /// A boxed policy is a policy.
@@ -246,7 +267,7 @@ impl<P: ClusterPolicy + ?Sized> ClusterPolicy for Box<P> {
         &mut self,
         f: FnId,
         sandbox: &IdleSandbox,
-        view: &ClusterView<'_>,
+        view: &FleetView<'_>,
         now: Timestamp,
     ) -> Verdict {
         (**self).decide(f, sandbox, view, now)
@@ -255,7 +276,7 @@ impl<P: ClusterPolicy + ?Sized> ClusterPolicy for Box<P> {
         &self,
         f: FnId,
         sandbox: &IdleSandbox,
-        view: &ClusterView<'_>,
+        view: &FleetView<'_>,
         now: Timestamp,
     ) -> f64 {
         (**self).evict_rank(f, sandbox, view, now)
@@ -265,6 +286,18 @@ impl<P: ClusterPolicy + ?Sized> ClusterPolicy for Box<P> {
     }
     fn tick(&mut self, now: Timestamp) {
         (**self).tick(now)
+    }
+    fn pressure_watermark(&self) -> Option<f64> {
+        (**self).pressure_watermark()
+    }
+    fn on_pressure(
+        &mut self,
+        f: FnId,
+        sandbox: &IdleSandbox,
+        view: &FleetView<'_>,
+        now: Timestamp,
+    ) -> Verdict {
+        (**self).on_pressure(f, sandbox, view, now)
     }
 }
 
