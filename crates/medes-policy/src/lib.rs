@@ -49,6 +49,7 @@
 
 mod admission;
 mod lifecycle;
+pub mod policies;
 mod policy;
 mod view;
 
