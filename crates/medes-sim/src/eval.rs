@@ -201,6 +201,9 @@ pub struct Row {
     pub dedup_share: f64,
     /// Evictions, summed.
     pub evictions: u64,
+    /// How the percentiles were aggregated: `pooled` (over every invocation of every pattern)
+    /// or `mean-of-runs` (the mean of each pattern's percentile; sweep runs keep no records).
+    pub percentiles: String,
 }
 
 /// Aggregates runs into one row per (policy, pool), in first-seen order.
@@ -278,6 +281,12 @@ fn aggregate(policy: &str, pool: f64, rs: &[&Run]) -> Row {
             .sum::<f64>()
             / n,
         evictions: sum(&|r| r.output.summary.counters.evictions),
+        percentiles: if have_records {
+            "pooled"
+        } else {
+            "mean-of-runs"
+        }
+        .to_string(),
     }
 }
 

@@ -228,7 +228,11 @@ fn line_chart(
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(if points {
+                    SeriesLabelPosition::UpperRight
+                } else {
+                    SeriesLabelPosition::LowerRight
+                })
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .draw()
@@ -243,6 +247,18 @@ fn line_chart(
     if log_x {
         draw!(
             b.build_cartesian_2d((x_range.0..x_range.1).log_scale(), 0f64..ymax)
+                .map_err(&e)?
+        );
+    } else if points {
+        // Scatter-style curves (trade-offs) span orders of magnitude: log y.
+        let ymin = series
+            .iter()
+            .flat_map(|s| s.1.iter().map(|p| p.1))
+            .filter(|&y| y > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let ymin = if ymin.is_finite() { ymin / 1.5 } else { 0.1 };
+        draw!(
+            b.build_cartesian_2d(x_range.0..x_range.1, (ymin..ymax * 1.5).log_scale())
                 .map_err(&e)?
         );
     } else {
@@ -322,8 +338,9 @@ fn per_function(res: &PaperResults, policy: &str, pool: f64) -> Vec<FnTail> {
 
 fn row_line(r: &Row) -> String {
     format!(
-        "| {} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1}% | {} |",
+        "| {}{} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1}% | {} |",
         r.policy,
+        if r.percentiles == "pooled" { "" } else { "*" },
         r.pool_gb,
         r.cold_starts,
         r.cold_starts_per_hour,
@@ -785,7 +802,12 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
     }
 
     // All rows.
-    let _ = write!(md, "## Every run\n\n{ROW_HEADER}");
+    let _ = write!(
+        md,
+        "## Every run\n\nRows marked * aggregate percentiles as the mean of the patterns' \
+         percentiles (sweep runs keep no per-invocation records); the others pool every \
+         invocation.\n\n{ROW_HEADER}"
+    );
     for r in &res.rows {
         let _ = writeln!(md, "{}", row_line(r));
     }
