@@ -7,6 +7,14 @@ use anyhow::Context;
 use medes_sim::eval::{PAPER_POOLS_GB, paper_patterns, run_paper};
 use medes_trace::Trace;
 
+/// Prints to stdout, ignoring a closed pipe (e.g. `| head`).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Arguments of `medes eval`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -97,7 +105,7 @@ fn paper(a: PaperArgs) -> anyhow::Result<ExitCode> {
         report.display()
     );
     if a.json {
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "rows": res.rows }))?
         );
@@ -125,7 +133,7 @@ fn paper(a: PaperArgs) -> anyhow::Result<ExitCode> {
                 format!("{:.2}", r.mean_memory_gb),
             ]);
         }
-        println!("{t}");
+        say!("{t}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use medes_sim::Profile;
 
+/// Prints to stdout without a newline, ignoring a closed pipe (e.g. `| head`).
+macro_rules! sayn {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Arguments of `medes profile`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,7 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
             eprintln!("{} functions → {}", profile.functions.len(), p.display());
         }
-        None => print!("{text}"),
+        None => sayn!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
 }

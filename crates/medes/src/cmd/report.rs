@@ -7,6 +7,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use medes_sim::SimOutput;
 
+/// Prints to stdout, ignoring a closed pipe (e.g. `| head`).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Arguments of `medes report`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,6 +35,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let p = medes_sim::report::write_runs_report(&runs, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("{}", p.display());
+    say!("{}", p.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,14 @@ use anyhow::Context;
 use medes_sim::{ClusterConfig, PolicySpec, Profile, SimConfig, simulate};
 use medes_trace::Trace;
 
+/// Prints to stdout, ignoring a closed pipe (e.g. `| head`).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Arguments of `medes sim`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -88,9 +96,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let s = &out.summary;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(s)?);
+        say!("{}", serde_json::to_string_pretty(s)?);
     } else {
-        println!(
+        say!(
             "{}: {} invocations on {} nodes × {:.0} MB ({} functions) in {:.2} s",
             s.policy,
             s.invocations,
@@ -99,15 +107,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             names.len(),
             secs
         );
-        println!(
+        say!(
             "starts: {} cold, {} dedup, {} warm; dropped {}",
-            s.cold_starts, s.dedup_starts, s.warm_starts, s.dropped
+            s.cold_starts,
+            s.dedup_starts,
+            s.warm_starts,
+            s.dropped
         );
-        println!(
+        say!(
             "end to end: p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms; startup p99.9 {:.0} ms",
-            s.p50_ms, s.p99_ms, s.p999_ms, s.startup_p999_ms
+            s.p50_ms,
+            s.p99_ms,
+            s.p999_ms,
+            s.startup_p999_ms
         );
-        println!(
+        say!(
             "memory: mean {:.2} GB, peak {:.2} GB of {:.2} GB; dedup share {:.1}%; evictions {}, dedup ops {}, bases {}, pre-warms {}",
             s.mean_memory_gb,
             s.peak_memory_gb,
@@ -143,9 +157,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 format!("{:.0}", f.startup_p999_ms),
             ]);
         }
-        println!("{t}");
+        say!("{t}");
         if let Some(dir) = &args.out {
-            println!("outputs in {}", dir.display());
+            say!("outputs in {}", dir.display());
         }
     }
     Ok(ExitCode::SUCCESS)
