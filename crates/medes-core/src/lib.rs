@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 pub type UnixMillis = u64;
 
 /// A byte count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Bytes(pub u64);
 
 impl Bytes {
@@ -142,7 +144,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { timeout_ms: 60_000, memory_mb: 256, concurrency: 1, logs_kb: 10_240 }
+        Limits {
+            timeout_ms: 60_000,
+            memory_mb: 256,
+            concurrency: 1,
+            logs_kb: 10_240,
+        }
     }
 }
 
