@@ -3,6 +3,10 @@
 //! Only this crate uses `anyhow`, installs the tracing subscriber and the metrics recorder, and
 //! merges configuration files with flags. `main` maps any error to an exit code in one place.
 
+// Configurations are built as "defaults, then override a few fields" on purpose: it reads as a
+// diff against the documented defaults.
+#![allow(clippy::field_reassign_with_default)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
