@@ -30,6 +30,8 @@ pub(crate) struct LaunchPlan {
     pub(crate) cap_last: u32,
     pub(crate) argv: Vec<CString>,
     pub(crate) envp: Vec<CString>,
+    /// Launch with `ADDR_NO_RANDOMIZE` (ASLR off); set by the caller after [`LaunchPlan::new`].
+    pub(crate) no_aslr: bool,
 }
 
 fn cstr(p: &[u8]) -> io::Result<CString> {
@@ -94,6 +96,7 @@ impl LaunchPlan {
                 .iter()
                 .map(|(k, v)| cstr(format!("{k}={v}").as_bytes()))
                 .collect::<io::Result<_>>()?,
+            no_aslr: false,
         })
     }
 }
@@ -122,6 +125,7 @@ pub(crate) const STEPS: &[&str] = &[
     "setresuid",
     "clear ambient capabilities",
     "execve",
+    "personality",
 ];
 
 /// Bound on the child's setup (clone to exec).
@@ -386,6 +390,18 @@ fn child(p: &LaunchPlan, argv: &[*const c_char], envp: &[*const c_char]) -> (u8,
             0
         )
     );
+    if p.no_aslr {
+        // SAFETY: personality(2) only reads/sets this process's execution domain flags;
+        // 0xffffffff queries without changing. The flag survives execve (not a setuid binary).
+        let cur = unsafe { libc::personality(0xffff_ffff) };
+        if cur < 0 {
+            return (22, errno());
+        }
+        chk!(
+            22,
+            libc::personality((cur as libc::c_ulong) | libc::ADDR_NO_RANDOMIZE as libc::c_ulong)
+        );
+    }
     // SAFETY: argv/envp are NUL-terminated arrays of valid C strings owned by the parent's copy.
     unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
     (21, errno())

@@ -490,7 +490,7 @@ impl Sandbox {
                     "-B".into(),
                     "/runtime/medes_runtime.py".into(),
                 ];
-                let plan = LaunchPlan::new(
+                let mut plan = LaunchPlan::new(
                     &p.root,
                     &p.mounts,
                     p.res
@@ -510,6 +510,7 @@ impl Sandbox {
                     what: "building the launch plan".into(),
                     source,
                 })?;
+                plan.no_aslr = !cfg2.aslr;
                 let mut res = p.res;
                 let pid = launch::spawn(&plan)
                     .map_err(|(step, source)| StartError::Setup { step, source })?;

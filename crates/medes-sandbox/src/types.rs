@@ -39,6 +39,10 @@ pub struct SandboxConfig {
     /// Configured network namespaces kept ready (per network mode) to take their setup off the
     /// start and restore paths; 0 disables. Default 2.
     pub spare_netns: usize,
+    /// Address-space layout randomisation of the sandboxes' processes. `false` launches the
+    /// runtime with `personality(ADDR_NO_RANDOMIZE)` (like `setarch -R`), for like-for-like
+    /// comparisons with the Medes paper's ASLR-off figures. Default `true` (production).
+    pub aslr: bool,
 }
 
 impl Default for SandboxConfig {
@@ -61,6 +65,7 @@ impl Default for SandboxConfig {
             criu: "criu".into(),
             tmp_size_mb: 64,
             spare_netns: 2,
+            aslr: true,
         }
     }
 }

@@ -223,11 +223,9 @@ fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
 }
 
 fn set_aslr(cfg: &mut SandboxConfig, on: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        on,
-        "--no-aslr is not supported by this build's sandboxes yet"
-    );
-    let _ = cfg;
+    // Applied in the sandbox's child before exec (personality ADDR_NO_RANDOMIZE). Python's hash
+    // seed stays random: the runtime runs `python3 -I`, which ignores PYTHONHASHSEED.
+    cfg.aslr = on;
     Ok(())
 }
 
