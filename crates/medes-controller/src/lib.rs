@@ -131,6 +131,10 @@ pub struct ControllerConfig {
     /// How long the controller waits for a checkpoint before giving the sandbox up, ms.
     /// Default 120000.
     pub checkpoint_timeout_ms: u64,
+    /// Whether an idle base serves invocations like a warm sandbox. Default true. `false`
+    /// sends requests past idle bases (to a plain warm sandbox, a dedup start, or a cold start):
+    /// a benchmark knob, so that `medes bench startup` measures dedup starts deterministically.
+    pub bases_serve: bool,
 }
 
 impl Default for ControllerConfig {
@@ -151,6 +155,7 @@ impl Default for ControllerConfig {
             max_restores_per_node: 10,
             restore_timeout_ms: 15_000,
             checkpoint_timeout_ms: 120_000,
+            bases_serve: true,
         }
     }
 }
@@ -370,6 +375,7 @@ impl Controller {
             max_restores: cfg.max_restores_per_node,
             idle_period_ms: cfg.idle_period_s.saturating_mul(1000),
             dedup_enabled: cfg.dedup_enabled,
+            bases_serve: cfg.bases_serve,
         };
         Arc::new_cyclic(|me| Controller {
             max_budget: budgets.iter().copied().max().unwrap_or(0),

@@ -162,6 +162,8 @@ pub(crate) struct Limits {
     pub max_restores: usize,
     pub idle_period_ms: u64,
     pub dedup_enabled: bool,
+    /// Whether idle bases take invocations ([`crate::ControllerConfig::bases_serve`]).
+    pub bases_serve: bool,
 }
 
 pub(crate) struct State {
@@ -384,7 +386,9 @@ impl State {
                 dedups.push((since, k));
                 continue;
             }
-            if !sb.state.can_assign(concurrency) {
+            if !sb.state.can_assign(concurrency)
+                || (!self.limits.bases_serve && sb.form == Form::Base)
+            {
                 continue;
             }
             let rank = match sb.state {
