@@ -14,6 +14,9 @@
 //!   to pre-warm. [`enforce`] applies the platform's invariants to any policy's answer.
 //!   [`KeepAlive`] is the fixed keep-alive policy (10 minutes); [`DedupRule`] is the simple
 //!   dedup rule of issue 5 (idle period → base or dedup, keep-dedup, T dedups per base).
+//! - [`PolicySettings`] is the operator's knob (policy choice, Medes's latency α or memory M0,
+//!   the timers, globally and per function); [`PolicySettings::build`] turns it into a
+//!   [`Policy`] ([`Tuned`]: one policy per overridden function).
 //! - [`FunctionView`], [`SandboxView`] and [`ClusterView`] are what a policy sees: counts per
 //!   state, arrival statistics ([`ArrivalWindow`]: λ_max over a sliding window of per-minute
 //!   buckets), measured start latencies ([`Ewma`]) and footprints.
@@ -48,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod knob;
 mod lifecycle;
 pub mod policies;
 mod policy;
@@ -56,6 +60,9 @@ mod view;
 use serde::{Deserialize, Serialize};
 
 pub use admission::{Admission, Victim, admit, choose_victims};
+pub use knob::{
+    FunctionKnob, KnobError, KnobMode, PolicyChoice, PolicySettings, PolicyUpdate, Timers, Tuned,
+};
 pub use lifecycle::{Event, Form, Purpose, SandboxState, StateKind, TransitionError, label};
 pub use policy::{Decision, DedupRule, KeepAlive, Policy, Prewarm, RuleConfig, enforce};
 pub use view::{

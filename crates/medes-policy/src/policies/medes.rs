@@ -100,6 +100,19 @@ pub struct MedesConfig {
     /// Smallest idle time before a sandbox may be deduplicated under pressure, ms.
     #[serde(default)]
     pub pressure_min_idle_ms: u64,
+    /// Memory mode with an explicit budget: the budget is this function's own (a per-function
+    /// knob) rather than the cluster's split by arrival rate. Default false.
+    #[serde(default)]
+    pub own_budget: bool,
+    /// Live controller only: the fraction of m_W a dedup is assumed to save (b_f) until a dedup
+    /// of the function has been measured and no profiled cost is known. Default 0.5; 0 makes an
+    /// unmeasured function never deduplicated (besides its base).
+    #[serde(default = "default_assumed_saving")]
+    pub assumed_saving: f64,
+}
+
+fn default_assumed_saving() -> f64 {
+    0.5
 }
 
 impl Default for MedesConfig {
@@ -113,6 +126,8 @@ impl Default for MedesConfig {
             dedup_at_keep_alive: false,
             pressure_watermark: None,
             pressure_min_idle_ms: 10_000,
+            own_budget: false,
+            assumed_saving: default_assumed_saving(),
             reuse_ms: 500.0,
             window_minutes: 10,
             dedup_per_base: 40,
@@ -246,6 +261,15 @@ impl Medes {
             .map_or(0.0, |s| s.lambda.lambda_max(now, self.cfg.window_minutes))
     }
 
+    /// Whether `f`'s memory-mode budget is its own (not split with other functions).
+    fn own_budget(&self, f: FnId) -> bool {
+        self.cfg.own_budget
+            && matches!(
+                self.modes.get(f),
+                Some(MedesMode::Memory { budget_mb: Some(_) })
+            )
+    }
+
     /// The EWMA warm and dedup start latencies of `f`, ms.
     pub fn start_latencies(&self, f: FnId) -> Option<(f64, f64)> {
         self.fns.get(f).map(|s| (s.s_w, s.s_d))
@@ -269,8 +293,16 @@ impl Medes {
             idle_ms: now.since(sb.idle_since),
             blacklisted: sb.blacklisted,
             lambda_max: st.lambda.lambda_max(now, w),
-            lambda_sum: self.fns.iter().map(|s| s.lambda.lambda_max(now, w)).sum(),
-            functions: self.fns.len(),
+            lambda_sum: if self.own_budget(f) {
+                st.lambda.lambda_max(now, w)
+            } else {
+                self.fns.iter().map(|s| s.lambda.lambda_max(now, w)).sum()
+            },
+            functions: if self.own_budget(f) {
+                1
+            } else {
+                self.fns.len()
+            },
             n_warm: counts.warm_like(),
             n_dedup: counts.dedup_like(),
             n_base: counts.base,
@@ -556,8 +588,8 @@ impl ClusterPolicy for Medes {
 /// ([`crate::FunctionView`]: λ_max from its arrival window, EWMA start latencies, footprints;
 /// [`crate::ClusterView`]: the budget and Σλ_max). Unknown latencies fall back to the function's
 /// profiled costs when the policy was built with them, else to the prototype's defaults
-/// (dedup start 300 ms; warm start 10 ms); an unknown dedup footprint means no saving (the
-/// policy then never deduplicates that function).
+/// (dedup start 300 ms; warm start 10 ms); an unknown dedup footprint is assumed to save
+/// [`MedesConfig::assumed_saving`] of m_W until the first dedup of the function measures it.
 impl crate::Policy for Medes {
     fn name(&self) -> &'static str {
         "medes"
@@ -588,16 +620,28 @@ impl crate::Policy for Medes {
         let saving = match (function.footprint.dedup, known) {
             (Some(d), _) if warm_mb > 0.0 => (1.0 - mb(d) / warm_mb).clamp(0.0, 1.0),
             (_, Some(c)) => c.dedup_saving(),
+            _ if self.cfg.assumed_saving.is_finite() => self.cfg.assumed_saving.clamp(0.0, 1.0),
             _ => 0.0,
         };
+        let mode = self
+            .cfg
+            .per_function
+            .get(&function.name.name)
+            .copied()
+            .unwrap_or(self.cfg.mode);
+        let own = self.cfg.own_budget && matches!(mode, MedesMode::Memory { budget_mb: Some(_) });
         let c = &function.counts;
         let inputs = MedesInputs {
             state,
             idle_ms: sandbox.state.last_used().map_or(0, |t| now.since(t)),
             blacklisted: !sandbox.deduplicable,
             lambda_max: function.arrivals.peak_rate(),
-            lambda_sum: cluster.peak_rate_sum,
-            functions: cluster.functions.max(1),
+            lambda_sum: if own {
+                function.arrivals.peak_rate()
+            } else {
+                cluster.peak_rate_sum
+            },
+            functions: if own { 1 } else { cluster.functions.max(1) },
             n_warm: c.starting + c.running + c.warm + c.restoring,
             n_dedup: c.dedup,
             n_base: c.base,
@@ -616,12 +660,6 @@ impl crate::Policy for Medes {
             saving,
             budget_mb: mb(cluster.budget),
         };
-        let mode = self
-            .cfg
-            .per_function
-            .get(&function.name.name)
-            .copied()
-            .unwrap_or(self.cfg.mode);
         match decide(&self.cfg, mode, &inputs).verdict {
             Verdict::Keep => Decision::KeepWarm,
             Verdict::Dedup => Decision::Dedup,
