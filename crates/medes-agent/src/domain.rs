@@ -9,9 +9,11 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use medes_core::SandboxId;
 use medes_dedup::{
     AddBaseError, BaseId, BaseMeta, BasePageError, BasePages, DedupConfig, DumpImage, PAGE, Page,
     Registry, register_base,
@@ -19,9 +21,19 @@ use medes_dedup::{
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-/// The canonical (rebased when the engine rebases) pages of one base, resident in memory.
+/// Where a base's pages are held.
+enum Backing {
+    /// On the heap (a base that could not be written to the images directory).
+    Heap(Vec<u8>),
+    /// A read-only mapping of its pages file on the tmpfs (the file's pages are the only copy).
+    Map(memmap2::Mmap),
+}
+
+/// The canonical (rebased when the engine rebases) pages of one base, resident in memory:
+/// normally a mapping of `<images>/bases/<id>.pages` on the tmpfs, so that they survive an
+/// agent restart (see `persist.rs`).
 pub(crate) struct BaseImage {
-    pages: Vec<u8>,
+    pages: Backing,
     n_pages: u64,
 }
 
@@ -35,13 +47,64 @@ impl BaseImage {
                 dst.copy_from_slice(&p[..]);
             }
         });
-        BaseImage { pages, n_pages: n }
+        BaseImage {
+            pages: Backing::Heap(pages),
+            n_pages: n,
+        }
+    }
+
+    /// Maps a pages file written by [`BaseImage::save`] (read-only).
+    pub(crate) fn map(path: &std::path::Path) -> std::io::Result<BaseImage> {
+        let f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        if len % PAGE as u64 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{len} bytes is not a whole number of pages"),
+            ));
+        }
+        let map = map_file(&f)?;
+        Ok(BaseImage {
+            pages: Backing::Map(map),
+            n_pages: len / PAGE as u64,
+        })
+    }
+
+    /// Writes the pages to `path` (atomically) and switches to a mapping of that file, so the
+    /// heap copy goes. Returns the pages' xxh3 checksum.
+    pub(crate) fn save(&mut self, path: &std::path::Path) -> std::io::Result<u64> {
+        use std::io::Write;
+        let sum = xxhash_rust::xxh3::xxh3_64(self.data());
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(self.data())?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        *self = BaseImage::map(path)?;
+        Ok(sum)
+    }
+
+    /// The pages.
+    pub(crate) fn data(&self) -> &[u8] {
+        match &self.pages {
+            Backing::Heap(v) => v,
+            Backing::Map(m) => m,
+        }
     }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> u64 {
-        self.pages.len() as u64
+        self.data().len() as u64
     }
+}
+
+/// A read-only mapping of a whole file.
+#[allow(unsafe_code)]
+fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the file is one of this agent's base pages files in its own images directory
+    // (mode 0700, root only); it is written once before it is mapped and never modified or
+    // truncated afterwards, only unlinked (which keeps the mapping valid).
+    unsafe { memmap2::Mmap::map(f) }
 }
 
 /// An immutable snapshot of a domain's resident bases (copy on write).
@@ -59,7 +122,7 @@ impl BasePages for BaseSet {
         let missing = BasePageError::MissingPage { base, page: idx };
         let o = usize::try_from(idx).map_err(|_| missing.clone())? * PAGE;
         let p: &Page = b
-            .pages
+            .data()
             .get(o..o + PAGE)
             .and_then(|s| s.try_into().ok())
             .ok_or(missing)?;
@@ -83,7 +146,7 @@ impl BasePages for BaseSet {
             return Err(BasePageError::MissingPage { base, page: idx });
         }
         Ok(Cow::Borrowed(
-            &b.pages[start as usize * PAGE..end as usize * PAGE],
+            &b.data()[start as usize * PAGE..end as usize * PAGE],
         ))
     }
 }
@@ -92,6 +155,8 @@ impl BasePages for BaseSet {
 pub(crate) struct Domain {
     /// The domain's key (a namespace, or `*`).
     pub(crate) key: String,
+    /// Where its bases' pages and metadata are kept across agent restarts (`None`: memory only).
+    dir: Option<PathBuf>,
     registry: Registry,
     bases: Mutex<Arc<BaseSet>>,
     /// Estimated heap bytes of the registry (updated when bases come and go).
@@ -139,9 +204,10 @@ pub(crate) enum RetireError {
 }
 
 impl Domain {
-    pub(crate) fn new(key: String) -> Domain {
+    pub(crate) fn new(key: String, dir: Option<PathBuf>) -> Domain {
         Domain {
             key,
+            dir,
             registry: Registry::new(),
             bases: Mutex::new(Arc::new(BaseSet::default())),
             registry_bytes: AtomicU64::new(0),
@@ -166,14 +232,32 @@ impl Domain {
 
     /// Fingerprints a base dump into the registry and keeps its canonical pages resident.
     /// Returns the bytes now held for it. CPU-heavy: call from a blocking thread.
+    ///
+    /// The pages, their position keys and the base's metadata are written to the domain's
+    /// directory first (see `persist.rs`), so the base survives an agent restart; if that
+    /// fails the base lives on the heap only (logged).
     pub(crate) fn add_base(
         &self,
         id: BaseId,
         meta: BaseMeta,
         dump: &DumpImage,
         cfg: &DedupConfig,
+        sandbox: &SandboxId,
     ) -> Result<u64, AddBaseError> {
-        let image = Arc::new(BaseImage::from_dump(dump, cfg.rebase));
+        let mut image = BaseImage::from_dump(dump, cfg.rebase);
+        let positions: &[u64] = if cfg.positional {
+            dump.positions()
+        } else {
+            &[]
+        };
+        if let Some(dir) = &self.dir
+            && let Err(error) =
+                crate::persist::save_base(dir, &self.key, id, &meta, sandbox, &mut image, positions)
+        {
+            tracing::warn!(base = id.0, %error, "base kept in memory only (it will not survive a restart)");
+            crate::persist::remove_base(dir, id);
+        }
+        let image = Arc::new(image);
         let bytes = image.bytes();
         // Pages first, then the registry: a lookup never finds a base whose pages are missing.
         {
@@ -187,10 +271,75 @@ impl Domain {
             let mut set = BaseSet::clone(&g);
             set.map.remove(&id);
             *g = Arc::new(set);
+            drop(g);
+            if let Some(dir) = &self.dir {
+                crate::persist::remove_base(dir, id);
+            }
             return Err(e);
         }
         self.update_registry_bytes();
         Ok(bytes)
+    }
+
+    /// Re-registers a base kept by an earlier agent: fingerprints its (canonical) pages and
+    /// adds them, with their position keys, to the registry. CPU-heavy: call from a blocking
+    /// thread.
+    pub(crate) fn load_base(
+        &self,
+        id: BaseId,
+        meta: BaseMeta,
+        image: BaseImage,
+        positions: &[u64],
+        cfg: &DedupConfig,
+    ) -> Result<u64, AddBaseError> {
+        let fps: Vec<_> = image
+            .data()
+            .par_chunks(PAGE)
+            .map(|p| {
+                let page: &Page = p.try_into().unwrap_or(&[0u8; PAGE]);
+                medes_dedup::fingerprint(page, &cfg.fingerprint)
+            })
+            .collect();
+        let image = Arc::new(image);
+        let bytes = image.bytes();
+        {
+            let mut g = self.bases.lock();
+            let mut set = BaseSet::clone(&g);
+            set.map.insert(id, image);
+            *g = Arc::new(set);
+        }
+        let positions = if cfg.positional { positions } else { &[] };
+        if let Err(e) = self.registry.add_base(id, meta, &fps, positions) {
+            let mut g = self.bases.lock();
+            let mut set = BaseSet::clone(&g);
+            set.map.remove(&id);
+            *g = Arc::new(set);
+            return Err(e);
+        }
+        self.update_registry_bytes();
+        Ok(bytes)
+    }
+
+    /// Pins the given bases for a store kept by an earlier agent; `None` (nothing pinned) if
+    /// one of them is not resident here.
+    pub(crate) fn pin(self: &Arc<Self>, ids: &[BaseId]) -> Option<Pins> {
+        let snap = self.snapshot();
+        let mut pins = Pins {
+            domain: self.clone(),
+            ids: Vec::new(),
+        };
+        for id in ids {
+            if !snap.map.contains_key(id) || self.registry.acquire(*id).is_err() {
+                return None; // `pins` releases what it holds
+            }
+            pins.ids.push(*id);
+        }
+        Some(pins)
+    }
+
+    /// Dedup stores that depend on a base.
+    pub(crate) fn dependents(&self, id: BaseId) -> u64 {
+        self.registry.dependents(id).unwrap_or(0)
     }
 
     /// The registry (lookups).
@@ -239,6 +388,9 @@ impl Domain {
         *g = Arc::new(set);
         drop(g);
         self.update_registry_bytes();
+        if let Some(dir) = &self.dir {
+            crate::persist::remove_base(dir, id);
+        }
         Ok(())
     }
 
@@ -254,18 +406,27 @@ impl Domain {
 }
 
 /// All dedup domains of the node.
-#[derive(Default)]
 pub(crate) struct Domains {
     map: Mutex<HashMap<String, Arc<Domain>>>,
+    /// Where bases are kept (`<images>/bases`), shared by all domains (base ids are unique on
+    /// the node).
+    dir: Option<PathBuf>,
 }
 
 impl Domains {
+    pub(crate) fn new(dir: Option<PathBuf>) -> Domains {
+        Domains {
+            map: Mutex::new(HashMap::new()),
+            dir,
+        }
+    }
+
     /// The domain of a key, created on first use.
     pub(crate) fn get(&self, key: &str) -> Arc<Domain> {
         self.map
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Domain::new(key.to_string())))
+            .or_insert_with(|| Arc::new(Domain::new(key.to_string(), self.dir.clone())))
             .clone()
     }
 }

@@ -92,14 +92,16 @@
 //! that); no OpenWhisk JSON. Stores and bases do not survive an agent restart (the tmpfs files
 //! of a dead agent are removed by the next one); there is no remote base fetch.
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one exception: mapping base pages files (domain.rs)
 
 mod code;
 mod domain;
 mod images;
+mod persist;
 pub mod proto;
+mod transient;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -107,7 +109,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use medes_core::{Bytes, NodeId, SandboxId};
+use medes_core::{ActionName, Bytes, NodeId, SandboxId};
 use medes_dedup::{BaseId, BaseMeta, BasePages, DedupStore, DumpImage};
 use medes_sandbox::{
     CheckpointMode, InitRequest, RunError, RunRequest, Sandbox, SandboxConfig, SandboxSpec,
@@ -242,6 +244,13 @@ pub struct DedupCounters {
     pub restores: u64,
     /// Dedup starts that failed (the dedup sandbox was purged).
     pub restore_failures: u64,
+    /// Dedup stores and bases an earlier agent kept that this one reloaded (verified).
+    #[serde(default)]
+    pub kept_loaded: u64,
+    /// Kept dedup stores and bases this agent dropped at start (corrupt, incomplete or
+    /// unusable; each logged with its reason).
+    #[serde(default)]
+    pub kept_dropped: u64,
 }
 
 /// The local node agent. Cheap to clone (all clones share one node).
@@ -265,6 +274,9 @@ struct Inner {
     /// Dedup starts (rebuilds): never queued behind background work.
     fg_pool: rayon::ThreadPool,
     counters: Mutex<DedupCounters>,
+    /// The last measured restore transient (m_R) per function (see
+    /// [`RestoreReply::transient_bytes`]).
+    transients: Mutex<BTreeMap<String, u64>>,
     shutting_down: AtomicBool,
 }
 
@@ -285,6 +297,9 @@ struct SandboxInfo {
     spec: SandboxSpec,
     domain: Arc<domain::Domain>,
     function: String,
+    /// The action and version it runs (reported in [`SandboxStatus`], kept with its store).
+    action: ActionName,
+    version: String,
 }
 
 /// One live sandbox. Whoever gets it back from `Arc::into_inner` destroys it.
@@ -337,8 +352,8 @@ impl BaseRec {
     }
 }
 
-/// A dedup sandbox's store. Dropping the last reference deletes the store file and releases
-/// the bases it points into.
+/// A dedup sandbox's store. Dropping the last reference deletes the store file (unless it is
+/// kept for the next agent, see [`Agent::shutdown`]) and releases the bases it points into.
 struct DedupRec {
     info: Arc<SandboxInfo>,
     path: PathBuf,
@@ -346,14 +361,56 @@ struct DedupRec {
     image_bytes: u64,
     pages: u64,
     _pins: domain::Pins,
+    /// Set at shutdown: the files stay for the next agent.
+    keep: AtomicBool,
+}
+
+impl DedupRec {
+    fn new(
+        info: Arc<SandboxInfo>,
+        path: PathBuf,
+        stored_bytes: u64,
+        image_bytes: u64,
+        pages: u64,
+        pins: domain::Pins,
+    ) -> DedupRec {
+        DedupRec {
+            info,
+            path,
+            stored_bytes,
+            image_bytes,
+            pages,
+            _pins: pins,
+            keep: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes the metadata that lets the next agent restore the store.
+    fn save_meta(&self, bases: &[BaseId]) {
+        let i = &self.info;
+        let meta = persist::StoreFile {
+            format: 1,
+            sandbox: i.spec.id.clone(),
+            action: i.action.clone(),
+            version: i.version.clone(),
+            domain: i.domain.key.clone(),
+            code_dir: i.spec.code_dir.clone(),
+            memory_limit: i.spec.memory_limit,
+            env: i.spec.env.clone(),
+            image_bytes: self.image_bytes,
+            pages: self.pages,
+            bases: bases.to_vec(),
+        };
+        if let Err(error) = persist::save_store_meta(&self.path, &meta) {
+            warn!(path = %self.path.display(), %error, "dedup store metadata not written: the store will not survive an agent restart");
+        }
+    }
 }
 
 impl Drop for DedupRec {
     fn drop(&mut self) {
-        if let Err(error) = std::fs::remove_file(&self.path)
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(path = %self.path.display(), %error, "removing a dedup store");
+        if !self.keep.load(Ordering::SeqCst) {
+            persist::remove_store(&self.path);
         }
     }
 }
@@ -369,11 +426,12 @@ impl Agent {
             path: code_root.clone(),
             source,
         })?;
-        let images =
-            images::prepare(&cfg.dedup.images_dir).map_err(|source| NewAgentError::ImagesDir {
+        let images = images::prepare(&cfg.dedup.images_dir, &cfg.data_dir).map_err(|source| {
+            NewAgentError::ImagesDir {
                 path: cfg.dedup.images_dir.clone(),
                 source,
-            })?;
+            }
+        })?;
         let stale = medes_sandbox::cleanup_stale(&cfg.sandbox);
         if stale > 0 {
             info!(node = %cfg.node_id, removed = stale, "removed leftovers of earlier sandboxes");
@@ -400,19 +458,37 @@ impl Agent {
                 which: "rebuild",
                 source,
             })?;
+        let domains = domain::Domains::new(Some(images.join("bases")));
+        // What the previous agent on this data directory kept (verified; see `persist.rs`).
+        let loaded = bg_pool.install(|| persist::load(&images, &domains, &cfg.dedup.engine));
+        let mut table = HashMap::new();
+        let kept_loaded = (loaded.bases.len() + loaded.stores.len()) as u64;
+        for b in loaded.bases {
+            table.insert(b.sandbox, Entry::LostBase(b.rec));
+        }
+        for st in loaded.stores {
+            table.insert(st.sandbox, Entry::Dedup(st.rec));
+        }
+        let next_base = loaded.max_base.map_or(0, |m| m.saturating_add(1));
+        let counters = DedupCounters {
+            kept_loaded,
+            kept_dropped: loaded.dropped,
+            ..DedupCounters::default()
+        };
         Ok(Agent {
             inner: Arc::new(Inner {
                 cfg,
                 code_root,
                 images,
-                sandboxes: Mutex::new(HashMap::new()),
-                domains: domain::Domains::default(),
-                next_base: AtomicU32::new(0),
+                sandboxes: Mutex::new(table),
+                domains,
+                next_base: AtomicU32::new(next_base),
                 starts,
                 dedups,
                 bg_pool,
                 fg_pool,
-                counters: Mutex::new(DedupCounters::default()),
+                counters: Mutex::new(counters),
+                transients: Mutex::new(BTreeMap::new()),
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -460,8 +536,11 @@ impl Agent {
         base.is_some_and(|b| b.domain.lose_pages(b.id))
     }
 
-    /// Refuses new work and destroys every sandbox (running ones as soon as their runs end),
-    /// dedup stores included.
+    /// Refuses new work and destroys every live sandbox (running ones as soon as their runs
+    /// end). Dedup stores and the bases they depend on are **kept** on the tmpfs for the next
+    /// agent on the same data directory ([`Agent::new`] reloads them); [`Agent::purge_kept`]
+    /// removes them. Work in flight (dumps, rebuilt images) is removed; a dedup or dedup start
+    /// in flight is lost.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         let all: Vec<Entry> = self
@@ -472,14 +551,35 @@ impl Agent {
             .map(|(_, s)| s)
             .collect();
         let n = all.len();
-        let slots = all.into_iter().filter_map(|e| match e {
-            Entry::Live(s) => Some(s),
-            _ => None,
-        });
-        futures::future::join_all(slots.map(release)).await;
+        let mut kept = 0;
+        let mut slots = Vec::new();
+        for e in all {
+            match e {
+                Entry::Live(s) => slots.push(s),
+                Entry::Dedup(r) => {
+                    r.keep.store(true, Ordering::SeqCst);
+                    kept += 1;
+                }
+                _ => {}
+            }
+        }
+        futures::future::join_all(slots.into_iter().map(release)).await;
         let images = self.inner.images.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(images)).await;
-        info!(node = %self.inner.cfg.node_id, sandboxes = n, "node agent shut down");
+        let _ = tokio::task::spawn_blocking(move || images::release(&images)).await;
+        info!(node = %self.inner.cfg.node_id, sandboxes = n, kept_dedup = kept, "node agent shut down");
+    }
+
+    /// Removes everything this agent's data directory keeps across restarts (dedup stores and
+    /// bases on the tmpfs). Call after [`Agent::shutdown`] to leave nothing behind (throw-away
+    /// data directories of benchmarks and tests); a running agent loses its dedup sandboxes.
+    pub async fn purge_kept(&self) {
+        let images = self.inner.images.clone();
+        let r = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(images)).await;
+        if let Ok(Err(error)) = r
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %self.inner.images.display(), %error, "removing kept stores and bases");
+        }
     }
 }
 
@@ -710,6 +810,8 @@ impl Inner {
             spec: spec.clone(),
             domain: self.domains.get(&domain_key),
             function: c.action.to_string(),
+            action: c.action.clone(),
+            version: c.version.clone(),
         });
         let sandbox = match tokio::time::timeout(
             start_timeout,
@@ -860,11 +962,46 @@ impl Inner {
         Ok(())
     }
 
+    /// Retires bases whose process was lost (or that an earlier agent kept) once no dedup
+    /// store depends on them any more.
+    fn retire_orphan_bases(&self) {
+        let mut t = self.sandboxes.lock();
+        let orphans: Vec<SandboxId> = t
+            .iter()
+            .filter_map(|(id, e)| match e {
+                Entry::LostBase(b) if b.domain.dependents(b.id) == 0 => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        for id in orphans {
+            if let Some(Entry::LostBase(b)) = t.get(&id)
+                && b.domain.retire(b.id).is_ok()
+            {
+                info!(sandbox = %id, base = b.id.0, domain = %b.domain.key, "base without process and dependents retired");
+                t.remove(&id);
+                self.counters.lock().retired += 1;
+            }
+        }
+    }
+
     async fn status(self: &Arc<Self>) -> NodeStatus {
         enum Seen {
             Live(Arc<Slot>),
             Fixed(SandboxStatus),
         }
+        self.retire_orphan_bases();
+        let described = |id: &SandboxId, i: &SandboxInfo, form, alive, held_bytes| SandboxStatus {
+            id: id.clone(),
+            alive,
+            memory: None,
+            form,
+            held_bytes,
+            action: Some(i.action.clone()),
+            version: Some(i.version.clone()),
+            domain: Some(i.domain.key.clone()),
+            memory_limit: Some(i.spec.memory_limit),
+            image_bytes: None,
+        };
         let seen: Vec<Seen> = self
             .sandboxes
             .lock()
@@ -872,11 +1009,8 @@ impl Inner {
             .map(|(id, e)| match e {
                 Entry::Live(s) => Seen::Live(s.clone()),
                 Entry::Dedup(r) => Seen::Fixed(SandboxStatus {
-                    id: id.clone(),
-                    alive: false,
-                    memory: None,
-                    form: SandboxForm::Dedup,
-                    held_bytes: r.stored_bytes,
+                    image_bytes: Some(r.image_bytes),
+                    ..described(id, &r.info, SandboxForm::Dedup, false, r.stored_bytes)
                 }),
                 Entry::Busy { form, .. } => Seen::Fixed(SandboxStatus {
                     id: id.clone(),
@@ -884,6 +1018,11 @@ impl Inner {
                     memory: None,
                     form: *form,
                     held_bytes: 0,
+                    action: None,
+                    version: None,
+                    domain: None,
+                    memory_limit: None,
+                    image_bytes: None,
                 }),
                 Entry::LostBase(b) => Seen::Fixed(SandboxStatus {
                     id: id.clone(),
@@ -891,6 +1030,11 @@ impl Inner {
                     memory: None,
                     form: SandboxForm::Base,
                     held_bytes: b.held(),
+                    action: None,
+                    version: None,
+                    domain: Some(b.domain.key.clone()),
+                    memory_limit: None,
+                    image_bytes: Some(b.bytes),
                 }),
             })
             .collect();
@@ -910,11 +1054,14 @@ impl Inner {
                         let base = s.base.lock().as_ref().map_or(0, |b| b.held());
                         let kept = s.store.lock().as_ref().map_or(0, |r| r.stored_bytes);
                         let st = SandboxStatus {
-                            id: s.sandbox.id().clone(),
-                            alive: s.sandbox.is_alive(),
                             memory,
-                            form: s.form(),
-                            held_bytes: memory.map_or(0, |m| m.pss.0) + base + kept,
+                            ..described(
+                                s.sandbox.id(),
+                                &s.info,
+                                s.form(),
+                                s.sandbox.is_alive(),
+                                memory.map_or(0, |m| m.pss.0) + base + kept,
+                            )
                         };
                         slots.push(s);
                         st
@@ -929,7 +1076,11 @@ impl Inner {
         for s in slots {
             release(s).await;
         }
-        NodeStatus { node, sandboxes }
+        NodeStatus {
+            node,
+            sandboxes,
+            restore_transient: self.transients.lock().clone(),
+        }
     }
 
     /// Takes a warm sandbox for a make-base or dedup (one at a time per sandbox).
@@ -1011,12 +1162,13 @@ impl Inner {
         let d2 = dir.clone();
         let dom = domain.clone();
         let inner = self.clone();
+        let sb_id = id.clone();
         let r = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(d2.join("dump.log"));
             let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
             let bytes = inner
                 .bg_pool
-                .install(|| dom.add_base(base_id, meta, &dump, &engine))
+                .install(|| dom.add_base(base_id, meta, &dump, &engine, &sb_id))
                 .map_err(|e| error_chain(&e))?;
             Ok::<_, String>((bytes, dump.pages_bytes(), dump.n_pages()))
         })
@@ -1146,14 +1298,16 @@ impl Inner {
         };
         let dedup_ms = ms(t1.elapsed());
         let n_bases = pins.ids().len();
-        let rec = Arc::new(DedupRec {
+        let bases = pins.ids().to_vec();
+        let rec = Arc::new(DedupRec::new(
             info,
             path,
-            stored_bytes: images::held_bytes(written),
+            images::held_bytes(written),
             image_bytes,
-            pages: stats.pages,
-            _pins: pins,
-        });
+            stats.pages,
+            pins,
+        ));
+        rec.save_meta(&bases);
         let reply = DedupReply {
             image_bytes,
             stored_bytes: rec.stored_bytes,
@@ -1207,9 +1361,17 @@ impl Inner {
             );
             rec
         };
+        let sampler = transient::Sampler::start(self.images.join("restore").join(&id.0));
         let r = self.restore_from(&rec).await;
+        let peaks = sampler.finish();
         match r {
             Ok((sandbox, mut reply)) => {
+                reply.transient_images_bytes = peaks.images;
+                reply.transient_criu_bytes = peaks.criu;
+                reply.transient_bytes = peaks.total();
+                self.transients
+                    .lock()
+                    .insert(rec.info.function.clone(), peaks.total());
                 let slot = Arc::new(Slot::new(sandbox, rec.info.clone(), Some(rec)));
                 if !self.finish_busy(&id, Some(Entry::Live(slot.clone()))) {
                     release(slot).await;
@@ -1318,6 +1480,7 @@ impl Inner {
                 rebuild_ms,
                 restore_ms: t.total_ms - t.images_ready_ms,
                 total_ms: read_base_ms + t.total_ms,
+                ..RestoreReply::default()
             },
         ))
     }

@@ -162,7 +162,7 @@ pub struct DedupReply {
 }
 
 /// A dedup sandbox was restored.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RestoreReply {
     /// Time to load and verify the store, check its bases are present and write the non-page
     /// images, ms (on the critical path).
@@ -176,6 +176,19 @@ pub struct RestoreReply {
     pub restore_ms: f64,
     /// Whole command, ms.
     pub total_ms: f64,
+    /// m_R, the memory this dedup start held transiently: the peak of the rebuilt images on
+    /// the tmpfs (non-page images and pages files, allocated bytes) plus the peak resident
+    /// size of the CRIU process, both sampled every few ms while the restore ran. The
+    /// restored process itself is not included (it is the warm sandbox's memory). 0 if not
+    /// measured.
+    #[serde(default)]
+    pub transient_bytes: u64,
+    /// Part of `transient_bytes`: the rebuilt images' peak on the tmpfs.
+    #[serde(default)]
+    pub transient_images_bytes: u64,
+    /// Part of `transient_bytes`: CRIU's peak resident size.
+    #[serde(default)]
+    pub transient_criu_bytes: u64,
 }
 
 /// Outcome of a cold start that reached the init step (or failed on the action's own code).
@@ -245,8 +258,13 @@ impl RunOutcome {
 pub struct NodeStatus {
     /// The node.
     pub node: NodeId,
-    /// Every initialised sandbox on the node.
+    /// Every initialised sandbox on the node (dedup sandboxes and bases an earlier agent kept
+    /// included).
     pub sandboxes: Vec<SandboxStatus>,
+    /// The last measured restore transient m_R per function (`/namespace/name`), bytes (see
+    /// [`RestoreReply::transient_bytes`]).
+    #[serde(default)]
+    pub restore_transient: BTreeMap<String, u64>,
 }
 
 /// One sandbox's state.
@@ -266,6 +284,21 @@ pub struct SandboxStatus {
     /// fingerprint registry; a base whose process was lost = pages + registry share. A
     /// sandbox in the middle of a dedup or dedup start reports 0.
     pub held_bytes: u64,
+    /// The action it runs (every form but a base whose process was lost).
+    #[serde(default)]
+    pub action: Option<ActionName>,
+    /// The action version it runs.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Its dedup domain (a namespace, or `*` when tenants share).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The sandbox's memory limit.
+    #[serde(default)]
+    pub memory_limit: Option<Bytes>,
+    /// Bytes of its page image at its checkpoint (dedup sandboxes).
+    #[serde(default)]
+    pub image_bytes: Option<u64>,
 }
 
 /// The form of a sandbox on a node.

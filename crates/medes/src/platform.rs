@@ -116,6 +116,20 @@ impl Platform {
         })
     }
 
+    /// The node agent (for in-process inspection by benchmarks).
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// [`Platform::stop`], then removes what the node keeps across restarts (dedup stores,
+    /// bases): for benchmarks and tests with a throw-away data directory.
+    pub async fn stop_and_purge(self) -> anyhow::Result<()> {
+        let agent = self.agent.clone();
+        self.stop().await?;
+        agent.purge_kept().await;
+        Ok(())
+    }
+
     /// A token that, when cancelled, stops the platform (used for signals).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

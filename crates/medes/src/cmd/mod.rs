@@ -1,6 +1,7 @@
 //! One module per subcommand. Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<ExitCode>`.
 
 pub mod bench;
+pub mod bench_cycle;
 pub mod bench_dedup;
 pub mod demo;
 pub mod eval;

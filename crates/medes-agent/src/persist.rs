@@ -1,0 +1,377 @@
+//! What survives an agent restart: dedup stores and bases, kept on the tmpfs of the images
+//! directory (`<images_dir>/d<xxh3 of the data dir>/`, see `images.rs`), and reloaded, verified,
+//! by the next agent on the same data directory.
+//!
+//! Files (all written atomically: a temporary file, then a rename):
+//! - `store/<sandbox>.medes`: the dedup store (xxh3-checksummed by `medes-dedup`);
+//!   `store/<sandbox>.json`: [`StoreFile`], what the agent needs to restore it (the action, its
+//!   version and code directory, the sandbox's limit and environment, its dedup domain).
+//! - `bases/<id>.pages`: a base's canonical pages (mapped read-only while the base lives: the
+//!   file's pages are the only copy); `bases/<id>.pos`: their position keys (little-endian
+//!   u64, absent when positional candidates are off); `bases/<id>.json`: [`BaseFile`] with the
+//!   checksums of both.
+//!
+//! On start, bases are loaded first (checksums verified, fingerprints re-registered in their
+//! domain's registry under their old ids), then stores (fully loaded, so every checksum of the
+//! store is verified, and their bases pinned). Anything that does not verify is removed with a
+//! logged reason and never restored. A base no kept store depends on is retired at once. Warm
+//! sandboxes do not survive (their processes die with the agent's shutdown or crash).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use medes_core::{ActionName, Bytes, SandboxId};
+use medes_dedup::{BaseId, BaseMeta, DedupConfig, DedupStore};
+use medes_sandbox::SandboxSpec;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::domain::{BaseImage, Domains};
+
+/// Version of the metadata files.
+const FORMAT: u32 = 1;
+
+/// Metadata of a kept dedup store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StoreFile {
+    pub format: u32,
+    pub sandbox: SandboxId,
+    pub action: ActionName,
+    pub version: String,
+    pub domain: String,
+    pub code_dir: PathBuf,
+    pub memory_limit: Bytes,
+    pub env: BTreeMap<String, String>,
+    pub image_bytes: u64,
+    pub pages: u64,
+    pub bases: Vec<BaseId>,
+}
+
+/// Metadata of a kept base.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct BaseFile {
+    pub format: u32,
+    pub id: BaseId,
+    pub domain: String,
+    pub sandbox: SandboxId,
+    pub function: String,
+    pub node: u32,
+    pub pages_checksum: u64,
+    pub positions_checksum: Option<u64>,
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data)?;
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+fn json_err(e: serde_json::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The metadata file of a store file.
+pub(crate) fn store_meta_path(store: &Path) -> PathBuf {
+    store.with_extension("json")
+}
+
+/// Writes the metadata of a store just written to `store`.
+pub(crate) fn save_store_meta(store: &Path, meta: &StoreFile) -> io::Result<()> {
+    let data = serde_json::to_vec_pretty(meta).map_err(json_err)?;
+    write_atomic(&store_meta_path(store), &data)
+}
+
+/// Removes a store and its metadata (missing files are fine).
+pub(crate) fn remove_store(store: &Path) {
+    for p in [store.to_path_buf(), store_meta_path(store)] {
+        if let Err(error) = fs::remove_file(&p)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            warn!(path = %p.display(), %error, "removing a dedup store");
+        }
+    }
+}
+
+fn base_path(dir: &Path, id: BaseId, ext: &str) -> PathBuf {
+    dir.join(format!("{}.{ext}", id.0))
+}
+
+/// Writes a base's pages (switching `image` to a mapping of the file), position keys and
+/// metadata into `dir`.
+pub(crate) fn save_base(
+    dir: &Path,
+    domain: &str,
+    id: BaseId,
+    meta: &BaseMeta,
+    sandbox: &SandboxId,
+    image: &mut BaseImage,
+    positions: &[u64],
+) -> io::Result<()> {
+    let pages_checksum = image.save(&base_path(dir, id, "pages"))?;
+    let positions_checksum = if positions.is_empty() {
+        None
+    } else {
+        let bytes: Vec<u8> = positions.iter().flat_map(|p| p.to_le_bytes()).collect();
+        write_atomic(&base_path(dir, id, "pos"), &bytes)?;
+        Some(xxhash_rust::xxh3::xxh3_64(&bytes))
+    };
+    let file = BaseFile {
+        format: FORMAT,
+        id,
+        domain: domain.to_string(),
+        sandbox: sandbox.clone(),
+        function: meta.function.clone(),
+        node: meta.node.0,
+        pages_checksum,
+        positions_checksum,
+    };
+    let data = serde_json::to_vec_pretty(&file).map_err(json_err)?;
+    write_atomic(&base_path(dir, id, "json"), &data)
+}
+
+/// Removes a base's files (missing files are fine).
+pub(crate) fn remove_base(dir: &Path, id: BaseId) {
+    for ext in ["json", "pages", "pos", "tmp"] {
+        let p = base_path(dir, id, ext);
+        if let Err(error) = fs::remove_file(&p)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            warn!(path = %p.display(), %error, "removing a base file");
+        }
+    }
+}
+
+/// A base reloaded from the images directory.
+pub(crate) struct LoadedBase {
+    pub sandbox: SandboxId,
+    pub rec: Arc<crate::BaseRec>,
+}
+
+/// A dedup store reloaded from the images directory.
+pub(crate) struct LoadedStore {
+    pub sandbox: SandboxId,
+    pub rec: Arc<crate::DedupRec>,
+}
+
+/// What an agent found of its predecessor.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub bases: Vec<LoadedBase>,
+    pub stores: Vec<LoadedStore>,
+    /// Highest base id in use (the next base gets a higher one).
+    pub max_base: Option<u32>,
+    /// Stores and bases dropped (corrupt, incomplete, unusable), each logged with its reason.
+    pub dropped: u64,
+}
+
+/// Reads one base; `Err(reason)` if it cannot be used.
+fn read_base(
+    dir: &Path,
+    meta_path: &Path,
+    domains: &Domains,
+    engine: &DedupConfig,
+) -> Result<(BaseFile, Arc<crate::BaseRec>), String> {
+    let text = fs::read(meta_path).map_err(|e| format!("reading the metadata: {e}"))?;
+    let meta: BaseFile = serde_json::from_slice(&text).map_err(|e| format!("bad metadata: {e}"))?;
+    if meta.format != FORMAT {
+        return Err(format!("unknown format {}", meta.format));
+    }
+    let image = BaseImage::map(&base_path(dir, meta.id, "pages"))
+        .map_err(|e| format!("mapping the pages: {e}"))?;
+    let sum = xxhash_rust::xxh3::xxh3_64(image.data());
+    if sum != meta.pages_checksum {
+        return Err(format!(
+            "pages checksum mismatch ({sum:016x}, expected {:016x})",
+            meta.pages_checksum
+        ));
+    }
+    let positions = match meta.positions_checksum {
+        None => Vec::new(),
+        Some(want) => {
+            let bytes = fs::read(base_path(dir, meta.id, "pos"))
+                .map_err(|e| format!("reading the position keys: {e}"))?;
+            if xxhash_rust::xxh3::xxh3_64(&bytes) != want || bytes.len() % 8 != 0 {
+                return Err("position keys checksum mismatch".into());
+            }
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        }
+    };
+    let n_pages = image.bytes() / medes_dedup::PAGE as u64;
+    let domain = domains.get(&meta.domain);
+    let bmeta = BaseMeta {
+        function: meta.function.clone(),
+        node: medes_dedup::registry::NodeId(meta.node),
+    };
+    let bytes = domain
+        .load_base(meta.id, bmeta, image, &positions, engine)
+        .map_err(|e| format!("registering: {e}"))?;
+    let rec = Arc::new(crate::BaseRec {
+        domain,
+        id: meta.id,
+        bytes,
+        pages: n_pages,
+    });
+    Ok((meta, rec))
+}
+
+/// Reads one store; `Err(reason)` if it cannot be used.
+fn read_store(
+    store_path: &Path,
+    meta_path: &Path,
+    domains: &Domains,
+) -> Result<Arc<crate::DedupRec>, String> {
+    let text = fs::read(meta_path).map_err(|e| format!("reading the metadata: {e}"))?;
+    let meta: StoreFile =
+        serde_json::from_slice(&text).map_err(|e| format!("bad metadata: {e}"))?;
+    if meta.format != FORMAT {
+        return Err(format!("unknown format {}", meta.format));
+    }
+    if !meta.code_dir.is_dir() {
+        return Err(format!(
+            "the action's code directory {} is gone",
+            meta.code_dir.display()
+        ));
+    }
+    // Loading verifies the store's checksums.
+    let store = DedupStore::load(store_path).map_err(|e| crate::error_chain(&e))?;
+    if store.bases != meta.bases {
+        return Err("the store's bases differ from its metadata".into());
+    }
+    let written = fs::metadata(store_path)
+        .map_err(|e| format!("reading the store's size: {e}"))?
+        .len();
+    let domain = domains.get(&meta.domain);
+    let pins = domain.pin(&store.bases).ok_or_else(|| {
+        format!(
+            "a base it needs ({:?}) is not resident",
+            store.bases.iter().map(|b| b.0).collect::<Vec<_>>()
+        )
+    })?;
+    let info = Arc::new(crate::SandboxInfo {
+        spec: SandboxSpec {
+            id: meta.sandbox.clone(),
+            code_dir: meta.code_dir.clone(),
+            memory_limit: meta.memory_limit,
+            env: meta.env.clone(),
+        },
+        domain,
+        function: meta.action.to_string(),
+        action: meta.action.clone(),
+        version: meta.version.clone(),
+    });
+    Ok(Arc::new(crate::DedupRec::new(
+        info,
+        store_path.to_path_buf(),
+        crate::images::held_bytes(written),
+        meta.image_bytes,
+        meta.pages,
+        pins,
+    )))
+}
+
+fn list(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Loads what an earlier agent kept in `images` (this agent's directory). Blocking and
+/// CPU-heavy (checksums, fingerprints): run it on the agent's pool.
+pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Loaded {
+    let mut out = Loaded::default();
+    let bases_dir = images.join("bases");
+    let store_dir = images.join("store");
+    // Leftovers of interrupted writes.
+    for d in [&bases_dir, &store_dir] {
+        for p in list(d, "tmp") {
+            let _ = fs::remove_file(p);
+        }
+    }
+    for meta_path in list(&bases_dir, "json") {
+        match read_base(&bases_dir, &meta_path, domains, engine) {
+            Ok((meta, rec)) => {
+                out.max_base = Some(out.max_base.map_or(meta.id.0, |m| m.max(meta.id.0)));
+                out.bases.push(LoadedBase {
+                    sandbox: meta.sandbox,
+                    rec,
+                });
+            }
+            Err(reason) => {
+                warn!(file = %meta_path.display(), %reason, "dropping a kept base");
+                out.dropped += 1;
+                if let Some(id) = meta_path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.parse::<u32>().ok())
+                {
+                    out.max_base = Some(out.max_base.map_or(id, |m| m.max(id)));
+                    remove_base(&bases_dir, BaseId(id));
+                } else {
+                    let _ = fs::remove_file(&meta_path);
+                }
+            }
+        }
+    }
+    // Pages files without metadata (a crash between the writes).
+    for p in list(&bases_dir, "pages")
+        .into_iter()
+        .chain(list(&bases_dir, "pos"))
+    {
+        if !p.with_extension("json").exists() {
+            let _ = fs::remove_file(p);
+        }
+    }
+    for store_path in list(&store_dir, "medes") {
+        let meta_path = store_meta_path(&store_path);
+        match read_store(&store_path, &meta_path, domains) {
+            Ok(rec) => out.stores.push(LoadedStore {
+                sandbox: rec.info.spec.id.clone(),
+                rec,
+            }),
+            Err(reason) => {
+                warn!(store = %store_path.display(), %reason, "dropping a kept dedup store: it will not be restored");
+                out.dropped += 1;
+                remove_store(&store_path);
+            }
+        }
+    }
+    for meta_path in list(&store_dir, "json") {
+        if !meta_path.with_extension("medes").exists() {
+            let _ = fs::remove_file(meta_path);
+        }
+    }
+    // Bases nothing depends on any more retire now.
+    out.bases.retain(|b| {
+        if b.rec.domain.dependents(b.rec.id) > 0 {
+            return true;
+        }
+        let _ = b.rec.domain.retire(b.rec.id);
+        info!(sandbox = %b.sandbox, base = b.rec.id.0, "kept base has no dedup sandbox left; retired");
+        false
+    });
+    if !out.stores.is_empty() || !out.bases.is_empty() || out.dropped > 0 {
+        info!(
+            stores = out.stores.len(),
+            bases = out.bases.len(),
+            dropped = out.dropped,
+            dir = %images.display(),
+            "reloaded what the previous agent kept"
+        );
+    }
+    out
+}
