@@ -3,6 +3,15 @@
 //! `startup` measures cold and warm starts as a client sees them, the platform's own overhead on
 //! a warm invocation (client latency minus the time inside `main`) and the no-op throughput with
 //! concurrent clients. Times in ms, sizes in MB (10^6 bytes), rates per second.
+//!
+//! With its own platform instance (not `--url`) it also measures **dedup starts** (issue 5)
+//! through the real platform: a fresh action version gets a base (first sandbox, forced idle
+//! decision) and a target sandbox; the target cycles forced dedup (`force_decisions` +
+//! `wait_settled`; after the first checkpoint the store is reused) → invocation, which must be a
+//! dedup start. The own instance runs with `bases_serve = false` (an idle base would otherwise
+//! take the request) and a long idle period (no background checkpoints while measuring). The
+//! floor is a plain CRIU restore of another sandbox of the same action version from its full
+//! image on tmpfs (`/dev/shm`), interleaved with the dedup starts so both see the same load.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +25,10 @@ use medes_workload::client::{ExecSpec, LimitsSpec};
 use medes_workload::{ActionSpec, Client, ClientConfig, Invoked, Manifest};
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+use medes_controller::Controller;
+use medes_core::{ActionName, SandboxId};
+use medes_sandbox::{CheckpointMode, InitRequest, RunRequest, Sandbox, SandboxConfig, SandboxSpec};
 
 use crate::config::MedesConfig;
 use crate::platform::{Platform, init_tracing};
@@ -33,8 +46,6 @@ enum Bench {
     Startup(StartupArgs),
     /// The dedup engine on real checkpoints of the suite's sandboxes (savings, speeds).
     Dedup(super::bench_dedup::DedupArgs),
-    /// Sandboxes of every suite function cycling warm → dedup → restored for minutes.
-    Cycle(super::bench_cycle::CycleArgs),
 }
 
 /// Arguments of `medes bench startup`.
@@ -70,6 +81,23 @@ pub struct StartupArgs {
     /// Seconds of the no-op throughput run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Skip the dedup starts, the plain CRIU restores and the memory figures (they need the
+    /// own instance; with --url they are always skipped and reported as null).
+    #[arg(long)]
+    no_dedup: bool,
+}
+
+/// Medians of the dedup start's steps, ms.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Breakdown {
+    /// Load and verify the store, check the bases, write the non-page images (critical path).
+    read_base: f64,
+    /// Rebuild the page images from the store and the base pages (overlaps CRIU's start).
+    rebuild: f64,
+    /// From the pages being complete until the restored runtime answered.
+    restore: f64,
+    /// From the restored runtime to the response at the client (the run, the platform, HTTP).
+    first_response: f64,
 }
 
 /// One function's figures (output contract of issue 2, extended by later issues).
@@ -82,6 +110,23 @@ struct FunctionRow {
     warm_ms_p99: f64,
     init_ms_p50: f64,
     main_ms_p50: f64,
+    /// Client-seen dedup start (whole invocation), p50 / p99, ms; null when not measured.
+    dedup_ms_p50: Option<f64>,
+    dedup_ms_p99: Option<f64>,
+    /// The agent's `Restore` command (store → restored runtime answering), p50, ms.
+    dedup_agent_ms_p50: Option<f64>,
+    /// Plain CRIU restore (until the runtime answered) from the full image on tmpfs: the floor.
+    criu_restore_ms_p50: Option<f64>,
+    /// Plain CRIU restore and its first run, p50, ms.
+    criu_restore_run_ms_p50: Option<f64>,
+    /// Page image of the sandbox (full checkpoint), MB.
+    page_image_mb: Option<f64>,
+    /// PSS of the warm sandbox, MB.
+    warm_mb: Option<f64>,
+    /// Everything held for the dedup sandbox (store, non-page images, metadata), base
+    /// excluded, MB.
+    dedup_mb: Option<f64>,
+    dedup_breakdown_ms: Option<Breakdown>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,7 +144,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         Bench::Startup(a) => startup(a),
         Bench::Dedup(a) => super::bench_dedup::run(a),
-        Bench::Cycle(a) => super::bench_cycle::run(a),
     }
 }
 
@@ -120,12 +164,27 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
                 let tag = format!("bench-{}", std::process::id());
                 cfg.agent.sandbox.cgroup_name = format!("medes-{tag}");
                 cfg.agent.sandbox.run_dir = format!("/run/medes/{tag}").into();
+                // Dedup starts on demand only: idle bases do not take requests, and no idle
+                // decision (background checkpoint) happens on its own while measuring.
+                cfg.controller.bases_serve = false;
+                cfg.controller.keep_alive_s = 7_200;
+                cfg.controller.idle_period_s = 3_600;
                 cfg.finish();
-                (Some(Platform::start(cfg).await?), Some(tmp))
+                let sandbox = cfg.agent.sandbox.clone();
+                let p = Platform::start(cfg).await?;
+                (Some((p, sandbox)), Some(tmp))
             }
         };
+        let ctx = match &platform {
+            Some((p, sandbox)) if !args.no_dedup => Some(DedupCtx {
+                controller: p.controller.clone(),
+                sandbox: sandbox.clone(),
+                data_dir: p.data_dir.clone(),
+            }),
+            _ => None,
+        };
         let (url, auth) = match (&platform, &args.url) {
-            (Some(p), _) => (p.url.clone(), p.auth.clone()),
+            (Some((p, _)), _) => (p.url.clone(), p.auth.clone()),
             (None, Some(u)) => {
                 let auth = match &args.auth {
                     Some(a) => a.clone(),
@@ -140,8 +199,8 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
             (None, None) => unreachable!("either an own platform or --url"),
         };
         let client = Client::new(&ClientConfig::new(url, auth))?;
-        let report = measure(&client, &args).await;
-        if let Some(p) = platform {
+        let report = measure(&client, &args, ctx.as_ref()).await;
+        if let Some((p, _)) = platform {
             p.stop().await?;
         }
         let report = report?;
@@ -245,10 +304,15 @@ fn main_ms(rec: &medes_workload::ActivationRecord) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn measure(client: &Client, args: &StartupArgs) -> anyhow::Result<StartupReport> {
+async fn measure(
+    client: &Client,
+    args: &StartupArgs,
+    ctx: Option<&DedupCtx>,
+) -> anyhow::Result<StartupReport> {
     let targets = targets(args)?;
     let runs = args.runs.max(1);
-    let bar = ProgressBar::new((targets.len() * runs * 2) as u64);
+    let per = if ctx.is_some() { 3 } else { 2 };
+    let bar = ProgressBar::new((targets.len() * runs * per) as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -287,6 +351,15 @@ async fn measure(client: &Client, args: &StartupArgs) -> anyhow::Result<StartupR
             }
             bar.inc(1);
         }
+        let d = match ctx {
+            Some(ctx) => Some(
+                measure_dedup(ctx, client, t, runs, &bar)
+                    .await
+                    .with_context(|| format!("dedup starts of {}", t.name))?,
+            ),
+            None => None,
+        };
+        let p50 = |f: fn(&DedupFigures) -> &Vec<f64>| d.as_ref().map(|d| pct(f(d), 50.0));
         rows.push(FunctionRow {
             name: t.name.clone(),
             cold_ms_p50: pct(&cold, 50.0),
@@ -295,6 +368,20 @@ async fn measure(client: &Client, args: &StartupArgs) -> anyhow::Result<StartupR
             warm_ms_p99: pct(&warm, 99.0),
             init_ms_p50: pct(&init, 50.0),
             main_ms_p50: pct(&main, 50.0),
+            dedup_ms_p50: p50(|d| &d.start),
+            dedup_ms_p99: d.as_ref().map(|d| pct(&d.start, 99.0)),
+            dedup_agent_ms_p50: p50(|d| &d.agent),
+            criu_restore_ms_p50: p50(|d| &d.plain),
+            criu_restore_run_ms_p50: p50(|d| &d.plain_run),
+            page_image_mb: d.as_ref().map(|d| round3(d.page_image_mb)),
+            warm_mb: d.as_ref().map(|d| round3(d.warm_mb)),
+            dedup_mb: d.as_ref().map(|d| round3(d.dedup_mb)),
+            dedup_breakdown_ms: d.as_ref().map(|d| Breakdown {
+                read_base: pct(&d.read_base, 50.0),
+                rebuild: pct(&d.rebuild, 50.0),
+                restore: pct(&d.restore, 50.0),
+                first_response: pct(&d.first_response, 50.0),
+            }),
         });
     }
     bar.finish_and_clear();
@@ -330,6 +417,249 @@ async fn measure(client: &Client, args: &StartupArgs) -> anyhow::Result<StartupR
         runs,
         functions: rows,
     })
+}
+
+/// What the dedup measurement needs from the own platform instance.
+struct DedupCtx {
+    controller: Arc<Controller>,
+    sandbox: SandboxConfig,
+    data_dir: PathBuf,
+}
+
+/// Raw samples of one function's dedup starts and plain restores.
+#[derive(Default)]
+struct DedupFigures {
+    start: Vec<f64>,
+    agent: Vec<f64>,
+    plain: Vec<f64>,
+    plain_run: Vec<f64>,
+    read_base: Vec<f64>,
+    rebuild: Vec<f64>,
+    restore: Vec<f64>,
+    first_response: Vec<f64>,
+    page_image_mb: f64,
+    warm_mb: f64,
+    dedup_mb: f64,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The controller's view of the sandboxes of `name@version`.
+fn sandboxes_of(
+    ctl: &Controller,
+    name: &str,
+    version: &str,
+) -> Vec<medes_controller::SandboxInfo> {
+    ctl.sandboxes()
+        .into_iter()
+        .filter(|s| s.action.name == name && s.version == version)
+        .collect()
+}
+
+/// Where the agent wrote the code of `action@version` (`<data_dir>/code/<ns>/<name>/<version>`).
+fn code_dir(data_dir: &std::path::Path, action: &ActionName, version: &str) -> PathBuf {
+    let mut p = data_dir.join("code").join(&action.namespace.0);
+    for part in action.name.split('/') {
+        p.push(part);
+    }
+    p.push(version);
+    p
+}
+
+/// Base, target, then `runs` × (forced dedup → invocation that must be a dedup start →
+/// plain CRIU restore of the full image).
+async fn measure_dedup(
+    ctx: &DedupCtx,
+    client: &Client,
+    t: &Target,
+    runs: usize,
+    bar: &ProgressBar,
+) -> anyhow::Result<DedupFigures> {
+    let ctl = &ctx.controller;
+    // A fresh version: the sandboxes of the cold/warm runs retire.
+    let put = client
+        .put_action(&t.name, &t.spec)
+        .await
+        .with_context(|| format!("deploying {}", t.name))?;
+    let version = put
+        .get("version")
+        .and_then(Value::as_str)
+        .context("the stored action has no version")?
+        .to_string();
+    let expect = |rec: &medes_workload::ActivationRecord, kind: &str| {
+        anyhow::ensure!(
+            rec.start_kind() == kind,
+            "{}: expected a {kind} start, got {} ({:?})",
+            t.name,
+            rec.start_kind(),
+            ctl.dedup_stats()
+        );
+        Ok(())
+    };
+    // The base: the first sandbox to reach a decision.
+    let (_, rec) = invoke(client, &t.name, &t.params).await?;
+    expect(&rec, "cold")?;
+    let action = sandboxes_of(ctl, &t.name, &version)
+        .first()
+        .map(|s| s.action.clone())
+        .context("the cold-started sandbox is not in the controller's table")?;
+    ctl.force_decisions(Some(&action)).await;
+    ctl.wait_settled().await;
+    anyhow::ensure!(
+        sandboxes_of(ctl, &t.name, &version)
+            .iter()
+            .any(|s| s.state.as_str() == "base"),
+        "{}: no base after the forced decision ({:?})",
+        t.name,
+        ctl.dedup_stats()
+    );
+    // The target: idle bases do not serve here, so this is a cold start; then one warm run.
+    let (_, rec) = invoke(client, &t.name, &t.params).await?;
+    expect(&rec, "cold")?;
+    let (_, rec) = invoke(client, &t.name, &t.params).await?;
+    expect(&rec, "warm")?;
+    ctl.refresh_memory().await;
+    let target = sandboxes_of(ctl, &t.name, &version)
+        .into_iter()
+        .find(|s| s.state.as_str() == "warm")
+        .context("no warm target sandbox")?;
+    let mut out = DedupFigures {
+        warm_mb: target.measured.map_or(0.0, |b| b.0 as f64 / 1e6),
+        ..Default::default()
+    };
+    let find = |id: &SandboxId| {
+        ctl.sandboxes()
+            .into_iter()
+            .find(|s| &s.id == id)
+            .with_context(|| format!("sandbox {id} is gone"))
+    };
+
+    // The floor's full image: another sandbox of the same action version.
+    let code = code_dir(&ctx.data_dir, &action, &version);
+    anyhow::ensure!(code.is_dir(), "no code directory {}", code.display());
+    let plain_root = PathBuf::from(format!("/dev/shm/medes-bench-{}", std::process::id()));
+    let plain_dir = plain_root.join(&t.name);
+    let plain = Plain {
+        cfg: &ctx.sandbox,
+        code: &code,
+        action: &action,
+        version: &version,
+        main: t.spec.exec.main.clone().unwrap_or_else(|| "main".into()),
+        params: &t.params,
+    };
+    let r = async {
+        out.page_image_mb = plain.checkpoint(&plain_dir).await? as f64 / 1e6;
+        for i in 0..runs {
+            ctl.force_decisions(Some(&action)).await;
+            ctl.wait_settled().await;
+            let sb = find(&target.id)?;
+            anyhow::ensure!(
+                sb.state.as_str() == "dedup",
+                "{}: the target is {} after the forced decision ({:?})",
+                t.name,
+                sb.state.as_str(),
+                ctl.dedup_stats()
+            );
+            if i == 0 {
+                out.dedup_mb = sb.stored.map_or(0.0, |b| b.0 as f64 / 1e6);
+            }
+            let (ms, rec) = invoke(client, &t.name, &t.params).await?;
+            expect(&rec, "dedup")?;
+            let r = find(&target.id)?
+                .last_restore
+                .context("no dedup start breakdown")?;
+            out.start.push(ms);
+            out.agent.push(r.total_ms);
+            out.read_base.push(r.read_base_ms);
+            out.rebuild.push(r.rebuild_ms);
+            out.restore.push(r.restore_ms);
+            out.first_response.push(ms - r.total_ms);
+            let (p, pr) = plain.restore(&plain_dir, i).await?;
+            out.plain.push(p);
+            out.plain_run.push(pr);
+            bar.inc(1);
+        }
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&plain_dir);
+    let _ = std::fs::remove_dir(&plain_root);
+    r?;
+    // Retire this version's sandboxes (base and target).
+    client.put_action(&t.name, &t.spec).await?;
+    Ok(out)
+}
+
+/// Plain sandboxes of an action version, outside the platform, for the floor.
+struct Plain<'a> {
+    cfg: &'a SandboxConfig,
+    code: &'a std::path::Path,
+    action: &'a ActionName,
+    version: &'a str,
+    main: String,
+    params: &'a Map<String, Value>,
+}
+
+impl Plain<'_> {
+    fn spec(&self, n: &str) -> SandboxSpec {
+        let env = [
+            ("__OW_NAMESPACE", self.action.namespace.0.clone()),
+            ("__OW_ACTION_NAME", self.action.to_string()),
+            ("__OW_ACTION_VERSION", self.version.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        SandboxSpec {
+            id: SandboxId(format!("bp{}-{n}", std::process::id())),
+            code_dir: self.code.to_path_buf(),
+            memory_limit: medes_core::Bytes::mib(1024),
+            env,
+        }
+    }
+
+    fn req(&self) -> RunRequest {
+        RunRequest {
+            value: self.params.clone(),
+            env: Default::default(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// A warm sandbox (after one run) checkpointed into `dir`; returns the page image bytes.
+    async fn checkpoint(&self, dir: &std::path::Path) -> anyhow::Result<u64> {
+        let sb = Sandbox::start(self.cfg, self.spec("orig")).await?;
+        let r = async {
+            let init = sb
+                .init(InitRequest {
+                    main: self.main.clone(),
+                })
+                .await?;
+            anyhow::ensure!(init.ok, "init failed: {:?}", init.error);
+            let run = sb.run(self.req()).await?;
+            anyhow::ensure!(run.error.is_none(), "run failed: {:?}", run.error);
+            let _ = std::fs::remove_dir_all(dir);
+            Ok(sb.checkpoint(dir, CheckpointMode::LeaveRunning).await?)
+        }
+        .await;
+        sb.destroy().await?;
+        Ok(r?.page_image_bytes.0)
+    }
+
+    /// One plain restore from `dir` and its first run: (restore ms, restore + run ms).
+    async fn restore(&self, dir: &std::path::Path, i: usize) -> anyhow::Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let copy = Sandbox::restore(self.cfg, self.spec(&i.to_string()), dir).await?;
+        let restore = t0.elapsed().as_secs_f64() * 1e3;
+        let run = copy.run(self.req()).await;
+        let with_run = t0.elapsed().as_secs_f64() * 1e3;
+        copy.destroy().await?;
+        let run = run?;
+        anyhow::ensure!(run.error.is_none(), "run failed: {:?}", run.error);
+        Ok((restore, with_run))
+    }
 }
 
 /// No-op invocations per second with `clients` closed-loop clients, after a warm-up that lets
@@ -395,8 +725,22 @@ fn pct(xs: &[f64], p: f64) -> f64 {
 fn print_table(r: &StartupReport) {
     let mut t = comfy_table::Table::new();
     t.set_header([
-        "function", "cold p50", "cold p99", "init p50", "warm p50", "warm p99", "main p50",
+        "function",
+        "cold p50",
+        "cold p99",
+        "init p50",
+        "warm p50",
+        "warm p99",
+        "main p50",
+        "dedup p50",
+        "dedup p99",
+        "criu p50",
+        "read/rebuild/restore/first",
+        "pages MB",
+        "warm MB",
+        "dedup MB",
     ]);
+    let o = |x: Option<f64>, d: usize| x.map_or("-".to_string(), |v| format!("{v:.d$}"));
     for f in &r.functions {
         t.add_row([
             f.name.clone(),
@@ -406,6 +750,18 @@ fn print_table(r: &StartupReport) {
             format!("{:.2}", f.warm_ms_p50),
             format!("{:.2}", f.warm_ms_p99),
             format!("{:.2}", f.main_ms_p50),
+            o(f.dedup_ms_p50, 1),
+            o(f.dedup_ms_p99, 1),
+            o(f.criu_restore_ms_p50, 1),
+            f.dedup_breakdown_ms.map_or("-".to_string(), |b| {
+                format!(
+                    "{:.1}/{:.1}/{:.1}/{:.1}",
+                    b.read_base, b.rebuild, b.restore, b.first_response
+                )
+            }),
+            o(f.page_image_mb, 1),
+            o(f.warm_mb, 1),
+            o(f.dedup_mb, 2),
         ]);
     }
     println!("{t}");

@@ -1,10 +1,20 @@
 //! `medes suite` (owned by the workload work, issue 3): deploy, run and list the ten functions.
+//!
+//! `run --state dedup` (issue 5) forces every function through a dedup start over HTTP: after a
+//! normal call, two concurrent calls make two sandboxes, the medes extension
+//! `POST .../actions/{name}/medes/idle` runs the idle decision now (the first sandbox becomes a
+//! base, the other a dedup sandbox), then two concurrent calls follow: one may take the idle base
+//! (a base serves like a warm sandbox unless the server runs with `bases_serve = false`), the
+//! other must restore the dedup sandbox. Repeated (bounded) until a call was a dedup start; every
+//! call's result is checked like a normal run and its start kind reported.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use medes_workload::{Client, ClientConfig, Manifest, RunOptions, RunTable};
+use medes_workload::suite::{CallReport, FunctionSpec, RunReport, check_result};
+use medes_workload::{Client, ClientConfig, Invoked, Manifest, RunOptions, RunTable};
+use serde_json::Value;
 
 /// Where the API is and who we are.
 #[derive(clap::Args, Debug, Clone)]
@@ -21,14 +31,27 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
+    /// The credentials: `--auth`, else the key in the data directory.
+    fn auth(&self) -> anyhow::Result<String> {
+        match &self.auth {
+            Some(a) => Ok(a.clone()),
+            None => crate::platform::read_auth_file(&self.data_dir),
+        }
+    }
+
     /// A client for these arguments.
     pub fn client(&self) -> anyhow::Result<Client> {
-        let auth = match &self.auth {
-            Some(a) => a.clone(),
-            None => crate::platform::read_auth_file(&self.data_dir)?,
-        };
-        Client::new(&ClientConfig::new(&self.url, auth)).context("building the API client")
+        Client::new(&ClientConfig::new(&self.url, self.auth()?)).context("building the API client")
     }
+}
+
+/// Which sandbox state `suite run` starts the functions from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StartState {
+    /// Cold, then warm (sequential calls).
+    Normal,
+    /// Additionally through a dedup start (forced idle decision, then a restore).
+    Dedup,
 }
 
 /// Arguments of `medes suite`.
@@ -64,6 +87,14 @@ enum SuiteCommand {
         /// sandbox PSS/RSS is read from /proc after its calls. `none` to skip.
         #[arg(long, default_value = medes_workload::footprint::DEFAULT_CGROUP_DIR)]
         cgroup_dir: PathBuf,
+        /// `dedup`: after the normal calls, force every function through a dedup start (needs a
+        /// medes server: uses the `medes/idle` extension) and check those results too.
+        #[arg(long, value_enum, default_value = "normal")]
+        state: StartState,
+        /// With `--state dedup`: rounds (idle decision + two concurrent calls) tried per function
+        /// before giving up on seeing a dedup start.
+        #[arg(long, default_value_t = 5)]
+        dedup_attempts: u32,
     },
     /// List the manifest's functions and what the API has deployed.
     List,
@@ -86,6 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::load(&dir)
         .with_context(|| format!("loading the manifest in {}", dir.display()))?;
     let client = args.api.client()?;
+    let idle = Idle::new(&args.api)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -119,6 +151,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 invocations,
                 json,
                 cgroup_dir,
+                state,
+                dedup_attempts,
             } => {
                 let cgroup_dir =
                     (cgroup_dir.as_os_str() != "none" && cgroup_dir.is_dir()).then_some(cgroup_dir);
@@ -127,8 +161,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     cgroup_dir,
                     ..Default::default()
                 };
-                let reports = medes_workload::run(&client, &manifest, &names, &opts).await;
+                let mut reports = medes_workload::run(&client, &manifest, &names, &opts).await;
+                if state == StartState::Dedup {
+                    for r in &mut reports {
+                        let Some(spec) = manifest.functions.get(&r.name) else {
+                            continue;
+                        };
+                        dedup_round(&client, &idle, r, spec, dedup_attempts).await;
+                    }
+                }
                 println!("{}", RunTable(&reports));
+                if state == StartState::Dedup {
+                    print_dedup(&reports);
+                }
                 for r in reports.iter().filter(|r| !r.passed()) {
                     for (i, c) in r.calls.iter().enumerate() {
                         for p in &c.problems {
@@ -182,4 +227,168 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// The `medes/idle` extension of a medes server.
+struct Idle {
+    http: reqwest::Client,
+    base: String,
+    user: String,
+    key: String,
+}
+
+impl Idle {
+    fn new(api: &ApiArgs) -> anyhow::Result<Idle> {
+        let auth = api.auth()?;
+        let (user, key) = auth
+            .split_once(':')
+            .context("the credentials are not `uuid:key`")?;
+        Ok(Idle {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(180))
+                .build()
+                .context("building the HTTP client")?,
+            base: api.url.trim_end_matches('/').to_string(),
+            user: user.into(),
+            key: key.into(),
+        })
+    }
+
+    /// Runs the idle decision of `name`'s sandboxes now; returns the states of its sandboxes.
+    async fn decide(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let url = format!("{}/api/v1/namespaces/_/actions/{name}/medes/idle", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .basic_auth(&self.user, Some(&self.key))
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(
+            status.is_success(),
+            "POST {url}: {status} {body} (is the server a medes server with dedup enabled?)"
+        );
+        Ok(body
+            .get("sandboxes")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.get("state").and_then(Value::as_str))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// One checked call (like the normal suite run's).
+async fn call(client: &Client, name: &str, spec: &FunctionSpec) -> CallReport {
+    let t0 = std::time::Instant::now();
+    let r = client.invoke(name, &spec.params, true).await;
+    let client_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let failed = |problem: String| CallReport {
+        start_kind: "-".into(),
+        client_ms,
+        duration_ms: None,
+        init_ms: None,
+        wait_ms: None,
+        problems: vec![problem],
+    };
+    match r {
+        Ok(Invoked::Completed { record, .. }) => CallReport {
+            start_kind: record.start_kind(),
+            client_ms,
+            duration_ms: record.duration,
+            init_ms: record.init_time_ms(),
+            wait_ms: record.wait_time_ms(),
+            problems: check_result(spec, &record.response.result),
+        },
+        Ok(Invoked::Accepted { activation_id }) => failed(format!(
+            "blocking call not finished in time (activation {activation_id})"
+        )),
+        Err(e) => failed(medes_workload::error_chain(&e)),
+    }
+}
+
+/// Forces `r`'s function through a dedup start; appends every call to `r.calls`.
+async fn dedup_round(
+    client: &Client,
+    idle: &Idle,
+    r: &mut RunReport,
+    spec: &FunctionSpec,
+    attempts: u32,
+) {
+    let name = r.name.clone();
+    let pair = || async {
+        let (a, b) = tokio::join!(
+            call(client, &name, spec),
+            call(client, &name, spec)
+        );
+        [a, b]
+    };
+    // Two sandboxes (a base and a dedup sandbox to be).
+    r.calls.extend(pair().await);
+    for _ in 0..attempts.max(1) {
+        let states = match idle.decide(&name).await {
+            Ok(s) => s,
+            Err(e) => {
+                r.calls.push(problem(format!("idle decision: {e:#}")));
+                return;
+            }
+        };
+        let calls = pair().await;
+        let done = calls.iter().any(|c| c.start_kind == "dedup");
+        r.calls.extend(calls);
+        if done {
+            return;
+        }
+        tracing::info!(function = %name, ?states, "no dedup start yet; trying again");
+    }
+    r.calls.push(problem(format!(
+        "no dedup start after {attempts} forced idle decisions"
+    )));
+}
+
+fn problem(p: String) -> CallReport {
+    CallReport {
+        start_kind: "-".into(),
+        client_ms: 0.0,
+        duration_ms: None,
+        init_ms: None,
+        wait_ms: None,
+        problems: vec![p],
+    }
+}
+
+/// Per function: whether it passed, the dedup starts' client latency and every call's kind.
+fn print_dedup(reports: &[RunReport]) {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header(["function", "ok", "dedup starts", "dedup ms", "start kinds"]);
+    for r in reports {
+        let dedup: Vec<&CallReport> = r
+            .calls
+            .iter()
+            .filter(|c| c.start_kind == "dedup")
+            .collect();
+        let ok = dedup.iter().all(|c| c.problems.is_empty()) && !dedup.is_empty() && r.passed();
+        t.add_row([
+            r.name.clone(),
+            if ok { "yes".into() } else { "NO".into() },
+            dedup.len().to_string(),
+            dedup
+                .iter()
+                .map(|c| format!("{:.1}", c.client_ms))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.calls
+                .iter()
+                .map(|c| c.start_kind.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    println!("{t}");
 }
