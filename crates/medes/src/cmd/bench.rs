@@ -46,6 +46,8 @@ enum Bench {
     Startup(StartupArgs),
     /// The dedup engine on real checkpoints of the suite's sandboxes (savings, speeds).
     Dedup(super::bench_dedup::DedupArgs),
+    /// Sandboxes of every suite function cycling warm → dedup → restored for minutes.
+    Cycle(super::bench_cycle::CycleArgs),
 }
 
 /// Arguments of `medes bench startup`.
@@ -144,6 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         Bench::Startup(a) => startup(a),
         Bench::Dedup(a) => super::bench_dedup::run(a),
+        Bench::Cycle(a) => super::bench_cycle::run(a),
     }
 }
 
