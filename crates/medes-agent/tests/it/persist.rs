@@ -1,0 +1,292 @@
+//! Dedup stores and bases survive an agent restart (issue 5): a new agent on the same data
+//! directory finds them on the tmpfs, verifies them, restores the sandbox with the right state,
+//! drops a corrupted store with a reason, and retires bases nothing depends on.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use medes_agent::{
+    Agent, AgentConfig, AgentError, Command, NodeAgent, NodeStatus, Reply, RunCommand, RunOutcome,
+    SandboxForm, SpawnCommand,
+};
+use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
+use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
+use serde_json::{Value, json};
+
+/// Deterministic state (3 MB of it incompressible) the answer depends on (`h`), and the
+/// runtime's generators (`r`).
+const CODE: &str = r#"
+import hashlib, json, os, random
+DATA = [{"k": i, "v": str(i) * 7} for i in range(30000)]
+BLOB = json.dumps(DATA).encode() + random.Random(11).randbytes(3 << 20)
+def main(args):
+    h = hashlib.sha256(BLOB + json.dumps(args, sort_keys=True).encode()).hexdigest()
+    return {"h": h, "n": len(DATA), "r": random.random()}
+"#;
+
+fn cfg(data: &Path) -> Option<AgentConfig> {
+    let sandbox = SandboxConfig::default();
+    if let Err(e) = preflight(&sandbox) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("agent persistence tests cannot run in CI: {e}");
+        }
+        eprintln!("skipping agent persistence test: {e}");
+        return None;
+    }
+    let _ = become_subreaper();
+    Some(AgentConfig {
+        data_dir: data.to_path_buf(),
+        sandbox,
+        ..Default::default()
+    })
+}
+
+fn id(tag: &str) -> SandboxId {
+    SandboxId(format!("kp{}-{tag}", std::process::id()))
+}
+
+async fn start(agent: &Agent, sb: &SandboxId) {
+    let cmd = Command::Spawn(SpawnCommand {
+        sandbox: sb.clone(),
+        action: ActionName {
+            namespace: Namespace("guest".into()),
+            name: "pkg/kept".into(),
+        },
+        version: "0.0.7".into(),
+        code: Code::Source(CODE.into()),
+        main: "main".into(),
+        memory_limit: Bytes::mib(256),
+        env: BTreeMap::from([("__OW_NAMESPACE".to_string(), "guest".to_string())]),
+        init_timeout_ms: 20_000,
+    });
+    match agent.execute(cmd).await {
+        Ok(Reply::Spawned(r)) => assert_eq!(r.init_error, None),
+        other => panic!("spawn {sb}: {other:?}"),
+    }
+}
+
+async fn call(agent: &Agent, sb: &SandboxId) -> Result<Value, AgentError> {
+    let cmd = Command::Run(RunCommand {
+        sandbox: sb.clone(),
+        params: json!({"x": 1}).as_object().cloned().unwrap_or_default(),
+        env: BTreeMap::new(),
+        timeout_ms: 10_000,
+    });
+    match agent.execute(cmd).await? {
+        Reply::Ran(r) => match r.outcome {
+            RunOutcome::Returned(v) => Ok(v),
+            other => panic!("run {sb}: {other:?}"),
+        },
+        other => panic!("run {sb}: {other:?}"),
+    }
+}
+
+async fn status(agent: &Agent) -> NodeStatus {
+    match agent.execute(Command::Status).await {
+        Ok(Reply::Status(s)) => s,
+        other => panic!("status: {other:?}"),
+    }
+}
+
+/// A base and `targets` deduplicated sandboxes of one function; returns their answers.
+async fn base_and_dedups(agent: &Agent, base: &SandboxId, targets: &[&SandboxId]) -> Vec<Value> {
+    start(agent, base).await;
+    call(agent, base).await.unwrap();
+    assert!(matches!(
+        agent
+            .execute(Command::MakeBase {
+                sandbox: base.clone()
+            })
+            .await,
+        Ok(Reply::BaseReady(_))
+    ));
+    let mut out = Vec::new();
+    for t in targets {
+        start(agent, t).await;
+        out.push(call(agent, t).await.unwrap());
+        match agent
+            .execute(Command::Dedup {
+                sandbox: (*t).clone(),
+            })
+            .await
+        {
+            Ok(Reply::Deduped(d)) => assert!(!d.reused_previous),
+            other => panic!("dedup {t}: {other:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_sandbox_survives_an_agent_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    let (a, b) = (id("a"), id("b"));
+    let agent = Agent::new(cfg.clone()).unwrap();
+    let dir = agent.images_dir().to_path_buf();
+    let before = base_and_dedups(&agent, &a, &[&b]).await;
+    let store = agent.store_path(&b).expect("a store");
+    agent.shutdown().await;
+    // The store and the base stay on the tmpfs; the base's process is gone.
+    assert!(store.is_file(), "{store:?}");
+    assert!(std::fs::read_dir(dir.join("bases")).unwrap().count() >= 2);
+
+    let agent = Agent::new(cfg.clone()).unwrap();
+    assert_eq!(
+        agent.images_dir(),
+        dir,
+        "the images directory is stable per data dir"
+    );
+    let c = agent.dedup_counters();
+    assert_eq!((c.kept_loaded, c.kept_dropped), (2, 0), "{c:?}");
+    let st = status(&agent).await;
+    let sb = st.sandboxes.iter().find(|s| s.id == b).expect("b kept");
+    assert_eq!(sb.form, SandboxForm::Dedup);
+    assert_eq!(
+        sb.action.as_ref().map(|a| a.name.as_str()),
+        Some("pkg/kept")
+    );
+    assert_eq!(sb.version.as_deref(), Some("0.0.7"));
+    assert_eq!(sb.domain.as_deref(), Some("guest"));
+    assert!(
+        sb.held_bytes > 0 && sb.image_bytes.unwrap_or(0) > sb.held_bytes,
+        "{sb:?}"
+    );
+    let sa = st
+        .sandboxes
+        .iter()
+        .find(|s| s.id == a)
+        .expect("the base's pages kept");
+    assert_eq!((sa.form, sa.alive), (SandboxForm::Base, false));
+    assert!(sa.held_bytes > 0);
+
+    // The dedup start after the restart gives the same state (and a fresh generator).
+    let Reply::Restored(r) = agent
+        .execute(Command::Restore { sandbox: b.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    eprintln!("restore after restart: {r:?}");
+    assert!(
+        r.transient_bytes >= r.transient_images_bytes && r.transient_images_bytes > 0,
+        "m_R is measured: {r:?}"
+    );
+    let after = call(&agent, &b).await.unwrap();
+    assert_eq!(after["h"], before[0]["h"]);
+    assert_eq!(after["n"], before[0]["n"]);
+    assert_ne!(after["r"], before[0]["r"]);
+    let st = status(&agent).await;
+    assert!(
+        st.restore_transient
+            .values()
+            .any(|&v| v == r.transient_bytes),
+        "{st:?}"
+    );
+
+    // Once nothing depends on it, the kept base retires (its files go).
+    agent
+        .execute(Command::Purge { sandbox: b.clone() })
+        .await
+        .unwrap();
+    let st = status(&agent).await;
+    assert!(st.sandboxes.iter().all(|s| s.id != a), "{st:?}");
+    assert_eq!(std::fs::read_dir(dir.join("bases")).unwrap().count(), 0);
+
+    agent.shutdown().await;
+    agent.purge_kept().await;
+    assert!(!dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_store_is_dropped_at_start_and_never_restored() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    let (a, b, c) = (id("ca"), id("cb"), id("cc"));
+    let agent = Agent::new(cfg.clone()).unwrap();
+    let before = base_and_dedups(&agent, &a, &[&b, &c]).await;
+    let store_b = agent.store_path(&b).unwrap();
+    agent.shutdown().await;
+    // Flip bytes in the middle of b's store.
+    let mut bytes = std::fs::read(&store_b).unwrap();
+    let mid = bytes.len() / 2;
+    for x in &mut bytes[mid..mid + 64] {
+        *x ^= 0x5a;
+    }
+    std::fs::write(&store_b, bytes).unwrap();
+
+    let agent = Agent::new(cfg.clone()).unwrap();
+    let k = agent.dedup_counters();
+    assert_eq!((k.kept_loaded, k.kept_dropped), (2, 1), "{k:?}");
+    assert!(!store_b.exists(), "the corrupt store is removed");
+    assert!(matches!(
+        agent.execute(Command::Restore { sandbox: b.clone() }).await,
+        Err(AgentError::UnknownSandbox(_))
+    ));
+    // The other one is fine.
+    assert!(matches!(
+        agent.execute(Command::Restore { sandbox: c.clone() }).await,
+        Ok(Reply::Restored(_))
+    ));
+    assert_eq!(call(&agent, &c).await.unwrap()["h"], before[1]["h"]);
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_base_drops_its_dependents() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    let (a, b) = (id("ba"), id("bb"));
+    let agent = Agent::new(cfg.clone()).unwrap();
+    base_and_dedups(&agent, &a, &[&b]).await;
+    let dir = agent.images_dir().to_path_buf();
+    agent.shutdown().await;
+    let pages = std::fs::read_dir(dir.join("bases"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "pages"))
+        .expect("a base pages file");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    bytes[4096 * 3 + 17] ^= 1;
+    std::fs::write(&pages, bytes).unwrap();
+
+    let agent = Agent::new(cfg).unwrap();
+    let k = agent.dedup_counters();
+    // The base fails its checksum; the store that needs it cannot be restored either.
+    assert_eq!((k.kept_loaded, k.kept_dropped), (0, 2), "{k:?}");
+    assert!(status(&agent).await.sandboxes.is_empty());
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_agents_cannot_share_a_data_directory() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    let agent = Agent::new(cfg.clone()).unwrap();
+    // Another live process owning the directory: this process's own second agent is allowed
+    // (tests), so fake a foreign owner: pid 1 with its real start time.
+    let stat = std::fs::read_to_string("/proc/1/stat").unwrap();
+    let start = stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(19)
+        .unwrap()
+        .to_string();
+    std::fs::write(agent.images_dir().join("owner"), format!("1 {start}")).unwrap();
+    let err = Agent::new(cfg.clone()).err().expect("refused");
+    assert!(format!("{err:?}").contains("another live agent"), "{err:?}");
+    std::fs::write(agent.images_dir().join("owner"), "").unwrap();
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
