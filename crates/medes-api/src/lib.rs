@@ -14,6 +14,14 @@
 //! ([`medes_core::Invoker::force_decisions`]), wait until the checkpoints decided are done
 //! (bounded by [`ApiConfig::blocking_timeout_ms`]) and answer
 //! `{"decided": n, "settled": true, "sandboxes": [{"id", "action", "state"}]}`.
+//! The operator's policy knob ([`medes_policy::PolicySettings`]):
+//! `GET`/`PUT /api/v1/namespaces/{ns}/medes/policy` reads the settings / changes the global
+//! ones (body: [`medes_policy::PolicyUpdate`], present fields replace, e.g.
+//! `{"policy": "medes", "mode": "latency", "alpha": 1.5}`), and
+//! `GET`/`PUT`/`DELETE /api/v1/namespaces/{ns}/actions/{name}/medes/policy` reads / replaces
+//! (body: [`medes_policy::FunctionKnob`]) / removes one action's overrides. The knob is
+//! platform-wide (any authenticated key may change it; per-action overrides are keyed by the
+//! action's name in every namespace); bad values answer 400 and change nothing.
 //!
 //! ```no_run
 //! # async fn run(state: medes_api::ApiState) -> std::io::Result<()> {
@@ -122,6 +130,8 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     /// Settings.
     pub config: ApiConfig,
+    /// The policy knob (`/medes/policy` endpoints); `None` answers them with 501.
+    pub policy: Option<Arc<dyn medes_policy::PolicyControl>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -143,6 +153,8 @@ pub(crate) struct Shared {
     pub action_writes: tokio::sync::Mutex<()>,
     /// Invocations running in the background.
     pub tasks: TaskTracker,
+    /// Serialises read-modify-write changes of the policy knob.
+    pub policy_writes: parking_lot::Mutex<()>,
 }
 
 impl Shared {
@@ -153,6 +165,7 @@ impl Shared {
             actions: RwLock::new(HashMap::new()),
             action_writes: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
+            policy_writes: parking_lot::Mutex::new(()),
         })
     }
 }

@@ -49,6 +49,10 @@ pub(crate) fn build(s: Arc<Shared>) -> Router {
             "/api/v1/namespaces/{ns}/medes/idle",
             post(medes_idle_namespace),
         )
+        .route(
+            "/api/v1/namespaces/{ns}/medes/policy",
+            get(policy_get).put(policy_put.layer(payload_limit)),
+        )
         .route("/api/v1/namespaces/{ns}/activations", get(list_activations))
         .route(
             "/api/v1/namespaces/{ns}/activations/{id}",
@@ -274,6 +278,10 @@ async fn get_action(
     Path((ns, name)): Path<(String, String)>,
     Query(q): Q,
 ) -> Result<Response, ApiError> {
+    if let Some(action) = name.strip_suffix(MEDES_POLICY) {
+        let name = action_name(&caller, &ns, action)?;
+        return policy_function(&s, &name, None);
+    }
     let name = action_name(&caller, &ns, &name)?;
     let action = load_action(&s, &name)
         .await?
@@ -297,6 +305,13 @@ async fn put_action(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let cfg = &s.state.config;
+    if let Some(action) = name.strip_suffix(MEDES_POLICY) {
+        let name = action_name(&caller, &ns, action)?;
+        let body = body_or_error(body, cfg.max_payload_bytes)?;
+        let knob: medes_policy::FunctionKnob =
+            serde_json::from_slice(&body).map_err(ApiError::malformed)?;
+        return policy_function(&s, &name, Some(knob));
+    }
     let name = action_name(&caller, &ns, &name)?;
     let body = body_or_error(
         body,
@@ -377,6 +392,10 @@ async fn delete_action(
     caller: Caller,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    if let Some(action) = name.strip_suffix(MEDES_POLICY) {
+        let name = action_name(&caller, &ns, action)?;
+        return policy_function(&s, &name, Some(medes_policy::FunctionKnob::default()));
+    }
     let name = action_name(&caller, &ns, &name)?;
     let _guard = s.action_writes.lock().await;
     let store = s.state.store.clone();
@@ -697,4 +716,88 @@ async fn medes_idle(s: &Shared, scope: SandboxScope) -> Response {
         .map(|sb| json!({"id": sb.id.0, "action": sb.action.to_string(), "state": sb.state}))
         .collect();
     ok(&json!({"decided": decided, "settled": settled, "sandboxes": sandboxes}))
+}
+
+// ---------------------------------------------------------------------------- policy knob
+
+const MEDES_POLICY: &str = "/medes/policy";
+
+fn knob(s: &Shared) -> Result<&dyn medes_policy::PolicyControl, ApiError> {
+    s.state.policy.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "This platform has no adjustable policy.",
+        )
+    })
+}
+
+fn settings_json(settings: &medes_policy::PolicySettings) -> Result<Response, ApiError> {
+    let v = serde_json::to_value(settings).map_err(|e| ApiError::internal(&e))?;
+    Ok(ok(&v))
+}
+
+/// `GET /api/v1/namespaces/{ns}/medes/policy`: the knob in force.
+async fn policy_get(
+    State(s): S,
+    caller: Caller,
+    Path(ns): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.resolve(&ns)?;
+    settings_json(&knob(&s)?.policy_settings())
+}
+
+/// `PUT /api/v1/namespaces/{ns}/medes/policy`: changes the global settings (present fields).
+async fn policy_put(
+    State(s): S,
+    caller: Caller,
+    Path(ns): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.resolve(&ns)?;
+    let body = body_or_error(body, s.state.config.max_payload_bytes)?;
+    let update: medes_policy::PolicyUpdate =
+        serde_json::from_slice(&body).map_err(ApiError::malformed)?;
+    let k = knob(&s)?;
+    let _guard = s.policy_writes.lock();
+    let mut settings = k.policy_settings();
+    settings
+        .apply(&update)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let now = k
+        .set_policy_settings(settings)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tracing::info!(update = ?update, "policy knob changed through the API");
+    settings_json(&now)
+}
+
+/// One action's overrides: read (`None`), replace, or remove (an empty knob). Answers
+/// `{"action", "policy", "overrides"}`.
+fn policy_function(
+    s: &Shared,
+    name: &ActionName,
+    set: Option<medes_policy::FunctionKnob>,
+) -> Result<Response, ApiError> {
+    let k = knob(s)?;
+    let settings = match set {
+        None => k.policy_settings(),
+        Some(fk) => {
+            let _guard = s.policy_writes.lock();
+            let mut settings = k.policy_settings();
+            settings
+                .set_function(&name.name, fk)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            k.set_policy_settings(settings)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+    };
+    let overrides = settings
+        .functions
+        .get(&name.name)
+        .copied()
+        .unwrap_or_default();
+    Ok(ok(&json!({
+        "action": name.name,
+        "policy": settings.policy.as_str(),
+        "overrides": serde_json::to_value(overrides).map_err(|e| ApiError::internal(&e))?,
+    })))
 }

@@ -129,6 +129,29 @@ impl Invoker for TestInvoker {
     }
 }
 
+/// A policy knob like the controller's: validates, fills absent timers, keeps the settings.
+#[derive(Default)]
+struct TestKnob(std::sync::Mutex<medes_policy::PolicySettings>);
+
+impl medes_policy::PolicyControl for TestKnob {
+    fn policy_settings(&self) -> medes_policy::PolicySettings {
+        self.0.lock().unwrap().clone()
+    }
+    fn set_policy_settings(
+        &self,
+        mut s: medes_policy::PolicySettings,
+    ) -> Result<medes_policy::PolicySettings, medes_policy::KnobError> {
+        s.validate()?;
+        s.resolve(medes_policy::Timers {
+            idle_period_s: 60,
+            keep_alive_s: 600,
+            keep_dedup_s: 900,
+        });
+        *self.0.lock().unwrap() = s.clone();
+        Ok(s)
+    }
+}
+
 fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -175,6 +198,7 @@ impl App {
             invoker: invoker.clone(),
             metrics: Some(prometheus()),
             config,
+            policy: Some(Arc::new(TestKnob::default())),
         };
         App {
             router: medes_api::router(state),
@@ -1141,6 +1165,7 @@ async fn serve_and_shut_down() {
         invoker: Arc::new(TestInvoker::default()),
         metrics: None,
         config: ApiConfig::default(),
+        policy: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1187,6 +1212,7 @@ async fn noop_invoke_throughput_report() {
         invoker: Arc::new(TestInvoker::default()),
         metrics: Some(prometheus()),
         config: ApiConfig::default(),
+        policy: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1303,4 +1329,93 @@ async fn medes_idle_extension_forces_decisions() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(app.invoker.forced.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn policy_knob_global_and_per_action() {
+    let app = App::new();
+    let r = app
+        .call(Method::GET, "/api/v1/namespaces/_/medes/policy", None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["policy"], "dedup-rule");
+
+    let r = app
+        .call(
+            Method::PUT,
+            "/api/v1/namespaces/_/medes/policy",
+            Some(json!({"policy": "medes", "mode": "latency", "alpha": 1.5, "keep_alive_s": 120})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["policy"], "medes");
+    assert_eq!(r.json["mode"], "latency");
+    assert_eq!(r.json["alpha"], 1.5);
+    assert_eq!(r.json["keep_alive_s"], 120);
+    assert_eq!(r.json["idle_period_s"], 60, "absent timers are filled in");
+
+    // Bad values and unknown fields: 400, nothing changes.
+    for bad in [
+        json!({"alpha": 0.5}),
+        json!({"policy": "lru"}),
+        json!({"keep_alive_s": 0}),
+        json!({"alpha": 2, "nonsense": 1}),
+    ] {
+        let r = app
+            .call(
+                Method::PUT,
+                "/api/v1/namespaces/_/medes/policy",
+                Some(bad.clone()),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad} → {}", r.json);
+        assert!(r.json["error"].is_string());
+    }
+    let r = app
+        .call(Method::GET, "/api/v1/namespaces/_/medes/policy", None)
+        .await;
+    assert_eq!(r.json["alpha"], 1.5);
+
+    // Per action: set, read, in the global view, remove.
+    let uri = "/api/v1/namespaces/_/actions/linalg/medes/policy";
+    let r = app
+        .call(
+            Method::PUT,
+            uri,
+            Some(json!({"mode": "memory", "budget_mb": 512})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["action"], "linalg");
+    assert_eq!(r.json["overrides"]["budget_mb"], 512.0);
+    let r = app.call(Method::GET, uri, None).await;
+    assert_eq!(r.json["overrides"]["mode"], "memory");
+    let r = app
+        .call(Method::GET, "/api/v1/namespaces/_/medes/policy", None)
+        .await;
+    assert_eq!(r.json["functions"]["linalg"]["budget_mb"], 512.0);
+    let r = app.call(Method::PUT, uri, Some(json!({"alpha": -1}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    let r = app.call(Method::DELETE, uri, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["overrides"], json!({}));
+    let r = app
+        .call(Method::GET, "/api/v1/namespaces/_/medes/policy", None)
+        .await;
+    assert_eq!(r.json["functions"], json!({}));
+
+    // Another namespace than the key's: 403; no credentials: 401.
+    let r = app
+        .call(Method::GET, "/api/v1/namespaces/other/medes/policy", None)
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/v1/namespaces/_/medes/policy",
+            None,
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }

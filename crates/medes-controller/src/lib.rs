@@ -74,7 +74,9 @@ use medes_core::{
     InvokeRequest, Invoker, NodeId, SandboxId, SandboxScope, SandboxSummary, StartKind, UnixMillis,
     static_env,
 };
-use medes_policy::{DedupRule, Form, Policy, Purpose, RuleConfig, StateKind, Timestamp};
+use medes_policy::{
+    Form, KnobError, Policy, PolicySettings, Purpose, RuleConfig, StateKind, Timers, Timestamp,
+};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
@@ -135,6 +137,12 @@ pub struct ControllerConfig {
     /// sends requests past idle bases (to a plain warm sandbox, a dedup start, or a cold start):
     /// a benchmark knob, so that `medes bench startup` measures dedup starts deterministically.
     pub bases_serve: bool,
+    /// The operator's knob (`[controller.policy]`): which policy (`dedup-rule`, `medes`,
+    /// `keep-alive`), Medes's mode (`latency` with `alpha`, `memory` with `budget_mb`), timers
+    /// overriding the ones above, and per-function overrides (`[controller.policy.functions.NAME]`).
+    /// Changeable at run time ([`Controller::set_policy_settings`], `PUT .../medes/policy`).
+    /// Default: `dedup-rule` with the timers above.
+    pub policy: PolicySettings,
 }
 
 impl Default for ControllerConfig {
@@ -156,12 +164,22 @@ impl Default for ControllerConfig {
             restore_timeout_ms: 15_000,
             checkpoint_timeout_ms: 120_000,
             bases_serve: true,
+            policy: PolicySettings::default(),
         }
     }
 }
 
 impl ControllerConfig {
-    /// The settings of the default policy ([`DedupRule`]).
+    /// The timers of this section (the knob's absent timers default to them).
+    pub fn timers(&self) -> Timers {
+        Timers {
+            idle_period_s: self.idle_period_s,
+            keep_alive_s: self.keep_alive_s,
+            keep_dedup_s: self.keep_dedup_s,
+        }
+    }
+
+    /// The settings of the default policy ([`medes_policy::DedupRule`]).
     pub fn rule(&self) -> RuleConfig {
         RuleConfig {
             idle_period_ms: self.idle_period_s.saturating_mul(1000),
@@ -235,6 +253,7 @@ struct Node {
 /// The scheduler. Create with [`Controller::new`]; use through [`Invoker`].
 pub struct Controller {
     cfg: ControllerConfig,
+    knob: Mutex<PolicySettings>,
     me: Weak<Controller>,
     nodes: Vec<Node>,
     node_ids: Vec<NodeId>,
@@ -325,14 +344,56 @@ enum RestoreResult {
 }
 
 impl Controller {
-    /// A controller over the given nodes with the default policy: [`DedupRule`] configured from
-    /// `cfg` (a fixed keep-alive when `cfg.dedup_enabled` is false).
+    /// A controller over the given nodes with the policy `cfg.policy` describes (by default
+    /// [`medes_policy::DedupRule`] with `cfg`'s timers; never deduplicating when
+    /// `cfg.dedup_enabled` is false).
     pub fn new(
         cfg: ControllerConfig,
         agents: Vec<(NodeId, Arc<dyn NodeAgent>)>,
     ) -> Arc<Controller> {
-        let policy = Box::new(DedupRule::new(cfg.rule()));
+        let policy = Box::new(cfg.policy.build(
+            cfg.timers(),
+            cfg.dedup_per_base,
+            cfg.dedup_enabled,
+        ));
         Self::with_policy(cfg, agents, policy)
+    }
+
+    /// The operator's knob in force (`cfg.policy` with absent timers filled from `cfg`, or
+    /// the last [`Controller::set_policy_settings`]).
+    pub fn policy_settings(&self) -> PolicySettings {
+        self.knob.lock().clone()
+    }
+
+    /// Replaces the idle-sandbox policy at run time with the one `settings` describe (absent
+    /// timers from the configuration). Every idle sandbox's next decision is recomputed under
+    /// the new policy; sandboxes already queued for a checkpoint stay queued. Returns the
+    /// settings now in force.
+    pub fn set_policy_settings(
+        &self,
+        mut settings: PolicySettings,
+    ) -> Result<PolicySettings, KnobError> {
+        settings.validate()?;
+        settings.resolve(self.cfg.timers());
+        let policy = Box::new(settings.build(
+            self.cfg.timers(),
+            self.cfg.dedup_per_base,
+            self.cfg.dedup_enabled,
+        ));
+        let idle_ms = settings
+            .idle_period_s
+            .unwrap_or(self.cfg.idle_period_s)
+            .saturating_mul(1000);
+        let now = self.now();
+        {
+            // Knob first, then state: the only place both are held, always in this order.
+            let mut knob = self.knob.lock();
+            self.state.lock().replace_policy(policy, idle_ms, now);
+            *knob = settings.clone();
+        }
+        info!(policy = settings.policy.as_str(), mode = ?settings.mode, alpha = settings.alpha, budget_mb = ?settings.budget_mb, idle_period_s = ?settings.idle_period_s, keep_alive_s = ?settings.keep_alive_s, keep_dedup_s = ?settings.keep_dedup_s, overrides = settings.functions.len(), "policy changed");
+        self.wake.notify_one();
+        Ok(settings)
     }
 
     /// A controller with an explicit idle-sandbox policy (its answers still pass through
@@ -373,11 +434,18 @@ impl Controller {
         let limits = Limits {
             max_checkpoints: cfg.max_checkpoints_per_node.max(1),
             max_restores: cfg.max_restores_per_node,
-            idle_period_ms: cfg.idle_period_s.saturating_mul(1000),
+            idle_period_ms: cfg
+                .policy
+                .timers(cfg.timers())
+                .idle_period_s
+                .saturating_mul(1000),
             dedup_enabled: cfg.dedup_enabled,
             bases_serve: cfg.bases_serve,
         };
+        let mut knob = cfg.policy.clone();
+        knob.resolve(cfg.timers());
         Arc::new_cyclic(|me| Controller {
+            knob: Mutex::new(knob),
             max_budget: budgets.iter().copied().max().unwrap_or(0),
             state: Mutex::new(State::new(budgets, policy, limits, prefix.0)),
             cfg,
@@ -1226,6 +1294,15 @@ impl Invoker for Controller {
         let task = tokio::spawn(me.invoke_inner(req));
         task.map(|r| match r {
             Ok(r) => r,
+impl medes_policy::PolicyControl for Controller {
+    fn policy_settings(&self) -> PolicySettings {
+        Controller::policy_settings(self)
+    }
+    fn set_policy_settings(&self, settings: PolicySettings) -> Result<PolicySettings, KnobError> {
+        Controller::set_policy_settings(self, settings)
+    }
+}
+
             Err(e) => {
                 warn!(error = %e, "invocation task failed");
                 Err(InvokeError::ShuttingDown)

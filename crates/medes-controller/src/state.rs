@@ -1022,6 +1022,36 @@ impl State {
 
     /// The earliest pending policy decision or tick.
     pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
+    /// Puts `policy` in charge (the operator changed the knob): every idle sandbox's next
+    /// decision is recomputed by it (one already overdue under it is asked at once) and the
+    /// policy's timer restarts.
+    pub(crate) fn replace_policy(
+        &mut self,
+        policy: Box<dyn Policy>,
+        idle_period_ms: u64,
+        now: Timestamp,
+    ) {
+        self.policy = policy;
+        self.limits.idle_period_ms = idle_period_ms;
+        self.next_tick = None;
+        let keys: Vec<Key> = self.sbs.keys().copied().collect();
+        for key in keys {
+            let idle = self.sbs.get(&key).is_some_and(|sb| {
+                matches!(
+                    sb.state,
+                    SandboxState::Warm { .. } | SandboxState::Dedup { .. }
+                )
+            });
+            if idle {
+                // Overdue under the new policy (no future decision): ask it now.
+                let next = self.next_decision_of(key, now).or(Some(now));
+                if let Some(sb) = self.sbs.get_mut(&key) {
+                    sb.next_decision = next;
+                }
+            }
+        }
+    }
+
         let d = self.sbs.values().filter_map(|s| s.next_decision).min();
         match (d, self.next_tick) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use medes_policy::{FunctionKnob, PolicyChoice, PolicyUpdate};
 
 /// A node agent that pretends: spawns take `spawn_ms`, runs do what their parameters say,
 /// make-base and dedup take `ckpt_ms`, restores `restore_ms`. Actions whose name starts with
@@ -1261,6 +1262,72 @@ async fn a_policy_timer_can_pre_warm_sandboxes() {
         ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
         StartKind::Warm
     );
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_policy_knob_changes_decisions_at_run_time() {
+    let (ctl, fake) = setup(2048);
+    let (stop, timers) = with_timers(&ctl);
+    assert_eq!(ctl.policy_settings().policy, PolicyChoice::DedupRule);
+    assert_eq!(ctl.policy_settings().keep_alive_s, Some(600));
+    let a = action("a", "1", 256, 1);
+    let b = action("b", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    spawn_n(&ctl, &b, 1).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Switch to a fixed keep-alive of 30 s, with 5 s for `b`: the idle sandboxes are re-armed
+    // under the new policy (none is deduplicated at the old 60 s idle period).
+    let mut s = ctl.policy_settings();
+    s.apply(&PolicyUpdate {
+        policy: Some(PolicyChoice::KeepAlive),
+        keep_alive_s: Some(30),
+        ..PolicyUpdate::default()
+    })
+    .unwrap();
+    s.set_function(
+        "b",
+        FunctionKnob {
+            keep_alive_s: Some(5),
+            ..FunctionKnob::default()
+        },
+    )
+    .unwrap();
+    let now = ctl.set_policy_settings(s).unwrap();
+    assert_eq!(now.policy, PolicyChoice::KeepAlive);
+    assert_eq!(now.idle_period_s, Some(60));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ctl.sandboxes()
+            .iter()
+            .filter(|s| s.action.name == "b")
+            .count(),
+        0,
+        "b idle 11 s > its 5 s keep-alive"
+    );
+    assert_eq!(forms(&ctl), "warm,warm");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(forms(&ctl), "");
+    assert_eq!(fake.commands("make_base") + fake.commands("dedup"), 0);
+    // Bad settings are refused and change nothing.
+    let mut bad = ctl.policy_settings();
+    bad.alpha = 0.2;
+    assert!(ctl.set_policy_settings(bad).is_err());
+    assert_eq!(ctl.policy_settings(), now);
+    // Back to the dedup rule with a 20 s idle period: a new idle sandbox becomes a base then.
+    let mut s = ctl.policy_settings();
+    s.apply(&PolicyUpdate {
+        policy: Some(PolicyChoice::DedupRule),
+        idle_period_s: Some(20),
+        ..PolicyUpdate::default()
+    })
+    .unwrap();
+    ctl.set_policy_settings(s).unwrap();
+    spawn_n(&ctl, &a, 1).await;
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base");
     stop.cancel();
     timers.await.unwrap();
 }

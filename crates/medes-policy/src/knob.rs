@@ -192,6 +192,15 @@ pub enum KnobError {
     EmptyName,
 }
 
+/// Something whose knob can be read and set at run time (the live controller); the REST API
+/// talks to it through this trait.
+pub trait PolicyControl: Send + Sync {
+    /// The settings in force.
+    fn policy_settings(&self) -> PolicySettings;
+    /// Replaces the settings; returns the ones now in force (absent timers filled in).
+    fn set_policy_settings(&self, settings: PolicySettings) -> Result<PolicySettings, KnobError>;
+}
+
 /// Timers in seconds, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timers {

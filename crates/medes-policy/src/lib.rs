@@ -61,7 +61,8 @@ use serde::{Deserialize, Serialize};
 
 pub use admission::{Admission, Victim, admit, choose_victims};
 pub use knob::{
-    FunctionKnob, KnobError, KnobMode, PolicyChoice, PolicySettings, PolicyUpdate, Timers, Tuned,
+    FunctionKnob, KnobError, KnobMode, PolicyChoice, PolicyControl, PolicySettings, PolicyUpdate,
+    Timers, Tuned,
 };
 pub use lifecycle::{Event, Form, Purpose, SandboxState, StateKind, TransitionError, label};
 pub use policy::{Decision, DedupRule, KeepAlive, Policy, Prewarm, RuleConfig, enforce};

@@ -822,8 +822,8 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
 
 /// A report comparing runs of one trace (from `medes sim` or a live replay in the same
 /// format): summary table, per-function cold starts and tails, memory over time, and the
-/// per-request latency ratio of every run ÷ the reference run (the first run named `medes*`, or
-/// the last one). Writes `REPORT.md` and plots into `dir`.
+/// per-request latency ratio of every run ÷ the reference run (the first run named `medes*`,
+/// `live-medes*` or `sim-medes*`, or the last one). Writes `REPORT.md` and plots into `dir`.
 pub fn write_runs_report(runs: &[SimOutput], dir: &Path) -> Result<PathBuf, ReportError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -938,7 +938,14 @@ pub fn write_runs_report(runs: &[SimOutput], dir: &Path) -> Result<PathBuf, Repo
     let _ = writeln!(md, "## Memory\n\n![memory](memory_over_time.png)\n");
     let reference = runs
         .iter()
-        .position(|r| r.summary.policy.starts_with("medes"))
+        .position(|r| {
+            let p = &r.summary.policy;
+            let p = p
+                .strip_prefix("live-")
+                .or_else(|| p.strip_prefix("sim-"))
+                .unwrap_or(p);
+            p.starts_with("medes")
+        })
         .unwrap_or(runs.len().saturating_sub(1));
     if let Some(refr) = runs.get(reference) {
         let by_req = |r: &SimOutput| {

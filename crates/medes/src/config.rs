@@ -104,6 +104,10 @@ impl MedesConfig {
             self.api.max_payload_bytes > 0,
             "api.max_payload_bytes must be positive"
         );
+        self.controller
+            .policy
+            .validate()
+            .context("controller.policy")?;
         Ok(())
     }
 
@@ -135,6 +139,24 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<MedesConfig>("nonsense = 1").unwrap_err();
         assert!(err.to_string().contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn the_policy_knob_is_read_and_checked() {
+        let cfg: MedesConfig = toml::from_str(
+            "[controller.policy]\npolicy = \"medes\"\nmode = \"latency\"\nalpha = 1.5\n\
+             keep_alive_s = 120\n[controller.policy.functions.linalg]\nbudget_mb = 512.0\n",
+        )
+        .expect("parses");
+        cfg.validate().expect("valid");
+        let p = &cfg.controller.policy;
+        assert_eq!(p.policy, medes_policy::PolicyChoice::Medes);
+        assert_eq!((p.alpha, p.keep_alive_s), (1.5, Some(120)));
+        assert_eq!(p.functions["linalg"].budget_mb, Some(512.0));
+        let bad: MedesConfig =
+            toml::from_str("[controller.policy]\nalpha = 0.5\n").expect("parses");
+        assert!(bad.validate().is_err());
+        assert!(toml::from_str::<MedesConfig>("[controller.policy]\npolicy = \"lru\"\n").is_err());
     }
 
     #[test]

@@ -43,7 +43,9 @@ enum Command {
     Report(cmd::report::Args),
     /// Write a per-function cost profile measured on the live platform.
     Profile(cmd::profile::Args),
-    /// Start the platform, deploy a sample action, invoke it cold and warm (the README's first command).
+    /// Read or change the policy knob of a running platform (global or per action).
+    Policy(cmd::policy::Args),
+    /// The README's first command: replay a short trace of the suite live under fixed keep-alive and Medes, write the report (`--quick`: one action, cold then warm).
     Demo(cmd::demo::Args),
 }
 
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Report(a) => cmd::report::run(a),
         Command::Profile(a) => cmd::profile::run(a),
+        Command::Policy(a) => cmd::policy::run(a),
     };
     match result {
         Ok(code) => code,

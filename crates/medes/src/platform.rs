@@ -107,6 +107,7 @@ impl Platform {
             url,
             auth,
             data_dir: cfg.data_dir.clone(),
+            policy: Some(controller.clone()),
             controller,
             agent,
             store,

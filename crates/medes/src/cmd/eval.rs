@@ -26,6 +26,49 @@ pub struct Args {
 enum Eval {
     /// 19 nodes; 40/30/20 GB pools; ten functions; five one-hour patterns; every policy.
     Paper(PaperArgs),
+    /// The simulator against the live platform: one short trace run live (own instance, one
+    /// node, a memory budget that forces evictions, scaled timers) under fixed keep-alive and
+    /// Medes, and simulated with a measured profile; prints the comparison.
+    Validate(ValidateArgs),
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    /// Trace length, minutes (one recipe window per function).
+    #[arg(long, default_value_t = 15)]
+    minutes: u32,
+    /// Seed of the trace.
+    #[arg(long, default_value_t = 3)]
+    seed: u64,
+    /// Smallest rate of a function's window, invocations per hour (after the recipe's ×5).
+    #[arg(long, default_value_t = 60.0)]
+    min_per_hour: f64,
+    /// Largest rate of a function's window, invocations per hour.
+    #[arg(long, default_value_t = 1500.0)]
+    max_per_hour: f64,
+    /// A trace file instead (`time_ms,function,params`).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// The node's memory budget, MiB.
+    #[arg(long, default_value_t = 1024)]
+    budget_mb: u64,
+    /// The paper's timers (idle 60 s, keep-alive 10 min, keep-dedup 15 min) are divided by
+    /// this; default 60 / minutes.
+    #[arg(long)]
+    timer_scale: Option<f64>,
+    /// Measured cost profile (`medes profile --startup ... --out FILE`); default: calibrated
+    /// from the live runs themselves (start latencies by kind), the paper's for the rest.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Output directory: live-*/ and sim-*/ runs, report/, validation.json.
+    #[arg(long, default_value = "validate-out")]
+    out: PathBuf,
+    /// Parent of the live instances' data directories.
+    #[arg(long, default_value = "/var/lib/medes-validate")]
+    data_root: PathBuf,
+    /// Reuse the live runs in --out instead of running them again (simulate only).
+    #[arg(long)]
+    sim_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -61,7 +104,163 @@ struct PaperArgs {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         Eval::Paper(a) => paper(a),
+        Eval::Validate(a) => validate(a),
     }
+}
+
+fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
+    use super::live::{self, LiveSpec, Timers, Which};
+    let trace = match &a.trace {
+        Some(p) => Trace::read_path(p).with_context(|| format!("reading {}", p.display()))?,
+        None => live::short_trace(a.minutes, a.seed, a.min_per_hour, a.max_per_hour)?,
+    };
+    let minutes = (trace.duration_ms() as f64 / 60_000.0).max(1.0);
+    let timers = Timers::scaled(a.timer_scale.unwrap_or(60.0 / minutes));
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    trace
+        .write_path(a.out.join("trace.csv"))
+        .context("writing trace.csv")?;
+    eprintln!(
+        "trace: {} invocations of {} functions over {:.1} min; budget {} MiB; timers idle {} s, keep-alive {} s, keep-dedup {} s",
+        trace.len(),
+        trace.functions().len(),
+        trace.duration_ms() as f64 / 60_000.0,
+        a.budget_mb,
+        timers.idle_period_s,
+        timers.keep_alive_s,
+        timers.keep_dedup_s
+    );
+    let mut lives = Vec::new();
+    for which in Which::BOTH {
+        let dir = a.out.join(format!("live-{}", which.label(&timers)));
+        let out = if a.sim_only {
+            medes_sim::SimOutput::read_dir(&dir)
+                .with_context(|| format!("reading the live run in {}", dir.display()))?
+        } else {
+            eprintln!("live run under {} ...", which.label(&timers));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting tokio")?;
+            let out = rt.block_on(live::run_live(&LiveSpec {
+                trace: &trace,
+                which,
+                timers,
+                budget_mb: a.budget_mb,
+                data_root: &a.data_root,
+                progress: true,
+            }))?;
+            live::write_run(&out, &dir)?;
+            out
+        };
+        lives.push(out);
+    }
+    let profile = match &a.profile {
+        Some(p) => medes_sim::Profile::load(p)
+            .with_context(|| format!("loading profile {}", p.display()))?,
+        None => live::calibrated_profile(&lives, &medes_sim::Profile::paper()),
+    };
+    std::fs::write(a.out.join("profile.toml"), profile.to_toml()).context("writing profile")?;
+    let mut sims = Vec::new();
+    for which in Which::BOTH {
+        let out = live::run_sim(&trace, &profile, which, &timers, a.budget_mb)?;
+        live::write_run(&out, &a.out.join(format!("sim-{}", which.label(&timers))))?;
+        sims.push(out);
+    }
+    let mut t = comfy_table::Table::new();
+    t.set_header([
+        "policy",
+        "run",
+        "served",
+        "cold",
+        "dedup",
+        "warm",
+        "evictions",
+        "p50 ms",
+        "p99 ms",
+        "mean MB",
+    ]);
+    let mut rows = Vec::new();
+    let mut all_ok = true;
+    for (l, s) in lives.iter().zip(&sims) {
+        for o in [l, s] {
+            let m = &o.summary;
+            t.add_row([
+                o.policy.clone(),
+                if o.policy.starts_with("live") {
+                    "live"
+                } else {
+                    "sim"
+                }
+                .to_string(),
+                m.invocations.to_string(),
+                m.cold_starts.to_string(),
+                m.dedup_starts.to_string(),
+                m.warm_starts.to_string(),
+                m.counters.evictions.to_string(),
+                format!("{:.0}", m.p50_ms),
+                format!("{:.0}", m.p99_ms),
+                format!("{:.0}", m.mean_memory_gb * 1000.0),
+            ]);
+        }
+        let (lm, sm) = (&l.summary, &s.summary);
+        let cold = live::diff_pct(lm.cold_starts as f64, sm.cold_starts as f64);
+        let p50 = live::diff_pct(lm.p50_ms, sm.p50_ms);
+        let p99 = live::diff_pct(lm.p99_ms, sm.p99_ms);
+        let ok = (cold.abs() <= 10.0, p50.abs() <= 15.0, p99.abs() <= 25.0);
+        all_ok &= ok.0 && ok.1 && ok.2;
+        t.add_row([
+            format!("Δ sim vs live ({})", l.policy.trim_start_matches("live-")),
+            String::new(),
+            String::new(),
+            format!("{cold:+.1}% {}", if ok.0 { "ok" } else { "> 10%" }),
+            String::new(),
+            String::new(),
+            String::new(),
+            format!("{p50:+.1}% {}", if ok.1 { "ok" } else { "> 15%" }),
+            format!("{p99:+.1}% {}", if ok.2 { "ok" } else { "> 25%" }),
+            String::new(),
+        ]);
+        rows.push(serde_json::json!({
+            "policy": l.policy.trim_start_matches("live-"),
+            "live": {"cold_starts": lm.cold_starts, "dedup_starts": lm.dedup_starts, "p50_ms": lm.p50_ms, "p99_ms": lm.p99_ms, "mean_memory_mb": lm.mean_memory_gb * 1000.0, "evictions": lm.counters.evictions, "served": lm.invocations, "dropped": lm.dropped},
+            "sim": {"cold_starts": sm.cold_starts, "dedup_starts": sm.dedup_starts, "p50_ms": sm.p50_ms, "p99_ms": sm.p99_ms, "mean_memory_mb": sm.mean_memory_gb * 1000.0, "evictions": sm.counters.evictions, "served": sm.invocations},
+            "cold_diff_pct": cold, "p50_diff_pct": p50, "p99_diff_pct": p99,
+        }));
+    }
+    say!("{t}");
+    say!("profile: {}", profile.source);
+    let json = serde_json::json!({
+        "trace_invocations": trace.len(),
+        "trace_minutes": trace.duration_ms() as f64 / 60_000.0,
+        "budget_mb": a.budget_mb,
+        "timers_s": [timers.idle_period_s, timers.keep_alive_s, timers.keep_dedup_s],
+        "profile": profile.source,
+        "rows": rows,
+    });
+    std::fs::write(
+        a.out.join("validation.json"),
+        serde_json::to_vec_pretty(&json)?,
+    )
+    .context("writing validation.json")?;
+    let mut runs = Vec::new();
+    for (l, s) in lives.into_iter().zip(sims) {
+        runs.push(l);
+        runs.push(s);
+    }
+    let report = medes_sim::report::write_runs_report(&runs, &a.out.join("report"))
+        .context("writing the report")?;
+    say!(
+        "{}; outputs in {}, report {}",
+        if all_ok {
+            "simulator agrees with the live platform within 10% / 15% / 25%"
+        } else {
+            "simulator and live platform differ beyond 10% / 15% / 25% (see docs/EVALUATION.md)"
+        },
+        a.out.display(),
+        report.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn paper(a: PaperArgs) -> anyhow::Result<ExitCode> {

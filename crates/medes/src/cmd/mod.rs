@@ -5,6 +5,8 @@ pub mod bench_cycle;
 pub mod bench_dedup;
 pub mod demo;
 pub mod eval;
+pub mod live;
+pub mod policy;
 pub mod profile;
 pub mod replay;
 pub mod report;

@@ -1,0 +1,419 @@
+//! Live runs of a trace on an own platform instance, in the simulator's output format, and their
+//! comparison with simulated runs (`medes demo`, `medes eval validate`).
+//!
+//! A live run starts a fresh single-node platform (its own data directory, cgroup and port)
+//! with a memory budget and a policy knob, deploys the suite, replays the trace open-loop,
+//! samples the controller's charged memory every second, stops the platform, and converts the
+//! replay records into a [`SimOutput`], so `medes report` plots live and simulated runs alike.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use medes_core::StartKind;
+use medes_policy::policies::{ClusterPolicy, FixedKeepAlive, Medes, MedesConfig, MedesMode};
+use medes_policy::{KnobMode, PolicyChoice, PolicySettings, StateKind};
+use medes_sim::{
+    ClusterConfig, Counters, InvocationRecord, MemorySample, Profile, SimConfig, SimOutput,
+    SummaryBuilder, simulate,
+};
+use medes_trace::{RecipeConfig, Trace};
+use medes_workload::{Client, ClientConfig, Manifest, ReplayOptions};
+
+use crate::config::MedesConfig as PlatformConfig;
+use crate::platform::Platform;
+
+/// The two policies compared live, with timers scaled to a short trace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timers {
+    /// Idle period before Medes decides, s.
+    pub idle_period_s: u64,
+    /// Keep-alive (both policies), s.
+    pub keep_alive_s: u64,
+    /// Keep-dedup (Medes), s.
+    pub keep_dedup_s: u64,
+}
+
+impl Timers {
+    /// The paper's timers (60 s / 10 min / 15 min) divided by `factor`.
+    pub fn scaled(factor: f64) -> Timers {
+        let f = factor.max(1.0);
+        let s = |v: f64| ((v / f).round() as u64).max(1);
+        Timers {
+            idle_period_s: s(60.0),
+            keep_alive_s: s(600.0),
+            keep_dedup_s: s(900.0),
+        }
+    }
+}
+
+/// Which policy a live or simulated run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Fixed keep-alive, LRU eviction, no dedup.
+    Fixed,
+    /// Medes, memory mode with the node's budget.
+    Medes,
+}
+
+impl Which {
+    /// Both, in report order.
+    pub const BOTH: [Which; 2] = [Which::Fixed, Which::Medes];
+
+    /// The run's label.
+    pub fn label(self, t: &Timers) -> String {
+        match self {
+            Which::Fixed => format!("fixed-{}s", t.keep_alive_s),
+            Which::Medes => "medes".into(),
+        }
+    }
+
+    /// The live knob.
+    pub fn settings(self, t: &Timers) -> PolicySettings {
+        PolicySettings {
+            policy: match self {
+                Which::Fixed => PolicyChoice::KeepAlive,
+                Which::Medes => PolicyChoice::Medes,
+            },
+            mode: KnobMode::Memory,
+            idle_period_s: Some(t.idle_period_s),
+            keep_alive_s: Some(t.keep_alive_s),
+            keep_dedup_s: Some(t.keep_dedup_s),
+            ..PolicySettings::default()
+        }
+    }
+
+    /// The simulator's policy (the same code's cluster form, same timers).
+    pub fn sim_policy(
+        self,
+        t: &Timers,
+        costs: Vec<medes_policy::policies::FunctionCosts>,
+    ) -> Box<dyn ClusterPolicy> {
+        match self {
+            Which::Fixed => Box::new(FixedKeepAlive::new(t.keep_alive_s * 1000)),
+            Which::Medes => Box::new(Medes::new(
+                MedesConfig {
+                    mode: MedesMode::Memory { budget_mb: None },
+                    idle_period_ms: t.idle_period_s * 1000,
+                    keep_alive_ms: t.keep_alive_s * 1000,
+                    keep_dedup_ms: t.keep_dedup_s * 1000,
+                    ..MedesConfig::default()
+                },
+                costs,
+            )),
+        }
+    }
+}
+
+/// A short trace of the ten suite functions: one real-looking window of `minutes` per function
+/// (the paper's recipe on a synthetic Azure-2019-format day), rates between `min_per_hour` and
+/// `max_per_hour` (after the recipe's ×5).
+pub fn short_trace(
+    minutes: u32,
+    seed: u64,
+    min_per_hour: f64,
+    max_per_hour: f64,
+) -> anyhow::Result<Trace> {
+    let cfg = RecipeConfig {
+        window_minutes: minutes.max(1),
+        min_per_hour,
+        max_per_hour,
+        ..RecipeConfig::default()
+    };
+    let mut v = medes_sim::eval::patterns_with(1, seed, &cfg, 2000)
+        .context("building the trace with the paper's recipe")?;
+    v.pop().context("the recipe built no trace")
+}
+
+/// Where the suite lives (./functions, else the source tree's).
+pub fn functions_dir() -> PathBuf {
+    let local = PathBuf::from("functions");
+    if local.join("manifest.toml").is_file() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../functions")
+}
+
+/// Settings of one live run.
+pub struct LiveSpec<'a> {
+    /// The trace.
+    pub trace: &'a Trace,
+    /// The policy.
+    pub which: Which,
+    /// Timers.
+    pub timers: Timers,
+    /// The node's memory budget, MiB.
+    pub budget_mb: u64,
+    /// Parent of the instance's data directory.
+    pub data_root: &'a Path,
+    /// Progress bar.
+    pub progress: bool,
+}
+
+fn state_mb(st: StateKind, charged: u64, m: &mut MemorySample) {
+    let mb = charged as f64 / 1e6;
+    match st {
+        StateKind::Warm | StateKind::Running => m.warm_mb += mb,
+        StateKind::Dedup | StateKind::Checkpointing => {
+            m.dedup_mb += mb;
+            m.dedup_sandboxes += 1;
+        }
+        StateKind::Base => m.base_mb += mb,
+        _ => m.transient_mb += mb,
+    }
+}
+
+/// Runs `spec.trace` live and returns it in the simulator's format (policy = `live-<label>`).
+pub async fn run_live(spec: &LiveSpec<'_>) -> anyhow::Result<SimOutput> {
+    let label = spec.which.label(&spec.timers);
+    let pid = std::process::id();
+    let mut cfg = PlatformConfig::default();
+    cfg.data_dir = spec.data_root.join(format!("live-{label}"));
+    if cfg.data_dir.exists() {
+        std::fs::remove_dir_all(&cfg.data_dir)
+            .with_context(|| format!("clearing {}", cfg.data_dir.display()))?;
+    }
+    cfg.api.listen = "127.0.0.1:0".parse()?;
+    cfg.agent.sandbox.cgroup_name = format!("medes-live-{pid}");
+    cfg.agent.sandbox.run_dir = format!("/run/medes/live-{pid}").into();
+    cfg.controller.node_memory_budget_mb = spec.budget_mb;
+    cfg.controller.policy = spec.which.settings(&spec.timers);
+    cfg.finish();
+    cfg.validate()?;
+    let platform = Platform::start(cfg).await?;
+    let result = drive(&platform, spec, &label).await;
+    platform.stop().await?;
+    result
+}
+
+async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow::Result<SimOutput> {
+    let client = Client::new(&ClientConfig::new(
+        platform.url.clone(),
+        platform.auth.clone(),
+    ))?;
+    let dir = functions_dir();
+    let manifest = Manifest::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let names = spec.trace.functions();
+    for r in medes_workload::deploy(&client, &dir, &manifest, &names).await {
+        if let Err(e) = r.result {
+            anyhow::bail!("deploying {}: {}", r.name, medes_workload::error_chain(&e));
+        }
+    }
+    // Memory sampler: the controller's charged memory by state, every second.
+    let ctl = platform.controller.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let t0 = Instant::now();
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let mut m = MemorySample {
+                    time_ms: t0.elapsed().as_millis() as u64,
+                    used_mb: 0.0,
+                    max_node_mb: 0.0,
+                    warm_mb: 0.0,
+                    dedup_mb: 0.0,
+                    base_mb: 0.0,
+                    transient_mb: 0.0,
+                    sandboxes: 0,
+                    dedup_sandboxes: 0,
+                };
+                for s in ctl.sandboxes() {
+                    m.sandboxes += 1;
+                    state_mb(s.state, s.charged.0, &mut m);
+                }
+                m.used_mb = ctl.memory_used().iter().map(|b| b.0 as f64 / 1e6).sum();
+                m.max_node_mb = m.used_mb;
+                out.push(m);
+            }
+            out
+        })
+    };
+    let opts = ReplayOptions::default();
+    let outcome = medes_workload::replay(&client, spec.trace, &opts, spec.progress).await;
+    stop.cancel();
+    let memory = sampler.await.unwrap_or_default();
+    let outcome = outcome.context("replaying the trace")?;
+    let stats = platform.controller.dedup_stats();
+    let counters = Counters {
+        evictions: platform.controller.evictions(),
+        dedup_ops: stats.dedups,
+        bases: stats.bases,
+        prewarms: stats.prewarms,
+        ..Counters::default()
+    };
+    Ok(to_sim_output(
+        &format!("live-{label}"),
+        spec.trace,
+        &outcome.records,
+        memory,
+        spec.budget_mb as f64 * 1.048_576,
+        counters,
+    ))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Replay records as simulator records: end to end = the client's latency; execution = the
+/// function's median warm-start activation duration (the simulator's execution times are fixed
+/// per function too); startup = end to end − execution. Failed invocations are dropped.
+pub fn to_sim_output(
+    policy: &str,
+    trace: &Trace,
+    recs: &[medes_workload::replay::InvocationRecord],
+    memory: Vec<MemorySample>,
+    budget_mb: f64,
+    counters: Counters,
+) -> SimOutput {
+    let names = trace.functions();
+    let exec: Vec<f64> = names
+        .iter()
+        .map(|n| {
+            median(
+                recs.iter()
+                    .filter(|r| &r.function == n && r.start_kind == "warm" && r.status == "success")
+                    .filter_map(|r| r.duration_ms.map(|d| d as f64))
+                    .collect(),
+            )
+            .unwrap_or(0.0)
+        })
+        .collect();
+    let mut b = SummaryBuilder::new(&names);
+    b.expect(trace.len() as u64);
+    let mut records = Vec::new();
+    for r in recs {
+        if r.status != "success" || !r.latency_ms.is_finite() {
+            continue;
+        }
+        let Some(f) = names.iter().position(|n| n == &r.function) else {
+            continue;
+        };
+        let start = match r.start_kind.as_str() {
+            "cold" => StartKind::Cold,
+            "dedup" => StartKind::Dedup,
+            _ => StartKind::Warm,
+        };
+        let rec = InvocationRecord {
+            request: r.index as u32,
+            function: f as u32,
+            arrival_ms: r.scheduled_ms,
+            start,
+            startup_ms: (r.latency_ms - exec[f]).max(0.0),
+            e2e_ms: r.latency_ms,
+            node: 0,
+        };
+        b.add(&rec);
+        records.push(rec);
+    }
+    let summary = b.finish(
+        policy.to_string(),
+        &memory,
+        trace.duration_ms(),
+        budget_mb,
+        counters,
+    );
+    SimOutput {
+        policy: policy.to_string(),
+        functions: names,
+        records,
+        memory,
+        summary,
+    }
+}
+
+/// The same trace in the simulator: one node with the live budget, the profile's costs.
+pub fn run_sim(
+    trace: &Trace,
+    profile: &Profile,
+    which: Which,
+    timers: &Timers,
+    budget_mb: u64,
+) -> anyhow::Result<SimOutput> {
+    let names = trace.functions();
+    let costs = profile
+        .costs(&names)
+        .with_context(|| format!("the profile lacks one of {names:?}"))?;
+    let mut policy = which.sim_policy(timers, costs);
+    let cluster = ClusterConfig {
+        nodes: 1,
+        node_mb: budget_mb as f64 * 1.048_576,
+        ..ClusterConfig::paper(1.0)
+    };
+    let mut cfg = SimConfig::new(cluster);
+    cfg.sample_ms = 1_000;
+    let mut out = simulate(trace, profile, &mut policy, &cfg)?;
+    out.policy = format!("sim-{}", which.label(timers));
+    out.summary.policy = out.policy.clone();
+    Ok(out)
+}
+
+/// Relative difference of `sim` from `live`, %.
+pub fn diff_pct(live: f64, sim: f64) -> f64 {
+    if live.abs() < 1e-9 {
+        if sim.abs() < 1e-9 { 0.0 } else { 100.0 }
+    } else {
+        100.0 * (sim - live) / live
+    }
+}
+
+/// A profile calibrated from live runs (when no measured profile is given): per function, the
+/// medians of the live cold and warm starts' startup latencies, execution, and the memory the
+/// controller measured; dedup costs from `fallback`.
+pub fn calibrated_profile(live: &[SimOutput], fallback: &Profile) -> Profile {
+    let mut p = fallback.clone();
+    p.source = "calibrated from the live runs (startup medians by start kind)".into();
+    for out in live {
+        for (i, name) in out.functions.iter().enumerate() {
+            let of = |k: StartKind| -> Option<f64> {
+                median(
+                    out.records
+                        .iter()
+                        .filter(|r| r.function as usize == i && r.start == k)
+                        .map(|r| r.startup_ms)
+                        .collect(),
+                )
+            };
+            let exec = median(
+                out.records
+                    .iter()
+                    .filter(|r| r.function as usize == i && r.start == StartKind::Warm)
+                    .map(|r| r.e2e_ms - r.startup_ms)
+                    .collect(),
+            );
+            if let Some(f) = p.functions.get_mut(name) {
+                if let Some(v) = of(StartKind::Cold) {
+                    f.cold_ms = v;
+                }
+                if let Some(v) = of(StartKind::Warm) {
+                    f.warm_ms = v;
+                }
+                if let Some(v) = of(StartKind::Dedup) {
+                    f.dedup_ms = v;
+                }
+                if let Some(v) = exec {
+                    f.exec_ms = v;
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Writes a run directory, returning it.
+pub fn write_run(out: &SimOutput, dir: &Path) -> anyhow::Result<PathBuf> {
+    out.write_dir(dir)
+        .with_context(|| format!("writing {}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}

@@ -1,0 +1,190 @@
+//! `medes policy get|set|unset`: the operator's knob on a running `medes serve` (through
+//! `/api/v1/namespaces/_/medes/policy`), globally or for one action.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use medes_policy::{FunctionKnob, KnobMode, PolicyChoice, PolicySettings, PolicyUpdate};
+use serde_json::Value;
+
+use super::suite::ApiArgs;
+
+/// Arguments of `medes policy`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum PolicyCommand {
+    /// Print the knob in force (or one action's overrides).
+    Get {
+        /// Only this action's overrides.
+        #[arg(long)]
+        action: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the knob: given fields only (globally, or as one action's overrides).
+    Set(SetArgs),
+    /// Remove one action's overrides.
+    Unset {
+        /// The action.
+        #[arg(long)]
+        action: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct SetArgs {
+    /// Apply to this action only (its overrides; replaces its previous ones).
+    #[arg(long)]
+    action: Option<String>,
+    /// The policy: medes, dedup-rule or keep-alive (global only).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Medes's mode: latency or memory (implied by --alpha / --budget-mb when absent).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Latency mode: average start latency ≤ alpha × warm start (> 1).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Memory mode: the budget M0 in MB (globally 0 = the cluster's budget; for an action, its
+    /// own budget).
+    #[arg(long)]
+    budget_mb: Option<f64>,
+    /// Idle period before a decision, s.
+    #[arg(long)]
+    idle_period_s: Option<u64>,
+    /// Keep-alive of a warm sandbox, s.
+    #[arg(long)]
+    keep_alive_s: Option<u64>,
+    /// Keep-dedup of a dedup sandbox, s.
+    #[arg(long)]
+    keep_dedup_s: Option<u64>,
+}
+
+fn mode(args: &SetArgs) -> anyhow::Result<Option<KnobMode>> {
+    Ok(match args.mode.as_deref() {
+        Some("latency") => Some(KnobMode::Latency),
+        Some("memory") => Some(KnobMode::Memory),
+        Some(other) => anyhow::bail!("--mode must be latency or memory, not {other:?}"),
+        None if args.alpha.is_some() && args.budget_mb.is_some() => {
+            anyhow::bail!("give --mode with both --alpha and --budget-mb")
+        }
+        None if args.alpha.is_some() => Some(KnobMode::Latency),
+        None if args.budget_mb.is_some() => Some(KnobMode::Memory),
+        None => None,
+    })
+}
+
+fn show_settings(s: &PolicySettings) {
+    let mode = match s.mode {
+        KnobMode::Latency => format!("latency (alpha {})", s.alpha),
+        KnobMode::Memory => format!(
+            "memory (budget {})",
+            s.budget_mb
+                .map_or("the cluster's".to_string(), |b| format!("{b} MB"))
+        ),
+    };
+    let t = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} s"));
+    println!("policy        {}", s.policy.as_str());
+    println!("mode          {mode}");
+    println!("idle period   {}", t(s.idle_period_s));
+    println!("keep-alive    {}", t(s.keep_alive_s));
+    println!("keep-dedup    {}", t(s.keep_dedup_s));
+    for (name, k) in &s.functions {
+        println!("  {name}: {}", serde_json::to_string(k).unwrap_or_default());
+    }
+}
+
+/// Runs `medes policy`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let auth = match &args.api.auth {
+        Some(a) => a.clone(),
+        None => crate::platform::read_auth_file(&args.api.data_dir)?,
+    };
+    let (user, key) = auth
+        .split_once(':')
+        .context("the key must be of the form uuid:key")?;
+    let base = format!("{}/api/v1/namespaces/_", args.api.url.trim_end_matches('/'));
+    let url = |action: Option<&str>| match action {
+        Some(a) => format!("{base}/actions/{a}/medes/policy"),
+        None => format!("{base}/medes/policy"),
+    };
+    let (method, target, body): (reqwest::Method, String, Option<Value>) = match &args.command {
+        PolicyCommand::Get { action, .. } => (reqwest::Method::GET, url(action.as_deref()), None),
+        PolicyCommand::Unset { action } => (reqwest::Method::DELETE, url(Some(action)), None),
+        PolicyCommand::Set(s) => {
+            let mode = mode(s)?;
+            let body = match &s.action {
+                Some(_) => {
+                    anyhow::ensure!(
+                        s.policy.is_none(),
+                        "--policy is global (an action cannot run another policy)"
+                    );
+                    serde_json::to_value(FunctionKnob {
+                        mode,
+                        alpha: s.alpha,
+                        budget_mb: s.budget_mb,
+                        idle_period_s: s.idle_period_s,
+                        keep_alive_s: s.keep_alive_s,
+                        keep_dedup_s: s.keep_dedup_s,
+                    })?
+                }
+                None => {
+                    let policy = s
+                        .policy
+                        .as_deref()
+                        .map(str::parse::<PolicyChoice>)
+                        .transpose()?;
+                    serde_json::to_value(PolicyUpdate {
+                        policy,
+                        mode,
+                        alpha: s.alpha,
+                        budget_mb: s.budget_mb,
+                        idle_period_s: s.idle_period_s,
+                        keep_alive_s: s.keep_alive_s,
+                        keep_dedup_s: s.keep_dedup_s,
+                    })?
+                }
+            };
+            (reqwest::Method::PUT, url(s.action.as_deref()), Some(body))
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let (status, reply): (reqwest::StatusCode, Value) = rt.block_on(async {
+        let mut req = reqwest::Client::new()
+            .request(method, &target)
+            .basic_auth(user, Some(key));
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("calling {target} (is `medes serve` running?)"))?;
+        let status = resp.status();
+        let v = resp.json().await.unwrap_or(Value::Null);
+        anyhow::Ok((status, v))
+    })?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            reply["error"].as_str().unwrap_or(&reply.to_string())
+        );
+    }
+    let as_json = matches!(args.command, PolicyCommand::Get { json: true, .. });
+    match serde_json::from_value::<PolicySettings>(reply.clone()) {
+        Ok(s) if !as_json => show_settings(&s),
+        _ => println!("{}", serde_json::to_string_pretty(&reply)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
