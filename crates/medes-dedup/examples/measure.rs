@@ -48,6 +48,26 @@ fn variant(name: &str) -> (DedupConfig, bool) {
             "k5" => c.fingerprint.k = 5,
             "win2" => c.codec.window_radius = 2,
             "win4" => c.codec.window_radius = 4,
+            "nolz" => c.codec.lz = false,
+            "secondfail" => c.second_candidate_above = usize::MAX,
+            "second512" => c.second_candidate_above = 512,
+            "zref" => c.codec.zstd_ref = true,
+            "zabove1k" => c.codec.zstd_above = 1024,
+            "mask5" => c.fingerprint.mask_bits = 5,
+            "mask6" => c.fingerprint.mask_bits = 6,
+            "blk3" => c.block_level = 3,
+            "blk2" => c.block_level = 2,
+            "blk0" => c.block_level = 0,
+            "blkm1" => c.block_level = -1,
+            "paper" => {
+                // The paper's technique set: no rebasing, no LZ/zstd patches (sparse diffs
+                // only), pages without a good base stored raw, k = 5.
+                c.rebase = false;
+                c.codec.lz = false;
+                c.codec.zstd_ref = false;
+                c.fingerprint.k = 5;
+            }
+            "nocompress" => c.block_level = i32::MIN,
             other => panic!("unknown variant part {other}"),
         }
     }
@@ -98,7 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             aslr,
             store_dir: std::env::temp_dir(),
             materialize_bases,
-            rebuild_cpu_repeats: 20,
+            rebuild_cpu_repeats: 5,
         };
         let r = evaluate(&bases, &targets, &cfg)?;
         if json {

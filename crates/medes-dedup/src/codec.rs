@@ -39,6 +39,9 @@ pub enum PageKind {
     Zstd = 6,
     /// zstd with a window of base pages around the base page as prefix (shifted content).
     ZstdWin = 7,
+    /// Own LZ-style copy/literal ops against the window of base pages (shifted content at
+    /// memcpy speed). Stored in the store's zstd blocks.
+    Lz = 8,
 }
 
 impl PageKind {
@@ -53,6 +56,7 @@ impl PageKind {
             5 => Self::Lz4,
             6 => Self::Zstd,
             7 => Self::ZstdWin,
+            8 => Self::Lz,
             _ => return None,
         })
     }
@@ -61,19 +65,19 @@ impl PageKind {
     pub fn needs_base(self) -> bool {
         matches!(
             self,
-            Self::Same | Self::Sparse | Self::ZstdRef | Self::ZstdWin
+            Self::Same | Self::Sparse | Self::ZstdRef | Self::ZstdWin | Self::Lz
         )
     }
 
     /// Whether the page's data is compressed together with its neighbours' (in the store's
     /// blocks) rather than on its own.
     pub fn in_block(self) -> bool {
-        matches!(self, Self::Sparse | Self::Raw)
+        matches!(self, Self::Sparse | Self::Raw | Self::Lz)
     }
 
     /// Whether decoding needs the window of base pages (instead of the base page).
     pub fn needs_window(self) -> bool {
-        self == Self::ZstdWin
+        matches!(self, Self::ZstdWin | Self::Lz)
     }
 }
 
@@ -109,12 +113,24 @@ pub struct CodecConfig {
     pub window_radius: u64,
     /// A patch is used only if smaller than this; else the page is stored standalone.
     pub patch_threshold: usize,
+    /// Use the [`PageKind::Lz`] codec (copies from the window of base pages) instead of the
+    /// sparse diff, which it subsumes.
+    #[serde(default = "yes")]
+    pub lz: bool,
+    /// zstd (`ZstdRef`/`ZstdWin`, ~10–20 µs to encode) is tried only when the best block-stored
+    /// patch (sparse or LZ, raw bytes) is larger than this.
+    #[serde(default)]
+    pub zstd_above: usize,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for CodecConfig {
     fn default() -> Self {
         Self {
-            zstd_ref: true,
+            zstd_ref: false,
             zstd_ref_level: 1,
             sparse_good_enough: 800,
             zref_min_gain: 64,
@@ -122,6 +138,8 @@ impl Default for CodecConfig {
             standalone: Standalone::Raw,
             window_radius: 2,
             patch_threshold: 2048,
+            lz: true,
+            zstd_above: 0,
         }
     }
 }
@@ -229,10 +247,170 @@ pub fn sparse_decode(data: &[u8], base: &Page, out: &mut Page) -> Result<(), Dec
     Ok(())
 }
 
+/// Hash-table bits of the LZ encoder's index of the window's words.
+const LZ_BITS: u32 = 12;
+/// Longest window the LZ codec indexes (its offsets are u16 word indices).
+const LZ_MAX_WINDOW: usize = 16 * (u16::MAX as usize - 1);
+
+#[inline]
+fn word(d: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&d[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+#[inline]
+fn lz_hash(w: u64) -> usize {
+    (w.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - LZ_BITS)) as usize
+}
+
+fn zigzag(v: isize) -> usize {
+    ((v << 1) ^ (v >> (isize::BITS - 1))) as usize
+}
+
+fn unzigzag(v: usize) -> isize {
+    ((v >> 1) as isize) ^ -((v & 1) as isize)
+}
+
+/// Length of the common prefix of `a` and `b`.
+#[inline]
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = word(a, i) ^ word(b, i);
+        if x != 0 {
+            return i + (x.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// Appends the LZ encoding of `target` against the window `w` (base page at byte `bo` of it) to
+/// `out`: ops `(literal length, literal bytes, match length - 8, zigzag delta change)` with
+/// LEB128 numbers, where a match copies from `w` at the target position plus the running delta.
+/// Matches are found from the previous delta (pointers differing in a few bytes) and from an
+/// index of the window's aligned words (content shifted by a multiple of 8). Gives up
+/// (returning `false`) once the encoding exceeds `limit` bytes.
+pub fn lz_encode(
+    target: &Page,
+    w: &[u8],
+    bo: usize,
+    table: &mut [u16; 1 << LZ_BITS],
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> bool {
+    let start_len = out.len();
+    if w.len() > LZ_MAX_WINDOW || bo + PAGE > w.len() {
+        return false;
+    }
+    // The index of the window's aligned words is built on the first miss that needs it (pages
+    // that differ from the base page only in a few words never need it).
+    let mut indexed = false;
+    let (mut pos, mut lit_start, mut last_end) = (0usize, 0usize, 0usize);
+    let mut delta = bo as isize;
+    let mut emitted_delta = 0isize;
+    while pos + 8 <= PAGE {
+        let tw = word(target, pos);
+        let mut cand = None;
+        let dp = pos as isize + delta;
+        let near = pos - last_end < 16;
+        if dp >= 0 && (dp as usize) + 8 <= w.len() && word(w, dp as usize) == tw {
+            cand = Some(dp as usize);
+        } else if !near || pos % 8 == 0 {
+            if !indexed {
+                // Every other word (a match of 16 bytes or more at a word shift covers an
+                // indexed word; backward extension finds its start), the base page last so
+                // that it wins collisions.
+                table.fill(0);
+                let nw = w.len() / 16;
+                let (b0, b1) = (bo / 16, (bo + PAGE) / 16);
+                for i in (0..b0).chain(b1..nw).chain(b0..b1) {
+                    table[lz_hash(word(w, i * 16))] = (i + 1) as u16;
+                }
+                indexed = true;
+            }
+            let e = table[lz_hash(tw)];
+            if e != 0 {
+                let dp = usize::from(e - 1) * 16;
+                if word(w, dp) == tw {
+                    cand = Some(dp);
+                }
+            }
+        }
+        let Some(mut dp) = cand else {
+            // Near the end of a match, step by byte to resynchronise quickly; else by word.
+            pos = if near { pos + 1 } else { (pos + 8) & !7 };
+            continue;
+        };
+        let mut len = 8 + common_prefix(&target[pos + 8..], &w[dp + 8..]);
+        // Extend backwards into the pending literal.
+        while pos > lit_start && dp > 0 && target[pos - 1] == w[dp - 1] {
+            pos -= 1;
+            dp -= 1;
+            len += 1;
+        }
+        put_varint(out, pos - lit_start);
+        out.extend_from_slice(&target[lit_start..pos]);
+        put_varint(out, len - 8);
+        let d = dp as isize - pos as isize;
+        put_varint(out, zigzag(d - emitted_delta));
+        emitted_delta = d;
+        delta = d;
+        pos += len;
+        lit_start = pos;
+        last_end = pos;
+        if out.len() - start_len > limit {
+            return false;
+        }
+    }
+    put_varint(out, PAGE - lit_start);
+    out.extend_from_slice(&target[lit_start..]);
+    out.len() - start_len <= limit
+}
+
+/// Decodes an LZ encoding (see [`lz_encode`]) against the window `w` into `out`.
+pub fn lz_decode(data: &[u8], w: &[u8], out: &mut Page) -> Result<(), DecodePageError> {
+    let bad = DecodePageError::Malformed(PageKind::Lz);
+    let (mut at, mut pos) = (0usize, 0usize);
+    let mut delta = 0isize;
+    loop {
+        let lit = get_varint(data, &mut at).ok_or(bad.clone())?;
+        let end = pos
+            .checked_add(lit)
+            .filter(|&e| e <= PAGE)
+            .ok_or(bad.clone())?;
+        let src = data.get(at..at + lit).ok_or(bad.clone())?;
+        out[pos..end].copy_from_slice(src);
+        at += lit;
+        pos = end;
+        if pos == PAGE {
+            return if at == data.len() { Ok(()) } else { Err(bad) };
+        }
+        let len = get_varint(data, &mut at).ok_or(bad.clone())? + 8;
+        let dz = get_varint(data, &mut at).ok_or(bad.clone())?;
+        delta = delta.checked_add(unzigzag(dz)).ok_or(bad.clone())?;
+        let dp = usize::try_from(pos as isize + delta).map_err(|_| bad.clone())?;
+        let end = pos
+            .checked_add(len)
+            .filter(|&e| e <= PAGE)
+            .ok_or(bad.clone())?;
+        let src = w.get(dp..dp + len).ok_or(bad.clone())?;
+        out[pos..end].copy_from_slice(src);
+        pos = end;
+    }
+}
+
 /// A reusable encoder (one per thread).
 pub struct Encoder {
     cctx: zstd_safe::CCtx<'static>,
     buf: Vec<u8>,
+    lzbuf: Vec<u8>,
+    table: Box<[u16; 1 << LZ_BITS]>,
 }
 
 impl Default for Encoder {
@@ -240,6 +418,8 @@ impl Default for Encoder {
         Self {
             cctx: zstd_safe::CCtx::create(),
             buf: Vec::with_capacity(2 * PAGE),
+            lzbuf: Vec::with_capacity(2 * PAGE),
+            table: Box::new([0; 1 << LZ_BITS]),
         }
     }
 }
@@ -252,13 +432,14 @@ impl std::fmt::Debug for Encoder {
 
 impl Encoder {
     /// Encodes `target` against `base` (or on its own), appending the stored bytes to `out`.
-    /// `window` (base pages around `base`, see [`crate::BasePages::window`]) replaces the base
-    /// page as zstd dictionary when given. Zero pages must be detected by the caller.
+    /// `window` (base pages around `base`, see [`crate::BasePages::window`], and the base
+    /// page's byte offset in it) is the dictionary of the LZ and zstd codecs when given; the
+    /// decoder must then be given the same window. Zero pages must be detected by the caller.
     pub fn encode(
         &mut self,
         target: &Page,
         base: Option<&Page>,
-        window: Option<&[u8]>,
+        window: Option<(&[u8], usize)>,
         cfg: &CodecConfig,
         out: &mut Vec<u8>,
     ) -> PageKind {
@@ -268,18 +449,31 @@ impl Encoder {
             }
             let start = out.len();
             let limit = cfg.patch_threshold.min(PAGE);
-            let sparse_ok = sparse_encode(target, base, limit, out);
-            let sparse_len = if sparse_ok {
+            // LZ subsumes the sparse diff (copies at the same offset): try it alone when on.
+            let sparse_ok = !cfg.lz && sparse_encode(target, base, limit, out);
+            let mut best_len = if sparse_ok {
                 out.len() - start
             } else {
+                out.truncate(start);
                 usize::MAX
             };
-            if sparse_len <= cfg.sparse_good_enough {
+            if sparse_ok && best_len <= cfg.sparse_good_enough {
                 return PageKind::Sparse;
             }
-            if cfg.zstd_ref {
+            let mut best = sparse_ok.then_some(PageKind::Sparse);
+            if cfg.lz {
+                let (w, bo) = window.unwrap_or((&base[..], 0));
+                self.lzbuf.clear();
+                if lz_encode(target, w, bo, &mut self.table, limit, &mut self.lzbuf) {
+                    out.truncate(start);
+                    out.extend_from_slice(&self.lzbuf);
+                    best_len = self.lzbuf.len();
+                    best = Some(PageKind::Lz);
+                }
+            }
+            if cfg.zstd_ref && best_len > cfg.zstd_above {
                 self.buf.clear();
-                let dict: &[u8] = window.unwrap_or(base);
+                let dict: &[u8] = window.map_or(&base[..], |(w, _)| w);
                 let r =
                     self.cctx
                         .compress_using_dict(&mut self.buf, target, dict, cfg.zstd_ref_level);
@@ -290,7 +484,7 @@ impl Encoder {
                         .len()
                         .saturating_mul(cfg.block_factor.max(1))
                         .saturating_add(cfg.zref_min_gain)
-                        <= sparse_len
+                        <= best_len
                 {
                     out.truncate(start);
                     out.extend_from_slice(&self.buf);
@@ -301,8 +495,8 @@ impl Encoder {
                     };
                 }
             }
-            if sparse_ok {
-                return PageKind::Sparse;
+            if let Some(k) = best {
+                return k;
             }
             out.truncate(start);
         }
@@ -408,6 +602,12 @@ impl Decoder {
                     return Err(bad);
                 }
             }
+            PageKind::Lz => {
+                let w = window
+                    .or(base.map(|b| &b[..]))
+                    .ok_or(DecodePageError::MissingBase(kind))?;
+                lz_decode(data, w, out)?;
+            }
             PageKind::Raw => {
                 if data.len() != PAGE {
                     return Err(bad);
@@ -474,7 +674,7 @@ mod tests {
         }
 
         #[test]
-        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), kind in 0u8..8) {
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), kind in 0u8..9) {
             let kind = PageKind::from_u8(kind).unwrap();
             let base = [7u8; PAGE];
             let mut out = [0u8; PAGE];
@@ -488,9 +688,12 @@ mod tests {
         let mut t = base.clone();
         t[100] ^= 1;
         t[2000..2008].copy_from_slice(&[9; 8]);
+        let cfg = CodecConfig {
+            lz: false,
+            ..CodecConfig::default()
+        };
         let mut data = Vec::new();
-        let kind =
-            Encoder::default().encode(&t, Some(&base), None, &CodecConfig::default(), &mut data);
+        let kind = Encoder::default().encode(&t, Some(&base), None, &cfg, &mut data);
         assert_eq!(kind, PageKind::Sparse);
         assert!(data.len() < 20, "{}", data.len());
     }
@@ -515,15 +718,89 @@ mod window_tests {
         let cfg = CodecConfig {
             sparse_good_enough: 0,
             zref_min_gain: 0,
+            lz: false,
+            zstd_ref: true,
             ..CodecConfig::default()
         };
         let mut data = Vec::new();
-        let kind = Encoder::default().encode(&target, Some(base), Some(&w), &cfg, &mut data);
+        let kind =
+            Encoder::default().encode(&target, Some(base), Some((&w, PAGE)), &cfg, &mut data);
         assert_eq!(kind, PageKind::ZstdWin);
         let mut out = [0u8; PAGE];
         Decoder::default()
             .decode(kind, &data, Some(base), Some(&w), &mut out)
             .unwrap();
         assert_eq!(out, target);
+    }
+}
+
+#[cfg(test)]
+mod lz_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn noise(seed: u32, n: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Content shifted by any amount (pieces of it by different amounts), with edits,
+        /// round-trips; word-multiple shifts give small encodings.
+        #[test]
+        fn lz_round_trips_shifted_content(seed in any::<u32>(), shift in 0usize..2 * PAGE,
+                                          cut in 0usize..PAGE, shift2 in 0usize..2 * PAGE,
+                                          edits in proptest::collection::vec((0usize..PAGE, any::<u8>()), 0..40)) {
+            let w = noise(seed, 3 * PAGE);
+            let mut t = [0u8; PAGE];
+            t[..cut].copy_from_slice(&w[shift..shift + cut]);
+            t[cut..].copy_from_slice(&w[shift2 + cut..shift2 + PAGE]);
+            for (i, b) in edits { t[i] = b; }
+            let mut table = Box::new([0u16; 1 << LZ_BITS]);
+            let mut data = Vec::new();
+            if lz_encode(&t, &w, PAGE, &mut table, PAGE * 2, &mut data) {
+                let mut out = [0u8; PAGE];
+                lz_decode(&data, &w, &mut out).unwrap();
+                prop_assert_eq!(&out[..], &t[..]);
+            }
+            if shift % 8 == 0 && shift2 % 8 == 0 && cut % 8 == 0 {
+                prop_assert!(data.len() < 600, "{}", data.len());
+            }
+        }
+
+        #[test]
+        fn lz_garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let w = noise(1, 2 * PAGE);
+            let mut out = [0u8; PAGE];
+            let _ = lz_decode(&data, &w, &mut out);
+        }
+    }
+
+    #[test]
+    fn pointer_edits_give_small_lz_patch_and_codec_picks_it() {
+        let w = noise(9, 5 * PAGE);
+        let mut t = [0u8; PAGE];
+        // Shifted by 48 bytes relative to the base page, with a few changed pointer bytes.
+        t.copy_from_slice(&w[2 * PAGE + 48..3 * PAGE + 48]);
+        for i in (0..PAGE).step_by(512) {
+            t[i] ^= 0x11;
+        }
+        let base: &Page = w[2 * PAGE..3 * PAGE].try_into().unwrap();
+        let cfg = CodecConfig::default();
+        let mut data = Vec::new();
+        let kind = Encoder::default().encode(&t, Some(base), Some((&w, 2 * PAGE)), &cfg, &mut data);
+        assert_eq!(kind, PageKind::Lz);
+        assert!(data.len() < 100, "{}", data.len());
+        let mut out = [0u8; PAGE];
+        Decoder::default()
+            .decode(kind, &data, Some(base), Some(&w), &mut out)
+            .unwrap();
+        assert_eq!(out, t);
     }
 }

@@ -55,6 +55,9 @@ pub struct FunctionReport {
     pub stored_mb: f64,
     /// 100 × (1 − stored / image).
     pub savings_pct: f64,
+    /// The savings had pages without a usable base been stored verbatim rather than
+    /// compressed in blocks (the worth of compressing them).
+    pub savings_raw_standalone_pct: f64,
     /// The function's base image (pages), not counted in `stored_mb`.
     pub base_mb: f64,
     /// Mean patch size.
@@ -330,6 +333,14 @@ pub fn evaluate(
                 stored_mb,
                 savings_pct: if image_mb > 0.0 {
                     100.0 * (1.0 - stored_mb / image_mb)
+                } else {
+                    0.0
+                },
+                savings_raw_standalone_pct: if image_mb > 0.0 {
+                    let raw = |m: &BTreeMap<String, u64>| m.get("Raw").copied().unwrap_or(0);
+                    let verbatim = (raw(&a.kind_pages) * PAGE as u64) as f64 / n / MB;
+                    let compressed = raw(&a.kind_bytes) as f64 / n / MB;
+                    100.0 * (1.0 - (stored_mb - compressed + verbatim) / image_mb)
                 } else {
                     0.0
                 },

@@ -118,7 +118,8 @@ impl BottomK {
     }
 }
 
-fn is_zero(page: &Page) -> bool {
+/// Whether a page is all zeros.
+pub fn is_zero(page: &Page) -> bool {
     page.chunks_exact(64).all(|c| {
         let mut acc = 0u64;
         for w in c.chunks_exact(8) {
@@ -133,19 +134,27 @@ fn is_zero(page: &Page) -> bool {
 /// Every byte offset is a window end (windows lie inside the page). Two interleaved Gear lanes
 /// (first and second half of the page) keep the CPU's pipelines busy.
 pub fn fingerprint(page: &Page, cfg: &FingerprintConfig) -> PageFingerprint {
+    if is_zero(page) {
+        return PageFingerprint {
+            page_hash: xxh3_64(page),
+            zero: true,
+            n: 0,
+            chunks: [0; MAX_K],
+        };
+    }
+    sample(page, cfg, xxh3_64(page))
+}
+
+/// The fingerprint of a page known not to be all zeros, whose xxh3-64 is `page_hash`: up to
+/// `k` content-defined chunks (see [`fingerprint`]).
+pub fn sample(page: &Page, cfg: &FingerprintConfig, page_hash: u64) -> PageFingerprint {
     let k = cfg.k.min(MAX_K);
     let mut fp = PageFingerprint {
-        page_hash: 0,
+        page_hash,
         zero: false,
         n: 0,
         chunks: [0; MAX_K],
     };
-    if is_zero(page) {
-        fp.zero = true;
-        fp.page_hash = xxh3_64(page);
-        return fp;
-    }
-    fp.page_hash = xxh3_64(page);
     if k == 0 {
         return fp;
     }
@@ -156,26 +165,34 @@ pub fn fingerprint(page: &Page, cfg: &FingerprintConfig) -> PageFingerprint {
         imax: 0,
         v: [(0, 0); MAX_K],
     };
-    const HALF: usize = PAGE / 2;
-    const B0: usize = HALF - (WINDOW - 1);
-    let (mut ha, mut hb) = (0u64, 0u64);
-    // Lane A: windows ending at 63..HALF; lane B: windows ending at HALF..PAGE.
-    for j in 0..HALF {
-        ha = (ha << 1).wrapping_add(GEAR[usize::from(page[j])]);
-        hb = (hb << 1).wrapping_add(GEAR[usize::from(page[B0 + j])]);
-        if j >= WINDOW - 1 {
-            if ha & mask == 0 {
-                best.offer(ha, j);
-            }
-            if hb & mask == 0 {
-                best.offer(hb, B0 + j);
+    // Four interleaved Gear lanes over consecutive quarters of the window ends (independent
+    // dependency chains keep the pipelines busy), one rarely taken branch for all four.
+    const L: usize = (PAGE - (WINDOW - 1)) / 4;
+    let g = |h: u64, at: usize| (h << 1).wrapping_add(GEAR[usize::from(page[at])]);
+    let (mut h0, mut h1, mut h2, mut h3) = (0u64, 0u64, 0u64, 0u64);
+    for j in 0..WINDOW - 1 {
+        h0 = g(h0, j);
+        h1 = g(h1, L + j);
+        h2 = g(h2, 2 * L + j);
+        h3 = g(h3, 3 * L + j);
+    }
+    for e in WINDOW - 1..WINDOW - 1 + L {
+        h0 = g(h0, e);
+        h1 = g(h1, L + e);
+        h2 = g(h2, 2 * L + e);
+        h3 = g(h3, 3 * L + e);
+        if (h0 & mask == 0) | (h1 & mask == 0) | (h2 & mask == 0) | (h3 & mask == 0) {
+            for (h, end) in [(h0, e), (h1, L + e), (h2, 2 * L + e), (h3, 3 * L + e)] {
+                if h & mask == 0 {
+                    best.offer(h, end);
+                }
             }
         }
     }
-    for (j, &b) in page.iter().enumerate().skip(B0 + HALF) {
-        hb = (hb << 1).wrapping_add(GEAR[usize::from(b)]);
-        if hb & mask == 0 {
-            best.offer(hb, j);
+    for e in 4 * L + WINDOW - 1..PAGE {
+        h3 = g(h3, e);
+        if h3 & mask == 0 {
+            best.offer(h3, e);
         }
     }
     for i in 0..best.n {

@@ -58,7 +58,8 @@ pub use rebuild::{
     RebuildError, rebuild_dir, rebuild_into, rebuild_pages, rebuild_pages_files, rebuild_to_files,
 };
 pub use registry::{
-    AddBaseError, BaseId, BaseMeta, BaseRefError, Choice, NodeId, PageRef, Registry, RegistryStats,
+    AddBaseError, BaseId, BaseMeta, BaseRefError, Choice, NodeId, PageRef, Registry,
+    RegistryReader, RegistryStats,
 };
 pub use store::{DedupStore, LoadStoreError, PageEntry, StoredProcess, WriteStoreError};
 

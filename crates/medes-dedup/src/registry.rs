@@ -324,6 +324,14 @@ impl Registry {
             .collect()
     }
 
+    /// A read view under one read lock, for choosing base pages (from many threads). Writers
+    /// wait while it lives: keep it short (one batch of pages).
+    pub fn reader(&self) -> RegistryReader<'_> {
+        RegistryReader {
+            g: self.inner.read(),
+        }
+    }
+
     /// Size figures (memory per entry).
     pub fn stats(&self) -> RegistryStats {
         let g = self.inner.read();
@@ -358,6 +366,30 @@ impl Registry {
                 bytes as f64 / entries as f64
             },
         }
+    }
+}
+
+/// A read view of a [`Registry`] (see [`Registry::reader`]).
+pub struct RegistryReader<'a> {
+    g: parking_lot::RwLockReadGuard<'a, Inner>,
+}
+
+impl std::fmt::Debug for RegistryReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RegistryReader")
+    }
+}
+
+impl RegistryReader<'_> {
+    /// The base page whose whole-page hash is `page_hash`, if any (the exact-duplicate test
+    /// of [`RegistryReader::choose`], without sampled chunks).
+    pub fn exact(&self, page_hash: u64) -> Option<PageRef> {
+        self.g.exact.get(&page_hash).copied()
+    }
+
+    /// Chooses a base page for one page (see [`Registry::choose`]).
+    pub fn choose(&self, fp: &PageFingerprint, position: u64, local: NodeId) -> Option<Choice> {
+        choose_in(&self.g, fp, position, local)
     }
 }
 

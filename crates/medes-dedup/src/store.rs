@@ -166,18 +166,50 @@ fn zstd_decompress(data: &[u8], what: &'static str) -> Result<Vec<u8>, LoadStore
 }
 
 impl DedupStore {
-    /// Serialises the store.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut payload = Vec::with_capacity(self.blob.len() + self.pages.len() * 12 + 4096);
-        // Images.
-        let mut imgs = Vec::new();
-        put_u64(&mut imgs, self.images.len() as u64);
-        for (name, data) in &self.images {
-            put_section(&mut imgs, name.as_bytes());
-            put_section(&mut imgs, data);
-        }
-        let imgs = zstd::bulk::compress(&imgs, 3).unwrap_or(imgs);
-        put_section(&mut payload, &imgs);
+    /// The serialised payload as pieces (small owned sections, the blob and blocks borrowed),
+    /// so that writing needs no copy of the data.
+    fn payload_parts(&self) -> Vec<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        let (imgs, t) = rayon::join(
+            || {
+                let mut imgs = Vec::new();
+                put_u64(&mut imgs, self.images.len() as u64);
+                for (name, data) in &self.images {
+                    put_section(&mut imgs, name.as_bytes());
+                    put_section(&mut imgs, data);
+                }
+                zstd::bulk::compress(&imgs, 3).unwrap_or(imgs)
+            },
+            || {
+                // Page table, column layout: kinds+flags, slots, base pages (delta), lens,
+                // checksums.
+                let n = self.pages.len();
+                let mut t = Vec::with_capacity(n * 19 + 8);
+                put_u64(&mut t, n as u64);
+                t.extend(
+                    self.pages
+                        .iter()
+                        .map(|e| e.kind as u8 | u8::from(e.rebased) << 7),
+                );
+                for e in &self.pages {
+                    t.extend_from_slice(&e.base_slot.to_le_bytes());
+                }
+                let mut prev = 0u32;
+                for e in &self.pages {
+                    t.extend_from_slice(&e.base_page.wrapping_sub(prev).to_le_bytes());
+                    prev = e.base_page;
+                }
+                for e in &self.pages {
+                    t.extend_from_slice(&e.len.to_le_bytes());
+                }
+                for e in &self.pages {
+                    t.extend_from_slice(&e.checksum.to_le_bytes());
+                }
+                zstd::bulk::compress(&t, 1).unwrap_or(t)
+            },
+        );
+        let mut head = Vec::new();
+        put_section(&mut head, &imgs);
         // Processes.
         let mut procs = Vec::new();
         put_u64(&mut procs, self.procs.len() as u64);
@@ -186,53 +218,54 @@ impl DedupStore {
             put_section(&mut procs, p.pages_file.as_bytes());
             put_u64(&mut procs, p.n_pages);
         }
-        put_section(&mut payload, &procs);
+        put_section(&mut head, &procs);
         // Bases.
         let mut bases = Vec::new();
         for b in &self.bases {
             bases.extend_from_slice(&b.0.to_le_bytes());
         }
-        put_section(&mut payload, &bases);
-        // Page table, column layout: kinds+flags, slots, base pages (delta), lens, checksums.
-        let n = self.pages.len();
-        let mut t = Vec::with_capacity(n * 19 + 8);
-        put_u64(&mut t, n as u64);
-        t.extend(
-            self.pages
-                .iter()
-                .map(|e| e.kind as u8 | u8::from(e.rebased) << 7),
-        );
-        for e in &self.pages {
-            t.extend_from_slice(&e.base_slot.to_le_bytes());
-        }
-        let mut prev = 0u32;
-        for e in &self.pages {
-            t.extend_from_slice(&e.base_page.wrapping_sub(prev).to_le_bytes());
-            prev = e.base_page;
-        }
-        for e in &self.pages {
-            t.extend_from_slice(&e.len.to_le_bytes());
-        }
-        for e in &self.pages {
-            t.extend_from_slice(&e.checksum.to_le_bytes());
-        }
-        let t = zstd::bulk::compress(&t, 3).unwrap_or(t);
-        put_section(&mut payload, &t);
-        put_section(&mut payload, &self.blob);
-        let mut blocks = Vec::with_capacity(self.blocks.iter().map(|b| b.len() + 8).sum());
-        put_u64(&mut blocks, self.blocks.len() as u64);
+        put_section(&mut head, &bases);
+        put_section(&mut head, &t);
+        put_u64(&mut head, self.blob.len() as u64);
+        let mut parts = vec![Cow::Owned(head), Cow::Borrowed(&self.blob[..])];
+        let blocks_len = 8 + self.blocks.iter().map(|b| b.len() + 8).sum::<usize>();
+        let mut bh = Vec::with_capacity(16);
+        put_u64(&mut bh, blocks_len as u64);
+        put_u64(&mut bh, self.blocks.len() as u64);
+        parts.push(Cow::Owned(bh));
         for b in &self.blocks {
-            put_section(&mut blocks, b);
+            parts.push(Cow::Owned((b.len() as u64).to_le_bytes().to_vec()));
+            parts.push(Cow::Borrowed(&b[..]));
         }
-        put_section(&mut payload, &blocks);
+        parts
+    }
 
-        let mut out = Vec::with_capacity(HEADER + payload.len());
+    /// The file header for a payload made of `parts`.
+    fn header(&self, parts: &[std::borrow::Cow<'_, [u8]>]) -> Vec<u8> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        for p in parts {
+            hasher.update(p);
+        }
+        let mut out = Vec::with_capacity(HEADER);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(self.window_radius.min(u64::from(u32::MAX)) as u32).to_le_bytes());
-        put_u64(&mut out, payload.len() as u64);
-        put_u64(&mut out, xxh3_64(&payload));
-        out.extend_from_slice(&payload);
+        put_u64(&mut out, len as u64);
+        put_u64(&mut out, hasher.digest());
+        out
+    }
+
+    /// Serialises the store.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let parts = self.payload_parts();
+        let header = self.header(&parts);
+        let mut out =
+            Vec::with_capacity(header.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+        out.extend_from_slice(&header);
+        for p in &parts {
+            out.extend_from_slice(p);
+        }
         out
     }
 
@@ -378,14 +411,23 @@ impl DedupStore {
     /// Writes the store atomically: a temporary file in the same directory, fsync, rename.
     /// Returns the number of bytes written.
     pub fn write(&self, path: &Path) -> Result<u64, WriteStoreError> {
-        let bytes = self.to_bytes();
+        let parts = self.payload_parts();
+        let header = self.header(&parts);
         let err = |source| WriteStoreError::Io {
             path: path.to_path_buf(),
             source,
         };
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
+        let mut written = header.len() as u64;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, &mut f);
+        w.write_all(&header).map_err(err)?;
+        for p in &parts {
+            w.write_all(p).map_err(err)?;
+            written += p.len() as u64;
+        }
+        w.flush().map_err(err)?;
+        drop(w);
         f.sync_all().map_err(err)?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| {
@@ -397,7 +439,7 @@ impl DedupStore {
         {
             let _ = d.sync_all();
         }
-        Ok(bytes.len() as u64)
+        Ok(written)
     }
 
     /// Loads a store written by [`DedupStore::write`].

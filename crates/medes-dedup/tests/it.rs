@@ -93,7 +93,9 @@ fn dedup_store_rebuild_is_byte_identical_and_restores() {
 #[test]
 fn corrupt_or_missing_base_is_an_error_naming_the_page() {
     let Some(d) = dumps() else { return };
-    let cfg = DedupConfig::default();
+    // zstd patches on too, so that the blob holds patches.
+    let mut cfg = DedupConfig::default();
+    cfg.codec.zstd_ref = true;
     let (registry, bases) = setup(&cfg, d);
     let target = DumpImage::open(&d.target).unwrap();
     let (store, _) = dedup(&target, &registry, &bases, &cfg).unwrap();

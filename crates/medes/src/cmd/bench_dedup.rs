@@ -37,12 +37,29 @@ pub struct DedupArgs {
     /// Turn pointer rebasing off (to show what it is worth).
     #[arg(long)]
     no_rebase: bool,
-    /// Turn positional candidates off.
+    /// Turn the LZ patches (copies from a window of base pages) off: sparse byte-run diffs
+    /// only (to show what alignment-tolerant patches are worth).
     #[arg(long)]
-    no_positional: bool,
-    /// Fingerprint chunks per page (the paper's K).
-    #[arg(long, default_value_t = 5)]
-    chunks: usize,
+    no_lz: bool,
+    /// Window radius of the LZ patches in base pages (0: the base page only).
+    #[arg(long)]
+    window: Option<u64>,
+    /// Also try zstd patches with the window as dictionary (slower to encode and decode).
+    #[arg(long)]
+    zstd_patches: bool,
+    /// Position candidates (the base page at the same mapping and offset).
+    #[arg(long)]
+    positional: bool,
+    /// Fingerprint chunks per page (the paper's K is 5; default: the engine's).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// zstd level of the store's blocks (patches and pages without a base).
+    #[arg(long)]
+    block_level: Option<i32>,
+    /// Reuse the dumps of an earlier run (`--keep`) instead of starting sandboxes: the
+    /// directory holding `<function>-<i>` dumps.
+    #[arg(long)]
+    dumps: Option<PathBuf>,
     /// The workload suite's directory.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../functions"))]
     functions_dir: PathBuf,
@@ -68,62 +85,85 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
         .prefix("medes-bench-dedup-")
         .tempdir_in(&args.scratch)
         .with_context(|| format!("creating a scratch directory in {}", args.scratch.display()))?;
-    let mut sb_cfg = SandboxConfig::default();
-    let tag = format!("bd{}", std::process::id());
-    sb_cfg.cgroup_name = format!("medes-{tag}");
-    sb_cfg.run_dir = format!("/run/medes/{tag}").into();
-    sb_cfg.network = medes_sandbox::NetworkMode::Isolated;
-    set_aslr(&mut sb_cfg, !args.no_aslr)?;
-    medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
-    medes_sandbox::become_subreaper()?;
-
     let per = args.per_function.max(1);
     let bar = ProgressBar::new((names.len() * (per + 1)) as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} dumps {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let rt = tokio::runtime::Runtime::new()?;
     let mut bases = Vec::new();
     let mut targets = Vec::new();
-    for name in &names {
-        bar.set_prefix(name.clone());
-        let spec = &manifest.functions[name];
-        let code = copy_code(
-            &args
-                .functions_dir
-                .join(spec.file.as_deref().unwrap_or(name)),
-            work.path(),
-            name,
-        )?;
-        for i in 0..=per {
-            let dir = work.path().join(format!("{name}-{i}"));
-            let id = SandboxId(format!("{tag}-{name}-{i}"));
-            let limit = Bytes::mib(spec.memory_mb.max(256) * 2);
-            rt.block_on(dump_one(
-                &sb_cfg,
-                id,
-                &code,
-                limit,
-                &spec.params,
-                spec.timeout_ms,
-                &dir,
-            ))
-            .with_context(|| format!("dumping a warm {name} sandbox"))?;
-            if i == 0 {
-                bases.push((name.clone(), dir));
-            } else {
-                targets.push((name.clone(), dir));
+    if let Some(dir) = &args.dumps {
+        for name in &names {
+            for i in 0..=per {
+                let d = dir.join(format!("{name}-{i}"));
+                anyhow::ensure!(d.is_dir(), "no dump {}", d.display());
+                if i == 0 {
+                    bases.push((name.clone(), d));
+                } else {
+                    targets.push((name.clone(), d));
+                }
             }
-            bar.inc(1);
+        }
+    } else {
+        let mut sb_cfg = SandboxConfig::default();
+        let tag = format!("bd{}", std::process::id());
+        sb_cfg.cgroup_name = format!("medes-{tag}");
+        sb_cfg.run_dir = format!("/run/medes/{tag}").into();
+        sb_cfg.network = medes_sandbox::NetworkMode::Isolated;
+        set_aslr(&mut sb_cfg, !args.no_aslr)?;
+        medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
+        medes_sandbox::become_subreaper()?;
+        let rt = tokio::runtime::Runtime::new()?;
+        for name in &names {
+            bar.set_prefix(name.clone());
+            let spec = &manifest.functions[name];
+            let code = copy_code(
+                &args
+                    .functions_dir
+                    .join(spec.file.as_deref().unwrap_or(name)),
+                work.path(),
+                name,
+            )?;
+            for i in 0..=per {
+                let dir = work.path().join(format!("{name}-{i}"));
+                let id = SandboxId(format!("{tag}-{name}-{i}"));
+                let limit = Bytes::mib(spec.memory_mb.max(256) * 2);
+                rt.block_on(dump_one(
+                    &sb_cfg,
+                    id,
+                    &code,
+                    limit,
+                    &spec.params,
+                    spec.timeout_ms,
+                    &dir,
+                ))
+                .with_context(|| format!("dumping a warm {name} sandbox"))?;
+                if i == 0 {
+                    bases.push((name.clone(), dir));
+                } else {
+                    targets.push((name.clone(), dir));
+                }
+                bar.inc(1);
+            }
         }
     }
     bar.set_prefix("dedup");
     bar.set_message("fingerprint, lookup, encode, store, rebuild, verify");
     let mut dcfg = medes_dedup::DedupConfig::default();
     dcfg.rebase = !args.no_rebase;
-    dcfg.positional = !args.no_positional;
-    dcfg.fingerprint.k = args.chunks;
+    dcfg.positional = args.positional;
+    dcfg.codec.lz = !args.no_lz;
+    dcfg.codec.zstd_ref = args.zstd_patches;
+    if let Some(w) = args.window {
+        dcfg.codec.window_radius = w;
+    }
+    if let Some(k) = args.chunks {
+        dcfg.fingerprint.k = k;
+    }
+    if let Some(l) = args.block_level {
+        dcfg.block_level = l;
+    }
     let cfg = medes_dedup::eval::EvalConfig {
         dedup: dcfg,
         aslr: !args.no_aslr,
@@ -229,6 +269,23 @@ fn set_aslr(cfg: &mut SandboxConfig, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Medes paper's Table 3 (memory savings per function, ASLR off).
+fn paper_savings(name: &str) -> Option<f64> {
+    Some(match name {
+        "vanilla" => 27.0,
+        "linalg" => 33.0,
+        "imagepro" => 43.0,
+        "videopro" => 25.0,
+        "mapreduce" => 16.0,
+        "htmlserve" => 44.0,
+        "authenc" => 21.0,
+        "featuregen" => 39.0,
+        "modelserve" => 58.0,
+        "modeltrain" => 30.0,
+        _ => return None,
+    })
+}
+
 fn print_table(r: &medes_dedup::DedupReport, took: Duration) {
     let mut t = comfy_table::Table::new();
     t.set_header([
@@ -241,6 +298,8 @@ fn print_table(r: &medes_dedup::DedupReport, took: Duration) {
         "image MB",
         "stored MB",
         "savings %",
+        "paper % (ASLR off)",
+        "savings % if no-base pages raw",
         "avg patch B",
         "cross-fn %",
         "fp µs/pg",
@@ -260,6 +319,8 @@ fn print_table(r: &medes_dedup::DedupReport, took: Duration) {
             format!("{:.1}", f.image_mb),
             format!("{:.2}", f.stored_mb),
             format!("{:.1}", f.savings_pct),
+            paper_savings(&f.name).map_or("-".into(), |p| format!("{p:.0}")),
+            format!("{:.1}", f.savings_raw_standalone_pct),
             format!("{:.0}", f.avg_patch_bytes),
             format!("{:.1}", f.cross_function_base_pct),
             format!("{:.2}", f.fingerprint_us_per_page),
