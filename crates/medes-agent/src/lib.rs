@@ -61,6 +61,24 @@
 //!   [`SandboxStatus::memory`] as a cross-check.
 //! - The registry lives in this agent, one per domain, behind a small internal interface
 //!   (`domain.rs`) so the cluster-wide registry of issue 7 can replace it.
+//! - **Persistence across an agent restart** (`persist.rs`): everything dedup keeps lives on the
+//!   tmpfs under `<images_dir>/d<xxh3 of the canonical data_dir>/` (stable for one data
+//!   directory; default `/run/medes/images/d…/`): `store/<sandbox>.medes` + `.json` (the
+//!   store and what restoring it needs: action, version, code directory, limit, environment,
+//!   domain), `bases/<id>.pages` + `.pos` + `.json` (a base's canonical pages, mapped while it
+//!   lives, their position keys and checksums). [`Agent::shutdown`] destroys live sandboxes but
+//!   keeps these; [`Agent::new`] on the same data directory reloads them: every base's checksum
+//!   is verified and its fingerprints re-registered under its old id, every store fully loaded
+//!   (its checksums verified) and its bases pinned. What does not verify is removed with a
+//!   logged reason ([`DedupCounters::kept_dropped`]); bases come back as bases without a
+//!   process ([`SandboxForm::Base`], `alive: false`) and retire as soon as no dedup sandbox
+//!   depends on them. [`NodeStatus`] reports each dedup sandbox's action, version, domain and
+//!   memory so the controller can adopt or purge it; [`Agent::purge_kept`] removes everything
+//!   kept. One live agent per data directory (an `owner` file names it).
+//! - **Restore transient m_R** (`transient.rs`): each dedup start samples, every 2 ms, the
+//!   rebuilt images on the tmpfs and the CRIU process's peak RSS; the sum of the peaks is
+//!   [`RestoreReply::transient_bytes`], and the last one per function is in
+//!   [`NodeStatus::restore_transient`].
 //!
 //! # Measured
 //! `examples/dedup_startup.rs` (release, 10 dedup starts per function interleaved with plain
@@ -89,8 +107,8 @@
 //!
 //! # What this crate does not do
 //! No scheduling, no memory budget, no keep-alive, no dedup policy (the controller decides all of
-//! that); no OpenWhisk JSON. Stores and bases do not survive an agent restart (the tmpfs files
-//! of a dead agent are removed by the next one); there is no remote base fetch.
+//! that); no OpenWhisk JSON; no remote base fetch. Warm sandboxes do not survive an agent
+//! restart (their processes die with it); dedup stores and bases do, not a machine reboot.
 #![deny(missing_docs)]
 #![deny(unsafe_code)] // one exception: mapping base pages files (domain.rs)
 
@@ -154,7 +172,11 @@ pub struct AgentConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct DedupSettings {
     /// Directory (a tmpfs; mounted if it is not one) for checkpoint images, base images and
-    /// dedup stores. Default `/run/medes/images`.
+    /// dedup stores. Each data directory gets its own subdirectory,
+    /// `d<xxh3 of the canonical data_dir, 16 hex digits>`, stable across restarts, so a
+    /// restarted agent (or `medes serve`) finds the stores and bases it kept; a machine reboot
+    /// empties it. Subdirectories whose data directory no longer exists are removed by the
+    /// next agent. Default `/run/medes/images`.
     pub images_dir: PathBuf,
     /// Dedup and make-base operations carried out at the same time on this node; more wait.
     /// Default 1 (a node here has 2 cores, one stays for invocations).

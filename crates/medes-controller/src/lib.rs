@@ -612,6 +612,8 @@ impl Controller {
     }
 
     fn update_gauges(&self) {
+        let unowned: u64 = self.state.lock().unowned.iter().sum();
+        self.metrics().unowned(unowned as f64);
         let (n, mem) = self.state.lock().census();
         for i in 0..StateKind::ALL.len() {
             self.metrics().sandboxes[i].set(n[i] as f64);
@@ -619,8 +621,10 @@ impl Controller {
         }
     }
 
-    /// Refuses new invocations, fails waiting ones and destroys every sandbox (dedup sandboxes
-    /// first, then bases, which the node keeps while dedup sandboxes depend on them).
+    /// Refuses new invocations, fails waiting ones and destroys every live sandbox (bases
+    /// last). Dedup sandboxes, and the bases they depend on, are left to their node, which keeps
+    /// them across its restart (`medes_agent::Agent::shutdown`); the next controller adopts
+    /// them ([`Controller::reconcile`]).
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         let jobs: Vec<(bool, PurgeJob)> = {
@@ -628,6 +632,10 @@ impl Controller {
             st.waiters.clear();
             st.ckpt_queue.clear();
             let keys: Vec<Key> = st.sbs.keys().copied().collect();
+            let keys: Vec<Key> = keys
+                .into_iter()
+                .filter(|&k| !st.kept_at_shutdown(k))
+                .collect();
             keys.into_iter()
                 .filter_map(|k| {
                     let base = st.sbs.get(&k).is_some_and(|s| s.form == Form::Base);
@@ -1286,14 +1294,6 @@ impl ActivationIdPrefix {
     }
 }
 
-impl Invoker for Controller {
-    fn invoke(&self, req: InvokeRequest) -> BoxFuture<'static, Result<Activation, InvokeError>> {
-        let Some(me) = self.me.upgrade() else {
-            return futures::future::ready(Err(InvokeError::ShuttingDown)).boxed();
-        };
-        let task = tokio::spawn(me.invoke_inner(req));
-        task.map(|r| match r {
-            Ok(r) => r,
 impl medes_policy::PolicyControl for Controller {
     fn policy_settings(&self) -> PolicySettings {
         Controller::policy_settings(self)
@@ -1303,6 +1303,14 @@ impl medes_policy::PolicyControl for Controller {
     }
 }
 
+impl Invoker for Controller {
+    fn invoke(&self, req: InvokeRequest) -> BoxFuture<'static, Result<Activation, InvokeError>> {
+        let Some(me) = self.me.upgrade() else {
+            return futures::future::ready(Err(InvokeError::ShuttingDown)).boxed();
+        };
+        let task = tokio::spawn(me.invoke_inner(req));
+        task.map(|r| match r {
+            Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "invocation task failed");
                 Err(InvokeError::ShuttingDown)
@@ -1342,6 +1350,110 @@ impl medes_policy::PolicyControl for Controller {
                 action: s.action,
                 state: s.state.as_str().to_string(),
             })
+            .collect()
+    }
+}
+
+/// What [`Controller::reconcile`] did with the sandboxes the nodes reported at startup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Dedup sandboxes of known, unchanged actions, now DEDUP in the books (keep-dedup
+    /// restarted).
+    pub adopted: usize,
+    /// Sandboxes purged, by reason (`unknown_action`, `stale_version`, `no_metadata`,
+    /// `unknown_live`).
+    pub purged: BTreeMap<String, u64>,
+    /// Bases whose process is gone, left to their node (they retire once no dedup sandbox
+    /// depends on them; their memory is charged to the node meanwhile).
+    pub left: usize,
+}
+
+impl Controller {
+    /// Startup reconciliation (issue 5): asks every node what it holds (dedup sandboxes and
+    /// bases an earlier agent kept on its tmpfs) and takes dedup sandboxes of known, unchanged
+    /// actions into the books as DEDUP, their keep-dedup timer restarting now; unknown or stale
+    /// ones (the action is gone, or its version changed) are purged. `current` gives an
+    /// action's stored definition. Call once, after [`Controller::new`] and before serving.
+    pub async fn reconcile(
+        &self,
+        current: &(dyn Fn(&ActionName) -> Option<Action> + Sync),
+    ) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let status = match node.agent.execute(Command::Status).await {
+                Ok(Reply::Status(s)) => s,
+                Ok(other) => {
+                    warn!(node = %node.id, reply = reply_name(&other), "unexpected reply to status");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(node = %node.id, error = %e, "node status failed; nothing reconciled there");
+                    continue;
+                }
+            };
+            let mut purges = Vec::new();
+            for st in &status.sandboxes {
+                let action = st.action.as_ref().and_then(current);
+                match (State::adoption(st, action.as_ref()), action) {
+                    (state::Adoption::Adopt, Some(action)) => {
+                        let action = Arc::new(action);
+                        let now = self.now();
+                        if self.state.lock().adopt_dedup(i, st, &action, now).is_some() {
+                            report.adopted += 1;
+                            info!(sandbox = %st.id, action = %action.name, version = %action.version,
+                                  stored_kb = st.held_bytes >> 10, "dedup sandbox kept by the node resumes as DEDUP");
+                        }
+                    }
+                    (state::Adoption::Purge(reason), _) => {
+                        *report.purged.entry(reason.to_string()).or_default() += 1;
+                        info!(sandbox = %st.id, action = ?st.action.as_ref().map(|a| a.to_string()),
+                              version = ?st.version, reason, "sandbox kept by the node is purged");
+                        purges.push(st.id.clone());
+                    }
+                    (state::Adoption::Leave | state::Adoption::Adopt, _) => report.left += 1,
+                }
+            }
+            for id in purges {
+                match node
+                    .agent
+                    .execute(Command::Purge {
+                        sandbox: id.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) | Err(AgentError::UnknownSandbox(_)) => {}
+                    Err(e) => warn!(sandbox = %id, error = %e, "purging a kept sandbox failed"),
+                }
+            }
+        }
+        // Charge what the nodes hold now (stores, kept bases) and arm the timers.
+        self.refresh_memory().await;
+        self.update_gauges();
+        self.rearm();
+        self.wake.notify_one();
+        info!(adopted = report.adopted, purged = ?report.purged, left = report.left, "reconciled with the nodes");
+        report
+    }
+
+    /// m_R of `action` as the controller reserves it for a dedup start: the measured restore
+    /// transient (EWMA of the agent's [`RestoreReply::transient_bytes`]) once a dedup start was
+    /// measured, else the last page image; `None` before either.
+    pub fn restore_transient(&self, action: &ActionName) -> Option<(Bytes, bool)> {
+        let st = self.state.lock();
+        let p = st.pools.get(action)?;
+        p.m_restore
+            .get()
+            .map(|v| (Bytes(v as u64), p.m_restore_measured))
+    }
+
+    /// Memory charged on each node for sandboxes the controller does not know of (bases whose
+    /// process is gone while dedup sandboxes depend on them), in node order.
+    pub fn unowned_memory(&self) -> Vec<Bytes> {
+        self.state
+            .lock()
+            .unowned
+            .iter()
+            .map(|&u| Bytes(u))
             .collect()
     }
 }

@@ -40,6 +40,8 @@ fn status_label(s: ActivationStatus) -> &'static str {
 pub(crate) struct ActionMetrics {
     invocations: [[Counter; 4]; 4],
     duration: [Histogram; 4],
+    /// m_R: the memory a dedup start of the action holds transiently (measured, EWMA), bytes.
+    restore_transient: Gauge,
 }
 
 impl ActionMetrics {
@@ -56,7 +58,12 @@ impl ActionMetrics {
         ActionMetrics {
             invocations,
             duration,
+            restore_transient: gauge!("medes_restore_transient_bytes", "action" => name),
         }
+    }
+
+    pub(crate) fn restore_transient(&self, bytes: f64) {
+        self.restore_transient.set(bytes);
     }
 
     pub(crate) fn record(&self, kind: StartKind, status: ActivationStatus, seconds: f64) {
@@ -109,6 +116,12 @@ impl GlobalMetrics {
     /// A sandbox could not be made a base or deduplicated (`reason` is a short fixed label).
     pub(crate) fn dedup_failure(&self, reason: &'static str) {
         counter!("medes_dedup_failures_total", "reason" => reason).increment(1);
+    }
+
+    /// Memory a node holds for sandboxes the controller does not know of (bases whose process
+    /// is gone while dedup sandboxes depend on them), bytes.
+    pub(crate) fn unowned(&self, bytes: f64) {
+        gauge!("medes_unowned_memory_bytes").set(bytes);
     }
 
     /// A dedup start failed and fell back to a cold start (`reason` is a short fixed label).

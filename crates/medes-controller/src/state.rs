@@ -68,7 +68,10 @@ pub(crate) struct Pool {
     pub m_warm: Ewma,
     pub m_dedup: Ewma,
     pub m_base: Ewma,
+    /// m_R: the page image until a dedup start was measured, then the measured transient.
     pub m_restore: Ewma,
+    /// `m_restore` holds measured values (the agent's [`RestoreReply::transient_bytes`]).
+    pub m_restore_measured: bool,
 }
 
 /// A sandbox handed to an invocation.
@@ -183,6 +186,9 @@ pub(crate) struct State {
     pub evictions: u64,
     pub next_tick: Option<Timestamp>,
     pub stats: crate::DedupStats,
+    /// Per node: memory the node holds for nothing in these books (bases whose process is gone,
+    /// e.g. kept by an earlier agent, while dedup sandboxes depend on them), from its status.
+    pub unowned: Vec<u64>,
 }
 
 /// Whether the node holds (or is making) a dedup image for the sandbox, which may reference
@@ -234,6 +240,7 @@ impl State {
             evictions: 0,
             next_tick: None,
             stats: crate::DedupStats::default(),
+            unowned: vec![0; n],
         }
     }
 
@@ -253,6 +260,7 @@ impl State {
             m_dedup: Ewma::default(),
             m_base: Ewma::default(),
             m_restore: Ewma::default(),
+            m_restore_measured: false,
         })
     }
 
@@ -435,7 +443,7 @@ impl State {
         if self.restores[node] >= self.limits.max_restores {
             return None;
         }
-        let m_r = sb.image.unwrap_or(sb.limit);
+        let m_r = self.restore_transient(sb);
         let need = sb.limit.saturating_add(m_r);
         let victims = self.make_room(node, need, Some(key), now)?;
         let victims = self.evict(victims);
@@ -727,13 +735,14 @@ impl State {
         sb.charge = sb.charge.saturating_sub(sb.transient);
         let node = sb.node;
         self.used[node] = self.used[node].saturating_sub(sb.transient);
-        let m_r = sb.transient;
         sb.transient = 0;
         self.restores[node] = self.restores[node].saturating_sub(1);
         let action = sb.action.clone();
         let pool = self.pool(&action);
         pool.dedup_ms.add(ms);
-        pool.m_restore.add(m_r as f64);
+        if reply.transient_bytes > 0 {
+            pool.record_restore_transient(reply.transient_bytes);
+        }
     }
 
     /// The restore of `key` failed; the agent already destroyed it (`gone`), or it must be.
@@ -978,7 +987,10 @@ impl State {
                 debug!(sandbox = %sb.id, action = %action, image_mb = r.image_bytes >> 20, stored_kb = r.stored_bytes >> 10, checkpoint_ms = r.checkpoint_ms, dedup_ms = r.dedup_ms, reused = r.reused_previous, "sandbox deduplicated");
                 let pool = self.pool(&action);
                 pool.m_dedup.add(r.stored_bytes as f64);
-                pool.m_restore.add(r.image_bytes as f64);
+                if !pool.m_restore_measured {
+                    // Until a dedup start is measured, m_R is estimated by the page image.
+                    pool.m_restore.add(r.image_bytes as f64);
+                }
             }
             CheckpointOutcome::Failed { alive: Some(true) } => {
                 sb.state = sb.state.apply(Event::CheckpointFailed, now).ok()?;
@@ -1010,18 +1022,6 @@ impl State {
         None
     }
 
-    /// Whether no checkpoint is in flight or waiting.
-    pub(crate) fn settled(&self) -> bool {
-        self.checkpoints.iter().all(|&n| n == 0)
-            && self.ckpt_queue.iter().all(|(k, p)| {
-                self.sbs
-                    .get(k)
-                    .is_none_or(|s| s.queued != Some(*p) || s.state.kind() != StateKind::Warm)
-            })
-    }
-
-    /// The earliest pending policy decision or tick.
-    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
     /// Puts `policy` in charge (the operator changed the knob): every idle sandbox's next
     /// decision is recomputed by it (one already overdue under it is asked at once) and the
     /// policy's timer restarts.
@@ -1052,6 +1052,18 @@ impl State {
         }
     }
 
+    /// Whether no checkpoint is in flight or waiting.
+    pub(crate) fn settled(&self) -> bool {
+        self.checkpoints.iter().all(|&n| n == 0)
+            && self.ckpt_queue.iter().all(|(k, p)| {
+                self.sbs
+                    .get(k)
+                    .is_none_or(|s| s.queued != Some(*p) || s.state.kind() != StateKind::Warm)
+            })
+    }
+
+    /// The earliest pending policy decision or tick.
+    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
         let d = self.sbs.values().filter_map(|s| s.next_decision).min();
         match (d, self.next_tick) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1216,7 +1228,7 @@ impl State {
     ) -> (bool, Vec<PurgeJob>) {
         let reported: HashMap<&SandboxId, &medes_agent::SandboxStatus> =
             status.sandboxes.iter().map(|s| (&s.id, s)).collect();
-        let mut freed = false;
+        let mut freed = self.apply_unowned(node, status);
         let mut jobs = Vec::new();
         let keys: Vec<Key> = self
             .sbs
@@ -1233,9 +1245,13 @@ impl State {
             ) {
                 continue;
             }
-            // Only sandboxes the node had before the report was asked for can be missed by it.
-            let judged = sb.ready_at.is_some_and(|t| t < asked_at)
-                || matches!(sb.state, SandboxState::Dedup { since, .. } if since < asked_at);
+            // Only sandboxes the node had, in their present form, before the report was asked
+            // for can be missed by it (a dedup sandbox from its dedup on: a report asked while
+            // its checkpoint ran still shows the warm sandbox, even if it was ready long ago).
+            let judged = match sb.state {
+                SandboxState::Dedup { since, .. } => since < asked_at,
+                _ => sb.ready_at.is_some_and(|t| t < asked_at),
+            };
             let charge = match reported.get(&sb.id) {
                 Some(st) if kind == StateKind::Dedup && st.form == SandboxForm::Dedup => {
                     Some((st.held_bytes, None))
@@ -1319,5 +1335,166 @@ impl State {
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+}
+
+// ---- restart reconciliation and restore transients (issue 5) --------------------------------
+
+/// What the controller makes of a sandbox a node reports at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Adoption {
+    /// A dedup sandbox of a known, unchanged action: it resumes as DEDUP.
+    Adopt,
+    /// Not adoptable: purge it (the reason is a short fixed label).
+    Purge(&'static str),
+    /// Left to the node (a base whose process is gone: it retires once nothing depends on it).
+    Leave,
+}
+
+impl Pool {
+    /// A measured m_R of one dedup start (replaces the image-size estimate).
+    pub(crate) fn record_restore_transient(&mut self, bytes: u64) {
+        if !self.m_restore_measured {
+            self.m_restore = Ewma::default();
+            self.m_restore_measured = true;
+        }
+        self.m_restore.add(bytes as f64);
+        self.metrics
+            .restore_transient(self.m_restore.get().unwrap_or(0.0));
+    }
+}
+
+impl State {
+    /// Whether the node keeps `key` across its restart (a dedup sandbox, or a base dedup
+    /// sandboxes depend on), so the controller's shutdown leaves it alone.
+    pub(crate) fn kept_at_shutdown(&self, key: Key) -> bool {
+        let Some(sb) = self.sbs.get(&key) else {
+            return false;
+        };
+        matches!(sb.state, SandboxState::Dedup { .. })
+            || (sb.form == Form::Base
+                && self.sbs.values().any(|s| {
+                    s.node == sb.node
+                        && s.action.namespace == sb.action.namespace
+                        && matches!(s.state, SandboxState::Dedup { .. })
+                }))
+    }
+
+    /// m_R to reserve for a dedup start of `sb`: the function's measured restore transient if
+    /// known, else its page image (the rebuilt pages on the tmpfs are most of it), else its limit.
+    pub(crate) fn restore_transient(&self, sb: &Sb) -> u64 {
+        let estimate = sb.image.unwrap_or(sb.limit);
+        match self.pools.get(&sb.action) {
+            Some(p) if p.m_restore_measured => p.m_restore.get().map_or(estimate, |v| v as u64),
+            _ => estimate,
+        }
+    }
+
+    /// Charges what `node` holds for sandboxes not in these books (bases without process);
+    /// returns whether that charge went down.
+    fn apply_unowned(&mut self, node: usize, status: &NodeStatus) -> bool {
+        let known: std::collections::HashSet<&SandboxId> = self
+            .sbs
+            .values()
+            .filter(|s| s.node == node)
+            .map(|s| &s.id)
+            .collect();
+        let held: u64 = status
+            .sandboxes
+            .iter()
+            .filter(|s| !known.contains(&s.id) && s.form == SandboxForm::Base && !s.alive)
+            .map(|s| s.held_bytes)
+            .sum();
+        let before = self.unowned[node];
+        self.used[node] = self.used[node].saturating_sub(before) + held;
+        self.unowned[node] = held;
+        held < before
+    }
+
+    /// Decides about a sandbox a node reports that these books do not have (startup
+    /// reconciliation): `current` is the action's stored definition, if it still exists.
+    pub(crate) fn adoption(st: &medes_agent::SandboxStatus, current: Option<&Action>) -> Adoption {
+        match st.form {
+            SandboxForm::Base if !st.alive => Adoption::Leave,
+            SandboxForm::Dedup => match (&st.action, &st.version, current) {
+                (None, _, _) | (_, None, _) => Adoption::Purge("no_metadata"),
+                (Some(_), Some(_), None) => Adoption::Purge("unknown_action"),
+                (Some(a), Some(v), Some(cur)) if a == &cur.name && v == &cur.version => {
+                    Adoption::Adopt
+                }
+                _ => Adoption::Purge("stale_version"),
+            },
+            // A live sandbox the controller never made (should not survive a restart).
+            _ => Adoption::Purge("unknown_live"),
+        }
+    }
+
+    /// Takes a dedup sandbox an earlier agent kept into the books as DEDUP, as if it had just
+    /// been deduplicated (its keep-dedup timer starts now). Returns its key, or `None` if the id
+    /// is already known.
+    pub(crate) fn adopt_dedup(
+        &mut self,
+        node: usize,
+        st: &medes_agent::SandboxStatus,
+        action: &Arc<Action>,
+        now: Timestamp,
+    ) -> Option<Key> {
+        if self.sbs.values().any(|s| s.node == node && s.id == st.id) {
+            return None;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let limit = st
+            .memory_limit
+            .map_or(Bytes::mib(action.limits.memory_mb).0, |b| b.0);
+        let version: Arc<str> = Arc::from(action.version.as_str());
+        let generation = {
+            let pool = self.pool(&action.name);
+            pool.keys.push(key);
+            if pool.action.is_none() {
+                pool.action = Some(action.clone());
+            }
+            if pool.limit == 0 {
+                pool.limit = Bytes::mib(action.limits.memory_mb).0;
+            }
+            pool.m_dedup.add(st.held_bytes as f64);
+            if let Some(img) = st.image_bytes
+                && !pool.m_restore_measured
+            {
+                pool.m_restore.add(img as f64);
+            }
+            pool.generation
+        };
+        self.used[node] += st.held_bytes;
+        self.sbs.insert(
+            key,
+            Sb {
+                id: st.id.clone(),
+                node,
+                action: action.name.clone(),
+                version,
+                generation,
+                limit,
+                state: SandboxState::Dedup {
+                    since: now,
+                    idle_since: now,
+                },
+                form: Form::Plain,
+                deduplicable: true,
+                was_dedup: false,
+                queued: None,
+                created: now,
+                measured: None,
+                charge: st.held_bytes,
+                transient: 0,
+                stored: Some(st.held_bytes),
+                image: st.image_bytes,
+                last_restore: None,
+                ready_at: Some(now),
+                next_decision: None,
+            },
+        );
+        self.rearm(key, now);
+        Some(key)
     }
 }

@@ -30,7 +30,10 @@ struct Fake(Arc<FakeInner>);
 
 struct FakeSb {
     action: ActionName,
+    version: String,
     form: SandboxForm,
+    /// A base whose process is gone (kept by an earlier agent for its dedup sandboxes).
+    lost: bool,
 }
 
 struct FakeInner {
@@ -39,6 +42,10 @@ struct FakeInner {
     restore_ms: u64,
     pss: u64,
     stored: u64,
+    /// m_R each restore reports.
+    transient: u64,
+    /// Time between taking a status snapshot and answering with it, ms.
+    status_delay_ms: std::sync::atomic::AtomicU64,
     fail_restores: AtomicBool,
     live: Mutex<HashMap<SandboxId, FakeSb>>,
     log: Mutex<Vec<String>>,
@@ -52,6 +59,8 @@ impl Fake {
             restore_ms: 200,
             pss: 20 << 20,
             stored: 2 << 20,
+            transient: 30 << 20,
+            status_delay_ms: Default::default(),
             fail_restores: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
@@ -105,7 +114,9 @@ impl NodeAgent for Fake {
                         c.sandbox,
                         FakeSb {
                             action: c.action,
+                            version: c.version,
                             form: SandboxForm::Warm,
+                            lost: false,
                         },
                     );
                     Ok(Reply::Spawned(SpawnReply {
@@ -242,6 +253,8 @@ impl NodeAgent for Fake {
                         rebuild_ms: 20.0,
                         restore_ms: 150.0,
                         total_ms: 190.0,
+                        transient_bytes: me.transient,
+                        ..RestoreReply::default()
                     }))
                 }
                 Command::Status => {
@@ -253,8 +266,13 @@ impl NodeAgent for Fake {
                             let dedup = s.form == SandboxForm::Dedup;
                             SandboxStatus {
                                 id: id.clone(),
-                                alive: !dedup,
-                                memory: (!dedup).then_some(SandboxMemory {
+                                alive: !dedup && !s.lost,
+                                action: (!s.lost).then(|| s.action.clone()),
+                                version: (!s.lost).then(|| s.version.clone()),
+                                domain: Some(s.action.namespace.0.clone()),
+                                memory_limit: Some(Bytes::mib(256)),
+                                image_bytes: dedup.then_some(me.pss),
+                                memory: (!dedup && !s.lost).then_some(SandboxMemory {
                                     pss: Bytes(me.pss),
                                     rss: Bytes(me.pss),
                                     cgroup_usage: Bytes(me.pss),
@@ -268,9 +286,14 @@ impl NodeAgent for Fake {
                             }
                         })
                         .collect();
+                    let delay = me.status_delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
                     Ok(Reply::Status(NodeStatus {
                         node: NodeId("n0".into()),
                         sandboxes,
+                        restore_transient: Default::default(),
                     }))
                 }
             }
@@ -747,6 +770,8 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
             "medes_invocations_total{action=/guest/metered,start_kind=dedup,status=success} 1",
             "medes_invocations_total{action=/guest/metered,start_kind=warm,status=developer_error} 1",
             "medes_invocations_total{action=/guest/metered,start_kind=warm,status=success} 3",
+            // m_R the (fake) agent measured for the dedup start.
+            "medes_restore_transient_bytes{action=/guest/metered} 31457280",
         ]
     );
     for series in [
@@ -1330,4 +1355,166 @@ async fn the_policy_knob_changes_decisions_at_run_time() {
     assert_eq!(forms(&ctl), "base");
     stop.cancel();
     timers.await.unwrap();
+}
+
+// ---- restart reconciliation and m_R (issue 5) ---------------------------------------------
+
+/// Puts a sandbox into the fake node as if an earlier agent had kept it.
+fn kept(fake: &Fake, id: &str, a: &Action, version: &str, form: SandboxForm, lost: bool) {
+    fake.0.live.lock().insert(
+        SandboxId(id.into()),
+        FakeSb {
+            action: a.name.clone(),
+            version: version.into(),
+            form,
+            lost,
+        },
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn kept_dedup_sandboxes_are_adopted_or_purged_at_startup() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        memory_refresh_ms: 1_000,
+        keep_dedup_s: 900,
+        ..Default::default()
+    });
+    let a = action("a", "2", 256, 1);
+    let gone = action("gone", "1", 256, 1);
+    kept(&fake, "k-ok", &a, "2", SandboxForm::Dedup, false);
+    kept(&fake, "k-stale", &a, "1", SandboxForm::Dedup, false);
+    kept(&fake, "k-gone", &gone, "1", SandboxForm::Dedup, false);
+    kept(&fake, "k-base", &a, "2", SandboxForm::Base, true);
+    let current = {
+        let a = a.clone();
+        move |n: &ActionName| (n == &a.name).then(|| (*a).clone())
+    };
+    let report = ctl.reconcile(&current).await;
+    assert_eq!(report.adopted, 1);
+    assert_eq!(
+        report.purged,
+        [
+            ("stale_version".to_string(), 1),
+            ("unknown_action".to_string(), 1)
+        ]
+        .into()
+    );
+    assert_eq!(report.left, 1);
+    assert_eq!(forms(&ctl), "dedup");
+    let info = ctl.sandboxes();
+    assert_eq!(info[0].id, SandboxId("k-ok".into()));
+    assert_eq!(info[0].version, "2");
+    assert_eq!(info[0].stored, Some(Bytes(2 << 20)));
+    assert!(fake.log().contains(&"purge k-stale".to_string()));
+    assert!(fake.log().contains(&"purge k-gone".to_string()));
+    assert!(!fake.log().contains(&"purge k-base".to_string()));
+    // The store and the kept base (held for it, not in the books) are charged.
+    assert_eq!(ctl.unowned_memory(), vec![Bytes(40 << 20)]);
+    assert_eq!(ctl.memory_used(), vec![Bytes((2 << 20) + (40 << 20))]);
+    // The adopted sandbox serves a dedup start.
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup);
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert_eq!(fake.commands("spawn"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adopted_dedup_sandbox_gets_a_fresh_keep_dedup() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        memory_refresh_ms: 1_000,
+        keep_dedup_s: 120,
+        ..Default::default()
+    });
+    let a = action("a", "1", 256, 1);
+    kept(&fake, "k1", &a, "1", SandboxForm::Dedup, false);
+    // Time passes before the platform starts: the keep-dedup runs from the adoption.
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let current = {
+        let a = a.clone();
+        move |n: &ActionName| (n == &a.name).then(|| (*a).clone())
+    };
+    assert_eq!(ctl.reconcile(&current).await.adopted, 1);
+    let (stop, timers) = with_timers(&ctl);
+    tokio::time::sleep(Duration::from_secs(110)).await;
+    assert_eq!(forms(&ctl), "dedup");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(forms(&ctl), "");
+    assert_eq!(fake.commands("purge k1"), 1);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_reserves_the_measured_transient() {
+    let (ctl, _fake) = setup(2048);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    ctl.force_decisions(Some(&a.name)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    // Before any dedup start, m_R is estimated by the page image.
+    assert_eq!(
+        ctl.restore_transient(&a.name),
+        Some((Bytes(20 << 20), false))
+    );
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        ctl.invoke(request(&a, json!({}))).await.unwrap().start_kind,
+        StartKind::Dedup
+    );
+    busy.await.unwrap();
+    // The agent measured 30 MiB: from now on that is what a restore reserves.
+    assert_eq!(
+        ctl.restore_transient(&a.name),
+        Some((Bytes(30 << 20), true))
+    );
+    ctl.force_decisions(Some(&a.name)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = ctl.invoke(request(&a, json!({})));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let info = ctl.sandboxes();
+    assert_eq!(info[1].state, StateKind::Restoring);
+    assert_eq!(
+        info[1].charged,
+        Bytes((2 << 20) + Bytes::mib(256).0 + (30 << 20))
+    );
+    assert_eq!(second.await.unwrap().start_kind, StartKind::Dedup);
+    busy.await.unwrap();
+    // Released once the restore is done.
+    assert_eq!(
+        ctl.sandboxes()[1].charged,
+        Bytes((2 << 20) + Bytes::mib(256).0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_taken_during_a_re_dedup_does_not_purge_the_new_dedup_sandbox() {
+    let (ctl, fake) = setup(2048);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    ctl.force_decisions(Some(&a.name)).await;
+    ctl.wait_settled().await;
+    // The dedup sandbox is restored (ready long before what follows) and idle again.
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup);
+    busy.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Dedup it again; a status report is asked while the checkpoint runs (the node still shows
+    // it warm) and answered after it ended.
+    fake.0.status_delay_ms.store(300, Ordering::SeqCst);
+    ctl.force_decisions(Some(&a.name)).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    ctl.refresh_memory().await;
+    ctl.wait_settled().await;
+    fake.0.status_delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(forms(&ctl), "base,dedup");
+    assert_eq!(fake.commands("purge"), 0, "{:?}", fake.log());
 }

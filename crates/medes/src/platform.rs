@@ -84,6 +84,17 @@ impl Platform {
             cfg.controller.clone(),
             vec![(cfg.agent.node_id.clone(), node)],
         );
+        // Dedup sandboxes the node kept across a restart: adopt those of unchanged actions.
+        let kept = {
+            let store = store.clone();
+            controller
+                .reconcile(&move |name| store.get_action(name).ok().flatten())
+                .await
+        };
+        if kept.adopted > 0 || !kept.purged.is_empty() || kept.left > 0 {
+            info!(adopted = kept.adopted, purged = ?kept.purged, kept_bases = kept.left,
+                  "dedup sandboxes kept by the node reconciled");
+        }
         let shutdown = CancellationToken::new();
         let timers = tokio::spawn(controller.clone().run_timers(shutdown.clone()));
 

@@ -79,6 +79,9 @@ struct FnCounts {
     invocations: u64,
     warm: u64,
     dedup: u64,
+    /// m_R the controller reserves for a dedup start (measured: see `restore_transient_measured`).
+    restore_transient_mb: Option<f64>,
+    restore_transient_measured: bool,
     cold: u64,
     other: u64,
     failures: u64,
@@ -180,28 +183,35 @@ enum Step {
 
 fn next_step(rng: &mut Rng, idle_s: f64, keep_s: f64) -> Step {
     let r = rng.unit();
-    if r < 0.35 {
+    // 1 to 3 calls at once: an idle base serves the first like a warm sandbox, the others
+    // restore the function's dedup sandboxes (or cold-start if there are none).
+    let burst = |rng: &mut Rng| match rng.unit() {
+        x if x < 0.3 => 1,
+        x if x < 0.7 => 2,
+        _ => 3,
+    };
+    if r < 0.30 {
         // Within the idle period: a warm start.
         Step::Invoke {
             gap_s: rng.between(0.1, (idle_s * 0.6).max(0.2)),
             n: 1,
         }
-    } else if r < 0.80 {
-        // Past the idle period (and the checkpoint), within keep-dedup: a dedup start.
+    } else if r < 0.75 {
+        // Past the idle period (and the checkpoint), within keep-dedup: dedup starts.
         Step::Invoke {
             gap_s: rng.between(idle_s + 6.0, (keep_s - 3.0).max(idle_s + 7.0)),
-            n: 1,
+            n: burst(rng),
         }
-    } else if r < 0.90 {
-        // Past keep-dedup: a cold start.
+    } else if r < 0.85 {
+        // Past keep-dedup: cold starts.
         Step::Invoke {
             gap_s: rng.between(keep_s + idle_s + 5.0, keep_s + idle_s + 20.0),
-            n: 1,
+            n: 1 + (rng.next() % 2) as usize,
         }
     } else {
-        // A burst: more sandboxes of the function.
+        // A burst soon after: more sandboxes of the function.
         Step::Invoke {
-            gap_s: rng.between(0.1, idle_s + 10.0),
+            gap_s: rng.between(0.1, idle_s * 0.6),
             n: 2 + (rng.next() % 2) as usize,
         }
     }
@@ -245,7 +255,10 @@ pub fn run(args: CycleArgs) -> anyhow::Result<ExitCode> {
         cfg.controller.keep_alive_s = args.keep_dedup_s;
         cfg.finish();
         let platform = Platform::start(cfg).await?;
-        let client = Client::new(&ClientConfig::new(platform.url.clone(), platform.auth.clone()))?;
+        let client = Client::new(&ClientConfig::new(
+            platform.url.clone(),
+            platform.auth.clone(),
+        ))?;
         let deployed =
             medes_workload::deploy(&client, &args.functions_dir, &manifest, &names).await;
         for d in &deployed {
@@ -280,6 +293,24 @@ async fn drive(
     let t0 = Instant::now();
     let end = t0 + total;
     let shared = Arc::new(Mutex::new(Shared::default()));
+    // SIGINT / SIGTERM end the run early (the report covers what ran; the platform is stopped).
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            match term {
+                Ok(mut term) => tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                },
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            stop.cancel();
+        });
+    }
     let bar = ProgressBar::new(total.as_secs());
     bar.set_style(
         ProgressStyle::with_template("cycle [{bar:30}] {elapsed_precise}/{len}s {msg}")
@@ -291,6 +322,7 @@ async fn drive(
     for (i, name) in names.iter().enumerate() {
         let spec = manifest.functions[name].clone();
         let (client, shared, name) = (client.clone(), shared.clone(), name.clone());
+        let stop = stop.clone();
         let mut rng = Rng(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
         let (idle, keep) = (args.idle_s as f64, args.keep_dedup_s as f64);
         drivers.push(tokio::spawn(async move {
@@ -300,8 +332,11 @@ async fn drive(
             let mut n = 1;
             loop {
                 for _ in 0..n {
-                    let (c, s, nm, sp) = (client.clone(), shared.clone(), name.clone(), spec.clone());
-                    calls.push(tokio::spawn(async move { one_call(&c, &nm, &sp, &s, t0).await }));
+                    let (c, s, nm, sp) =
+                        (client.clone(), shared.clone(), name.clone(), spec.clone());
+                    calls.push(tokio::spawn(
+                        async move { one_call(&c, &nm, &sp, &s, t0).await },
+                    ));
                 }
                 let Step::Invoke { gap_s, n: next_n } = next_step(&mut rng, idle, keep);
                 n = next_n;
@@ -310,19 +345,26 @@ async fn drive(
                     let _ = c.await;
                 }
                 let wake = Instant::now() + Duration::from_secs_f64(gap_s);
-                if wake >= end {
+                if wake >= end || stop.is_cancelled() {
                     break;
                 }
-                tokio::time::sleep_until(wake.into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    _ = stop.cancelled() => break,
+                }
             }
         }));
     }
 
     let mut memory = Vec::new();
+    let mut seen: BTreeMap<String, medes_core::ActionName> = BTreeMap::new();
     let sample_every = Duration::from_secs(args.sample_s.max(1));
     let mut next_sample = Instant::now();
     while Instant::now() < end {
         if Instant::now() >= next_sample {
+            for s in platform.controller.sandboxes() {
+                seen.insert(s.action.name.clone(), s.action);
+            }
             memory.push(sample(platform, t0));
             next_sample += sample_every;
         }
@@ -340,7 +382,10 @@ async fn drive(
             "{n} calls, {d} dedup starts, {f} failed, {fb} fallbacks, {} MB",
             memory.last().map_or(0.0, |s: &Sample| s.charged_mb).round()
         ));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => break,
+        }
     }
     for d in drivers {
         let _ = d.await;
@@ -348,16 +393,24 @@ async fn drive(
     memory.push(sample(platform, t0));
     bar.finish_and_clear();
     // Let the last checkpoints end, so the counters are final.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(60),
-        platform.controller.wait_settled(),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(60), platform.controller.wait_settled()).await;
 
     let st = platform.controller.dedup_stats();
     let agent = platform.agent().dedup_counters();
     let shared = std::mem::take(&mut *shared.lock());
-    let per_function = shared.per_function;
+    let mut per_function = shared.per_function;
+    for s in platform.controller.sandboxes() {
+        seen.insert(s.action.name.clone(), s.action);
+    }
+    for (name, c) in per_function.iter_mut() {
+        if let Some((b, measured)) = seen
+            .get(name)
+            .and_then(|a| platform.controller.restore_transient(a))
+        {
+            c.restore_transient_mb = Some((b.0 as f64 / 1e5).round() / 10.0);
+            c.restore_transient_measured = measured;
+        }
+    }
     let sum = |f: fn(&FnCounts) -> u64| per_function.values().map(f).sum::<u64>();
     let dedup_starts = sum(|c| c.dedup);
     let fallbacks_total: u64 = st.dedup_start_failures.values().sum();
@@ -377,7 +430,12 @@ async fn drive(
     let agent_side: u64 = st
         .dedup_start_failures
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "timeout" | "agent_unavailable" | "unexpected_reply"))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "timeout" | "agent_unavailable" | "unexpected_reply"
+            )
+        })
         .map(|(_, v)| v)
         .sum();
     if agent.restore_failures > agent_side {
@@ -403,7 +461,7 @@ async fn drive(
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     Ok(CycleReport {
-        minutes: args.minutes,
+        minutes: (t0.elapsed().as_secs_f64() / 60.0 * 10.0).round() / 10.0,
         idle_s: args.idle_s,
         keep_dedup_s: args.keep_dedup_s,
         seed: args.seed,
@@ -490,8 +548,7 @@ async fn one_call(
     if let Some(error) = problem {
         c.failures += 1;
         let lower = error.to_ascii_lowercase();
-        if kind.as_deref() == Some("dedup") || lower.contains("restor") || lower.contains("dedup")
-        {
+        if kind.as_deref() == Some("dedup") || lower.contains("restor") || lower.contains("dedup") {
             c.dedup_path_failures += 1;
         }
         if s.failures.len() < 20 {
@@ -547,8 +604,17 @@ fn pct(xs: &[f64], p: f64) -> f64 {
 fn print_report(r: &CycleReport) {
     let mut t = comfy_table::Table::new();
     t.set_header([
-        "function", "calls", "warm", "dedup", "cold", "failed", "warm p50", "dedup p50",
-        "dedup p99", "cold p50",
+        "function",
+        "calls",
+        "warm",
+        "dedup",
+        "cold",
+        "failed",
+        "warm p50",
+        "dedup p50",
+        "dedup p99",
+        "cold p50",
+        "m_R MB",
     ]);
     for (name, c) in &r.per_function {
         let p = |k: &str, q: f64| {
@@ -567,6 +633,11 @@ fn print_report(r: &CycleReport) {
             p("dedup", 50.0),
             p("dedup", 99.0),
             p("cold", 50.0),
+            match (c.restore_transient_mb, c.restore_transient_measured) {
+                (Some(m), true) => format!("{m:.1}"),
+                (Some(m), false) => format!("({m:.1})"),
+                (None, _) => "-".into(),
+            },
         ]);
     }
     println!("{t}");
@@ -584,7 +655,12 @@ fn print_report(r: &CycleReport) {
     );
     println!(
         "controller: {} bases, {} dedups, {} dedup starts; fallbacks {} {:?}; checkpoint failures {:?}",
-        r.bases, r.dedups, r.controller_dedup_starts, r.fallbacks_total, r.fallbacks, r.checkpoint_failures
+        r.bases,
+        r.dedups,
+        r.controller_dedup_starts,
+        r.fallbacks_total,
+        r.fallbacks,
+        r.checkpoint_failures
     );
     println!(
         "agent: {} dedups, {} reused, {} bases, {} retired, {} restores, {} restore failures, {} not deduplicable",
@@ -606,7 +682,15 @@ fn print_report(r: &CycleReport) {
         }
     );
     let mut m = comfy_table::Table::new();
-    m.set_header(["t s", "charged MB", "warm", "base", "dedup", "dedup MB", "base MB"]);
+    m.set_header([
+        "t s",
+        "charged MB",
+        "warm",
+        "base",
+        "dedup",
+        "dedup MB",
+        "base MB",
+    ]);
     let every = (r.memory.len() / 15).max(1);
     for s in r.memory.iter().step_by(every) {
         let n = |k: &str| s.sandboxes.get(k).copied().unwrap_or(0).to_string();
@@ -622,7 +706,10 @@ fn print_report(r: &CycleReport) {
         ]);
     }
     println!("{m}");
-    println!("peak charged {:.1} MB; load at end: {}", r.peak_charged_mb, r.load_at_end);
+    println!(
+        "peak charged {:.1} MB; load at end: {}",
+        r.peak_charged_mb, r.load_at_end
+    );
     for f in &r.first_failures {
         println!(
             "FAILED {} at {:.0} s ({}): {}",
@@ -641,12 +728,13 @@ mod tests {
     #[test]
     fn gaps_cover_every_start_kind() {
         let mut rng = Rng(7);
-        let (mut short, mut mid, mut long, mut burst) = (0, 0, 0, 0);
+        let (mut short, mut mid, mut long, mut concurrent) = (0, 0, 0, 0);
         for _ in 0..1000 {
             let Step::Invoke { gap_s, n } = next_step(&mut rng, 3.0, 40.0);
             if n > 1 {
-                burst += 1;
-            } else if gap_s < 3.0 {
+                concurrent += 1;
+            }
+            if gap_s < 3.0 {
                 short += 1;
             } else if gap_s < 40.0 {
                 mid += 1;
@@ -654,6 +742,9 @@ mod tests {
                 long += 1;
             }
         }
-        assert!(short > 250 && mid > 350 && long > 50 && burst > 50, "{short} {mid} {long} {burst}");
+        assert!(
+            short > 350 && mid > 380 && long > 60 && concurrent > 350,
+            "{short} {mid} {long} {concurrent}"
+        );
     }
 }
