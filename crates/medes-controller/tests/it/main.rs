@@ -495,3 +495,4 @@ async fn a_sandbox_with_a_tcp_socket_is_marked_not_deduplicable() {
     assert_eq!(p.ctl.force_decisions(None).await, 0);
     p.stop().await;
 }
+mod restart;
