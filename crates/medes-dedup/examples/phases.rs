@@ -83,7 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("kinds {k:?}");
         let mut k: Vec<_> = stats.kind_bytes.iter().collect();
         k.sort();
-        println!("bytes {k:?} rebased {}", stats.rebased);
+        println!(
+            "bytes {k:?} rebased {} predicted {}",
+            stats.rebased, stats.predicted
+        );
     }
     Ok(())
 }

@@ -136,7 +136,7 @@ impl Default for CodecConfig {
             zref_min_gain: 64,
             block_factor: 4,
             standalone: Standalone::Raw,
-            window_radius: 2,
+            window_radius: 1,
             patch_threshold: 2048,
             lz: true,
             zstd_above: 0,
@@ -501,6 +501,39 @@ impl Encoder {
             out.truncate(start);
         }
         self.standalone(target, cfg, out)
+    }
+
+    /// The cheap encodings only: `Same`, else an LZ patch (a sparse diff when `cfg.lz` is off)
+    /// of at most `limit` bytes, appended to `out`; `None` (and `out` unchanged) otherwise.
+    pub fn encode_cheap(
+        &mut self,
+        target: &Page,
+        base: &Page,
+        window: Option<(&[u8], usize)>,
+        cfg: &CodecConfig,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<PageKind> {
+        if target == base {
+            return Some(PageKind::Same);
+        }
+        let start = out.len();
+        let ok = if cfg.lz {
+            let (w, bo) = window.unwrap_or((&base[..], 0));
+            lz_encode(target, w, bo, &mut self.table, limit, out)
+        } else {
+            sparse_encode(target, base, limit, out)
+        };
+        if ok {
+            Some(if cfg.lz {
+                PageKind::Lz
+            } else {
+                PageKind::Sparse
+            })
+        } else {
+            out.truncate(start);
+            None
+        }
     }
 
     fn standalone(&mut self, target: &Page, cfg: &CodecConfig, out: &mut Vec<u8>) -> PageKind {

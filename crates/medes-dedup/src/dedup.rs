@@ -35,6 +35,12 @@ pub struct DedupConfig {
     pub local_node: NodeId,
     /// zstd level of the store's blocks (sparse diffs and raw pages of 256-page batches).
     pub block_level: i32,
+    /// Sequential prediction: a page whose predecessor was stored against base page `j` is
+    /// first encoded against base page `j + 1`, and that patch is kept without fingerprinting
+    /// or looking up when it is at most this many bytes (0: off). Consecutive pages of a
+    /// mapping usually match consecutive base pages.
+    #[serde(default)]
+    pub predict_below: usize,
 }
 
 impl Default for DedupConfig {
@@ -50,6 +56,7 @@ impl Default for DedupConfig {
             second_candidate_above: usize::MAX,
             local_node: NodeId(0),
             block_level: 3,
+            predict_below: 128,
         }
     }
 }
@@ -77,6 +84,8 @@ pub struct DedupStats {
     pub per_base: HashMap<u32, u64>,
     /// Pages that were rebased.
     pub rebased: u64,
+    /// Pages stored against the predicted base page (no fingerprint or lookup).
+    pub predicted: u64,
     /// Time fingerprinting (including rebasing).
     pub fingerprint: Duration,
     /// Time choosing base pages.
@@ -164,6 +173,8 @@ struct BlockOut {
     kind_bytes: [u64; 9],
     /// Nanoseconds (this thread) fingerprinting, choosing, encoding, compressing.
     ns: [u64; 4],
+    /// Pages stored against the predicted base page.
+    predicted: u64,
 }
 
 /// Per-thread state of a dedup.
@@ -241,6 +252,7 @@ fn dedup_block(
     let reader = registry.reader();
     let zero_page = [0u8; crate::PAGE];
     let radius = cfg.codec.window_radius;
+    let mut prev: Option<PageRef> = None;
     let mut clock = Instant::now();
     let mut lap = |ns: &mut [u64; 4], phase: usize| {
         let now = Instant::now();
@@ -265,6 +277,11 @@ fn dedup_block(
             )
         };
         if crate::fingerprint::is_zero(raw) {
+            // The chain of predictions goes on over zero pages.
+            prev = prev.map(|p| PageRef {
+                base: p.base,
+                page: p.page + 1,
+            });
             out.entries.push(entry(PageKind::Zero, false, None, 0));
             lap(&mut out.ns, 0);
             continue;
@@ -280,52 +297,82 @@ fn dedup_block(
             });
         let target: &crate::Page = if rebased { &w.canon } else { raw };
         let hash = if rebased { xxh3_64(target) } else { checksum };
-        // Exact duplicates need no sampled chunks.
-        let choice = match reader.exact(hash) {
-            Some(r) => {
-                lap(&mut out.ns, 0);
-                Some(Choice::Exact(r))
-            }
-            None => {
-                let fp = sample(target, &cfg.fingerprint, hash);
-                lap(&mut out.ns, 0);
-                reader.choose(&fp, positions.get(i).copied().unwrap_or(0), cfg.local_node)
-            }
-        };
-        lap(&mut out.ns, 1);
         w.data.clear();
-        let (kind, base) = match choice {
-            None => (
-                w.enc.encode(target, None, None, &cfg.codec, &mut w.data),
-                None,
-            ),
-            Some(c) => {
-                let r = c.page();
-                let (win, bo) = fetch(bases, r, radius, page)?;
-                let bp = base_page(&win, bo);
-                let wa = (radius > 0).then_some((&win[..], bo));
-                let mut kind = w.enc.encode(target, Some(bp), wa, &cfg.codec, &mut w.data);
-                let mut used = r;
-                if let Choice::Similar {
-                    second: Some(s), ..
-                } = c
-                    && cfg.second_candidate_above > 0
-                    && (w.data.len() > cfg.second_candidate_above || !kind.needs_base())
-                {
-                    let (win2, bo2) = fetch(bases, s, radius, page)?;
-                    let bp2 = base_page(&win2, bo2);
-                    let wa2 = (radius > 0).then_some((&win2[..], bo2));
-                    let mut d2 = Vec::new();
-                    let k2 = w.enc.encode(target, Some(bp2), wa2, &cfg.codec, &mut d2);
-                    if d2.len() < w.data.len() {
-                        w.data = d2;
-                        kind = k2;
-                        used = s;
-                    }
+        // Exact duplicates need no sampled chunks.
+        let exact = reader.exact(hash);
+        // Sequential prediction: the base page after the previous page's.
+        let mut predicted = None;
+        if exact.is_none()
+            && cfg.predict_below > 0
+            && let Some(p) = prev
+            && u64::from(p.page) + 1 < bases.n_pages(p.base).unwrap_or(0)
+        {
+            let r = PageRef {
+                base: p.base,
+                page: p.page + 1,
+            };
+            let (win, bo) = fetch(bases, r, radius, page)?;
+            let wa = (radius > 0).then_some((&win[..], bo));
+            predicted = w
+                .enc
+                .encode_cheap(
+                    target,
+                    base_page(&win, bo),
+                    wa,
+                    &cfg.codec,
+                    cfg.predict_below,
+                    &mut w.data,
+                )
+                .map(|k| (k, Some(r)));
+        }
+        let (kind, base) = if let Some(p) = predicted {
+            lap(&mut out.ns, 2);
+            out.predicted += 1;
+            p
+        } else {
+            let choice = match exact {
+                Some(r) => Some(Choice::Exact(r)),
+                None => {
+                    let fp = sample(target, &cfg.fingerprint, hash);
+                    lap(&mut out.ns, 0);
+                    reader.choose(&fp, positions.get(i).copied().unwrap_or(0), cfg.local_node)
                 }
-                (kind, kind.needs_base().then_some(used))
+            };
+            lap(&mut out.ns, 1);
+            match choice {
+                None => (
+                    w.enc.encode(target, None, None, &cfg.codec, &mut w.data),
+                    None,
+                ),
+                Some(c) => {
+                    let r = c.page();
+                    let (win, bo) = fetch(bases, r, radius, page)?;
+                    let bp = base_page(&win, bo);
+                    let wa = (radius > 0).then_some((&win[..], bo));
+                    let mut kind = w.enc.encode(target, Some(bp), wa, &cfg.codec, &mut w.data);
+                    let mut used = r;
+                    if let Choice::Similar {
+                        second: Some(s), ..
+                    } = c
+                        && cfg.second_candidate_above > 0
+                        && (w.data.len() > cfg.second_candidate_above || !kind.needs_base())
+                    {
+                        let (win2, bo2) = fetch(bases, s, radius, page)?;
+                        let bp2 = base_page(&win2, bo2);
+                        let wa2 = (radius > 0).then_some((&win2[..], bo2));
+                        let mut d2 = Vec::new();
+                        let k2 = w.enc.encode(target, Some(bp2), wa2, &cfg.codec, &mut d2);
+                        if d2.len() < w.data.len() {
+                            w.data = d2;
+                            kind = k2;
+                            used = s;
+                        }
+                    }
+                    (kind, kind.needs_base().then_some(used))
+                }
             }
         };
+        prev = base;
         out.kind_bytes[kind as usize] += w.data.len() as u64;
         if kind.in_block() {
             w.raw.extend_from_slice(&w.data);
@@ -407,6 +454,7 @@ pub fn dedup(
     let mut kinds = [0u64; 9];
     let mut kind_bytes = [0f64; 9];
     for o in outs {
+        stats.predicted += o.predicted;
         let mut block_raw = [0u64; 9];
         for (mut e, base) in o.entries {
             if let Some(id) = base {

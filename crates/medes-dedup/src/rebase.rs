@@ -70,6 +70,11 @@ fn kind_of(status: u32, flags: u32) -> &'static str {
     }
 }
 
+/// Slots of the per-page lookup cache of [`MappingTable::rebase`].
+const CACHE_SLOTS: usize = 64;
+/// (64 KiB granule + 1, mapping index) per slot.
+type FindCache = [(u64, u32); CACHE_SLOTS];
+
 impl MappingTable {
     /// Builds the table of a process from its mm image and the names of `files.img`'s regular
     /// files (by file id).
@@ -149,8 +154,8 @@ impl MappingTable {
     /// A key naming "page `n` of mapping `m`" that is equal across dumps for matched mappings
     /// (0 if `vaddr` is in no mapping): the base page at the same place is a good candidate.
     pub fn position_key(&self, vaddr: u64) -> u64 {
-        let mut hint = [usize::MAX; 4];
-        match self.find(vaddr, &mut hint) {
+        let mut cache = [(0, 0); CACHE_SLOTS];
+        match self.find(vaddr, &mut cache) {
             Some(i) => {
                 let page = (vaddr - self.starts[i]) / crate::PAGE as u64;
                 let k = self.keys[i] ^ page.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -161,10 +166,15 @@ impl MappingTable {
     }
 
     #[inline]
-    fn find(&self, w: u64, hint: &mut [usize; 4]) -> Option<usize> {
-        for &h in hint.iter() {
-            if h < self.starts.len() && w >= self.starts[h] && w < self.ends[h] {
-                return Some(h);
+    fn find(&self, w: u64, cache: &mut FindCache) -> Option<usize> {
+        // Direct-mapped cache of 64 KiB granules: pointers of a page cluster in a few places.
+        let g = w >> 16;
+        let slot = (g as usize) & (CACHE_SLOTS - 1);
+        let (tag, idx) = cache[slot];
+        if tag == g + 1 {
+            let i = idx as usize;
+            if w >= self.starts[i] && w < self.ends[i] {
+                return Some(i);
             }
         }
         let i = self.starts.partition_point(|&s| s <= w);
@@ -173,8 +183,7 @@ impl MappingTable {
         }
         let i = i - 1;
         if w < self.ends[i] {
-            hint.rotate_right(1);
-            hint[0] = i;
+            cache[slot] = (g + 1, i as u32);
             Some(i)
         } else {
             None
@@ -185,7 +194,7 @@ impl MappingTable {
     /// `None` if `src` holds a word that looks like a token (the page must then be stored
     /// without rebasing).
     pub fn rebase(&self, src: &Page, dst: &mut Page) -> Option<usize> {
-        let mut hint = [usize::MAX; 4];
+        let mut cache = [(0, 0); CACHE_SLOTS];
         let mut n = 0;
         let (src_words, _) = src.as_chunks::<8>();
         let (dst_words, _) = dst.as_chunks_mut::<8>();
@@ -198,7 +207,7 @@ impl MappingTable {
             if w >= self.lo
                 && w < self.hi
                 && self.gb_map[(w >> 36) as usize] & (1 << ((w >> 30) % 64)) != 0
-                && let Some(i) = self.find(w, &mut hint)
+                && let Some(i) = self.find(w, &mut cache)
             {
                 let off = w - self.starts[i];
                 if off < 1 << 32 {
