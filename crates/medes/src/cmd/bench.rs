@@ -117,6 +117,11 @@ struct FunctionRow {
     dedup_ms_p99: Option<f64>,
     /// The agent's `Restore` command (store → restored runtime answering), p50, ms.
     dedup_agent_ms_p50: Option<f64>,
+    /// Time inside `main` of the dedup-start invocations, p50, ms (dedup start without the run
+    /// = `dedup_ms_p50` − this).
+    dedup_main_ms_p50: Option<f64>,
+    /// m_R: memory a dedup start held transiently (rebuilt images on tmpfs + CRIU), p50, MB.
+    restore_transient_mb_p50: Option<f64>,
     /// Plain CRIU restore (until the runtime answered) from the full image on tmpfs: the floor.
     criu_restore_ms_p50: Option<f64>,
     /// Plain CRIU restore and its first run, p50, ms.
@@ -374,6 +379,8 @@ async fn measure(
             dedup_ms_p50: p50(|d| &d.start),
             dedup_ms_p99: d.as_ref().map(|d| pct(&d.start, 99.0)),
             dedup_agent_ms_p50: p50(|d| &d.agent),
+            dedup_main_ms_p50: p50(|d| &d.main),
+            restore_transient_mb_p50: p50(|d| &d.transient_mb),
             criu_restore_ms_p50: p50(|d| &d.plain),
             criu_restore_run_ms_p50: p50(|d| &d.plain_run),
             page_image_mb: d.as_ref().map(|d| round3(d.page_image_mb)),
@@ -434,6 +441,8 @@ struct DedupCtx {
 struct DedupFigures {
     start: Vec<f64>,
     agent: Vec<f64>,
+    main: Vec<f64>,
+    transient_mb: Vec<f64>,
     plain: Vec<f64>,
     plain_run: Vec<f64>,
     read_base: Vec<f64>,
@@ -450,11 +459,7 @@ fn round3(x: f64) -> f64 {
 }
 
 /// The controller's view of the sandboxes of `name@version`.
-fn sandboxes_of(
-    ctl: &Controller,
-    name: &str,
-    version: &str,
-) -> Vec<medes_controller::SandboxInfo> {
+fn sandboxes_of(ctl: &Controller, name: &str, version: &str) -> Vec<medes_controller::SandboxInfo> {
     ctl.sandboxes()
         .into_iter()
         .filter(|s| s.action.name == name && s.version == version)
@@ -575,6 +580,8 @@ async fn measure_dedup(
                 .context("no dedup start breakdown")?;
             out.start.push(ms);
             out.agent.push(r.total_ms);
+            out.main.push(main_ms(&rec));
+            out.transient_mb.push(r.transient_bytes as f64 / 1e6);
             out.read_base.push(r.read_base_ms);
             out.rebuild.push(r.rebuild_ms);
             out.restore.push(r.restore_ms);

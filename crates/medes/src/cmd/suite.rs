@@ -256,7 +256,10 @@ impl Idle {
 
     /// Runs the idle decision of `name`'s sandboxes now; returns the states of its sandboxes.
     async fn decide(&self, name: &str) -> anyhow::Result<Vec<String>> {
-        let url = format!("{}/api/v1/namespaces/_/actions/{name}/medes/idle", self.base);
+        let url = format!(
+            "{}/api/v1/namespaces/_/actions/{name}/medes/idle",
+            self.base
+        );
         let resp = self
             .http
             .post(&url)
@@ -322,10 +325,7 @@ async fn dedup_round(
 ) {
     let name = r.name.clone();
     let pair = || async {
-        let (a, b) = tokio::join!(
-            call(client, &name, spec),
-            call(client, &name, spec)
-        );
+        let (a, b) = tokio::join!(call(client, &name, spec), call(client, &name, spec));
         [a, b]
     };
     // Two sandboxes (a base and a dedup sandbox to be).
@@ -368,11 +368,7 @@ fn print_dedup(reports: &[RunReport]) {
     t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
     t.set_header(["function", "ok", "dedup starts", "dedup ms", "start kinds"]);
     for r in reports {
-        let dedup: Vec<&CallReport> = r
-            .calls
-            .iter()
-            .filter(|c| c.start_kind == "dedup")
-            .collect();
+        let dedup: Vec<&CallReport> = r.calls.iter().filter(|c| c.start_kind == "dedup").collect();
         let ok = dedup.iter().all(|c| c.problems.is_empty()) && !dedup.is_empty() && r.passed();
         t.add_row([
             r.name.clone(),
