@@ -28,6 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(v) = env("GOOD") {
         cfg.codec.sparse_good_enough = v as usize;
     }
+    if let Some(v) = env("PRED") {
+        cfg.predict_below = v as usize;
+    }
     if let Some(v) = env("MB") {
         cfg.fingerprint.mask_bits = v as u32;
     }

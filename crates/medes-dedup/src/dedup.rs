@@ -56,7 +56,7 @@ impl Default for DedupConfig {
             second_candidate_above: usize::MAX,
             local_node: NodeId(0),
             block_level: 3,
-            predict_below: 128,
+            predict_below: 2048,
         }
     }
 }
@@ -302,6 +302,7 @@ fn dedup_block(
         let exact = reader.exact(hash);
         // Sequential prediction: the base page after the previous page's.
         let mut predicted = None;
+        let mut tried = None;
         if exact.is_none()
             && cfg.predict_below > 0
             && let Some(p) = prev
@@ -311,6 +312,7 @@ fn dedup_block(
                 base: p.base,
                 page: p.page + 1,
             };
+            tried = Some(r);
             let (win, bo) = fetch(bases, r, radius, page)?;
             let wa = (radius > 0).then_some((&win[..], bo));
             predicted = w
@@ -345,34 +347,65 @@ fn dedup_block(
                     None,
                 ),
                 Some(c) => {
-                    let r = c.page();
-                    let (win, bo) = fetch(bases, r, radius, page)?;
-                    let bp = base_page(&win, bo);
-                    let wa = (radius > 0).then_some((&win[..], bo));
-                    let mut kind = w.enc.encode(target, Some(bp), wa, &cfg.codec, &mut w.data);
-                    let mut used = r;
+                    // A candidate the prediction already failed with fails again.
+                    let failed = |r: PageRef| {
+                        tried == Some(r)
+                            && cfg.predict_below >= cfg.codec.patch_threshold.min(crate::PAGE)
+                            && !cfg.codec.zstd_ref
+                    };
+                    let first = c.page();
+                    let (mut kind, mut used, mut have) = (PageKind::Raw, first, false);
+                    if !failed(first) {
+                        let (win, bo) = fetch(bases, first, radius, page)?;
+                        let wa = (radius > 0).then_some((&win[..], bo));
+                        kind = w.enc.encode(
+                            target,
+                            Some(base_page(&win, bo)),
+                            wa,
+                            &cfg.codec,
+                            &mut w.data,
+                        );
+                        have = true;
+                    }
                     if let Choice::Similar {
                         second: Some(s), ..
                     } = c
                         && cfg.second_candidate_above > 0
-                        && (w.data.len() > cfg.second_candidate_above || !kind.needs_base())
+                        && (!have
+                            || w.data.len() > cfg.second_candidate_above
+                            || !kind.needs_base())
+                        && !failed(s)
                     {
                         let (win2, bo2) = fetch(bases, s, radius, page)?;
-                        let bp2 = base_page(&win2, bo2);
                         let wa2 = (radius > 0).then_some((&win2[..], bo2));
                         let mut d2 = Vec::new();
-                        let k2 = w.enc.encode(target, Some(bp2), wa2, &cfg.codec, &mut d2);
-                        if d2.len() < w.data.len() {
+                        let k2 = w.enc.encode(
+                            target,
+                            Some(base_page(&win2, bo2)),
+                            wa2,
+                            &cfg.codec,
+                            &mut d2,
+                        );
+                        if !have || d2.len() < w.data.len() {
                             w.data = d2;
                             kind = k2;
                             used = s;
+                            have = true;
                         }
+                    }
+                    if !have {
+                        w.data.clear();
+                        kind = w.enc.encode(target, None, None, &cfg.codec, &mut w.data);
                     }
                     (kind, kind.needs_base().then_some(used))
                 }
             }
         };
-        prev = base;
+        // The chain of predictions goes on over pages without a base.
+        prev = base.or(prev.map(|p| PageRef {
+            base: p.base,
+            page: p.page + 1,
+        }));
         out.kind_bytes[kind as usize] += w.data.len() as u64;
         if kind.in_block() {
             w.raw.extend_from_slice(&w.data);
