@@ -78,6 +78,8 @@ impl Platform {
         let auth = key.auth_string();
         write_auth_file(&cfg.data_dir, &auth)?;
 
+        // The recorder first: the controller registers metric handles from `reconcile` on.
+        let _ = metrics_handle();
         let agent = Agent::new(cfg.agent.clone()).context("starting the node agent")?;
         let node: Arc<dyn NodeAgent> = Arc::new(agent.clone());
         let controller = Controller::new(
