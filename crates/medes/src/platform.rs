@@ -109,6 +109,7 @@ impl Platform {
             invoker: controller.clone(),
             metrics: metrics_handle(),
             config: cfg.api.clone(),
+            policy: Some(controller.clone()),
         };
         let token = shutdown.clone();
         let api = tokio::spawn(medes_api::serve(listener, state, async move {
@@ -120,7 +121,6 @@ impl Platform {
             url,
             auth,
             data_dir: cfg.data_dir.clone(),
-            policy: Some(controller.clone()),
             controller,
             agent,
             store,
