@@ -91,7 +91,15 @@ pub(crate) fn prepare(root: &Path, data_dir: &Path) -> io::Result<PathBuf> {
         let stale = if n.starts_with('a') {
             true
         } else if n.starts_with('d') {
-            fs::read_to_string(p.join(DATA_DIR)).map_or(true, |d| !Path::new(d.trim()).exists())
+            match fs::read_to_string(p.join(DATA_DIR)) {
+                Ok(d) => !Path::new(d.trim()).exists(),
+                // Not written yet (an agent starting right now) or left half made long ago.
+                Err(_) => fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(60)),
+            }
         } else {
             false
         };
@@ -108,6 +116,10 @@ pub(crate) fn prepare(root: &Path, data_dir: &Path) -> io::Result<PathBuf> {
     {
         return Err(in_use(&dir, pid));
     }
+    fs::create_dir_all(&dir)?;
+    let canon = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    fs::write(dir.join(OWNER), owner_tag(me).unwrap_or_default())?;
+    fs::write(dir.join(DATA_DIR), canon.as_os_str().as_bytes())?;
     for sub in SCRATCH {
         let _ = fs::remove_dir_all(dir.join(sub));
         fs::create_dir_all(dir.join(sub))?;
@@ -115,9 +127,6 @@ pub(crate) fn prepare(root: &Path, data_dir: &Path) -> io::Result<PathBuf> {
     for sub in KEPT {
         fs::create_dir_all(dir.join(sub))?;
     }
-    let canon = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    fs::write(dir.join(DATA_DIR), canon.as_os_str().as_bytes())?;
-    fs::write(dir.join(OWNER), owner_tag(me).unwrap_or_default())?;
     Ok(dir)
 }
 
