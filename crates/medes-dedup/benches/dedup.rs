@@ -66,31 +66,36 @@ fn benches(c: &mut Criterion) {
     bases.insert(BaseId(0), base);
     bases.materialize();
     let choices = registry.choose_batch(&fps, target.positions(), NodeId(0));
-    // Similar pages with their base pages, both canonical.
-    let pairs: Vec<(Page, Page)> = (0..n)
+    let radius = cfg.codec.window_radius;
+    // Similar pages with their base pages' windows (canonical), every fifth.
+    let pairs: Vec<(Page, Vec<u8>, usize)> = (0..n)
         .filter_map(|i| {
             let Some(Choice::Similar { best, .. }) = choices[i as usize] else {
                 return None;
             };
             let (t, _) = target.canonical_page(i, true)?;
-            let b = bases.page(best.base, u64::from(best.page)).ok()?;
-            Some((*t, *b))
+            let idx = u64::from(best.page);
+            let (start, _) = image::window_range(idx, radius, bases.n_pages(best.base).ok()?);
+            let w = bases.window(best.base, idx, radius).ok()?.into_owned();
+            Some((*t, w, (idx - start) as usize * PAGE))
         })
         .step_by(5)
         .collect();
     g.throughput(Throughput::Bytes((pairs.len() * PAGE) as u64));
     for (name, codec) in [
-        ("sparse+zstdref", CodecConfig::default()),
+        ("lz", CodecConfig::default()),
         (
-            "sparse_only",
+            "sparse",
             CodecConfig {
-                zstd_ref: false,
+                lz: false,
                 ..CodecConfig::default()
             },
         ),
         (
-            "zstdref_always",
+            "zstd_window",
             CodecConfig {
+                lz: false,
+                zstd_ref: true,
                 sparse_good_enough: 0,
                 zref_min_gain: 0,
                 ..CodecConfig::default()
@@ -98,25 +103,30 @@ fn benches(c: &mut Criterion) {
         ),
     ] {
         let mut enc = Encoder::default();
+        fn base_of(w: &[u8], bo: usize) -> &Page {
+            w[bo..bo + PAGE].try_into().unwrap()
+        }
         let encoded: Vec<(PageKind, Vec<u8>)> = pairs
             .iter()
-            .map(|(t, b)| {
+            .map(|(t, w, bo)| {
                 let mut d = Vec::new();
-                (enc.encode(t, Some(b), None, &codec, &mut d), d)
+                let b = base_of(w, *bo);
+                (enc.encode(t, Some(b), Some((w, *bo)), &codec, &mut d), d)
             })
             .collect();
         let bytes: usize = encoded.iter().map(|e| e.1.len()).sum();
         eprintln!(
-            "{name}: {} similar pages, mean {:.0} B/page",
+            "{name}: {} similar pages, mean {:.0} B/page before block compression",
             pairs.len(),
             bytes as f64 / pairs.len() as f64
         );
         g.bench_function(format!("encode_{name}"), |b| {
             let mut d = Vec::with_capacity(2 * PAGE);
             b.iter(|| {
-                for (t, bp) in &pairs {
+                for (t, w, bo) in &pairs {
                     d.clear();
-                    black_box(enc.encode(t, Some(bp), None, &codec, &mut d));
+                    let bp = base_of(w, *bo);
+                    black_box(enc.encode(t, Some(bp), Some((w, *bo)), &codec, &mut d));
                 }
             })
         });
@@ -124,8 +134,9 @@ fn benches(c: &mut Criterion) {
             let mut dec = Decoder::default();
             let mut out = [0u8; PAGE];
             b.iter(|| {
-                for ((k, d), (_, bp)) in encoded.iter().zip(&pairs) {
-                    dec.decode(*k, d, Some(bp), None, &mut out).unwrap();
+                for ((k, d), (_, w, bo)) in encoded.iter().zip(&pairs) {
+                    let bp = base_of(w, *bo);
+                    dec.decode(*k, d, Some(bp), Some(w), &mut out).unwrap();
                     black_box(&out);
                 }
             })

@@ -385,7 +385,15 @@ pub fn lz_decode(data: &[u8], w: &[u8], out: &mut Page) -> Result<(), DecodePage
             .filter(|&e| e <= PAGE)
             .ok_or(bad.clone())?;
         let src = data.get(at..at + lit).ok_or(bad.clone())?;
-        out[pos..end].copy_from_slice(src);
+        let dst = &mut out[pos..end];
+        if lit <= 16 {
+            // Most literals are a few bytes: a call to memcpy costs more than the copy.
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = *s;
+            }
+        } else {
+            dst.copy_from_slice(src);
+        }
         at += lit;
         pos = end;
         if pos == PAGE {

@@ -237,6 +237,36 @@ impl MappingTable {
     /// Branch-free per word (a third of a page's words are tokens, in no predictable pattern):
     /// non-token words look up slot 0 and keep their value.
     pub fn unrebase(&self, page: &mut Page) -> Result<(), UnknownMapping> {
+        let mut bad = false;
+        let (words, _) = page.as_chunks_mut::<8>();
+        // Two passes: a bitmap of the token words (simple compares the compiler vectorises),
+        // then a lookup for each token only.
+        for group in words.chunks_exact_mut(64) {
+            let mut m = 0u64;
+            for (j, d) in group.iter().enumerate() {
+                m |= u64::from(u64::from_le_bytes(*d) >> 48 == TAG) << j;
+            }
+            while m != 0 {
+                let j = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let d = &mut group[j];
+                let w = u64::from_le_bytes(*d);
+                let start = self.by_id[((w >> 32) & 0xFFFF) as usize];
+                bad |= start == EMPTY;
+                *d = start.wrapping_add(w & 0xFFFF_FFFF).to_le_bytes();
+            }
+        }
+        if bad {
+            return Err(UnknownMapping {
+                id: self.first_unknown(page),
+            });
+        }
+        Ok(())
+    }
+
+    /// The previous, branch-free form of [`MappingTable::unrebase`] (kept for comparison).
+    #[doc(hidden)]
+    pub fn unrebase_branchless(&self, page: &mut Page) -> Result<(), UnknownMapping> {
         let mut bad = 0u64;
         let (words, _) = page.as_chunks_mut::<8>();
         for d in words {
