@@ -134,6 +134,9 @@ struct FunctionRow {
     /// excluded, MB.
     dedup_mb: Option<f64>,
     dedup_breakdown_ms: Option<Breakdown>,
+    /// Why the dedup figures are missing (the other functions are still measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dedup_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -359,12 +362,17 @@ async fn measure(
             }
             bar.inc(1);
         }
+        let mut dedup_error = None;
         let d = match ctx {
-            Some(ctx) => Some(
-                measure_dedup(ctx, client, t, runs, &bar)
-                    .await
-                    .with_context(|| format!("dedup starts of {}", t.name))?,
-            ),
+            Some(ctx) => match measure_dedup(ctx, client, t, runs, &bar).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    bar.suspend(|| eprintln!("{}: dedup starts not measured: {msg}", t.name));
+                    dedup_error = Some(msg);
+                    None
+                }
+            },
             None => None,
         };
         let p50 = |f: fn(&DedupFigures) -> &Vec<f64>| d.as_ref().map(|d| pct(f(d), 50.0));
@@ -392,6 +400,7 @@ async fn measure(
                 restore: pct(&d.restore, 50.0),
                 first_response: pct(&d.first_response, 50.0),
             }),
+            dedup_error,
         });
     }
     bar.finish_and_clear();
@@ -783,7 +792,20 @@ fn print_table(r: &StartupReport) {
 
 #[cfg(test)]
 mod tests {
-    use super::pct;
+    use super::{code_dir, pct};
+    use medes_core::{ActionName, Namespace};
+
+    #[test]
+    fn code_dir_follows_the_agent_layout() {
+        let a = ActionName {
+            namespace: Namespace("guest".into()),
+            name: "pkg/fn".into(),
+        };
+        assert_eq!(
+            code_dir("/d".as_ref(), &a, "0.0.3"),
+            std::path::PathBuf::from("/d/code/guest/pkg/fn/0.0.3")
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
