@@ -565,6 +565,7 @@ async fn measure_dedup(
         version: &version,
         main: t.spec.exec.main.clone().unwrap_or_else(|| "main".into()),
         params: &t.params,
+        memory_mb: t.spec.limits.memory,
     };
     let r = async {
         out.page_image_mb = plain.checkpoint(&plain_dir).await? as f64 / 1e6;
@@ -619,6 +620,8 @@ struct Plain<'a> {
     version: &'a str,
     main: String,
     params: &'a Map<String, Value>,
+    /// The action's memory limit, MiB.
+    memory_mb: u64,
 }
 
 impl Plain<'_> {
@@ -634,7 +637,7 @@ impl Plain<'_> {
         SandboxSpec {
             id: SandboxId(format!("bp{}-{n}", std::process::id())),
             code_dir: self.code.to_path_buf(),
-            memory_limit: medes_core::Bytes::mib(1024),
+            memory_limit: medes_core::Bytes::mib(self.memory_mb),
             env,
         }
     }
