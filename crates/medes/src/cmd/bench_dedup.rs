@@ -41,6 +41,9 @@ pub struct DedupArgs {
     /// only (to show what alignment-tolerant patches are worth).
     #[arg(long)]
     no_lz: bool,
+    /// Turn sequential base-page prediction off (every page fingerprinted and looked up).
+    #[arg(long)]
+    no_predict: bool,
     /// Window radius of the LZ patches in base pages (0: the base page only).
     #[arg(long)]
     window: Option<u64>,
@@ -155,6 +158,9 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
     dcfg.positional = args.positional;
     dcfg.codec.lz = !args.no_lz;
     dcfg.codec.zstd_ref = args.zstd_patches;
+    if args.no_predict {
+        dcfg.predict_below = 0;
+    }
     if let Some(w) = args.window {
         dcfg.codec.window_radius = w;
     }
