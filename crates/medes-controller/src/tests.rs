@@ -993,6 +993,34 @@ async fn a_dedup_start_restores_then_runs_and_the_sandbox_is_warm_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_bases_serve_off_an_idle_base_is_passed_over() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        memory_refresh_ms: 1_000,
+        bases_serve: false,
+        ..Default::default()
+    });
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    assert_eq!(ctl.force_decisions(Some(&a.name)).await, 2);
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    // The base is idle, yet the request restores the dedup sandbox.
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup);
+    assert_eq!(forms(&ctl), "base,warm");
+    // A plain warm sandbox still serves; with it busy, a cold start rather than the base.
+    let warm = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(warm.start_kind, StartKind::Warm);
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cold = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(cold.start_kind, StartKind::Cold);
+    assert_eq!(busy.await.unwrap().start_kind, StartKind::Warm);
+    assert_eq!(fake.commands("spawn"), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_dedup_start_falls_back_to_a_cold_start() {
     let (ctl, fake) = setup(2048);
     let a = action("a", "1", 256, 1);
