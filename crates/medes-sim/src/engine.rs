@@ -30,6 +30,10 @@ pub struct ClusterConfig {
     pub admit_fraction: f64,
     /// Concurrent dedup starts per node (10).
     pub max_restores_per_node: usize,
+    /// Whether an idle base whose node holds no dedup sandbox may be evicted, as the live
+    /// controller does. The prototype never evicts bases (`false`, the paper's setup).
+    #[serde(default)]
+    pub evict_idle_bases: bool,
 }
 
 impl ClusterConfig {
@@ -40,6 +44,7 @@ impl ClusterConfig {
             node_mb: pool_gb * 1000.0 / 19.0,
             admit_fraction: 0.95,
             max_restores_per_node: 10,
+            evict_idle_bases: false,
         }
     }
 
@@ -256,10 +261,10 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
             .get(n)
             .ok_or_else(|| SimError::UnknownFunction(n.clone()))?;
         let cap = c.node_mb * c.admit_fraction;
-        if p.warm_mb > cap {
+        if p.start_reserve_mb() > cap {
             return Err(SimError::DoesNotFit {
                 function: n.clone(),
-                need_mb: p.warm_mb,
+                need_mb: p.start_reserve_mb(),
                 cap_mb: cap,
             });
         }
@@ -527,7 +532,7 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             prewarm_until,
         });
         self.set(s, St::Starting, false);
-        let m = self.prof[f].warm_mb;
+        let m = self.prof[f].start_reserve_mb();
         self.charge(s, m);
         self.live[f].push(s);
         s
@@ -539,7 +544,16 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
 
     fn evictable(&self, s: usize) -> bool {
         let sb = &self.sbs[s];
-        !sb.base && matches!(sb.st, St::Warm | St::Dedup)
+        if sb.base {
+            // Like the live controller: an idle base nothing on its node depends on.
+            return self.cfg.cluster.evict_idle_bases
+                && sb.st == St::Warm
+                && !self.live.iter().flatten().any(|&o| {
+                    self.sbs[o].node == sb.node
+                        && matches!(self.sbs[o].st, St::Dedup | St::Deduping | St::Restoring)
+                });
+        }
+        matches!(sb.st, St::Warm | St::Dedup)
     }
 
     /// Idle evictable sandboxes (optionally of one node), in the policy's eviction order.
@@ -595,7 +609,7 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
 
     /// A node for a new sandbox of `f`, evicting if `evict`; `None` if there is none.
     fn place(&mut self, f: usize, evict: bool) -> Option<usize> {
-        let need = self.prof[f].warm_mb;
+        let need = self.prof[f].start_reserve_mb();
         let cap = self.admit_cap();
         // The node with the most free memory (the paper's rule).
         let best = self
@@ -753,6 +767,8 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             }
             St::Starting => match sb.prewarm_until {
                 Some(until) => {
+                    let m = self.prof[sb.f].warm_mb;
+                    self.charge(s, m);
                     self.sbs[s].idle_since = self.now;
                     self.sbs[s].deadline = Some(until);
                     self.set(s, St::Warm, false);
@@ -767,6 +783,12 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
     fn finish(&mut self, s: usize) {
         self.done += 1;
         let (f, base) = (self.sbs[s].f, self.sbs[s].base);
+        // A cold start's reservation beyond m_W ends with its first invocation.
+        let released = !base && self.sbs[s].mem > self.prof[f].warm_mb;
+        if released {
+            let m = self.prof[f].warm_mb;
+            self.charge(s, m);
+        }
         let after = self.policy.on_finish(f, Timestamp(self.now));
         {
             let sb = &mut self.sbs[s];

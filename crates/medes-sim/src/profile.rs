@@ -31,6 +31,22 @@ pub struct FunctionProfile {
     pub base_extra_mb: f64,
     /// Duration of the dedup operation (checkpoint, fingerprint, patch), ms.
     pub dedup_op_ms: f64,
+    /// Memory a cold start reserves until its first invocation ends, MB, if more than m_W (the
+    /// live controller admits a new sandbox with its memory limit until it is measured);
+    /// 0: m_W.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_mb: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+impl FunctionProfile {
+    /// What a cold start reserves, MB.
+    pub fn start_reserve_mb(&self) -> f64 {
+        self.warm_mb.max(self.start_mb)
+    }
 }
 
 /// A cost profile for a set of functions.
@@ -133,6 +149,7 @@ impl Profile {
                         restore_mb: mw,
                         base_extra_mb: mw,
                         dedup_op_ms: op.round(),
+                        start_mb: 0.0,
                     },
                 )
             })
@@ -164,6 +181,7 @@ impl Profile {
                 ("restore_mb", f.restore_mb),
                 ("base_extra_mb", f.base_extra_mb),
                 ("dedup_op_ms", f.dedup_op_ms),
+                ("start_mb", f.start_mb),
             ] {
                 if !(v.is_finite() && v >= 0.0) {
                     return Err(bad(field, v));
@@ -276,8 +294,9 @@ impl Profile {
     /// A measured profile from `medes bench startup --json` output and (optionally) `medes bench
     /// dedup --json` output. Values the measurements lack come from `fallback` (normally
     /// [`Profile::paper`]) for functions it knows:
-    /// - exec = `main_ms_p50`, cold = `cold_ms_p50`, warm = `warm_ms_p50`;
-    /// - dedup start = `dedup_ms_p50` if present, else the fallback's;
+    /// - exec = `main_ms_p50`; cold = `cold_ms_p50` − exec, warm = `warm_ms_p50` − exec (the
+    ///   bench's figures are whole invocations at the client; the simulator adds exec);
+    /// - dedup start = `dedup_ms_p50` − exec if present, else the fallback's;
     /// - m_W = `warm_mb` if present, else the dedup bench's `image_mb`, else the fallback's;
     /// - m_D = `dedup_mb` if present, else m_W × `stored_mb`/`image_mb` (the measured saving
     ///   ratio applied to m_W), else the fallback's saving ratio;
@@ -312,15 +331,20 @@ impl Profile {
                 .unwrap_or(1.0)
                 .clamp(0.0, 1.0);
             let dedup_mb = row.dedup_mb.unwrap_or(warm_mb * ratio).min(warm_mb);
+            // The bench's latencies are whole invocations seen by the client; the simulator
+            // adds the execution time to a start latency, so it is taken out here.
+            let exec = row.main_ms_p50.max(0.0);
+            let start = |client_ms: f64| (client_ms - exec).max(0.0);
             let p = FunctionProfile {
-                exec_ms: row.main_ms_p50,
+                exec_ms: exec,
                 exec_cv: 0.0,
-                cold_ms: row.cold_ms_p50,
-                warm_ms: row.warm_ms_p50,
+                cold_ms: start(row.cold_ms_p50),
+                warm_ms: start(row.warm_ms_p50),
                 dedup_ms: row
                     .dedup_ms_p50
+                    .map(start)
                     .or(fb.map(|f| f.dedup_ms))
-                    .unwrap_or(row.cold_ms_p50),
+                    .unwrap_or(start(row.cold_ms_p50)),
                 warm_mb,
                 dedup_mb,
                 restore_mb: warm_mb,
@@ -329,6 +353,7 @@ impl Profile {
                     .and_then(|r| r.dedup_ms)
                     .or(fb.map(|f| f.dedup_op_ms))
                     .unwrap_or(2000.0),
+                start_mb: 0.0,
             };
             functions.insert(row.name, p);
         }
@@ -368,7 +393,7 @@ mod tests {
         std::fs::write(
             &s,
             r#"{"warm_overhead_ms_p50": 1, "functions": [
-                {"name": "linalg", "cold_ms_p50": 900, "warm_ms_p50": 4, "main_ms_p50": 120},
+                {"name": "linalg", "cold_ms_p50": 900, "warm_ms_p50": 124, "main_ms_p50": 120},
                 {"name": "new", "cold_ms_p50": 500, "warm_ms_p50": 3, "main_ms_p50": 10, "warm_mb": 40, "dedup_ms_p50": 90}
             ]}"#,
         )
@@ -380,12 +405,12 @@ mod tests {
         .unwrap();
         let p = Profile::from_bench(&s, Some(&d), &Profile::paper()).unwrap();
         let l = &p.functions["linalg"];
-        assert_eq!((l.exec_ms, l.cold_ms, l.warm_ms), (120.0, 900.0, 4.0));
+        assert_eq!((l.exec_ms, l.cold_ms, l.warm_ms), (120.0, 780.0, 4.0));
         assert_eq!(l.warm_mb, 50.0);
         assert!((l.dedup_mb - 10.0).abs() < 1e-9);
         assert_eq!(l.dedup_ms, 157.0); // from the paper
         let n = &p.functions["new"];
-        assert_eq!((n.warm_mb, n.dedup_mb, n.dedup_ms), (40.0, 40.0, 90.0));
+        assert_eq!((n.warm_mb, n.dedup_mb, n.dedup_ms), (40.0, 40.0, 80.0));
         std::fs::write(&s, "{\"functions\": [{\"name\": 1}]}").unwrap();
         assert!(matches!(
             Profile::from_bench(&s, None, &Profile::paper()),

@@ -42,6 +42,9 @@ pub enum PolicySpec {
         dedup_at_keep_alive: bool,
         /// `-pw-<x>`: deduplicate idle sandboxes of nodes fuller than x of their budget.
         pressure_watermark: Option<f64>,
+        /// `-hold-<x>`: memory mode, no timer purges while the cluster is below x of its
+        /// budget.
+        hold_below: Option<f64>,
     },
 }
 
@@ -107,6 +110,7 @@ impl FromStr for PolicySpec {
         let mut kd = 15.0;
         let mut dka = false;
         let mut pw = None;
+        let mut hold = None;
         let parts: Vec<&str> = rest.split('-').filter(|p| !p.is_empty()).collect();
         let mut i = 0;
         while i < parts.len() {
@@ -143,6 +147,16 @@ impl FromStr for PolicySpec {
                     i += 1;
                 }
                 "dka" => dka = true,
+                "hold" => {
+                    hold = Some(
+                        parts
+                            .get(i + 1)
+                            .and_then(|a| a.parse::<f64>().ok())
+                            .filter(|a| *a > 0.0 && *a <= 1.0)
+                            .ok_or_else(err)?,
+                    );
+                    i += 1;
+                }
                 "pw" => {
                     pw = Some(
                         parts
@@ -163,6 +177,7 @@ impl FromStr for PolicySpec {
             keep_dedup_minutes: kd,
             dedup_at_keep_alive: dka,
             pressure_watermark: pw,
+            hold_below: hold,
         })
     }
 }
@@ -199,6 +214,7 @@ impl fmt::Display for PolicySpec {
                 keep_dedup_minutes,
                 dedup_at_keep_alive,
                 pressure_watermark,
+                hold_below,
             } => {
                 f.write_str("medes")?;
                 match mode {
@@ -220,6 +236,9 @@ impl fmt::Display for PolicySpec {
                 }
                 if let Some(w) = pressure_watermark {
                     write!(f, "-pw-{}", fmt_num(*w))?;
+                }
+                if let Some(h) = hold_below {
+                    write!(f, "-hold-{}", fmt_num(*h))?;
                 }
                 Ok(())
             }
@@ -344,6 +363,7 @@ impl PolicySpec {
                 keep_dedup_minutes,
                 dedup_at_keep_alive,
                 pressure_watermark,
+                hold_below,
             } => Box::new(Named {
                 name,
                 inner: Medes::new(
@@ -353,6 +373,7 @@ impl PolicySpec {
                         keep_dedup_ms: (keep_dedup_minutes * 60_000.0) as u64,
                         dedup_at_keep_alive: *dedup_at_keep_alive,
                         pressure_watermark: *pressure_watermark,
+                        hold_below: *hold_below,
                         ..MedesConfig::default()
                     },
                     costs,
@@ -384,6 +405,8 @@ mod tests {
             "medes-dka",
             "medes-kd-20m-dka",
             "medes-dka-pw-0.8",
+            "medes-hold-0.9",
+            "medes-kd-10m-hold-0.95",
             "hybrid-histogram-margin-4",
             "hybrid-histogram-60m-margin-1",
         ] {

@@ -104,6 +104,12 @@ pub struct MedesConfig {
     /// knob) rather than the cluster's split by arrival rate. Default false.
     #[serde(default)]
     pub own_budget: bool,
+    /// Memory mode: while the cluster uses less than this share of its budget, the timers do
+    /// not destroy: a warm sandbox past keep-alive is deduplicated (kept warm if dedup saves
+    /// nothing) and a dedup sandbox past keep-dedup is kept; eviction under pressure removes
+    /// them in the policy's order. The prototype purges on the timers regardless (`None`).
+    #[serde(default)]
+    pub hold_below: Option<f64>,
     /// Live controller only: the fraction of m_W a dedup is assumed to save (b_f) until a dedup
     /// of the function has been measured and no profiled cost is known. Default 0.5; 0 makes an
     /// unmeasured function never deduplicated (besides its base).
@@ -127,6 +133,7 @@ impl Default for MedesConfig {
             pressure_watermark: None,
             pressure_min_idle_ms: 10_000,
             own_budget: false,
+            hold_below: None,
             assumed_saving: default_assumed_saving(),
             reuse_ms: 500.0,
             window_minutes: 10,
@@ -312,6 +319,7 @@ impl Medes {
             warm_mb: c.warm_mb,
             saving: c.dedup_saving(),
             budget_mb: view.budget_mb,
+            used_mb: view.used_mb,
         };
         let mode = self.modes.get(f).copied().unwrap_or(self.cfg.mode);
         decide(&self.cfg, mode, &inputs)
@@ -352,6 +360,8 @@ pub struct MedesInputs {
     pub saving: f64,
     /// The cluster budget, MB (used when the mode names none).
     pub budget_mb: f64,
+    /// Memory charged in the cluster now, MB.
+    pub used_mb: f64,
 }
 
 impl MedesTrace {
@@ -400,8 +410,20 @@ pub fn decide(cfg: &MedesConfig, mode: MedesMode, i: &MedesInputs) -> MedesTrace
         verdict: Verdict::Keep,
     };
 
-    // Timers first.
-    let tentative = if i.state == IdleState::Warm && i.idle_ms >= cfg.keep_alive_ms {
+    // Timers first (held back while memory is plentiful, with `hold_below`).
+    let hold = matches!(mode, MedesMode::Memory { .. })
+        && cfg.hold_below.is_some_and(|h| {
+            i.budget_mb > 0.0 && i.used_mb.is_finite() && i.used_mb < h * i.budget_mb
+        });
+    let tentative = if hold && i.state == IdleState::Warm && i.idle_ms >= cfg.keep_alive_ms {
+        if i.saving.is_finite() && i.saving >= 1e-3 && !i.blacklisted {
+            Verdict::Dedup
+        } else {
+            Verdict::Keep
+        }
+    } else if hold && i.state == IdleState::Dedup {
+        Verdict::Keep
+    } else if i.state == IdleState::Warm && i.idle_ms >= cfg.keep_alive_ms {
         if cfg.dedup_at_keep_alive
             && i.saving.is_finite()
             && i.saving >= 1e-3
@@ -659,6 +681,7 @@ impl crate::Policy for Medes {
             warm_mb,
             saving,
             budget_mb: mb(cluster.budget),
+            used_mb: mb(cluster.used),
         };
         match decide(&self.cfg, mode, &inputs).verdict {
             Verdict::Keep => Decision::KeepWarm,
@@ -949,6 +972,59 @@ mod tests {
         );
         assert_eq!(proto.pressure_watermark(), None);
         assert_eq!(proto.on_pressure(0, &at(MIN), &view, now), Verdict::Keep);
+    }
+
+    #[test]
+    fn hold_keeps_sandboxes_past_the_timers_only_while_memory_is_plentiful() {
+        let cfg = MedesConfig {
+            hold_below: Some(0.9),
+            ..Default::default()
+        };
+        let p = loaded(cfg, [0, 0], 60 * MIN);
+        let now = Timestamp(60 * MIN);
+        let cs = [counts(1, 1, 1), counts(0, 0, 0)];
+        let view = |used_mb: f64| FleetView {
+            counts: &cs,
+            budget_mb: 1000.0,
+            used_mb,
+        };
+        let warm = idle_sb(IdleState::Warm, now.0 - 20 * MIN);
+        let dedup = idle_sb(IdleState::Dedup, now.0 - 30 * MIN);
+        // Plenty of memory: past keep-alive a warm sandbox is deduplicated, a dedup one kept.
+        assert_eq!(
+            p.explain(0, &warm, &view(100.0), now).verdict,
+            Verdict::Dedup
+        );
+        assert_eq!(
+            p.explain(0, &dedup, &view(100.0), now).verdict,
+            Verdict::Keep
+        );
+        let mut bl = warm;
+        bl.blacklisted = true;
+        assert_eq!(p.explain(0, &bl, &view(100.0), now).verdict, Verdict::Keep);
+        // Above 90% of the budget the timers purge again.
+        assert_eq!(
+            p.explain(0, &warm, &view(950.0), now).verdict,
+            Verdict::Purge
+        );
+        assert_eq!(
+            p.explain(0, &dedup, &view(950.0), now).verdict,
+            Verdict::Purge
+        );
+        // Latency mode ignores it.
+        let lat = loaded(
+            MedesConfig {
+                mode: MedesMode::Latency { alpha: 2.5 },
+                hold_below: Some(0.9),
+                ..Default::default()
+            },
+            [0, 0],
+            60 * MIN,
+        );
+        assert_eq!(
+            lat.explain(0, &dedup, &view(100.0), now).verdict,
+            Verdict::Purge
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub minutes: u32,
     /// Seed of the trace.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub seed: u64,
     /// The node's memory budget, MiB.
     #[arg(long, default_value_t = 1024)]
@@ -87,8 +87,9 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
     use super::live::{self, LiveSpec, Timers, Which};
     let t0 = Instant::now();
     let minutes = args.minutes.clamp(1, 30);
-    let trace = live::short_trace(minutes, args.seed, 60.0, 1500.0)?;
-    let timers = Timers::scaled(60.0 / f64::from(minutes));
+    let trace = live::short_trace(minutes, args.seed, 600.0, 6000.0)?;
+    let scale = (30.0 / f64::from(minutes)).max(1.0);
+    let timers = Timers::scaled(scale);
     println!(
         "medes demo: the same {minutes}-minute trace ({} invocations of the ten suite functions) \
          under fixed keep-alive and under Medes, each on a fresh platform instance with a {} MiB \
@@ -96,7 +97,7 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
          {} s). About {} minutes.",
         trace.len(),
         args.budget_mb,
-        60.0 / f64::from(minutes),
+        scale,
         timers.idle_period_s,
         timers.keep_alive_s,
         timers.keep_dedup_s,
@@ -118,7 +119,7 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
             i + 1,
             which.label(&timers)
         );
-        let out = rt.block_on(live::run_live(&LiveSpec {
+        let run = rt.block_on(live::run_live(&LiveSpec {
             trace: &trace,
             which,
             timers,
@@ -126,6 +127,8 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
             data_root: &args.data_dir,
             progress: true,
         }))?;
+        live::write_live(&run, &args.out.join(&run.output.policy))?;
+        let out = run.output;
         let s = &out.summary;
         println!(
             "   {} served ({} failed): {} cold, {} dedup, {} warm starts; p50 {:.0} ms, p99 {:.0} ms; mean memory {:.0} MB; {} evictions",
@@ -139,7 +142,6 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
             s.mean_memory_gb * 1000.0,
             s.counters.evictions
         );
-        live::write_run(&out, &args.out.join(&out.policy))?;
         runs.push(out);
     }
     let report = medes_sim::report::write_runs_report(&runs, &args.out.join("report"))

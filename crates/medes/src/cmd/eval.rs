@@ -56,6 +56,9 @@ struct ValidateArgs {
     /// this; default 60 / minutes.
     #[arg(long)]
     timer_scale: Option<f64>,
+    /// Medes's memory-mode budget M0, MB (default: the node's budget).
+    #[arg(long)]
+    m0_mb: Option<f64>,
     /// Measured cost profile (`medes profile --startup ... --out FILE`); default: calibrated
     /// from the live runs themselves (start latencies by kind), the paper's for the rest.
     #[arg(long)]
@@ -69,6 +72,10 @@ struct ValidateArgs {
     /// Reuse the live runs in --out instead of running them again (simulate only).
     #[arg(long)]
     sim_only: bool,
+    /// Only simulate the trace with --profile (no live runs, no comparison): to choose a
+    /// trace and budget before the long live runs.
+    #[arg(long)]
+    plan: bool,
 }
 
 #[derive(clap::Args)]
@@ -115,7 +122,8 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         None => live::short_trace(a.minutes, a.seed, a.min_per_hour, a.max_per_hour)?,
     };
     let minutes = (trace.duration_ms() as f64 / 60_000.0).max(1.0);
-    let timers = Timers::scaled(a.timer_scale.unwrap_or(60.0 / minutes));
+    let mut timers = Timers::scaled(a.timer_scale.unwrap_or(60.0 / minutes));
+    timers.medes_m0_mb = a.m0_mb;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     trace
         .write_path(a.out.join("trace.csv"))
@@ -130,19 +138,36 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         timers.keep_alive_s,
         timers.keep_dedup_s
     );
+    if a.plan {
+        let profile = live::with_limits(super::sim::load_profile(a.profile.as_ref())?)?;
+        for which in Which::BOTH {
+            let s = live::run_sim(&trace, &profile, which, &timers, a.budget_mb)?.summary;
+            say!(
+                "{}: {} served, {} cold, {} dedup, {} evictions, p50 {:.0} ms, p99 {:.0} ms, mean {:.0} MB",
+                s.policy,
+                s.invocations,
+                s.cold_starts,
+                s.dedup_starts,
+                s.counters.evictions,
+                s.p50_ms,
+                s.p99_ms,
+                s.mean_memory_gb * 1000.0
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut lives = Vec::new();
     for which in Which::BOTH {
         let dir = a.out.join(format!("live-{}", which.label(&timers)));
-        let out = if a.sim_only {
-            medes_sim::SimOutput::read_dir(&dir)
-                .with_context(|| format!("reading the live run in {}", dir.display()))?
+        let run = if a.sim_only {
+            live::read_live(&dir)?
         } else {
             eprintln!("live run under {} ...", which.label(&timers));
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting tokio")?;
-            let out = rt.block_on(live::run_live(&LiveSpec {
+            let run = rt.block_on(live::run_live(&LiveSpec {
                 trace: &trace,
                 which,
                 timers,
@@ -150,22 +175,30 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
                 data_root: &a.data_root,
                 progress: true,
             }))?;
-            live::write_run(&out, &dir)?;
-            out
+            live::write_live(&run, &dir)?;
+            run
         };
-        lives.push(out);
+        lives.push(run);
     }
-    let profile = match &a.profile {
-        Some(p) => medes_sim::Profile::load(p)
-            .with_context(|| format!("loading profile {}", p.display()))?,
-        None => live::calibrated_profile(&lives, &medes_sim::Profile::paper()),
-    };
-    std::fs::write(a.out.join("profile.toml"), profile.to_toml()).context("writing profile")?;
+    // Two simulations per policy: with the measured profile (idle-machine costs) and with
+    // costs calibrated from the live runs' activations (costs under the replay's load).
+    let measured = live::with_limits(super::sim::load_profile(a.profile.as_ref())?)?;
+    let calibrated = live::calibrated_profile(&lives, &measured);
+    std::fs::write(a.out.join("profile.toml"), measured.to_toml()).context("writing profile")?;
+    std::fs::write(a.out.join("profile-calibrated.toml"), calibrated.to_toml())
+        .context("writing profile")?;
+    let lives: Vec<medes_sim::SimOutput> = lives.into_iter().map(|r| r.output).collect();
     let mut sims = Vec::new();
+    let mut cals = Vec::new();
     for which in Which::BOTH {
-        let out = live::run_sim(&trace, &profile, which, &timers, a.budget_mb)?;
-        live::write_run(&out, &a.out.join(format!("sim-{}", which.label(&timers))))?;
+        let out = live::run_sim(&trace, &measured, which, &timers, a.budget_mb)?;
+        live::write_run(&out, &a.out.join(&out.policy))?;
         sims.push(out);
+        let mut out = live::run_sim(&trace, &calibrated, which, &timers, a.budget_mb)?;
+        out.policy = out.policy.replacen("sim-", "simcal-", 1);
+        out.summary.policy = out.policy.clone();
+        live::write_run(&out, &a.out.join(&out.policy))?;
+        cals.push(out);
     }
     let mut t = comfy_table::Table::new();
     t.set_header([
@@ -181,18 +214,14 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         "mean MB",
     ]);
     let mut rows = Vec::new();
-    let mut all_ok = true;
-    for (l, s) in lives.iter().zip(&sims) {
-        for o in [l, s] {
+    let summary_json = |m: &medes_sim::Summary| serde_json::json!({"cold_starts": m.cold_starts, "dedup_starts": m.dedup_starts, "p50_ms": m.p50_ms, "p99_ms": m.p99_ms, "mean_memory_mb": m.mean_memory_gb * 1000.0, "evictions": m.counters.evictions, "served": m.invocations, "dropped": m.dropped});
+    let mut verdicts = Vec::new();
+    for ((l, s), c) in lives.iter().zip(&sims).zip(&cals) {
+        for o in [l, s, c] {
             let m = &o.summary;
             t.add_row([
                 o.policy.clone(),
-                if o.policy.starts_with("live") {
-                    "live"
-                } else {
-                    "sim"
-                }
-                .to_string(),
+                o.policy.split('-').next().unwrap_or("").to_string(),
                 m.invocations.to_string(),
                 m.cold_starts.to_string(),
                 m.dedup_starts.to_string(),
@@ -203,39 +232,49 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
                 format!("{:.0}", m.mean_memory_gb * 1000.0),
             ]);
         }
-        let (lm, sm) = (&l.summary, &s.summary);
-        let cold = live::diff_pct(lm.cold_starts as f64, sm.cold_starts as f64);
-        let p50 = live::diff_pct(lm.p50_ms, sm.p50_ms);
-        let p99 = live::diff_pct(lm.p99_ms, sm.p99_ms);
-        let ok = (cold.abs() <= 10.0, p50.abs() <= 15.0, p99.abs() <= 25.0);
-        all_ok &= ok.0 && ok.1 && ok.2;
-        t.add_row([
-            format!("Δ sim vs live ({})", l.policy.trim_start_matches("live-")),
-            String::new(),
-            String::new(),
-            format!("{cold:+.1}% {}", if ok.0 { "ok" } else { "> 10%" }),
-            String::new(),
-            String::new(),
-            String::new(),
-            format!("{p50:+.1}% {}", if ok.1 { "ok" } else { "> 15%" }),
-            format!("{p99:+.1}% {}", if ok.2 { "ok" } else { "> 25%" }),
-            String::new(),
-        ]);
-        rows.push(serde_json::json!({
-            "policy": l.policy.trim_start_matches("live-"),
-            "live": {"cold_starts": lm.cold_starts, "dedup_starts": lm.dedup_starts, "p50_ms": lm.p50_ms, "p99_ms": lm.p99_ms, "mean_memory_mb": lm.mean_memory_gb * 1000.0, "evictions": lm.counters.evictions, "served": lm.invocations, "dropped": lm.dropped},
-            "sim": {"cold_starts": sm.cold_starts, "dedup_starts": sm.dedup_starts, "p50_ms": sm.p50_ms, "p99_ms": sm.p99_ms, "mean_memory_mb": sm.mean_memory_gb * 1000.0, "evictions": sm.counters.evictions, "served": sm.invocations},
-            "cold_diff_pct": cold, "p50_diff_pct": p50, "p99_diff_pct": p99,
-        }));
+        let policy = l.policy.trim_start_matches("live-").to_string();
+        let mut row = serde_json::json!({"policy": policy, "live": summary_json(&l.summary)});
+        for (what, o) in [("sim", s), ("simcal", c)] {
+            let (lm, sm) = (&l.summary, &o.summary);
+            let cold = live::diff_pct(lm.cold_starts as f64, sm.cold_starts as f64);
+            let p50 = live::diff_pct(lm.p50_ms, sm.p50_ms);
+            let p99 = live::diff_pct(lm.p99_ms, sm.p99_ms);
+            let ok = (cold.abs() <= 10.0, p50.abs() <= 15.0, p99.abs() <= 25.0);
+            verdicts.push((format!("{what} {policy}"), ok.0 && ok.1 && ok.2));
+            let mark = |b: bool, lim: &str| {
+                if b {
+                    "ok".to_string()
+                } else {
+                    format!("> {lim}")
+                }
+            };
+            t.add_row([
+                format!("Δ {what} vs live"),
+                String::new(),
+                String::new(),
+                format!("{cold:+.1}% {}", mark(ok.0, "10%")),
+                String::new(),
+                String::new(),
+                String::new(),
+                format!("{p50:+.1}% {}", mark(ok.1, "15%")),
+                format!("{p99:+.1}% {}", mark(ok.2, "25%")),
+                String::new(),
+            ]);
+            row[what] = summary_json(sm);
+            row[format!("{what}_diff_pct")] =
+                serde_json::json!({"cold_starts": cold, "p50": p50, "p99": p99});
+        }
+        rows.push(row);
     }
     say!("{t}");
-    say!("profile: {}", profile.source);
+    say!("measured profile: {}", measured.source);
+    say!("calibrated profile: {}", calibrated.source);
     let json = serde_json::json!({
         "trace_invocations": trace.len(),
         "trace_minutes": trace.duration_ms() as f64 / 60_000.0,
         "budget_mb": a.budget_mb,
         "timers_s": [timers.idle_period_s, timers.keep_alive_s, timers.keep_dedup_s],
-        "profile": profile.source,
+        "profile": measured.source,
         "rows": rows,
     });
     std::fs::write(
@@ -244,19 +283,25 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     )
     .context("writing validation.json")?;
     let mut runs = Vec::new();
-    for (l, s) in lives.into_iter().zip(sims) {
+    for ((l, s), c) in lives.into_iter().zip(sims).zip(cals) {
         runs.push(l);
         runs.push(s);
+        runs.push(c);
     }
     let report = medes_sim::report::write_runs_report(&runs, &a.out.join("report"))
         .context("writing the report")?;
+    for (what, ok) in &verdicts {
+        say!(
+            "{what}: {}",
+            if *ok {
+                "agrees within 10% (cold) / 15% (p50) / 25% (p99)"
+            } else {
+                "differs beyond 10% / 15% / 25% (see docs/EVALUATION.md)"
+            }
+        );
+    }
     say!(
-        "{}; outputs in {}, report {}",
-        if all_ok {
-            "simulator agrees with the live platform within 10% / 15% / 25%"
-        } else {
-            "simulator and live platform differ beyond 10% / 15% / 25% (see docs/EVALUATION.md)"
-        },
+        "outputs in {}, report {}",
         a.out.display(),
         report.display()
     );

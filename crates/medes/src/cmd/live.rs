@@ -18,6 +18,7 @@ use medes_sim::{
     SummaryBuilder, simulate,
 };
 use medes_trace::{RecipeConfig, Trace};
+use medes_workload::replay::InvocationRecord as ReplayRecord;
 use medes_workload::{Client, ClientConfig, Manifest, ReplayOptions};
 
 use crate::config::MedesConfig as PlatformConfig;
@@ -32,6 +33,8 @@ pub struct Timers {
     pub keep_alive_s: u64,
     /// Keep-dedup (Medes), s.
     pub keep_dedup_s: u64,
+    /// Medes's memory-mode budget M0, MB; `None`: the node's budget.
+    pub medes_m0_mb: Option<f64>,
 }
 
 impl Timers {
@@ -43,6 +46,7 @@ impl Timers {
             idle_period_s: s(60.0),
             keep_alive_s: s(600.0),
             keep_dedup_s: s(900.0),
+            medes_m0_mb: None,
         }
     }
 }
@@ -52,7 +56,7 @@ impl Timers {
 pub enum Which {
     /// Fixed keep-alive, LRU eviction, no dedup.
     Fixed,
-    /// Medes, memory mode with the node's budget.
+    /// Medes, memory mode (M0: [`Timers::medes_m0_mb`], else the node's budget).
     Medes,
 }
 
@@ -76,6 +80,7 @@ impl Which {
                 Which::Medes => PolicyChoice::Medes,
             },
             mode: KnobMode::Memory,
+            budget_mb: t.medes_m0_mb,
             idle_period_s: Some(t.idle_period_s),
             keep_alive_s: Some(t.keep_alive_s),
             keep_dedup_s: Some(t.keep_dedup_s),
@@ -93,7 +98,9 @@ impl Which {
             Which::Fixed => Box::new(FixedKeepAlive::new(t.keep_alive_s * 1000)),
             Which::Medes => Box::new(Medes::new(
                 MedesConfig {
-                    mode: MedesMode::Memory { budget_mb: None },
+                    mode: MedesMode::Memory {
+                        budget_mb: t.medes_m0_mb,
+                    },
                     idle_period_ms: t.idle_period_s * 1000,
                     keep_alive_ms: t.keep_alive_s * 1000,
                     keep_dedup_ms: t.keep_dedup_s * 1000,
@@ -163,8 +170,16 @@ fn state_mb(st: StateKind, charged: u64, m: &mut MemorySample) {
     }
 }
 
-/// Runs `spec.trace` live and returns it in the simulator's format (policy = `live-<label>`).
-pub async fn run_live(spec: &LiveSpec<'_>) -> anyhow::Result<SimOutput> {
+/// A live run: in the simulator's format (policy = `live-<label>`) and the replay's records.
+pub struct LiveRun {
+    /// Simulator format.
+    pub output: SimOutput,
+    /// The replay's own records (activation durations, init times).
+    pub raw: Vec<ReplayRecord>,
+}
+
+/// Runs `spec.trace` live.
+pub async fn run_live(spec: &LiveSpec<'_>) -> anyhow::Result<LiveRun> {
     let label = spec.which.label(&spec.timers);
     let pid = std::process::id();
     let mut cfg = PlatformConfig::default();
@@ -186,7 +201,7 @@ pub async fn run_live(spec: &LiveSpec<'_>) -> anyhow::Result<SimOutput> {
     result
 }
 
-async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow::Result<SimOutput> {
+async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow::Result<LiveRun> {
     let client = Client::new(&ClientConfig::new(
         platform.url.clone(),
         platform.auth.clone(),
@@ -203,6 +218,9 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
     let ctl = platform.controller.clone();
     let stop = tokio_util::sync::CancellationToken::new();
     let t0 = Instant::now();
+    // Without a terminal the replay's progress bar is hidden: a line every 30 s instead.
+    let lines = spec.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let total = spec.trace.len();
     let sampler = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -230,6 +248,16 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
                 }
                 m.used_mb = ctl.memory_used().iter().map(|b| b.0 as f64 / 1e6).sum();
                 m.max_node_mb = m.used_mb;
+                if lines && (m.time_ms / 1000).is_multiple_of(30) && m.time_ms >= 1000 {
+                    eprintln!(
+                        "   [{:>3} s] {} sandboxes ({} dedup), {:.0} MB charged, {} evictions, trace of {total}",
+                        m.time_ms / 1000,
+                        m.sandboxes,
+                        m.dedup_sandboxes,
+                        m.used_mb,
+                        ctl.evictions()
+                    );
+                }
                 out.push(m);
             }
             out
@@ -248,14 +276,38 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
         prewarms: stats.prewarms,
         ..Counters::default()
     };
-    Ok(to_sim_output(
+    let output = to_sim_output(
         &format!("live-{label}"),
         spec.trace,
         &outcome.records,
         memory,
         spec.budget_mb as f64 * 1.048_576,
         counters,
-    ))
+    );
+    Ok(LiveRun {
+        output,
+        raw: outcome.records,
+    })
+}
+
+/// Writes a live run: the simulator-format directory plus `replay.json` (the raw records).
+pub fn write_live(run: &LiveRun, dir: &Path) -> anyhow::Result<()> {
+    write_run(&run.output, dir)?;
+    let p = dir.join("replay.json");
+    std::fs::write(&p, serde_json::to_vec(&run.raw)?)
+        .with_context(|| format!("writing {}", p.display()))
+}
+
+/// Reads what [`write_live`] wrote (`replay.json` may be missing: then no raw records).
+pub fn read_live(dir: &Path) -> anyhow::Result<LiveRun> {
+    let output = SimOutput::read_dir(dir)
+        .with_context(|| format!("reading the live run in {}", dir.display()))?;
+    let p = dir.join("replay.json");
+    let raw = match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
+        Err(_) => Vec::new(),
+    };
+    Ok(LiveRun { output, raw })
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -349,6 +401,7 @@ pub fn run_sim(
     let cluster = ClusterConfig {
         nodes: 1,
         node_mb: budget_mb as f64 * 1.048_576,
+        evict_idle_bases: true,
         ..ClusterConfig::paper(1.0)
     };
     let mut cfg = SimConfig::new(cluster);
@@ -368,47 +421,69 @@ pub fn diff_pct(live: f64, sim: f64) -> f64 {
     }
 }
 
-/// A profile calibrated from live runs (when no measured profile is given): per function, the
-/// medians of the live cold and warm starts' startup latencies, execution, and the memory the
-/// controller measured; dedup costs from `fallback`.
-pub fn calibrated_profile(live: &[SimOutput], fallback: &Profile) -> Profile {
-    let mut p = fallback.clone();
-    p.source = "calibrated from the live runs (startup medians by start kind)".into();
-    for out in live {
-        for (i, name) in out.functions.iter().enumerate() {
-            let of = |k: StartKind| -> Option<f64> {
-                median(
-                    out.records
-                        .iter()
-                        .filter(|r| r.function as usize == i && r.start == k)
-                        .map(|r| r.startup_ms)
-                        .collect(),
-                )
-            };
-            let exec = median(
-                out.records
-                    .iter()
-                    .filter(|r| r.function as usize == i && r.start == StartKind::Warm)
-                    .map(|r| r.e2e_ms - r.startup_ms)
-                    .collect(),
-            );
-            if let Some(f) = p.functions.get_mut(name) {
-                if let Some(v) = of(StartKind::Cold) {
-                    f.cold_ms = v;
-                }
-                if let Some(v) = of(StartKind::Warm) {
-                    f.warm_ms = v;
-                }
-                if let Some(v) = of(StartKind::Dedup) {
-                    f.dedup_ms = v;
-                }
-                if let Some(v) = exec {
-                    f.exec_ms = v;
-                }
-            }
+/// A profile calibrated from live runs' raw records (costs as they were under the replay's
+/// load), memory figures from `base` (normally the measured profile): per function, execution =
+/// the median activation duration of warm starts; cold start = the median `initTime` of cold
+/// starts plus the median warm-start overhead (client latency − duration, the platform and
+/// HTTP); warm start = that overhead; dedup start = the median (duration − execution) of dedup
+/// starts plus the overhead. Queueing for memory is left out (the simulator models it).
+pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
+    let mut p = base.clone();
+    p.source = format!(
+        "calibrated from the live runs' activations (execution, init, restore times under load); memory from {}",
+        base.source
+    );
+    let all: Vec<&ReplayRecord> = live
+        .iter()
+        .flat_map(|r| r.raw.iter())
+        .filter(|r| r.status == "success")
+        .collect();
+    for (name, f) in p.functions.iter_mut() {
+        let of = |kind: &'static str| {
+            all.iter()
+                .filter(move |r| &r.function == name && r.start_kind == kind)
+        };
+        let Some(exec) = median(
+            of("warm")
+                .filter_map(|r| r.duration_ms.map(|d| d as f64))
+                .collect(),
+        ) else {
+            continue;
+        };
+        let overhead = median(
+            of("warm")
+                .filter_map(|r| r.duration_ms.map(|d| r.latency_ms - d as f64))
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .collect(),
+        )
+        .unwrap_or(0.0);
+        f.exec_ms = exec;
+        f.warm_ms = overhead;
+        if let Some(init) = median(of("cold").filter_map(|r| r.init_ms).collect()) {
+            f.cold_ms = init + overhead;
+        }
+        if let Some(restore) = median(
+            of("dedup")
+                .filter_map(|r| r.duration_ms.map(|d| (d as f64 - exec).max(0.0)))
+                .collect(),
+        ) {
+            f.dedup_ms = restore + overhead;
         }
     }
     p
+}
+
+/// The profile with each suite function's memory limit as what its cold start reserves
+/// (`start_mb`), as the live controller's admission does until the sandbox is measured.
+pub fn with_limits(mut profile: Profile) -> anyhow::Result<Profile> {
+    let dir = functions_dir();
+    let manifest = Manifest::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    for (name, spec) in &manifest.functions {
+        if let Some(f) = profile.functions.get_mut(name) {
+            f.start_mb = spec.memory_mb as f64 * 1.048_576;
+        }
+    }
+    Ok(profile)
 }
 
 /// Writes a run directory, returning it.
