@@ -250,7 +250,9 @@ pub fn sparse_decode(data: &[u8], base: &Page, out: &mut Page) -> Result<(), Dec
 /// Hash-table bits of the LZ encoder's index of the window's words.
 const LZ_BITS: u32 = 12;
 /// Longest window the LZ codec indexes (its offsets are u16 word indices).
-const LZ_MAX_WINDOW: usize = 16 * (u16::MAX as usize - 1);
+const LZ_MAX_WINDOW: usize = LZ_STRIDE * (u16::MAX as usize - 1);
+/// Bytes between indexed window words.
+const LZ_STRIDE: usize = 32;
 
 #[inline]
 fn word(d: &[u8], at: usize) -> u64 {
@@ -327,16 +329,16 @@ pub fn lz_encode(
                 // indexed word; backward extension finds its start), the base page last so
                 // that it wins collisions.
                 table.fill(0);
-                let nw = w.len() / 16;
-                let (b0, b1) = (bo / 16, (bo + PAGE) / 16);
+                let nw = w.len() / LZ_STRIDE;
+                let (b0, b1) = (bo / LZ_STRIDE, (bo + PAGE) / LZ_STRIDE);
                 for i in (0..b0).chain(b1..nw).chain(b0..b1) {
-                    table[lz_hash(word(w, i * 16))] = (i + 1) as u16;
+                    table[lz_hash(word(w, i * LZ_STRIDE))] = (i + 1) as u16;
                 }
                 indexed = true;
             }
             let e = table[lz_hash(tw)];
             if e != 0 {
-                let dp = usize::from(e - 1) * 16;
+                let dp = usize::from(e - 1) * LZ_STRIDE;
                 if word(w, dp) == tw {
                     cand = Some(dp);
                 }

@@ -55,7 +55,7 @@ impl Default for DedupConfig {
             positional: false,
             second_candidate_above: usize::MAX,
             local_node: NodeId(0),
-            block_level: 3,
+            block_level: 1,
             predict_below: 2048,
         }
     }
@@ -184,6 +184,7 @@ struct Worker {
     raw: Vec<u8>,
     data: Vec<u8>,
     canon: Box<crate::Page>,
+    rcache: crate::rebase::RebaseCache,
 }
 
 impl Worker {
@@ -197,6 +198,7 @@ impl Worker {
             raw: Vec::with_capacity(BLOCK_PAGES * crate::PAGE),
             data: Vec::with_capacity(2 * crate::PAGE),
             canon: Box::new([0; crate::PAGE]),
+            rcache: crate::rebase::RebaseCache::default(),
         }
     }
 }
@@ -292,7 +294,7 @@ fn dedup_block(
             && dump.locate(page).is_some_and(|(p, _)| {
                 dump.procs[p]
                     .table
-                    .rebase(raw, &mut w.canon)
+                    .rebase_with(raw, &mut w.canon, &mut w.rcache)
                     .is_some_and(|n| n > 0)
             });
         let target: &crate::Page = if rebased { &w.canon } else { raw };

@@ -72,8 +72,21 @@ fn kind_of(status: u32, flags: u32) -> &'static str {
 
 /// Slots of the per-page lookup cache of [`MappingTable::rebase`].
 const CACHE_SLOTS: usize = 64;
-/// (64 KiB granule + 1, mapping index) per slot.
-type FindCache = [(u64, u32); CACHE_SLOTS];
+/// A lookup cache for [`MappingTable::rebase_with`], kept across pages by one thread: (64 KiB
+/// granule + 1, mapping index) per slot. Entries are hints checked against the table, so one
+/// cache may serve several tables.
+#[derive(Debug, Clone)]
+pub struct RebaseCache {
+    slots: Box<[(u64, u32)]>,
+}
+
+impl Default for RebaseCache {
+    fn default() -> Self {
+        Self {
+            slots: vec![(0, 0); 1024].into_boxed_slice(),
+        }
+    }
+}
 
 impl MappingTable {
     /// Builds the table of a process from its mm image and the names of `files.img`'s regular
@@ -155,7 +168,7 @@ impl MappingTable {
     /// (0 if `vaddr` is in no mapping): the base page at the same place is a good candidate.
     pub fn position_key(&self, vaddr: u64) -> u64 {
         let mut cache = [(0, 0); CACHE_SLOTS];
-        match self.find(vaddr, &mut cache) {
+        match self.find(vaddr, &mut cache[..]) {
             Some(i) => {
                 let page = (vaddr - self.starts[i]) / crate::PAGE as u64;
                 let k = self.keys[i] ^ page.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -166,14 +179,18 @@ impl MappingTable {
     }
 
     #[inline]
-    fn find(&self, w: u64, cache: &mut FindCache) -> Option<usize> {
-        // Direct-mapped cache of 64 KiB granules: pointers of a page cluster in a few places.
+    fn find(&self, w: u64, cache: &mut [(u64, u32)]) -> Option<usize> {
+        // Direct-mapped cache of 64 KiB granules: pointers cluster in a few places. An entry
+        // is only a hint, checked against the table (so a stale one is harmless).
         let g = w >> 16;
-        let slot = (g as usize) & (CACHE_SLOTS - 1);
+        let slot = (g as usize) & (cache.len() - 1);
         let (tag, idx) = cache[slot];
         if tag == g + 1 {
             let i = idx as usize;
-            if w >= self.starts[i] && w < self.ends[i] {
+            if let (Some(&s), Some(&e)) = (self.starts.get(i), self.ends.get(i))
+                && w >= s
+                && w < e
+            {
                 return Some(i);
             }
         }
@@ -195,6 +212,20 @@ impl MappingTable {
     /// without rebasing).
     pub fn rebase(&self, src: &Page, dst: &mut Page) -> Option<usize> {
         let mut cache = [(0, 0); CACHE_SLOTS];
+        self.rebase_inner(src, dst, &mut cache)
+    }
+
+    /// [`MappingTable::rebase`] with a lookup cache kept across pages (one per thread).
+    pub fn rebase_with(
+        &self,
+        src: &Page,
+        dst: &mut Page,
+        cache: &mut RebaseCache,
+    ) -> Option<usize> {
+        self.rebase_inner(src, dst, &mut cache.slots[..])
+    }
+
+    fn rebase_inner(&self, src: &Page, dst: &mut Page, cache: &mut [(u64, u32)]) -> Option<usize> {
         let mut n = 0;
         let (src_words, _) = src.as_chunks::<8>();
         let (dst_words, _) = dst.as_chunks_mut::<8>();
@@ -207,7 +238,7 @@ impl MappingTable {
             if w >= self.lo
                 && w < self.hi
                 && self.gb_map[(w >> 36) as usize] & (1 << ((w >> 30) % 64)) != 0
-                && let Some(i) = self.find(w, &mut cache)
+                && let Some(i) = self.find(w, cache)
             {
                 let off = w - self.starts[i];
                 if off < 1 << 32 {
