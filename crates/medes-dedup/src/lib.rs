@@ -53,7 +53,7 @@ pub use dedup::{DedupConfig, DedupError, DedupStats, dedup, fingerprint_dump, re
 pub use eval::{DedupReport, EvalConfig, EvalError, FunctionReport, evaluate};
 pub use fingerprint::{FingerprintConfig, PageFingerprint, fingerprint};
 pub use image::{BasePageError, BasePages, DumpImage, LocalBases, OpenDumpError};
-pub use rebase::MappingTable;
+pub use rebase::{MappingTable, RebaseCache};
 pub use rebuild::{
     RebuildError, rebuild_dir, rebuild_into, rebuild_pages, rebuild_pages_files, rebuild_to_files,
 };
