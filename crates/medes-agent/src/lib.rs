@@ -80,6 +80,20 @@
 //!   [`RestoreReply::transient_bytes`], and the last one per function is in
 //!   [`NodeStatus::restore_transient`].
 //!
+//! # Templates (issue 8)
+//! [`Command::MakeTemplate`] checkpoints a warm sandbox with `--leave-running` (after its cold
+//! start and init, and usually after its first run) and keeps the full image on the tmpfs
+//! (`<images>/tmpl/`), every file xxh3-checksummed, keyed per action (namespace included:
+//! never shared across tenants) and version. [`Command::TemplateStart`] verifies the
+//! checksums and restores a new sandbox with the plain full-image restore
+//! ([`Sandbox::restore`]: own cgroup, netns, PID namespace, socket; reseeded as after a dedup
+//! start). Missing, disabled or corrupt (then deleted) → [`AgentError::TemplateUnavailable`];
+//! a failed restore → [`AgentError::TemplateStartFailed`], the third in a row disables the
+//! template for that version (logged). A spawn of another version deletes the action's
+//! template. Templates are in [`NodeStatus::templates`] with the bytes they hold; they do not
+//! survive an agent restart. Siblings restored from one template share its memory layout
+//! (ASLR slides): a leak of one sibling's addresses tells those of the others.
+//!
 //! # Measured
 //! `examples/dedup_startup.rs` (release, 10 dedup starts per function interleaved with plain
 //! restores, machine shared with other jobs: load ≈ 3.4 on 2 cores; ms, p50; dedup start =
@@ -117,6 +131,7 @@ mod domain;
 mod images;
 mod persist;
 pub mod proto;
+mod template;
 mod transient;
 
 use std::collections::{BTreeMap, HashMap};
@@ -140,8 +155,10 @@ use tracing::{debug, info, warn};
 pub use proto::{
     AgentError, BaseReply, Command, DedupReply, LogLine, NodeAgent, NodeStatus, Reply,
     RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus,
-    SpawnCommand, SpawnReply, Stream,
+    SpawnCommand, SpawnReply, Stream, TemplateReply, TemplateStartCommand, TemplateStartReply,
+    TemplateStatus,
 };
+pub use template::TemplateCounters;
 
 /// Configuration of one node agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -299,6 +316,8 @@ struct Inner {
     /// The last measured restore transient (m_R) per function (see
     /// [`RestoreReply::transient_bytes`]).
     transients: Mutex<BTreeMap<String, u64>>,
+    /// Per-function templates (issue 8, `template.rs`).
+    templates: template::Templates,
     shutting_down: AtomicBool,
 }
 
@@ -492,6 +511,11 @@ impl Agent {
             table.insert(st.sandbox, Entry::Dedup(st.rec));
         }
         let next_base = loaded.max_base.map_or(0, |m| m.saturating_add(1));
+        let templates =
+            template::Templates::new(&images).map_err(|source| NewAgentError::ImagesDir {
+                path: cfg.dedup.images_dir.clone(),
+                source,
+            })?;
         let counters = DedupCounters {
             kept_loaded,
             kept_dropped: loaded.dropped,
@@ -511,6 +535,7 @@ impl Agent {
                 fg_pool,
                 counters: Mutex::new(counters),
                 transients: Mutex::new(BTreeMap::new()),
+                templates,
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -543,6 +568,17 @@ impl Agent {
             Some(Entry::Dedup(r)) => Some(r.path.clone()),
             _ => None,
         }
+    }
+
+    /// Counts of the template paths' outcomes (issue 8).
+    pub fn template_counters(&self) -> TemplateCounters {
+        *self.inner.templates.counters.lock()
+    }
+
+    /// The directory of the ready template of `action`, if there is one (for inspection and
+    /// fault injection in tests).
+    pub fn template_dir(&self, action: &ActionName) -> Option<PathBuf> {
+        self.inner.templates.dir_of(action)
     }
 
     /// Fault injection for tests: drops the resident pages of a base sandbox's image (its
@@ -586,6 +622,7 @@ impl Agent {
             }
         }
         futures::future::join_all(slots.into_iter().map(release)).await;
+        self.inner.templates.clear();
         let images = self.inner.images.clone();
         let _ = tokio::task::spawn_blocking(move || images::release(&images)).await;
         info!(node = %self.inner.cfg.node_id, sandboxes = n, kept_dedup = kept, "node agent shut down");
@@ -619,6 +656,12 @@ impl NodeAgent for Agent {
                 }
                 Command::Dedup { sandbox } => inner.dedup(sandbox).await.map(Reply::Deduped),
                 Command::Restore { sandbox } => inner.restore(sandbox).await.map(Reply::Restored),
+                Command::MakeTemplate { sandbox } => {
+                    inner.make_template(sandbox).await.map(Reply::TemplateReady)
+                }
+                Command::TemplateStart(c) => {
+                    inner.template_start(c).await.map(Reply::TemplateStarted)
+                }
             }
         });
         task.map(|r| {
@@ -778,6 +821,7 @@ impl Inner {
         if !valid_id(&c.sandbox) || self.sandboxes.lock().contains_key(&c.sandbox) {
             return Err(AgentError::BadSandboxId(c.sandbox));
         }
+        self.templates.invalidate_other(&c.action, &c.version);
         let _permit = self
             .starts
             .acquire()
@@ -1102,6 +1146,7 @@ impl Inner {
             node,
             sandboxes,
             restore_transient: self.transients.lock().clone(),
+            templates: self.templates.status(),
         }
     }
 

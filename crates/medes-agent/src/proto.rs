@@ -60,6 +60,20 @@ pub enum Command {
         /// The sandbox (a dedup sandbox).
         sandbox: SandboxId,
     },
+    /// Make the function's template (issue 8) from a warm, initialised sandbox: checkpoint it
+    /// leaving it running, keep the full image (checksummed) on the node's tmpfs, keyed by the
+    /// sandbox's action (its namespace included: never shared across tenants) and version. The
+    /// sandbox keeps serving. Answered by [`Reply::TemplateReady`].
+    MakeTemplate {
+        /// The sandbox (warm or base, idle preferably: runs wait for the dump).
+        sandbox: SandboxId,
+    },
+    /// A template start: restore a new sandbox from the template of the action version (its
+    /// own cgroup, network and PID namespaces, socket; reseeded). Answered by
+    /// [`Reply::TemplateStarted`]; [`AgentError::TemplateUnavailable`] when there is no usable
+    /// template (missing, being built, disabled, corrupt), [`AgentError::TemplateStartFailed`]
+    /// when its restore failed. Either way nothing is left under the sandbox id.
+    TemplateStart(TemplateStartCommand),
 }
 
 impl Command {
@@ -73,6 +87,8 @@ impl Command {
             Command::MakeBase { .. } => "make_base",
             Command::Dedup { .. } => "dedup",
             Command::Restore { .. } => "restore",
+            Command::MakeTemplate { .. } => "make_template",
+            Command::TemplateStart(_) => "template_start",
         }
     }
 }
@@ -96,6 +112,69 @@ pub struct SpawnCommand {
     pub env: BTreeMap<String, String>,
     /// Bound on the init step (OpenWhisk applies the action's time limit to init too).
     pub init_timeout_ms: u64,
+}
+
+/// A template start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateStartCommand {
+    /// Id for the new sandbox, unique on the node (as for [`SpawnCommand::sandbox`]).
+    pub sandbox: SandboxId,
+    /// The action (with its namespace: selects the template).
+    pub action: ActionName,
+    /// The action version (selects the template).
+    pub version: String,
+    /// Memory limit of the new sandbox's cgroup.
+    pub memory_limit: Bytes,
+    /// Static environment recorded for the sandbox (the restored process keeps the one of the
+    /// template's sandbox, which is the same for one action version).
+    pub env: BTreeMap<String, String>,
+}
+
+/// A template was made (or already existed).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TemplateReply {
+    /// Bytes of its page images.
+    pub image_bytes: u64,
+    /// Bytes the template holds on the node's tmpfs (every image file).
+    pub held_bytes: u64,
+    /// Time of the checkpoint (the sandbox was frozen for part of it), ms.
+    pub checkpoint_ms: f64,
+    /// Time to checksum the image files, ms.
+    pub checksum_ms: f64,
+    /// A template of this action version was already there (nothing was done).
+    pub existed: bool,
+}
+
+/// A template start's timings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TemplateStartReply {
+    /// Time to verify the template's checksums, ms.
+    pub verify_ms: f64,
+    /// Time of the restore until the reseeded runtime answered, ms.
+    pub restore_ms: f64,
+    /// Whole command, ms.
+    pub total_ms: f64,
+}
+
+/// One template on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateStatus {
+    /// The action.
+    pub action: ActionName,
+    /// The action version it was made from.
+    pub version: String,
+    /// `ready`, `building` or `disabled`.
+    pub state: String,
+    /// Bytes it holds on the node's tmpfs (0 unless ready).
+    pub held_bytes: u64,
+    /// Bytes of its page images (0 unless ready).
+    pub image_bytes: u64,
+    /// Why it is disabled.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Its dedup domain.
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 /// One invocation.
@@ -128,6 +207,10 @@ pub enum Reply {
     Deduped(DedupReply),
     /// Answer to [`Command::Restore`].
     Restored(RestoreReply),
+    /// Answer to [`Command::MakeTemplate`].
+    TemplateReady(TemplateReply),
+    /// Answer to [`Command::TemplateStart`].
+    TemplateStarted(TemplateStartReply),
 }
 
 /// A sandbox became a base.
@@ -265,6 +348,10 @@ pub struct NodeStatus {
     /// [`RestoreReply::transient_bytes`]).
     #[serde(default)]
     pub restore_transient: BTreeMap<String, u64>,
+    /// The node's templates (issue 8); their `held_bytes` are memory the node holds besides
+    /// its sandboxes.
+    #[serde(default)]
+    pub templates: Vec<TemplateStatus>,
 }
 
 /// One sandbox's state.
@@ -385,6 +472,28 @@ pub enum AgentError {
         form: SandboxForm,
         /// Why the command does not apply.
         reason: String,
+    },
+    /// No usable template of the action version (missing, being built, disabled or found
+    /// corrupt and deleted): take a real cold start (which may rebuild it).
+    #[error("no usable template of {action} version {version}: {reason}")]
+    TemplateUnavailable {
+        /// The action.
+        action: ActionName,
+        /// The version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// A template start's restore failed (nothing is left under the sandbox id); repeated
+    /// failures disable the template.
+    #[error("template start of sandbox {sandbox}: {reason}")]
+    TemplateStartFailed {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The cause.
+        reason: String,
+        /// Whether this failure disabled the template.
+        disabled: bool,
     },
     /// The agent is shutting down.
     #[error("the node agent is shutting down")]

@@ -1281,6 +1281,8 @@ fn reply_name(r: &Reply) -> &'static str {
         Reply::BaseReady(_) => "base_ready",
         Reply::Deduped(_) => "deduped",
         Reply::Restored(_) => "restored",
+        Reply::TemplateReady(_) => "template_ready",
+        Reply::TemplateStarted(_) => "template_started",
     }
 }
 

@@ -294,7 +294,11 @@ impl NodeAgent for Fake {
                         node: NodeId("n0".into()),
                         sandboxes,
                         restore_transient: Default::default(),
+                        templates: vec![],
                     }))
+                }
+                Command::MakeTemplate { .. } | Command::TemplateStart(_) => {
+                    Err(AgentError::Unavailable("this fake has no templates".into()))
                 }
             }
         })

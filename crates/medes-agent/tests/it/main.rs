@@ -189,3 +189,4 @@ async fn init_errors_and_timeouts_destroy_the_sandbox() {
 
 mod dedup;
 mod persist;
+mod template;
