@@ -22,10 +22,14 @@
 //!   dump's own mappings is rewritten as (canonical mapping id, offset) before fingerprinting and
 //!   diffing, and restored from the sandbox's own mm image at rebuild (see [`rebase`]).
 //! - **Codecs chosen by measurement** ([`codec`]): zero and identical pages store nothing; a
-//!   similar page is an own sparse byte-run diff (applied at memcpy speed) unless zstd with a
-//!   window of base pages around the base page as prefix is at least `block_factor` times
-//!   smaller; sparse diffs and pages without a base are zstd-compressed in blocks of 256 pages
-//!   (2.3–2.7× smaller than the diffs alone, one decompression per block at rebuild).
+//!   similar page is an own LZ patch (copy/literal ops against the window of base pages around
+//!   its base page: tolerates content shifted by ASLR-changed alignment, decodes at memcpy
+//!   speed); LZ patches and pages without a base are zstd-compressed in blocks of 256 pages.
+//!   Sparse byte-run diffs and zstd-with-window patches remain as options.
+//! - **One pass per batch** ([`dedup()`]): each batch of 256 pages is rebased, looked up,
+//!   encoded and compressed by one thread while in cache; the base page after the previous
+//!   page's base page is tried first (sequential prediction) and kept when its patch is small
+//!   enough, so most pages need no fingerprint or lookup.
 //! - **Fingerprints**: Gear rolling hash over every offset, windows inside the page, the `k`
 //!   smallest anchors kept (default 16; the paper's 5 finds fewer similar pages), xxh3-64.
 //! - **Integrity**: every page carries the xxh3 of the original page; a rebuild verifies each one
