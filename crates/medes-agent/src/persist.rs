@@ -242,7 +242,11 @@ fn read_store(
     }
     // Loading verifies the store's checksums.
     let store = DedupStore::load(store_path).map_err(|e| crate::error_chain(&e))?;
-    if store.bases != meta.bases {
+    // The same set (the metadata lists them in pinning order, the store in slot order).
+    let (mut want, mut have) = (meta.bases.clone(), store.bases.clone());
+    want.sort();
+    have.sort();
+    if want != have {
         return Err("the store's bases differ from its metadata".into());
     }
     let written = fs::metadata(store_path)
@@ -293,6 +297,7 @@ fn list(dir: &Path, ext: &str) -> Vec<PathBuf> {
 /// Loads what an earlier agent kept in `images` (this agent's directory). Blocking and
 /// CPU-heavy (checksums, fingerprints): run it on the agent's pool.
 pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Loaded {
+    let t0 = std::time::Instant::now();
     let mut out = Loaded::default();
     let bases_dir = images.join("bases");
     let store_dir = images.join("store");
@@ -369,6 +374,7 @@ pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Lo
             stores = out.stores.len(),
             bases = out.bases.len(),
             dropped = out.dropped,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
             dir = %images.display(),
             "reloaded what the previous agent kept"
         );
