@@ -17,6 +17,10 @@
 //! default policy is [`medes_policy::DedupRule`] (idle period → base or dedup, keep-dedup, T
 //! dedups per base); with `dedup_enabled = false` it is a fixed keep-alive.
 //!
+//! With [`ControllerConfig::template_starts`] (issue 8, off by default), a start that finds no
+//! free warm or dedup sandbox restores from the function's template on the node (start kind
+//! `template`) instead of a cold start; see `template.rs` and [`TemplateStats`].
+//!
 //! ```no_run
 //! # async fn demo(agent: medes_agent::Agent) {
 //! use std::sync::Arc;
@@ -60,6 +64,9 @@
 mod activation;
 mod metrics;
 mod state;
+mod template;
+
+pub use template::{OPT_OUT_ANNOTATION, TemplateStats};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,6 +150,12 @@ pub struct ControllerConfig {
     /// Changeable at run time ([`Controller::set_policy_settings`], `PUT .../medes/policy`).
     /// Default: `dedup-rule` with the timers above.
     pub policy: PolicySettings,
+    /// Template starts (issue 8): after the first cold start of an action version on a node
+    /// and its first successful run, the node makes the function's template in the background;
+    /// later starts with no free warm or dedup sandbox restore from it (start kind
+    /// `template`) instead of cold-starting. An action opts out with the annotation
+    /// `medes-template-starts: false`. Default false.
+    pub template_starts: bool,
 }
 
 impl Default for ControllerConfig {
@@ -165,6 +178,7 @@ impl Default for ControllerConfig {
             checkpoint_timeout_ms: 120_000,
             bases_serve: true,
             policy: PolicySettings::default(),
+            template_starts: false,
         }
     }
 }
@@ -265,6 +279,8 @@ pub struct Controller {
     armed: AtomicU64,
     shutting_down: AtomicBool,
     metrics: OnceLock<GlobalMetrics>,
+    /// Which nodes have a template of which action version (issue 8).
+    templates: template::Book,
 }
 
 /// Half of `MemTotal`, or 4 GiB if it cannot be read.
@@ -458,6 +474,7 @@ impl Controller {
             armed: AtomicU64::new(u64::MAX),
             shutting_down: AtomicBool::new(false),
             metrics: OnceLock::new(),
+            templates: template::Book::default(),
         })
     }
 
@@ -490,6 +507,11 @@ impl Controller {
     /// Counts of bases, dedups, dedup starts and failures so far.
     pub fn dedup_stats(&self) -> DedupStats {
         self.state.lock().stats.clone()
+    }
+
+    /// Counts of templates made and template starts so far (issue 8).
+    pub fn template_stats(&self) -> TemplateStats {
+        self.templates.stats.lock().clone()
     }
 
     /// Runs the idle decision now for every idle warm sandbox (of `action`, or all), as if its
@@ -1120,6 +1142,13 @@ impl Controller {
                 } => {
                     act.start_kind = StartKind::Cold;
                     self.evict(node, victims).await;
+                    if self.template_wanted(&action)
+                        && self.templates.ready(node, &action.name, &action.version)
+                        && self.template_start(key, &id, node, &action, arrival).await
+                    {
+                        act.start_kind = StartKind::Template;
+                        break (key, id, node);
+                    }
                     let agent = &self.nodes[node].agent;
                     let t0 = Instant::now();
                     let spawn = agent
@@ -1234,6 +1263,12 @@ impl Controller {
                 After::Purge
             }
         };
+        if matches!(after, After::Keep)
+            && act.start_kind == StartKind::Cold
+            && act.response.status == ActivationStatus::Success
+        {
+            self.maybe_make_template(node, &sandbox, &action);
+        }
         match after {
             After::Keep => self.after_run(key, act.main_ms),
             After::Gone => self.forget(key),
@@ -1322,6 +1357,7 @@ impl Invoker for Controller {
     }
 
     fn action_changed(&self, name: &ActionName) {
+        self.templates.forget(name);
         let jobs = self.state.lock().action_changed(name);
         if !jobs.is_empty() {
             debug!(action = %name, n = jobs.len(), "purging idle sandboxes of an old version");
@@ -1462,3 +1498,5 @@ impl Controller {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_template;

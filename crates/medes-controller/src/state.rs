@@ -704,6 +704,18 @@ impl State {
         }
     }
 
+    /// The template start of `key` finished (issue 8); it now serves its first invocation.
+    /// Its latency is not a cold start's (not added to the pool's cold-start estimate).
+    pub(crate) fn template_started(&mut self, key: Key, now: Timestamp) {
+        if let Some(sb) = self.sbs.get_mut(&key) {
+            sb.ready_at = Some(now);
+            match sb.state.apply(Event::Started, Timestamp(0)) {
+                Ok(s) => sb.state = s,
+                Err(e) => warn!(sandbox = %sb.id, error = %e, "unexpected template start"),
+            }
+        }
+    }
+
     /// A pre-warmed sandbox is ready and idle.
     pub(crate) fn prewarmed(&mut self, key: Key, now: Timestamp) {
         if let Some(sb) = self.sbs.get_mut(&key) {
@@ -1404,7 +1416,9 @@ impl State {
             .iter()
             .filter(|s| !known.contains(&s.id) && s.form == SandboxForm::Base && !s.alive)
             .map(|s| s.held_bytes)
-            .sum();
+            .sum::<u64>()
+            // Templates (issue 8) are held by the node for no sandbox.
+            + status.templates.iter().map(|t| t.held_bytes).sum::<u64>();
         let before = self.unowned[node];
         self.used[node] = self.used[node].saturating_sub(before) + held;
         self.unowned[node] = held;
