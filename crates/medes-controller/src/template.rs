@@ -206,6 +206,18 @@ fn make_failure_label(e: &AgentError) -> &'static str {
 }
 
 impl crate::Controller {
+    /// Purges every idle sandbox (warm or dedup) of `action` now, its templates staying (a
+    /// benchmark knob: the next invocation needs a new sandbox). Returns how many.
+    pub fn purge_idle(&self, action: &ActionName) -> usize {
+        let jobs = self.state.lock().action_changed(action);
+        let n = jobs.len();
+        self.carry_out(crate::state::Work {
+            purges: jobs,
+            ..Default::default()
+        });
+        n
+    }
+
     /// Whether template starts apply to `action` (globally on, not opted out).
     pub(crate) fn template_wanted(&self, action: &Action) -> bool {
         self.cfg.template_starts && allowed(action)

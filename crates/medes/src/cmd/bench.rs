@@ -87,6 +87,11 @@ pub struct StartupArgs {
     /// own instance; with --url they are always skipped and reported as null).
     #[arg(long)]
     no_dedup: bool,
+    /// Also measure template starts (issue 8; own instance only): the instance runs with
+    /// `template_starts = true`, the other measurements opt their actions out
+    /// (`medes-template-starts: false`); see `measure_template`.
+    #[arg(long)]
+    template: bool,
 }
 
 /// Medians of the dedup start's steps, ms.
@@ -137,6 +142,21 @@ struct FunctionRow {
     /// Why the dedup figures are missing (the other functions are still measured).
     #[serde(skip_serializing_if = "Option::is_none")]
     dedup_error: Option<String>,
+    /// Template starts (issue 8, `--template`): client-seen, p50 / p99, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template_ms_p50: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template_ms_p99: Option<f64>,
+    /// Time inside `main` of the template-start invocations, p50, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template_main_ms_p50: Option<f64>,
+    /// Plain CRIU restore of the full image and its first run, interleaved with the template
+    /// starts (same load), p50, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template_floor_run_ms_p50: Option<f64>,
+    /// Why the template figures are missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,6 +200,7 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
                 cfg.controller.bases_serve = false;
                 cfg.controller.keep_alive_s = 7_200;
                 cfg.controller.idle_period_s = 3_600;
+                cfg.controller.template_starts = args.template;
                 cfg.finish();
                 let sandbox = cfg.agent.sandbox.clone();
                 let p = Platform::start(cfg).await?;
@@ -188,6 +209,14 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
         };
         let ctx = match &platform {
             Some((p, sandbox)) if !args.no_dedup => Some(DedupCtx {
+                controller: p.controller.clone(),
+                sandbox: sandbox.clone(),
+                data_dir: p.data_dir.clone(),
+            }),
+            _ => None,
+        };
+        let tctx = match &platform {
+            Some((p, sandbox)) if args.template => Some(DedupCtx {
                 controller: p.controller.clone(),
                 sandbox: sandbox.clone(),
                 data_dir: p.data_dir.clone(),
@@ -210,7 +239,7 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
             (None, None) => unreachable!("either an own platform or --url"),
         };
         let client = Client::new(&ClientConfig::new(url, auth))?;
-        let report = measure(&client, &args, ctx.as_ref()).await;
+        let report = measure(&client, &args, ctx.as_ref(), tctx.as_ref()).await;
         if let Some((p, _)) = platform {
             p.stop().await?;
         }
@@ -319,10 +348,11 @@ async fn measure(
     client: &Client,
     args: &StartupArgs,
     ctx: Option<&DedupCtx>,
+    tctx: Option<&DedupCtx>,
 ) -> anyhow::Result<StartupReport> {
-    let targets = targets(args)?;
+    let (targets, template_specs) = template_opt_out(targets(args)?, tctx.is_some());
     let runs = args.runs.max(1);
-    let per = if ctx.is_some() { 3 } else { 2 };
+    let per = if ctx.is_some() { 3 } else { 2 } + usize::from(tctx.is_some());
     let bar = ProgressBar::new((targets.len() * runs * per) as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
@@ -333,7 +363,7 @@ async fn measure(
     }
     let mut rows = Vec::new();
     let mut overhead = Vec::new();
-    for t in &targets {
+    for (ti, t) in targets.iter().enumerate() {
         bar.set_prefix(t.name.clone());
         let (mut cold, mut warm, mut init, mut main) = (vec![], vec![], vec![], vec![]);
         for _ in 0..runs {
@@ -375,6 +405,22 @@ async fn measure(
             },
             None => None,
         };
+        let (tpl, template_error) = match tctx {
+            Some(tctx) => {
+                match measure_template(tctx, client, t, &template_specs[ti], runs, &bar).await {
+                    Ok(f) => (Some(f), None),
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        bar.suspend(|| {
+                            eprintln!("{}: template starts not measured: {msg}", t.name)
+                        });
+                        (None, Some(msg))
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        let tp = |f: fn(&TemplateFigures) -> &Vec<f64>, p: f64| tpl.as_ref().map(|d| pct(f(d), p));
         let p50 = |f: fn(&DedupFigures) -> &Vec<f64>| d.as_ref().map(|d| pct(f(d), 50.0));
         rows.push(FunctionRow {
             name: t.name.clone(),
@@ -401,6 +447,11 @@ async fn measure(
                 first_response: pct(&d.first_response, 50.0),
             }),
             dedup_error,
+            template_ms_p50: tp(|d| &d.start, 50.0),
+            template_ms_p99: tp(|d| &d.start, 99.0),
+            template_main_ms_p50: tp(|d| &d.main, 50.0),
+            template_floor_run_ms_p50: tp(|d| &d.plain_run, 50.0),
+            template_error,
         });
     }
     bar.finish_and_clear();
@@ -787,10 +838,168 @@ fn print_table(r: &StartupReport) {
         ]);
     }
     println!("{t}");
+    print_template_table(r);
     println!(
         "warm overhead: p50 {:.2} ms, p99 {:.2} ms; no-op throughput {:.0}/s with {} clients (times in ms)",
         r.warm_overhead_ms_p50, r.warm_overhead_ms_p99, r.noop_invocations_per_s, r.noop_clients
     );
+}
+
+// ---- template starts (issue 8) --------------------------------------------------------------
+
+/// The opt-out annotation of template starts (see `medes_controller::OPT_OUT_ANNOTATION`).
+fn opt_out_annotation() -> medes_workload::client::KeyValue {
+    medes_workload::client::KeyValue {
+        key: medes_controller::OPT_OUT_ANNOTATION.into(),
+        value: Value::Bool(false),
+    }
+}
+
+/// With template starts on, the cold/warm/dedup measurements run with actions opted out of
+/// them (else every cold start would be followed by a template checkpoint, and later starts
+/// would be template starts); returns the targets so changed and their original specs.
+fn template_opt_out(mut targets: Vec<Target>, on: bool) -> (Vec<Target>, Vec<ActionSpec>) {
+    let originals = targets.iter().map(|t| t.spec.clone()).collect();
+    if on {
+        for t in &mut targets {
+            t.spec.annotations.push(opt_out_annotation());
+        }
+    }
+    (targets, originals)
+}
+
+/// Raw samples of one function's template starts.
+#[derive(Default)]
+struct TemplateFigures {
+    start: Vec<f64>,
+    main: Vec<f64>,
+    plain_run: Vec<f64>,
+}
+
+/// A fresh version (templates allowed) is cold-started; once its template is made, `runs` ×
+/// (purge the idle sandboxes → invocation that must be a template start → plain CRIU restore
+/// of a full image of the same version and its first run, the floor).
+async fn measure_template(
+    ctx: &DedupCtx,
+    client: &Client,
+    t: &Target,
+    spec: &ActionSpec,
+    runs: usize,
+    bar: &ProgressBar,
+) -> anyhow::Result<TemplateFigures> {
+    let ctl = &ctx.controller;
+    let put = client
+        .put_action(&t.name, spec)
+        .await
+        .with_context(|| format!("deploying {}", t.name))?;
+    let version = put
+        .get("version")
+        .and_then(Value::as_str)
+        .context("the stored action has no version")?
+        .to_string();
+    let before = ctl.template_stats();
+    let failures = |s: &medes_controller::TemplateStats| s.make_failures.values().sum::<u64>();
+    let (_, rec) = invoke(client, &t.name, &t.params).await?;
+    anyhow::ensure!(
+        rec.start_kind() == "cold",
+        "{}: expected a cold start, got {}",
+        t.name,
+        rec.start_kind()
+    );
+    let action = sandboxes_of(ctl, &t.name, &version)
+        .first()
+        .map(|s| s.action.clone())
+        .context("the cold-started sandbox is not in the controller's table")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = ctl.template_stats();
+        if s.made > before.made {
+            break;
+        }
+        anyhow::ensure!(
+            failures(&s) == failures(&before),
+            "{}: the template was not made ({s:?})",
+            t.name
+        );
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{}: no template within 120 s",
+            t.name
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let code = code_dir(&ctx.data_dir, &action, &version);
+    let plain_root = PathBuf::from(format!("/dev/shm/medes-bench-t{}", std::process::id()));
+    let plain_dir = plain_root.join(&t.name);
+    let plain = Plain {
+        cfg: &ctx.sandbox,
+        code: &code,
+        action: &action,
+        version: &version,
+        main: spec.exec.main.clone().unwrap_or_else(|| "main".into()),
+        params: &t.params,
+        memory_mb: spec.limits.memory,
+    };
+    let mut out = TemplateFigures::default();
+    let r = async {
+        plain.checkpoint(&plain_dir).await?;
+        for i in 0..runs {
+            ctl.purge_idle(&action);
+            let (ms, rec) = invoke(client, &t.name, &t.params).await?;
+            anyhow::ensure!(
+                rec.start_kind() == "template",
+                "{}: expected a template start, got {} ({:?})",
+                t.name,
+                rec.start_kind(),
+                ctl.template_stats()
+            );
+            out.start.push(ms);
+            out.main.push(main_ms(&rec));
+            let (_, pr) = plain.restore(&plain_dir, 100_000 + i).await?;
+            out.plain_run.push(pr);
+            bar.inc(1);
+        }
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&plain_dir);
+    let _ = std::fs::remove_dir(&plain_root);
+    r?;
+    // Retire this version's sandboxes and template.
+    client.put_action(&t.name, &t.spec).await?;
+    Ok(out)
+}
+
+fn print_template_table(r: &StartupReport) {
+    if r.functions.iter().all(|f| f.template_ms_p50.is_none()) {
+        return;
+    }
+    let mut t = comfy_table::Table::new();
+    t.set_header([
+        "function",
+        "cold p50",
+        "template p50",
+        "template p99",
+        "main p50",
+        "plain restore+run p50",
+        "cold / template",
+    ]);
+    let o = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for f in &r.functions {
+        t.add_row([
+            f.name.clone(),
+            format!("{:.1}", f.cold_ms_p50),
+            o(f.template_ms_p50),
+            o(f.template_ms_p99),
+            o(f.template_main_ms_p50),
+            o(f.template_floor_run_ms_p50),
+            f.template_ms_p50
+                .filter(|v| *v > 0.0)
+                .map_or("-".to_string(), |v| format!("{:.2}", f.cold_ms_p50 / v)),
+        ]);
+    }
+    println!("template starts (issue 8), ms:");
+    println!("{t}");
 }
 
 #[cfg(test)]

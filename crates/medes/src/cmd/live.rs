@@ -355,6 +355,7 @@ pub fn to_sim_output(
         let start = match r.start_kind.as_str() {
             "cold" => StartKind::Cold,
             "dedup" => StartKind::Dedup,
+            "template" => StartKind::Template,
             _ => StartKind::Warm,
         };
         let rec = InvocationRecord {
