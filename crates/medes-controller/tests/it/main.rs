@@ -496,3 +496,4 @@ async fn a_sandbox_with_a_tcp_socket_is_marked_not_deduplicable() {
     p.stop().await;
 }
 mod restart;
+mod template;
