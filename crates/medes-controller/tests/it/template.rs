@@ -76,7 +76,10 @@ async fn template_starts_and_a_corrupt_template_falls_back_to_a_cold_start() {
     let cold = invoke(&p, &a, json!({"x": 1})).await;
     assert_eq!(cold.start_kind, StartKind::Cold);
     wait_made(&p, 1).await;
-    let dir = p.agent.template_dir(&a.name).expect("the node has the template");
+    let dir = p
+        .agent
+        .template_dir(&a.name)
+        .expect("the node has the template");
 
     // Two starts at once with no idle sandbox: both from the template, own randomness.
     p.ctl.purge_idle(&a.name);
@@ -99,14 +102,22 @@ async fn template_starts_and_a_corrupt_template_falls_back_to_a_cold_start() {
     // The node's template is charged to it.
     p.ctl.refresh_memory().await;
     let charged: u64 = p.ctl.sandboxes().iter().map(|s| s.charged.0).sum();
-    assert!(p.ctl.memory_used()[0].0 > charged, "the template is not charged");
+    assert!(
+        p.ctl.memory_used()[0].0 > charged,
+        "the template is not charged"
+    );
 
     // Corrupt the template: the next start is a cold start that serves; the template is rebuilt.
     let pages = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|f| f.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .find(|f| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
         .expect("a pages file");
     let mut bytes = std::fs::read(&pages).unwrap();
     let mid = bytes.len() / 3;
