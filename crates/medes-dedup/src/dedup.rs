@@ -39,8 +39,12 @@ pub struct DedupConfig {
     /// first encoded against base page `j + 1`, and that patch is kept without fingerprinting
     /// or looking up when it is at most this many bytes (0: off). Consecutive pages of a
     /// mapping usually match consecutive base pages.
-    #[serde(default)]
+    #[serde(default = "default_predict_below")]
     pub predict_below: usize,
+}
+
+fn default_predict_below() -> usize {
+    2048
 }
 
 impl Default for DedupConfig {
@@ -56,7 +60,7 @@ impl Default for DedupConfig {
             second_candidate_above: usize::MAX,
             local_node: NodeId(0),
             block_level: 1,
-            predict_below: 2048,
+            predict_below: default_predict_below(),
         }
     }
 }
@@ -86,10 +90,17 @@ pub struct DedupStats {
     pub rebased: u64,
     /// Pages stored against the predicted base page (no fingerprint or lookup).
     pub predicted: u64,
-    /// Time fingerprinting (including rebasing).
+    /// Pages whose sampled chunks were looked up in the registry.
+    pub looked_up: u64,
+    /// Time fingerprinting (zero check, checksum, rebasing, whole-page hash, chunk sampling;
+    /// thread time divided by the pool's threads).
     pub fingerprint: Duration,
-    /// Time choosing base pages.
+    /// Time choosing base pages (thread time divided by the pool's threads, like the other
+    /// phases).
     pub lookup: Duration,
+    /// Thread time of one page's lookup (its chunks in the registry and the base choice),
+    /// averaged over the pages looked up.
+    pub lookup_per_page: Duration,
     /// Time encoding.
     pub encode: Duration,
     /// Time compressing the blocks.
@@ -175,6 +186,8 @@ struct BlockOut {
     ns: [u64; 4],
     /// Pages stored against the predicted base page.
     predicted: u64,
+    /// Pages looked up by sampled chunks.
+    looked_up: u64,
 }
 
 /// Per-thread state of a dedup.
@@ -339,6 +352,7 @@ fn dedup_block(
                 None => {
                     let fp = sample(target, &cfg.fingerprint, hash);
                     lap(&mut out.ns, 0);
+                    out.looked_up += 1;
                     reader.choose(&fp, positions.get(i).copied().unwrap_or(0), cfg.local_node)
                 }
             };
@@ -488,8 +502,11 @@ pub fn dedup(
     store.blob.reserve(outs.iter().map(|o| o.blob.len()).sum());
     let mut kinds = [0u64; 9];
     let mut kind_bytes = [0f64; 9];
+    let mut lookup_ns = 0u64;
     for o in outs {
         stats.predicted += o.predicted;
+        stats.looked_up += o.looked_up;
+        lookup_ns += o.ns[1];
         let mut block_raw = [0u64; 9];
         for (mut e, base) in o.entries {
             if let Some(id) = base {
@@ -530,6 +547,7 @@ pub fn dedup(
         store.blob.extend_from_slice(&o.blob);
         store.blocks.push(o.block);
     }
+    stats.lookup_per_page = Duration::from_nanos(lookup_ns / stats.looked_up.max(1));
     for (k, kind) in KINDS.iter().enumerate() {
         if kinds[k] == 0 {
             continue;

@@ -64,10 +64,15 @@ pub struct FunctionReport {
     pub avg_patch_bytes: f64,
     /// Of the pages stored against a base page, the share whose base is another function's.
     pub cross_function_base_pct: f64,
-    /// Fingerprinting wall time per page (parallel).
+    /// Fingerprinting phase (zero check, checksum, rebasing, whole-page hash, chunk sampling)
+    /// wall time per page of the sandbox (parallel; exact and predicted pages skip sampling).
     pub fingerprint_us_per_page: f64,
-    /// Base choice wall time per page.
+    /// One page's registry lookup (its chunks and the base choice, one thread), averaged over
+    /// the pages looked up.
     pub lookup_us_per_page: f64,
+    /// Share of the pages looked up in the registry (the others were zero, exact duplicates or
+    /// predicted).
+    pub looked_up_pct: f64,
     /// The whole dedup operation (fingerprint, lookup, encode, write store).
     pub dedup_ms: f64,
     /// Rebuild of all pages (verified), from the reloaded store.
@@ -173,6 +178,7 @@ struct Acc {
     cross: u64,
     fp_us: f64,
     lookup_us: f64,
+    looked_up: u64,
     dedup_ms: f64,
     rebuild_ms: f64,
     rebuild_cpu_ms: f64,
@@ -307,7 +313,8 @@ pub fn evaluate(
             *a.kind_bytes.entry(k.clone()).or_default() += v;
         }
         a.fp_us += stats.fingerprint.as_secs_f64() * 1e6 / pages;
-        a.lookup_us += stats.lookup.as_secs_f64() * 1e6 / pages;
+        a.lookup_us += stats.lookup_per_page.as_secs_f64() * 1e6;
+        a.looked_up += stats.looked_up;
         a.dedup_ms += dedup_ms;
         a.dedup_cpu_ms += dedup_cpu_ms;
         a.rebuild_ms += rebuild_ms;
@@ -349,6 +356,7 @@ pub fn evaluate(
                 cross_function_base_pct: 100.0 * a.cross as f64 / a.based.max(1) as f64,
                 fingerprint_us_per_page: a.fp_us / n,
                 lookup_us_per_page: a.lookup_us / n,
+                looked_up_pct: 100.0 * a.looked_up as f64 / a.pages.max(1) as f64,
                 dedup_ms: a.dedup_ms / n,
                 rebuild_ms: a.rebuild_ms / n,
                 rebuild_gb_per_s: if a.rebuild_ms > 0.0 {

@@ -24,8 +24,15 @@ fn dumps() -> Option<&'static Dumps> {
         let root = support::tmp_dir("dedup");
         let base = root.join("json-0");
         let target = root.join("json-1");
+        // nextest runs each test in its own process: concurrent CRIU dumps of processes that
+        // share the mount namespace can collide in CRIU's parasite ("Can't create a directory
+        // (-17)"), so the dumps of this binary's processes take turns.
+        let lock = std::fs::File::create(std::env::temp_dir().join("medes-dedup-it-dump.lock"))
+            .expect("lock file");
+        lock.lock().expect("lock");
         support::make_dump(support::JSON_FUNCTION, &base, true).expect("base dump");
         support::make_dump(support::JSON_FUNCTION, &target, true).expect("target dump");
+        drop(lock);
         Some(Dumps { base, target })
     })
     .as_ref()
