@@ -148,7 +148,7 @@ pub struct TemplateReply {
 /// A template start's timings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TemplateStartReply {
-    /// Time to verify the template's checksums, ms.
+    /// Time to verify the template's checksums, ms (while CRIU restores, on another thread).
     pub verify_ms: f64,
     /// Time of the restore until the reseeded runtime answered, ms.
     pub restore_ms: f64,

@@ -555,16 +555,13 @@ impl crate::Inner {
                 },
             );
         }
+        // The checksums are verified while CRIU restores (on another core); a restored process
+        // is only handed out once its template verified.
         let t2 = t.clone();
-        let verified = tokio::task::spawn_blocking(move || t2.verify())
-            .await
-            .unwrap_or_else(|e| Err(format!("checksum task failed: {e}")));
-        let verify_ms = crate::ms(t0.elapsed());
-        if let Err(reason) = verified {
-            self.finish_busy(&c.sandbox, None);
-            self.templates.remove(&t, &reason);
-            return Err(unavailable(format!("corrupt, deleted: {reason}")));
-        }
+        let verify = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            t2.verify().map(|()| crate::ms(t.elapsed()))
+        });
         let spec = medes_sandbox::SandboxSpec {
             id: c.sandbox.clone(),
             code_dir: t.info.spec.code_dir.clone(),
@@ -573,12 +570,27 @@ impl crate::Inner {
         };
         let bound = std::time::Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
         let t1 = std::time::Instant::now();
-        let r = tokio::time::timeout(
-            bound,
-            medes_sandbox::Sandbox::restore(&self.cfg.sandbox, spec.clone(), &t.dir),
-        )
-        .await;
-        let restore_ms = crate::ms(t1.elapsed());
+        let restore = async {
+            let r = tokio::time::timeout(
+                bound,
+                medes_sandbox::Sandbox::restore(&self.cfg.sandbox, spec.clone(), &t.dir),
+            )
+            .await;
+            (r, crate::ms(t1.elapsed()))
+        };
+        let (verified, (r, restore_ms)) = tokio::join!(verify, restore);
+        let verified = verified.unwrap_or_else(|e| Err(format!("checksum task failed: {e}")));
+        let verify_ms = match verified {
+            Ok(ms) => ms,
+            Err(reason) => {
+                if let Ok(Ok(sb)) = r {
+                    let _ = sb.destroy().await;
+                }
+                self.finish_busy(&c.sandbox, None);
+                self.templates.remove(&t, &reason);
+                return Err(unavailable(format!("corrupt, deleted: {reason}")));
+            }
+        };
         let sandbox = match r {
             Ok(Ok(sb)) => sb,
             Ok(Err(e)) => {
