@@ -333,8 +333,9 @@ pub const TRADEOFF: [(&str, &[&str]); 3] = [
 pub const GD_POOLS_GB: [f64; 4] = [15.0, 20.0, 30.0, 40.0];
 
 /// Medes variants beyond the prototype's rules, run at every pool (see `medes_policy`'s
-/// policies docs): deduplicate at keep-alive expiry instead of purging.
-pub const VARIANTS: [&str; 1] = ["medes-dka"];
+/// policies docs): deduplicate at keep-alive expiry instead of purging; no timer purges while
+/// the cluster is below 90% of its budget (`hold`).
+pub const VARIANTS: [&str; 2] = ["medes-dka", "medes-hold-0.9"];
 
 /// The keep-alive sweep (paper Fig. 12), at 40 GB.
 pub const KA_SWEEP: [&str; 4] = ["fixed-5m", "fixed-10m", "fixed-15m", "fixed-20m"];

@@ -431,7 +431,10 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
     let _ = writeln!(
         md,
         "\n`medes` follows the prototype's rules; `medes-dka` deduplicates a warm sandbox at \
-         keep-alive expiry instead of purging it (kept until keep-dedup).\n"
+         keep-alive expiry instead of purging it (kept until keep-dedup); `medes-hold-0.9` \
+         destroys nothing on its timers while the cluster is below 90% of its budget (a warm \
+         sandbox past keep-alive is deduplicated instead; eviction frees memory under \
+         pressure).\n"
     );
 
     // Targets.
@@ -454,14 +457,18 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
             continue;
         };
         let tf = if pool >= 40.0 { "−35%" } else { "−45%" };
-        let dka = get("medes-dka").map_or(String::new(), |d| {
-            format!(
-                " (medes-dka: {} / {} / {})",
-                fmt_pct(pct_change(d, f)),
-                fmt_pct(pct_change(d, h)),
-                fmt_pct(pct_change(d, g))
-            )
-        });
+        let mut dka = String::new();
+        for v in VARIANTS {
+            if let Some(d) = get(v) {
+                let _ = write!(
+                    dka,
+                    " ({v}: {} / {} / {})",
+                    fmt_pct(pct_change(d, f)),
+                    fmt_pct(pct_change(d, h)),
+                    fmt_pct(pct_change(d, g))
+                );
+            }
+        }
         let _ = writeln!(
             md,
             "| {pool:.0} | {}{dka} | {} | {tf} | {} | {} | −55% | {} | < 0% |",

@@ -45,6 +45,8 @@ pub enum PolicySpec {
         /// `-hold-<x>`: memory mode, no timer purges while the cluster is below x of its
         /// budget.
         hold_below: Option<f64>,
+        /// `-value`: eviction by expected saving per MB.
+        evict_by_value: bool,
     },
 }
 
@@ -111,6 +113,7 @@ impl FromStr for PolicySpec {
         let mut dka = false;
         let mut pw = None;
         let mut hold = None;
+        let mut value = false;
         let parts: Vec<&str> = rest.split('-').filter(|p| !p.is_empty()).collect();
         let mut i = 0;
         while i < parts.len() {
@@ -147,6 +150,7 @@ impl FromStr for PolicySpec {
                     i += 1;
                 }
                 "dka" => dka = true,
+                "value" => value = true,
                 "hold" => {
                     hold = Some(
                         parts
@@ -178,6 +182,7 @@ impl FromStr for PolicySpec {
             dedup_at_keep_alive: dka,
             pressure_watermark: pw,
             hold_below: hold,
+            evict_by_value: value,
         })
     }
 }
@@ -215,6 +220,7 @@ impl fmt::Display for PolicySpec {
                 dedup_at_keep_alive,
                 pressure_watermark,
                 hold_below,
+                evict_by_value,
             } => {
                 f.write_str("medes")?;
                 match mode {
@@ -239,6 +245,9 @@ impl fmt::Display for PolicySpec {
                 }
                 if let Some(h) = hold_below {
                     write!(f, "-hold-{}", fmt_num(*h))?;
+                }
+                if *evict_by_value {
+                    f.write_str("-value")?;
                 }
                 Ok(())
             }
@@ -364,6 +373,7 @@ impl PolicySpec {
                 dedup_at_keep_alive,
                 pressure_watermark,
                 hold_below,
+                evict_by_value,
             } => Box::new(Named {
                 name,
                 inner: Medes::new(
@@ -374,6 +384,7 @@ impl PolicySpec {
                         dedup_at_keep_alive: *dedup_at_keep_alive,
                         pressure_watermark: *pressure_watermark,
                         hold_below: *hold_below,
+                        evict_by_value: *evict_by_value,
                         ..MedesConfig::default()
                     },
                     costs,
@@ -407,6 +418,7 @@ mod tests {
             "medes-dka-pw-0.8",
             "medes-hold-0.9",
             "medes-kd-10m-hold-0.95",
+            "medes-hold-0.9-value",
             "hybrid-histogram-margin-4",
             "hybrid-histogram-60m-margin-1",
         ] {

@@ -110,6 +110,12 @@ pub struct MedesConfig {
     /// them in the policy's order. The prototype purges on the timers regardless (`None`).
     #[serde(default)]
     pub hold_below: Option<f64>,
+    /// Eviction by value instead of the prototype's over-provisioning order: the idle sandbox
+    /// with the lowest expected saving per MB freed goes first, i.e. mean arrival rate × (cold
+    /// start − its own start latency) ÷ the memory it holds (m_D for a dedup sandbox, m_W for a
+    /// warm one); least recently used among equals. Default false (the prototype's order).
+    #[serde(default)]
+    pub evict_by_value: bool,
     /// Live controller only: the fraction of m_W a dedup is assumed to save (b_f) until a dedup
     /// of the function has been measured and no profiled cost is known. Default 0.5; 0 makes an
     /// unmeasured function never deduplicated (besides its base).
@@ -134,6 +140,7 @@ impl Default for MedesConfig {
             pressure_min_idle_ms: 10_000,
             own_budget: false,
             hold_below: None,
+            evict_by_value: false,
             assumed_saving: default_assumed_saving(),
             reuse_ms: 500.0,
             window_minutes: 10,
@@ -563,12 +570,22 @@ impl ClusterPolicy for Medes {
         self.explain(f, sb, view, now).verdict
     }
 
-    fn evict_rank(&self, f: FnId, _sb: &IdleSandbox, view: &FleetView<'_>, now: Timestamp) -> f64 {
+    fn evict_rank(&self, f: FnId, sb: &IdleSandbox, view: &FleetView<'_>, now: Timestamp) -> f64 {
         let counts = view.counts.get(f).copied().unwrap_or_default();
         let rate = self
             .fns
             .get(f)
             .map_or(0.0, |s| s.lambda.mean_rate(now, self.cfg.window_minutes));
+        if self.cfg.evict_by_value
+            && let (Some(c), Some(st)) = (self.costs.get(f), self.fns.get(f))
+        {
+            let (start, mb) = match sb.state {
+                IdleState::Dedup => (st.s_d, c.dedup_mb),
+                _ => (st.s_w, c.warm_mb),
+            };
+            let saved = (c.cold_ms - start).max(0.0);
+            return rate * saved / mb.max(1.0);
+        }
         let held = (counts.warm + counts.dedup_like() + counts.base) as f64;
         // Most over-provisioned first: the lowest rank.
         -(held / (rate + 1e-3))
