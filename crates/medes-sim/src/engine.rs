@@ -34,6 +34,12 @@ pub struct ClusterConfig {
     /// controller does. The prototype never evicts bases (`false`, the paper's setup).
     #[serde(default)]
     pub evict_idle_bases: bool,
+    /// CPU cores per node; 0 (the default): unlimited. With n cores, an invocation (and its
+    /// cold or dedup start) that begins while k sandboxes of its node are busy (starting,
+    /// restoring or running, itself included) takes max(1, k / n) times its profiled time: a
+    /// crude processor-sharing model, fixed at the start.
+    #[serde(default)]
+    pub cores: usize,
 }
 
 impl ClusterConfig {
@@ -45,6 +51,7 @@ impl ClusterConfig {
             admit_fraction: 0.95,
             max_restores_per_node: 10,
             evict_idle_bases: false,
+            cores: 0,
         }
     }
 
@@ -661,8 +668,28 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         }
     }
 
+    /// The CPU slowdown of work starting now on `node` (1 without a CPU model).
+    fn slowdown(&self, node: usize) -> f64 {
+        let cores = self.cfg.cluster.cores;
+        if cores == 0 {
+            return 1.0;
+        }
+        let busy = self
+            .live
+            .iter()
+            .flatten()
+            .filter(|&&o| {
+                self.sbs[o].node == node
+                    && matches!(self.sbs[o].st, St::Running | St::Starting | St::Restoring)
+            })
+            .count();
+        (busy as f64 / cores as f64).max(1.0)
+    }
+
+    /// Records an invocation starting in `s` after `start_ms` (already slowed down); its
+    /// execution is slowed down by the node's current load.
     fn record(&mut self, r: Req, s: usize, kind: StartKind, start_ms: f64) {
-        let exec = self.exec_ms(r.f);
+        let exec = self.exec_ms(r.f) * self.slowdown(self.sbs[s].node);
         let startup = (self.now - r.arrival) as f64 + start_ms;
         self.policy
             .on_start(r.f, kind, startup, Timestamp(self.now));
@@ -691,7 +718,7 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         if let Some(s) = warm {
             let base = self.sbs[s].base;
             self.set(s, St::Running, base);
-            let w = self.prof[f].warm_ms;
+            let w = self.prof[f].warm_ms * self.slowdown(self.sbs[s].node);
             self.record(r, s, StartKind::Warm, w);
             return true;
         }
@@ -710,9 +737,10 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             self.nodes[node].restores += 1;
             self.set(s, St::Restoring, false);
             self.charge(s, p.warm_mb + p.restore_mb);
-            let t = self.now + p.dedup_ms.ceil() as u64;
+            let d = p.dedup_ms * self.slowdown(node);
+            let t = self.now + d.ceil() as u64;
             self.push(t, Ev::Started(s));
-            self.record(r, s, StartKind::Dedup, p.dedup_ms);
+            self.record(r, s, StartKind::Dedup, d);
             return true;
         }
         // 3. A cold start.
@@ -720,9 +748,10 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             return false;
         };
         let s = self.new_sandbox(f, node, None);
-        let t = self.now + p.cold_ms.ceil() as u64;
+        let c = p.cold_ms * self.slowdown(node);
+        let t = self.now + c.ceil() as u64;
         self.push(t, Ev::Started(s));
-        self.record(r, s, StartKind::Cold, p.cold_ms);
+        self.record(r, s, StartKind::Cold, c);
         true
     }
 

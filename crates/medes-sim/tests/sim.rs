@@ -311,3 +311,41 @@ fn tiny_paper_evaluation_end_to_end() {
         assert!(!row[k].is_null(), "{k}");
     }
 }
+
+#[test]
+fn cpu_model_slows_concurrent_work_and_start_reservations_and_base_eviction_are_options() {
+    let p = Profile::paper();
+    // Three linalg invocations at once on one node: no CPU model, each takes cold + exec;
+    // with one core the second and third start while others are busy and take longer.
+    let t = trace(&[(0, "linalg"), (0, "linalg"), (0, "linalg")]);
+    let base = cluster(1, 4000.0);
+    let free = run(&t, "fixed-10m", &base, &p);
+    let mut one = base;
+    one.cluster.cores = 1;
+    let slow = run(&t, "fixed-10m", &one, &p);
+    let max = |o: &SimOutput| o.records.iter().map(|r| r.e2e_ms).fold(0.0, f64::max);
+    let lin = &p.functions["linalg"];
+    assert!(
+        (max(&free) - (lin.cold_ms + lin.exec_ms)).abs() < 2.0,
+        "{}",
+        max(&free)
+    );
+    assert!(
+        max(&slow) >= 2.9 * (lin.cold_ms + lin.exec_ms),
+        "{}",
+        max(&slow)
+    );
+    // A start reservation larger than m_W is charged until the first invocation ends.
+    let mut q = p.clone();
+    q.functions.get_mut("linalg").unwrap().start_mb = 500.0;
+    let t1 = trace(&[(0, "linalg")]);
+    let mut c = cluster(1, 4000.0);
+    c.sample_ms = 100;
+    let o = run(&t1, "fixed-10m", &c, &q);
+    let peak = o.memory.iter().map(|m| m.used_mb).fold(0.0, f64::max);
+    assert!((peak - 500.0).abs() < 1e-6, "{peak}");
+    let last = o.memory.last().unwrap().used_mb;
+    assert!((last - lin.warm_mb).abs() < 1e-6, "{last}");
+    assert!(!ClusterConfig::paper(40.0).evict_idle_bases);
+    assert_eq!(ClusterConfig::paper(40.0).cores, 0);
+}

@@ -59,6 +59,9 @@ struct ValidateArgs {
     /// Medes's memory-mode budget M0, MB (default: the node's budget).
     #[arg(long)]
     m0_mb: Option<f64>,
+    /// CPU cores of the simulated node (0: no CPU model). Default 2, this machine's.
+    #[arg(long, default_value_t = 2)]
+    cores: usize,
     /// Measured cost profile (`medes profile --startup ... --out FILE`); default: calibrated
     /// from the live runs themselves (start latencies by kind), the paper's for the rest.
     #[arg(long)]
@@ -141,7 +144,7 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     if a.plan {
         let profile = live::with_limits(super::sim::load_profile(a.profile.as_ref())?)?;
         for which in Which::BOTH {
-            let s = live::run_sim(&trace, &profile, which, &timers, a.budget_mb)?.summary;
+            let s = live::run_sim(&trace, &profile, which, &timers, a.budget_mb, a.cores)?.summary;
             say!(
                 "{}: {} served, {} cold, {} dedup, {} evictions, p50 {:.0} ms, p99 {:.0} ms, mean {:.0} MB",
                 s.policy,
@@ -191,10 +194,10 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut sims = Vec::new();
     let mut cals = Vec::new();
     for which in Which::BOTH {
-        let out = live::run_sim(&trace, &measured, which, &timers, a.budget_mb)?;
+        let out = live::run_sim(&trace, &measured, which, &timers, a.budget_mb, a.cores)?;
         live::write_run(&out, &a.out.join(&out.policy))?;
         sims.push(out);
-        let mut out = live::run_sim(&trace, &calibrated, which, &timers, a.budget_mb)?;
+        let mut out = live::run_sim(&trace, &calibrated, which, &timers, a.budget_mb, a.cores)?;
         out.policy = out.policy.replacen("sim-", "simcal-", 1);
         out.summary.policy = out.policy.clone();
         live::write_run(&out, &a.out.join(&out.policy))?;

@@ -386,13 +386,15 @@ pub fn to_sim_output(
     }
 }
 
-/// The same trace in the simulator: one node with the live budget, the profile's costs.
+/// The same trace in the simulator: one node with the live budget, the profile's costs, and
+/// `cores` CPU cores (0: no CPU model).
 pub fn run_sim(
     trace: &Trace,
     profile: &Profile,
     which: Which,
     timers: &Timers,
     budget_mb: u64,
+    cores: usize,
 ) -> anyhow::Result<SimOutput> {
     let names = trace.functions();
     let costs = profile
@@ -403,6 +405,7 @@ pub fn run_sim(
         nodes: 1,
         node_mb: budget_mb as f64 * 1.048_576,
         evict_idle_bases: true,
+        cores,
         ..ClusterConfig::paper(1.0)
     };
     let mut cfg = SimConfig::new(cluster);
