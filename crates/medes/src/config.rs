@@ -160,6 +160,14 @@ mod tests {
     }
 
     #[test]
+    fn template_starts_are_off_unless_switched_on() {
+        assert!(!MedesConfig::default().controller.template_starts);
+        let cfg: MedesConfig =
+            toml::from_str("[controller]\ntemplate_starts = true\n").expect("parses");
+        assert!(cfg.controller.template_starts);
+    }
+
+    #[test]
     fn bad_auth_keys_are_rejected() {
         let mut cfg = MedesConfig::default();
         cfg.auth.keys.push(KeyEntry {
