@@ -555,6 +555,11 @@ impl crate::Inner {
                 },
             );
         }
+        // A start like a cold one: bounded by the same permits.
+        let Ok(_permit) = self.starts.acquire().await else {
+            self.finish_busy(&c.sandbox, None);
+            return Err(AgentError::ShuttingDown);
+        };
         // The checksums are verified while CRIU restores (on another core); a restored process
         // is only handed out once its template verified.
         let t2 = t.clone();
