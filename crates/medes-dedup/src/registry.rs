@@ -412,10 +412,13 @@ fn choose_in(g: &Inner, fp: &PageFingerprint, position: u64, local: NodeId) -> O
     ); MAX_K * MAX_REFS_PER_CHUNK];
     let mut n = 0;
     let cap = cands.len();
-    for c in fp.chunks() {
-        let Some(refs) = g.chunks.get(c) else {
-            continue;
-        };
+    // All chunk lookups first, back to back: their cache misses overlap (the registry of a
+    // node is tens of MB), then the counting.
+    let mut found: [Option<&Refs>; MAX_K] = [None; MAX_K];
+    for (f, c) in found.iter_mut().zip(fp.chunks()) {
+        *f = g.chunks.get(c);
+    }
+    for refs in found.iter().flatten() {
         for r in refs.iter() {
             match cands[..n].iter_mut().find(|(p, _)| p == r) {
                 Some((_, cnt)) => *cnt += 1,
