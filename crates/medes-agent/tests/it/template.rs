@@ -12,14 +12,17 @@ use serde_json::{Value, json};
 
 use super::agent;
 
-/// State built at init (its hash is the answer's `h`), plus the runtime's random generators.
+/// State built at init (its hash is the answer's `h`), plus the random generators (Python's,
+/// the kernel's, numpy's).
 const CODE: &str = r#"
 import hashlib, json, os, random
+import numpy as np
 DATA = [{"k": i, "v": str(i) * 5} for i in range(20000)]
 BLOB = json.dumps(DATA).encode()
 def main(args):
     h = hashlib.sha256(BLOB + json.dumps(args, sort_keys=True).encode()).hexdigest()
-    return {"h": h, "r": random.random(), "u": os.urandom(8).hex(), "pid": os.getpid()}
+    return {"h": h, "r": random.random(), "u": os.urandom(8).hex(), "pid": os.getpid(),
+            "n": float(np.random.random())}
 "#;
 
 fn id(tag: &str) -> SandboxId {
@@ -138,6 +141,7 @@ async fn template_starts_give_the_result_with_fresh_randomness() {
     assert_eq!(rc["h"], ra["h"]);
     assert_ne!(rb["r"], rc["r"], "siblings share Python's random state");
     assert_ne!(rb["u"], rc["u"], "siblings share os.urandom output");
+    assert_ne!(rb["n"], rc["n"], "siblings share numpy's random state");
     assert_ne!(rb["r"], call(&agent, &a).await["r"]);
     // Each sibling is a sandbox of its own: warm, with its memory.
     let st = status(&agent).await;
