@@ -241,7 +241,12 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
         let client = Client::new(&ClientConfig::new(url, auth))?;
         let report = measure(&client, &args, ctx.as_ref(), tctx.as_ref()).await;
         if let Some((p, _)) = platform {
-            p.stop().await?;
+            if args.data_dir.is_none() {
+                // A throw-away data dir: its kept dedup stores and bases go with it.
+                p.stop_and_purge().await?;
+            } else {
+                p.stop().await?;
+            }
         }
         let report = report?;
         if args.json {
