@@ -21,6 +21,10 @@ pub struct Args {
     /// Print the configuration with every default and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// On shutdown, also delete the dedup stores and bases that are otherwise kept on tmpfs for
+    /// the next start with the same data directory.
+    #[arg(long)]
+    pub purge_on_exit: bool,
 }
 
 /// Runs `medes serve`.
@@ -60,7 +64,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             token.cancel();
         });
-        platform.run_until_shutdown().await
+        if args.purge_on_exit {
+            token_wait(&platform).await;
+            platform.stop_and_purge().await
+        } else {
+            platform.run_until_shutdown().await
+        }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the platform is asked to stop.
+async fn token_wait(platform: &Platform) {
+    platform.shutdown_token().cancelled().await;
 }
