@@ -265,8 +265,8 @@ impl MappingTable {
 
     /// Inverts [`MappingTable::rebase`] in place with this (the page's own dump's) table.
     ///
-    /// Branch-free per word (a third of a page's words are tokens, in no predictable pattern):
-    /// non-token words look up slot 0 and keep their value.
+    /// A bitmap of the token words first (compares only), then one lookup per token: 0.45
+    /// µs per page against 0.77 for a branch-free lookup of every word (featuregen pages).
     pub fn unrebase(&self, page: &mut Page) -> Result<(), UnknownMapping> {
         let mut bad = false;
         let (words, _) = page.as_chunks_mut::<8>();
@@ -288,29 +288,6 @@ impl MappingTable {
             }
         }
         if bad {
-            return Err(UnknownMapping {
-                id: self.first_unknown(page),
-            });
-        }
-        Ok(())
-    }
-
-    /// The previous, branch-free form of [`MappingTable::unrebase`] (kept for comparison).
-    #[doc(hidden)]
-    pub fn unrebase_branchless(&self, page: &mut Page) -> Result<(), UnknownMapping> {
-        let mut bad = 0u64;
-        let (words, _) = page.as_chunks_mut::<8>();
-        for d in words {
-            let w = u64::from_le_bytes(*d);
-            let t = u64::from(w >> 48 == TAG);
-            let idx = ((w >> 32) & 0xFFFF) * t;
-            let start = self.by_id[idx as usize];
-            bad |= t & u64::from(start == EMPTY);
-            let mask = 0u64.wrapping_sub(t);
-            let out = w ^ ((w ^ start.wrapping_add(w & 0xFFFF_FFFF)) & mask);
-            *d = out.to_le_bytes();
-        }
-        if bad != 0 {
             return Err(UnknownMapping {
                 id: self.first_unknown(page),
             });
