@@ -1,0 +1,81 @@
+//! The controller ↔ node agent transport (issue 7, phase 1): gRPC over tonic, protocol
+//! `medes.node.v1` (`proto/medes/node/v1/node.proto`, compiled by `build.rs` with protox: no
+//! `protoc` needed).
+//!
+//! Two services:
+//! - **`Node`**, served by each agent ([`serve_node`] wraps any [`NodeAgent`], normally a local
+//!   `medes_agent::Agent`): `Execute` carries one [`Command`] and answers its
+//!   `Result<Reply, AgentError>`; `Status` answers the node's state.
+//! - **`Registry`**, served by the controller ([`Registry`], [`serve_registry`]): `Register`
+//!   (node id, address, memory budget, protocol version → accepted, or refused with a reason)
+//!   and `Heartbeat`. Agents run [`run_agent_link`]: register, then heartbeat every second,
+//!   registering again when the controller no longer knows them (it restarted).
+//!
+//! On the controller side a [`RemoteAgent`] is a [`NodeAgent`] over a tonic client, so the
+//! scheduler (`medes_controller::Controller`) drives remote nodes exactly like the in-process
+//! one. Every call has a deadline ([`Deadlines`]: per command kind, a run's and a spawn's own
+//! time limits plus slack), sent as `grpc-timeout` and enforced on both ends; transport
+//! failures, deadlines and undecodable answers become [`AgentError::Unavailable`].
+//!
+//! # Design
+//! - Only this crate knows the wire format: [`convert`] maps every `Command`/`Reply`/
+//!   `AgentError` variant to a real proto message (no opaque envelope); JSON values (a run's
+//!   parameters and returned value) travel as JSON text fields.
+//! - Versioning: the package is `medes.node.v1`, fields are only ever added, and every request
+//!   carries [`PROTOCOL_VERSION`]; a peer that speaks another version is refused (registration)
+//!   or answered `FAILED_PRECONDITION` (execution).
+//! - The controller is built once the expected number of nodes has registered
+//!   ([`Registry::wait_for_nodes`]): `medes_controller::Controller` indexes its nodes by position
+//!   in a fixed `Vec` (budgets, placement, templates), so growing it at run time is left to
+//!   phase 2. A node that registers again under a known id (an agent restart, a new address) is
+//!   accepted and its [`RemoteAgent`] is re-pointed; an unknown id after that is refused.
+//! - The registry checks a registering node by calling its `Status` back (reachable at the
+//!   address it gave, answering under the id it claimed) before accepting it.
+//! - Missed heartbeats: a node not heard from for [`RegistryConfig::dead_after`] (5 s) is
+//!   logged dead (and alive again when it comes back). Acting on it is phase 2.
+//!
+//! # What this crate does not do (yet: later phases of issue 7)
+//! - Nodes joining at run time beyond the initial set, and acting on dead nodes (failing or
+//!   retrying their in-flight invocations, cold-start fallback for dedup sandboxes whose bases
+//!   lived there, reconciling a restarted agent's sandboxes).
+//! - Remote base pages (a streaming, batched page service between agents).
+//! - The namespaced multi-host test bed (`medes cluster up --nodes N`: netns + veth/bridge), fault
+//!   injection tests (kill -9, partitions), controller restart with persisted state.
+//! - The Redis registry backend, TLS/authentication between controller and agents, systemd and
+//!   Kubernetes deployment files.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod convert;
+mod link;
+mod node;
+mod registry;
+
+/// Generated code of `medes.node.v1` (messages, clients, servers).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("medes.node.v1");
+}
+
+pub use link::{AgentLinkConfig, LinkError, run_agent_link};
+pub use medes_agent::{AgentError, Command, NodeAgent, Reply};
+pub use node::{Deadlines, RemoteAgent, RemoteAgentError, serve_node};
+pub use registry::{NodeInfo, Registry, RegistryConfig, serve_registry};
+
+/// The protocol version this build speaks (the `v1` of `medes.node.v1`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message either side accepts (a spawn carries the action's code, up to the API's
+/// code limit).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A gRPC server ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed (accepting or serving connections).
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,354 @@
+//! The controller's `Registry` service: which nodes there are, where, and whether they are alive.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use medes_agent::NodeAgent;
+use medes_core::{Bytes, NodeId};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::node::{Deadlines, RemoteAgent};
+use crate::pb;
+use crate::pb::registry_server::RegistryServer;
+use crate::{PROTOCOL_VERSION, ServeError};
+
+/// Settings of the controller's registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Nodes the controller is built with; ids beyond these are refused (phase 1).
+    pub expected_nodes: usize,
+    /// How often agents are told to send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A node not heard from for this long is reported dead.
+    pub dead_after: Duration,
+    /// Deadline of the status call that checks a registering node.
+    pub probe_deadline: Duration,
+    /// Deadlines of the calls to the nodes.
+    pub deadlines: Deadlines,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            expected_nodes: 1,
+            heartbeat_interval: Duration::from_secs(1),
+            dead_after: Duration::from_secs(5),
+            probe_deadline: Duration::from_secs(5),
+            deadlines: Deadlines::default(),
+        }
+    }
+}
+
+/// One registered node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: NodeId,
+    /// Where it serves `Node`.
+    pub address: SocketAddr,
+    /// The memory budget it reported (0: the controller's configuration applies).
+    pub memory_budget: Bytes,
+    /// Whether it was heard from within [`RegistryConfig::dead_after`].
+    pub alive: bool,
+    /// Time since its last registration or heartbeat.
+    pub since_heard: Duration,
+    /// Times it registered (1 + re-registrations).
+    pub registrations: u64,
+}
+
+struct Entry {
+    agent: Arc<RemoteAgent>,
+    memory_budget: u64,
+    last_heard: Instant,
+    dead: bool,
+    registrations: u64,
+    /// Order of first registration.
+    order: usize,
+}
+
+struct Inner {
+    cfg: RegistryConfig,
+    nodes: Mutex<BTreeMap<NodeId, Entry>>,
+    count: watch::Sender<usize>,
+}
+
+/// The nodes known to the controller. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry(Arc<Inner>);
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(cfg: RegistryConfig) -> Registry {
+        let (count, _) = watch::channel(0);
+        Registry(Arc::new(Inner {
+            cfg,
+            nodes: Mutex::new(BTreeMap::new()),
+            count,
+        }))
+    }
+
+    /// Waits until [`RegistryConfig::expected_nodes`] nodes have registered and returns them in
+    /// the order they first registered, ready for `medes_controller::Controller::new`.
+    pub async fn wait_for_nodes(&self) -> Vec<(NodeId, Arc<dyn NodeAgent>)> {
+        let mut rx = self.0.count.subscribe();
+        let want = self.0.cfg.expected_nodes;
+        let _ = rx.wait_for(|n| *n >= want).await;
+        let nodes = self.0.nodes.lock();
+        let mut v: Vec<_> = nodes
+            .iter()
+            .map(|(id, e)| (e.order, id.clone(), e.agent.clone()))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v.into_iter()
+            .map(|(_, id, a)| (id, a as Arc<dyn NodeAgent>))
+            .collect()
+    }
+
+    /// Every registered node.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let now = Instant::now();
+        let nodes = self.0.nodes.lock();
+        let mut v: Vec<_> = nodes
+            .iter()
+            .map(|(id, e)| {
+                (
+                    e.order,
+                    NodeInfo {
+                        id: id.clone(),
+                        address: e.agent.address(),
+                        memory_budget: Bytes(e.memory_budget),
+                        alive: !e.dead,
+                        since_heard: now.saturating_duration_since(e.last_heard),
+                        registrations: e.registrations,
+                    },
+                )
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v.into_iter().map(|x| x.1).collect()
+    }
+
+    /// Checks every `heartbeat_interval` for nodes not heard from for `dead_after`, logs them
+    /// dead (once) and returns when `shutdown` is cancelled. Acting on a dead node is phase 2.
+    pub async fn watch_heartbeats(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.0.cfg.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.mark_dead(Instant::now());
+        }
+    }
+
+    /// Marks dead the nodes not heard from since `now - dead_after`; returns them.
+    fn mark_dead(&self, now: Instant) -> Vec<NodeId> {
+        let mut dead = Vec::new();
+        let mut nodes = self.0.nodes.lock();
+        for (id, e) in nodes.iter_mut() {
+            let silent = now.saturating_duration_since(e.last_heard);
+            if !e.dead && silent >= self.0.cfg.dead_after {
+                e.dead = true;
+                warn!(node = %id, address = %e.agent.address(), silent_ms = silent.as_millis() as u64,
+                      "node missed its heartbeats: dead");
+                dead.push(id.clone());
+            }
+        }
+        dead
+    }
+
+    fn heard(&self, id: &NodeId) -> bool {
+        let mut nodes = self.0.nodes.lock();
+        let Some(e) = nodes.get_mut(id) else {
+            return false;
+        };
+        e.last_heard = Instant::now();
+        if e.dead {
+            e.dead = false;
+            info!(node = %id, "node heard from again: alive");
+        }
+        true
+    }
+
+    async fn register(&self, req: pb::RegisterRequest) -> Result<(), String> {
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version {} is not spoken here (the controller speaks {PROTOCOL_VERSION})",
+                req.protocol_version
+            ));
+        }
+        if !valid_node_id(&req.node_id) {
+            return Err(format!(
+                "node id {:?} is not valid ([A-Za-z0-9._-], 1 to 64 characters)",
+                req.node_id
+            ));
+        }
+        let id = NodeId(req.node_id);
+        let address: SocketAddr = req
+            .address
+            .parse()
+            .map_err(|e| format!("address {:?} is not ip:port: {e}", req.address))?;
+        if address.ip().is_unspecified() || address.port() == 0 {
+            return Err(format!(
+                "address {address} cannot be reached: advertise a concrete ip and port"
+            ));
+        }
+        let known = self.0.nodes.lock().get(&id).map(|e| e.agent.clone());
+        let agent = match known {
+            Some(a) => a,
+            None => {
+                if self.0.nodes.lock().len() >= self.0.cfg.expected_nodes {
+                    return Err(format!(
+                        "the controller was built with {} nodes and node {id} is not one of \
+                         them (nodes joining at run time: issue 7 phase 2)",
+                        self.0.cfg.expected_nodes
+                    ));
+                }
+                Arc::new(
+                    RemoteAgent::connect_lazy(id.clone(), address, self.0.cfg.deadlines)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+        };
+        // Check the node answers at that address under that id, on a fresh client (the
+        // known one may still point at the old address).
+        let probe = RemoteAgent::connect_lazy(id.clone(), address, self.0.cfg.deadlines)
+            .map_err(|e| e.to_string())?;
+        let st = probe
+            .status(self.0.cfg.probe_deadline)
+            .await
+            .map_err(|e| format!("the controller cannot reach node {id} at {address}: {e}"))?;
+        if st.node != id {
+            return Err(format!(
+                "the agent at {address} answers as node {}, not {id}",
+                st.node
+            ));
+        }
+        agent.set_address(address).map_err(|e| e.to_string())?;
+        let mut nodes = self.0.nodes.lock();
+        let n = nodes.len();
+        if let Some(e) = nodes.get_mut(&id) {
+            e.registrations += 1;
+            e.last_heard = Instant::now();
+            e.dead = false;
+            e.memory_budget = req.memory_budget;
+            info!(node = %id, %address, registrations = e.registrations, sandboxes = st.sandboxes.len(),
+                  "node registered again");
+            return Ok(());
+        }
+        if n >= self.0.cfg.expected_nodes {
+            return Err(format!(
+                "the controller was built with {} nodes and node {id} is not one of them",
+                self.0.cfg.expected_nodes
+            ));
+        }
+        nodes.insert(
+            id.clone(),
+            Entry {
+                agent,
+                memory_budget: req.memory_budget,
+                last_heard: Instant::now(),
+                dead: false,
+                registrations: 1,
+                order: n,
+            },
+        );
+        info!(node = %id, %address, budget_mb = req.memory_budget >> 20, sandboxes = st.sandboxes.len(),
+              registered = n + 1, expected = self.0.cfg.expected_nodes, "node registered");
+        self.0.count.send_replace(n + 1);
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for Registry {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        let node = req.node_id.clone();
+        let resp = match Registry::register(self, req).await {
+            Ok(()) => pb::RegisterResponse {
+                accepted: true,
+                reason: String::new(),
+                heartbeat_interval_ms: self.0.cfg.heartbeat_interval.as_millis() as u64,
+            },
+            Err(reason) => {
+                warn!(node = %node, %reason, "node refused");
+                pb::RegisterResponse {
+                    accepted: false,
+                    reason,
+                    heartbeat_interval_ms: 0,
+                }
+            }
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not spoken here",
+                req.protocol_version
+            )));
+        }
+        let known = self.heard(&NodeId(req.node_id));
+        Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+}
+
+/// Serves `Registry` on `listener` until `shutdown` resolves.
+pub async fn serve_registry<F>(
+    registry: Registry,
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    F: Future<Output = ()> + Send,
+{
+    Server::builder()
+        .add_service(RegistryServer::new(registry))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        assert!(valid_node_id("node-0"));
+        assert!(valid_node_id("a.b_c"));
+        assert!(!valid_node_id(""));
+        assert!(!valid_node_id("../x"));
+        assert!(!valid_node_id(&"x".repeat(65)));
+    }
+}
