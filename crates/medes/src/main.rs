@@ -27,6 +27,10 @@ struct Cli {
 enum Command {
     /// Run the platform (controller + one node agent) on this machine.
     Serve(cmd::serve::Args),
+    /// Run the controller (scheduler, store, REST API) with node agents in other processes.
+    Controller(cmd::controller::Args),
+    /// Run one node agent that joins a `medes controller` over gRPC.
+    Agent(cmd::agent::Args),
     /// Measure the platform: `startup`, `dedup`.
     Bench(cmd::bench::Args),
     /// Deploy, run and list the ten-function workload suite.
@@ -53,6 +57,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Controller(a) => cmd::controller::run(a),
+        Command::Agent(a) => cmd::agent::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Suite(a) => cmd::suite::run(a),
         Command::Trace(a) => cmd::trace::run(a),

@@ -1,8 +1,10 @@
 //! One module per subcommand. Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<ExitCode>`.
 
+pub mod agent;
 pub mod bench;
 pub mod bench_cycle;
 pub mod bench_dedup;
+pub mod controller;
 pub mod demo;
 pub mod eval;
 pub mod live;

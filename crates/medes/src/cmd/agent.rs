@@ -1,0 +1,115 @@
+//! `medes agent`: one node agent in this process, serving the `Node` gRPC service and joined to
+//! a `medes controller` (issue 7, phase 1; see `medes_rpc`). It registers, sends a heartbeat
+//! every second, and registers again when the controller restarts. A refusal by the controller
+//! (unknown node with a full cluster, another protocol version, an unreachable advertised
+//! address) ends the process with an error.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use medes_agent::{Agent, NodeAgent};
+use medes_core::{Bytes, NodeId};
+use medes_rpc::{AgentLinkConfig, run_agent_link, serve_node};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::MedesConfig;
+use crate::platform::init_tracing;
+
+/// Arguments of `medes agent`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Configuration file (TOML); its `agent` section applies.
+    #[arg(long, short, env = "MEDES_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory of this node (code, dedup stores, bases); overrides `data_dir`.
+    #[arg(long, env = "MEDES_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The controller's registry address (`host:port`, its `--rpc`).
+    #[arg(long)]
+    pub controller: String,
+    /// Listen address of this node's gRPC service.
+    #[arg(long, default_value = "127.0.0.1:3241")]
+    pub listen: SocketAddr,
+    /// Address the controller reaches this node at (default: `--listen`, which must then be a
+    /// concrete IP).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// This node's id (overrides `agent.node_id`).
+    #[arg(long)]
+    pub node_id: Option<String>,
+}
+
+/// Runs `medes agent`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut cfg = MedesConfig::load(args.config.as_deref())?;
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(n) = args.node_id {
+        cfg.agent.node_id = NodeId(n);
+    }
+    cfg.finish();
+    init_tracing(&cfg.log);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(serve(cfg, args.controller, args.listen, args.advertise))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    cfg: MedesConfig,
+    controller: String,
+    listen: SocketAddr,
+    advertise: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    medes_sandbox::preflight(&cfg.agent.sandbox)
+        .context("this machine cannot run sandboxes (run scripts/setup.sh as root)")?;
+    medes_sandbox::become_subreaper().context("becoming a child subreaper")?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let bound = listener.local_addr()?;
+    let advertise = advertise.unwrap_or(bound);
+    anyhow::ensure!(
+        !advertise.ip().is_unspecified(),
+        "listening on {bound}: pass --advertise IP:PORT, the address the controller reaches this node at"
+    );
+    let agent = Agent::new(cfg.agent.clone()).context("starting the node agent")?;
+    let node = cfg.agent.node_id.clone();
+
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        token.cancel();
+    });
+    let local: Arc<dyn NodeAgent> = Arc::new(agent.clone());
+    let token = shutdown.clone();
+    let server = tokio::spawn(serve_node(local, listener, async move {
+        token.cancelled().await
+    }));
+    println!(
+        "medes agent {node}: serving at {bound} (advertised {advertise}), controller {controller}"
+    );
+    let mut link = AgentLinkConfig::new(controller, node.clone(), advertise);
+    link.memory_budget = Bytes::mib(cfg.controller.node_memory_budget_mb);
+    let linked = run_agent_link(link, shutdown.clone()).await;
+    // Refused (or shut down): stop serving, destroy the sandboxes, keep the dedup stores.
+    shutdown.cancel();
+    let served = server.await;
+    agent.shutdown().await;
+    info!(node = %node, "agent stopped");
+    linked.context("joining the controller")?;
+    served??;
+    Ok(())
+}
