@@ -84,7 +84,7 @@ use medes_core::{
 use medes_policy::{
     Form, KnobError, Policy, PolicySettings, Purpose, RuleConfig, StateKind, Timers, Timestamp,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
@@ -259,6 +259,7 @@ pub struct DedupStats {
     pub dedup_start_failures: BTreeMap<String, u64>,
 }
 
+#[derive(Clone)]
 struct Node {
     id: NodeId,
     agent: Arc<dyn NodeAgent>,
@@ -269,8 +270,8 @@ pub struct Controller {
     cfg: ControllerConfig,
     knob: Mutex<PolicySettings>,
     me: Weak<Controller>,
-    nodes: Vec<Node>,
-    node_ids: Vec<NodeId>,
+    /// Append-only ([`Controller::add_node`]): a node's index never changes.
+    nodes: RwLock<Vec<Node>>,
     max_budget: u64,
     state: Mutex<State>,
     epoch: Instant,
@@ -359,6 +360,14 @@ enum RestoreResult {
     Failed,
 }
 
+/// A node could not be added ([`Controller::add_node`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddNodeError {
+    /// A node with this id is already part of the controller.
+    #[error("node {0} is already known")]
+    Duplicate(NodeId),
+}
+
 impl Controller {
     /// A controller over the given nodes with the policy `cfg.policy` describes (by default
     /// [`medes_policy::DedupRule`] with `cfg`'s timers; never deduplicating when
@@ -442,7 +451,6 @@ impl Controller {
         );
         let budgets = vec![budget; agents.len()];
         let prefix = ActivationIdPrefix::new();
-        let node_ids: Vec<NodeId> = agents.iter().map(|(id, _)| id.clone()).collect();
         let nodes = agents
             .into_iter()
             .map(|(id, agent)| Node { id, agent })
@@ -466,8 +474,7 @@ impl Controller {
             state: Mutex::new(State::new(budgets, policy, limits, prefix.0)),
             cfg,
             me: me.clone(),
-            nodes,
-            node_ids,
+            nodes: RwLock::new(nodes),
             epoch: Instant::now(),
             wake: Notify::new(),
             settled: Notify::new(),
@@ -488,10 +495,44 @@ impl Controller {
         Bytes(self.max_budget)
     }
 
+    /// The node at `index` (a clone: two `Arc`s; the node list lock is not held afterwards).
+    fn node(&self, index: usize) -> Node {
+        self.nodes.read()[index].clone()
+    }
+
+    /// Adds a node at run time (issue 7: an agent that registered after the controller was
+    /// built), with the configured node budget ([`Self::node_budget`]). It takes part in
+    /// placement from the next decision on; waiting invocations are served if it has room.
+    /// Nodes are never removed (indices stay valid); a dead node is phase 2 of issue 7.
+    pub fn add_node(&self, id: NodeId, agent: Arc<dyn NodeAgent>) -> Result<(), AddNodeError> {
+        {
+            let mut nodes = self.nodes.write();
+            if nodes.iter().any(|n| n.id == id) {
+                return Err(AddNodeError::Duplicate(id));
+            }
+            nodes.push(Node {
+                id: id.clone(),
+                agent,
+            });
+        }
+        // The books learn the node last (never under the node list lock): nothing is placed
+        // on an index before the node list holds it.
+        let n = self.state.lock().add_node(self.max_budget);
+        info!(node = %id, nodes = n, budget_mb = self.max_budget >> 20, "node added");
+        self.pump();
+        Ok(())
+    }
+
+    /// The nodes, in index order.
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.nodes.read().iter().map(|n| n.id.clone()).collect()
+    }
+
     /// A snapshot of every sandbox, sorted by id.
     pub fn sandboxes(&self) -> Vec<SandboxInfo> {
         let now = self.now();
-        self.state.lock().info(&self.node_ids, now)
+        let ids: Vec<NodeId> = self.nodes.read().iter().map(|n| n.id.clone()).collect();
+        self.state.lock().info(&ids, now)
     }
 
     /// Memory charged on each node, in node order.
@@ -612,7 +653,8 @@ impl Controller {
 
     /// Refreshes the measured memory of every sandbox now (also done by [`Self::run_timers`]).
     pub async fn refresh_memory(&self) {
-        for (i, node) in self.nodes.iter().enumerate() {
+        let nodes = self.nodes.read().clone();
+        for (i, node) in nodes.iter().enumerate() {
             let asked_at = self.now();
             match node.agent.execute(Command::Status).await {
                 Ok(Reply::Status(status)) => {
@@ -732,7 +774,7 @@ impl Controller {
     }
 
     async fn purge(&self, job: PurgeJob) {
-        let agent = &self.nodes[job.node].agent;
+        let agent = &self.node(job.node).agent;
         match agent
             .execute(Command::Purge {
                 sandbox: job.id.clone(),
@@ -771,7 +813,7 @@ impl Controller {
 
     /// Carries out a checkpoint decided by the policy, in the background.
     async fn checkpoint(&self, job: CheckpointJob) {
-        let agent = &self.nodes[job.node].agent;
+        let agent = &self.node(job.node).agent;
         let cmd = match job.purpose {
             Purpose::Base => Command::MakeBase {
                 sandbox: job.id.clone(),
@@ -850,7 +892,7 @@ impl Controller {
 
     /// Starts a sandbox the policy asked to pre-warm.
     async fn prewarm(&self, job: PrewarmJob) {
-        let agent = &self.nodes[job.node].agent;
+        let agent = &self.node(job.node).agent;
         for v in job.victims {
             self.metrics().evictions.increment(1);
             match agent.execute(Command::Purge { sandbox: v.clone() }).await {
@@ -981,7 +1023,7 @@ impl Controller {
     }
 
     async fn evict(&self, node: usize, victims: Vec<SandboxId>) {
-        let agent = &self.nodes[node].agent;
+        let agent = &self.node(node).agent;
         for v in victims {
             self.metrics().evictions.increment(1);
             match agent.execute(Command::Purge { sandbox: v.clone() }).await {
@@ -999,7 +1041,7 @@ impl Controller {
         node: usize,
         arrival: Instant,
     ) -> RestoreResult {
-        let agent = &self.nodes[node].agent;
+        let agent = &self.node(node).agent;
         let bound = Duration::from_millis(
             self.cfg
                 .restore_timeout_ms
@@ -1149,7 +1191,7 @@ impl Controller {
                         act.start_kind = StartKind::Template;
                         break (key, id, node);
                     }
-                    let agent = &self.nodes[node].agent;
+                    let agent = &self.node(node).agent;
                     let t0 = Instant::now();
                     let spawn = agent
                         .execute(Command::Spawn(SpawnCommand {
@@ -1164,7 +1206,7 @@ impl Controller {
                         }))
                         .await;
                     act.init_time_ms = Some(t0.elapsed().as_millis() as u64);
-                    act.node = Some(self.nodes[node].id.clone());
+                    act.node = Some(self.node(node).id);
                     let failure = match spawn {
                         Ok(Reply::Spawned(r)) => {
                             logs.extend(r.logs);
@@ -1200,7 +1242,7 @@ impl Controller {
                 }
             }
         };
-        act.node = Some(self.nodes[node].id.clone());
+        act.node = Some(self.node(node).id);
         self.metrics()
             .start_latency(act.start_kind, arrival.elapsed().as_secs_f64());
 
@@ -1210,7 +1252,7 @@ impl Controller {
         env.insert("__OW_DEADLINE".to_string(), deadline.to_string());
         env.insert("__OW_API_KEY".to_string(), req.api_key);
         env.insert("__OW_API_HOST".to_string(), self.cfg.api_host.clone());
-        let run = self.nodes[node].agent.execute(Command::Run(RunCommand {
+        let run = self.node(node).agent.execute(Command::Run(RunCommand {
             sandbox: sandbox.clone(),
             params: req.params,
             env,
@@ -1417,7 +1459,8 @@ impl Controller {
         current: &(dyn Fn(&ActionName) -> Option<Action> + Sync),
     ) -> ReconcileReport {
         let mut report = ReconcileReport::default();
-        for (i, node) in self.nodes.iter().enumerate() {
+        let nodes = self.nodes.read().clone();
+        for (i, node) in nodes.iter().enumerate() {
             let status = match node.agent.execute(Command::Status).await {
                 Ok(Reply::Status(s)) => s,
                 Ok(other) => {

@@ -244,6 +244,16 @@ impl State {
         }
     }
 
+    /// A new node with `budget` (issue 7); returns the number of nodes.
+    pub(crate) fn add_node(&mut self, budget: u64) -> usize {
+        self.budgets.push(budget);
+        self.used.push(0);
+        self.checkpoints.push(0);
+        self.restores.push(0);
+        self.unowned.push(0);
+        self.budgets.len()
+    }
+
     pub(crate) fn pool(&mut self, action: &ActionName) -> &mut Pool {
         self.pools.entry(action.clone()).or_insert_with(|| Pool {
             generation: 0,

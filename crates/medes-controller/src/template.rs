@@ -234,7 +234,7 @@ impl crate::Controller {
         arrival: tokio::time::Instant,
     ) -> bool {
         use medes_agent::{Command, Reply, TemplateStartCommand};
-        let agent = &self.nodes[node].agent;
+        let agent = &self.node(node).agent;
         let bound = std::time::Duration::from_millis(
             self.cfg
                 .restore_timeout_ms
@@ -307,7 +307,7 @@ impl crate::Controller {
         let (sandbox, name, version) =
             (sandbox.clone(), action.name.clone(), action.version.clone());
         tokio::spawn(async move {
-            let agent = me.nodes[node].agent.clone();
+            let agent = me.node(node).agent;
             let bound = std::time::Duration::from_millis(
                 me.cfg
                     .checkpoint_timeout_ms

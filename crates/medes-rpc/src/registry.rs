@@ -75,8 +75,12 @@ struct Entry {
     order: usize,
 }
 
+/// What admits a node that registers after the initial set ([`Registry::admit_late_nodes`]).
+type JoinHook = Arc<dyn Fn(NodeId, Arc<dyn NodeAgent>) -> Result<(), String> + Send + Sync>;
+
 struct Inner {
     cfg: RegistryConfig,
+    late: Mutex<Option<JoinHook>>,
     nodes: Mutex<BTreeMap<NodeId, Entry>>,
     count: watch::Sender<usize>,
 }
@@ -99,6 +103,7 @@ impl Registry {
         let (count, _) = watch::channel(0);
         Registry(Arc::new(Inner {
             cfg,
+            late: Mutex::new(None),
             nodes: Mutex::new(BTreeMap::new()),
             count,
         }))
@@ -113,12 +118,24 @@ impl Registry {
         let nodes = self.0.nodes.lock();
         let mut v: Vec<_> = nodes
             .iter()
+            .filter(|(_, e)| e.order < want)
             .map(|(id, e)| (e.order, id.clone(), e.agent.clone()))
             .collect();
         v.sort_by_key(|x| x.0);
         v.into_iter()
             .map(|(_, id, a)| (id, a as Arc<dyn NodeAgent>))
             .collect()
+    }
+
+    /// From now on, a node that registers under a new id once the initial set is complete is
+    /// checked like the others and then handed to `join` (normally
+    /// `medes_controller::Controller::add_node`); an `Err` from it refuses the node with that
+    /// reason. Without this, such nodes are refused.
+    pub fn admit_late_nodes<F>(&self, join: F)
+    where
+        F: Fn(NodeId, Arc<dyn NodeAgent>) -> Result<(), String> + Send + Sync + 'static,
+    {
+        *self.0.late.lock() = Some(Arc::new(join));
     }
 
     /// Every registered node.
@@ -215,7 +232,8 @@ impl Registry {
         let agent = match known {
             Some(a) => a,
             None => {
-                if self.0.nodes.lock().len() >= self.0.cfg.expected_nodes {
+                let late = self.0.late.lock().is_some();
+                if !late && self.0.nodes.lock().len() >= self.0.cfg.expected_nodes {
                     return Err(format!(
                         "the controller was built with {} nodes and node {id} is not one of \
                          them (nodes joining at run time: issue 7 phase 2)",
@@ -243,6 +261,7 @@ impl Registry {
             ));
         }
         agent.set_address(address).map_err(|e| e.to_string())?;
+        let hook = self.0.late.lock().clone();
         let mut nodes = self.0.nodes.lock();
         let n = nodes.len();
         if let Some(e) = nodes.get_mut(&id) {
@@ -254,7 +273,8 @@ impl Registry {
                   "node registered again");
             return Ok(());
         }
-        if n >= self.0.cfg.expected_nodes {
+        let late = n >= self.0.cfg.expected_nodes;
+        if late && hook.is_none() {
             return Err(format!(
                 "the controller was built with {} nodes and node {id} is not one of them",
                 self.0.cfg.expected_nodes
@@ -271,8 +291,16 @@ impl Registry {
                 order: n,
             },
         );
+        let entry_agent = nodes.get(&id).map(|e| e.agent.clone());
+        drop(nodes);
+        if let (true, Some(join), Some(a)) = (late, hook, entry_agent)
+            && let Err(reason) = join(id.clone(), a as Arc<dyn NodeAgent>)
+        {
+            self.0.nodes.lock().remove(&id);
+            return Err(reason);
+        }
         info!(node = %id, %address, budget_mb = req.memory_budget >> 20, sandboxes = st.sandboxes.len(),
-              registered = n + 1, expected = self.0.cfg.expected_nodes, "node registered");
+              registered = n + 1, expected = self.0.cfg.expected_nodes, late, "node registered");
         self.0.count.send_replace(n + 1);
         Ok(())
     }

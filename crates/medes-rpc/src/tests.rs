@@ -343,7 +343,8 @@ fn bad_messages_are_decode_errors() {
     ));
 }
 
-/// An agent that answers status as `node`, echoes runs after `run_delay`, and fails purges.
+/// An agent that answers status as `node` (no sandboxes), spawns at once, echoes runs after
+/// `run_delay`, and fails purges of `zz`.
 struct Fake {
     node: NodeId,
     run_delay: Duration,
@@ -369,7 +370,16 @@ impl ag::NodeAgent for Fake {
                         main_ms: Some(0.1),
                     }))
                 }
-                ag::Command::Purge { sandbox } => Err(ag::AgentError::UnknownSandbox(sandbox)),
+                ag::Command::Spawn(_) => Ok(ag::Reply::Spawned(ag::SpawnReply {
+                    init_error: None,
+                    start_ms: 1.0,
+                    init_ms: 1.0,
+                    logs: vec![],
+                })),
+                ag::Command::Purge { sandbox } if sandbox.0 == "zz" => {
+                    Err(ag::AgentError::UnknownSandbox(sandbox))
+                }
+                ag::Command::Purge { .. } => Ok(ag::Reply::Purged),
                 _ => Err(ag::AgentError::ShuttingDown),
             }
         })
@@ -536,5 +546,84 @@ async fn registry_admits_refuses_and_watches_heartbeats() {
     );
     again.cancel();
     t.await.unwrap().unwrap();
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registering_late_joins_the_controller() {
+    use medes_controller::{Controller, ControllerConfig};
+    use medes_core::{Action, ActivationId, Exec, InvokeRequest, Invoker, Limits};
+    let stop = CancellationToken::new();
+    let (reg, ctl_addr) = registry(1, &stop).await;
+    let a = serve_fake("a", Duration::from_millis(400), &stop).await;
+    let b = serve_fake("b", Duration::from_millis(400), &stop).await;
+    tokio::spawn(run_agent_link(link(&ctl_addr, "a", a), stop.child_token()));
+    let nodes = tokio::time::timeout(Duration::from_secs(10), reg.wait_for_nodes())
+        .await
+        .expect("node a registers");
+    let ctl = Controller::new(
+        ControllerConfig {
+            node_memory_budget_mb: 1024,
+            ..Default::default()
+        },
+        nodes,
+    );
+    let c = ctl.clone();
+    reg.admit_late_nodes(move |id, agent| c.add_node(id, agent).map_err(|e| e.to_string()));
+    tokio::spawn(run_agent_link(link(&ctl_addr, "b", b), stop.child_token()));
+    let t = std::time::Instant::now();
+    while ctl.node_ids().len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "node b never joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ctl.node_ids(), vec![NodeId("a".into()), NodeId("b".into())]);
+    assert!(
+        ctl.add_node(
+            NodeId("a".into()),
+            Arc::new(Fake {
+                node: NodeId("a".into()),
+                run_delay: Duration::ZERO
+            })
+        )
+        .is_err()
+    );
+
+    // Two invocations at once: two cold starts, the second on the node that joined late.
+    let act = Arc::new(Action {
+        name: action(),
+        version: "1".into(),
+        exec: Exec {
+            kind: "python:3".into(),
+            code: Code::Source("def main(a): return a".into()),
+            main: "main".into(),
+        },
+        parameters: serde_json::Map::new(),
+        annotations: vec![],
+        limits: Limits {
+            timeout_ms: 5_000,
+            memory_mb: 128,
+            concurrency: 1,
+            logs_kb: 10,
+        },
+        publish: false,
+        updated: 0,
+    });
+    let req = |x: u64| InvokeRequest {
+        id: ActivationId::random(),
+        action: act.clone(),
+        params: json!({ "x": x }).as_object().cloned().unwrap(),
+        subject: "t".into(),
+        api_key: "u:k".into(),
+        arrived: 0,
+    };
+    let (r1, r2) = tokio::join!(ctl.invoke(req(1)), ctl.invoke(req(2)));
+    let mut seen = std::collections::BTreeSet::new();
+    for (x, r) in [(1, r1), (2, r2)] {
+        let r = r.expect("admitted");
+        assert_eq!(r.response.result, json!({ "x": x }));
+        seen.insert(r.node.expect("node").0);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    ctl.shutdown().await;
     stop.cancel();
 }
