@@ -25,19 +25,22 @@
 //!   carries [`PROTOCOL_VERSION`]; a peer that speaks another version is refused (registration)
 //!   or answered `FAILED_PRECONDITION` (execution).
 //! - The controller is built once the expected number of nodes has registered
-//!   ([`Registry::wait_for_nodes`]): `medes_controller::Controller` indexes its nodes by position
-//!   in a fixed `Vec` (budgets, placement, templates), so growing it at run time is left to
-//!   phase 2. A node that registers again under a known id (an agent restart, a new address) is
-//!   accepted and its [`RemoteAgent`] is re-pointed; an unknown id after that is refused.
+//!   ([`Registry::wait_for_nodes`]); nodes that register later under new ids are handed to a
+//!   join hook ([`Registry::admit_late_nodes`], normally `Controller::add_node`, whose node list
+//!   is append-only so indices stay valid) or refused when there is none. A node that registers
+//!   again under a known id (an agent restart, a new address) is accepted and its
+//!   [`RemoteAgent`] is re-pointed.
 //! - The registry checks a registering node by calling its `Status` back (reachable at the
 //!   address it gave, answering under the id it claimed) before accepting it.
 //! - Missed heartbeats: a node not heard from for [`RegistryConfig::dead_after`] (5 s) is
 //!   logged dead (and alive again when it comes back). Acting on it is phase 2.
 //!
 //! # What this crate does not do (yet: later phases of issue 7)
-//! - Nodes joining at run time beyond the initial set, and acting on dead nodes (failing or
-//!   retrying their in-flight invocations, cold-start fallback for dedup sandboxes whose bases
-//!   lived there, reconciling a restarted agent's sandboxes).
+//! - Acting on dead nodes (removing them from placement, failing or retrying their in-flight
+//!   invocations, cold-start fallback for dedup sandboxes whose bases lived there), reconciling a
+//!   restarted agent's sandboxes with the controller's books, per-node budgets from
+//!   registration (the controller applies its configured budget to every node; the reported one
+//!   is only logged).
 //! - Remote base pages (a streaming, batched page service between agents).
 //! - The namespaced multi-host test bed (`medes cluster up --nodes N`: netns + veth/bridge), fault
 //!   injection tests (kill -9, partitions), controller restart with persisted state.

@@ -3,10 +3,10 @@
 //! phase 1; see `medes_rpc`).
 //!
 //! The controller serves the `Registry` on `--rpc`, waits until `--nodes N` agents have
-//! registered, then builds the scheduler over them and opens the REST API on `--listen`: the
-//! node set is fixed from then on (an agent that restarts registers again under its id and is
-//! re-pointed; other ids are refused). Nodes silent for 5 s are logged dead; acting on it is
-//! phase 2. The startup mirrors `Platform::start` (store, keys, reconcile, timers, API) without
+//! registered, then builds the scheduler over them and opens the REST API on `--listen`. Agents
+//! that register later under new ids join through `Controller::add_node`; an agent that
+//! restarts registers again under its id and is re-pointed to its new address. Nodes silent
+//! for 5 s are logged dead; acting on it (and removing nodes) is phase 2. The startup mirrors `Platform::start` (store, keys, reconcile, timers, API) without
 //! the in-process agent.
 
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ pub struct Args {
     /// Listen address of the gRPC registry that agents register with.
     #[arg(long, default_value = "0.0.0.0:3240")]
     pub rpc: std::net::SocketAddr,
-    /// Node agents to wait for before serving (the node set is fixed at startup in phase 1).
+    /// Node agents to wait for before serving (more may join later).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub nodes: u32,
 }
@@ -112,6 +112,8 @@ async fn serve(cfg: MedesConfig, rpc: std::net::SocketAddr, nodes: usize) -> any
         info!(node = %n.id, address = %n.address, budget_mb = n.memory_budget.0 >> 20, "node in the cluster");
     }
     let controller = medes_controller::Controller::new(cfg.controller.clone(), agents);
+    let ctl = controller.clone();
+    registry.admit_late_nodes(move |id, agent| ctl.add_node(id, agent).map_err(|e| e.to_string()));
     let kept = {
         let store = store.clone();
         controller
