@@ -344,7 +344,7 @@ fn bad_messages_are_decode_errors() {
 }
 
 /// An agent that answers status as `node` (no sandboxes), spawns at once, echoes runs after
-/// `run_delay`, and fails purges of `zz`.
+/// `run_delay` (or the `delay_ms` parameter), and fails purges of `zz`.
 struct Fake {
     node: NodeId,
     run_delay: Duration,
@@ -363,6 +363,11 @@ impl ag::NodeAgent for Fake {
                     templates: vec![],
                 })),
                 ag::Command::Run(r) => {
+                    let delay = r
+                        .params
+                        .get("delay_ms")
+                        .and_then(|v| v.as_u64())
+                        .map_or(delay, Duration::from_millis);
                     tokio::time::sleep(delay).await;
                     Ok(ag::Reply::Ran(ag::RunReply {
                         outcome: ag::RunOutcome::Returned(serde_json::Value::Object(r.params)),
@@ -398,10 +403,13 @@ async fn serve_fake(node: &str, run_delay: Duration, stop: &CancellationToken) -
     addr
 }
 
-fn run_cmd(timeout_ms: u64) -> ag::Command {
+fn run_cmd(timeout_ms: u64, delay_ms: u64) -> ag::Command {
     ag::Command::Run(ag::RunCommand {
         sandbox: sbid("s"),
-        params: json!({"k": "v"}).as_object().cloned().unwrap(),
+        params: json!({"k": "v", "delay_ms": delay_ms})
+            .as_object()
+            .cloned()
+            .unwrap(),
         env: BTreeMap::new(),
         timeout_ms,
     })
@@ -410,17 +418,20 @@ fn run_cmd(timeout_ms: u64) -> ag::Command {
 #[tokio::test]
 async fn remote_agent_replies_errors_and_deadlines() {
     let stop = CancellationToken::new();
-    let addr = serve_fake("n1", Duration::from_millis(800), &stop).await;
+    let addr = serve_fake("n1", Duration::ZERO, &stop).await;
     let d = Deadlines {
         run_slack: Duration::from_millis(200),
         ..Default::default()
     };
     let remote = RemoteAgent::connect_lazy(NodeId("n1".into()), addr, d).unwrap();
     // A reply and an agent error cross unchanged.
-    let Ok(ag::Reply::Ran(r)) = remote.execute(run_cmd(5_000)).await else {
+    let Ok(ag::Reply::Ran(r)) = remote.execute(run_cmd(5_000, 0)).await else {
         panic!("a run reply")
     };
-    assert_eq!(r.outcome, ag::RunOutcome::Returned(json!({"k": "v"})));
+    assert_eq!(
+        r.outcome,
+        ag::RunOutcome::Returned(json!({"k": "v", "delay_ms": 0}))
+    );
     assert_eq!(
         remote
             .execute(ag::Command::Purge {
@@ -430,15 +441,11 @@ async fn remote_agent_replies_errors_and_deadlines() {
             .unwrap_err(),
         ag::AgentError::UnknownSandbox(sbid("zz"))
     );
-    // A run whose limit + slack (100 + 200 ms) passes before the agent answers (800 ms).
+    // A run whose limit + slack (100 + 200 ms) passes long before the agent answers (10 s).
     let t = std::time::Instant::now();
-    let err = remote.execute(run_cmd(100)).await.unwrap_err();
+    let err = remote.execute(run_cmd(100, 10_000)).await.unwrap_err();
     assert!(matches!(err, ag::AgentError::Unavailable(_)), "{err:?}");
-    assert!(
-        t.elapsed() < Duration::from_millis(700),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(
         remote.status(Duration::from_secs(2)).await.unwrap().node.0,
         "n1"
@@ -458,7 +465,7 @@ async fn registry(expected: usize, stop: &CancellationToken) -> (Registry, Strin
     let reg = Registry::new(RegistryConfig {
         expected_nodes: expected,
         heartbeat_interval: Duration::from_millis(100),
-        dead_after: Duration::from_millis(500),
+        dead_after: Duration::from_millis(1_000),
         ..Default::default()
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -469,6 +476,19 @@ async fn registry(expected: usize, stop: &CancellationToken) -> (Registry, Strin
     }));
     tokio::spawn(reg.clone().watch_heartbeats(stop.clone()));
     (reg, addr)
+}
+
+/// The first node once `ok` holds for it (within 10 s).
+async fn eventually(reg: &Registry, ok: impl Fn(&NodeInfo) -> bool) -> NodeInfo {
+    let t = std::time::Instant::now();
+    loop {
+        let n = reg.nodes()[0].clone();
+        if ok(&n) {
+            return n;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{n:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn link(ctl: &str, node: &str, addr: SocketAddr) -> AgentLinkConfig {
@@ -523,27 +543,22 @@ async fn registry_admits_refuses_and_watches_heartbeats() {
         "{err}"
     );
 
-    // Heartbeats keep it alive; once they stop it is reported dead.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Heartbeats (every 100 ms) keep it alive past `dead_after`; once they stop it is
+    // reported dead.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(reg.nodes()[0].alive, "{:?}", reg.nodes());
     a_link.cancel();
     a_task.await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let info = &reg.nodes()[0];
-    assert!(!info.alive, "{info:?}");
-    assert!(info.since_heard >= Duration::from_millis(500));
+    let info = eventually(&reg, |n| !n.alive).await;
+    assert!(info.since_heard >= Duration::from_millis(1_000), "{info:?}");
 
     // The same id registering again (a restarted agent, from a new address) is accepted,
     // re-points the client and is alive again.
     let a2 = serve_fake("a", Duration::ZERO, &stop).await;
     let again = stop.child_token();
     let t = tokio::spawn(run_agent_link(link(&ctl, "a", a2), again.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let info = &reg.nodes()[0];
-    assert!(
-        info.alive && info.registrations == 2 && info.address == a2,
-        "{info:?}"
-    );
+    let info = eventually(&reg, |n| n.registrations == 2).await;
+    assert!(info.alive && info.address == a2, "{info:?}");
     again.cancel();
     t.await.unwrap().unwrap();
     stop.cancel();
@@ -555,8 +570,8 @@ async fn a_node_registering_late_joins_the_controller() {
     use medes_core::{Action, ActivationId, Exec, InvokeRequest, Invoker, Limits};
     let stop = CancellationToken::new();
     let (reg, ctl_addr) = registry(1, &stop).await;
-    let a = serve_fake("a", Duration::from_millis(400), &stop).await;
-    let b = serve_fake("b", Duration::from_millis(400), &stop).await;
+    let a = serve_fake("a", Duration::from_millis(1_000), &stop).await;
+    let b = serve_fake("b", Duration::from_millis(1_000), &stop).await;
     tokio::spawn(run_agent_link(link(&ctl_addr, "a", a), stop.child_token()));
     let nodes = tokio::time::timeout(Duration::from_secs(10), reg.wait_for_nodes())
         .await
