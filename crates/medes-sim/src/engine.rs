@@ -40,6 +40,11 @@ pub struct ClusterConfig {
     /// crude processor-sharing model, fixed at the start.
     #[serde(default)]
     pub cores: usize,
+    /// How long after its first invocation ends a cold start's reservation beyond m_W
+    /// ([`crate::FunctionProfile::start_mb`]) is kept, ms: the live controller's memory
+    /// refresh lag (it re-measures every 2 s). Default 0.
+    #[serde(default)]
+    pub start_hold_ms: u64,
 }
 
 impl ClusterConfig {
@@ -52,6 +57,7 @@ impl ClusterConfig {
             max_restores_per_node: 10,
             evict_idle_bases: false,
             cores: 0,
+            start_hold_ms: 0,
         }
     }
 
@@ -158,6 +164,8 @@ enum Ev {
     Prewarm(usize, u64),
     /// Policy timer and memory sample.
     Tick,
+    /// A cold start's reservation beyond m_W ends.
+    Release(usize),
 }
 
 struct Event {
@@ -380,6 +388,7 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
             Ev::Decide(s, g) => sim.decide(s, g),
             Ev::DedupDone(s, g) => sim.dedup_done(s, g),
             Ev::Prewarm(f, until) => sim.prewarm(f, until),
+            Ev::Release(s) => sim.release(s),
         }
     }
     sim.sample();
@@ -812,11 +821,16 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
     fn finish(&mut self, s: usize) {
         self.done += 1;
         let (f, base) = (self.sbs[s].f, self.sbs[s].base);
-        // A cold start's reservation beyond m_W ends with its first invocation.
-        let released = !base && self.sbs[s].mem > self.prof[f].warm_mb;
-        if released {
-            let m = self.prof[f].warm_mb;
-            self.charge(s, m);
+        // A cold start's reservation beyond m_W ends with its first invocation (plus the
+        // configured refresh lag).
+        if !base && self.sbs[s].mem > self.prof[f].warm_mb {
+            match self.cfg.cluster.start_hold_ms {
+                0 => {
+                    let m = self.prof[f].warm_mb;
+                    self.charge(s, m);
+                }
+                hold => self.push(self.now + hold, Ev::Release(s)),
+            }
         }
         let after = self.policy.on_finish(f, Timestamp(self.now));
         {
@@ -842,6 +856,15 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             self.schedule_decision(s);
         }
         self.drain_pending();
+    }
+
+    fn release(&mut self, s: usize) {
+        let sb = &self.sbs[s];
+        let warm = self.prof[sb.f].warm_mb;
+        if !sb.base && matches!(sb.st, St::Warm | St::Running) && sb.mem > warm {
+            self.charge(s, warm);
+            self.drain_pending();
+        }
     }
 
     fn decide(&mut self, s: usize, epoch: u32) {

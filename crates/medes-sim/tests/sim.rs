@@ -346,6 +346,23 @@ fn cpu_model_slows_concurrent_work_and_start_reservations_and_base_eviction_are_
     assert!((peak - 500.0).abs() < 1e-6, "{peak}");
     let last = o.memory.last().unwrap().used_mb;
     assert!((last - lin.warm_mb).abs() < 1e-6, "{last}");
+    // With a refresh lag the reservation outlives the first invocation by that long (a later
+    // invocation keeps the simulation, and its memory samples, going).
+    let done = (lin.cold_ms + lin.exec_ms) as u64;
+    let t1 = trace(&[(0, "linalg"), (done + 5_000, "linalg")]);
+    let o = run(&t1, "fixed-10m", &c, &q);
+    let at = |o: &SimOutput, t: u64| {
+        o.memory
+            .iter()
+            .find(|m| m.time_ms >= t)
+            .map_or(f64::NAN, |m| m.used_mb)
+    };
+    assert!((at(&o, done + 300) - lin.warm_mb).abs() < 1e-6);
+    let mut lag = c;
+    lag.cluster.start_hold_ms = 1_000;
+    let o2 = run(&t1, "fixed-10m", &lag, &q);
+    assert!((at(&o2, done + 300) - 500.0).abs() < 1e-6);
+    assert!((at(&o2, done + 1_300) - lin.warm_mb).abs() < 1e-6);
     assert!(!ClusterConfig::paper(40.0).evict_idle_bases);
     assert_eq!(ClusterConfig::paper(40.0).cores, 0);
 }

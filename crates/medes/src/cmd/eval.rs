@@ -62,6 +62,10 @@ struct ValidateArgs {
     /// CPU cores of the simulated node (0: no CPU model). Default 2, this machine's.
     #[arg(long, default_value_t = 2)]
     cores: usize,
+    /// How long the simulated node keeps a cold start's memory-limit reservation after its
+    /// first invocation, ms (the live controller re-measures every 2 s: 1000 on average).
+    #[arg(long, default_value_t = 1000)]
+    start_hold_ms: u64,
     /// Measured cost profile (`medes profile --startup ... --out FILE`); default: calibrated
     /// from the live runs themselves (start latencies by kind), the paper's for the rest.
     #[arg(long)]
@@ -144,7 +148,16 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     if a.plan {
         let profile = live::with_limits(super::sim::load_profile(a.profile.as_ref())?)?;
         for which in Which::BOTH {
-            let s = live::run_sim(&trace, &profile, which, &timers, a.budget_mb, a.cores)?.summary;
+            let s = live::run_sim(
+                &trace,
+                &profile,
+                which,
+                &timers,
+                a.budget_mb,
+                a.cores,
+                a.start_hold_ms,
+            )?
+            .summary;
             say!(
                 "{}: {} served, {} cold, {} dedup, {} evictions, p50 {:.0} ms, p99 {:.0} ms, mean {:.0} MB",
                 s.policy,
@@ -194,10 +207,26 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut sims = Vec::new();
     let mut cals = Vec::new();
     for which in Which::BOTH {
-        let out = live::run_sim(&trace, &measured, which, &timers, a.budget_mb, a.cores)?;
+        let out = live::run_sim(
+            &trace,
+            &measured,
+            which,
+            &timers,
+            a.budget_mb,
+            a.cores,
+            a.start_hold_ms,
+        )?;
         live::write_run(&out, &a.out.join(&out.policy))?;
         sims.push(out);
-        let mut out = live::run_sim(&trace, &calibrated, which, &timers, a.budget_mb, a.cores)?;
+        let mut out = live::run_sim(
+            &trace,
+            &calibrated,
+            which,
+            &timers,
+            a.budget_mb,
+            a.cores,
+            a.start_hold_ms,
+        )?;
         out.policy = out.policy.replacen("sim-", "simcal-", 1);
         out.summary.policy = out.policy.clone();
         live::write_run(&out, &a.out.join(&out.policy))?;

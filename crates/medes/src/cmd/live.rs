@@ -387,7 +387,8 @@ pub fn to_sim_output(
 }
 
 /// The same trace in the simulator: one node with the live budget, the profile's costs, and
-/// `cores` CPU cores (0: no CPU model).
+/// `cores` CPU cores (0: no CPU model), a cold start's reservation kept `start_hold_ms` after
+/// its first invocation.
 pub fn run_sim(
     trace: &Trace,
     profile: &Profile,
@@ -395,6 +396,7 @@ pub fn run_sim(
     timers: &Timers,
     budget_mb: u64,
     cores: usize,
+    start_hold_ms: u64,
 ) -> anyhow::Result<SimOutput> {
     let names = trace.functions();
     let costs = profile
@@ -406,6 +408,7 @@ pub fn run_sim(
         node_mb: budget_mb as f64 * 1.048_576,
         evict_idle_bases: true,
         cores,
+        start_hold_ms,
         ..ClusterConfig::paper(1.0)
     };
     let mut cfg = SimConfig::new(cluster);
