@@ -108,6 +108,11 @@ pub struct PolicySettings {
     /// Keep-dedup, s; absent: the controller's `keep_dedup_s`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_dedup_s: Option<u64>,
+    /// Medes, memory mode: no timer destroys a sandbox while the cluster uses less than this
+    /// share of its budget (`MedesConfig::hold_below`); absent (or 0 in an update): the
+    /// prototype's timers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_below: Option<f64>,
     /// Per-function overrides, by action name (in every namespace).
     pub functions: BTreeMap<String, FunctionKnob>,
 }
@@ -122,6 +127,7 @@ impl Default for PolicySettings {
             idle_period_s: None,
             keep_alive_s: None,
             keep_dedup_s: None,
+            hold_below: None,
             functions: BTreeMap::new(),
         }
     }
@@ -152,6 +158,9 @@ pub struct PolicyUpdate {
     /// Keep-dedup, s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_dedup_s: Option<u64>,
+    /// Hold threshold (0 < x ≤ 1); 0 removes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_below: Option<f64>,
 }
 
 /// Why settings were refused.
@@ -187,6 +196,9 @@ pub enum KnobError {
         /// The value.
         value: u64,
     },
+    /// The hold threshold must be within (0, 1].
+    #[error("hold_below must be within (0, 1], not {0}")]
+    Hold(f64),
     /// An empty function name.
     #[error("a function name must not be empty")]
     EmptyName,
@@ -270,6 +282,11 @@ impl PolicySettings {
         check_timer(g, "idle_period_s", self.idle_period_s)?;
         check_timer(g, "keep_alive_s", self.keep_alive_s)?;
         check_timer(g, "keep_dedup_s", self.keep_dedup_s)?;
+        if let Some(h) = self.hold_below
+            && !(h.is_finite() && h > 0.0 && h <= 1.0)
+        {
+            return Err(KnobError::Hold(h));
+        }
         for (name, k) in &self.functions {
             if name.trim().is_empty() {
                 return Err(KnobError::EmptyName);
@@ -299,6 +316,11 @@ impl PolicySettings {
         next.idle_period_s = u.idle_period_s.or(next.idle_period_s);
         next.keep_alive_s = u.keep_alive_s.or(next.keep_alive_s);
         next.keep_dedup_s = u.keep_dedup_s.or(next.keep_dedup_s);
+        match u.hold_below {
+            Some(0.0) => next.hold_below = None,
+            Some(h) => next.hold_below = Some(h),
+            None => {}
+        }
         next.validate()?;
         *self = next;
         Ok(())
@@ -376,6 +398,7 @@ impl PolicySettings {
                     dedup_per_base: dedup_per_base.max(1) as usize,
                     // A function's own M0 is its own budget, not a share of the cluster's.
                     own_budget: k.budget_mb.is_some(),
+                    hold_below: self.hold_below,
                     ..MedesConfig::default()
                 },
                 Vec::new(),
@@ -618,6 +641,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.budget_mb, None);
+        s.apply(&PolicyUpdate {
+            hold_below: Some(0.9),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert_eq!(s.hold_below, Some(0.9));
+        assert!(
+            s.apply(&PolicyUpdate {
+                hold_below: Some(1.5),
+                ..PolicyUpdate::default()
+            })
+            .is_err()
+        );
+        s.apply(&PolicyUpdate {
+            hold_below: Some(0.0),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert_eq!(s.hold_below, None);
         assert!("lru".parse::<PolicyChoice>().is_err());
         assert!(
             s.set_function(

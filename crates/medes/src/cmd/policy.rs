@@ -66,6 +66,10 @@ struct SetArgs {
     /// Keep-dedup of a dedup sandbox, s.
     #[arg(long)]
     keep_dedup_s: Option<u64>,
+    /// Medes, memory mode: no timer destroys a sandbox while the cluster is below this share of
+    /// its budget (global only; 0 removes it).
+    #[arg(long)]
+    hold_below: Option<f64>,
 }
 
 fn mode(args: &SetArgs) -> anyhow::Result<Option<KnobMode>> {
@@ -97,6 +101,9 @@ fn show_settings(s: &PolicySettings) {
     println!("idle period   {}", t(s.idle_period_s));
     println!("keep-alive    {}", t(s.keep_alive_s));
     println!("keep-dedup    {}", t(s.keep_dedup_s));
+    if let Some(h) = s.hold_below {
+        println!("hold below    {:.0}% of the budget", h * 100.0);
+    }
     for (name, k) in &s.functions {
         println!("  {name}: {}", serde_json::to_string(k).unwrap_or_default());
     }
@@ -124,8 +131,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let body = match &s.action {
                 Some(_) => {
                     anyhow::ensure!(
-                        s.policy.is_none(),
-                        "--policy is global (an action cannot run another policy)"
+                        s.policy.is_none() && s.hold_below.is_none(),
+                        "--policy and --hold-below are global"
                     );
                     serde_json::to_value(FunctionKnob {
                         mode,
@@ -150,6 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         idle_period_s: s.idle_period_s,
                         keep_alive_s: s.keep_alive_s,
                         keep_dedup_s: s.keep_dedup_s,
+                        hold_below: s.hold_below,
                     })?
                 }
             };
