@@ -178,6 +178,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The configuration of a benchmark's own platform instance: an ephemeral API port, a cgroup and
+/// run directory of its own (so it never meets a running `medes serve`), and `data_dir` or a
+/// fresh temporary directory (returned: it lives as long as the caller keeps it).
+pub(crate) fn own_instance_config(
+    tag: &str,
+    data_dir: Option<&std::path::Path>,
+) -> anyhow::Result<(MedesConfig, tempfile::TempDir)> {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("medes-{tag}-"))
+        .tempdir()?;
+    let mut cfg = MedesConfig::default();
+    cfg.data_dir = data_dir.map_or_else(|| tmp.path().to_path_buf(), |d| d.to_path_buf());
+    cfg.api.listen = "127.0.0.1:0".parse()?;
+    let tag = format!("{tag}-{}", std::process::id());
+    cfg.agent.sandbox.cgroup_name = format!("medes-{tag}");
+    cfg.agent.sandbox.run_dir = format!("/run/medes/{tag}").into();
+    Ok((cfg, tmp))
+}
+
 fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
     init_tracing("warn");
     let rt = tokio::runtime::Runtime::new()?;
@@ -185,16 +204,7 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
         let (platform, _tmp) = match &args.url {
             Some(_) => (None, None),
             None => {
-                let tmp = tempfile::Builder::new().prefix("medes-bench-").tempdir()?;
-                let mut cfg = MedesConfig::default();
-                cfg.data_dir = args
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(|| tmp.path().to_path_buf());
-                cfg.api.listen = "127.0.0.1:0".parse()?;
-                let tag = format!("bench-{}", std::process::id());
-                cfg.agent.sandbox.cgroup_name = format!("medes-{tag}");
-                cfg.agent.sandbox.run_dir = format!("/run/medes/{tag}").into();
+                let (mut cfg, tmp) = own_instance_config("bench", args.data_dir.as_deref())?;
                 // Dedup starts on demand only: idle bases do not take requests, and no idle
                 // decision (background checkpoint) happens on its own while measuring.
                 cfg.controller.bases_serve = false;

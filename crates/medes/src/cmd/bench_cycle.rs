@@ -25,7 +25,6 @@ use parking_lot_free::Mutex;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::MedesConfig;
 use crate::platform::{Platform, init_tracing};
 
 /// `std::sync::Mutex` with a panic-free lock (a poisoned lock still gives its data).
@@ -239,16 +238,7 @@ pub fn run(args: CycleArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let tmp = tempfile::Builder::new().prefix("medes-cycle-").tempdir()?;
-        let mut cfg = MedesConfig::default();
-        cfg.data_dir = args
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| tmp.path().to_path_buf());
-        cfg.api.listen = "127.0.0.1:0".parse()?;
-        let tag = format!("cycle-{}", std::process::id());
-        cfg.agent.sandbox.cgroup_name = format!("medes-{tag}");
-        cfg.agent.sandbox.run_dir = format!("/run/medes/{tag}").into();
+        let (mut cfg, _tmp) = super::bench::own_instance_config("cycle", args.data_dir.as_deref())?;
         cfg.controller.dedup_enabled = true;
         cfg.controller.idle_period_s = args.idle_s;
         cfg.controller.keep_dedup_s = args.keep_dedup_s;
