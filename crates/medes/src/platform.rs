@@ -1,8 +1,13 @@
 //! One platform instance in this process: store, agent, controller, REST API.
 //!
 //! `medes serve`, `medes demo` and `medes bench startup` all start the platform through
-//! [`Platform::start`], so what a benchmark measures is exactly what `serve` runs.
+//! [`Platform::start`], so what a benchmark measures is exactly what `serve` runs. The
+//! controller side of it (store, keys, auth file, reconcile, timers, API) is a [`Service`],
+//! which `medes controller` starts over remote nodes through the same path
+//! ([`Service::open`], then [`Service::start`]).
 
+use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -20,8 +25,67 @@ use crate::config::MedesConfig;
 /// File in the data directory holding the default key (`uuid:key`), readable by root only.
 pub const AUTH_FILE: &str = "auth.key";
 
-/// A running platform.
-pub struct Platform {
+/// Arguments every platform process takes (`serve`, `controller`, `agent`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML); defaults apply to every missing key.
+    #[arg(long, short, env = "MEDES_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (store, API key, code, dedup stores, bases); overrides `data_dir`.
+    #[arg(long, env = "MEDES_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// Loads the configuration file and applies `--data-dir` (not yet [`MedesConfig::finish`]ed).
+    pub fn load(&self) -> anyhow::Result<MedesConfig> {
+        let mut cfg = MedesConfig::load(self.config.as_deref())?;
+        if let Some(d) = &self.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+/// The REST API's arguments (`serve`, `controller`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// REST API listen address (overrides `api.listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+impl ApiArgs {
+    /// Applies `--listen`.
+    pub fn apply(&self, cfg: &mut MedesConfig) {
+        if let Some(l) = self.listen {
+            cfg.api.listen = l;
+        }
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM (call inside the runtime).
+pub fn shutdown_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        token.cancel();
+    });
+}
+
+/// The store opened and the default key written, before any node is known ([`Service::open`]).
+pub struct Opened {
+    store: Arc<Store>,
+    /// The default key, `uuid:key` (also in [`AUTH_FILE`]).
+    pub auth: String,
+}
+
+/// The controller side of a platform: store, scheduler, timers and REST API (over any nodes).
+pub struct Service {
     /// Base URL of the REST API, e.g. `http://127.0.0.1:3233`.
     pub url: String,
     /// The default key, `uuid:key`.
@@ -30,11 +94,23 @@ pub struct Platform {
     pub data_dir: PathBuf,
     /// The scheduler (for in-process inspection by benchmarks).
     pub controller: Arc<Controller>,
-    agent: Agent,
     store: Arc<Store>,
     shutdown: CancellationToken,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
     timers: tokio::task::JoinHandle<()>,
+}
+
+/// A running platform: a [`Service`] and its in-process node agent.
+pub struct Platform {
+    service: Service,
+    agent: Agent,
+}
+
+impl Deref for Platform {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
+    }
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -45,16 +121,12 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-impl Platform {
-    /// Checks the host, opens the store, starts agent, controller and API, and returns once the
-    /// API accepts connections.
-    pub async fn start(cfg: MedesConfig) -> anyhow::Result<Platform> {
-        medes_sandbox::preflight(&cfg.agent.sandbox)
-            .context("this machine cannot run sandboxes (run scripts/setup.sh as root)")?;
-        medes_sandbox::become_subreaper().context("becoming a child subreaper")?;
+impl Service {
+    /// Creates the data directory, opens the store, adds the configured keys, writes the
+    /// default key to [`AUTH_FILE`] and installs the metrics recorder.
+    pub async fn open(cfg: &MedesConfig) -> anyhow::Result<Opened> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
-
         let store_path = cfg.data_dir.join("store.redb");
         let store_cfg = cfg.store;
         let store = tokio::task::spawn_blocking(move || Store::open_with(&store_path, store_cfg))
@@ -77,16 +149,21 @@ impl Platform {
         }
         let auth = key.auth_string();
         write_auth_file(&cfg.data_dir, &auth)?;
-
         // The recorder first: the controller registers metric handles from `reconcile` on.
         let _ = metrics_handle();
-        let agent = Agent::new(cfg.agent.clone()).context("starting the node agent")?;
-        let node: Arc<dyn NodeAgent> = Arc::new(agent.clone());
-        let controller = Controller::new(
-            cfg.controller.clone(),
-            vec![(cfg.agent.node_id.clone(), node)],
-        );
-        // Dedup sandboxes the node kept across a restart: adopt those of unchanged actions.
+        Ok(Opened { store, auth })
+    }
+
+    /// Reconciles the dedup sandboxes the nodes kept (adopting those of unchanged actions),
+    /// starts the controller's timers and the REST API, and returns once the API accepts
+    /// connections. Cancelling `shutdown` stops it ([`Service::stop`]).
+    pub async fn start(
+        cfg: &MedesConfig,
+        opened: Opened,
+        controller: Arc<Controller>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Service> {
+        let Opened { store, auth } = opened;
         let kept = {
             let store = store.clone();
             controller
@@ -95,9 +172,8 @@ impl Platform {
         };
         if kept.adopted > 0 || !kept.purged.is_empty() || kept.left > 0 {
             info!(adopted = kept.adopted, purged = ?kept.purged, kept_bases = kept.left,
-                  "dedup sandboxes kept by the node reconciled");
+                  "dedup sandboxes kept by the nodes reconciled");
         }
-        let shutdown = CancellationToken::new();
         let timers = tokio::spawn(controller.clone().run_timers(shutdown.clone()));
 
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)
@@ -117,17 +193,53 @@ impl Platform {
         }));
         let url = format!("http://{addr}");
         info!(%url, data_dir = %cfg.data_dir.display(), "platform started");
-        Ok(Platform {
+        Ok(Service {
             url,
             auth,
             data_dir: cfg.data_dir.clone(),
             controller,
-            agent,
             store,
             shutdown,
             api,
             timers,
         })
+    }
+
+    /// A token that, when cancelled, stops the service (used for signals).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting requests, lets running ones finish, destroys every sandbox through the
+    /// controller, flushes the store.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let api = self.api.await;
+        let _ = self.timers.await;
+        self.controller.shutdown().await;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush()).await??;
+        api??;
+        Ok(())
+    }
+}
+
+impl Platform {
+    /// Checks the host, opens the store, starts agent, controller and API, and returns once the
+    /// API accepts connections.
+    pub async fn start(cfg: MedesConfig) -> anyhow::Result<Platform> {
+        medes_sandbox::preflight(&cfg.agent.sandbox)
+            .context("this machine cannot run sandboxes (run scripts/setup.sh as root)")?;
+        medes_sandbox::become_subreaper().context("becoming a child subreaper")?;
+        let opened = Service::open(&cfg).await?;
+        let agent = Agent::new(cfg.agent.clone()).context("starting the node agent")?;
+        let node: Arc<dyn NodeAgent> = Arc::new(agent.clone());
+        let controller = Controller::new(
+            cfg.controller.clone(),
+            vec![(cfg.agent.node_id.clone(), node)],
+        );
+        let service = Service::start(&cfg, opened, controller, CancellationToken::new()).await?;
+        Ok(Platform { service, agent })
     }
 
     /// The node agent (for in-process inspection by benchmarks).
@@ -144,28 +256,21 @@ impl Platform {
         Ok(())
     }
 
-    /// A token that, when cancelled, stops the platform (used for signals).
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     /// Waits until the shutdown token is cancelled, then stops.
     pub async fn run_until_shutdown(self) -> anyhow::Result<()> {
-        self.shutdown.cancelled().await;
+        self.service.shutdown.cancelled().await;
         self.stop().await
     }
 
     /// Stops accepting requests, lets running ones finish, destroys every sandbox, flushes the
     /// store.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let api = self.api.await;
-        let _ = self.timers.await;
-        self.controller.shutdown().await;
-        self.agent.shutdown().await;
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush()).await??;
-        api??;
+        let Platform { service, agent } = self;
+        // The service's stop flushes the store after the controller destroyed the sandboxes;
+        // the agent then stops what is left (its reaper, kept stores stay).
+        let stopped = service.stop().await;
+        agent.shutdown().await;
+        stopped?;
         info!("platform stopped");
         Ok(())
     }

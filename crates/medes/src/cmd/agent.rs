@@ -5,7 +5,6 @@
 //! address) ends the process with an error.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -17,17 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::MedesConfig;
-use crate::platform::init_tracing;
+use crate::platform::{ConfigArgs, init_tracing, shutdown_on_signal};
 
 /// Arguments of `medes agent`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Configuration file (TOML); its `agent` section applies.
-    #[arg(long, short, env = "MEDES_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Data directory of this node (code, dedup stores, bases); overrides `data_dir`.
-    #[arg(long, env = "MEDES_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Configuration file (its `agent` section applies) and data directory.
+    #[command(flatten)]
+    pub common: ConfigArgs,
     /// The controller's registry address (`host:port`, its `--rpc`).
     #[arg(long)]
     pub controller: String,
@@ -45,10 +41,7 @@ pub struct Args {
 
 /// Runs `medes agent`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut cfg = MedesConfig::load(args.config.as_deref())?;
-    if let Some(d) = args.data_dir {
-        cfg.data_dir = d;
-    }
+    let mut cfg = args.common.load()?;
     if let Some(n) = args.node_id {
         cfg.agent.node_id = NodeId(n);
     }
@@ -83,16 +76,7 @@ async fn serve(
     let node = cfg.agent.node_id.clone();
 
     let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        token.cancel();
-    });
+    shutdown_on_signal(shutdown.clone());
     let local: Arc<dyn NodeAgent> = Arc::new(agent.clone());
     let token = shutdown.clone();
     let server = tokio::spawn(serve_node(local, listener, async move {

@@ -1,23 +1,19 @@
 //! `medes serve`: the controller and one node agent in this process (the embedded default).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::MedesConfig;
-use crate::platform::{Platform, init_tracing};
+use crate::platform::{ApiArgs, ConfigArgs, Platform, init_tracing, shutdown_on_signal};
 
 /// Arguments of `medes serve`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Configuration file (TOML); defaults apply to every missing key.
-    #[arg(long, short, env = "MEDES_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Data directory (overrides `data_dir` of the file).
-    #[arg(long, env = "MEDES_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Listen address (overrides `api.listen`).
-    #[arg(long)]
-    pub listen: Option<std::net::SocketAddr>,
+    /// Configuration file and data directory.
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The REST API.
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// Print the configuration with every default and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -33,13 +29,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         print!("{}", MedesConfig::default_toml());
         return Ok(ExitCode::SUCCESS);
     }
-    let mut cfg = MedesConfig::load(args.config.as_deref())?;
-    if let Some(d) = args.data_dir {
-        cfg.data_dir = d;
-    }
-    if let Some(l) = args.listen {
-        cfg.api.listen = l;
-    }
+    let mut cfg = args.common.load()?;
+    args.api.apply(&mut cfg);
     cfg.finish();
     init_tracing(&cfg.log);
     let rt = tokio::runtime::Runtime::new()?;
@@ -54,16 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             platform.url
         );
         println!("  metrics  : {}/metrics", platform.url);
-        let token = platform.shutdown_token();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            token.cancel();
-        });
+        shutdown_on_signal(platform.shutdown_token());
         if args.purge_on_exit {
             token_wait(&platform).await;
             platform.stop_and_purge().await
