@@ -262,7 +262,50 @@ pub struct DedupStats {
 #[derive(Clone)]
 struct Node {
     id: NodeId,
+    /// The node's agent behind its [`Guarded`] wrapper.
     agent: Arc<dyn NodeAgent>,
+    /// Cancelled when the node is marked dead ([`Controller::set_node_alive`]).
+    death: Arc<Mutex<CancellationToken>>,
+}
+
+impl Node {
+    fn new(id: NodeId, agent: Arc<dyn NodeAgent>) -> Node {
+        let death = Arc::new(Mutex::new(CancellationToken::new()));
+        let agent = Arc::new(Guarded {
+            id: id.clone(),
+            inner: agent,
+            death: death.clone(),
+        });
+        Node { id, agent, death }
+    }
+}
+
+/// A node agent whose calls end at once with [`AgentError::Unavailable`] while its node is
+/// marked dead (in flight when it is marked, or made afterwards): work on a dead node fails
+/// cleanly instead of waiting for a transport deadline.
+struct Guarded {
+    id: NodeId,
+    inner: Arc<dyn NodeAgent>,
+    death: Arc<Mutex<CancellationToken>>,
+}
+
+impl NodeAgent for Guarded {
+    fn execute(&self, cmd: Command) -> BoxFuture<'static, Result<Reply, AgentError>> {
+        let died = self.death.lock().clone();
+        let id = self.id.clone();
+        let call = self.inner.execute(cmd);
+        async move {
+            let dead = || AgentError::Unavailable(format!("node {id} is dead (missed heartbeats)"));
+            if died.is_cancelled() {
+                return Err(dead());
+            }
+            tokio::select! {
+                r = call => r,
+                _ = died.cancelled() => Err(dead()),
+            }
+        }
+        .boxed()
+    }
 }
 
 /// The scheduler. Create with [`Controller::new`]; use through [`Invoker`].
@@ -360,6 +403,23 @@ enum RestoreResult {
     Failed,
 }
 
+/// A node's liveness could not be set ([`Controller::set_node_alive`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetNodeAliveError {
+    /// No node with this id is part of the controller.
+    #[error("node {0} is not known")]
+    UnknownNode(NodeId),
+}
+
+/// A node's leftovers reconciled ([`Controller::reconcile_node`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReconcileReport {
+    /// Sandboxes the node holds that the books do not know, purged.
+    pub purged: usize,
+    /// Idle sandboxes in the books the node no longer holds, forgotten.
+    pub forgotten: usize,
+}
+
 /// A node could not be added ([`Controller::add_node`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddNodeError {
@@ -453,7 +513,7 @@ impl Controller {
         let prefix = ActivationIdPrefix::new();
         let nodes = agents
             .into_iter()
-            .map(|(id, agent)| Node { id, agent })
+            .map(|(id, agent)| Node::new(id, agent))
             .collect();
         let limits = Limits {
             max_checkpoints: cfg.max_checkpoints_per_node.max(1),
@@ -503,17 +563,15 @@ impl Controller {
     /// Adds a node at run time (issue 7: an agent that registered after the controller was
     /// built), with the configured node budget ([`Self::node_budget`]). It takes part in
     /// placement from the next decision on; waiting invocations are served if it has room.
-    /// Nodes are never removed (indices stay valid); a dead node is phase 2 of issue 7.
+    /// Nodes are never removed (indices stay valid); a dead one is taken out of placement by
+    /// [`Self::set_node_alive`].
     pub fn add_node(&self, id: NodeId, agent: Arc<dyn NodeAgent>) -> Result<(), AddNodeError> {
         {
             let mut nodes = self.nodes.write();
             if nodes.iter().any(|n| n.id == id) {
                 return Err(AddNodeError::Duplicate(id));
             }
-            nodes.push(Node {
-                id: id.clone(),
-                agent,
-            });
+            nodes.push(Node::new(id.clone(), agent));
         }
         // The books learn the node last (never under the node list lock): nothing is placed
         // on an index before the node list holds it.
@@ -521,6 +579,136 @@ impl Controller {
         info!(node = %id, nodes = n, budget_mb = self.max_budget >> 20, "node added");
         self.pump();
         Ok(())
+    }
+
+    /// Marks a node dead (`alive == false`) or alive again (issue 7 phase 2); returns whether
+    /// that changed anything.
+    ///
+    /// Dead: nothing new is placed there (cold starts go to live nodes, its warm and dedup
+    /// sandboxes are no longer chosen), its idle sandboxes leave the books (their memory
+    /// released, the count logged), and every call in flight to it ends at once with
+    /// [`AgentError::Unavailable`], so its invocations end as error activations.
+    /// Alive again: placement uses it again and its leftovers are reconciled in the background
+    /// ([`Self::reconcile_node`]). The books learn of nodes by index, so a dead node keeps its
+    /// index (nodes are never removed).
+    pub fn set_node_alive(&self, id: &NodeId, alive: bool) -> Result<bool, SetNodeAliveError> {
+        let (index, node) = {
+            let nodes = self.nodes.read();
+            let i = nodes
+                .iter()
+                .position(|n| &n.id == id)
+                .ok_or_else(|| SetNodeAliveError::UnknownNode(id.clone()))?;
+            (i, nodes[i].clone())
+        };
+        if !alive {
+            let (forgotten, freed) = {
+                let mut st = self.state.lock();
+                if !st.alive[index] {
+                    return Ok(false);
+                }
+                // Cancel under the books' lock: a call made after this fails at once.
+                node.death.lock().cancel();
+                st.node_down(index)
+            };
+            warn!(node = %id, forgotten, freed_mb = freed >> 20,
+                  "node dead: no new work placed there; its idle sandboxes forgotten, its calls in flight fail");
+            self.update_gauges();
+            self.pump();
+            return Ok(true);
+        }
+        {
+            let mut st = self.state.lock();
+            if st.alive[index] {
+                return Ok(false);
+            }
+            *node.death.lock() = CancellationToken::new();
+            st.alive[index] = true;
+        }
+        info!(node = %id, "node alive again: placement uses it again");
+        if let Some(me) = self.me.upgrade() {
+            let id = id.clone();
+            tokio::spawn(async move {
+                let _ = me.reconcile_node(&id).await;
+            });
+        }
+        self.pump();
+        Ok(true)
+    }
+
+    /// Whether placement uses each node (false once marked dead), in node order.
+    pub fn nodes_alive(&self) -> Vec<bool> {
+        self.state.lock().alive.clone()
+    }
+
+    /// Reconciles one node's sandboxes with the books (a node back from the dead, or an agent
+    /// that registered again): sandboxes it holds that the books do not know are purged (dedup
+    /// and warm ones first, then bases), and idle sandboxes of the books it no longer holds are
+    /// forgotten. Purge refusals (a base still needed) and failures are logged, not retried.
+    pub async fn reconcile_node(
+        &self,
+        id: &NodeId,
+    ) -> Result<NodeReconcileReport, SetNodeAliveError> {
+        let (index, node) = {
+            let nodes = self.nodes.read();
+            let i = nodes
+                .iter()
+                .position(|n| &n.id == id)
+                .ok_or_else(|| SetNodeAliveError::UnknownNode(id.clone()))?;
+            (i, nodes[i].clone())
+        };
+        let mut report = NodeReconcileReport::default();
+        let before = self.now();
+        let status = match node.agent.execute(Command::Status).await {
+            Ok(Reply::Status(s)) => s,
+            Ok(other) => {
+                warn!(node = %id, reply = reply_name(&other), "unexpected reply to status; node not reconciled");
+                return Ok(report);
+            }
+            Err(e) => {
+                warn!(node = %id, error = %e, "node status failed; node not reconciled");
+                return Ok(report);
+            }
+        };
+        let held: std::collections::HashSet<SandboxId> =
+            status.sandboxes.iter().map(|s| s.id.clone()).collect();
+        let (unknown, forgotten) = {
+            let mut st = self.state.lock();
+            let known: std::collections::HashSet<&SandboxId> = st
+                .sbs
+                .values()
+                .filter(|s| s.node == index)
+                .map(|s| &s.id)
+                .collect();
+            let mut unknown: Vec<(bool, SandboxId)> = status
+                .sandboxes
+                .iter()
+                .filter(|s| !known.contains(&s.id))
+                .map(|s| (s.form == medes_agent::SandboxForm::Base, s.id.clone()))
+                .collect();
+            unknown.sort();
+            let forgotten = st.forget_missing(index, &held, before);
+            (unknown, forgotten)
+        };
+        report.forgotten = forgotten;
+        for (_, sandbox) in unknown {
+            match node
+                .agent
+                .execute(Command::Purge {
+                    sandbox: sandbox.clone(),
+                })
+                .await
+            {
+                Ok(_) | Err(AgentError::UnknownSandbox(_)) => report.purged += 1,
+                Err(e) => {
+                    warn!(node = %id, %sandbox, error = %e, "purging a leftover sandbox failed")
+                }
+            }
+        }
+        info!(node = %id, purged = report.purged, forgotten = report.forgotten, "node reconciled");
+        self.refresh_memory().await;
+        self.update_gauges();
+        self.pump();
+        Ok(report)
     }
 
     /// The nodes, in index order.
@@ -655,6 +843,9 @@ impl Controller {
     pub async fn refresh_memory(&self) {
         let nodes = self.nodes.read().clone();
         for (i, node) in nodes.iter().enumerate() {
+            if !self.state.lock().alive.get(i).copied().unwrap_or(false) {
+                continue; // Dead: its calls fail at once; nothing to learn.
+            }
             let asked_at = self.now();
             match node.agent.execute(Command::Status).await {
                 Ok(Reply::Status(status)) => {

@@ -189,6 +189,9 @@ pub(crate) struct State {
     /// Per node: memory the node holds for nothing in these books (bases whose process is gone,
     /// e.g. kept by an earlier agent, while dedup sandboxes depend on them), from its status.
     pub unowned: Vec<u64>,
+    /// Per node: whether placement may use it (issue 7 phase 2: false once its agent missed
+    /// its heartbeats, until it is heard from again).
+    pub alive: Vec<bool>,
 }
 
 /// Whether the node holds (or is making) a dedup image for the sandbox, which may reference
@@ -241,6 +244,7 @@ impl State {
             next_tick: None,
             stats: crate::DedupStats::default(),
             unowned: vec![0; n],
+            alive: vec![true; n],
         }
     }
 
@@ -251,6 +255,7 @@ impl State {
         self.checkpoints.push(0);
         self.restores.push(0);
         self.unowned.push(0);
+        self.alive.push(true);
         self.budgets.len()
     }
 
@@ -397,7 +402,10 @@ impl State {
         let mut dedups: Vec<(Timestamp, Key)> = Vec::new();
         for &k in &pool.keys {
             let Some(sb) = self.sbs.get(&k) else { continue };
-            if sb.generation != pool.generation || &*sb.version != version {
+            if sb.generation != pool.generation
+                || &*sb.version != version
+                || !self.alive.get(sb.node).copied().unwrap_or(false)
+            {
                 continue;
             }
             if let SandboxState::Dedup { since, .. } = sb.state {
@@ -564,6 +572,9 @@ impl State {
     ) -> Option<(Key, SandboxId, usize, Vec<SandboxId>)> {
         let mut choice: Option<(usize, Vec<Key>)> = None;
         for node in 0..self.budgets.len() {
+            if !self.alive[node] {
+                continue;
+            }
             let Some(v) = self.make_room(node, need, None, now) else {
                 continue;
             };
@@ -618,6 +629,68 @@ impl State {
     }
 
     // ---- removal -----------------------------------------------------------------------
+
+    /// Marks `node` dead (issue 7 phase 2): nothing is placed on it any more, and its idle
+    /// sandboxes (warm, bases, dedup, being purged) leave the books, their memory released.
+    /// Sandboxes with work in flight there stay until that work fails. Returns how many left
+    /// and the memory they were charged.
+    pub(crate) fn node_down(&mut self, node: usize) -> (usize, u64) {
+        let Some(alive) = self.alive.get_mut(node) else {
+            return (0, 0);
+        };
+        *alive = false;
+        let keys: Vec<Key> = self
+            .sbs
+            .iter()
+            .filter(|(_, s)| {
+                s.node == node
+                    && matches!(
+                        s.state,
+                        SandboxState::Warm { .. }
+                            | SandboxState::Dedup { .. }
+                            | SandboxState::Purging
+                    )
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        let mut freed = 0;
+        for k in &keys {
+            if let Some(sb) = self.take(*k) {
+                freed += sb.charge;
+            }
+        }
+        self.unowned[node] = 0;
+        (keys.len(), freed)
+    }
+
+    /// Idle sandboxes of `node` created at or before `before` whose ids are not in `held`
+    /// (the node no longer has them, e.g. its agent restarted) leave the books; returns how
+    /// many.
+    pub(crate) fn forget_missing(
+        &mut self,
+        node: usize,
+        held: &std::collections::HashSet<SandboxId>,
+        before: Timestamp,
+    ) -> usize {
+        let keys: Vec<Key> = self
+            .sbs
+            .iter()
+            .filter(|(_, s)| {
+                s.node == node
+                    && s.created <= before
+                    && !held.contains(&s.id)
+                    && matches!(
+                        s.state,
+                        SandboxState::Warm { .. } | SandboxState::Dedup { .. }
+                    )
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        for k in &keys {
+            self.take(*k);
+        }
+        keys.len()
+    }
 
     /// Removes a sandbox from the books (its memory is free again) and returns it. When it was
     /// the last dedup sandbox of its namespace on its node, that namespace's bases there are

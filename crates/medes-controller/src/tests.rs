@@ -1550,3 +1550,143 @@ async fn a_status_taken_during_a_re_dedup_does_not_purge_the_new_dedup_sandbox()
     assert_eq!(forms(&ctl), "base,dedup");
     assert_eq!(fake.commands("purge"), 0, "{:?}", fake.log());
 }
+
+// ---- dead nodes (issue 7 phase 2) ------------------------------------------------------
+
+fn two_nodes() -> (Arc<Controller>, Fake, Fake) {
+    let (f0, f1) = (Fake::new(), Fake::new());
+    let ctl = Controller::new(
+        ControllerConfig {
+            node_memory_budget_mb: 1024,
+            ..Default::default()
+        },
+        vec![
+            (NodeId("n0".into()), Arc::new(f0.clone()) as _),
+            (NodeId("n1".into()), Arc::new(f1.clone()) as _),
+        ],
+    );
+    (ctl, f0, f1)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_node_gets_no_new_work() {
+    let (ctl, f0, f1) = two_nodes();
+    let a = action("a", "1", 256, 1);
+    let first = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(first.node.as_ref().map(|n| n.0.as_str()), Some("n0"));
+    assert_eq!(ctl.memory_used()[0], Bytes::mib(256));
+    // Its warm sandbox is forgotten and its memory released.
+    assert_eq!(ctl.set_node_alive(&NodeId("n0".into()), false), Ok(true));
+    assert_eq!(ctl.set_node_alive(&NodeId("n0".into()), false), Ok(false));
+    assert_eq!(ctl.nodes_alive(), vec![false, true]);
+    assert_eq!(ctl.memory_used()[0], Bytes(0));
+    assert!(ctl.sandboxes().is_empty(), "{}", states(&ctl));
+    let (spawns, runs) = (f0.commands("spawn"), f0.commands("run"));
+    for _ in 0..3 {
+        let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+        assert_eq!(act.response.status, ActivationStatus::Success);
+        assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    }
+    assert_eq!((f0.commands("spawn"), f0.commands("run")), (spawns, runs));
+    assert_eq!(f1.commands("spawn"), 1, "the later ones were warm on n1");
+    assert_eq!(
+        ctl.set_node_alive(&NodeId("nx".into()), false),
+        Err(SetNodeAliveError::UnknownNode(NodeId("nx".into())))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_in_flight_on_a_dead_node_fails_cleanly() {
+    let (ctl, _f0, _f1) = two_nodes();
+    let a = action("a", "1", 256, 1);
+    let killer = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            // The spawn takes 100 ms; the run (900 ms) is in flight at 300 ms.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            ctl.set_node_alive(&NodeId("n0".into()), false)
+        })
+    };
+    let t0 = tokio::time::Instant::now();
+    let act = ctl
+        .invoke(request(&a, json!({"sleep_ms": 900})))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(killer.await.unwrap(), Ok(true));
+    assert_eq!(act.node.map(|n| n.0), Some("n0".to_string()));
+    assert_eq!(act.response.status, ActivationStatus::InternalError);
+    let text = act.response.result.to_string();
+    assert!(text.contains("dead"), "{text}");
+    assert!(took < Duration::from_millis(400), "ended after {took:?}");
+    // A cold start in flight there fails as cleanly.
+    let killer = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            ctl.set_node_alive(&NodeId("n1".into()), false)
+        })
+    };
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(killer.await.unwrap(), Ok(true));
+    assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    assert_eq!(act.response.status, ActivationStatus::InternalError);
+    // Nothing is left charged on the dead nodes.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(ctl.memory_used(), vec![Bytes(0), Bytes(0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revived_node_is_reconciled_and_gets_work_again() {
+    let (ctl, f0, _f1) = two_nodes();
+    let a = action("a", "1", 256, 1);
+    let first = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(first.node.map(|n| n.0), Some("n0".to_string()));
+    let n0 = NodeId("n0".into());
+    ctl.set_node_alive(&n0, false).unwrap();
+    // The agent still holds the warm sandbox the books forgot.
+    assert_eq!(f0.0.live.lock().len(), 1);
+    assert_eq!(ctl.set_node_alive(&n0, true), Ok(true));
+    assert_eq!(ctl.nodes_alive(), vec![true, true]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(f0.0.live.lock().is_empty(), "{:?}", f0.log());
+    assert_eq!(f0.commands("purge"), 1);
+    // A second reconcile finds nothing to do.
+    let again = ctl.reconcile_node(&n0).await.unwrap();
+    assert_eq!(again, NodeReconcileReport::default());
+    // With n1 dead, the revived n0 takes the work.
+    ctl.set_node_alive(&NodeId("n1".into()), false).unwrap();
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert_eq!(act.node.map(|n| n.0), Some("n0".to_string()));
+    assert_eq!(act.start_kind, StartKind::Cold);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconciling_a_restarted_agent_forgets_what_it_lost() {
+    let (ctl, f0, _f1) = two_nodes();
+    let a = action("a", "1", 256, 1);
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(ctl.sandboxes().len(), 1);
+    // The agent restarted: its sandbox is gone, and it holds one the books never knew.
+    f0.0.live.lock().clear();
+    f0.0.live.lock().insert(
+        SandboxId("stray".into()),
+        FakeSb {
+            action: a.name.clone(),
+            version: "1".into(),
+            form: SandboxForm::Warm,
+            lost: false,
+        },
+    );
+    let r = ctl.reconcile_node(&NodeId("n0".into())).await.unwrap();
+    assert_eq!(
+        r,
+        NodeReconcileReport {
+            purged: 1,
+            forgotten: 1
+        }
+    );
+    assert!(ctl.sandboxes().is_empty());
+    assert!(f0.0.live.lock().is_empty());
+}
