@@ -1,4 +1,4 @@
-//! The controller ↔ node agent transport (issue 7, phase 1): gRPC over tonic, protocol
+//! The controller ↔ node agent transport (issue 7, phases 1 and 2): gRPC over tonic, protocol
 //! `medes.node.v1` (`proto/medes/node/v1/node.proto`, compiled by `build.rs` with protox: no
 //! `protoc` needed).
 //!
@@ -33,14 +33,28 @@
 //! - The registry checks a registering node by calling its `Status` back (reachable at the
 //!   address it gave, answering under the id it claimed) before accepting it.
 //! - Missed heartbeats: a node not heard from for [`RegistryConfig::dead_after`] (5 s) is
-//!   logged dead (and alive again when it comes back). Acting on it is phase 2.
+//!   marked dead, and alive again when it is heard from or registers again. Each change is
+//!   reported to a hook ([`Registry::on_node_events`], [`NodeEvent`]).
+//!
+//! # Phase 2 (first step): acting on dead nodes
+//! `medes controller` wires [`NodeEvent`]s to the scheduler:
+//! - [`NodeEvent::Dead`] → `Controller::set_node_alive(id, false)`: nothing new is placed there
+//!   (cold starts go to live nodes; its warm and dedup sandboxes are no longer chosen), its idle
+//!   sandboxes leave the controller's books (count logged, memory released), and every call
+//!   in flight to it ends at once as `AgentError::Unavailable`, so its invocations end as
+//!   error activations (not retried: a run may have had effects) instead of waiting for a
+//!   [`Deadlines`] expiry.
+//! - [`NodeEvent::Alive`] / [`NodeEvent::Registered`] → alive again, then
+//!   `Controller::reconcile_node`: sandboxes the node holds that the books do not know are
+//!   purged, idle ones of the books it no longer holds are forgotten.
 //!
 //! # What this crate does not do (yet: later phases of issue 7)
-//! - Acting on dead nodes (removing them from placement, failing or retrying their in-flight
-//!   invocations, cold-start fallback for dedup sandboxes whose bases lived there), reconciling a
-//!   restarted agent's sandboxes with the controller's books, per-node budgets from
-//!   registration (the controller applies its configured budget to every node; the reported one
-//!   is only logged).
+//! - The rest of phase 2: retrying (at most once) cold starts that failed on a node that died
+//!   before the action ran; cold-start fallback for dedup sandboxes elsewhere whose bases lived
+//!   on a dead node (bases are node-local today, so none yet); re-adopting a revived node's
+//!   dedup sandboxes instead of purging them; removing nodes; per-node budgets from
+//!   registration (the controller applies its configured budget to every node; the reported
+//!   one is only logged).
 //! - Remote base pages (a streaming, batched page service between agents).
 //! - The namespaced multi-host test bed (`medes cluster up --nodes N`: netns + veth/bridge), fault
 //!   injection tests (kill -9, partitions), controller restart with persisted state.
@@ -63,7 +77,7 @@ pub mod pb {
 pub use link::{AgentLinkConfig, LinkError, run_agent_link};
 pub use medes_agent::{AgentError, Command, NodeAgent, Reply};
 pub use node::{Deadlines, RemoteAgent, RemoteAgentError, serve_node};
-pub use registry::{NodeInfo, Registry, RegistryConfig, serve_registry};
+pub use registry::{NodeEvent, NodeInfo, Registry, RegistryConfig, serve_registry};
 
 /// The protocol version this build speaks (the `v1` of `medes.node.v1`).
 pub const PROTOCOL_VERSION: u32 = 1;

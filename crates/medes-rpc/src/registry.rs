@@ -75,12 +75,29 @@ struct Entry {
     order: usize,
 }
 
+/// A change in a registered node's liveness, reported to [`Registry::on_node_events`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Not heard from for [`RegistryConfig::dead_after`]: place nothing there, fail what runs
+    /// there (normally `medes_controller::Controller::set_node_alive(id, false)`).
+    Dead,
+    /// A dead node's heartbeats arrive again (e.g. a healed partition).
+    Alive,
+    /// A known node registered again (an agent restart, maybe at a new address; dead or not):
+    /// alive, and what it holds should be reconciled with the books.
+    Registered,
+}
+
+/// What receives node events ([`Registry::on_node_events`]).
+type EventHook = Arc<dyn Fn(&NodeId, NodeEvent) + Send + Sync>;
+
 /// What admits a node that registers after the initial set ([`Registry::admit_late_nodes`]).
 type JoinHook = Arc<dyn Fn(NodeId, Arc<dyn NodeAgent>) -> Result<(), String> + Send + Sync>;
 
 struct Inner {
     cfg: RegistryConfig,
     late: Mutex<Option<JoinHook>>,
+    events: Mutex<Option<EventHook>>,
     nodes: Mutex<BTreeMap<NodeId, Entry>>,
     count: watch::Sender<usize>,
 }
@@ -104,6 +121,7 @@ impl Registry {
         Registry(Arc::new(Inner {
             cfg,
             late: Mutex::new(None),
+            events: Mutex::new(None),
             nodes: Mutex::new(BTreeMap::new()),
             count,
         }))
@@ -138,6 +156,23 @@ impl Registry {
         *self.0.late.lock() = Some(Arc::new(join));
     }
 
+    /// From now on, `hook` is told when a node is marked dead, is heard from again, or
+    /// registers again ([`NodeEvent`]); it is called outside the registry's locks, from the
+    /// heartbeat watcher or the registration handler (inside the runtime), and must not block.
+    pub fn on_node_events<F>(&self, hook: F)
+    where
+        F: Fn(&NodeId, NodeEvent) + Send + Sync + 'static,
+    {
+        *self.0.events.lock() = Some(Arc::new(hook));
+    }
+
+    fn emit(&self, id: &NodeId, event: NodeEvent) {
+        let hook = self.0.events.lock().clone();
+        if let Some(hook) = hook {
+            hook(id, event);
+        }
+    }
+
     /// Every registered node.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         let now = Instant::now();
@@ -163,7 +198,8 @@ impl Registry {
     }
 
     /// Checks every `heartbeat_interval` for nodes not heard from for `dead_after`, logs them
-    /// dead (once) and returns when `shutdown` is cancelled. Acting on a dead node is phase 2.
+    /// dead (once), reports them to the [`Registry::on_node_events`] hook
+    /// ([`NodeEvent::Dead`]) and returns when `shutdown` is cancelled.
     pub async fn watch_heartbeats(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.0.cfg.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -172,7 +208,9 @@ impl Registry {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.mark_dead(Instant::now());
+            for id in self.mark_dead(Instant::now()) {
+                self.emit(&id, NodeEvent::Dead);
+            }
         }
     }
 
@@ -193,14 +231,21 @@ impl Registry {
     }
 
     fn heard(&self, id: &NodeId) -> bool {
-        let mut nodes = self.0.nodes.lock();
-        let Some(e) = nodes.get_mut(id) else {
-            return false;
+        let revived = {
+            let mut nodes = self.0.nodes.lock();
+            let Some(e) = nodes.get_mut(id) else {
+                return false;
+            };
+            e.last_heard = Instant::now();
+            let revived = e.dead;
+            if revived {
+                e.dead = false;
+                info!(node = %id, "node heard from again: alive");
+            }
+            revived
         };
-        e.last_heard = Instant::now();
-        if e.dead {
-            e.dead = false;
-            info!(node = %id, "node heard from again: alive");
+        if revived {
+            self.emit(id, NodeEvent::Alive);
         }
         true
     }
@@ -271,6 +316,8 @@ impl Registry {
             e.memory_budget = req.memory_budget;
             info!(node = %id, %address, registrations = e.registrations, sandboxes = st.sandboxes.len(),
                   "node registered again");
+            drop(nodes);
+            self.emit(&id, NodeEvent::Registered);
             return Ok(());
         }
         let late = n >= self.0.cfg.expected_nodes;

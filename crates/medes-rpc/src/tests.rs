@@ -501,6 +501,9 @@ fn link(ctl: &str, node: &str, addr: SocketAddr) -> AgentLinkConfig {
 async fn registry_admits_refuses_and_watches_heartbeats() {
     let stop = CancellationToken::new();
     let (reg, ctl) = registry(1, &stop).await;
+    let events = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let seen = events.clone();
+    reg.on_node_events(move |id, ev| seen.lock().push((id.0.clone(), ev)));
     let a = serve_fake("a", Duration::ZERO, &stop).await;
     let b = serve_fake("b", Duration::ZERO, &stop).await;
 
@@ -551,6 +554,7 @@ async fn registry_admits_refuses_and_watches_heartbeats() {
     a_task.await.unwrap().unwrap();
     let info = eventually(&reg, |n| !n.alive).await;
     assert!(info.since_heard >= Duration::from_millis(1_000), "{info:?}");
+    assert_eq!(*events.lock(), vec![("a".to_string(), NodeEvent::Dead)]);
 
     // The same id registering again (a restarted agent, from a new address) is accepted,
     // re-points the client and is alive again.
@@ -559,6 +563,13 @@ async fn registry_admits_refuses_and_watches_heartbeats() {
     let t = tokio::spawn(run_agent_link(link(&ctl, "a", a2), again.clone()));
     let info = eventually(&reg, |n| n.registrations == 2).await;
     assert!(info.alive && info.address == a2, "{info:?}");
+    assert_eq!(
+        *events.lock(),
+        vec![
+            ("a".to_string(), NodeEvent::Dead),
+            ("a".to_string(), NodeEvent::Registered)
+        ]
+    );
     again.cancel();
     t.await.unwrap().unwrap();
     stop.cancel();
@@ -639,6 +650,72 @@ async fn a_node_registering_late_joins_the_controller() {
         seen.insert(r.node.expect("node").0);
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+    ctl.shutdown().await;
+    stop.cancel();
+}
+
+/// The controller's wiring of `medes controller`: registry events drive the controller.
+fn wire_controller(reg: &Registry, ctl: &Arc<medes_controller::Controller>) {
+    let c = ctl.clone();
+    reg.on_node_events(move |id, ev| match ev {
+        NodeEvent::Dead => {
+            let _ = c.set_node_alive(id, false);
+        }
+        NodeEvent::Alive => {
+            let _ = c.set_node_alive(id, true);
+        }
+        NodeEvent::Registered => {
+            if !matches!(c.set_node_alive(id, true), Ok(true)) {
+                let (c, id) = (c.clone(), id.clone());
+                tokio::spawn(async move { c.reconcile_node(&id).await });
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_misses_heartbeats_leaves_placement_until_it_returns() {
+    use medes_controller::{Controller, ControllerConfig};
+    let stop = CancellationToken::new();
+    let (reg, ctl_addr) = registry(2, &stop).await;
+    let a = serve_fake("a", Duration::ZERO, &stop).await;
+    let b = serve_fake("b", Duration::ZERO, &stop).await;
+    let a_link = stop.child_token();
+    let a_task = tokio::spawn(run_agent_link(link(&ctl_addr, "a", a), a_link.clone()));
+    tokio::spawn(run_agent_link(link(&ctl_addr, "b", b), stop.child_token()));
+    let nodes = tokio::time::timeout(Duration::from_secs(10), reg.wait_for_nodes())
+        .await
+        .expect("nodes register");
+    let ctl = Controller::new(
+        ControllerConfig {
+            node_memory_budget_mb: 1024,
+            ..Default::default()
+        },
+        nodes,
+    );
+    wire_controller(&reg, &ctl);
+    let until = |want: Vec<bool>| {
+        let ctl = ctl.clone();
+        async move {
+            let t = std::time::Instant::now();
+            while ctl.nodes_alive() != want {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{:?}",
+                    ctl.nodes_alive()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    a_link.cancel();
+    a_task.await.unwrap().unwrap();
+    let a_id = NodeId("a".into());
+    let want: Vec<bool> = ctl.node_ids().iter().map(|n| n != &a_id).collect();
+    until(want).await;
+    // The agent of `a` registers again: alive, and placement may use it again.
+    tokio::spawn(run_agent_link(link(&ctl_addr, "a", a), stop.child_token()));
+    until(vec![true, true]).await;
     ctl.shutdown().await;
     stop.cancel();
 }

@@ -6,16 +6,20 @@
 //! registered, then builds the scheduler over them and opens the REST API on `--listen`. Agents
 //! that register later under new ids join through `Controller::add_node`; an agent that
 //! restarts registers again under its id and is re-pointed to its new address. Nodes silent
-//! for 5 s are logged dead; acting on it (and removing nodes) is phase 2.
+//! for 5 s are marked dead: the scheduler stops placing work there, fails what runs there and
+//! forgets its idle sandboxes; a node heard from again (or registering again) is alive and
+//! reconciled (`Controller::set_node_alive`, `Controller::reconcile_node`).
 //! The store, keys, reconcile, timers and API start through the same path as `medes serve`
 //! (`platform::Service`), without the in-process agent.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
-use medes_rpc::{Registry, RegistryConfig, serve_registry};
+use medes_controller::Controller;
+use medes_rpc::{NodeEvent, Registry, RegistryConfig, serve_registry};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::MedesConfig;
 use crate::platform::{ApiArgs, ConfigArgs, Service, init_tracing, shutdown_on_signal};
@@ -80,9 +84,10 @@ async fn serve(cfg: MedesConfig, rpc: std::net::SocketAddr, nodes: usize) -> any
     for n in registry.nodes() {
         info!(node = %n.id, address = %n.address, budget_mb = n.memory_budget.0 >> 20, "node in the cluster");
     }
-    let controller = medes_controller::Controller::new(cfg.controller.clone(), agents);
+    let controller = Controller::new(cfg.controller.clone(), agents);
     let ctl = controller.clone();
     registry.admit_late_nodes(move |id, agent| ctl.add_node(id, agent).map_err(|e| e.to_string()));
+    act_on_node_events(&registry, &controller);
     let service = Service::start(&cfg, opened, controller, shutdown.clone()).await?;
     println!(
         "medes is serving the OpenWhisk API at {} over {nodes} node(s)",
@@ -97,4 +102,26 @@ async fn serve(cfg: MedesConfig, rpc: std::net::SocketAddr, nodes: usize) -> any
     stopped?;
     info!("controller stopped");
     Ok(())
+}
+
+/// Issue 7 phase 2: a node the registry marks dead leaves placement (its calls in flight fail,
+/// its idle sandboxes are forgotten); one heard from again, or registering again, is alive and
+/// its leftovers are reconciled (unknown sandboxes purged).
+fn act_on_node_events(registry: &Registry, controller: &Arc<Controller>) {
+    let ctl = controller.clone();
+    registry.on_node_events(move |id, event| {
+        let revived = match event {
+            NodeEvent::Dead => ctl.set_node_alive(id, false),
+            NodeEvent::Alive | NodeEvent::Registered => ctl.set_node_alive(id, true),
+        };
+        match revived {
+            // An agent that restarted before it was found dead: reconcile it all the same.
+            Ok(false) if event == NodeEvent::Registered => {
+                let (ctl, id) = (ctl.clone(), id.clone());
+                tokio::spawn(async move { ctl.reconcile_node(&id).await });
+            }
+            Ok(_) => {}
+            Err(e) => warn!(node = %id, error = %e, ?event, "node event not applied"),
+        }
+    });
 }
