@@ -1146,6 +1146,17 @@ impl Controller {
     }
 
     fn no_capacity_message(&self, need: u64) -> String {
+        let (dead, nodes) = {
+            let st = self.state.lock();
+            (st.alive.iter().filter(|a| !**a).count(), st.alive.len())
+        };
+        if dead > 0 {
+            return format!(
+                "no live node has room for a sandbox of {} MiB within {} ms ({dead} of {nodes} nodes are dead: they missed their heartbeats); retry later",
+                need >> 20,
+                self.cfg.admission_wait_ms,
+            );
+        }
         format!(
             "no node has room for a sandbox of {} MiB within {} ms: the node memory budget of {} MiB is in use by running sandboxes; retry later",
             need >> 20,
@@ -1341,6 +1352,8 @@ impl Controller {
         };
         let mut logs = LogBuilder::new((limits.logs_kb as usize).saturating_mul(1024));
 
+        // A cold start whose node died before the action ran is retried once elsewhere.
+        let mut retried = false;
         let (key, sandbox, node) = loop {
             match grant {
                 Grant::Warm { key, id, node } => {
@@ -1398,6 +1411,17 @@ impl Controller {
                         .await;
                     act.init_time_ms = Some(t0.elapsed().as_millis() as u64);
                     act.node = Some(self.node(node).id);
+                    if !retried
+                        && matches!(spawn, Err(AgentError::Unavailable(_)))
+                        && !self.state.lock().alive.get(node).copied().unwrap_or(true)
+                    {
+                        warn!(action = %action.name, sandbox = %id, node = %self.node(node).id,
+                              "node died during a cold start; retrying once on a live node");
+                        retried = true;
+                        self.forget(key);
+                        grant = self.acquire(&action, true).await?;
+                        continue;
+                    }
                     let failure = match spawn {
                         Ok(Reply::Spawned(r)) => {
                             logs.extend(r.logs);

@@ -1619,21 +1619,48 @@ async fn work_in_flight_on_a_dead_node_fails_cleanly() {
     let text = act.response.result.to_string();
     assert!(text.contains("dead"), "{text}");
     assert!(took < Duration::from_millis(400), "ended after {took:?}");
-    // A cold start in flight there fails as cleanly.
+    // Nothing is left charged on the dead node.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(ctl.memory_used()[0], Bytes(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_on_a_node_that_dies_is_retried_once_elsewhere() {
+    let (ctl, f0, f1) = two_nodes();
+    let a = action("a", "1", 256, 1);
     let killer = {
         let ctl = ctl.clone();
         tokio::spawn(async move {
+            // The spawn on n0 (the first choice) takes 100 ms.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            ctl.set_node_alive(&NodeId("n1".into()), false)
+            ctl.set_node_alive(&NodeId("n0".into()), false)
         })
     };
     let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
     assert_eq!(killer.await.unwrap(), Ok(true));
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert_eq!(act.start_kind, StartKind::Cold);
     assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
-    assert_eq!(act.response.status, ActivationStatus::InternalError);
-    // Nothing is left charged on the dead nodes.
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(ctl.memory_used(), vec![Bytes(0), Bytes(0)]);
+    assert_eq!((f0.commands("spawn"), f0.commands("run")), (1, 0));
+    assert_eq!((f1.commands("spawn"), f1.commands("run")), (1, 1));
+    assert_eq!(ctl.memory_used(), vec![Bytes(0), Bytes::mib(256)]);
+    // Only once: with every node dead, the retry finds no node and the request is refused.
+    ctl.set_node_alive(&NodeId("n0".into()), true).unwrap();
+    let b = action("b", "1", 256, 1);
+    let killer = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            ctl.set_node_alive(&NodeId("n1".into()), false).unwrap();
+            ctl.set_node_alive(&NodeId("n0".into()), false).unwrap();
+        })
+    };
+    let r = ctl.invoke(request(&b, json!({}))).await;
+    killer.await.unwrap();
+    assert!(
+        matches!(&r, Err(InvokeError::NoCapacity(m)) if m.contains("2 of 2 nodes are dead")),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
