@@ -41,16 +41,16 @@
 //! - [`NodeEvent::Dead`] → `Controller::set_node_alive(id, false)`: nothing new is placed there
 //!   (cold starts go to live nodes; its warm and dedup sandboxes are no longer chosen), its idle
 //!   sandboxes leave the controller's books (count logged, memory released), and every call
-//!   in flight to it ends at once as `AgentError::Unavailable`, so its invocations end as
-//!   error activations (not retried: a run may have had effects) instead of waiting for a
-//!   [`Deadlines`] expiry.
+//!   in flight to it ends at once as `AgentError::Unavailable` instead of waiting for a
+//!   [`Deadlines`] expiry: a run in flight ends as an error activation (never retried: it
+//!   may have had effects); a cold start in flight (the action has not run) is retried once
+//!   on a live node.
 //! - [`NodeEvent::Alive`] / [`NodeEvent::Registered`] → alive again, then
 //!   `Controller::reconcile_node`: sandboxes the node holds that the books do not know are
 //!   purged, idle ones of the books it no longer holds are forgotten.
 //!
 //! # What this crate does not do (yet: later phases of issue 7)
-//! - The rest of phase 2: retrying (at most once) cold starts that failed on a node that died
-//!   before the action ran; cold-start fallback for dedup sandboxes elsewhere whose bases lived
+//! - The rest of phase 2: cold-start fallback for dedup sandboxes elsewhere whose bases lived
 //!   on a dead node (bases are node-local today, so none yet); re-adopting a revived node's
 //!   dedup sandboxes instead of purging them; removing nodes; per-node budgets from
 //!   registration (the controller applies its configured budget to every node; the reported
