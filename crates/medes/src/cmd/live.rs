@@ -197,7 +197,8 @@ pub async fn run_live(spec: &LiveSpec<'_>) -> anyhow::Result<LiveRun> {
     cfg.validate()?;
     let platform = Platform::start(cfg).await?;
     let result = drive(&platform, spec, &label).await;
-    platform.stop().await?;
+    // The run's data dir is thrown away (cleared at the next run): so are its kept dedup stores.
+    platform.stop_and_purge().await?;
     result
 }
 
