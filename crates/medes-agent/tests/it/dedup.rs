@@ -68,7 +68,11 @@ async fn start(agent: &Agent, sb: &SandboxId, ns: &str, name: &str, code: &str) 
     }
 }
 
-async fn call(agent: &Agent, sb: &SandboxId, params: Value) -> Result<Value, AgentError> {
+pub(super) async fn call(
+    agent: &Agent,
+    sb: &SandboxId,
+    params: Value,
+) -> Result<Value, AgentError> {
     let cmd = Command::Run(RunCommand {
         sandbox: sb.clone(),
         params: params.as_object().cloned().unwrap_or_default(),
@@ -84,7 +88,7 @@ async fn call(agent: &Agent, sb: &SandboxId, params: Value) -> Result<Value, Age
     }
 }
 
-async fn status(agent: &Agent) -> NodeStatus {
+pub(super) async fn status(agent: &Agent) -> NodeStatus {
     match agent.execute(Command::Status).await {
         Ok(Reply::Status(s)) => s,
         other => panic!("status: {other:?}"),

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use medes_agent::{
-    Agent, AgentConfig, AgentError, Command, NodeAgent, NodeStatus, Reply, RunCommand, RunOutcome,
-    SandboxForm, SpawnCommand,
+    Agent, AgentConfig, AgentError, Command, NodeAgent, Reply, SandboxForm, SpawnCommand,
 };
 use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
 use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
 use serde_json::{Value, json};
+
+use super::dedup::status;
 
 /// Deterministic state (3 MB of it incompressible) the answer depends on (`h`), and the
 /// runtime's generators (`r`).
@@ -78,29 +79,9 @@ async fn start_code(agent: &Agent, sb: &SandboxId, name: &str, code: &str) {
 }
 
 async fn call(agent: &Agent, sb: &SandboxId) -> Result<Value, AgentError> {
-    let cmd = Command::Run(RunCommand {
-        sandbox: sb.clone(),
-        params: json!({"x": 1}).as_object().cloned().unwrap_or_default(),
-        env: BTreeMap::new(),
-        timeout_ms: 10_000,
-    });
-    match agent.execute(cmd).await? {
-        Reply::Ran(r) => match r.outcome {
-            RunOutcome::Returned(v) => Ok(v),
-            other => panic!("run {sb}: {other:?}"),
-        },
-        other => panic!("run {sb}: {other:?}"),
-    }
+    super::dedup::call(agent, sb, json!({"x": 1})).await
 }
 
-async fn status(agent: &Agent) -> NodeStatus {
-    match agent.execute(Command::Status).await {
-        Ok(Reply::Status(s)) => s,
-        other => panic!("status: {other:?}"),
-    }
-}
-
-/// A base and `targets` deduplicated sandboxes of one function; returns their answers.
 async fn base_and_dedups(agent: &Agent, base: &SandboxId, targets: &[&SandboxId]) -> Vec<Value> {
     start(agent, base).await;
     call(agent, base).await.unwrap();

@@ -30,6 +30,14 @@ impl Platform {
 }
 
 fn platform() -> Option<Platform> {
+    platform_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        ..Default::default()
+    })
+}
+
+/// A controller with `cfg` over one real agent, or `None` (outside CI) if sandboxes cannot run.
+fn platform_with(cfg: ControllerConfig) -> Option<Platform> {
     // Logs for debugging: `RUST_LOG=medes_controller=debug,medes_agent=debug`.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -51,10 +59,6 @@ fn platform() -> Option<Platform> {
         ..Default::default()
     })
     .expect("agent");
-    let cfg = ControllerConfig {
-        node_memory_budget_mb: 2048,
-        ..Default::default()
-    };
     let ctl = Controller::new(
         cfg,
         vec![(agent.node_id().clone(), Arc::new(agent.clone()) as _)],

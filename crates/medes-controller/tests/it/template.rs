@@ -3,13 +3,10 @@
 //! and their own randomness, and a corrupt template falls back to a cold start that serves the
 //! request, after which the template is rebuilt.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use medes_agent::{Agent, AgentConfig};
-use medes_controller::{Controller, ControllerConfig};
+use medes_controller::ControllerConfig;
 use medes_core::{ActivationStatus, Code, StartKind};
-use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
 use serde_json::json;
 
 use super::{Platform, action, invoke};
@@ -24,36 +21,11 @@ def main(args):
 "#;
 
 fn platform() -> Option<Platform> {
-    let sandbox = SandboxConfig::default();
-    if let Err(e) = preflight(&sandbox) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("controller integration tests cannot run in CI: {e}");
-        }
-        eprintln!("skipping controller integration test: {e}");
-        return None;
-    }
-    let _ = become_subreaper();
-    let data = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::new(AgentConfig {
-        data_dir: data.path().to_path_buf(),
-        sandbox,
-        ..Default::default()
-    })
-    .expect("agent");
-    let cfg = ControllerConfig {
+    super::platform_with(ControllerConfig {
         node_memory_budget_mb: 2048,
         dedup_enabled: false,
         template_starts: true,
         ..Default::default()
-    };
-    let ctl = Controller::new(
-        cfg,
-        vec![(agent.node_id().clone(), Arc::new(agent.clone()) as _)],
-    );
-    Some(Platform {
-        ctl,
-        agent,
-        _data: data,
     })
 }
 

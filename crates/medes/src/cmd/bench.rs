@@ -562,15 +562,7 @@ async fn measure_dedup(
 ) -> anyhow::Result<DedupFigures> {
     let ctl = &ctx.controller;
     // A fresh version: the sandboxes of the cold/warm runs retire.
-    let put = client
-        .put_action(&t.name, &t.spec)
-        .await
-        .with_context(|| format!("deploying {}", t.name))?;
-    let version = put
-        .get("version")
-        .and_then(Value::as_str)
-        .context("the stored action has no version")?
-        .to_string();
+    let version = deploy_version(client, &t.name, &t.spec).await?;
     let expect = |rec: &medes_workload::ActivationRecord, kind: &str| {
         anyhow::ensure!(
             rec.start_kind() == kind,
@@ -584,10 +576,7 @@ async fn measure_dedup(
     // The base: the first sandbox to reach a decision.
     let (_, rec) = invoke(client, &t.name, &t.params).await?;
     expect(&rec, "cold")?;
-    let action = sandboxes_of(ctl, &t.name, &version)
-        .first()
-        .map(|s| s.action.clone())
-        .context("the cold-started sandbox is not in the controller's table")?;
+    let action = action_of(ctl, &t.name, &version)?;
     ctl.force_decisions(Some(&action)).await;
     ctl.wait_settled().await;
     anyhow::ensure!(
@@ -622,19 +611,11 @@ async fn measure_dedup(
     // The floor's full image: another sandbox of the same action version.
     let code = code_dir(&ctx.data_dir, &action, &version);
     anyhow::ensure!(code.is_dir(), "no code directory {}", code.display());
-    let plain_root = PathBuf::from(format!("/dev/shm/medes-bench-{}", std::process::id()));
-    let plain_dir = plain_root.join(&t.name);
-    let plain = Plain {
-        cfg: &ctx.sandbox,
-        code: &code,
-        action: &action,
-        version: &version,
-        main: t.spec.exec.main.clone().unwrap_or_else(|| "main".into()),
-        params: &t.params,
-        memory_mb: t.spec.limits.memory,
-    };
+    let floor = FloorDir::new("", &t.name);
+    let plain_dir = &floor.dir;
+    let plain = Plain::new(ctx, &code, &action, &version, &t.spec, &t.params);
     let r = async {
-        out.page_image_mb = plain.checkpoint(&plain_dir).await? as f64 / 1e6;
+        out.page_image_mb = plain.checkpoint(plain_dir).await? as f64 / 1e6;
         for i in 0..runs {
             ctl.force_decisions(Some(&action)).await;
             ctl.wait_settled().await;
@@ -662,7 +643,7 @@ async fn measure_dedup(
             out.rebuild.push(r.rebuild_ms);
             out.restore.push(r.restore_ms);
             out.first_response.push(ms - r.total_ms);
-            let (p, pr) = plain.restore(&plain_dir, i).await?;
+            let (p, pr) = plain.restore(plain_dir, i).await?;
             out.plain.push(p);
             out.plain_run.push(pr);
             bar.inc(1);
@@ -670,12 +651,55 @@ async fn measure_dedup(
         Ok(())
     }
     .await;
-    let _ = std::fs::remove_dir_all(&plain_dir);
-    let _ = std::fs::remove_dir(&plain_root);
+    drop(floor);
     r?;
     // Retire this version's sandboxes (base and target).
     client.put_action(&t.name, &t.spec).await?;
     Ok(out)
+}
+
+/// Deploys `spec` as a fresh version of `name` (the older version's sandboxes retire) and
+/// returns that version.
+async fn deploy_version(client: &Client, name: &str, spec: &ActionSpec) -> anyhow::Result<String> {
+    let put = client
+        .put_action(name, spec)
+        .await
+        .with_context(|| format!("deploying {name}"))?;
+    Ok(put
+        .get("version")
+        .and_then(Value::as_str)
+        .context("the stored action has no version")?
+        .to_string())
+}
+
+/// The controller's name of the action behind `name@version` (it has a sandbox by now).
+fn action_of(ctl: &Controller, name: &str, version: &str) -> anyhow::Result<ActionName> {
+    sandboxes_of(ctl, name, version)
+        .first()
+        .map(|s| s.action.clone())
+        .context("the cold-started sandbox is not in the controller's table")
+}
+
+/// The floor's scratch directory on tmpfs (`/dev/shm/medes-bench-<tag><pid>/<function>`),
+/// removed with its parent when dropped.
+struct FloorDir {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl FloorDir {
+    fn new(tag: &str, function: &str) -> FloorDir {
+        let root = PathBuf::from(format!("/dev/shm/medes-bench-{tag}{}", std::process::id()));
+        let dir = root.join(function);
+        FloorDir { root, dir }
+    }
+}
+
+impl Drop for FloorDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir(&self.root);
+    }
 }
 
 /// Plain sandboxes of an action version, outside the platform, for the floor.
@@ -690,7 +714,26 @@ struct Plain<'a> {
     memory_mb: u64,
 }
 
-impl Plain<'_> {
+impl<'a> Plain<'a> {
+    fn new(
+        ctx: &'a DedupCtx,
+        code: &'a std::path::Path,
+        action: &'a ActionName,
+        version: &'a str,
+        spec: &ActionSpec,
+        params: &'a Map<String, Value>,
+    ) -> Plain<'a> {
+        Plain {
+            cfg: &ctx.sandbox,
+            code,
+            action,
+            version,
+            main: spec.exec.main.clone().unwrap_or_else(|| "main".into()),
+            params,
+            memory_mb: spec.limits.memory,
+        }
+    }
+
     fn spec(&self, n: &str) -> SandboxSpec {
         let env = [
             ("__OW_NAMESPACE", self.action.namespace.0.clone()),
@@ -903,15 +946,7 @@ async fn measure_template(
     bar: &ProgressBar,
 ) -> anyhow::Result<TemplateFigures> {
     let ctl = &ctx.controller;
-    let put = client
-        .put_action(&t.name, spec)
-        .await
-        .with_context(|| format!("deploying {}", t.name))?;
-    let version = put
-        .get("version")
-        .and_then(Value::as_str)
-        .context("the stored action has no version")?
-        .to_string();
+    let version = deploy_version(client, &t.name, spec).await?;
     let before = ctl.template_stats();
     let failures = |s: &medes_controller::TemplateStats| s.make_failures.values().sum::<u64>();
     let (_, rec) = invoke(client, &t.name, &t.params).await?;
@@ -921,10 +956,7 @@ async fn measure_template(
         t.name,
         rec.start_kind()
     );
-    let action = sandboxes_of(ctl, &t.name, &version)
-        .first()
-        .map(|s| s.action.clone())
-        .context("the cold-started sandbox is not in the controller's table")?;
+    let action = action_of(ctl, &t.name, &version)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = ctl.template_stats();
@@ -944,20 +976,12 @@ async fn measure_template(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let code = code_dir(&ctx.data_dir, &action, &version);
-    let plain_root = PathBuf::from(format!("/dev/shm/medes-bench-t{}", std::process::id()));
-    let plain_dir = plain_root.join(&t.name);
-    let plain = Plain {
-        cfg: &ctx.sandbox,
-        code: &code,
-        action: &action,
-        version: &version,
-        main: spec.exec.main.clone().unwrap_or_else(|| "main".into()),
-        params: &t.params,
-        memory_mb: spec.limits.memory,
-    };
+    let floor = FloorDir::new("t", &t.name);
+    let plain_dir = &floor.dir;
+    let plain = Plain::new(ctx, &code, &action, &version, spec, &t.params);
     let mut out = TemplateFigures::default();
     let r = async {
-        plain.checkpoint(&plain_dir).await?;
+        plain.checkpoint(plain_dir).await?;
         for i in 0..runs {
             ctl.purge_idle(&action);
             let (ms, rec) = invoke(client, &t.name, &t.params).await?;
@@ -970,15 +994,14 @@ async fn measure_template(
             );
             out.start.push(ms);
             out.main.push(main_ms(&rec));
-            let (_, pr) = plain.restore(&plain_dir, 100_000 + i).await?;
+            let (_, pr) = plain.restore(plain_dir, 100_000 + i).await?;
             out.plain_run.push(pr);
             bar.inc(1);
         }
         Ok(())
     }
     .await;
-    let _ = std::fs::remove_dir_all(&plain_dir);
-    let _ = std::fs::remove_dir(&plain_root);
+    drop(floor);
     r?;
     // Retire this version's sandboxes and template.
     client.put_action(&t.name, &t.spec).await?;
