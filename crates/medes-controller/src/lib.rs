@@ -365,6 +365,13 @@ fn checkpoint_failure_label(e: &AgentError) -> &'static str {
                 "not_deduplicable"
             }
         }
+        other => agent_error_label(other),
+    }
+}
+
+/// The label of an agent error that is not specific to the operation (metrics).
+fn agent_error_label(e: &AgentError) -> &'static str {
+    match e {
         AgentError::UnknownSandbox(_) => "sandbox_gone",
         AgentError::WrongForm { .. } => "wrong_form",
         AgentError::ShuttingDown | AgentError::Unavailable(_) => "agent_unavailable",
@@ -389,10 +396,7 @@ fn restore_failure_label(e: &AgentError) -> &'static str {
                 "restore_failed"
             }
         }
-        AgentError::UnknownSandbox(_) => "sandbox_gone",
-        AgentError::WrongForm { .. } => "wrong_form",
-        AgentError::ShuttingDown | AgentError::Unavailable(_) => "agent_unavailable",
-        _ => "agent_error",
+        other => agent_error_label(other),
     }
 }
 

@@ -397,7 +397,9 @@ impl RunReport {
     }
 }
 
-async fn call(
+/// Invokes `name` once (blocking) with `params` and checks the result against `spec`; a failed
+/// or unfinished call is a report with a problem, never an error.
+pub async fn call(
     client: &Client,
     name: &str,
     params: &Map<String, Value>,

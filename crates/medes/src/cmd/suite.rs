@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use medes_workload::suite::{CallReport, FunctionSpec, RunReport, check_result};
-use medes_workload::{Client, ClientConfig, Invoked, Manifest, RunOptions, RunTable};
+use medes_workload::suite::{CallReport, FunctionSpec, RunReport};
+use medes_workload::{Client, ClientConfig, Manifest, RunOptions, RunTable};
 use serde_json::Value;
 
 /// Where the API is and who we are.
@@ -288,31 +288,7 @@ impl Idle {
 
 /// One checked call (like the normal suite run's).
 async fn call(client: &Client, name: &str, spec: &FunctionSpec) -> CallReport {
-    let t0 = std::time::Instant::now();
-    let r = client.invoke(name, &spec.params, true).await;
-    let client_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let failed = |problem: String| CallReport {
-        start_kind: "-".into(),
-        client_ms,
-        duration_ms: None,
-        init_ms: None,
-        wait_ms: None,
-        problems: vec![problem],
-    };
-    match r {
-        Ok(Invoked::Completed { record, .. }) => CallReport {
-            start_kind: record.start_kind(),
-            client_ms,
-            duration_ms: record.duration,
-            init_ms: record.init_time_ms(),
-            wait_ms: record.wait_time_ms(),
-            problems: check_result(spec, &record.response.result),
-        },
-        Ok(Invoked::Accepted { activation_id }) => failed(format!(
-            "blocking call not finished in time (activation {activation_id})"
-        )),
-        Err(e) => failed(medes_workload::error_chain(&e)),
-    }
+    medes_workload::suite::call(client, name, &spec.params, spec).await
 }
 
 /// Forces `r`'s function through a dedup start; appends every call to `r.calls`.
