@@ -3,6 +3,7 @@
 # Idempotent: a second run checks and returns in a few seconds.
 #   - CRIU 4.1 (+ crit/pycriu) from Debian 13, pinned low (Debian 12's CRIU 3.17 fails on this kernel)
 #   - system tools the sandboxes need (iproute2, nftables for outbound NAT, util-linux)
+#   - redis-server (tests of the registry's Redis backend start their own servers)
 #   - a Python venv with the runtime's and the functions' packages (MEDES_VENV, default /opt/medes/venv)
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root" >&2; exit 1; }
@@ -28,7 +29,8 @@ if ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || ! dpkg -s pytho
 fi
 # nftables comes from trixie with CRIU (CRIU pulls trixie's libnftables1)
 command -v nft >/dev/null || apt-get install -y -qq -t trixie nftables >/dev/null
-for pkg in iproute2 util-linux procps; do
+# redis-server: the registry's Redis backend is tested against a real server (issue 7)
+for pkg in iproute2 util-linux procps redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
