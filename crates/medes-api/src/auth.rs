@@ -28,6 +28,21 @@ impl Caller {
         &self.0.key.namespace
     }
 
+    /// Refuses (403) a caller whose key is not an operator's: `what` names the refused change.
+    pub fn require_admin(&self, what: &str) -> Result<(), ApiError> {
+        if self.0.key.admin {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                format!(
+                    "{what} needs an operator's key: the platform's default key or a key \
+                     configured with `admin = true`."
+                ),
+            ))
+        }
+    }
+
     /// Resolves a namespace path segment: `_` or the caller's own namespace; anything else is
     /// another tenant's and refused with 403.
     pub fn resolve(&self, ns: &str) -> Result<Namespace, ApiError> {

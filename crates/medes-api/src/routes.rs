@@ -307,6 +307,7 @@ async fn put_action(
     let cfg = &s.state.config;
     if let Some(action) = name.strip_suffix(MEDES_POLICY) {
         let name = action_name(&caller, &ns, action)?;
+        caller.require_admin("Changing an action's policy knob")?;
         let body = body_or_error(body, cfg.max_payload_bytes)?;
         let knob: medes_policy::FunctionKnob =
             serde_json::from_slice(&body).map_err(ApiError::malformed)?;
@@ -394,6 +395,7 @@ async fn delete_action(
 ) -> Result<Response, ApiError> {
     if let Some(action) = name.strip_suffix(MEDES_POLICY) {
         let name = action_name(&caller, &ns, action)?;
+        caller.require_admin("Changing an action's policy knob")?;
         return policy_function(&s, &name, Some(medes_policy::FunctionKnob::default()));
     }
     let name = action_name(&caller, &ns, &name)?;
@@ -754,6 +756,7 @@ async fn policy_put(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.resolve(&ns)?;
+    caller.require_admin("Changing the policy knob")?;
     let body = body_or_error(body, s.state.config.max_payload_bytes)?;
     let update: medes_policy::PolicyUpdate =
         serde_json::from_slice(&body).map_err(ApiError::malformed)?;

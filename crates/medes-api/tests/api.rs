@@ -1332,6 +1332,61 @@ async fn medes_idle_extension_forces_decisions() {
 }
 
 #[tokio::test]
+async fn policy_knob_changes_need_an_operator_key() {
+    let app = App::new();
+    let tenant = ApiKey::generate(medes_core::Namespace("alice".into()), "alice");
+    app.store.add_key(&tenant).unwrap();
+    let auth = basic(&tenant.auth_string());
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/v1/namespaces/_/medes/policy",
+            Some(&auth),
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "a tenant may read the knob: {}",
+        r.json
+    );
+    let body = json!({"policy": "medes", "alpha": 1.5})
+        .to_string()
+        .into_bytes();
+    let r = app
+        .raw(
+            Method::PUT,
+            "/api/v1/namespaces/_/medes/policy",
+            Some(&auth),
+            body,
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "operator");
+    let uri = "/api/v1/namespaces/_/actions/linalg/medes/policy";
+    let body = json!({"mode": "memory", "budget_mb": 512})
+        .to_string()
+        .into_bytes();
+    let r = app.raw(Method::PUT, uri, Some(&auth), body).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "operator");
+    let r = app.raw(Method::DELETE, uri, Some(&auth), vec![]).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "operator");
+    // Nothing changed; the operator's (default) key still can.
+    let r = app
+        .call(Method::GET, "/api/v1/namespaces/_/medes/policy", None)
+        .await;
+    assert_eq!(r.json["policy"], "dedup-rule");
+    let r = app
+        .call(
+            Method::PUT,
+            "/api/v1/namespaces/_/medes/policy",
+            Some(json!({"policy": "medes"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+}
+
+#[tokio::test]
 async fn policy_knob_global_and_per_action() {
     let app = App::new();
     let r = app

@@ -104,6 +104,11 @@ pub struct ApiKey {
     pub namespace: Namespace,
     /// The subject (user name) recorded on activations.
     pub subject: String,
+    /// An operator's key: it may change platform-wide settings (the policy knob). The
+    /// platform's default key is one; tenants' keys are not. Absent in records written before
+    /// the field existed, which read as `false`.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl ApiKey {
@@ -121,6 +126,7 @@ impl ApiKey {
             key,
             namespace,
             subject: subject.into(),
+            admin: false,
         }
     }
 
@@ -624,7 +630,7 @@ impl Store {
 
     /// The platform's default key: generated at random (namespace and subject `guest`) the
     /// first time and persisted; the same key on every later call and after restarts. Never
-    /// OpenWhisk's well-known public guest key.
+    /// OpenWhisk's well-known public guest key. It is the operator's key (`admin`).
     pub fn ensure_default_key(&self) -> Result<ApiKey, WriteError> {
         let tx = self.inner.db.begin_write().db()?;
         let key = {
@@ -636,14 +642,24 @@ impl Store {
             };
             match existing {
                 Some(bytes) => {
-                    serde_json::from_slice(&bytes).map_err(|source| WriteError::Decode {
-                        what: "api key",
-                        key: META_DEFAULT_KEY.into(),
-                        source,
-                    })?
+                    let mut key: ApiKey =
+                        serde_json::from_slice(&bytes).map_err(|source| WriteError::Decode {
+                            what: "api key",
+                            key: META_DEFAULT_KEY.into(),
+                            source,
+                        })?;
+                    if !key.admin {
+                        // A store written before keys had roles: the default key is the
+                        // operator's.
+                        key.admin = true;
+                        let bytes = serde_json::to_vec(&key).expect("keys always encode as JSON");
+                        keys.insert(key.uuid.as_str(), bytes.as_slice()).db()?;
+                    }
+                    key
                 }
                 None => {
-                    let key = ApiKey::generate(Namespace("guest".into()), "guest");
+                    let mut key = ApiKey::generate(Namespace("guest".into()), "guest");
+                    key.admin = true;
                     let bytes = serde_json::to_vec(&key).expect("keys always encode as JSON");
                     keys.insert(key.uuid.as_str(), bytes.as_slice()).db()?;
                     meta.insert(META_DEFAULT_KEY, key.uuid.as_str()).db()?;

@@ -177,6 +177,7 @@ fn default_key_is_random_and_never_the_openwhisk_guest_key() {
         key: "123zO3xZCLrMN6v2BKK1dXYFpXlPkccOFqm12CdAsMgRU4VrNZ9lyGVCGuMDGIwP".into(),
         namespace: Namespace("guest".into()),
         subject: "guest".into(),
+        admin: false,
     };
     let store = Store::open(d1.path().join("b")).unwrap();
     assert!(matches!(

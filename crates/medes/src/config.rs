@@ -46,6 +46,9 @@ pub struct KeyEntry {
     /// The namespace the key acts in. Default `guest`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// An operator's key, allowed to change the policy knob. Default `false` (a tenant's key).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 fn default_namespace() -> String {
@@ -173,6 +176,7 @@ mod tests {
         cfg.auth.keys.push(KeyEntry {
             key: "nokey".into(),
             namespace: "guest".into(),
+            admin: false,
         });
         assert!(cfg.validate().is_err());
     }

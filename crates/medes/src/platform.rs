@@ -144,6 +144,7 @@ impl Service {
                     key: secret.into(),
                     namespace: Namespace(k.namespace.clone()),
                     subject: k.namespace.clone(),
+                    admin: k.admin,
                 })
                 .context("storing a configured API key")?;
         }
