@@ -256,6 +256,7 @@ fn dedup_block(
     bases: &dyn BasePages,
     positions: &[u64],
     cfg: &DedupConfig,
+    hint: Option<&crate::template::TemplateHint>,
 ) -> Result<BlockOut, DedupError> {
     let n = dump.n_pages() as usize;
     let range = b * BLOCK_PAGES..((b + 1) * BLOCK_PAGES).min(n);
@@ -300,6 +301,32 @@ fn dedup_block(
             out.entries.push(entry(PageKind::Zero, false, None, 0));
             lap(&mut out.ns, 0);
             continue;
+        }
+        // Template-born sandbox (see `template.rs`): the raw page against the template's raw
+        // page at the same address, before anything else.
+        if let Some(r) = hint.and_then(|h| h.at(i)) {
+            let (win, bo) = fetch(bases, r, radius, page)?;
+            let wa = (radius > 0).then_some((&win[..], bo));
+            w.data.clear();
+            let limit = hint.map_or(0, |h| h.accept_below);
+            if let Some(kind) =
+                w.enc
+                    .encode_cheap(raw, base_page(&win, bo), wa, &cfg.codec, limit, &mut w.data)
+            {
+                if let Some(h) = hint {
+                    h.hit();
+                }
+                prev = Some(r);
+                out.kind_bytes[kind as usize] += w.data.len() as u64;
+                if kind.in_block() {
+                    w.raw.extend_from_slice(&w.data);
+                } else {
+                    out.blob.extend_from_slice(&w.data);
+                }
+                out.entries.push(entry(kind, false, Some(r), w.data.len()));
+                lap(&mut out.ns, 2);
+                continue;
+            }
         }
         // Canonical (rebased) page; a page without pointers is left as is (no un-rebasing at
         // rebuild).
@@ -452,6 +479,17 @@ pub fn dedup(
     bases: &dyn BasePages,
     cfg: &DedupConfig,
 ) -> Result<(DedupStore, DedupStats), DedupError> {
+    dedup_hinted(dump, registry, bases, cfg, None)
+}
+
+/// [`dedup`] with an optional template hint (see [`crate::template`]).
+pub(crate) fn dedup_hinted(
+    dump: &DumpImage,
+    registry: &Registry,
+    bases: &dyn BasePages,
+    cfg: &DedupConfig,
+    hint: Option<&crate::template::TemplateHint>,
+) -> Result<(DedupStore, DedupStats), DedupError> {
     let n = dump.n_pages();
     let positions: &[u64] = if cfg.positional {
         dump.positions()
@@ -463,7 +501,7 @@ pub fn dedup(
         .into_par_iter()
         .map_init(
             || Worker::new(cfg.block_level),
-            |w, b| dedup_block(w, b, dump, registry, bases, positions, cfg),
+            |w, b| dedup_block(w, b, dump, registry, bases, positions, cfg, hint),
         )
         .collect::<Result<_, _>>()?;
 

@@ -51,6 +51,7 @@ pub mod rebase;
 pub mod rebuild;
 pub mod registry;
 pub mod store;
+pub mod template;
 
 pub use codec::{CodecConfig, DecodePageError, Decoder, Encoder, PageKind, Standalone};
 pub use dedup::{DedupConfig, DedupError, DedupStats, dedup, fingerprint_dump, register_base};
@@ -66,6 +67,7 @@ pub use registry::{
     RegistryReader, RegistryStats,
 };
 pub use store::{DedupStore, LoadStoreError, PageEntry, StoredProcess, WriteStoreError};
+pub use template::{TemplateHint, TemplateLayout, dedup_with_template, register_raw_base};
 
 /// Bytes per page.
 pub const PAGE: usize = 4096;
