@@ -315,7 +315,11 @@ pub struct Controller {
     me: Weak<Controller>,
     /// Append-only ([`Controller::add_node`]): a node's index never changes.
     nodes: RwLock<Vec<Node>>,
-    max_budget: u64,
+    /// The configured budget: every node's until it reports its own
+    /// ([`Controller::set_node_budget`]).
+    default_budget: u64,
+    /// The largest budget of any node (a larger action limit is refused at once).
+    max_budget: AtomicU64,
     state: Mutex<State>,
     epoch: Instant,
     wake: Notify,
@@ -420,8 +424,15 @@ pub enum SetNodeAliveError {
 pub struct NodeReconcileReport {
     /// Sandboxes the node holds that the books do not know, purged.
     pub purged: usize,
-    /// Idle sandboxes in the books the node no longer holds, forgotten.
+    /// Idle sandboxes in the books the node no longer holds (or whose base process it lost),
+    /// forgotten.
     pub forgotten: usize,
+    /// Sandboxes the books dropped when the node was marked dead, which it still holds,
+    /// re-adopted (their action unchanged).
+    pub adopted: usize,
+    /// Bases whose process is gone, left to the node (they retire once no dedup sandbox
+    /// depends on them).
+    pub left: usize,
 }
 
 /// A node could not be added ([`Controller::add_node`]).
@@ -534,7 +545,8 @@ impl Controller {
         knob.resolve(cfg.timers());
         Arc::new_cyclic(|me| Controller {
             knob: Mutex::new(knob),
-            max_budget: budgets.iter().copied().max().unwrap_or(0),
+            max_budget: AtomicU64::new(budget),
+            default_budget: budget,
             state: Mutex::new(State::new(budgets, policy, limits, prefix.0)),
             cfg,
             me: me.clone(),
@@ -554,9 +566,51 @@ impl Controller {
         &self.cfg
     }
 
-    /// The memory budget of each node.
+    /// The largest memory budget of any node (the configured one until nodes report their
+    /// own: [`Self::set_node_budget`]).
     pub fn node_budget(&self) -> Bytes {
-        Bytes(self.max_budget)
+        Bytes(self.max_budget.load(Ordering::Relaxed))
+    }
+
+    /// The memory budget of each node, in node order.
+    pub fn node_budgets(&self) -> Vec<Bytes> {
+        self.state
+            .lock()
+            .budgets
+            .iter()
+            .map(|&b| Bytes(b))
+            .collect()
+    }
+
+    /// Sets one node's memory budget (issue 7: the budget its agent reported when it
+    /// registered; 0 keeps the configured one). Placement uses it from the next decision on;
+    /// a smaller budget than what the node holds evicts nothing at once, it only stops new
+    /// sandboxes there until idle ones go. Returns the budget in force.
+    pub fn set_node_budget(&self, id: &NodeId, budget: Bytes) -> Result<Bytes, SetNodeAliveError> {
+        let index = self
+            .nodes
+            .read()
+            .iter()
+            .position(|n| &n.id == id)
+            .ok_or_else(|| SetNodeAliveError::UnknownNode(id.clone()))?;
+        let budget = if budget.0 == 0 {
+            self.default_budget
+        } else {
+            budget.0
+        };
+        let changed = {
+            let mut st = self.state.lock();
+            let old = std::mem::replace(&mut st.budgets[index], budget);
+            let max = st.budgets.iter().copied().max().unwrap_or(budget);
+            self.max_budget.store(max, Ordering::Relaxed);
+            old != budget
+        };
+        if changed {
+            info!(node = %id, budget_mb = budget >> 20, "node memory budget set");
+            self.update_gauges();
+            self.pump();
+        }
+        Ok(Bytes(budget))
     }
 
     /// The node at `index` (a clone: two `Arc`s; the node list lock is not held afterwards).
@@ -565,7 +619,7 @@ impl Controller {
     }
 
     /// Adds a node at run time (issue 7: an agent that registered after the controller was
-    /// built), with the configured node budget ([`Self::node_budget`]). It takes part in
+    /// built), with the configured node budget (see [`Self::set_node_budget`]). It takes part in
     /// placement from the next decision on; waiting invocations are served if it has room.
     /// Nodes are never removed (indices stay valid); a dead one is taken out of placement by
     /// [`Self::set_node_alive`].
@@ -579,8 +633,8 @@ impl Controller {
         }
         // The books learn the node last (never under the node list lock): nothing is placed
         // on an index before the node list holds it.
-        let n = self.state.lock().add_node(self.max_budget);
-        info!(node = %id, nodes = n, budget_mb = self.max_budget >> 20, "node added");
+        let n = self.state.lock().add_node(self.default_budget);
+        info!(node = %id, nodes = n, budget_mb = self.default_budget >> 20, "node added");
         self.pump();
         Ok(())
     }
@@ -645,9 +699,14 @@ impl Controller {
     }
 
     /// Reconciles one node's sandboxes with the books (a node back from the dead, or an agent
-    /// that registered again): sandboxes it holds that the books do not know are purged (dedup
-    /// and warm ones first, then bases), and idle sandboxes of the books it no longer holds are
-    /// forgotten. Purge refusals (a base still needed) and failures are logged, not retried.
+    /// that registered again). Sandboxes it holds that the books dropped when it was marked
+    /// dead are re-adopted if their action has not changed (dedup sandboxes resume as DEDUP,
+    /// live warm sandboxes and bases as idle WARM); bases whose process is gone are left to
+    /// the node (charged as unowned; they retire once no dedup sandbox depends on them); every
+    /// other sandbox it holds that the books do not know is purged (dedup and warm ones first,
+    /// then bases). Idle sandboxes of the books it no longer holds are forgotten, and idle
+    /// bases whose process it lost leave the books. Purge refusals (a base still needed) and
+    /// failures are logged, not retried.
     pub async fn reconcile_node(
         &self,
         id: &NodeId,
@@ -675,25 +734,38 @@ impl Controller {
         };
         let held: std::collections::HashSet<SandboxId> =
             status.sandboxes.iter().map(|s| s.id.clone()).collect();
-        let (unknown, forgotten) = {
+        let unknown = {
             let mut st = self.state.lock();
-            let known: std::collections::HashSet<&SandboxId> = st
+            let known: std::collections::HashSet<SandboxId> = st
                 .sbs
                 .values()
                 .filter(|s| s.node == index)
-                .map(|s| &s.id)
+                .map(|s| s.id.clone())
                 .collect();
-            let mut unknown: Vec<(bool, SandboxId)> = status
-                .sandboxes
-                .iter()
-                .filter(|s| !known.contains(&s.id))
-                .map(|s| (s.form == medes_agent::SandboxForm::Base, s.id.clone()))
-                .collect();
+            let now = self.now();
+            let mut unknown: Vec<(bool, SandboxId)> = Vec::new();
+            for s in status.sandboxes.iter().filter(|s| !known.contains(&s.id)) {
+                match st.readopt(index, s, now) {
+                    state::Readopt::Adopted => {
+                        report.adopted += 1;
+                        info!(node = %id, sandbox = %s.id, form = ?s.form, "sandbox of a returning node re-adopted");
+                    }
+                    state::Readopt::Left => report.left += 1,
+                    state::Readopt::Purge => {
+                        unknown.push((s.form == medes_agent::SandboxForm::Base, s.id.clone()))
+                    }
+                }
+            }
+            if let Some(lost) = st.lost.get_mut(index) {
+                lost.clear();
+            }
             unknown.sort();
-            let forgotten = st.forget_missing(index, &held, before);
-            (unknown, forgotten)
+            report.forgotten = st.forget_missing(index, &held, before);
+            let reported: std::collections::HashMap<&SandboxId, &medes_agent::SandboxStatus> =
+                status.sandboxes.iter().map(|s| (&s.id, s)).collect();
+            report.forgotten += st.forget_lost_bases(index, &reported);
+            unknown
         };
-        report.forgotten = forgotten;
         for (_, sandbox) in unknown {
             match node
                 .agent
@@ -708,9 +780,12 @@ impl Controller {
                 }
             }
         }
-        info!(node = %id, purged = report.purged, forgotten = report.forgotten, "node reconciled");
+        info!(node = %id, adopted = report.adopted, purged = report.purged, left = report.left,
+              forgotten = report.forgotten, "node reconciled");
         self.refresh_memory().await;
         self.update_gauges();
+        self.rearm();
+        self.wake.notify_one();
         self.pump();
         Ok(report)
     }
@@ -1165,7 +1240,7 @@ impl Controller {
             "no node has room for a sandbox of {} MiB within {} ms: the node memory budget of {} MiB is in use by running sandboxes; retry later",
             need >> 20,
             self.cfg.admission_wait_ms,
-            self.max_budget >> 20
+            self.max_budget.load(Ordering::Relaxed) >> 20
         )
     }
 
@@ -1318,12 +1393,13 @@ impl Controller {
         let action = req.action.clone();
         let limits = action.limits;
         let need = Bytes::mib(limits.memory_mb).0;
-        if need > self.max_budget {
+        let max_budget = self.max_budget.load(Ordering::Relaxed);
+        if need > max_budget {
             self.metrics().rejections.increment(1);
             return Err(InvokeError::Rejected(format!(
                 "the action's memory limit of {} MiB exceeds the node memory budget of {} MiB",
                 limits.memory_mb,
-                self.max_budget >> 20
+                max_budget >> 20
             )));
         }
         let metrics = {
@@ -1704,13 +1780,34 @@ impl Controller {
                                   stored_kb = st.held_bytes >> 10, "dedup sandbox kept by the node resumes as DEDUP");
                         }
                     }
+                    (state::Adoption::AdoptLive, Some(action)) => {
+                        let action = Arc::new(action);
+                        let now = self.now();
+                        let adopted = self.state.lock().adopt_live(
+                            i,
+                            st,
+                            &action,
+                            (true, st.image_bytes),
+                            now,
+                        );
+                        if adopted.is_some() {
+                            report.adopted += 1;
+                            info!(sandbox = %st.id, action = %action.name, version = %action.version, form = ?st.form,
+                                  "live sandbox kept by the node resumes as WARM");
+                        }
+                    }
                     (state::Adoption::Purge(reason), _) => {
                         *report.purged.entry(reason.to_string()).or_default() += 1;
                         info!(sandbox = %st.id, action = ?st.action.as_ref().map(|a| a.to_string()),
                               version = ?st.version, reason, "sandbox kept by the node is purged");
                         purges.push(st.id.clone());
                     }
-                    (state::Adoption::Leave | state::Adoption::Adopt, _) => report.left += 1,
+                    (
+                        state::Adoption::Leave
+                        | state::Adoption::Adopt
+                        | state::Adoption::AdoptLive,
+                        _,
+                    ) => report.left += 1,
                 }
             }
             for id in purges {

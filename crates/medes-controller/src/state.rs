@@ -192,6 +192,33 @@ pub(crate) struct State {
     /// Per node: whether placement may use it (issue 7 phase 2: false once its agent missed
     /// its heartbeats, until it is heard from again).
     pub alive: Vec<bool>,
+    /// Per node: idle sandboxes the books dropped when the node was marked dead
+    /// ([`State::node_down`]), so that the node's return can re-adopt those it still holds
+    /// ([`State::readopt`]); emptied by each reconciliation of the node.
+    pub lost: Vec<HashMap<SandboxId, Lost>>,
+}
+
+/// What the books knew of an idle sandbox they dropped with its dead node.
+#[derive(Debug, Clone)]
+pub(crate) struct Lost {
+    pub action: ActionName,
+    pub version: Arc<str>,
+    /// The action's pool generation then: a changed action is not re-adopted.
+    pub generation: u64,
+    pub deduplicable: bool,
+    pub image: Option<u64>,
+}
+
+/// What a node's return does with a sandbox it holds that the books do not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readopt {
+    /// Back in the books (warm, base or dedup, as the node reports it).
+    Adopted,
+    /// A base whose process is gone: left to the node (charged as unowned; it retires once no
+    /// dedup sandbox depends on it).
+    Left,
+    /// Unknown, of a changed action, or a warm one without process: purge it.
+    Purge,
 }
 
 /// Whether the node holds (or is making) a dedup image for the sandbox, which may reference
@@ -245,6 +272,7 @@ impl State {
             stats: crate::DedupStats::default(),
             unowned: vec![0; n],
             alive: vec![true; n],
+            lost: vec![HashMap::new(); n],
         }
     }
 
@@ -256,6 +284,7 @@ impl State {
         self.restores.push(0);
         self.unowned.push(0);
         self.alive.push(true);
+        self.lost.push(HashMap::new());
         self.budgets.len()
     }
 
@@ -582,7 +611,9 @@ impl State {
                 None => true,
                 Some((n, cv)) => {
                     if v.is_empty() {
-                        !cv.is_empty() || self.used[node] < self.used[*n]
+                        // The most free budget (budgets may differ per node).
+                        let free = |i: usize| self.budgets[i].saturating_sub(self.used[i]);
+                        !cv.is_empty() || free(node) > free(*n)
                     } else {
                         !cv.is_empty() && v.len() < cv.len()
                     }
@@ -657,8 +688,21 @@ impl State {
         for k in &keys {
             if let Some(sb) = self.take(*k) {
                 freed += sb.charge;
+                if sb.state != SandboxState::Purging {
+                    self.lost[node].insert(
+                        sb.id.clone(),
+                        Lost {
+                            action: sb.action.clone(),
+                            version: sb.version.clone(),
+                            generation: sb.generation,
+                            deduplicable: sb.deduplicable,
+                            image: sb.image,
+                        },
+                    );
+                }
             }
         }
+        self.used[node] = self.used[node].saturating_sub(self.unowned[node]);
         self.unowned[node] = 0;
         (keys.len(), freed)
     }
@@ -1440,6 +1484,8 @@ impl State {
 pub(crate) enum Adoption {
     /// A dedup sandbox of a known, unchanged action: it resumes as DEDUP.
     Adopt,
+    /// A live warm sandbox or base of a known, unchanged action: it resumes as idle WARM.
+    AdoptLive,
     /// Not adoptable: purge it (the reason is a short fixed label).
     Purge(&'static str),
     /// Left to the node (a base whose process is gone: it retires once nothing depends on it).
@@ -1509,21 +1555,174 @@ impl State {
     }
 
     /// Decides about a sandbox a node reports that these books do not have (startup
-    /// reconciliation): `current` is the action's stored definition, if it still exists.
+    /// reconciliation, e.g. after a controller restart): `current` is the action's stored
+    /// definition, if it still exists. Dedup sandboxes and live warm sandboxes and bases of
+    /// known, unchanged actions are adopted; a base whose process is gone is left to its node.
     pub(crate) fn adoption(st: &medes_agent::SandboxStatus, current: Option<&Action>) -> Adoption {
         match st.form {
             SandboxForm::Base if !st.alive => Adoption::Leave,
-            SandboxForm::Dedup => match (&st.action, &st.version, current) {
+            SandboxForm::Warm if !st.alive => Adoption::Purge("dead_process"),
+            _ => match (&st.action, &st.version, current) {
                 (None, _, _) | (_, None, _) => Adoption::Purge("no_metadata"),
                 (Some(_), Some(_), None) => Adoption::Purge("unknown_action"),
                 (Some(a), Some(v), Some(cur)) if a == &cur.name && v == &cur.version => {
-                    Adoption::Adopt
+                    if st.form == SandboxForm::Dedup {
+                        Adoption::Adopt
+                    } else {
+                        Adoption::AdoptLive
+                    }
                 }
                 _ => Adoption::Purge("stale_version"),
             },
-            // A live sandbox the controller never made (should not survive a restart).
-            _ => Adoption::Purge("unknown_live"),
         }
+    }
+
+    /// A sandbox `st` that `node` reports and these books do not have, when the node returns
+    /// (issue 7: heard from again, or its agent registered again): re-adopted if the books
+    /// dropped it when the node was marked dead and its action has not changed since (dedup →
+    /// DEDUP, a live warm sandbox or base → idle WARM, from `now`); a base whose process is
+    /// gone is left to the node; anything else is to be purged.
+    pub(crate) fn readopt(
+        &mut self,
+        node: usize,
+        st: &medes_agent::SandboxStatus,
+        now: Timestamp,
+    ) -> Readopt {
+        let lost = self.lost.get_mut(node).and_then(|l| l.remove(&st.id));
+        if st.form == SandboxForm::Base && !st.alive {
+            return Readopt::Left;
+        }
+        let Some(lost) = lost else {
+            return Readopt::Purge;
+        };
+        let current = self
+            .pools
+            .get(&lost.action)
+            .filter(|p| p.generation == lost.generation)
+            .and_then(|p| p.action.clone())
+            .filter(|a| *a.version == *lost.version);
+        let Some(action) = current else {
+            return Readopt::Purge;
+        };
+        if st.version.as_deref().is_some_and(|v| v != &*lost.version) {
+            return Readopt::Purge;
+        }
+        let key = match st.form {
+            SandboxForm::Dedup => self.adopt_dedup(node, st, &action, now),
+            SandboxForm::Warm | SandboxForm::Base if st.alive => {
+                self.adopt_live(node, st, &action, (lost.deduplicable, lost.image), now)
+            }
+            _ => None,
+        };
+        match key {
+            Some(key) => {
+                if let Some(sb) = self.sbs.get_mut(&key)
+                    && st.form == SandboxForm::Dedup
+                {
+                    sb.deduplicable = lost.deduplicable;
+                }
+                Readopt::Adopted
+            }
+            None => Readopt::Purge,
+        }
+    }
+
+    /// Bases in the books on `node` that are idle but whose process the node reports gone
+    /// (its agent restarted; their pages stay on the node's tmpfs while dedup sandboxes depend
+    /// on them) leave the books; the node's status charges them as unowned from now on.
+    /// Returns how many.
+    pub(crate) fn forget_lost_bases(
+        &mut self,
+        node: usize,
+        reported: &HashMap<&SandboxId, &medes_agent::SandboxStatus>,
+    ) -> usize {
+        let keys: Vec<Key> = self
+            .sbs
+            .iter()
+            .filter(|(_, s)| {
+                s.node == node
+                    && matches!(s.state, SandboxState::Warm { .. })
+                    && reported.get(&s.id).is_some_and(|st| !st.alive)
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        for k in &keys {
+            self.take(*k);
+        }
+        keys.len()
+    }
+
+    /// Takes a live sandbox (warm, or a base: `st.form`) that the books do not have into them
+    /// as idle WARM from `now` (its keep-alive and idle clocks restart). `known` carries what an
+    /// earlier entry knew (whether it may be deduplicated, its page image). Returns its key, or
+    /// `None` if the id is already known.
+    pub(crate) fn adopt_live(
+        &mut self,
+        node: usize,
+        st: &medes_agent::SandboxStatus,
+        action: &Arc<Action>,
+        known: (bool, Option<u64>),
+        now: Timestamp,
+    ) -> Option<Key> {
+        if self.sbs.values().any(|s| s.node == node && s.id == st.id) {
+            return None;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let limit = st
+            .memory_limit
+            .map_or(Bytes::mib(action.limits.memory_mb).0, |b| b.0);
+        let form = if st.form == SandboxForm::Base {
+            Form::Base
+        } else {
+            Form::Plain
+        };
+        // The node's next status report charges it exactly; until then what it holds (or its
+        // limit, if it reported nothing).
+        let charge = if st.held_bytes > 0 {
+            st.held_bytes
+        } else {
+            limit
+        };
+        let generation = {
+            let pool = self.pool(&action.name);
+            pool.keys.push(key);
+            if pool.action.is_none() {
+                pool.action = Some(action.clone());
+            }
+            if pool.limit == 0 {
+                pool.limit = Bytes::mib(action.limits.memory_mb).0;
+            }
+            pool.generation
+        };
+        self.used[node] += charge;
+        self.sbs.insert(
+            key,
+            Sb {
+                id: st.id.clone(),
+                node,
+                action: action.name.clone(),
+                version: Arc::from(action.version.as_str()),
+                generation,
+                limit,
+                state: SandboxState::Warm { idle_since: now },
+                form,
+                deduplicable: known.0,
+                was_dedup: false,
+                queued: None,
+                created: now,
+                measured: st.memory.map(|m| m.pss.0),
+                charge,
+                transient: 0,
+                stored: None,
+                image: known.1.or(st.image_bytes),
+                last_restore: None,
+                ready_at: Some(now),
+                next_decision: None,
+            },
+        );
+        self.rearm(key, now);
+        Some(key)
     }
 
     /// Takes a dedup sandbox an earlier agent kept into the books as DEDUP, as if it had just

@@ -1671,22 +1671,185 @@ async fn a_revived_node_is_reconciled_and_gets_work_again() {
     assert_eq!(first.node.map(|n| n.0), Some("n0".to_string()));
     let n0 = NodeId("n0".into());
     ctl.set_node_alive(&n0, false).unwrap();
-    // The agent still holds the warm sandbox the books forgot.
+    assert!(ctl.sandboxes().is_empty());
+    // The agent still holds the warm sandbox the books dropped, and one they never knew.
     assert_eq!(f0.0.live.lock().len(), 1);
+    kept(&f0, "stray", &a, "1", SandboxForm::Warm, false);
     assert_eq!(ctl.set_node_alive(&n0, true), Ok(true));
     assert_eq!(ctl.nodes_alive(), vec![true, true]);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(f0.0.live.lock().is_empty(), "{:?}", f0.log());
+    // The known one is re-adopted (idle, warm), the stray purged.
+    assert_eq!(forms(&ctl), "warm", "{:?}", f0.log());
+    assert_eq!(f0.0.live.lock().len(), 1);
     assert_eq!(f0.commands("purge"), 1);
+    assert!(f0.log().contains(&"purge stray".to_string()));
     // A second reconcile finds nothing to do.
     let again = ctl.reconcile_node(&n0).await.unwrap();
     assert_eq!(again, NodeReconcileReport::default());
-    // With n1 dead, the revived n0 takes the work.
+    // With n1 dead, the revived n0 takes the work, in its re-adopted sandbox.
     ctl.set_node_alive(&NodeId("n1".into()), false).unwrap();
     let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
     assert_eq!(act.response.status, ActivationStatus::Success);
     assert_eq!(act.node.map(|n| n.0), Some("n0".to_string()));
-    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(act.start_kind, StartKind::Warm);
+    assert_eq!(f0.commands("spawn"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revived_node_resumes_its_dedup_sandboxes_and_bases_unless_the_action_changed() {
+    let (ctl, f0, _f1) = two_nodes();
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    let b = action("b", "1", 256, 1);
+    // Two sandboxes of `a` on n0 (the second cold start goes to n0 again: it is the least
+    // loaded once n1 holds b) become a base and a dedup sandbox; one of `b` too.
+    let (r1, r2) = tokio::join!(
+        ctl.invoke(request(&a, json!({"sleep_ms": 10}))),
+        ctl.invoke(request(&b, json!({"sleep_ms": 10})))
+    );
+    assert_eq!(r1.unwrap().node.map(|n| n.0), Some("n0".to_string()));
+    assert_eq!(r2.unwrap().node.map(|n| n.0), Some("n1".to_string()));
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    let n0 = NodeId("n0".into());
+    let before = ctl.sandboxes();
+    let on_n0: Vec<_> = before.iter().filter(|s| s.node == n0).collect();
+    assert_eq!(on_n0.len(), 1, "{before:?}");
+    let held_before = f0.0.live.lock().len();
+    ctl.set_node_alive(&n0, false).unwrap();
+    assert!(ctl.sandboxes().iter().all(|s| s.node != n0));
+    ctl.set_node_alive(&n0, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after: Vec<_> = ctl
+        .sandboxes()
+        .into_iter()
+        .filter(|s| s.node == n0)
+        .collect();
+    assert_eq!(after.len(), held_before, "{:?}", f0.log());
+    assert_eq!(after[0].id, on_n0[0].id);
+    assert_eq!(after[0].form, on_n0[0].form);
+    // An action changed while its node was dead: what the node kept of it is purged.
+    let purges = f0.commands("purge");
+    ctl.set_node_alive(&n0, false).unwrap();
+    ctl.action_changed(&a.name);
+    ctl.set_node_alive(&n0, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(ctl.sandboxes().iter().all(|s| s.node != n0));
+    assert_eq!(f0.commands("purge"), purges + held_before);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_node_keeps_its_dedup_sandbox_for_its_return() {
+    let (ctl, f0) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        bases_serve: false,
+        ..Default::default()
+    });
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    let n0 = NodeId("n0".into());
+    ctl.set_node_alive(&n0, false).unwrap();
+    assert_eq!(forms(&ctl), "");
+    assert_eq!(ctl.memory_used(), vec![Bytes(0)]);
+    ctl.set_node_alive(&n0, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    // The resumed dedup sandbox serves a dedup start.
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup, "{:?}", f0.log());
+    assert_eq!(f0.commands("spawn"), 2);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agents_lost_base_leaves_the_books_its_dedup_sandbox_stays() {
+    let (ctl, f0) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        bases_serve: false,
+        ..Default::default()
+    });
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    // The agent restarted (before it was found dead): the base's process is gone, its pages
+    // and the dedup sandbox are kept.
+    for s in f0.0.live.lock().values_mut() {
+        if s.form == SandboxForm::Base {
+            s.lost = true;
+        }
+    }
+    let r = ctl.reconcile_node(&NodeId("n0".into())).await.unwrap();
+    assert_eq!(
+        r,
+        NodeReconcileReport {
+            forgotten: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(forms(&ctl), "dedup");
+    assert_eq!(ctl.unowned_memory(), vec![Bytes(40 << 20)]);
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup, "{:?}", f0.log());
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn live_sandboxes_kept_by_a_node_are_adopted_after_a_controller_restart() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        ..Default::default()
+    });
+    let a = action("a", "1", 256, 1);
+    kept(&fake, "k-warm", &a, "1", SandboxForm::Warm, false);
+    kept(&fake, "k-base", &a, "1", SandboxForm::Base, false);
+    kept(&fake, "k-old", &a, "0", SandboxForm::Warm, false);
+    let current = {
+        let a = a.clone();
+        move |n: &ActionName| (n == &a.name).then(|| (*a).clone())
+    };
+    let report = ctl.reconcile(&current).await;
+    assert_eq!(report.adopted, 2);
+    assert_eq!(report.purged, [("stale_version".to_string(), 1)].into());
+    assert_eq!(forms(&ctl), "base,warm");
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Warm);
+    assert_eq!(fake.commands("spawn"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nodes_report_their_own_budgets_and_cold_starts_go_where_most_is_free() {
+    let (ctl, _f0, f1) = two_nodes();
+    assert_eq!(ctl.node_budgets(), vec![Bytes::mib(1024); 2]);
+    let n1 = NodeId("n1".into());
+    assert_eq!(
+        ctl.set_node_budget(&n1, Bytes::mib(4096)),
+        Ok(Bytes::mib(4096))
+    );
+    assert_eq!(ctl.node_budget(), Bytes::mib(4096));
+    // An action too large for n0's budget fits n1's.
+    let big = action("big", "1", 2048, 1);
+    let act = ctl.invoke(request(&big, json!({}))).await.unwrap();
+    assert_eq!(act.response.status, ActivationStatus::Success);
+    assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    // n1 still has the most free budget (2 GiB against 1 GiB): the next cold start goes there.
+    let a = action("a", "1", 256, 1);
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    assert_eq!(f1.commands("spawn"), 2);
+    // 0 restores the configured budget; unknown nodes are refused.
+    assert_eq!(ctl.set_node_budget(&n1, Bytes(0)), Ok(Bytes::mib(1024)));
+    assert!(ctl.set_node_budget(&NodeId("nx".into()), Bytes(1)).is_err());
 }
 
 #[tokio::test(start_paused = true)]
@@ -1711,7 +1874,8 @@ async fn reconciling_a_restarted_agent_forgets_what_it_lost() {
         r,
         NodeReconcileReport {
             purged: 1,
-            forgotten: 1
+            forgotten: 1,
+            ..Default::default()
         }
     );
     assert!(ctl.sandboxes().is_empty());
