@@ -281,6 +281,36 @@ impl Domain {
         Ok(bytes)
     }
 
+    /// Adds a template's base (issue 8, see `template.rs`): `image` holds the template's raw
+    /// pages (a mapping of its pages image), registered with raw fingerprints. Returns the
+    /// bytes of its pages. CPU-heavy: call from a blocking thread.
+    pub(crate) fn add_template_base(
+        &self,
+        id: BaseId,
+        meta: BaseMeta,
+        dump: &DumpImage,
+        image: BaseImage,
+        cfg: &DedupConfig,
+    ) -> Result<u64, AddBaseError> {
+        let image = Arc::new(image);
+        let bytes = image.bytes();
+        {
+            let mut g = self.bases.lock();
+            let mut set = BaseSet::clone(&g);
+            set.map.insert(id, image);
+            *g = Arc::new(set);
+        }
+        if let Err(e) = medes_dedup::register_raw_base(&self.registry, id, meta, dump, cfg) {
+            let mut g = self.bases.lock();
+            let mut set = BaseSet::clone(&g);
+            set.map.remove(&id);
+            *g = Arc::new(set);
+            return Err(e);
+        }
+        self.update_registry_bytes();
+        Ok(bytes)
+    }
+
     /// Re-registers a base kept by an earlier agent: fingerprints its (canonical) pages and
     /// adds them, with their position keys, to the registry. CPU-heavy: call from a blocking
     /// thread.

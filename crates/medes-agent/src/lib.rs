@@ -511,11 +511,12 @@ impl Agent {
             table.insert(st.sandbox, Entry::Dedup(st.rec));
         }
         let next_base = loaded.max_base.map_or(0, |m| m.saturating_add(1));
-        let templates =
-            template::Templates::new(&images).map_err(|source| NewAgentError::ImagesDir {
+        let templates = template::Templates::new(&images, loaded.templates).map_err(|source| {
+            NewAgentError::ImagesDir {
                 path: cfg.dedup.images_dir.clone(),
                 source,
-            })?;
+            }
+        })?;
         let counters = DedupCounters {
             kept_loaded,
             kept_dropped: loaded.dropped,
@@ -1031,6 +1032,7 @@ impl Inner {
     /// Retires bases whose process was lost (or that an earlier agent kept) once no dedup
     /// store depends on them any more.
     fn retire_orphan_bases(&self) {
+        self.sweep_templates();
         let mut t = self.sandboxes.lock();
         let orphans: Vec<SandboxId> = t
             .iter()
@@ -1339,13 +1341,14 @@ impl Inner {
         let domain = info.domain.clone();
         let (d2, p2) = (dir.clone(), path.clone());
         let inner = self.clone();
+        let sb_id = id.clone();
         let r = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(d2.join("dump.log"));
             let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
             let (snap, mut pins) = domain.pin_all();
+            // Against its template first if it was born from one (`template.rs`).
             let (store, stats) = inner
-                .bg_pool
-                .install(|| medes_dedup::dedup(&dump, domain.registry(), &*snap, &engine))
+                .dedup_pass(&sb_id, &dump, &domain, &snap, &engine)
                 .map_err(|e| error_chain(&e))?;
             pins.retain(&store.bases);
             let written = store.write(&p2).map_err(|e| error_chain(&e))?;

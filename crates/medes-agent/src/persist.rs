@@ -11,10 +11,16 @@
 //!   u64, absent when positional candidates are off); `bases/<id>.json`: [`BaseFile`] with the
 //!   checksums of both.
 //!
+//! - `tmpl/<name>/`: a template's full CRIU image (issue 8); `tmpl/<name>.json`:
+//!   [`TemplateFile`] (the action, version, code directory, checksums of every image file, its
+//!   base). A template's base is `bases/<id>.pages`, a hard link to the template's pages image
+//!   (no second copy), with its own `bases/<id>.json`.
+//!
 //! On start, bases are loaded first (checksums verified, fingerprints re-registered in their
 //! domain's registry under their old ids), then stores (fully loaded, so every checksum of the
 //! store is verified, and their bases pinned). Anything that does not verify is removed with a
-//! logged reason and never restored. A base no kept store depends on is retired at once. Warm
+//! logged reason and never restored. Templates come next (checksums verified, their bases taken
+//! out of the reloaded ones). A base no kept store or template depends on is retired at once. Warm
 //! sandboxes do not survive (their processes die with the agent's shutdown or crash).
 
 use std::collections::BTreeMap;
@@ -146,6 +152,145 @@ pub(crate) fn remove_base(dir: &Path, id: BaseId) {
     }
 }
 
+/// Metadata of a kept template (issue 8): `tmpl/<name>.json` next to its image directory
+/// `tmpl/<name>/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TemplateFile {
+    pub format: u32,
+    /// The sandbox it was taken from.
+    pub sandbox: SandboxId,
+    pub action: ActionName,
+    pub version: String,
+    pub domain: String,
+    pub function: String,
+    pub code_dir: PathBuf,
+    pub memory_limit: Bytes,
+    pub env: BTreeMap<String, String>,
+    /// Every image file and its xxh3-64.
+    pub sums: Vec<(String, u64)>,
+    /// Its base (its raw pages in the domain's registry), if it has one.
+    pub base: Option<BaseId>,
+}
+
+/// The metadata file of a template directory.
+pub(crate) fn template_meta_path(dir: &Path) -> PathBuf {
+    dir.with_extension("json")
+}
+
+/// Writes the metadata of a template whose image is in `dir`.
+pub(crate) fn save_template_meta(dir: &Path, meta: &TemplateFile) -> io::Result<()> {
+    let data = serde_json::to_vec_pretty(meta).map_err(json_err)?;
+    write_atomic(&template_meta_path(dir), &data)
+}
+
+/// Removes a template's image directory and metadata (missing ones are fine).
+pub(crate) fn remove_template(dir: &Path) {
+    if let Err(error) = fs::remove_dir_all(dir)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %dir.display(), %error, "removing a template");
+    }
+    let _ = fs::remove_file(template_meta_path(dir));
+}
+
+/// Writes the metadata of a template's base whose pages file `bases/<id>.pages` is in place
+/// (a hard link to the template's pages image).
+pub(crate) fn save_template_base(
+    dir: &Path,
+    domain: &str,
+    id: BaseId,
+    meta: &BaseMeta,
+    sandbox: &SandboxId,
+    pages_checksum: u64,
+) -> io::Result<()> {
+    let file = BaseFile {
+        format: FORMAT,
+        id,
+        domain: domain.to_string(),
+        sandbox: sandbox.clone(),
+        function: meta.function.clone(),
+        node: meta.node.0,
+        pages_checksum,
+        positions_checksum: None,
+    };
+    let data = serde_json::to_vec_pretty(&file).map_err(json_err)?;
+    write_atomic(&base_path(dir, id, "json"), &data)
+}
+
+/// The pages file of a base in `dir`.
+pub(crate) fn base_pages_path(dir: &Path, id: BaseId) -> PathBuf {
+    base_path(dir, id, "pages")
+}
+
+/// A template reloaded from the images directory (checksums verified).
+pub(crate) struct LoadedTemplate {
+    pub dir: PathBuf,
+    pub info: Arc<crate::SandboxInfo>,
+    pub sums: Vec<(String, u64)>,
+    /// Its base, taken out of the reloaded bases, and the template's layout.
+    pub base: Option<(Arc<crate::BaseRec>, medes_dedup::TemplateLayout)>,
+}
+
+/// Reads one template; `Err(reason)` if it cannot be used.
+fn read_template(
+    dir: &Path,
+    meta_path: &Path,
+    domains: &Domains,
+    bases: &mut Vec<LoadedBase>,
+) -> Result<LoadedTemplate, String> {
+    let text = fs::read(meta_path).map_err(|e| format!("reading the metadata: {e}"))?;
+    let meta: TemplateFile =
+        serde_json::from_slice(&text).map_err(|e| format!("bad metadata: {e}"))?;
+    if meta.format != FORMAT {
+        return Err(format!("unknown format {}", meta.format));
+    }
+    if !meta.code_dir.is_dir() {
+        return Err(format!(
+            "the action's code directory {} is gone",
+            meta.code_dir.display()
+        ));
+    }
+    crate::template::verify_sums(dir, &meta.sums)?;
+    let domain = domains.get(&meta.domain);
+    let info = Arc::new(crate::SandboxInfo {
+        spec: SandboxSpec {
+            id: meta.sandbox.clone(),
+            code_dir: meta.code_dir.clone(),
+            memory_limit: meta.memory_limit,
+            env: meta.env.clone(),
+        },
+        domain,
+        function: meta.function.clone(),
+        action: meta.action.clone(),
+        version: meta.version.clone(),
+    });
+    let base = match meta.base {
+        Some(id) => match bases.iter().position(|b| b.rec.id == id) {
+            Some(i) => {
+                let b = bases.swap_remove(i);
+                match medes_dedup::DumpImage::open(dir) {
+                    Ok(dump) => Some((b.rec, medes_dedup::TemplateLayout::of(&dump))),
+                    Err(e) => {
+                        bases.push(b);
+                        return Err(format!("opening the image: {}", crate::error_chain(&e)));
+                    }
+                }
+            }
+            None => {
+                warn!(dir = %dir.display(), base = id.0, "a kept template's base is gone: it is kept without (no dedup against it)");
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(LoadedTemplate {
+        dir: dir.to_path_buf(),
+        info,
+        sums: meta.sums,
+        base,
+    })
+}
+
 /// A base reloaded from the images directory.
 pub(crate) struct LoadedBase {
     pub sandbox: SandboxId,
@@ -167,6 +312,8 @@ pub(crate) struct Loaded {
     pub max_base: Option<u32>,
     /// Stores and bases dropped (corrupt, incomplete, unusable), each logged with its reason.
     pub dropped: u64,
+    /// Templates (issue 8), with their bases.
+    pub templates: Vec<LoadedTemplate>,
 }
 
 /// Reads one base; `Err(reason)` if it cannot be used.
@@ -360,6 +507,31 @@ pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Lo
             let _ = fs::remove_file(meta_path);
         }
     }
+    // Templates (issue 8): they take their bases out of the reloaded ones.
+    let tmpl_dir = images.join("tmpl");
+    for p in list(&tmpl_dir, "tmp") {
+        let _ = fs::remove_file(p);
+    }
+    for meta_path in list(&tmpl_dir, "json") {
+        let dir = meta_path.with_extension("");
+        match read_template(&dir, &meta_path, domains, &mut out.bases) {
+            Ok(t) => out.templates.push(t),
+            Err(reason) => {
+                warn!(template = %dir.display(), %reason, "dropping a kept template");
+                out.dropped += 1;
+                remove_template(&dir);
+            }
+        }
+    }
+    // Image directories without metadata (a crash while making one).
+    if let Ok(rd) = fs::read_dir(&tmpl_dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !template_meta_path(&p).exists() {
+                let _ = fs::remove_dir_all(p);
+            }
+        }
+    }
     // Bases nothing depends on any more retire now.
     out.bases.retain(|b| {
         if b.rec.domain.dependents(b.rec.id) > 0 {
@@ -369,9 +541,14 @@ pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Lo
         info!(sandbox = %b.sandbox, base = b.rec.id.0, "kept base has no dedup sandbox left; retired");
         false
     });
-    if !out.stores.is_empty() || !out.bases.is_empty() || out.dropped > 0 {
+    if !out.stores.is_empty()
+        || !out.bases.is_empty()
+        || !out.templates.is_empty()
+        || out.dropped > 0
+    {
         info!(
             stores = out.stores.len(),
+            templates = out.templates.len(),
             bases = out.bases.len(),
             dropped = out.dropped,
             ms = t0.elapsed().as_secs_f64() * 1e3,

@@ -1,5 +1,6 @@
 //! Per-function templates (issue 8): one post-init checkpoint per action version, from which
-//! new sandboxes are restored instead of cold-started.
+//! new sandboxes are restored instead of cold-started, and against which they are
+//! deduplicated.
 //!
 //! - [`Command::MakeTemplate`](crate::Command::MakeTemplate) checkpoints a warm sandbox with
 //!   `--leave-running` (it keeps serving) into `<images>/tmpl/<key>-<n>/` on the tmpfs; every
@@ -16,24 +17,81 @@
 //! - One template per action: a template of another version (the action was updated) is
 //!   deleted when a new version is spawned or templated. A template being restored stays on
 //!   the tmpfs until its last restore ends (reference counted).
-//! - Templates are not kept across an agent restart (the directory is emptied at start and at
-//!   shutdown).
+//!
+//! **The template is its function's first base** (phase 2). Once made, its pages join the
+//! dedup domain's registry as a base ([`TemplateBase`]): the base's pages file
+//! `bases/<id>.pages` is a hard link to the template's own pages image (no second copy), served
+//! and fingerprinted **raw** (one layout: no pointer rebasing needed). A sandbox restored from
+//! the template (or the one it was taken from) is remembered as born from it; its dedup runs
+//! [`medes_dedup::dedup_with_template`]: every page is first tried against the template's page
+//! at the same address, so most pages are `Same` or a small patch and a rebuild is a copy.
+//! The base is never retired while a dedup store depends on it: when the template is replaced
+//! (new action version), deleted (corrupt) or disabled, its restore image goes at once but its
+//! base stays, reported as an `orphan_base` template entry with the bytes it holds, until its
+//! last dependent store (and born sandbox) is gone; it is then retired.
+//!
+//! Templates survive an agent restart like stores and bases (see `persist.rs`): the image and
+//! its metadata stay on the tmpfs at shutdown, and the next agent verifies every checksum,
+//! re-registers the base and reports the template in [`crate::NodeStatus::templates`], from
+//! which the controller re-learns it.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use medes_core::ActionName;
+use medes_core::{ActionName, SandboxId};
+use medes_dedup::{BaseId, BaseMeta, DumpImage, TemplateHint, TemplateLayout};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use crate::SandboxInfo;
+use crate::{BaseRec, SandboxInfo};
 
 /// Restores of one template that fail in a row before it is disabled.
 pub(crate) const MAX_FAILURES: u32 = 3;
+
+/// A template's base: its raw pages registered in its dedup domain. Dropped when neither the
+/// template nor a sandbox born from it needs it any more; it is then retired, or, while dedup
+/// stores depend on it, kept as an orphan until they are gone.
+pub(crate) struct TemplateBase {
+    pub(crate) rec: Arc<BaseRec>,
+    pub(crate) layout: TemplateLayout,
+    action: ActionName,
+    version: String,
+    orphans: Arc<Mutex<Vec<Orphan>>>,
+    keep: Arc<AtomicBool>,
+}
+
+/// A template base whose template is gone while dedup stores depend on it.
+struct Orphan {
+    action: ActionName,
+    version: String,
+    rec: Arc<BaseRec>,
+}
+
+impl Drop for TemplateBase {
+    fn drop(&mut self) {
+        if self.keep.load(Ordering::SeqCst) {
+            return; // agent shutdown: kept for the next agent
+        }
+        match self.rec.domain.retire(self.rec.id) {
+            Ok(()) => {
+                info!(action = %self.action, base = self.rec.id.0, "template base retired");
+            }
+            Err(crate::domain::RetireError::InUse(n)) => {
+                info!(action = %self.action, base = self.rec.id.0, dependents = n,
+                      "template gone; its base stays while dedup sandboxes depend on it");
+                self.orphans.lock().push(Orphan {
+                    action: self.action.clone(),
+                    version: self.version.clone(),
+                    rec: self.rec.clone(),
+                });
+            }
+        }
+    }
+}
 
 /// One template: a full CRIU image of a post-init sandbox.
 pub(crate) struct Template {
@@ -49,14 +107,16 @@ pub(crate) struct Template {
     pub(crate) image_bytes: u64,
     /// Failed restores in a row.
     failures: AtomicU32,
+    /// Its base (set once, after the template is made or reloaded).
+    pub(crate) base: Mutex<Option<Arc<TemplateBase>>>,
+    /// Set at agent shutdown: the files stay for the next agent.
+    keep: Arc<AtomicBool>,
 }
 
 impl Drop for Template {
     fn drop(&mut self) {
-        if let Err(error) = fs::remove_dir_all(&self.dir)
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(path = %self.dir.display(), %error, "removing a template");
+        if !self.keep.load(Ordering::SeqCst) {
+            crate::persist::remove_template(&self.dir);
         }
     }
 }
@@ -110,6 +170,10 @@ pub struct TemplateCounters {
     pub disabled: u64,
     /// Templates deleted because their action changed version.
     pub invalidated: u64,
+    /// Pages of template-born sandboxes stored against the template's page at their own
+    /// address (identical or patched), summed over their dedups.
+    #[serde(default)]
+    pub positional_pages: u64,
 }
 
 /// The node's templates, one per action.
@@ -118,34 +182,132 @@ pub(crate) struct Templates {
     map: Mutex<HashMap<ActionName, Rec>>,
     next: AtomicU64,
     pub(crate) counters: Mutex<TemplateCounters>,
+    /// Sandboxes born from a template (restored from it, or the one it was taken from) that
+    /// may still be deduplicated against it.
+    born: Mutex<HashMap<SandboxId, Arc<TemplateBase>>>,
+    /// Bases of gone templates that dedup stores still depend on.
+    orphans: Arc<Mutex<Vec<Orphan>>>,
+    /// Set at agent shutdown (templates and their bases are kept for the next agent).
+    keep: Arc<AtomicBool>,
 }
 
 impl Templates {
-    /// Templates under `<images>/tmpl`, emptied (templates do not survive an agent restart).
-    pub(crate) fn new(images: &Path) -> std::io::Result<Templates> {
+    /// Templates under `<images>/tmpl`, with those an earlier agent kept (`loaded`, verified
+    /// by `persist::load`).
+    pub(crate) fn new(
+        images: &Path,
+        loaded: Vec<crate::persist::LoadedTemplate>,
+    ) -> std::io::Result<Templates> {
         let root = images.join("tmpl");
-        let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
-        Ok(Templates {
+        let t = Templates {
             root,
             map: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             counters: Mutex::new(TemplateCounters::default()),
+            born: Mutex::new(HashMap::new()),
+            orphans: Arc::new(Mutex::new(Vec::new())),
+            keep: Arc::new(AtomicBool::new(false)),
+        };
+        for l in loaded {
+            let (files, image_bytes) = sizes(&l.dir);
+            let tmpl = Template {
+                dir: l.dir,
+                info: l.info,
+                sums: l.sums,
+                held_bytes: files,
+                image_bytes,
+                failures: AtomicU32::new(0),
+                base: Mutex::new(None),
+                keep: t.keep.clone(),
+            };
+            if let Some((rec, layout)) = l.base {
+                *tmpl.base.lock() = Some(t.base_of(&tmpl.info, rec, layout));
+            }
+            let (action, version) = (tmpl.info.action.clone(), tmpl.info.version.clone());
+            info!(action = %action, version = %version, base = ?tmpl.base.lock().as_ref().map(|b| b.rec.id.0),
+                  "template kept by the previous agent reloaded");
+            t.map.lock().insert(
+                action,
+                Rec {
+                    version,
+                    slot: Slot::Ready(Arc::new(tmpl)),
+                },
+            );
+        }
+        Ok(t)
+    }
+
+    /// Wraps a template's registered base.
+    fn base_of(
+        &self,
+        info: &SandboxInfo,
+        rec: Arc<BaseRec>,
+        layout: TemplateLayout,
+    ) -> Arc<TemplateBase> {
+        Arc::new(TemplateBase {
+            rec,
+            layout,
+            action: info.action.clone(),
+            version: info.version.clone(),
+            orphans: self.orphans.clone(),
+            keep: self.keep.clone(),
         })
     }
 
-    /// Removes every template (agent shutdown). Restores in flight keep theirs until they end.
+    /// Agent shutdown: forgets every template, keeping their files (and their bases) for the
+    /// next agent. Restores in flight keep theirs until they end.
     pub(crate) fn clear(&self) {
+        self.keep.store(true, Ordering::SeqCst);
         let all: Vec<Rec> = self.map.lock().drain().map(|(_, r)| r).collect();
         drop(all);
-        let _ = fs::remove_dir_all(&self.root);
+        self.born.lock().clear();
+        self.orphans.lock().clear();
     }
 
     /// A fresh directory for a template of `action` at `version`.
     pub(crate) fn new_dir(&self, action: &ActionName, version: &str) -> PathBuf {
         let key = xxhash_rust::xxh3::xxh3_64(format!("{action}\0{version}").as_bytes());
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.root.join(format!("{key:016x}-{n}"))
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let dir = self.root.join(format!("{key:016x}-{n}"));
+            if !dir.exists() && !crate::persist::template_meta_path(&dir).exists() {
+                return dir;
+            }
+        }
+    }
+
+    /// Remembers that `sandbox` was born from the template whose base is `base`.
+    pub(crate) fn set_born(&self, sandbox: &SandboxId, base: Arc<TemplateBase>) {
+        self.born.lock().insert(sandbox.clone(), base);
+    }
+
+    /// The template base `sandbox` was born from, if any (taken: one dedup per sandbox).
+    pub(crate) fn take_born(&self, sandbox: &SandboxId) -> Option<Arc<TemplateBase>> {
+        self.born.lock().remove(sandbox)
+    }
+
+    /// Forgets born sandboxes that are gone, and retires orphaned template bases nothing
+    /// depends on any more.
+    pub(crate) fn sweep(&self, alive: impl Fn(&SandboxId) -> bool) {
+        let gone: Vec<Arc<TemplateBase>> = {
+            let mut b = self.born.lock();
+            let ids: Vec<SandboxId> = b.keys().filter(|id| !alive(id)).cloned().collect();
+            ids.iter().filter_map(|id| b.remove(id)).collect()
+        };
+        drop(gone);
+        self.orphans.lock().retain(|o| {
+            if o.rec.domain.dependents(o.rec.id) > 0 {
+                return true;
+            }
+            match o.rec.domain.retire(o.rec.id) {
+                Ok(()) => {
+                    info!(action = %o.action, base = o.rec.id.0, "orphaned template base retired");
+                    false
+                }
+                Err(_) => true,
+            }
+        });
     }
 
     /// Deletes the template of `action` if it is of another version than `version`.
@@ -302,7 +464,11 @@ impl Templates {
                     Slot::Building => ("building", 0, 0, None, None),
                     Slot::Ready(t) => (
                         "ready",
-                        t.held_bytes,
+                        t.held_bytes
+                            + t.base
+                                .lock()
+                                .as_ref()
+                                .map_or(0, |b| b.rec.domain.registry_share(b.rec.pages)),
                         t.image_bytes,
                         None,
                         Some(t.info.domain.key.clone()),
@@ -320,6 +486,19 @@ impl Templates {
                 }
             })
             .collect();
+        v.extend(self.orphans.lock().iter().map(|o| crate::TemplateStatus {
+            action: o.action.clone(),
+            version: o.version.clone(),
+            state: "orphan_base".to_string(),
+            held_bytes: o.rec.held(),
+            image_bytes: o.rec.bytes,
+            reason: Some(format!(
+                "base {} of a gone template; {} dedup sandboxes depend on it",
+                o.rec.id.0,
+                o.rec.domain.dependents(o.rec.id)
+            )),
+            domain: Some(o.rec.domain.key.clone()),
+        }));
         v.sort_by_key(|t| t.action.to_string());
         v
     }
@@ -365,9 +544,45 @@ fn checksum_file(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((h.digest(), len))
 }
 
+/// Bytes held on the tmpfs by a template's files and bytes of its page images.
+fn sizes(dir: &Path) -> (u64, u64) {
+    let (mut held, mut pages) = (0, 0);
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let len = e.metadata().map_or(0, |m| m.len());
+            held += crate::images::held_bytes(len);
+            if e.file_name().to_string_lossy().starts_with("pages-") {
+                pages += len;
+            }
+        }
+    }
+    (held, pages)
+}
+
+/// Checks every file of `sums` in `dir` against its checksum. Blocking.
+pub(crate) fn verify_sums(dir: &Path, sums: &[(String, u64)]) -> Result<(), String> {
+    if sums.is_empty() {
+        return Err("no checksummed files".into());
+    }
+    for (name, want) in sums {
+        let path = dir.join(name);
+        let (got, _) = checksum_file(&path).map_err(|e| format!("reading {path:?}: {e}"))?;
+        if got != *want {
+            return Err(format!(
+                "checksum mismatch in {name}: {got:016x}, expected {want:016x}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Template {
     /// A template over the checkpoint in `dir` (checksummed now). Blocking.
-    pub(crate) fn seal(dir: PathBuf, info: Arc<SandboxInfo>) -> Result<Template, String> {
+    pub(crate) fn seal(
+        dir: PathBuf,
+        info: Arc<SandboxInfo>,
+        keep: Arc<AtomicBool>,
+    ) -> Result<Template, String> {
         let _ = fs::remove_file(dir.join("dump.log"));
         let files = checksum_dir(&dir).map_err(|e| format!("checksumming {dir:?}: {e}"))?;
         if files.is_empty() {
@@ -389,21 +604,35 @@ impl Template {
             held_bytes,
             image_bytes,
             failures: AtomicU32::new(0),
+            base: Mutex::new(None),
+            keep,
         })
     }
 
     /// Checks every image file against its checksum. Blocking.
     pub(crate) fn verify(&self) -> Result<(), String> {
-        for (name, want) in &self.sums {
-            let path = self.dir.join(name);
-            let (got, _) = checksum_file(&path).map_err(|e| format!("reading {path:?}: {e}"))?;
-            if got != *want {
-                return Err(format!(
-                    "checksum mismatch in {name}: {got:016x}, expected {want:016x}"
-                ));
-            }
+        verify_sums(&self.dir, &self.sums)
+    }
+
+    /// Writes the metadata that lets the next agent reload the template.
+    fn save_meta(&self) {
+        let i = &self.info;
+        let meta = crate::persist::TemplateFile {
+            format: 1,
+            sandbox: i.spec.id.clone(),
+            action: i.action.clone(),
+            version: i.version.clone(),
+            domain: i.domain.key.clone(),
+            function: i.function.clone(),
+            code_dir: i.spec.code_dir.clone(),
+            memory_limit: i.spec.memory_limit,
+            env: i.spec.env.clone(),
+            sums: self.sums.clone(),
+            base: self.base.lock().as_ref().map(|b| b.rec.id),
+        };
+        if let Err(error) = crate::persist::save_template_meta(&self.dir, &meta) {
+            warn!(path = %self.dir.display(), %error, "template metadata not written: the template will not survive an agent restart");
         }
-        Ok(())
     }
 }
 
@@ -502,7 +731,8 @@ impl crate::Inner {
         }
         let t1 = std::time::Instant::now();
         let d2 = dir.clone();
-        let sealed = tokio::task::spawn_blocking(move || Template::seal(d2, info))
+        let keep = self.templates.keep.clone();
+        let sealed = tokio::task::spawn_blocking(move || Template::seal(d2, info, keep))
             .await
             .unwrap_or_else(|e| Err(format!("checksum task failed: {e}")));
         let t = match sealed {
@@ -512,6 +742,29 @@ impl crate::Inner {
                 return Err(reason);
             }
         };
+        // The template is the function's first base; without one it still serves starts.
+        let inner = self.clone();
+        let source = slot.info.spec.id.clone();
+        let t = tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            match inner.template_base(&t, &source) {
+                Ok(b) => {
+                    info!(action = %t.info.action, base = b.rec.id.0, pages = b.rec.pages,
+                          ms = crate::ms(t0.elapsed()), "template registered as a base");
+                    *t.base.lock() = Some(b);
+                }
+                Err(reason) => {
+                    warn!(action = %t.info.action, %reason, "template not registered as a base: no dedup against it");
+                }
+            }
+            t.save_meta();
+            t
+        })
+        .await
+        .map_err(|e| format!("template base task failed: {e}"))?;
+        if let Some(b) = t.base.lock().clone() {
+            self.templates.set_born(&slot.info.spec.id, b);
+        }
         let reply = crate::TemplateReply {
             image_bytes: t.image_bytes,
             held_bytes: t.held_bytes,
@@ -610,6 +863,9 @@ impl crate::Inner {
             }
         };
         self.templates.succeeded(&t);
+        if let Some(b) = t.base.lock().clone() {
+            self.templates.set_born(&c.sandbox, b);
+        }
         let info = Arc::new(SandboxInfo {
             spec,
             domain: t.info.domain.clone(),
@@ -629,6 +885,97 @@ impl crate::Inner {
             restore_ms,
             total_ms,
         })
+    }
+
+    /// Registers template `t` (taken from `source`) as a base of its domain: its pages image
+    /// hard-linked as the base's pages file, fingerprinted raw. Blocking and CPU-heavy.
+    fn template_base(&self, t: &Template, source: &SandboxId) -> Result<Arc<TemplateBase>, String> {
+        let dump = DumpImage::open(&t.dir).map_err(|e| crate::error_chain(&e))?;
+        if dump.n_pages() == 0 {
+            return Err("the template has no pages".into());
+        }
+        let layout = TemplateLayout::of(&dump);
+        let id = BaseId(self.next_base.fetch_add(1, Ordering::Relaxed));
+        let bases_dir = self.images.join("bases");
+        fs::create_dir_all(&bases_dir).map_err(|e| format!("creating {bases_dir:?}: {e}"))?;
+        let pages = crate::persist::base_pages_path(&bases_dir, id);
+        let _ = fs::remove_file(&pages);
+        let linked = match dump.procs.as_slice() {
+            [one] => fs::hard_link(t.dir.join(&one.pages_file), &pages),
+            // Several processes: their pages in dump order (a copy).
+            procs => {
+                let all: Vec<u8> = procs.iter().flat_map(|p| p.bytes().to_vec()).collect();
+                fs::write(&pages, all)
+            }
+        };
+        linked.map_err(|e| format!("linking the pages as {pages:?}: {e}"))?;
+        let fail = |reason: String| {
+            crate::persist::remove_base(&bases_dir, id);
+            reason
+        };
+        let image = crate::domain::BaseImage::map(&pages)
+            .map_err(|e| fail(format!("mapping {pages:?}: {e}")))?;
+        let sum = xxhash_rust::xxh3::xxh3_64(image.data());
+        let meta = BaseMeta {
+            function: t.info.function.clone(),
+            node: self.cfg.dedup.engine.local_node,
+        };
+        let domain = t.info.domain.clone();
+        let engine = self.cfg.dedup.engine;
+        let bytes = self
+            .bg_pool
+            .install(|| domain.add_template_base(id, meta.clone(), &dump, image, &engine))
+            .map_err(|e| fail(crate::error_chain(&e)))?;
+        if let Err(error) =
+            crate::persist::save_template_base(&bases_dir, &domain.key, id, &meta, source, sum)
+        {
+            warn!(base = id.0, %error, "template base metadata not written: it will not survive a restart");
+        }
+        let rec = Arc::new(BaseRec {
+            domain,
+            id,
+            bytes,
+            pages: dump.n_pages(),
+        });
+        self.counters.lock().bases += 1;
+        Ok(self.templates.base_of(&t.info, rec, layout))
+    }
+
+    /// The dedup pass of a sandbox's dump: against its template first if it was born from one
+    /// (see the module documentation), else the plain [`medes_dedup::dedup`]. Blocking.
+    pub(crate) fn dedup_pass(
+        &self,
+        sandbox: &SandboxId,
+        dump: &DumpImage,
+        domain: &crate::domain::Domain,
+        bases: &crate::domain::BaseSet,
+        engine: &medes_dedup::DedupConfig,
+    ) -> Result<(medes_dedup::DedupStore, medes_dedup::DedupStats), medes_dedup::DedupError> {
+        use medes_dedup::BasePages;
+        let born = self.templates.take_born(sandbox);
+        let usable = born
+            .as_ref()
+            .filter(|b| b.rec.domain.key == domain.key && bases.n_pages(b.rec.id).is_ok());
+        let Some(b) = usable else {
+            return self
+                .bg_pool
+                .install(|| medes_dedup::dedup(dump, domain.registry(), bases, engine));
+        };
+        let hint = TemplateHint::new(b.rec.id, &b.layout, dump);
+        let r = self.bg_pool.install(|| {
+            medes_dedup::dedup_with_template(dump, domain.registry(), bases, engine, &hint)
+        });
+        tracing::debug!(sandbox = %sandbox, base = b.rec.id.0, candidates = hint.candidates(),
+                        positional = hint.hits(), pages = dump.n_pages(), "dedup against the template");
+        self.templates.counters.lock().positional_pages += hint.hits();
+        r
+    }
+
+    /// Forgets gone born sandboxes and retires orphaned template bases without dependents.
+    pub(crate) fn sweep_templates(&self) {
+        let alive: std::collections::HashSet<SandboxId> =
+            self.sandboxes.lock().keys().cloned().collect();
+        self.templates.sweep(|id| alive.contains(id));
     }
 
     fn template_failed(

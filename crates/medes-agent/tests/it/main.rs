@@ -190,3 +190,4 @@ async fn init_errors_and_timeouts_destroy_the_sandbox() {
 mod dedup;
 mod persist;
 mod template;
+mod template_dedup;

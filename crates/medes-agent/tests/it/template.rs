@@ -121,7 +121,8 @@ async fn template_starts_give_the_result_with_fresh_randomness() {
     let st = status(&agent).await;
     assert_eq!(st.templates.len(), 1, "{st:?}");
     assert_eq!(st.templates[0].state, "ready");
-    assert_eq!(st.templates[0].held_bytes, t.held_bytes);
+    // The template is also its function's first base: its share of the registry is added.
+    assert!(st.templates[0].held_bytes >= t.held_bytes, "{st:?}");
     assert_eq!(st.templates[0].domain.as_deref(), Some("guest"));
 
     for sb in [&b, &c] {
@@ -175,8 +176,9 @@ async fn template_starts_give_the_result_with_fresh_randomness() {
     assert_eq!((n.made, n.starts, n.start_failures), (1, 3, 0));
     let dir = agent.template_dir(&action("pkg/tp")).expect("template dir");
     agent.shutdown().await;
-    assert!(!dir.exists(), "templates are removed at shutdown");
+    assert!(dir.exists(), "templates are kept for the next agent");
     agent.purge_kept().await;
+    assert!(!dir.exists(), "purge_kept removes them");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
