@@ -7,6 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Page data travels as `bytes::Bytes`: sliced from the owner's mapping, decoded without
+        // a copy out of the receive buffer.
+        .bytes(".medes.node.v1.PageChunk.data")
+        .bytes(".medes.node.v1.BaseFingerprintsResponse")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -111,10 +111,27 @@ fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
 #[derive(Default, Clone)]
 pub(crate) struct BaseSet {
     map: HashMap<BaseId, Arc<BaseImage>>,
+    /// Other nodes' bases, read over the network (only on the snapshot a dedup reads, see
+    /// [`Domain::pin_all`] and `remote.rs`).
+    remote: Option<Arc<crate::remote::ClusterBases>>,
+}
+
+impl BaseSet {
+    /// The pages of one base, if resident.
+    pub(crate) fn image(&self, id: BaseId) -> Option<Arc<BaseImage>> {
+        self.map.get(&id).cloned()
+    }
 }
 
 impl BasePages for BaseSet {
     fn page(&self, base: BaseId, idx: u64) -> Result<Cow<'_, Page>, BasePageError> {
+        if let Some(r) = self
+            .remote
+            .as_ref()
+            .filter(|_| !self.map.contains_key(&base))
+        {
+            return r.page(base, idx);
+        }
         let b = self
             .map
             .get(&base)
@@ -130,6 +147,13 @@ impl BasePages for BaseSet {
     }
 
     fn n_pages(&self, base: BaseId) -> Result<u64, BasePageError> {
+        if let Some(r) = self
+            .remote
+            .as_ref()
+            .filter(|_| !self.map.contains_key(&base))
+        {
+            return r.n_pages(base);
+        }
         self.map
             .get(&base)
             .map(|b| b.n_pages)
@@ -137,6 +161,13 @@ impl BasePages for BaseSet {
     }
 
     fn window(&self, base: BaseId, idx: u64, radius: u64) -> Result<Cow<'_, [u8]>, BasePageError> {
+        if let Some(r) = self
+            .remote
+            .as_ref()
+            .filter(|_| !self.map.contains_key(&base))
+        {
+            return r.window(base, idx, radius);
+        }
         let b = self
             .map
             .get(&base)
@@ -161,6 +192,8 @@ pub(crate) struct Domain {
     bases: Mutex<Arc<BaseSet>>,
     /// Estimated heap bytes of the registry (updated when bases come and go).
     registry_bytes: AtomicU64,
+    /// Other nodes' bases known here (issue 7, `remote.rs`).
+    remote: Option<Arc<crate::remote::Remote>>,
 }
 
 /// Bases held in the registry on behalf of one store (released on drop).
@@ -211,7 +244,13 @@ impl Domain {
             registry: Registry::new(),
             bases: Mutex::new(Arc::new(BaseSet::default())),
             registry_bytes: AtomicU64::new(0),
+            remote: None,
         }
+    }
+
+    /// The registry changed outside this module (another node's base imported).
+    pub(crate) fn registry_changed(&self) {
+        self.update_registry_bytes();
     }
 
     fn update_registry_bytes(&self) {
@@ -388,12 +427,25 @@ impl Domain {
         let g = self.bases.lock();
         let mut ids = Vec::new();
         for id in self.registry.bases() {
-            if g.map.contains_key(&id) && self.registry.acquire(id).is_ok() {
+            // Other nodes' bases (aliases) have no pages here: they are read remotely.
+            if (g.map.contains_key(&id) || crate::remote::is_alias(id))
+                && self.registry.acquire(id).is_ok()
+            {
                 ids.push(id);
             }
         }
         let snap = g.clone();
         drop(g);
+        // Other nodes' bases: read over the network when the dedup touches them.
+        let snap = match &self.remote {
+            Some(r) => {
+                let view = r.dedup_view(self, snap.clone());
+                let mut set = BaseSet::clone(&snap);
+                set.remote = Some(Arc::new(view));
+                Arc::new(set)
+            }
+            None => snap,
+        };
         (
             snap,
             Pins {
@@ -438,6 +490,8 @@ impl Domain {
 /// All dedup domains of the node.
 pub(crate) struct Domains {
     map: Mutex<HashMap<String, Arc<Domain>>>,
+    /// Other nodes' bases, shared by all domains.
+    remote: Option<Arc<crate::remote::Remote>>,
     /// Where bases are kept (`<images>/bases`), shared by all domains (base ids are unique on
     /// the node).
     dir: Option<PathBuf>,
@@ -447,8 +501,20 @@ impl Domains {
     pub(crate) fn new(dir: Option<PathBuf>) -> Domains {
         Domains {
             map: Mutex::new(HashMap::new()),
+            remote: None,
             dir,
         }
+    }
+
+    /// Domains created from now on read other nodes' bases through `remote`.
+    pub(crate) fn with_remote(mut self, remote: Arc<crate::remote::Remote>) -> Domains {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The domain of a key, if it exists.
+    pub(crate) fn find(&self, key: &str) -> Option<Arc<Domain>> {
+        self.map.lock().get(key).cloned()
     }
 
     /// The domain of a key, created on first use.
@@ -456,7 +522,11 @@ impl Domains {
         self.map
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Domain::new(key.to_string(), self.dir.clone())))
+            .or_insert_with(|| {
+                let mut d = Domain::new(key.to_string(), self.dir.clone());
+                d.remote = self.remote.clone();
+                Arc::new(d)
+            })
             .clone()
     }
 }

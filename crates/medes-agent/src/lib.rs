@@ -131,6 +131,7 @@ mod domain;
 mod images;
 mod persist;
 pub mod proto;
+pub mod remote;
 mod template;
 mod transient;
 
@@ -157,6 +158,10 @@ pub use proto::{
     RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus,
     SpawnCommand, SpawnReply, Stream, TemplateReply, TemplateStartCommand, TemplateStartReply,
     TemplateStatus,
+};
+pub use remote::{
+    BaseFingerprints, BaseInfo, BaseKey, BaseReader, ImportedBase, PageSource, PageStream,
+    RemoteBase, SyncReport,
 };
 pub use template::TemplateCounters;
 
@@ -205,6 +210,10 @@ pub struct DedupSettings {
     pub engine: medes_dedup::DedupConfig,
     /// Bound on a dedup start (rebuild + restore until the runtime answers), ms. Default 10000.
     pub restore_timeout_ms: u64,
+    /// Bound on reading another node's base pages (from the start of the read), ms: a dedup
+    /// start whose remote pages are not all there by then fails (the controller falls back to
+    /// a cold start). Default 2000.
+    pub remote_read_timeout_ms: u64,
 }
 
 impl Default for DedupSettings {
@@ -215,6 +224,7 @@ impl Default for DedupSettings {
             share_across_tenants: false,
             engine: medes_dedup::DedupConfig::default(),
             restore_timeout_ms: 10_000,
+            remote_read_timeout_ms: 2_000,
         }
     }
 }
@@ -319,6 +329,8 @@ struct Inner {
     /// Per-function templates (issue 8, `template.rs`).
     templates: template::Templates,
     shutting_down: AtomicBool,
+    /// Other nodes' bases (issue 7, `remote.rs`).
+    remote: Arc<remote::Remote>,
 }
 
 /// A sandbox in the table.
@@ -499,7 +511,9 @@ impl Agent {
                 which: "rebuild",
                 source,
             })?;
-        let domains = domain::Domains::new(Some(images.join("bases")));
+        let remote = Arc::new(remote::Remote::new(cfg.dedup.remote_read_timeout_ms));
+        let domains =
+            domain::Domains::new(Some(images.join("bases"))).with_remote(remote.clone());
         // What the previous agent on this data directory kept (verified; see `persist.rs`).
         let loaded = bg_pool.install(|| persist::load(&images, &domains, &cfg.dedup.engine));
         let mut table = HashMap::new();
@@ -538,6 +552,7 @@ impl Agent {
                 transients: Mutex::new(BTreeMap::new()),
                 templates,
                 shutting_down: AtomicBool::new(false),
+                remote,
             }),
         })
     }
@@ -1014,6 +1029,7 @@ impl Inner {
                     });
                 }
                 self.counters.lock().retired += 1;
+                self.remote.bases_changed();
                 info!(sandbox = %id, base = b.id.0, domain = %b.domain.key, "base retired");
             }
             t.remove(&id)
@@ -1262,6 +1278,7 @@ impl Inner {
         }
         *slot.base.lock() = Some(rec);
         self.counters.lock().bases += 1;
+        self.remote.bases_changed();
         let register_ms = ms(t1.elapsed());
         info!(sandbox = %id, base = base_id.0, domain = %domain.key, image_bytes, checkpoint_ms,
               register_ms, "sandbox is a base");
@@ -1477,10 +1494,11 @@ impl Inner {
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
         // The store (verified) and every non-page image first: CRIU reads those from its start.
         let t = Instant::now();
-        let (rec2, dir2) = (rec.clone(), dir.clone());
+        let (rec2, dir2, remote) = (rec.clone(), dir.clone(), self.remote.clone());
         let (store, bases) = tokio::task::spawn_blocking(move || {
             let store = DedupStore::load(&rec2.path).map_err(|e| error_chain(&e))?;
-            let bases = rec2.info.domain.snapshot();
+            // Local bases read directly; other nodes' pages prefetched from now on (remote.rs).
+            let bases = Arc::new(remote.restore_view(&rec2.info.domain, &store)?);
             for b in &store.bases {
                 bases
                     .n_pages(*b)
@@ -1518,7 +1536,7 @@ impl Inner {
                 inner
                     .fg_pool
                     .install(|| medes_dedup::rebuild_to_files(&store, &*bases, &ordered))
-                    .map_err(|e| error_chain(&e))?;
+                    .map_err(|e| remote::with_cause(&error_chain(&e), &bases))?;
                 *rebuilt2.lock() = ms(t.elapsed());
                 Ok(())
             })

@@ -42,6 +42,20 @@ impl PageFingerprint {
     pub fn chunks(&self) -> &[u64] {
         &self.chunks[..usize::from(self.n)]
     }
+
+    /// A fingerprint from its parts, e.g. one computed by another node (chunks beyond
+    /// [`MAX_K`] are dropped).
+    pub fn from_parts(page_hash: u64, zero: bool, chunks: &[u64]) -> Self {
+        let n = chunks.len().min(MAX_K);
+        let mut c = [0u64; MAX_K];
+        c[..n].copy_from_slice(&chunks[..n]);
+        Self {
+            page_hash,
+            zero,
+            n: n as u8,
+            chunks: c,
+        }
+    }
 }
 
 const fn splitmix(mut x: u64) -> u64 {

@@ -66,6 +66,7 @@
 pub mod convert;
 mod link;
 mod node;
+mod pages;
 mod registry;
 
 /// Generated code of `medes.node.v1` (messages, clients, servers).
@@ -77,7 +78,11 @@ pub mod pb {
 pub use link::{AgentLinkConfig, LinkError, run_agent_link};
 pub use medes_agent::{AgentError, Command, NodeAgent, Reply};
 pub use node::{Deadlines, RemoteAgent, RemoteAgentError, serve_node};
-pub use registry::{NodeEvent, NodeInfo, Registry, RegistryConfig, serve_registry};
+pub use pages::{
+    DEFAULT_CHUNK_PAGES, PageClient, PageClientConfig, pack_fingerprints, serve_agent,
+    unpack_fingerprints,
+};
+pub use registry::{BASE_RESYNC, NodeEvent, NodeInfo, Registry, RegistryConfig, serve_registry};
 
 /// The protocol version this build speaks (the `v1` of `medes.node.v1`).
 pub const PROTOCOL_VERSION: u32 = 1;

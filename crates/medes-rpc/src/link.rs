@@ -13,7 +13,7 @@ use crate::pb;
 use crate::pb::registry_client::RegistryClient;
 
 /// How an agent joins its controller.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentLinkConfig {
     /// The controller's registry, `host:port`.
     pub controller: String,
@@ -27,6 +27,24 @@ pub struct AgentLinkConfig {
     pub heartbeat_interval: Duration,
     /// Deadline of each registry call.
     pub call_deadline: Duration,
+    /// The agent whose bases are published to the controller's catalog (issue 7, point 2):
+    /// after each registration, whenever they change, and checked at every heartbeat.
+    /// `None`: none published.
+    pub bases: Option<medes_agent::Agent>,
+}
+
+impl std::fmt::Debug for AgentLinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLinkConfig")
+            .field("controller", &self.controller)
+            .field("node_id", &self.node_id)
+            .field("advertise", &self.advertise)
+            .field("memory_budget", &self.memory_budget)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("call_deadline", &self.call_deadline)
+            .field("bases", &self.bases.is_some())
+            .finish()
+    }
 }
 
 impl AgentLinkConfig {
@@ -40,6 +58,7 @@ impl AgentLinkConfig {
             memory_budget: Bytes(0),
             heartbeat_interval: Duration::from_secs(1),
             call_deadline: Duration::from_secs(10),
+            bases: None,
         }
     }
 }
@@ -83,6 +102,24 @@ async fn register(
     }
 }
 
+/// Publishes the node's bases; `Ok(false)` if the controller does not know the node.
+async fn publish(
+    c: &mut RegistryClient<Channel>,
+    cfg: &AgentLinkConfig,
+    bases: &[medes_agent::BaseInfo],
+) -> Result<bool, tonic::Status> {
+    let mut req = tonic::Request::new(pb::PublishBasesRequest {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: cfg.node_id.0.clone(),
+        bases: crate::pages::infos_to_pb(bases),
+    });
+    req.set_timeout(cfg.call_deadline);
+    match tokio::time::timeout(cfg.call_deadline, c.publish_bases(req)).await {
+        Ok(r) => r.map(|r| r.into_inner().known),
+        Err(_) => Err(tonic::Status::deadline_exceeded("publish deadline passed")),
+    }
+}
+
 /// Registers with the controller (retrying every second while it cannot be reached), then sends
 /// heartbeats until `shutdown` is cancelled; registers again whenever the controller answers that
 /// it does not know this node (it restarted). Returns `Ok` on shutdown and
@@ -103,12 +140,16 @@ pub async fn run_agent_link(
     let mut registered = false;
     let mut failures: u64 = 0;
     let mut seq: u64 = 0;
+    // What the controller last accepted as this node's bases (`None`: publish again).
+    let mut published: Option<Vec<medes_agent::BaseInfo>> = None;
+    let changed = cfg.bases.as_ref().map(|a| a.bases_changed());
     loop {
         if !registered {
             match register(&mut client, &cfg).await {
                 Ok(r) if r.accepted => {
                     registered = true;
                     failures = 0;
+                    published = None;
                     if r.heartbeat_interval_ms > 0 {
                         interval = Duration::from_millis(r.heartbeat_interval_ms);
                     }
@@ -162,14 +203,36 @@ pub async fn run_agent_link(
                 }
             }
         }
+        if registered && let Some(agent) = &cfg.bases {
+            let now = agent.local_bases();
+            if published.as_ref() != Some(&now) {
+                match publish(&mut client, &cfg, &now).await {
+                    Ok(true) => published = Some(now),
+                    Ok(false) => {
+                        registered = false;
+                        continue;
+                    }
+                    Err(status) => {
+                        warn!(controller = %cfg.controller, error = %status.message(), "publishing the node's bases failed");
+                    }
+                }
+            }
+        }
         let wait = if registered {
             interval
         } else {
             Duration::from_secs(1)
         };
+        let base_change = async {
+            match &changed {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
+            _ = base_change => {}
         }
     }
 }

@@ -63,8 +63,14 @@ impl Deadlines {
     }
 }
 
-struct NodeService {
+pub(crate) struct NodeService {
     agent: Arc<dyn NodeAgent>,
+}
+
+impl NodeService {
+    pub(crate) fn new(agent: Arc<dyn NodeAgent>) -> NodeService {
+        NodeService { agent }
+    }
 }
 
 fn check_version(v: u32) -> Result<(), Status> {

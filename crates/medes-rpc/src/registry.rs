@@ -17,6 +17,12 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::node::{Deadlines, RemoteAgent};
+use crate::pages::{PageClient, PageClientConfig, infos_from_pb};
+use medes_agent::{BaseInfo, RemoteBase};
+use tokio::sync::Notify;
+
+/// How often the base catalog is pushed to the agents even when nothing changed.
+pub const BASE_RESYNC: Duration = Duration::from_secs(10);
 use crate::pb;
 use crate::pb::registry_server::RegistryServer;
 use crate::{PROTOCOL_VERSION, ServeError};
@@ -94,8 +100,17 @@ type EventHook = Arc<dyn Fn(&NodeId, NodeEvent) + Send + Sync>;
 /// What admits a node that registers after the initial set ([`Registry::admit_late_nodes`]).
 type JoinHook = Arc<dyn Fn(NodeId, Arc<dyn NodeAgent>) -> Result<(), String> + Send + Sync>;
 
+/// The bases of every registered node (issue 7, point 2).
+#[derive(Default)]
+struct Catalog {
+    bases: BTreeMap<NodeId, Vec<BaseInfo>>,
+}
+
 struct Inner {
     cfg: RegistryConfig,
+    catalog: Mutex<Catalog>,
+    /// The catalog or a node's liveness changed: push the catalog to the agents.
+    catalog_changed: Notify,
     late: Mutex<Option<JoinHook>>,
     events: Mutex<Option<EventHook>>,
     nodes: Mutex<BTreeMap<NodeId, Entry>>,
@@ -120,6 +135,8 @@ impl Registry {
         let (count, _) = watch::channel(0);
         Registry(Arc::new(Inner {
             cfg,
+            catalog: Mutex::new(Catalog::default()),
+            catalog_changed: Notify::new(),
             late: Mutex::new(None),
             events: Mutex::new(None),
             nodes: Mutex::new(BTreeMap::new()),
@@ -167,6 +184,8 @@ impl Registry {
     }
 
     fn emit(&self, id: &NodeId, event: NodeEvent) {
+        // Dead nodes' bases leave the catalog; returning nodes get it again.
+        self.0.catalog_changed.notify_one();
         let hook = self.0.events.lock().clone();
         if let Some(hook) = hook {
             hook(id, event);
@@ -197,10 +216,96 @@ impl Registry {
         v.into_iter().map(|x| x.1).collect()
     }
 
+    /// The cluster's catalog of bases: every base of every live node, with the address its
+    /// pages are served at.
+    pub fn base_catalog(&self) -> Vec<RemoteBase> {
+        let live: BTreeMap<NodeId, SocketAddr> = self
+            .0
+            .nodes
+            .lock()
+            .iter()
+            .filter(|(_, e)| !e.dead)
+            .map(|(id, e)| (id.clone(), e.agent.address()))
+            .collect();
+        let c = self.0.catalog.lock();
+        c.bases
+            .iter()
+            .filter_map(|(id, v)| live.get(id).map(|a| (a, v)))
+            .flat_map(|(a, v)| {
+                v.iter().map(|info| RemoteBase {
+                    info: info.clone(),
+                    address: *a,
+                })
+            })
+            .collect()
+    }
+
+    /// Records the bases a node holds now; returns false if the node is not registered.
+    pub fn publish_bases(&self, node: &NodeId, bases: Vec<BaseInfo>) -> bool {
+        if !self.0.nodes.lock().contains_key(node) {
+            return false;
+        }
+        let bases: Vec<BaseInfo> = bases.into_iter().filter(|b| &b.key.node == node).collect();
+        let mut c = self.0.catalog.lock();
+        if c.bases.get(node) != Some(&bases) {
+            info!(node = %node, bases = bases.len(), "node's bases changed");
+            c.bases.insert(node.clone(), bases);
+            drop(c);
+            self.0.catalog_changed.notify_one();
+        }
+        true
+    }
+
+    /// Pushes the base catalog ([`Registry::base_catalog`]) to every live node whenever it
+    /// changes (a base made or retired, a node dead, alive or registered again) and every
+    /// [`BASE_RESYNC`] anyway, until `shutdown` is cancelled. Each agent imports the other
+    /// nodes' bases it does not know and drops those no longer listed
+    /// (`medes_agent::Agent::sync_bases`). Started by [`Registry::watch_heartbeats`].
+    pub async fn push_base_catalog(self, shutdown: CancellationToken) {
+        let client = PageClient::new(PageClientConfig::default());
+        let mut generation = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.0.catalog_changed.notified() => {}
+                _ = tokio::time::sleep(BASE_RESYNC) => {}
+            }
+            generation += 1;
+            let catalog = self.base_catalog();
+            let live: Vec<(NodeId, SocketAddr)> = self
+                .nodes()
+                .into_iter()
+                .filter(|n| n.alive)
+                .map(|n| (n.id, n.address))
+                .collect();
+            let deadline = self.0.cfg.deadlines.short * 2;
+            let pushes = live.iter().map(|(id, at)| {
+                let (client, catalog) = (&client, &catalog);
+                async move {
+                    let r = client.sync_bases(*at, catalog, generation, deadline).await;
+                    (id, r)
+                }
+            });
+            let results = futures::future::join_all(pushes).await;
+            for (id, r) in results {
+                match r {
+                    Ok(rep) if rep.imported + rep.removed > 0 || !rep.failed.is_empty() => {
+                        info!(node = %id, imported = rep.imported, removed = rep.removed, held = rep.held,
+                              failed = rep.failed.len(), "node synced the base catalog");
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(node = %id, error = %e, "pushing the base catalog failed"),
+                }
+            }
+        }
+    }
+
     /// Checks every `heartbeat_interval` for nodes not heard from for `dead_after`, logs them
     /// dead (once), reports them to the [`Registry::on_node_events`] hook
-    /// ([`NodeEvent::Dead`]) and returns when `shutdown` is cancelled.
+    /// ([`NodeEvent::Dead`]) and returns when `shutdown` is cancelled. Also runs
+    /// [`Registry::push_base_catalog`].
     pub async fn watch_heartbeats(self, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().push_base_catalog(shutdown.clone()));
         let mut tick = tokio::time::interval(self.0.cfg.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -392,6 +497,22 @@ impl pb::registry_server::Registry for Registry {
         }
         let known = self.heard(&NodeId(req.node_id));
         Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+
+    async fn publish_bases(
+        &self,
+        req: Request<pb::PublishBasesRequest>,
+    ) -> Result<Response<pb::PublishBasesResponse>, Status> {
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not spoken here",
+                req.protocol_version
+            )));
+        }
+        let node = NodeId(req.node_id);
+        let known = Registry::publish_bases(self, &node, infos_from_pb(req.bases));
+        Ok(Response::new(pb::PublishBasesResponse { known }))
     }
 }
 

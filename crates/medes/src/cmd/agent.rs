@@ -6,12 +6,11 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
-use medes_agent::{Agent, NodeAgent};
+use medes_agent::Agent;
 use medes_core::{Bytes, NodeId};
-use medes_rpc::{AgentLinkConfig, run_agent_link, serve_node};
+use medes_rpc::{AgentLinkConfig, run_agent_link, serve_agent};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -77,9 +76,9 @@ async fn serve(
 
     let shutdown = CancellationToken::new();
     shutdown_on_signal(shutdown.clone());
-    let local: Arc<dyn NodeAgent> = Arc::new(agent.clone());
     let token = shutdown.clone();
-    let server = tokio::spawn(serve_node(local, listener, async move {
+    // `Node` for the controller, `Pages` (base pages, fingerprints, catalog) for the cluster.
+    let server = tokio::spawn(serve_agent(agent.clone(), listener, async move {
         token.cancelled().await
     }));
     println!(
@@ -87,6 +86,7 @@ async fn serve(
     );
     let mut link = AgentLinkConfig::new(controller, node.clone(), advertise);
     link.memory_budget = Bytes::mib(cfg.controller.node_memory_budget_mb);
+    link.bases = Some(agent.clone());
     let linked = run_agent_link(link, shutdown.clone()).await;
     // Refused (or shut down): stop serving, destroy the sandboxes, keep the dedup stores.
     shutdown.cancel();
