@@ -10,7 +10,10 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::codec::{CodecConfig, Encoder, PageKind};
 use crate::fingerprint::{FingerprintConfig, PageFingerprint, fingerprint, sample};
 use crate::image::{BasePageError, BasePages, DumpImage};
-use crate::registry::{AddBaseError, BaseId, BaseMeta, Choice, NodeId, PageRef, Registry};
+use crate::registry::{
+    AddBaseError, BackendError, BaseId, BaseMeta, Choice, NodeId, PageKeys, PageRef, Registry,
+    RegistryBackend, RegistryReader,
+};
 use crate::store::{BLOCK_PAGES, DedupStore, PageEntry, StoredProcess};
 
 /// Dedup settings.
@@ -123,6 +126,9 @@ pub enum DedupError {
     /// More distinct bases than the page table can reference.
     #[error("too many distinct bases")]
     TooManyBases,
+    /// The registry backend failed to answer a batch's lookup.
+    #[error("looking up a batch of pages in the registry backend")]
+    Lookup(#[source] BackendError),
 }
 
 /// Fingerprints every page of a dump (in parallel), rebasing first when `rebase` is set.
@@ -247,6 +253,61 @@ fn base_page(w: &[u8], bo: usize) -> &crate::Page {
         .unwrap_or(&[0; crate::PAGE])
 }
 
+/// With a registry backend: fingerprints every non-zero page of a batch and looks them all up
+/// in one batched request. Returns each page's choice (by index in the batch).
+#[allow(clippy::too_many_arguments)]
+fn prefetch(
+    w: &mut Worker,
+    range: std::ops::Range<usize>,
+    dump: &DumpImage,
+    reader: &RegistryReader<'_>,
+    backend: &dyn RegistryBackend,
+    positions: &[u64],
+    cfg: &DedupConfig,
+    ns: &mut [u64; 4],
+) -> Result<Vec<Option<Choice>>, DedupError> {
+    let t0 = Instant::now();
+    let zero_page = [0u8; crate::PAGE];
+    let mut fps = Vec::with_capacity(range.len());
+    let mut idx = Vec::with_capacity(range.len());
+    for i in range.clone() {
+        let page = i as u64;
+        let raw = dump.page(page).unwrap_or(&zero_page);
+        if crate::fingerprint::is_zero(raw) {
+            continue;
+        }
+        // The same canonical page and hash as the pass itself computes.
+        let rebased = cfg.rebase
+            && dump.locate(page).is_some_and(|(p, _)| {
+                dump.procs[p]
+                    .table
+                    .rebase_with(raw, &mut w.canon, &mut w.rcache)
+                    .is_some_and(|n| n > 0)
+            });
+        let target: &crate::Page = if rebased { &w.canon } else { raw };
+        fps.push(sample(target, &cfg.fingerprint, xxh3_64(target)));
+        idx.push(i - range.start);
+    }
+    let t1 = Instant::now();
+    let keys: Vec<PageKeys<'_>> = fps
+        .iter()
+        .zip(&idx)
+        .map(|(fp, &j)| PageKeys::of(fp, positions.get(range.start + j).copied().unwrap_or(0)))
+        .collect();
+    let mut cands = Vec::new();
+    backend
+        .lookup_batch(&keys, &mut cands)
+        .map_err(DedupError::Lookup)?;
+    let mut pre = vec![None; range.len()];
+    for (c, &j) in cands.iter_mut().zip(&idx) {
+        pre[j] = reader.choose_from(c, cfg.local_node);
+    }
+    let t2 = Instant::now();
+    ns[0] += (t1 - t0).as_nanos() as u64;
+    ns[1] += (t2 - t1).as_nanos() as u64;
+    Ok(pre)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn dedup_block(
     w: &mut Worker,
@@ -266,6 +327,20 @@ fn dedup_block(
     };
     w.raw.clear();
     let reader = registry.reader();
+    let start = range.start;
+    let pre = match registry.backend() {
+        None => None,
+        Some(b) => Some(prefetch(
+            w,
+            range.clone(),
+            dump,
+            &reader,
+            &**b,
+            positions,
+            cfg,
+            &mut out.ns,
+        )?),
+    };
     let zero_page = [0u8; crate::PAGE];
     let radius = cfg.codec.window_radius;
     let mut prev: Option<PageRef> = None;
@@ -341,7 +416,13 @@ fn dedup_block(
         let hash = if rebased { xxh3_64(target) } else { checksum };
         w.data.clear();
         // Exact duplicates need no sampled chunks.
-        let exact = reader.exact(hash);
+        let exact = match &pre {
+            None => reader.exact(hash),
+            Some(pre) => match pre[i - start] {
+                Some(Choice::Exact(r)) => Some(r),
+                _ => None,
+            },
+        };
         // Sequential prediction: the base page after the previous page's.
         let mut predicted = None;
         let mut tried = None;
@@ -376,12 +457,18 @@ fn dedup_block(
         } else {
             let choice = match exact {
                 Some(r) => Some(Choice::Exact(r)),
-                None => {
-                    let fp = sample(target, &cfg.fingerprint, hash);
-                    lap(&mut out.ns, 0);
-                    out.looked_up += 1;
-                    reader.choose(&fp, positions.get(i).copied().unwrap_or(0), cfg.local_node)
-                }
+                None => match &pre {
+                    None => {
+                        let fp = sample(target, &cfg.fingerprint, hash);
+                        lap(&mut out.ns, 0);
+                        out.looked_up += 1;
+                        reader.choose(&fp, positions.get(i).copied().unwrap_or(0), cfg.local_node)
+                    }
+                    Some(pre) => {
+                        out.looked_up += 1;
+                        pre[i - start]
+                    }
+                },
             };
             lap(&mut out.ns, 1);
             match choice {
@@ -473,6 +560,11 @@ fn dedup_block(
 /// page is checked for zeros, rebased, looked up as an exact duplicate (whole-page hash), else
 /// fingerprinted and matched by sampled chunks, encoded against its base page, and the batch's
 /// block-stored data compressed, so every page is read once while it is in cache.
+///
+/// With a registry backend ([`Registry::with_backend`]), each batch first fingerprints all its
+/// non-zero pages and looks them up in one batched request (one network round trip per batch
+/// instead of one per page), then runs the same pass with those answers: the store is the one
+/// the in-memory index gives.
 pub fn dedup(
     dump: &DumpImage,
     registry: &Registry,

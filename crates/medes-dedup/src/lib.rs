@@ -36,6 +36,9 @@
 //!   and names the page on any error; the store file is checksummed and written atomically.
 //! - Base pages reach encoder and rebuild through the [`BasePages`] trait, so remote bases can be
 //!   served later.
+//! - The fingerprint index sits behind the [`RegistryBackend`] trait: in memory by default (the
+//!   fused pass above), or in a backend such as Redis Cluster, which [`dedup()`] asks once per
+//!   batch of 256 pages (every page of the batch fingerprinted first, then one batched lookup).
 //!
 //! What it does not do: no CRIU invocation, no networking, no policy about when to dedup or which
 //! sandbox becomes a base, no async runtime (parallelism is rayon's pool).
@@ -63,8 +66,8 @@ pub use rebuild::{
     RebuildError, rebuild_dir, rebuild_into, rebuild_pages, rebuild_pages_files, rebuild_to_files,
 };
 pub use registry::{
-    AddBaseError, BaseId, BaseMeta, BaseRefError, Choice, NodeId, PageRef, Registry,
-    RegistryReader, RegistryStats,
+    AddBaseError, BackendError, BaseId, BaseMeta, BaseRefError, Candidates, Choice, MemoryIndex,
+    NodeId, PageKeys, PageRef, Registry, RegistryBackend, RegistryReader, RegistryStats,
 };
 pub use store::{DedupStore, LoadStoreError, PageEntry, StoredProcess, WriteStoreError};
 pub use template::{TemplateHint, TemplateLayout, dedup_with_template, register_raw_base};
