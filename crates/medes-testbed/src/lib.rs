@@ -218,6 +218,17 @@ pub enum CleanupError {
     Down(#[from] DownError),
 }
 
+/// A host's namespace could not be opened ([`Host::open`]).
+#[derive(Debug, thiserror::Error)]
+#[error("opening namespace {path:?}")]
+pub struct OpenError {
+    /// The namespace file.
+    pub path: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: io::Error,
+}
+
 /// Entering a host's namespace from a thread ([`Host::thread`]) failed.
 #[derive(Debug, thiserror::Error)]
 #[error("entering namespace {netns}")]
@@ -239,6 +250,21 @@ pub struct Host {
 }
 
 impl Host {
+    /// Host `i` of the (detached, or another process's) test bed `bed`, opened by name.
+    pub fn open(bed: BedId, i: usize) -> Result<Host, OpenError> {
+        let netns = bed.netns(i);
+        let path = Path::new(NETNS_DIR).join(&netns);
+        let fd = File::open(&path)
+            .map_err(|source| OpenError { path, source })?
+            .into();
+        Ok(Host {
+            index: i,
+            netns,
+            addr: bed.host_addr(i),
+            fd: Arc::new(fd),
+        })
+    }
+
     /// Its index in the test bed.
     pub fn index(&self) -> usize {
         self.index

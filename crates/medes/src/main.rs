@@ -31,6 +31,8 @@ enum Command {
     Controller(cmd::controller::Args),
     /// Run one node agent that joins a `medes controller` over gRPC.
     Agent(cmd::agent::Args),
+    /// A multi-host cluster on this machine (namespaced hosts): `up`, `down`, `status`.
+    Cluster(cmd::cluster::Args),
     /// Measure the platform: `startup`, `dedup`.
     Bench(cmd::bench::Args),
     /// Deploy, run and list the ten-function workload suite.
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Controller(a) => cmd::controller::run(a),
         Command::Agent(a) => cmd::agent::run(a),
+        Command::Cluster(a) => cmd::cluster::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Suite(a) => cmd::suite::run(a),
         Command::Trace(a) => cmd::trace::run(a),

@@ -2,7 +2,9 @@
 //! a `medes controller` (issue 7, phase 1; see `medes_rpc`). It registers, sends a heartbeat
 //! every second, and registers again when the controller restarts. A refusal by the controller
 //! (unknown node with a full cluster, another protocol version, an unreachable advertised
-//! address) ends the process with an error.
+//! address) ends the process with an error. It reports its memory budget
+//! (`--memory-budget-mb`), which the controller uses for this node. Its dedup stores and bases
+//! survive its restart (tmpfs) unless `--purge-on-exit`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -36,6 +38,15 @@ pub struct Args {
     /// This node's id (overrides `agent.node_id`).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// This node's memory budget in MiB, reported to the controller when registering (default:
+    /// `controller.node_memory_budget_mb` of the configuration; 0: the controller's own
+    /// configured budget applies).
+    #[arg(long)]
+    pub memory_budget_mb: Option<u64>,
+    /// Remove the dedup stores and bases this node keeps across restarts when it stops (for
+    /// throw-away clusters and tests; by default they survive an agent restart).
+    #[arg(long)]
+    pub purge_on_exit: bool,
 }
 
 /// Runs `medes agent`.
@@ -44,19 +55,37 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.node_id {
         cfg.agent.node_id = NodeId(n);
     }
+    if let Some(mb) = args.memory_budget_mb {
+        cfg.controller.node_memory_budget_mb = mb;
+    }
     cfg.finish();
     init_tracing(&cfg.log);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(serve(cfg, args.controller, args.listen, args.advertise))?;
+    let link = Link {
+        controller: args.controller,
+        listen: args.listen,
+        advertise: args.advertise,
+        purge_on_exit: args.purge_on_exit,
+    };
+    rt.block_on(serve(cfg, link))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(
-    cfg: MedesConfig,
+/// Where the agent serves and whom it joins.
+struct Link {
     controller: String,
     listen: SocketAddr,
     advertise: Option<SocketAddr>,
-) -> anyhow::Result<()> {
+    purge_on_exit: bool,
+}
+
+async fn serve(cfg: MedesConfig, link: Link) -> anyhow::Result<()> {
+    let Link {
+        controller,
+        listen,
+        advertise,
+        purge_on_exit,
+    } = link;
     medes_sandbox::preflight(&cfg.agent.sandbox)
         .context("this machine cannot run sandboxes (run scripts/setup.sh as root)")?;
     medes_sandbox::become_subreaper().context("becoming a child subreaper")?;
@@ -92,7 +121,10 @@ async fn serve(
     shutdown.cancel();
     let served = server.await;
     agent.shutdown().await;
-    info!(node = %node, "agent stopped");
+    if purge_on_exit {
+        agent.purge_kept().await;
+    }
+    info!(node = %node, purge_on_exit, "agent stopped");
     linked.context("joining the controller")?;
     served??;
     Ok(())

@@ -7,8 +7,11 @@
 //! that register later under new ids join through `Controller::add_node`; an agent that
 //! restarts registers again under its id and is re-pointed to its new address. Nodes silent
 //! for 5 s are marked dead: the scheduler stops placing work there, fails what runs there and
-//! forgets its idle sandboxes; a node heard from again (or registering again) is alive and
-//! reconciled (`Controller::set_node_alive`, `Controller::reconcile_node`).
+//! drops its idle sandboxes from its books; a node heard from again (or registering again) is
+//! alive and reconciled (`Controller::set_node_alive`, `Controller::reconcile_node`: what the
+//! books dropped and the node still holds is re-adopted, the rest purged). Each node's memory
+//! budget is the one its agent reported (`medes agent --memory-budget-mb`; 0: this
+//! configuration's `controller.node_memory_budget_mb`).
 //! The store, keys, reconcile, timers and API start through the same path as `medes serve`
 //! (`platform::Service`), without the in-process agent.
 
@@ -17,6 +20,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use medes_controller::Controller;
+use medes_core::{Bytes, NodeId};
 use medes_rpc::{NodeEvent, Registry, RegistryConfig, serve_registry};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -85,8 +89,17 @@ async fn serve(cfg: MedesConfig, rpc: std::net::SocketAddr, nodes: usize) -> any
         info!(node = %n.id, address = %n.address, budget_mb = n.memory_budget.0 >> 20, "node in the cluster");
     }
     let controller = Controller::new(cfg.controller.clone(), agents);
-    let ctl = controller.clone();
-    registry.admit_late_nodes(move |id, agent| ctl.add_node(id, agent).map_err(|e| e.to_string()));
+    for n in registry.nodes() {
+        apply_budget(&controller, &n.id, n.memory_budget);
+    }
+    let (ctl, reg) = (controller.clone(), registry.clone());
+    registry.admit_late_nodes(move |id, agent| {
+        ctl.add_node(id.clone(), agent).map_err(|e| e.to_string())?;
+        if let Some(n) = reg.nodes().into_iter().find(|n| n.id == id) {
+            apply_budget(&ctl, &id, n.memory_budget);
+        }
+        Ok(())
+    });
     act_on_node_events(&registry, &controller);
     let service = Service::start(&cfg, opened, controller, shutdown.clone()).await?;
     println!(
@@ -104,12 +117,25 @@ async fn serve(cfg: MedesConfig, rpc: std::net::SocketAddr, nodes: usize) -> any
     Ok(())
 }
 
+/// Uses the memory budget a node reported when registering (0: the configured one).
+fn apply_budget(controller: &Controller, id: &NodeId, budget: Bytes) {
+    if let Err(e) = controller.set_node_budget(id, budget) {
+        warn!(node = %id, error = %e, "node budget not applied");
+    }
+}
+
 /// Issue 7 phase 2: a node the registry marks dead leaves placement (its calls in flight fail,
 /// its idle sandboxes are forgotten); one heard from again, or registering again, is alive and
 /// its leftovers are reconciled (unknown sandboxes purged).
 fn act_on_node_events(registry: &Registry, controller: &Arc<Controller>) {
-    let ctl = controller.clone();
+    let (ctl, reg) = (controller.clone(), registry.clone());
     registry.on_node_events(move |id, event| {
+        if event == NodeEvent::Registered
+            && let Some(n) = reg.nodes().into_iter().find(|n| &n.id == id)
+        {
+            // A restarted agent may report another budget.
+            apply_budget(&ctl, id, n.memory_budget);
+        }
         let revived = match event {
             NodeEvent::Dead => ctl.set_node_alive(id, false),
             NodeEvent::Alive | NodeEvent::Registered => ctl.set_node_alive(id, true),

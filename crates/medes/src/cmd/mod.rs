@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod bench_cycle;
 pub mod bench_dedup;
+pub mod cluster;
 pub mod controller;
 pub mod demo;
 pub mod eval;
