@@ -48,6 +48,9 @@ enum Bench {
     Dedup(super::bench_dedup::DedupArgs),
     /// Sandboxes of every suite function cycling warm → dedup → restored for minutes.
     Cycle(super::bench_cycle::CycleArgs),
+    /// Cluster figures (issue 7): remote base reads, remote dedup starts, scheduling and
+    /// registry lookup rates (own namespaced hosts).
+    Cluster(super::bench_cluster::ClusterArgs),
 }
 
 /// Arguments of `medes bench startup`.
@@ -175,6 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Bench::Startup(a) => startup(a),
         Bench::Dedup(a) => super::bench_dedup::run(a),
         Bench::Cycle(a) => super::bench_cycle::run(a),
+        Bench::Cluster(a) => super::bench_cluster::run(a),
     }
 }
 

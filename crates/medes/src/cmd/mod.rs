@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_cluster;
 pub mod bench_cycle;
 pub mod bench_dedup;
 pub mod cluster;
