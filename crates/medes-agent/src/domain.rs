@@ -492,6 +492,8 @@ pub(crate) struct Domains {
     map: Mutex<HashMap<String, Arc<Domain>>>,
     /// Other nodes' bases, shared by all domains.
     remote: Option<Arc<crate::remote::Remote>>,
+    /// Where new domains keep their fingerprint index (`None`: in memory).
+    backends: Option<Arc<crate::registry_backend::RegistryBackends>>,
     /// Where bases are kept (`<images>/bases`), shared by all domains (base ids are unique on
     /// the node).
     dir: Option<PathBuf>,
@@ -502,6 +504,7 @@ impl Domains {
         Domains {
             map: Mutex::new(HashMap::new()),
             remote: None,
+            backends: None,
             dir,
         }
     }
@@ -509,6 +512,15 @@ impl Domains {
     /// Domains created from now on read other nodes' bases through `remote`.
     pub(crate) fn with_remote(mut self, remote: Arc<crate::remote::Remote>) -> Domains {
         self.remote = Some(remote);
+        self
+    }
+
+    /// Domains created from now on keep their fingerprint index where `backends` says.
+    pub(crate) fn with_registry_backends(
+        mut self,
+        backends: crate::registry_backend::RegistryBackends,
+    ) -> Domains {
+        self.backends = Some(Arc::new(backends));
         self
     }
 
@@ -525,6 +537,9 @@ impl Domains {
             .or_insert_with(|| {
                 let mut d = Domain::new(key.to_string(), self.dir.clone());
                 d.remote = self.remote.clone();
+                if let Some(b) = &self.backends {
+                    d.registry = b.registry(key);
+                }
                 Arc::new(d)
             })
             .clone()

@@ -126,11 +126,14 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)] // one exception: mapping base pages files (domain.rs)
 
+pub use medes_registry_redis::{self as registry_redis, RegistryConfig};
+
 mod code;
 mod domain;
 mod images;
 mod persist;
 pub mod proto;
+mod registry_backend;
 pub mod remote;
 mod template;
 mod transient;
@@ -187,6 +190,10 @@ pub struct AgentConfig {
     pub start_timeout_ms: u64,
     /// Dedup settings (checkpoints, bases, dedup starts).
     pub dedup: DedupSettings,
+    /// Where the dedup domains' fingerprint indexes live (set from the configuration's
+    /// top-level `[registry]` section, not read from `[agent]`).
+    #[serde(skip)]
+    pub registry: RegistryConfig,
 }
 
 /// How the agent deduplicates and restores sandboxes.
@@ -240,6 +247,7 @@ impl Default for AgentConfig {
             max_code_entries: 20_000,
             start_timeout_ms: 30_000,
             dedup: DedupSettings::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -274,6 +282,9 @@ pub enum NewAgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The registry backend (Redis Cluster) could not be reached.
+    #[error("connecting to the registry backend")]
+    Registry(#[source] medes_registry_redis::ConnectError),
 }
 
 /// Counts of the dedup paths' outcomes since the agent started (also logged one by one).
@@ -514,6 +525,10 @@ impl Agent {
         let remote = Arc::new(remote::Remote::new(cfg.dedup.remote_read_timeout_ms));
         let domains =
             domain::Domains::new(Some(images.join("bases"))).with_remote(remote.clone());
+        let domains = domains.with_registry_backends(
+            registry_backend::RegistryBackends::new(&cfg.registry, &cfg.node_id.0)
+                .map_err(NewAgentError::Registry)?,
+        );
         // What the previous agent on this data directory kept (verified; see `persist.rs`).
         let loaded = bg_pool.install(|| persist::load(&images, &domains, &cfg.dedup.engine));
         let mut table = HashMap::new();

@@ -27,6 +27,9 @@ pub struct MedesConfig {
     pub controller: medes_controller::ControllerConfig,
     /// The node agent (its `data_dir` is always the platform's `data_dir`).
     pub agent: medes_agent::AgentConfig,
+    /// Where the fingerprint registry's index lives: `backend = "memory"` (default) or
+    /// `"redis"` with `redis_urls = ["redis://host:port", ...]` (a Redis Cluster's seed nodes).
+    pub registry: medes_agent::RegistryConfig,
 }
 
 /// API keys from the configuration file.
@@ -65,6 +68,7 @@ impl Default for MedesConfig {
             store: medes_store::StoreConfig::default(),
             controller: medes_controller::ControllerConfig::default(),
             agent: medes_agent::AgentConfig::default(),
+            registry: medes_agent::RegistryConfig::default(),
         }
     }
 }
@@ -89,6 +93,7 @@ impl MedesConfig {
     /// Fills fields derived from others.
     pub fn finish(&mut self) {
         self.agent.data_dir = self.data_dir.clone();
+        self.agent.registry = self.registry.clone();
         if self.controller.api_host == medes_controller::ControllerConfig::default().api_host {
             self.controller.api_host = format!("http://{}", self.api.listen);
         }
@@ -111,6 +116,16 @@ impl MedesConfig {
             .policy
             .validate()
             .context("controller.policy")?;
+        if self.registry.backend == medes_agent::registry_redis::BackendKind::Redis {
+            anyhow::ensure!(
+                !self.registry.redis_urls.is_empty(),
+                "registry.backend = \"redis\" needs registry.redis_urls"
+            );
+        }
+        anyhow::ensure!(
+            self.registry.buckets > 0,
+            "registry.buckets must be positive"
+        );
         Ok(())
     }
 
@@ -168,6 +183,44 @@ mod tests {
         let cfg: MedesConfig =
             toml::from_str("[controller]\ntemplate_starts = true\n").expect("parses");
         assert!(cfg.controller.template_starts);
+    }
+
+    #[test]
+    fn the_registry_backend_is_read_checked_and_reaches_the_agent() {
+        let mut cfg: MedesConfig = toml::from_str(
+            "[registry]\nbackend = \"redis\"\nredis_urls = [\"redis://10.0.0.5:7000\"]\n",
+        )
+        .expect("parses");
+        cfg.finish();
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.agent.registry.redis_urls, ["redis://10.0.0.5:7000"]);
+        assert_eq!(
+            cfg.agent.registry.backend,
+            medes_agent::registry_redis::BackendKind::Redis
+        );
+        let bad: MedesConfig = toml::from_str("[registry]\nbackend = \"redis\"\n").expect("parses");
+        assert!(bad.validate().is_err());
+        assert!(toml::from_str::<MedesConfig>("[registry]\nbackend = \"etcd\"\n").is_err());
+        assert_eq!(
+            MedesConfig::default().registry.backend,
+            medes_agent::registry_redis::BackendKind::Memory
+        );
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_parses() {
+        let yaml = include_str!("../../../deploy/k8s/config.yaml");
+        let text: Vec<&str> = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "medes.toml: |")
+            .skip(1)
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect();
+        assert!(text.len() > 3, "no medes.toml in the config map");
+        let mut cfg: MedesConfig = toml::from_str(&text.join("\n")).expect("parses");
+        cfg.finish();
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.agent.dedup.images_dir, Path::new("/run/medes/images"));
     }
 
     #[test]
