@@ -66,7 +66,7 @@ mod metrics;
 mod state;
 mod template;
 
-pub use template::{OPT_OUT_ANNOTATION, TemplateStats};
+pub use template::{OPT_OUT_ANNOTATION, TemplateStats, WARMUP_ANNOTATION};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -156,6 +156,12 @@ pub struct ControllerConfig {
     /// `template`) instead of cold-starting. An action opts out with the annotation
     /// `medes-template-starts: false`. Default false.
     pub template_starts: bool,
+    /// Whether the template is taken after the first invocation of the cold-started sandbox
+    /// (a warm-up: imports and caches the first run touches are in the template). `false`
+    /// takes it right after init, before that first invocation runs (which then waits for the
+    /// checkpoint). An action overrides it with the annotation `medes-template-warmup`
+    /// (`true`/`false`). Default true.
+    pub template_warmup: bool,
 }
 
 impl Default for ControllerConfig {
@@ -179,6 +185,7 @@ impl Default for ControllerConfig {
             bases_serve: true,
             policy: PolicySettings::default(),
             template_starts: false,
+            template_warmup: true,
         }
     }
 }
@@ -732,6 +739,7 @@ impl Controller {
                 return Ok(report);
             }
         };
+        self.learn_templates(index, &status.templates, None);
         let held: std::collections::HashSet<SandboxId> =
             status.sandboxes.iter().map(|s| s.id.clone()).collect();
         let unknown = {
@@ -1462,7 +1470,7 @@ impl Controller {
                 }
                 Grant::Cold {
                     key,
-                    id,
+                    mut id,
                     node,
                     victims,
                 } => {
@@ -1470,10 +1478,15 @@ impl Controller {
                     self.evict(node, victims).await;
                     if self.template_wanted(&action)
                         && self.templates.ready(node, &action.name, &action.version)
-                        && self.template_start(key, &id, node, &action, arrival).await
                     {
-                        act.start_kind = StartKind::Template;
-                        break (key, id, node);
+                        match self.template_start(key, &id, node, &action, arrival).await {
+                            None => {
+                                act.start_kind = StartKind::Template;
+                                break (key, id, node);
+                            }
+                            // The fallback cold start gets a fresh id (`template.rs`).
+                            Some(fresh) => id = fresh,
+                        }
                     }
                     let agent = &self.node(node).agent;
                     let t0 = Instant::now();
@@ -1533,6 +1546,7 @@ impl Controller {
                         self.now(),
                         arrival.elapsed().as_secs_f64() * 1000.0,
                     );
+                    self.template_before_first_run(node, &id, &action).await;
                     break (key, id, node);
                 }
             }
@@ -1603,6 +1617,7 @@ impl Controller {
         if matches!(after, After::Keep)
             && act.start_kind == StartKind::Cold
             && act.response.status == ActivationStatus::Success
+            && self.template_warmup(&action)
         {
             self.maybe_make_template(node, &sandbox, &action);
         }
@@ -1695,6 +1710,7 @@ impl Invoker for Controller {
 
     fn action_changed(&self, name: &ActionName) {
         self.templates.forget(name);
+        self.sync_template_bases();
         let jobs = self.state.lock().action_changed(name);
         if !jobs.is_empty() {
             debug!(action = %name, n = jobs.len(), "purging idle sandboxes of an old version");
@@ -1767,6 +1783,8 @@ impl Controller {
                     continue;
                 }
             };
+            // Templates the node kept (issue 8) serve template starts again.
+            self.learn_templates(i, &status.templates, Some(current));
             let mut purges = Vec::new();
             for st in &status.sandboxes {
                 let action = st.action.as_ref().and_then(current);

@@ -196,6 +196,9 @@ pub(crate) struct State {
     /// ([`State::node_down`]), so that the node's return can re-adopt those it still holds
     /// ([`State::readopt`]); emptied by each reconciliation of the node.
     pub lost: Vec<HashMap<SandboxId, Lost>>,
+    /// Ready templates (issue 8) by node and action: each is its function's first base on its
+    /// node, counted as a base in the policy's views (`template.rs`).
+    pub template_bases: std::collections::HashSet<(usize, ActionName)>,
 }
 
 /// What the books knew of an idle sandbox they dropped with its dead node.
@@ -273,6 +276,7 @@ impl State {
             unowned: vec![0; n],
             alive: vec![true; n],
             lost: vec![HashMap::new(); n],
+            template_bases: std::collections::HashSet::new(),
         }
     }
 
@@ -337,6 +341,7 @@ impl State {
     pub(crate) fn function_view(&self, action: &ActionName, now: Timestamp) -> FunctionView {
         let mut fv = FunctionView::new(action.clone(), Bytes(0));
         fv.counts = self.counts(action, None);
+        fv.counts.base += self.template_bases_of(action, None);
         if let Some(p) = self.pools.get(action) {
             let bytes = |e: &Ewma| e.get().map(|v| Bytes(v as u64));
             fv.memory_limit = Bytes(p.limit);
@@ -365,6 +370,7 @@ impl State {
             v.dependents = self.dependents(sb.node, &sb.action.namespace);
         }
         v.local = self.counts(&sb.action, Some(sb.node));
+        v.local.base += self.template_bases_of(&sb.action, Some(sb.node));
         v
     }
 

@@ -15,6 +15,24 @@
 //!
 //! Known trade-off: a request assigned to the sandbox while its template is being dumped waits
 //! for the dump (as for a make-base).
+//!
+//! Phase 2:
+//! - **Warm-up switch**: [`ControllerConfig::template_warmup`](crate::ControllerConfig::template_warmup)
+//!   (default true) or the annotation `medes-template-warmup: true|false` (which wins). Off,
+//!   the template is taken right after the cold start's init, before its first invocation
+//!   runs; that invocation waits for the checkpoint (a `--leave-running` dump: tens to a few
+//!   hundred ms), and the template holds no state of a first run (caches, lazily imported
+//!   modules).
+//! - **The template is the function's first base**: a ready template counts as a base of its
+//!   function on its node in the policy's views (`State::template_bases`), so the first idle
+//!   sandbox is deduplicated (against the template, on the node) instead of being made a
+//!   base.
+//! - **A failed template start falls back to a cold start under a fresh sandbox id**
+//!   (`<id>-c`): a timed-out restore may still hold the old id on the node, which is asked to
+//!   purge it (the node destroys it when its restore ends).
+//! - **Restarts**: templates the nodes kept (their status) are learnt again at
+//!   [`Controller::reconcile`](crate::Controller::reconcile) (when the action's current
+//!   version is theirs) and [`Controller::reconcile_node`](crate::Controller::reconcile_node).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,6 +43,28 @@ use serde::Serialize;
 
 /// The annotation that opts an action out of template starts (`false`).
 pub const OPT_OUT_ANNOTATION: &str = "medes-template-starts";
+
+/// The annotation that sets whether an action's template is taken after a warm-up
+/// invocation (`true`) or right after init (`false`); overrides
+/// [`ControllerConfig::template_warmup`](crate::ControllerConfig::template_warmup).
+pub const WARMUP_ANNOTATION: &str = "medes-template-warmup";
+
+/// An action's stored definition by name (restart reconciliation).
+pub(crate) type CurrentAction<'a> = dyn Fn(&ActionName) -> Option<Action> + Sync + 'a;
+
+/// The action's warm-up annotation, if it has one.
+pub(crate) fn warmup_annotation(action: &Action) -> Option<bool> {
+    action
+        .annotations
+        .iter()
+        .find(|(k, _)| k == WARMUP_ANNOTATION)
+        .and_then(|(_, v)| match v {
+            serde_json::Value::Bool(b) => Some(*b),
+            serde_json::Value::String(s) if s == "true" => Some(true),
+            serde_json::Value::String(s) if s == "false" => Some(false),
+            _ => None,
+        })
+}
 
 /// Whether `action` allows template starts (no `medes-template-starts: false` annotation).
 pub(crate) fn allowed(action: &Action) -> bool {
@@ -171,6 +211,31 @@ impl Book {
         self.map.lock().retain(|(_, a), _| a != action);
     }
 
+    /// A node reports a ready template of `action` at `version` (after a restart): template
+    /// starts use it, unless the book knows of another version there. Returns whether it was
+    /// new to the book.
+    pub(crate) fn learn(&self, node: usize, action: &ActionName, version: &str) -> bool {
+        let mut m = self.map.lock();
+        match m.get(&(node, action.clone())) {
+            Some((v, _)) if v != version => false,
+            Some((_, Known::Ready)) => false,
+            _ => {
+                m.insert((node, action.clone()), (version.to_string(), Known::Ready));
+                true
+            }
+        }
+    }
+
+    /// (node, action) of every ready template.
+    pub(crate) fn ready_set(&self) -> std::collections::HashSet<(usize, ActionName)> {
+        self.map
+            .lock()
+            .iter()
+            .filter(|(_, (_, k))| *k == Known::Ready)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     fn set(&self, node: usize, action: &ActionName, version: &str, known: Option<Known>) {
         let mut m = self.map.lock();
         let key = (node, action.clone());
@@ -223,8 +288,46 @@ impl crate::Controller {
         self.cfg.template_starts && allowed(action)
     }
 
-    /// A template start into the sandbox `id` that admission reserved; `false` when it failed
-    /// (the caller cold-starts under the same id: the node left nothing under it).
+    /// Whether `action`'s template is taken after a warm-up invocation (the annotation, else
+    /// the configuration).
+    pub(crate) fn template_warmup(&self, action: &Action) -> bool {
+        warmup_annotation(action).unwrap_or(self.cfg.template_warmup)
+    }
+
+    /// Copies the book's ready templates into the state (the policy's views count them as
+    /// bases).
+    pub(crate) fn sync_template_bases(&self) {
+        let set = self.templates.ready_set();
+        self.state.lock().template_bases = set;
+    }
+
+    /// Learns the ready templates a node reports (restart reconciliation). `current` (when
+    /// given) filters out templates of an older or deleted action version.
+    pub(crate) fn learn_templates(
+        &self,
+        node: usize,
+        templates: &[medes_agent::TemplateStatus],
+        current: Option<&CurrentAction<'_>>,
+    ) {
+        for t in templates.iter().filter(|t| t.state == "ready") {
+            if let Some(current) = current
+                && !current(&t.action)
+                    .is_some_and(|a| a.version == t.version && self.template_wanted(&a))
+            {
+                continue;
+            }
+            if self.templates.learn(node, &t.action, &t.version) {
+                tracing::info!(node, action = %t.action, version = %t.version,
+                               "template kept by the node serves template starts again");
+            }
+        }
+        self.sync_template_bases();
+    }
+
+    /// A template start into the sandbox `id` that admission reserved. `None`: it serves the
+    /// request. `Some(fresh)`: it failed; the caller cold-starts under the fresh id `fresh`
+    /// (now the sandbox's id in the books): after a timeout the node may still hold `id`
+    /// until its restore ends (it was asked to purge it).
     pub(crate) async fn template_start(
         &self,
         key: crate::state::Key,
@@ -232,7 +335,7 @@ impl crate::Controller {
         node: usize,
         action: &Action,
         arrival: tokio::time::Instant,
-    ) -> bool {
+    ) -> Option<medes_core::SandboxId> {
         use medes_agent::{Command, Reply, TemplateStartCommand};
         let agent = &self.node(node).agent;
         let bound = std::time::Duration::from_millis(
@@ -257,7 +360,7 @@ impl crate::Controller {
                 self.templates.started();
                 metrics::counter!("medes_template_starts_total").increment(1);
                 self.state.lock().template_started(key, self.now());
-                return true;
+                return None;
             }
             Ok(Ok(other)) => Some(AgentError::Unavailable(format!(
                 "unexpected reply {}",
@@ -265,12 +368,13 @@ impl crate::Controller {
             ))),
             Ok(Err(e)) => Some(e),
             Err(_) => {
-                // The node may still finish it: have it purged so the id is free again.
-                let _ = agent
-                    .execute(Command::Purge {
-                        sandbox: id.clone(),
-                    })
-                    .await;
+                // The node may still finish it: have it purged (destroyed when its restore
+                // ends, or at once); the fallback uses a fresh id meanwhile.
+                let agent = agent.clone();
+                let old = id.clone();
+                tokio::spawn(async move {
+                    let _ = agent.execute(Command::Purge { sandbox: old }).await;
+                });
                 None
             }
         };
@@ -281,7 +385,84 @@ impl crate::Controller {
                        error = ?err.as_ref().map(|e| e.to_string()),
                        "template start failed; falling back to a cold start");
         metrics::counter!("medes_template_start_failures_total", "reason" => label).increment(1);
-        false
+        self.sync_template_bases();
+        let fresh = medes_core::SandboxId(format!("{id}-c"));
+        if let Some(sb) = self.state.lock().sbs.get_mut(&key) {
+            sb.id = fresh.clone();
+        }
+        Some(fresh)
+    }
+
+    /// Right after a cold start's init, before its first invocation: with the warm-up off
+    /// (see [`Controller::template_warmup`]), makes the template now; the invocation waits.
+    pub(crate) async fn template_before_first_run(
+        &self,
+        node: usize,
+        sandbox: &medes_core::SandboxId,
+        action: &Action,
+    ) {
+        if !self.template_wanted(action)
+            || self.template_warmup(action)
+            || self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+            || !self.templates.want(node, &action.name, &action.version)
+        {
+            return;
+        }
+        self.make_template_now(node, sandbox, &action.name, &action.version)
+            .await;
+    }
+
+    /// Asks `node` for a template of the sandbox and books the answer.
+    async fn make_template_now(
+        &self,
+        node: usize,
+        sandbox: &medes_core::SandboxId,
+        name: &ActionName,
+        version: &str,
+    ) {
+        use medes_agent::{Command, Reply};
+        let agent = self.node(node).agent;
+        let bound = std::time::Duration::from_millis(
+            self.cfg
+                .checkpoint_timeout_ms
+                .saturating_add(self.cfg.agent_grace_ms),
+        );
+        let r = tokio::time::timeout(
+            bound,
+            agent.execute(Command::MakeTemplate {
+                sandbox: sandbox.clone(),
+            }),
+        )
+        .await;
+        let res = match r {
+            Ok(Ok(Reply::TemplateReady(t))) => {
+                tracing::info!(sandbox = %sandbox, action = %name, version = %version,
+                               held_bytes = t.held_bytes, checkpoint_ms = t.checkpoint_ms,
+                               existed = t.existed, "template ready");
+                Ok(())
+            }
+            Ok(Ok(other)) => Err(AgentError::Unavailable(format!(
+                "unexpected reply {}",
+                crate::reply_name(&other)
+            ))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AgentError::Unavailable("no answer in time".into())),
+        };
+        match self
+            .templates
+            .made(node, name, version, res.as_ref().map(|_| ()))
+        {
+            None => metrics::counter!("medes_templates_made_total").increment(1),
+            Some(label) => {
+                tracing::warn!(sandbox = %sandbox, action = %name, version = %version,
+                               reason = label, error = ?res.err().map(|e| e.to_string()),
+                               "template not made");
+                metrics::counter!("medes_template_failures_total", "reason" => label).increment(1);
+            }
+        }
+        self.sync_template_bases();
     }
 
     /// After the first successful run of a cold-started sandbox: has its node make the
@@ -292,7 +473,6 @@ impl crate::Controller {
         sandbox: &medes_core::SandboxId,
         action: &Action,
     ) {
-        use medes_agent::{Command, Reply};
         if !self.template_wanted(action)
             || self
                 .shutting_down
@@ -307,47 +487,22 @@ impl crate::Controller {
         let (sandbox, name, version) =
             (sandbox.clone(), action.name.clone(), action.version.clone());
         tokio::spawn(async move {
-            let agent = me.node(node).agent;
-            let bound = std::time::Duration::from_millis(
-                me.cfg
-                    .checkpoint_timeout_ms
-                    .saturating_add(me.cfg.agent_grace_ms),
-            );
-            let r = tokio::time::timeout(
-                bound,
-                agent.execute(Command::MakeTemplate {
-                    sandbox: sandbox.clone(),
-                }),
-            )
-            .await;
-            let res = match r {
-                Ok(Ok(Reply::TemplateReady(t))) => {
-                    tracing::info!(sandbox = %sandbox, action = %name, version = %version,
-                                   held_bytes = t.held_bytes, checkpoint_ms = t.checkpoint_ms,
-                                   existed = t.existed, "template ready");
-                    Ok(())
-                }
-                Ok(Ok(other)) => Err(AgentError::Unavailable(format!(
-                    "unexpected reply {}",
-                    crate::reply_name(&other)
-                ))),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(AgentError::Unavailable("no answer in time".into())),
-            };
-            match me
-                .templates
-                .made(node, &name, &version, res.as_ref().map(|_| ()))
-            {
-                None => metrics::counter!("medes_templates_made_total").increment(1),
-                Some(label) => {
-                    tracing::warn!(sandbox = %sandbox, action = %name, version = %version,
-                                   reason = label, error = ?res.err().map(|e| e.to_string()),
-                                   "template not made");
-                    metrics::counter!("medes_template_failures_total", "reason" => label)
-                        .increment(1);
-                }
-            }
+            me.make_template_now(node, &sandbox, &name, &version).await;
         });
+    }
+}
+
+impl crate::state::State {
+    /// Ready templates of `action` (on `node`, or on any node): bases in the policy's views.
+    pub(crate) fn template_bases_of(&self, action: &ActionName, node: Option<usize>) -> usize {
+        match node {
+            Some(n) => usize::from(self.template_bases.contains(&(n, action.clone()))),
+            None => self
+                .template_bases
+                .iter()
+                .filter(|(_, a)| a == action)
+                .count(),
+        }
     }
 }
 

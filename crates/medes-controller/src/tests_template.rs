@@ -26,6 +26,8 @@ const OK: u8 = 0;
 const CORRUPT: u8 = 1;
 /// The restore fails; the node disables the template.
 const FAILS_DISABLED: u8 = 2;
+/// The restore takes 60 s (past the controller's bound), holding its id meanwhile.
+const SLOW: u8 = 3;
 
 /// Spawns take 500 ms, template starts 50 ms, make-template 100 ms; runs sleep `sleep` ms.
 #[derive(Clone, Default)]
@@ -39,6 +41,10 @@ struct TInner {
     templates: Mutex<HashMap<ActionName, String>>,
     mode: AtomicU8,
     log: Mutex<Vec<String>>,
+    /// Ids of spawns, in order.
+    spawned: Mutex<Vec<SandboxId>>,
+    /// Template starts in progress (a purge waits for their end, like the agent's).
+    restoring: Mutex<std::collections::HashSet<SandboxId>>,
 }
 
 impl TFake {
@@ -59,6 +65,7 @@ impl NodeAgent for TFake {
             me.log.lock().push(cmd.name().to_string());
             match cmd {
                 Command::Spawn(c) => {
+                    me.spawned.lock().push(c.sandbox.clone());
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     let mut live = me.live.lock();
                     if live.contains_key(&c.sandbox) {
@@ -83,6 +90,10 @@ impl NodeAgent for TFake {
                         logs: vec![],
                         main_ms: Some(ms as f64),
                     }))
+                }
+                Command::Purge { sandbox } if me.restoring.lock().contains(&sandbox) => {
+                    me.log.lock().push("purge_pending".into());
+                    Ok(Reply::Purged)
                 }
                 Command::Purge { sandbox } => match me.live.lock().remove(&sandbox) {
                     Some(_) => Ok(Reply::Purged),
@@ -144,6 +155,26 @@ impl NodeAgent for TFake {
                             reason: "criu restore failed".into(),
                             disabled: true,
                         }),
+                        SLOW => {
+                            // The id is taken while the restore runs (like the agent's Busy
+                            // entry); a purge meanwhile frees it.
+                            me.live
+                                .lock()
+                                .insert(c.sandbox.clone(), (c.action, c.version));
+                            me.restoring.lock().insert(c.sandbox.clone());
+                            // Like the agent: the restore goes on when the caller gives up.
+                            let me2 = me.clone();
+                            let id = c.sandbox.clone();
+                            let _ = tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(60)).await;
+                                me2.restoring.lock().remove(&id);
+                                if me2.log.lock().iter().any(|l| l == "purge_pending") {
+                                    me2.live.lock().remove(&id);
+                                }
+                            })
+                            .await;
+                            Err(AgentError::UnknownSandbox(c.sandbox))
+                        }
                         _ => {
                             me.live.lock().insert(c.sandbox, (c.action, c.version));
                             Ok(Reply::TemplateStarted(TemplateStartReply {
@@ -200,13 +231,16 @@ fn request(a: &Arc<Action>, sleep_ms: u64) -> InvokeRequest {
 }
 
 fn setup(template_starts: bool) -> (Arc<Controller>, TFake) {
-    let fake = TFake::default();
-    let cfg = ControllerConfig {
+    setup_with(ControllerConfig {
         node_memory_budget_mb: 4096,
         dedup_enabled: false,
         template_starts,
         ..Default::default()
-    };
+    })
+}
+
+fn setup_with(cfg: ControllerConfig) -> (Arc<Controller>, TFake) {
+    let fake = TFake::default();
     let ctl = Controller::new(
         cfg,
         vec![(NodeId("n0".into()), Arc::new(fake.clone()) as _)],
@@ -359,5 +393,117 @@ async fn an_action_can_opt_out() {
         fake.count("make_template") + fake.count("template_start"),
         0
     );
+    ctl.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_template_start_falls_back_under_a_new_id() {
+    let (ctl, fake) = setup(true);
+    let a = action("f", "1", vec![]);
+    ctl.invoke(request(&a, 10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.0.mode.store(SLOW, Ordering::SeqCst);
+    let busy = tokio::spawn(ctl.invoke(request(&a, 2_000)));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let act = ctl.invoke(request(&a, 10)).await.unwrap();
+    busy.await.unwrap().unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(
+        act.response.status,
+        ActivationStatus::Success,
+        "{:?}",
+        act.response
+    );
+    assert_eq!(ctl.template_stats().start_failures.get("timeout"), Some(&1));
+    let spawned = fake.0.spawned.lock().clone();
+    assert_eq!(spawned.len(), 2, "{spawned:?}");
+    assert!(spawned[1].0.ends_with("-c"), "a fresh id: {spawned:?}");
+    // The timed-out restore is purged when it ends; the fallback sandbox is in the books.
+    assert_eq!(fake.count("purge_pending"), 1);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let live = fake.0.live.lock().clone();
+    assert!(live.contains_key(&spawned[1]));
+    assert_eq!(live.len(), 2, "the timed-out restore was purged: {live:?}");
+    assert!(ctl.sandboxes().iter().any(|s| s.id == spawned[1]));
+    ctl.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_warm_up_the_template_is_made_before_the_first_run() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 4096,
+        dedup_enabled: false,
+        template_starts: true,
+        template_warmup: false,
+        ..Default::default()
+    });
+    let a = action("f", "1", vec![]);
+    assert_eq!(
+        ctl.invoke(request(&a, 10)).await.unwrap().start_kind,
+        StartKind::Cold
+    );
+    let log = fake.0.log.lock().clone();
+    assert_eq!(log, ["spawn", "make_template", "run"], "{log:?}");
+    // The template is a base of its function on the node in the policy's views.
+    assert!(
+        ctl.state
+            .lock()
+            .template_bases
+            .contains(&(0, a.name.clone()))
+    );
+    assert_eq!(start_while_busy(&ctl, &a).await, StartKind::Template);
+    // The annotation wins over the configuration.
+    let b = action(
+        "g",
+        "1",
+        vec![(WARMUP_ANNOTATION.to_string(), Value::Bool(true))],
+    );
+    fake.0.log.lock().clear();
+    ctl.invoke(request(&b, 10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = fake.0.log.lock().clone();
+    assert_eq!(log, ["spawn", "run", "make_template"], "{log:?}");
+    ctl.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn templates_kept_by_a_node_are_learnt_at_reconcile() {
+    let (ctl, fake) = setup(true);
+    let a = action("f", "1", vec![]);
+    let old = action("h", "1", vec![]);
+    fake.0.templates.lock().insert(a.name.clone(), "1".into());
+    fake.0.templates.lock().insert(old.name.clone(), "1".into());
+    let (a2, old2) = (a.clone(), old.clone());
+    let current = move |n: &ActionName| {
+        if *n == a2.name {
+            Some((*a2).clone())
+        } else if *n == old2.name {
+            // Updated since: the node's template is of an older version.
+            let mut x = (*old2).clone();
+            x.version = "2".into();
+            Some(x)
+        } else {
+            None
+        }
+    };
+    ctl.reconcile(&current).await;
+    assert!(
+        ctl.state
+            .lock()
+            .template_bases
+            .contains(&(0, a.name.clone()))
+    );
+    assert!(
+        !ctl.state
+            .lock()
+            .template_bases
+            .contains(&(0, old.name.clone()))
+    );
+    // The very first start is a template start: no cold start needed.
+    assert_eq!(
+        ctl.invoke(request(&a, 10)).await.unwrap().start_kind,
+        StartKind::Template
+    );
+    assert_eq!(fake.count("spawn"), 0);
     ctl.shutdown().await;
 }
