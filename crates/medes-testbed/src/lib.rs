@@ -584,12 +584,17 @@ fn lock_state() -> Result<StateLock, CleanupError> {
     Ok(StateLock(f))
 }
 
-/// This process's start time (field 22 of `/proc/PID/stat`), to tell a reused pid apart.
+/// A live process's start time (field 22 of `/proc/PID/stat`), to tell a reused pid apart;
+/// `None` if it is gone or a zombie.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces: fields restart after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Whether the owner recorded in an owner file is alive (or the bed is detached).

@@ -156,14 +156,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A live process's start time (field 22 of `/proc/PID/stat`); `None` if it is gone or a
+/// zombie.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 fn alive(p: &Proc) -> bool {
     start_time(p.pid) == Some(p.start)
+}
+
+/// Whether `p` still has a `/proc` entry (alive, or a zombie not yet reaped).
+fn exists(p: &Proc) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.rsplit_once(')')?.1.to_string();
+            rest.split_whitespace().nth(19)?.parse::<u64>().ok()
+        })
+        == Some(p.start)
 }
 
 fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -386,6 +403,12 @@ fn down(dir: &Path, purge: bool, grace: Duration) -> anyhow::Result<ExitCode> {
     let agents: Vec<&Proc> = state.agents.iter().collect();
     stop(&agents, grace);
     if purge {
+        // An agent's kept state opens only once its process is reaped (a killed agent that
+        // is not our child is reaped by init, usually within a second or two).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state.agents.iter().any(exists) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         for a in &state.agents {
             purge_kept(a).with_context(|| format!("removing what {} kept", a.name))?;
         }
