@@ -5,6 +5,9 @@
 //! sandbox of each function is its base; the registry holds the bases of all functions (cross-
 //! function matches allowed); the others are deduplicated, stored, reloaded and rebuilt, and every
 //! rebuilt page is compared with the original.
+//!
+//! With `--template` (issue 8) the sandboxes are born from one template per function and
+//! deduplicated against it: see `bench_dedup/template.rs`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,8 @@ use medes_sandbox::{CheckpointMode, InitRequest, RunRequest, Sandbox, SandboxCon
 use medes_workload::Manifest;
 
 use crate::platform::init_tracing;
+
+mod template;
 
 /// Arguments of `medes bench dedup`.
 #[derive(clap::Args)]
@@ -72,6 +77,15 @@ pub struct DedupArgs {
     /// Keep the dumps after the run (their directory is printed).
     #[arg(long)]
     keep: bool,
+    /// Template-born sandboxes (issue 8): per function one template (cold start, warm-up
+    /// run, checkpoint left running) and `--per-function` sandboxes restored from it, each
+    /// deduplicated against its template with the positional prediction. With `--dumps`:
+    /// `<function>-t` (the template) and `<function>-<i>` dumps.
+    #[arg(long)]
+    template: bool,
+    /// Rebuilds per sandbox timed (`--template`; the median and the best are reported).
+    #[arg(long, default_value_t = 5)]
+    rebuild_repeats: usize,
 }
 
 /// Runs `medes bench dedup`.
@@ -89,6 +103,9 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
         .tempdir_in(&args.scratch)
         .with_context(|| format!("creating a scratch directory in {}", args.scratch.display()))?;
     let per = args.per_function.max(1);
+    if args.template {
+        return run_template(&args, &manifest, &names, work, per);
+    }
     let bar = ProgressBar::new((names.len() * (per + 1)) as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} dumps {msg}")
@@ -185,6 +202,101 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report, t.elapsed());
+    }
+    if args.keep {
+        let kept = work.keep();
+        eprintln!("dumps kept in {}", kept.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `medes bench dedup --template` (see `bench_dedup/template.rs`).
+fn run_template(
+    args: &DedupArgs,
+    manifest: &Manifest,
+    names: &[String],
+    work: tempfile::TempDir,
+    per: usize,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !args.no_aslr,
+        "--template measures ASLR on (born sandboxes share the template's layout)"
+    );
+    let bar = ProgressBar::new(names.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} templates {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut families = Vec::new();
+    if let Some(dir) = &args.dumps {
+        for name in names {
+            let t = dir.join(format!("{name}-t"));
+            anyhow::ensure!(t.is_dir(), "no template dump {}", t.display());
+            let born: Vec<PathBuf> = (1..=per).map(|i| dir.join(format!("{name}-{i}"))).collect();
+            for b in &born {
+                anyhow::ensure!(b.is_dir(), "no dump {}", b.display());
+            }
+            families.push(template::Family {
+                name: name.clone(),
+                template: t,
+                born,
+            });
+        }
+    } else {
+        let mut sb_cfg = SandboxConfig::default();
+        let tag = format!("bt{}", std::process::id());
+        sb_cfg.cgroup_name = format!("medes-{tag}");
+        sb_cfg.run_dir = format!("/run/medes/{tag}").into();
+        sb_cfg.network = medes_sandbox::NetworkMode::Isolated;
+        set_aslr(&mut sb_cfg, true)?;
+        medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
+        medes_sandbox::become_subreaper()?;
+        let rt = tokio::runtime::Runtime::new()?;
+        for name in names {
+            bar.set_prefix(name.clone());
+            let spec = &manifest.functions[name];
+            let code = copy_code(
+                &args
+                    .functions_dir
+                    .join(spec.file.as_deref().unwrap_or(name)),
+                work.path(),
+                name,
+            )?;
+            let limit = Bytes::mib(spec.memory_mb.max(256) * 2);
+            let fam = rt
+                .block_on(template::make_family(
+                    &sb_cfg,
+                    &tag,
+                    name,
+                    &code,
+                    limit,
+                    &spec.params,
+                    spec.timeout_ms,
+                    per,
+                    work.path(),
+                ))
+                .with_context(|| format!("making {name}'s template and born sandboxes"))?;
+            families.push(fam);
+            bar.inc(1);
+        }
+    }
+    bar.set_prefix("dedup");
+    bar.set_message("against the templates: dedup, store, rebuild, verify");
+    let store_dir = work.path().join("stores");
+    std::fs::create_dir_all(&store_dir)?;
+    let t = Instant::now();
+    let report = template::evaluate(
+        &families,
+        &medes_dedup::DedupConfig::default(),
+        &store_dir,
+        args.rebuild_repeats,
+    )
+    .context("evaluating dedup against the templates")?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        template::print_table(&report, t.elapsed());
     }
     if args.keep {
         let kept = work.keep();
