@@ -151,6 +151,8 @@ pub struct SyncReport {
     pub held: u32,
     /// Bases that could not be imported, with the reason.
     pub failed: Vec<String>,
+    /// Dedup stores on other nodes that this node's bases are now held for.
+    pub pinned: u64,
 }
 
 /// Another node's base known here.
@@ -180,6 +182,9 @@ pub(crate) struct Remote {
     next_alias: AtomicU32,
     /// One sync at a time.
     syncing: tokio::sync::Mutex<()>,
+    /// Per own base (domain, id): dedup stores on other nodes holding it, acquired in its
+    /// registry so that it cannot retire under them.
+    pins: Mutex<HashMap<(String, BaseId), u64>>,
     /// This node's own bases changed (made, retired).
     pub(crate) changed: Arc<Notify>,
     timeout: Duration,
@@ -192,6 +197,7 @@ impl Remote {
             imports: Mutex::new(HashMap::new()),
             next_alias: AtomicU32::new(0),
             syncing: tokio::sync::Mutex::new(()),
+            pins: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
             timeout: Duration::from_millis(timeout_ms.max(1)),
         }
@@ -384,7 +390,7 @@ impl Fetch {
 
     /// Stores one chunk; `Err` if it is not what was asked.
     fn put(&self, first: u64, data: Bytes) -> Result<(), String> {
-        if data.len() % PAGE != 0 || data.is_empty() {
+        if !data.len().is_multiple_of(PAGE) || data.is_empty() {
             return Err(format!(
                 "a chunk of {} bytes is not a whole number of pages",
                 data.len()
@@ -591,7 +597,7 @@ impl ClusterBases {
                 Err(e) => {
                     err = Some(e.clone());
                     // A fetch that fails every read.
-                    let f = Arc::new(Fetch {
+                    Arc::new(Fetch {
                         label: slot.imp.key.to_string(),
                         slots: Vec::new(),
                         requested: Vec::new(),
@@ -600,8 +606,7 @@ impl ClusterBases {
                         deadline: Instant::now(),
                         tasks: Mutex::new(Vec::new()),
                         started: Instant::now(),
-                    });
-                    f
+                    })
                 }
             }
         });
@@ -826,21 +831,85 @@ impl Agent {
         v
     }
 
+    /// Other nodes' bases the dedup stores here depend on, with how many (published to the
+    /// controller, which tells the owners: see [`Agent::sync_bases`]).
+    pub fn base_uses(&self) -> Vec<(BaseKey, u64)> {
+        self.imported_bases()
+            .into_iter()
+            .filter(|b| b.dependents > 0)
+            .map(|b| (b.key, b.dependents))
+            .collect()
+    }
+
+    /// Dedup stores on other nodes this node's bases are held for (see
+    /// [`Agent::sync_bases`]).
+    pub fn held_for_other_nodes(&self) -> u64 {
+        self.inner.remote.pins.lock().values().sum()
+    }
+
+    /// Holds this node's bases for the dedup stores of other nodes that depend on them
+    /// (`used_elsewhere`, absolute counts of the live nodes): each is acquired in its
+    /// registry that many times, so it cannot retire while they exist.
+    fn apply_pins(&self, used_elsewhere: &[(BaseKey, u64)]) -> u64 {
+        let me = &self.inner.cfg.node_id;
+        let want: HashMap<BaseId, u64> = used_elsewhere
+            .iter()
+            .filter(|(k, _)| &k.node == me)
+            .map(|(k, n)| (k.id, *n))
+            .collect();
+        let mut pins = self.inner.remote.pins.lock();
+        let mut total = 0;
+        let mut seen = HashSet::new();
+        for b in self.local_bases() {
+            let Some(d) = self.inner.domains.find(&b.domain) else {
+                continue;
+            };
+            let key = (b.domain.clone(), b.key.id);
+            let have = pins.get(&key).copied().unwrap_or(0);
+            let mut now = have;
+            let target = want.get(&b.key.id).copied().unwrap_or(0);
+            while now < target && d.registry().acquire(b.key.id).is_ok() {
+                now += 1;
+            }
+            while now > target && d.registry().release(b.key.id).is_ok() {
+                now -= 1;
+            }
+            if now != have {
+                info!(base = %b.key, held_for_other_nodes = now, "remote dependents of a base");
+            }
+            total += now;
+            pins.insert(key.clone(), now);
+            seen.insert(key);
+        }
+        // Bases gone from here (their pins went with their registry entries).
+        pins.retain(|k, _| seen.contains(k));
+        total
+    }
+
     /// Makes this node's registries hold exactly the cluster's other live bases of `catalog`
     /// (see the module documentation of `remote`): imports new ones (their fingerprints read
     /// from their owners, all at once), drops the ones no longer listed, keeping inactive those
-    /// that dedup stores here still depend on.
-    pub async fn sync_bases(&self, catalog: Vec<RemoteBase>) -> SyncReport {
+    /// that dedup stores here still depend on. `used_elsewhere` says how many dedup stores of
+    /// other live nodes depend on each of this node's bases: they are held for them.
+    pub async fn sync_bases(
+        &self,
+        catalog: Vec<RemoteBase>,
+        used_elsewhere: Vec<(BaseKey, u64)>,
+    ) -> SyncReport {
         let inner = self.inner.clone();
         let remote = &inner.remote;
         let _one = remote.syncing.lock().await;
+        let pinned = self.apply_pins(&used_elsewhere);
         let me = &inner.cfg.node_id;
         let listed: HashMap<BaseKey, RemoteBase> = catalog
             .into_iter()
             .filter(|b| &b.info.key.node != me && !is_alias(b.info.key.id))
             .map(|b| (b.info.key.clone(), b))
             .collect();
-        let mut report = SyncReport::default();
+        let mut report = SyncReport {
+            pinned,
+            ..SyncReport::default()
+        };
         // Known ones: re-point, reactivate, or drop / hold.
         let mut todo = Vec::new();
         {

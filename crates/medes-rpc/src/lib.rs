@@ -49,13 +49,38 @@
 //!   `Controller::reconcile_node`: sandboxes the node holds that the books do not know are
 //!   purged, idle ones of the books it no longer holds are forgotten.
 //!
+//! # Remote base pages (issue 7, point 2)
+//! A third service, **`Pages`**, is served by every agent next to `Node` ([`serve_agent`]):
+//! - `ReadPages` streams pages of one of the agent's bases: the caller names runs of pages,
+//!   the server answers many `PageChunk`s (up to 256 pages = 1 MiB each by default) sliced
+//!   out of the base's mapping as `bytes::Bytes` (no copy before tonic's encoder; the receiver
+//!   keeps the decoded `Bytes` as the pages). HTTP/2 windows are 16 MiB per stream and 64 MiB
+//!   per connection, one connection per peer ([`PageClient`], the agents'
+//!   `medes_agent::PageSource`).
+//! - `BaseFingerprints` answers a base's page fingerprints and position keys (about 50 bytes a
+//!   page, [`pack_fingerprints`]) so another agent can register the base without its pages.
+//! - `SyncBases` takes the controller's catalog of every live base.
+//!
+//! The controller keeps that catalog: agents publish their bases (`Registry.PublishBases`,
+//! from [`run_agent_link`] with [`AgentLinkConfig::bases`]: after each registration, when a
+//! base is made or retired, checked at every heartbeat), and
+//! [`Registry::push_base_catalog`] (started by [`Registry::watch_heartbeats`]) pushes the bases
+//! of the live nodes to every live node whenever the catalog or a node's liveness changes and
+//! every [`BASE_RESYNC`]. A dead node's bases leave the catalog, so the other agents stop
+//! using them (see `medes_agent::remote` for what an agent does with the catalog and how a
+//! dedup start reads remote pages, with deadlines, falling back to a cold start).
+//! Agents also publish how many of their dedup stores use each other node's base; the push
+//! tells each owner the total over the other live nodes ([`Registry::used_elsewhere`]), and
+//! the owner holds the base in its registry for them, so it cannot retire while stores
+//! elsewhere depend on it (absolute counts: a dead user's holds go with the next push). The
+//! window between a remote dedup and that push (about a heartbeat) is not covered: a base
+//! retired in it leaves the store unrestorable, and its dedup start fails over to a cold start.
+//!
 //! # What this crate does not do (yet: later phases of issue 7)
-//! - The rest of phase 2: cold-start fallback for dedup sandboxes elsewhere whose bases lived
-//!   on a dead node (bases are node-local today, so none yet); re-adopting a revived node's
+//! - The rest of phase 2: re-adopting a revived node's
 //!   dedup sandboxes instead of purging them; removing nodes; per-node budgets from
 //!   registration (the controller applies its configured budget to every node; the reported
 //!   one is only logged).
-//! - Remote base pages (a streaming, batched page service between agents).
 //! - The namespaced multi-host test bed (`medes cluster up --nodes N`: netns + veth/bridge), fault
 //!   injection tests (kill -9, partitions), controller restart with persisted state.
 //! - The Redis registry backend, TLS/authentication between controller and agents, systemd and

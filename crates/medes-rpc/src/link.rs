@@ -107,11 +107,13 @@ async fn publish(
     c: &mut RegistryClient<Channel>,
     cfg: &AgentLinkConfig,
     bases: &[medes_agent::BaseInfo],
+    uses: &[(medes_agent::BaseKey, u64)],
 ) -> Result<bool, tonic::Status> {
     let mut req = tonic::Request::new(pb::PublishBasesRequest {
         protocol_version: PROTOCOL_VERSION,
         node_id: cfg.node_id.0.clone(),
         bases: crate::pages::infos_to_pb(bases),
+        uses: crate::pages::uses_to_pb(uses),
     });
     req.set_timeout(cfg.call_deadline);
     match tokio::time::timeout(cfg.call_deadline, c.publish_bases(req)).await {
@@ -141,7 +143,8 @@ pub async fn run_agent_link(
     let mut failures: u64 = 0;
     let mut seq: u64 = 0;
     // What the controller last accepted as this node's bases (`None`: publish again).
-    let mut published: Option<Vec<medes_agent::BaseInfo>> = None;
+    type Published = (Vec<medes_agent::BaseInfo>, Vec<(medes_agent::BaseKey, u64)>);
+    let mut published: Option<Published> = None;
     let changed = cfg.bases.as_ref().map(|a| a.bases_changed());
     loop {
         if !registered {
@@ -204,9 +207,9 @@ pub async fn run_agent_link(
             }
         }
         if registered && let Some(agent) = &cfg.bases {
-            let now = agent.local_bases();
+            let now = (agent.local_bases(), agent.base_uses());
             if published.as_ref() != Some(&now) {
-                match publish(&mut client, &cfg, &now).await {
+                match publish(&mut client, &cfg, &now.0, &now.1).await {
                     Ok(true) => published = Some(now),
                     Ok(false) => {
                         registered = false;

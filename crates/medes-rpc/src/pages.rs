@@ -123,6 +123,33 @@ pub(crate) fn remote_to_pb(b: &RemoteBase) -> pb::RemoteBase {
     }
 }
 
+pub(crate) fn uses_to_pb(v: &[(BaseKey, u64)]) -> Vec<pb::BaseUse> {
+    v.iter()
+        .map(|(k, n)| pb::BaseUse {
+            key: Some(pb::BaseKey {
+                node: k.node.0.clone(),
+                id: k.id.0,
+            }),
+            dependents: *n,
+        })
+        .collect()
+}
+
+pub(crate) fn uses_from_pb(v: Vec<pb::BaseUse>) -> Vec<(BaseKey, u64)> {
+    v.into_iter()
+        .filter_map(|u| {
+            let k = u.key?;
+            Some((
+                BaseKey {
+                    node: NodeId(k.node),
+                    id: BaseId(k.id),
+                },
+                u.dependents,
+            ))
+        })
+        .collect()
+}
+
 pub(crate) fn infos_to_pb(v: &[BaseInfo]) -> Vec<pb::BaseInfo> {
     v.iter().map(info_to_pb).collect()
 }
@@ -227,7 +254,8 @@ impl Pages for PagesService {
                 .ok_or_else(|| Status::invalid_argument("a catalog entry without a base"))?;
             catalog.push(RemoteBase { info, address });
         }
-        let r: SyncReport = self.agent.sync_bases(catalog).await;
+        let used = uses_from_pb(req.used_elsewhere);
+        let r: SyncReport = self.agent.sync_bases(catalog, used).await;
         Ok(Response::new(pb::SyncBasesResponse {
             imported: r.imported,
             removed: r.removed,
@@ -289,11 +317,13 @@ impl PageClient {
         Ok(c)
     }
 
-    /// Sends the catalog to the node at `at` (see [`Agent::sync_bases`]).
+    /// Sends the catalog, and the uses of the receiver's bases by other nodes, to the node at
+    /// `at` (see [`Agent::sync_bases`]).
     pub async fn sync_bases(
         &self,
         at: SocketAddr,
         bases: &[RemoteBase],
+        used_elsewhere: &[(BaseKey, u64)],
         generation: u64,
         deadline: Duration,
     ) -> Result<SyncReport, String> {
@@ -302,6 +332,7 @@ impl PageClient {
             protocol_version: PROTOCOL_VERSION,
             bases: bases.iter().map(remote_to_pb).collect(),
             generation,
+            used_elsewhere: uses_to_pb(used_elsewhere),
         });
         req.set_timeout(deadline);
         let r = tokio::time::timeout(deadline, c.sync_bases(req))
@@ -314,6 +345,7 @@ impl PageClient {
             removed: r.removed,
             held: r.held,
             failed: r.failed,
+            pinned: 0,
         })
     }
 }

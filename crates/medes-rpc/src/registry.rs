@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::node::{Deadlines, RemoteAgent};
-use crate::pages::{PageClient, PageClientConfig, infos_from_pb};
-use medes_agent::{BaseInfo, RemoteBase};
+use crate::pages::{PageClient, PageClientConfig, infos_from_pb, uses_from_pb};
+use medes_agent::{BaseInfo, BaseKey, RemoteBase};
 use tokio::sync::Notify;
 
 /// How often the base catalog is pushed to the agents even when nothing changed.
@@ -104,6 +104,8 @@ type JoinHook = Arc<dyn Fn(NodeId, Arc<dyn NodeAgent>) -> Result<(), String> + S
 #[derive(Default)]
 struct Catalog {
     bases: BTreeMap<NodeId, Vec<BaseInfo>>,
+    /// Per node, the other nodes' bases its dedup stores depend on.
+    uses: BTreeMap<NodeId, Vec<(BaseKey, u64)>>,
 }
 
 struct Inner {
@@ -240,20 +242,52 @@ impl Registry {
             .collect()
     }
 
-    /// Records the bases a node holds now; returns false if the node is not registered.
-    pub fn publish_bases(&self, node: &NodeId, bases: Vec<BaseInfo>) -> bool {
+    /// Records the bases a node holds now and the other nodes' bases its dedup stores use;
+    /// returns false if the node is not registered.
+    pub fn publish_bases(
+        &self,
+        node: &NodeId,
+        bases: Vec<BaseInfo>,
+        uses: Vec<(BaseKey, u64)>,
+    ) -> bool {
         if !self.0.nodes.lock().contains_key(node) {
             return false;
         }
         let bases: Vec<BaseInfo> = bases.into_iter().filter(|b| &b.key.node == node).collect();
+        let uses: Vec<(BaseKey, u64)> = uses.into_iter().filter(|u| &u.0.node != node).collect();
         let mut c = self.0.catalog.lock();
-        if c.bases.get(node) != Some(&bases) {
-            info!(node = %node, bases = bases.len(), "node's bases changed");
+        let changed = c.bases.get(node) != Some(&bases) || c.uses.get(node) != Some(&uses);
+        if changed {
+            info!(node = %node, bases = bases.len(), uses = uses.len(), "node's bases changed");
             c.bases.insert(node.clone(), bases);
+            c.uses.insert(node.clone(), uses);
             drop(c);
             self.0.catalog_changed.notify_one();
         }
         true
+    }
+
+    /// For `node`'s bases: how many dedup stores of the other live nodes depend on each.
+    pub fn used_elsewhere(&self, node: &NodeId) -> Vec<(BaseKey, u64)> {
+        let live: std::collections::BTreeSet<NodeId> = self
+            .0
+            .nodes
+            .lock()
+            .iter()
+            .filter(|(_, e)| !e.dead)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let c = self.0.catalog.lock();
+        let mut sum: BTreeMap<BaseKey, u64> = BTreeMap::new();
+        for (user, uses) in &c.uses {
+            if user == node || !live.contains(user) {
+                continue;
+            }
+            for (k, n) in uses.iter().filter(|(k, _)| &k.node == node) {
+                *sum.entry(k.clone()).or_default() += n;
+            }
+        }
+        sum.into_iter().collect()
     }
 
     /// Pushes the base catalog ([`Registry::base_catalog`]) to every live node whenever it
@@ -281,8 +315,11 @@ impl Registry {
             let deadline = self.0.cfg.deadlines.short * 2;
             let pushes = live.iter().map(|(id, at)| {
                 let (client, catalog) = (&client, &catalog);
+                let used = self.used_elsewhere(id);
                 async move {
-                    let r = client.sync_bases(*at, catalog, generation, deadline).await;
+                    let r = client
+                        .sync_bases(*at, catalog, &used, generation, deadline)
+                        .await;
                     (id, r)
                 }
             });
@@ -291,7 +328,7 @@ impl Registry {
                 match r {
                     Ok(rep) if rep.imported + rep.removed > 0 || !rep.failed.is_empty() => {
                         info!(node = %id, imported = rep.imported, removed = rep.removed, held = rep.held,
-                              failed = rep.failed.len(), "node synced the base catalog");
+                              pinned = rep.pinned, failed = rep.failed.len(), "node synced the base catalog");
                     }
                     Ok(_) => {}
                     Err(e) => warn!(node = %id, error = %e, "pushing the base catalog failed"),
@@ -511,7 +548,12 @@ impl pb::registry_server::Registry for Registry {
             )));
         }
         let node = NodeId(req.node_id);
-        let known = Registry::publish_bases(self, &node, infos_from_pb(req.bases));
+        let known = Registry::publish_bases(
+            self,
+            &node,
+            infos_from_pb(req.bases),
+            uses_from_pb(req.uses),
+        );
         Ok(Response::new(pb::PublishBasesResponse { known }))
     }
 }

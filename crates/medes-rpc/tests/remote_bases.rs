@@ -218,6 +218,26 @@ async fn dedup_on_a_uses_a_base_on_b_and_falls_back_when_b_dies() {
         "A's store depends on B's base: {imp:?}"
     );
 
+    // A publishes that it uses B's base; the controller tells B, which holds the base for A:
+    // it cannot retire while A's store exists.
+    let t = Instant::now();
+    while b.agent.held_for_other_nodes() != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "B never learnt of A's store"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(registry.used_elsewhere(&NodeId("rb-b".into())).len(), 1);
+    let err = b
+        .agent
+        .execute(Command::Purge {
+            sandbox: sb_b.clone(),
+        })
+        .await
+        .expect_err("B's base is held for A");
+    assert!(matches!(err, AgentError::BaseInUse { .. }), "{err:?}");
+
     // The dedup start on A reads B's pages remotely and restores the right process.
     let Reply::Restored(r) = ok(
         &a.agent,

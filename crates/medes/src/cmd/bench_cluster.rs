@@ -372,7 +372,7 @@ fn measure_nodes(
         address: b.address,
     }];
     let a2 = a.agent.clone();
-    let rep = a.on(async move { a2.sync_bases(catalog).await })?;
+    let rep = a.on(async move { a2.sync_bases(catalog, Vec::new()).await })?;
     if rep.imported != 1 {
         bail!("A did not import B's base: {rep:?}");
     }
