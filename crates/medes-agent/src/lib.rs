@@ -90,9 +90,11 @@
 //! start). Missing, disabled or corrupt (then deleted) → [`AgentError::TemplateUnavailable`];
 //! a failed restore → [`AgentError::TemplateStartFailed`], the third in a row disables the
 //! template for that version (logged). A spawn of another version deletes the action's
-//! template. Templates are in [`NodeStatus::templates`] with the bytes they hold; they do not
-//! survive an agent restart. Siblings restored from one template share its memory layout
-//! (ASLR slides): a leak of one sibling's addresses tells those of the others.
+//! template. Templates are in [`NodeStatus::templates`] with the bytes they hold, and are kept
+//! across an agent restart (checksums verified at load). Siblings restored from one template
+//! share its memory layout (ASLR slides): a leak of one sibling's addresses tells those of the
+//! others. Each template is also its function's first base: sandboxes born from it are
+//! deduplicated against it first, page by page at the same address (`template.rs`).
 //!
 //! # Measured
 //! `examples/dedup_startup.rs` (release, 10 dedup starts per function interleaved with plain
