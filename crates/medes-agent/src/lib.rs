@@ -159,8 +159,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 pub use proto::{
-    AgentError, BaseReply, Command, DedupReply, LogLine, NodeAgent, NodeStatus, Reply,
-    RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus,
+    AgentError, BaseReply, CheckpointFailure, Command, DedupReply, LogLine, NodeAgent, NodeStatus, Reply,
+    RestoreFailure, RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus,
     SpawnCommand, SpawnReply, Stream, TemplateReply, TemplateStartCommand, TemplateStartReply,
     TemplateStatus,
 };
@@ -1205,13 +1205,20 @@ impl Inner {
         Ok(slot)
     }
 
-    fn not_deduplicable(&self, sandbox: SandboxId, reason: String, alive: bool) -> AgentError {
+    fn not_deduplicable(
+        &self,
+        sandbox: SandboxId,
+        kind: CheckpointFailure,
+        reason: String,
+        alive: bool,
+    ) -> AgentError {
         self.counters.lock().not_deduplicable += 1;
-        warn!(sandbox = %sandbox, reason = %reason, sandbox_alive = alive, "not deduplicable");
+        warn!(sandbox = %sandbox, reason = %reason, ?kind, sandbox_alive = alive, "not deduplicable");
         AgentError::NotDeduplicable {
             sandbox,
             reason,
             sandbox_alive: alive,
+            kind,
         }
     }
 
@@ -1249,6 +1256,7 @@ impl Inner {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(self.not_deduplicable(
                 id.clone(),
+                checkpoint_failure(&e),
                 error_chain(&e),
                 slot.sandbox.is_alive(),
             ));
@@ -1278,7 +1286,9 @@ impl Inner {
         .unwrap_or_else(|e| Err(format!("base task failed: {e}")));
         let _ = std::fs::remove_dir_all(&dir);
         let (bytes, image_bytes, pages) =
-            r.map_err(|reason| self.not_deduplicable(id.clone(), reason, true))?;
+            r.map_err(|reason| {
+                self.not_deduplicable(id.clone(), CheckpointFailure::Image, reason, true)
+            })?;
         let rec = Arc::new(BaseRec {
             domain: domain.clone(),
             id: base_id,
@@ -1363,7 +1373,12 @@ impl Inner {
                 self.finish_busy(&id, None);
             }
             release(slot).await;
-            return Err(self.not_deduplicable(id, error_chain(&e), kept));
+            return Err(self.not_deduplicable(
+                id,
+                checkpoint_failure(&e),
+                error_chain(&e),
+                kept,
+            ));
         }
         // The process is gone; free its cgroup, netns and run directory now.
         let info = slot.info.clone();
@@ -1397,7 +1412,12 @@ impl Inner {
             Err(reason) => {
                 let _ = std::fs::remove_file(&path);
                 self.finish_busy(&id, None);
-                return Err(self.not_deduplicable(id, reason, false));
+                return Err(self.not_deduplicable(
+                    id,
+                    CheckpointFailure::Image,
+                    reason,
+                    false,
+                ));
             }
         };
         let dedup_ms = ms(t1.elapsed());
@@ -1494,6 +1514,7 @@ impl Inner {
                 warn!(sandbox = %id, reason = %reason, "dedup start failed; dedup sandbox purged");
                 Err(AgentError::RestoreFailed {
                     sandbox: id,
+                    kind: RestoreFailure::of_reason(&reason),
                     reason,
                 })
             }
@@ -1588,6 +1609,20 @@ impl Inner {
                 ..RestoreReply::default()
             },
         ))
+    }
+}
+
+/// The kind of a failed checkpoint (CRIU explains a refused dump only in its log: a connected
+/// TCP socket is named there).
+fn checkpoint_failure(e: &medes_sandbox::CheckpointError) -> CheckpointFailure {
+    match e {
+        medes_sandbox::CheckpointError::Criu { log_tail, .. } if log_tail.contains("TCP") => {
+            CheckpointFailure::TcpSocket
+        }
+        medes_sandbox::CheckpointError::Criu { .. } => CheckpointFailure::Criu,
+        medes_sandbox::CheckpointError::Timeout { .. } => CheckpointFailure::Timeout,
+        medes_sandbox::CheckpointError::NotRunning => CheckpointFailure::NotRunning,
+        _ => CheckpointFailure::Other,
     }
 }
 

@@ -410,6 +410,93 @@ pub struct SandboxMemory {
     pub cgroup_usage: Bytes,
 }
 
+/// What made a checkpoint (make-base or dedup) fail ([`AgentError::NotDeduplicable`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointFailure {
+    /// CRIU refused the dump because the sandbox holds a connected TCP socket.
+    TcpSocket,
+    /// CRIU's dump failed otherwise.
+    Criu,
+    /// CRIU did not finish within its bound.
+    Timeout,
+    /// The sandbox's runtime was not running.
+    NotRunning,
+    /// Reading the dump or deduplicating its pages failed.
+    Image,
+    /// Anything else (an older agent that did not say).
+    #[default]
+    Other,
+}
+
+impl CheckpointFailure {
+    /// A short fixed label (metrics).
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckpointFailure::TcpSocket => "tcp_socket",
+            CheckpointFailure::Criu | CheckpointFailure::Timeout | CheckpointFailure::Image => {
+                "checkpoint_failed"
+            }
+            CheckpointFailure::NotRunning => "sandbox_gone",
+            CheckpointFailure::Other => "not_deduplicable",
+        }
+    }
+}
+
+/// What made a dedup start fail ([`AgentError::RestoreFailed`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreFailure {
+    /// A base the store points into is not resident here.
+    MissingBase,
+    /// Base pages held by another node could not be read (unreachable, too slow).
+    RemoteBase,
+    /// The store or a page failed its checksum.
+    Corrupt,
+    /// CRIU's restore failed.
+    Criu,
+    /// The restored runtime did not answer within its bound.
+    Timeout,
+    /// Anything else (an older agent that did not say).
+    #[default]
+    Other,
+}
+
+impl RestoreFailure {
+    /// A short fixed label (metrics).
+    pub fn label(self) -> &'static str {
+        match self {
+            RestoreFailure::MissingBase => "missing_base",
+            RestoreFailure::RemoteBase => "remote_base",
+            RestoreFailure::Corrupt => "checksum",
+            RestoreFailure::Criu => "criu",
+            RestoreFailure::Timeout => "timeout",
+            RestoreFailure::Other => "restore_failed",
+        }
+    }
+
+    /// The kind of a failure known only by its message (the restore path reports most of its
+    /// failures as text today; the agent classifies them here, in one place, so nothing
+    /// downstream reads messages). Checked in this order: remote base pages, a missing base,
+    /// checksums, time, CRIU.
+    pub fn of_reason(reason: &str) -> RestoreFailure {
+        let r = reason.to_ascii_lowercase();
+        if r.contains("remote") || r.contains("from node") || r.contains("held by a node") {
+            RestoreFailure::RemoteBase
+        } else if r.contains("base") && (r.contains("unavailable") || r.contains("missing")) {
+            RestoreFailure::MissingBase
+        } else if r.contains("checksum") || r.contains("corrupt") {
+            RestoreFailure::Corrupt
+        } else if r.contains("within") || r.contains("timed out") || r.contains("timeout") {
+            RestoreFailure::Timeout
+        } else if r.contains("criu") {
+            RestoreFailure::Criu
+        } else {
+            RestoreFailure::Other
+        }
+    }
+}
+
 /// A command the agent could not carry out. Action failures are not errors (they are
 /// [`SpawnReply::init_error`] and [`RunOutcome`]); these are platform failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -445,6 +532,9 @@ pub enum AgentError {
         reason: String,
         /// Whether the sandbox is still there, warm (else it is gone).
         sandbox_alive: bool,
+        /// What failed, for metrics and decisions (`reason` is for people).
+        #[serde(default)]
+        kind: CheckpointFailure,
     },
     /// A dedup start failed; the dedup sandbox has been purged.
     #[error("restoring sandbox {sandbox}: {reason}")]
@@ -453,6 +543,9 @@ pub enum AgentError {
         sandbox: SandboxId,
         /// The cause.
         reason: String,
+        /// What failed, for metrics and decisions (`reason` is for people).
+        #[serde(default)]
+        kind: RestoreFailure,
     },
     /// A base cannot be purged while dedup sandboxes depend on it.
     #[error("base sandbox {sandbox} has {dependents} dependent dedup sandboxes")]
@@ -501,4 +594,33 @@ pub enum AgentError {
     /// The agent could not be reached or failed internally (a transport error, a lost task).
     #[error("node agent unavailable: {0}")]
     Unavailable(String),
+}
+
+#[cfg(test)]
+mod failure_kinds {
+    use super::{CheckpointFailure, RestoreFailure};
+
+    #[test]
+    fn restore_failures_are_classified_where_they_are_made() {
+        for (reason, kind) in [
+            ("base 3 is unavailable: gone", RestoreFailure::MissingBase),
+            (
+                "base n1/4 is held by a node that is not alive",
+                RestoreFailure::RemoteBase,
+            ),
+            (
+                "reading remote base pages: deadline",
+                RestoreFailure::RemoteBase,
+            ),
+            ("page 12 failed its checksum", RestoreFailure::Corrupt),
+            ("no restored runtime within 15s", RestoreFailure::Timeout),
+            ("criu restore failed (exit 1)", RestoreFailure::Criu),
+            ("something else", RestoreFailure::Other),
+        ] {
+            assert_eq!(RestoreFailure::of_reason(reason), kind, "{reason}");
+        }
+        assert_eq!(RestoreFailure::default().label(), "restore_failed");
+        assert_eq!(CheckpointFailure::TcpSocket.label(), "tcp_socket");
+        assert_eq!(CheckpointFailure::default(), CheckpointFailure::Other);
+    }
 }

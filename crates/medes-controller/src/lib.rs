@@ -361,21 +361,10 @@ fn unix_now() -> UnixMillis {
         .unwrap_or(0)
 }
 
-/// A short, fixed label for a failed checkpoint (metrics), from the agent's error.
+/// A short, fixed label for a failed checkpoint (metrics): the agent's failure kind.
 fn checkpoint_failure_label(e: &AgentError) -> &'static str {
     match e {
-        AgentError::NotDeduplicable { reason, .. } => {
-            let r = reason.to_ascii_lowercase();
-            if r.contains("tcp") || r.contains("socket") {
-                "tcp_socket"
-            } else if r.contains("not implemented") {
-                "not_implemented"
-            } else if r.contains("criu") || r.contains("dump") || r.contains("checkpoint") {
-                "checkpoint_failed"
-            } else {
-                "not_deduplicable"
-            }
-        }
+        AgentError::NotDeduplicable { kind, .. } => kind.label(),
         other => agent_error_label(other),
     }
 }
@@ -390,23 +379,10 @@ fn agent_error_label(e: &AgentError) -> &'static str {
     }
 }
 
-/// A short, fixed label for a failed dedup start (metrics), from the agent's error.
+/// A short, fixed label for a failed dedup start (metrics): the agent's failure kind.
 fn restore_failure_label(e: &AgentError) -> &'static str {
     match e {
-        AgentError::RestoreFailed { reason, .. } => {
-            let r = reason.to_ascii_lowercase();
-            if r.contains("base") {
-                "missing_base"
-            } else if r.contains("checksum") || r.contains("corrupt") {
-                "checksum"
-            } else if r.contains("criu") {
-                "criu"
-            } else if r.contains("time") {
-                "timeout"
-            } else {
-                "restore_failed"
-            }
-        }
+        AgentError::RestoreFailed { kind, .. } => kind.label(),
         other => agent_error_label(other),
     }
 }

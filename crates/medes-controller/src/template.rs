@@ -574,6 +574,7 @@ mod tests {
             sandbox: SandboxId("x".into()),
             reason: "tcp".into(),
             sandbox_alive: true,
+            kind: medes_agent::CheckpointFailure::TcpSocket,
         };
         assert_eq!(b.made(0, &a(), "2", Err(&e)), Some("checkpoint_failed"));
         assert!(!b.want(0, &a(), "2"));

@@ -202,6 +202,7 @@ impl NodeAgent for Fake {
                         sandbox,
                         reason: "it holds TCP sockets".into(),
                         sandbox_alive: true,
+                        kind: medes_agent::CheckpointFailure::TcpSocket,
                     })
                 }
                 Command::MakeBase { sandbox } => {
@@ -245,6 +246,7 @@ impl NodeAgent for Fake {
                         return Err(AgentError::RestoreFailed {
                             sandbox,
                             reason: "rebuilding the pages: base pages missing".into(),
+                            kind: medes_agent::RestoreFailure::MissingBase,
                         });
                     }
                     me.set_form(&sandbox, SandboxForm::Warm);

@@ -469,6 +469,61 @@ fn reason(sandbox: &SandboxId, reason: &str) -> pb::SandboxReason {
     pb::SandboxReason {
         sandbox: sandbox.0.clone(),
         reason: reason.to_string(),
+        restore_kind: pb::RestoreFailure::Other as i32,
+    }
+}
+
+fn checkpoint_failure_to(k: ag::CheckpointFailure) -> pb::CheckpointFailure {
+    use ag::CheckpointFailure as K;
+    use pb::CheckpointFailure as P;
+    match k {
+        K::TcpSocket => P::TcpSocket,
+        K::Criu => P::Criu,
+        K::Timeout => P::Timeout,
+        K::NotRunning => P::NotRunning,
+        K::Image => P::Image,
+        K::Other => P::Other,
+    }
+}
+
+/// Unknown values (a newer peer) read as `Other`.
+fn checkpoint_failure_from(v: i32) -> ag::CheckpointFailure {
+    use ag::CheckpointFailure as K;
+    use pb::CheckpointFailure as P;
+    match P::try_from(v).unwrap_or(P::Other) {
+        P::TcpSocket => K::TcpSocket,
+        P::Criu => K::Criu,
+        P::Timeout => K::Timeout,
+        P::NotRunning => K::NotRunning,
+        P::Image => K::Image,
+        P::Other => K::Other,
+    }
+}
+
+fn restore_failure_to(k: ag::RestoreFailure) -> pb::RestoreFailure {
+    use ag::RestoreFailure as K;
+    use pb::RestoreFailure as P;
+    match k {
+        K::MissingBase => P::MissingBase,
+        K::RemoteBase => P::RemoteBase,
+        K::Corrupt => P::Corrupt,
+        K::Criu => P::Criu,
+        K::Timeout => P::Timeout,
+        K::Other => P::Other,
+    }
+}
+
+/// Unknown values (a newer peer) read as `Other`.
+fn restore_failure_from(v: i32) -> ag::RestoreFailure {
+    use ag::RestoreFailure as K;
+    use pb::RestoreFailure as P;
+    match P::try_from(v).unwrap_or(P::Other) {
+        P::MissingBase => K::MissingBase,
+        P::RemoteBase => K::RemoteBase,
+        P::Corrupt => K::Corrupt,
+        P::Criu => K::Criu,
+        P::Timeout => K::Timeout,
+        P::Other => K::Other,
     }
 }
 
@@ -488,12 +543,21 @@ pub fn error_to_pb(e: &ag::AgentError) -> pb::AgentError {
             sandbox,
             reason,
             sandbox_alive,
+            kind,
         } => E::NotDeduplicable(pb::NotDeduplicable {
             sandbox: sandbox.0.clone(),
             reason: reason.clone(),
             sandbox_alive: *sandbox_alive,
+            kind: checkpoint_failure_to(*kind) as i32,
         }),
-        A::RestoreFailed { sandbox, reason: r } => E::RestoreFailed(reason(sandbox, r)),
+        A::RestoreFailed {
+            sandbox,
+            reason: r,
+            kind,
+        } => E::RestoreFailed(pb::SandboxReason {
+            restore_kind: restore_failure_to(*kind) as i32,
+            ..reason(sandbox, r)
+        }),
         A::BaseInUse {
             sandbox,
             dependents,
@@ -553,10 +617,12 @@ pub fn error_from_pb(e: pb::AgentError) -> Result<ag::AgentError, DecodeError> {
             sandbox: SandboxId(n.sandbox),
             reason: n.reason,
             sandbox_alive: n.sandbox_alive,
+            kind: checkpoint_failure_from(n.kind),
         },
         E::RestoreFailed(r) => A::RestoreFailed {
             sandbox: SandboxId(r.sandbox),
             reason: r.reason,
+            kind: restore_failure_from(r.restore_kind),
         },
         E::BaseInUse(b) => A::BaseInUse {
             sandbox: SandboxId(b.sandbox),

@@ -237,10 +237,12 @@ fn errors() -> Vec<ag::AgentError> {
             sandbox: sbid("x"),
             reason: "tcp".into(),
             sandbox_alive: true,
+            kind: medes_agent::CheckpointFailure::TcpSocket,
         },
         A::RestoreFailed {
             sandbox: sbid("x"),
             reason: "r".into(),
+            kind: medes_agent::RestoreFailure::RemoteBase,
         },
         A::BaseInUse {
             sandbox: sbid("x"),
