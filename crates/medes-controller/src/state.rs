@@ -598,13 +598,25 @@ impl State {
         })
     }
 
+    /// What a new sandbox of `action` (memory limit `limit`) is charged until the node's next
+    /// memory report measures it: the function's measured warm footprint (the EWMA of m_W)
+    /// when one is known, never above the limit; the limit for its first sandbox.
+    fn start_charge(&self, action: &ActionName, limit: u64) -> u64 {
+        self.pools
+            .get(action)
+            .and_then(|p| p.m_warm.get())
+            .filter(|m| m.is_finite() && *m >= 1.0)
+            .map_or(limit, |m| (m as u64).min(limit))
+    }
+
     fn admit_new(
         &mut self,
         action: &ActionName,
         version: &Arc<str>,
-        need: u64,
+        limit: u64,
         now: Timestamp,
     ) -> Option<(Key, SandboxId, usize, Vec<SandboxId>)> {
+        let need = self.start_charge(action, limit);
         let mut choice: Option<(usize, Vec<Key>)> = None;
         for node in 0..self.budgets.len() {
             if !self.alive[node] {
@@ -645,7 +657,7 @@ impl State {
                 action: action.clone(),
                 version: version.clone(),
                 generation,
-                limit: need,
+                limit,
                 state: SandboxState::Starting,
                 form: Form::Plain,
                 deduplicable: true,

@@ -42,7 +42,9 @@ pub struct ClusterConfig {
     pub cores: usize,
     /// How long after its first invocation ends a cold start's reservation beyond m_W
     /// ([`crate::FunctionProfile::start_mb`]) is kept, ms: the live controller's memory
-    /// refresh lag (it re-measures every 2 s). Default 0.
+    /// refresh lag (it re-measures every 2 s). Default 0. As live, only the starts of a
+    /// function before one of its sandboxes was measured reserve more than m_W (the
+    /// controller charges later ones the function's measured m_W).
     #[serde(default)]
     pub start_hold_ms: u64,
 }
@@ -80,6 +82,14 @@ pub struct SimConfig {
     pub tick_ms: u64,
     /// Keep per-invocation records (the summary is computed either way).
     pub keep_records: bool,
+    /// Template starts (issue 8): after a node's first real cold start of a function, the node
+    /// keeps a template image of it ([`crate::FunctionProfile::template_image_mb`], charged to
+    /// the node for the rest of the run, made only if it fits under the admission share), and
+    /// later starts of the function on that node are template starts
+    /// ([`crate::FunctionProfile::template_start_ms`]) instead of cold starts. Placement prefers
+    /// nodes holding the function's template. Default false.
+    #[serde(default)]
+    pub templates: bool,
 }
 
 impl SimConfig {
@@ -91,6 +101,7 @@ impl SimConfig {
             sample_ms: 10_000,
             tick_ms: 1_000,
             keep_records: true,
+            templates: false,
         }
     }
 }
@@ -202,6 +213,8 @@ struct Req {
 struct Node {
     used: f64,
     restores: usize,
+    /// Template images held, MB (part of `used`).
+    templates_mb: f64,
 }
 
 /// Counters besides the per-invocation records.
@@ -223,6 +236,12 @@ pub struct Counters {
     pub queued: u64,
     /// Memory charges that took a node above its budget (must stay 0).
     pub budget_violations: u64,
+    /// Template images made (one per node and function at most at a time).
+    #[serde(default)]
+    pub templates: u64,
+    /// Template images dropped to make room (after every idle sandbox of their node).
+    #[serde(default)]
+    pub templates_dropped: u64,
 }
 
 struct Sim<'a, P: ClusterPolicy + ?Sized> {
@@ -241,6 +260,11 @@ struct Sim<'a, P: ClusterPolicy + ?Sized> {
     dedup_idle: Vec<BTreeSet<(u64, usize)>>,
     counts: Vec<FunctionCounts>,
     nodes: Vec<Node>,
+    /// Whether node `n` holds a template of function `f`: `tmpl[n * functions + f]`.
+    tmpl: Vec<bool>,
+    /// Whether a sandbox of the function has been measured (its start reservation released):
+    /// later starts reserve m_W only, as the live controller charges the measured m_W.
+    measured: Vec<bool>,
     /// Invocations waiting for memory, per function, in arrival order.
     pending: Vec<VecDeque<Req>>,
     n_pending: usize,
@@ -315,10 +339,13 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
         warm_idle: vec![BTreeSet::new(); n_fn],
         dedup_idle: vec![BTreeSet::new(); n_fn],
         counts: vec![FunctionCounts::default(); n_fn],
+        tmpl: vec![false; n_fn * c.nodes],
+        measured: vec![false; n_fn],
         nodes: (0..c.nodes)
             .map(|_| Node {
                 used: 0.0,
                 restores: 0,
+                templates_mb: 0.0,
             })
             .collect(),
         pending: vec![VecDeque::new(); n_fn],
@@ -375,6 +402,9 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
             Ev::Tick => {
                 sim.policy.tick(Timestamp(sim.now));
                 sim.relieve_pressure();
+                for f in 0..sim.prof.len() {
+                    sim.ask_prewarm(f);
+                }
                 if sim.now.is_multiple_of(sim.cfg.sample_ms.max(1)) {
                     sim.sample();
                 }
@@ -387,7 +417,9 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
             Ev::Finish(s) => sim.finish(s),
             Ev::Decide(s, g) => sim.decide(s, g),
             Ev::DedupDone(s, g) => sim.dedup_done(s, g),
-            Ev::Prewarm(f, until) => sim.prewarm(f, until),
+            Ev::Prewarm(f, until) => {
+                sim.prewarm(f, until);
+            }
             Ev::Release(s) => sim.release(s),
         }
     }
@@ -548,10 +580,51 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             prewarm_until,
         });
         self.set(s, St::Starting, false);
-        let m = self.prof[f].start_reserve_mb();
+        let m = self.start_need(f);
         self.charge(s, m);
         self.live[f].push(s);
         s
+    }
+
+    /// What a new sandbox of `f` reserves: [`FunctionProfile::start_reserve_mb`] until a
+    /// sandbox of `f` has been measured, m_W after (the live controller charges a new sandbox
+    /// the function's measured m_W, its limit only before the first measurement).
+    fn start_need(&self, f: usize) -> f64 {
+        if self.measured[f] {
+            self.prof[f].warm_mb
+        } else {
+            self.prof[f].start_reserve_mb()
+        }
+    }
+
+    fn has_template(&self, node: usize, f: usize) -> bool {
+        self.cfg.templates && self.tmpl[node * self.prof.len() + f]
+    }
+
+    /// The start kind and latency (before CPU slowdown) of a new sandbox of `f` on `node`.
+    fn new_start(&self, f: usize, node: usize) -> (StartKind, f64) {
+        if self.has_template(node, f) {
+            (StartKind::Template, self.prof[f].template_start_ms())
+        } else {
+            (StartKind::Cold, self.prof[f].cold_ms)
+        }
+    }
+
+    /// After a real cold start of `f` on `node`: make the node's template of it if it has none
+    /// and the image fits under the admission share.
+    fn make_template(&mut self, f: usize, node: usize) {
+        if !self.cfg.templates || self.has_template(node, f) {
+            return;
+        }
+        let img = self.prof[f].template_image_mb();
+        if self.admit_cap() - self.nodes[node].used < img {
+            return;
+        }
+        self.tmpl[node * self.prof.len() + f] = true;
+        self.counts[f].templates += 1;
+        self.nodes[node].used += img;
+        self.nodes[node].templates_mb += img;
+        self.counters.templates += 1;
     }
 
     fn admit_cap(&self) -> f64 {
@@ -611,7 +684,7 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         }
         let victims = self.victims(Some(node), exclude);
         let avail: f64 = victims.iter().map(|v| self.sbs[v.2].mem).sum();
-        if free + avail < need {
+        if free + avail + self.nodes[node].templates_mb < need {
             return false;
         }
         for (rank, _, s) in victims {
@@ -620,13 +693,58 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             }
             self.evict(s, rank);
         }
+        // Template images go last, largest first (made again at the next cold start there).
+        while limit - self.nodes[node].used < need && self.nodes[node].templates_mb > 0.0 {
+            let n = self.prof.len();
+            let Some(f) = (0..n)
+                .filter(|&f| self.tmpl[node * n + f])
+                .max_by(|&a, &b| {
+                    self.prof[a]
+                        .template_image_mb()
+                        .total_cmp(&self.prof[b].template_image_mb())
+                })
+            else {
+                break;
+            };
+            self.drop_template(node, f);
+        }
         limit - self.nodes[node].used >= need
+    }
+
+    fn drop_template(&mut self, node: usize, f: usize) {
+        let n = self.prof.len();
+        if !std::mem::replace(&mut self.tmpl[node * n + f], false) {
+            return;
+        }
+        let img = self.prof[f].template_image_mb();
+        self.counts[f].templates = self.counts[f].templates.saturating_sub(1);
+        self.nodes[node].used -= img;
+        self.nodes[node].templates_mb = (self.nodes[node].templates_mb - img).max(0.0);
+        self.counters.templates_dropped += 1;
     }
 
     /// A node for a new sandbox of `f`, evicting if `evict`; `None` if there is none.
     fn place(&mut self, f: usize, evict: bool) -> Option<usize> {
-        let need = self.prof[f].start_reserve_mb();
+        let need = self.start_need(f);
         let cap = self.admit_cap();
+        // With templates: the node with the most free memory among those holding the
+        // function's template.
+        if self.cfg.templates {
+            let t = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| self.has_template(*i, f) && cap - n.used >= need)
+                .max_by(|a, b| {
+                    (cap - a.1.used)
+                        .total_cmp(&(cap - b.1.used))
+                        .then(b.0.cmp(&a.0))
+                })
+                .map(|(i, _)| i);
+            if t.is_some() {
+                return t;
+            }
+        }
         // The node with the most free memory (the paper's rule).
         let best = self
             .nodes
@@ -660,7 +778,7 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             .iter()
             .filter(|v| {
                 let n = self.sbs[v.2].node;
-                cap - self.nodes[n].used + idle_on[n] >= need
+                cap - self.nodes[n].used + idle_on[n] + self.nodes[n].templates_mb >= need
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)))
             .map(|v| self.sbs[v.2].node)?;
@@ -674,6 +792,24 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             self.counters.queued += 1;
             self.pending[r.f].push_back(r);
             self.n_pending += 1;
+        }
+        self.ask_prewarm(r.f);
+    }
+
+    /// Starts the pre-warms the policy asks for `f` now (those that fit without evicting).
+    fn ask_prewarm(&mut self, f: usize) {
+        let n = {
+            let view = FleetView {
+                counts: &self.counts,
+                budget_mb: self.cfg.cluster.budget_mb(),
+                used_mb: self.nodes.iter().map(|n| n.used).sum(),
+            };
+            self.policy.prewarm(f, &view, Timestamp(self.now))
+        };
+        for _ in 0..n {
+            if !self.prewarm(f, u64::MAX) {
+                break;
+            }
         }
     }
 
@@ -756,11 +892,12 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         let Some(node) = self.place(f, true) else {
             return false;
         };
+        let (kind, ms) = self.new_start(f, node);
         let s = self.new_sandbox(f, node, None);
-        let c = p.cold_ms * self.slowdown(node);
+        let c = ms * self.slowdown(node);
         let t = self.now + c.ceil() as u64;
         self.push(t, Ev::Started(s));
-        self.record(r, s, StartKind::Cold, c);
+        self.record(r, s, kind, c);
         true
     }
 
@@ -803,18 +940,40 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
                 self.set(s, St::Running, false);
                 self.drain_pending();
             }
-            St::Starting => match sb.prewarm_until {
-                Some(until) => {
-                    let m = self.prof[sb.f].warm_mb;
-                    self.charge(s, m);
-                    self.sbs[s].idle_since = self.now;
-                    self.sbs[s].deadline = Some(until);
-                    self.set(s, St::Warm, false);
+            St::Starting => {
+                let (f, node) = (sb.f, sb.node);
+                self.make_template(f, node);
+                self.started_new(s);
+            }
+            _ => {}
+        }
+    }
+
+    /// A cold, template or pre-warm start of `s` finished.
+    fn started_new(&mut self, s: usize) {
+        let sb = &self.sbs[s];
+        if sb.st != St::Starting {
+            return;
+        }
+        match sb.prewarm_until {
+            Some(until) => {
+                let m = self.prof[sb.f].warm_mb;
+                self.charge(s, m);
+                self.sbs[s].idle_since = self.now;
+                self.sbs[s].deadline = Some(until);
+                self.set(s, St::Warm, false);
+                // A waiting invocation of the function takes it at once.
+                let f = self.sbs[s].f;
+                if let Some(r) = self.pending[f].pop_front() {
+                    self.n_pending -= 1;
+                    let ok = self.dispatch(r);
+                    debug_assert!(ok);
+                } else {
                     self.schedule_decision(s);
                 }
-                None => self.set(s, St::Running, false),
-            },
-            _ => {}
+                self.drain_pending();
+            }
+            None => self.set(s, St::Running, false),
         }
     }
 
@@ -828,6 +987,7 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
                 0 => {
                     let m = self.prof[f].warm_mb;
                     self.charge(s, m);
+                    self.measured[f] = true;
                 }
                 hold => self.push(self.now + hold, Ev::Release(s)),
             }
@@ -862,7 +1022,9 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         let sb = &self.sbs[s];
         let warm = self.prof[sb.f].warm_mb;
         if !sb.base && matches!(sb.st, St::Warm | St::Running) && sb.mem > warm {
+            let f = sb.f;
             self.charge(s, warm);
+            self.measured[f] = true;
             self.drain_pending();
         }
     }
@@ -931,18 +1093,24 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         self.drain_pending();
     }
 
-    fn prewarm(&mut self, f: usize, until: u64) {
+    /// Starts a pre-warm of `f` kept until `until` if it fits without evicting.
+    fn prewarm(&mut self, f: usize, until: u64) -> bool {
         if until <= self.now {
-            return;
+            return false;
         }
         match self.place(f, false) {
             Some(node) => {
                 self.counters.prewarms += 1;
+                let (_, ms) = self.new_start(f, node);
                 let s = self.new_sandbox(f, node, Some(Timestamp(until)));
-                let t = self.now + self.prof[f].cold_ms.ceil() as u64;
+                let t = self.now + ms.ceil() as u64;
                 self.push(t, Ev::Started(s));
+                true
             }
-            None => self.counters.prewarms_skipped += 1,
+            None => {
+                self.counters.prewarms_skipped += 1;
+                false
+            }
         }
     }
 
@@ -1016,7 +1184,8 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             used += n.used;
             max_node = max_node.max(n.used);
         }
-        let mut by = [0.0f64; 4]; // warm/running, dedup, base, starting/restoring
+        let mut by = [0.0f64; 4]; // warm/running, dedup, base (+ templates), starting/restoring
+        by[2] = self.nodes.iter().map(|n| n.templates_mb).sum();
         let mut n_dedup = 0usize;
         let mut n_live = 0usize;
         for s in self.live.iter().flatten().copied() {

@@ -20,8 +20,25 @@ use crate::{ClusterConfig, PolicySpec, Profile, SimConfig, SimError, simulate};
 /// The paper's pools, GB.
 pub const PAPER_POOLS_GB: [f64; 3] = [40.0, 30.0, 20.0];
 
-/// The main policies compared at every pool.
-pub const MAIN_POLICIES: [&str; 4] = ["fixed-10m", "hybrid-histogram", "greedy-dual", "medes"];
+/// The main policies compared at every pool: the baselines, Medes with the paper's rules and
+/// the recommended variant `medes-predict` (see `docs/EVALUATION.md`).
+pub const MAIN_POLICIES: [&str; 5] = [
+    "fixed-10m",
+    "hybrid-histogram",
+    "greedy-dual",
+    "medes",
+    "medes-predict",
+];
+
+/// The template-start comparison (issue 8), at every pool: (a) fixed keep-alive, (b) template
+/// starts alone (fixed keep-alive whose cold starts become template starts: the paper's
+/// emulated Catalyzer), (c) Medes, (d) Medes with template starts; (c) and (d) for both the
+/// paper's rules and `medes-predict`.
+pub const TEMPLATE_POLICIES: [&str; 3] = [
+    "fixed-10m+template",
+    "medes+template",
+    "medes-predict+template",
+];
 
 /// Smallest scaled rate (invocations per hour) of an eligible one-hour window in the
 /// evaluation's recipe. The recipe's own default (12/h) yields ten functions that use under
@@ -122,16 +139,19 @@ pub fn run_grid(
             let (spec, pool) = &jobs[j];
             let trace = &patterns[p];
             let names = trace.functions();
-            let costs = profile.costs(&names).ok_or_else(|| {
-                let missing = names
-                    .iter()
-                    .find(|n| !profile.functions.contains_key(*n))
-                    .cloned()
-                    .unwrap_or_default();
-                SimError::UnknownFunction(missing)
-            })?;
+            let costs = profile
+                .costs_for(&names, spec.template_starts())
+                .ok_or_else(|| {
+                    let missing = names
+                        .iter()
+                        .find(|n| !profile.functions.contains_key(*n))
+                        .cloned()
+                        .unwrap_or_default();
+                    SimError::UnknownFunction(missing)
+                })?;
             let mut policy = spec.build(costs);
             let mut cfg = SimConfig::new(ClusterConfig::paper(*pool));
+            cfg.templates = spec.template_starts();
             cfg.seed = seed.wrapping_add(p as u64);
             cfg.keep_records = keep_records;
             let mut output = simulate(trace, profile, &mut policy, &cfg)?;
@@ -183,6 +203,12 @@ pub struct Row {
     pub cold_starts_per_hour: f64,
     /// Dedup starts, summed.
     pub dedup_starts: u64,
+    /// Template starts, summed.
+    pub template_starts: u64,
+    /// Startup milliseconds of cold and template starts (waits included), summed.
+    pub cold_template_ms: f64,
+    /// Pre-warms (sandboxes started off the request path), summed.
+    pub prewarms: u64,
     /// Invocations, summed.
     pub invocations: u64,
     /// Invocations never served (0 unless the cluster deadlocked).
@@ -264,6 +290,9 @@ fn aggregate(policy: &str, pool: f64, rs: &[&Run]) -> Row {
         cold_starts: cold,
         cold_starts_per_hour: cold as f64 / n,
         dedup_starts: sum(&|r| r.output.summary.dedup_starts),
+        template_starts: sum(&|r| r.output.summary.template_starts),
+        cold_template_ms: rs.iter().map(|r| r.output.summary.cold_template_ms).sum(),
+        prewarms: sum(&|r| r.output.summary.counters.prewarms),
         invocations: sum(&|r| r.output.summary.invocations),
         dropped: sum(&|r| r.output.summary.dropped),
         p50_ms: p50,
@@ -295,7 +324,7 @@ pub const TRADEOFF_POOL_GB: f64 = 20.0;
 
 /// Knob sweeps for the trade-off curves: (family, policies at [`TRADEOFF_POOL_GB`]). Greedy-Dual
 /// has no knob but its cache size, so its curve sweeps the pool itself ([`GD_POOLS_GB`]).
-pub const TRADEOFF: [(&str, &[&str]); 3] = [
+pub const TRADEOFF: [(&str, &[&str]); 4] = [
     (
         "fixed keep-alive",
         &[
@@ -325,6 +354,16 @@ pub const TRADEOFF: [(&str, &[&str]); 3] = [
             "medes-budget-10",
             "medes-budget-15",
             "medes",
+        ],
+    ),
+    (
+        "medes-predict",
+        &[
+            "medes-latency-predict",
+            "medes-budget-5-predict",
+            "medes-budget-10-predict",
+            "medes-budget-15-predict",
+            "medes-predict",
         ],
     ),
 ];
@@ -381,7 +420,7 @@ pub fn paper_jobs(pools: &[f64], sweeps: bool) -> (Vec<Job>, Vec<Job>) {
             }
         };
         for &pool in pools {
-            for p in VARIANTS {
+            for p in VARIANTS.iter().chain(TEMPLATE_POLICIES.iter()) {
                 add(p, pool);
             }
         }

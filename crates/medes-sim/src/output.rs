@@ -62,6 +62,12 @@ pub struct FunctionSummary {
     pub dedup_starts: u64,
     /// Warm starts.
     pub warm_starts: u64,
+    /// Template starts.
+    #[serde(default)]
+    pub template_starts: u64,
+    /// Startup milliseconds of cold and template starts, summed.
+    #[serde(default)]
+    pub cold_template_ms: f64,
     /// End-to-end percentiles, ms.
     pub p50_ms: f64,
     /// p99, ms.
@@ -87,6 +93,12 @@ pub struct Summary {
     pub dedup_starts: u64,
     /// Warm starts.
     pub warm_starts: u64,
+    /// Template starts.
+    #[serde(default)]
+    pub template_starts: u64,
+    /// Startup milliseconds (wait included) of cold and template starts, summed.
+    #[serde(default)]
+    pub cold_template_ms: f64,
     /// End-to-end p50, ms.
     pub p50_ms: f64,
     /// End-to-end p99, ms.
@@ -135,7 +147,8 @@ pub struct SummaryBuilder {
     names: Vec<String>,
     e2e: Vec<Vec<f64>>,
     startup: Vec<Vec<f64>>,
-    kinds: Vec<[u64; 3]>,
+    kinds: Vec<[u64; 4]>,
+    cold_template_ms: Vec<f64>,
     expected: u64,
 }
 
@@ -146,7 +159,8 @@ impl SummaryBuilder {
             names: names.to_vec(),
             e2e: vec![Vec::new(); names.len()],
             startup: vec![Vec::new(); names.len()],
-            kinds: vec![[0; 3]; names.len()],
+            kinds: vec![[0; 4]; names.len()],
+            cold_template_ms: vec![0.0; names.len()],
             expected: 0,
         }
     }
@@ -167,9 +181,13 @@ impl SummaryBuilder {
         let k = match r.start {
             StartKind::Cold => 0,
             StartKind::Dedup => 1,
+            StartKind::Template => 3,
             _ => 2,
         };
         self.kinds[f][k] += 1;
+        if k == 0 || k == 3 {
+            self.cold_template_ms[f] += r.startup_ms;
+        }
     }
 
     /// The summary.
@@ -184,20 +202,24 @@ impl SummaryBuilder {
         let mut functions = Vec::new();
         let mut all_e2e = Vec::new();
         let mut all_startup = Vec::new();
-        let mut tot = [0u64; 3];
+        let mut tot = [0u64; 4];
+        let mut ct_ms = 0.0;
         for (i, name) in self.names.iter().enumerate() {
             let e = sorted(self.e2e[i].clone());
             let s = sorted(self.startup[i].clone());
             let k = self.kinds[i];
-            for j in 0..3 {
-                tot[j] += k[j];
+            for (t, v) in tot.iter_mut().zip(k) {
+                *t += v;
             }
+            ct_ms += self.cold_template_ms[i];
             functions.push(FunctionSummary {
                 name: name.clone(),
                 invocations: e.len() as u64,
                 cold_starts: k[0],
                 dedup_starts: k[1],
                 warm_starts: k[2],
+                template_starts: k[3],
+                cold_template_ms: self.cold_template_ms[i],
                 p50_ms: percentile(&e, 50.0),
                 p99_ms: percentile(&e, 99.0),
                 p999_ms: percentile(&e, 99.9),
@@ -234,6 +256,8 @@ impl SummaryBuilder {
             cold_starts: tot[0],
             dedup_starts: tot[1],
             warm_starts: tot[2],
+            template_starts: tot[3],
+            cold_template_ms: ct_ms,
             p50_ms: percentile(&e, 50.0),
             p99_ms: percentile(&e, 99.0),
             p999_ms: percentile(&e, 99.9),

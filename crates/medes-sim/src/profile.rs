@@ -36,6 +36,13 @@ pub struct FunctionProfile {
     /// 0: m_W.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub start_mb: f64,
+    /// Template-start latency (a new sandbox restored from the function's post-init template,
+    /// issue 8), ms; 0: unknown, the dedup-start latency is used ([`Self::template_start_ms`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub template_ms: f64,
+    /// Memory a node holds for the function's template image, MB; 0: unknown, m_W is used.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub template_mb: f64,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -46,6 +53,28 @@ impl FunctionProfile {
     /// What a cold start reserves, MB.
     pub fn start_reserve_mb(&self) -> f64 {
         self.warm_mb.max(self.start_mb)
+    }
+
+    /// Template-start latency, ms: `template_ms` if measured, else the dedup-start latency (a
+    /// restore of a checkpoint, which is what the paper's emulated Catalyzer replaced cold
+    /// starts with, §7.6; an upper bound, since a template restore reads one local image and
+    /// patches nothing).
+    pub fn template_start_ms(&self) -> f64 {
+        if self.template_ms > 0.0 {
+            self.template_ms
+        } else {
+            self.dedup_ms
+        }
+    }
+
+    /// Memory of one node's template image of the function, MB (`template_mb`, else m_W: a
+    /// CRIU image of the sandbox is about its resident memory).
+    pub fn template_image_mb(&self) -> f64 {
+        if self.template_mb > 0.0 {
+            self.template_mb
+        } else {
+            self.warm_mb
+        }
     }
 }
 
@@ -130,7 +159,9 @@ impl Profile {
     /// - warm start 10 ms (the paper's 1–20 ms for an unpause, §1);
     /// - m_R = m_W (the restore path rebuilds the whole page image in memory, §4.2);
     /// - a base holds its page image: + m_W;
-    /// - dedup operation 2–3.3 s (§7.7), interpolated by footprint.
+    /// - dedup operation 2–3.3 s (§7.7), interpolated by footprint;
+    /// - template start (issue 8; the paper has none): `template_ms` = 0, i.e. the dedup-start
+    ///   latency of Fig. 8 ([`FunctionProfile::template_start_ms`]); the template image m_W.
     pub fn paper() -> Profile {
         let functions = PAPER
             .iter()
@@ -150,6 +181,8 @@ impl Profile {
                         base_extra_mb: mw,
                         dedup_op_ms: op.round(),
                         start_mb: 0.0,
+                        template_ms: 0.0,
+                        template_mb: 0.0,
                     },
                 )
             })
@@ -226,6 +259,11 @@ impl Profile {
 
     /// The policy-facing costs of `names`, in order (`None` if one is missing).
     pub fn costs(&self, names: &[String]) -> Option<Vec<FunctionCosts>> {
+        self.costs_for(names, false)
+    }
+
+    /// [`Profile::costs`], with the template-start latency filled in if `templates`.
+    pub fn costs_for(&self, names: &[String], templates: bool) -> Option<Vec<FunctionCosts>> {
         names
             .iter()
             .map(|n| {
@@ -238,6 +276,7 @@ impl Profile {
                     warm_mb: f.warm_mb,
                     dedup_mb: f.dedup_mb,
                     restore_mb: f.restore_mb,
+                    template_ms: templates.then(|| f.template_start_ms()),
                 })
             })
             .collect()
@@ -261,6 +300,8 @@ struct StartupRow {
     warm_mb: Option<f64>,
     #[serde(default)]
     dedup_mb: Option<f64>,
+    #[serde(default)]
+    template_ms_p50: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -300,7 +341,10 @@ impl Profile {
     /// - m_W = `warm_mb` if present, else the dedup bench's `image_mb`, else the fallback's;
     /// - m_D = `dedup_mb` if present, else m_W × `stored_mb`/`image_mb` (the measured saving
     ///   ratio applied to m_W), else the fallback's saving ratio;
-    /// - m_R = m_W, base extra = m_W, dedup op = the dedup bench's `dedup_ms` if present.
+    /// - m_R = m_W, base extra = m_W, dedup op = the dedup bench's `dedup_ms` if present;
+    /// - template start = `template_ms_p50` (from `bench startup --template`) − exec, like the
+    ///   cold start (the slower first run after a restore counts in the start); unknown: the
+    ///   dedup-start latency is used; template image = m_W.
     pub fn from_bench(
         startup: &Path,
         dedup: Option<&Path>,
@@ -354,6 +398,13 @@ impl Profile {
                     .or(fb.map(|f| f.dedup_op_ms))
                     .unwrap_or(2000.0),
                 start_mb: 0.0,
+                // Like a cold start: the client latency minus a warm run, so the first run's
+                // extra time after a restore counts in the start.
+                template_ms: row
+                    .template_ms_p50
+                    .map(|t| start(t).max(1.0))
+                    .unwrap_or(0.0),
+                template_mb: 0.0,
             };
             functions.insert(row.name, p);
         }

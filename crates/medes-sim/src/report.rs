@@ -374,6 +374,90 @@ fn memory_stats(runs: &[&Run]) -> (f64, f64, f64, f64, f64, f64) {
     )
 }
 
+/// The four-way template comparison (issue 8): fixed keep-alive, template starts alone, Medes,
+/// Medes with template starts, by pool.
+fn template_section(
+    res: &PaperResults,
+    pools: &[f64],
+    dir: &Path,
+    md: &mut String,
+) -> Result<(), ReportError> {
+    let four: [(&str, &str); 6] = [
+        ("(a) fixed keep-alive", "fixed-10m"),
+        ("(b) template starts alone", "fixed-10m+template"),
+        ("(c) Medes (paper's rules)", "medes"),
+        ("(d) Medes + template starts", "medes+template"),
+        ("(c) medes-predict", "medes-predict"),
+        (
+            "(d) medes-predict + template starts",
+            "medes-predict+template",
+        ),
+    ];
+    if !pools
+        .iter()
+        .any(|p| res.row("fixed-10m+template", *p).is_some())
+    {
+        return Ok(());
+    }
+    let _ = writeln!(
+        md,
+        "## Template starts (issue 8): fixed keep-alive, template starts alone, Medes, Medes with \
+         template starts\n\n\
+         Template starts: after a node's first real cold start of a function the node keeps its \
+         template image (charged to the node) and later starts there restore from it. \
+         *Cold + template start time* sums the startup latency (waits included) of every cold \
+         and template start. Target: (d) below (b) at every pool.\n\n\
+         | pool GB | policy | cold starts | template starts | dedup starts | cold + template start time, s | mean memory GB | evictions |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    for &pool in pools {
+        for (label, p) in four {
+            if let Some(r) = res.row(p, pool) {
+                let _ = writeln!(
+                    md,
+                    "| {pool:.0} | {label}: `{p}` | {} | {} | {} | {:.1} | {:.2} | {} |",
+                    r.cold_starts,
+                    r.template_starts,
+                    r.dedup_starts,
+                    r.cold_template_ms / 1000.0,
+                    r.mean_memory_gb,
+                    r.evictions
+                );
+            }
+        }
+    }
+    let cats: Vec<String> = pools.iter().map(|p| format!("{p:.0} GB")).collect();
+    let series: Vec<(String, Vec<f64>)> = four
+        .iter()
+        .map(|(_, p)| {
+            (
+                p.to_string(),
+                pools
+                    .iter()
+                    .map(|pool| {
+                        res.row(p, *pool).map_or(0.0, |r| {
+                            r.cold_template_ms / 1000.0 / res.pattern_sizes.len().max(1) as f64
+                        })
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let f = dir.join("templates_cold_template_time.png");
+    bar_chart(
+        &f,
+        "Cold + template start time per one-hour pattern",
+        "seconds / hour",
+        &cats,
+        &series,
+    )?;
+    let _ = writeln!(
+        md,
+        "\n![template comparison](templates_cold_template_time.png)\n"
+    );
+    Ok(())
+}
+
 /// Writes `REPORT.md`, `rows.json` and the plots into `dir`; returns the Markdown path.
 pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, ReportError> {
     let io = |path: &Path| {
@@ -458,7 +542,7 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
         };
         let tf = if pool >= 40.0 { "−35%" } else { "−45%" };
         let mut dka = String::new();
-        for v in VARIANTS {
+        for v in VARIANTS.iter().chain(["medes-predict"].iter()) {
             if let Some(d) = get(v) {
                 let _ = write!(
                     dka,
@@ -513,6 +597,7 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
         md,
         "![cold starts vs pool](fig10_cold_starts_vs_pool.png)\n"
     );
+    template_section(res, &pools, dir, &mut md)?;
 
     // Fig. 7a: latency ratio CDF.
     let _ = writeln!(

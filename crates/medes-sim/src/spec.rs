@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use medes_policy::policies::{
     ClusterPolicy, FixedKeepAlive, FunctionCosts, GreedyDual, HistogramConfig, HybridHistogram,
-    Medes, MedesConfig, MedesMode,
+    Medes, MedesConfig, MedesMode, PredictConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,8 +47,19 @@ pub enum PolicySpec {
         hold_below: Option<f64>,
         /// `-value`: eviction by expected saving per MB.
         evict_by_value: bool,
+        /// `-prewarm`: arrival prediction (pre-warms to the concurrency the recent rate needs).
+        predict: bool,
+        /// `-gd`: Greedy-Dual eviction order with dedup as the cheaper state.
+        evict_gd: bool,
     },
+    /// `<policy>+template`: the policy with template starts (issue 8): a node's later starts
+    /// of a function after its first real cold start there are restores from the function's
+    /// template ([`crate::SimConfig::templates`]).
+    Template(Box<PolicySpec>),
 }
+
+/// The hold threshold `-predict` implies: `medes-predict` = `medes-hold-0.9-prewarm-gd`.
+pub const PREDICT_HOLD: f64 = 0.9;
 
 /// A policy name that is not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +78,13 @@ impl FromStr for PolicySpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParsePolicyError(s.to_string());
+        if let Some(inner) = s.strip_suffix("+template") {
+            let inner: PolicySpec = inner.parse().map_err(|_| err())?;
+            if inner.template_starts() {
+                return Err(err());
+            }
+            return Ok(PolicySpec::Template(Box::new(inner)));
+        }
         if let Some(rest) = s.strip_prefix("fixed-").or(s.strip_prefix("ka-")) {
             return Ok(PolicySpec::Fixed {
                 minutes: minutes(rest).ok_or_else(err)?,
@@ -114,6 +132,9 @@ impl FromStr for PolicySpec {
         let mut pw = None;
         let mut hold = None;
         let mut value = false;
+        let mut predict = false;
+        let mut gd = false;
+        let mut bundle = false;
         let parts: Vec<&str> = rest.split('-').filter(|p| !p.is_empty()).collect();
         let mut i = 0;
         while i < parts.len() {
@@ -151,6 +172,9 @@ impl FromStr for PolicySpec {
                 }
                 "dka" => dka = true,
                 "value" => value = true,
+                "prewarm" => predict = true,
+                "gd" => gd = true,
+                "predict" => bundle = true,
                 "hold" => {
                     hold = Some(
                         parts
@@ -175,6 +199,12 @@ impl FromStr for PolicySpec {
             }
             i += 1;
         }
+        if bundle {
+            if hold.is_some() || predict || gd {
+                return Err(err());
+            }
+            (hold, predict, gd) = (Some(PREDICT_HOLD), true, true);
+        }
         Ok(PolicySpec::Medes {
             mode,
             keep_alive_minutes: ka,
@@ -183,6 +213,8 @@ impl FromStr for PolicySpec {
             pressure_watermark: pw,
             hold_below: hold,
             evict_by_value: value,
+            predict,
+            evict_gd: gd,
         })
     }
 }
@@ -213,6 +245,7 @@ impl fmt::Display for PolicySpec {
                 Ok(())
             }
             PolicySpec::GreedyDual => f.write_str("greedy-dual"),
+            PolicySpec::Template(inner) => write!(f, "{inner}+template"),
             PolicySpec::Medes {
                 mode,
                 keep_alive_minutes,
@@ -221,6 +254,8 @@ impl fmt::Display for PolicySpec {
                 pressure_watermark,
                 hold_below,
                 evict_by_value,
+                predict,
+                evict_gd,
             } => {
                 f.write_str("medes")?;
                 match mode {
@@ -243,8 +278,18 @@ impl fmt::Display for PolicySpec {
                 if let Some(w) = pressure_watermark {
                     write!(f, "-pw-{}", fmt_num(*w))?;
                 }
-                if let Some(h) = hold_below {
-                    write!(f, "-hold-{}", fmt_num(*h))?;
+                if *predict && *evict_gd && *hold_below == Some(PREDICT_HOLD) {
+                    f.write_str("-predict")?;
+                } else {
+                    if let Some(h) = hold_below {
+                        write!(f, "-hold-{}", fmt_num(*h))?;
+                    }
+                    if *predict {
+                        f.write_str("-prewarm")?;
+                    }
+                    if *evict_gd {
+                        f.write_str("-gd")?;
+                    }
                 }
                 if *evict_by_value {
                     f.write_str("-value")?;
@@ -320,6 +365,14 @@ macro_rules! forward {
         fn tick(&mut self, now: medes_policy::Timestamp) {
             self.inner.tick(now)
         }
+        fn prewarm(
+            &mut self,
+            f: usize,
+            view: &medes_policy::policies::FleetView<'_>,
+            now: medes_policy::Timestamp,
+        ) -> usize {
+            self.inner.prewarm(f, view, now)
+        }
         fn pressure_watermark(&self) -> Option<f64> {
             self.inner.pressure_watermark()
         }
@@ -340,10 +393,19 @@ impl<P: ClusterPolicy> ClusterPolicy for Named<P> {
 }
 
 impl PolicySpec {
+    /// Whether the runs of this policy use template starts (`+template`).
+    pub fn template_starts(&self) -> bool {
+        matches!(self, PolicySpec::Template(_))
+    }
+
     /// The policy for functions with these costs (in the trace's function order).
     pub fn build(&self, costs: Vec<FunctionCosts>) -> Box<dyn ClusterPolicy> {
         let name = self.to_string();
         match self {
+            PolicySpec::Template(inner) => Box::new(Named {
+                name,
+                inner: inner.build(costs),
+            }),
             PolicySpec::Fixed { minutes } => Box::new(Named {
                 name,
                 inner: FixedKeepAlive::new((minutes * 60_000.0) as u64),
@@ -374,6 +436,8 @@ impl PolicySpec {
                 pressure_watermark,
                 hold_below,
                 evict_by_value,
+                predict,
+                evict_gd,
             } => Box::new(Named {
                 name,
                 inner: Medes::new(
@@ -385,6 +449,8 @@ impl PolicySpec {
                         pressure_watermark: *pressure_watermark,
                         hold_below: *hold_below,
                         evict_by_value: *evict_by_value,
+                        predict: predict.then(PredictConfig::default),
+                        evict_greedy_dual: *evict_gd,
                         ..MedesConfig::default()
                     },
                     costs,
@@ -419,6 +485,15 @@ mod tests {
             "medes-hold-0.9",
             "medes-kd-10m-hold-0.95",
             "medes-hold-0.9-value",
+            "medes-predict",
+            "medes-prewarm",
+            "medes-hold-0.9-gd",
+            "medes-hold-0.9-prewarm",
+            "medes-hold-0.8-prewarm-gd",
+            "medes-kd-20m-predict",
+            "fixed-10m+template",
+            "medes+template",
+            "medes-predict+template",
             "hybrid-histogram-margin-4",
             "hybrid-histogram-60m-margin-1",
         ] {
@@ -437,6 +512,10 @@ mod tests {
             "medes-x",
             "lru",
             "medes-budget-",
+            "medes-predict-gd",
+            "medes-hold-0.8-predict",
+            "medes+template+template",
+            "+template",
         ] {
             assert!(bad.parse::<PolicySpec>().is_err(), "{bad}");
         }

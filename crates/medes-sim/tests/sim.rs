@@ -358,6 +358,22 @@ fn cpu_model_slows_concurrent_work_and_start_reservations_and_base_eviction_are_
             .map_or(f64::NAN, |m| m.used_mb)
     };
     assert!((at(&o, done + 300) - lin.warm_mb).abs() < 1e-6);
+    // Once a sandbox of the function was measured, new ones reserve m_W only (as the live
+    // controller charges the measured m_W): two more at once peak at 3 × m_W.
+    let t2 = trace(&[
+        (0, "linalg"),
+        (done + 5_000, "linalg"),
+        (done + 5_000, "linalg"),
+    ]);
+    let o = run(&t2, "fixed-10m", &c, &q);
+    assert_eq!(o.summary.cold_starts, 2);
+    let late = o
+        .memory
+        .iter()
+        .filter(|m| m.time_ms > done)
+        .map(|m| m.used_mb)
+        .fold(0.0, f64::max);
+    assert!((late - 2.0 * lin.warm_mb).abs() < 1e-6, "{late}");
     let mut lag = c;
     lag.cluster.start_hold_ms = 1_000;
     let o2 = run(&t1, "fixed-10m", &lag, &q);
@@ -365,4 +381,79 @@ fn cpu_model_slows_concurrent_work_and_start_reservations_and_base_eviction_are_
     assert!((at(&o2, done + 1_300) - lin.warm_mb).abs() < 1e-6);
     assert!(!ClusterConfig::paper(40.0).evict_idle_bases);
     assert_eq!(ClusterConfig::paper(40.0).cores, 0);
+}
+
+#[test]
+fn template_starts_replace_later_cold_starts_on_a_node_and_are_dropped_last() {
+    let p = Profile::paper();
+    let lin = &p.functions["linalg"];
+    // linalg twice, the second after fixed-10m's keep-alive: a template start.
+    let t = trace(&[(0, "linalg"), (11 * 60_000, "linalg")]);
+    let mut c = cluster(1, 4000.0);
+    c.templates = true;
+    let spec: PolicySpec = "fixed-10m+template".parse().unwrap();
+    assert!(
+        spec.template_starts() && !"fixed-10m".parse::<PolicySpec>().unwrap().template_starts()
+    );
+    let mut pol = spec.build(p.costs_for(&t.functions(), true).unwrap());
+    let o = simulate(&t, &p, &mut pol, &c).unwrap();
+    assert_eq!(o.policy, "fixed-10m+template");
+    let kinds: Vec<StartKind> = o.records.iter().map(|r| r.start).collect();
+    assert_eq!(kinds, [StartKind::Cold, StartKind::Template]);
+    assert!((o.records[1].startup_ms - lin.template_start_ms()).abs() < 1e-9);
+    let s = &o.summary;
+    assert_eq!(
+        (s.cold_starts, s.template_starts, s.counters.templates),
+        (1, 1, 1)
+    );
+    assert!((s.cold_template_ms - lin.cold_ms - lin.template_start_ms()).abs() < 1e-6);
+    // The image stays charged to the node after the sandboxes are gone.
+    let m = o.memory.iter().find(|m| m.time_ms >= 10 * 60_000).unwrap();
+    assert!((m.used_mb - 2.0 * lin.warm_mb).abs() < 1e-6, "{m:?}");
+    // Without templates the same trace is two cold starts.
+    c.templates = false;
+    let o = run(&t, "fixed-10m", &c, &p);
+    assert_eq!(o.summary.cold_starts, 2);
+
+    // A full node evicts its idle sandboxes first, then drops template images.
+    let vid = &p.functions["videopro"];
+    let node_mb = (lin.warm_mb * 2.0 + 1.0) / 0.95;
+    assert!(vid.warm_mb + lin.warm_mb > 0.95 * node_mb);
+    let t = trace(&[(0, "linalg"), (5_000, "videopro")]);
+    let mut c = cluster(1, node_mb);
+    c.templates = true;
+    let mut pol = spec.build(p.costs_for(&t.functions(), true).unwrap());
+    let o = simulate(&t, &p, &mut pol, &c).unwrap();
+    let s = &o.summary;
+    assert_eq!(s.cold_starts, 2, "{s:?}");
+    assert_eq!(
+        (s.counters.evictions, s.counters.templates_dropped),
+        (1, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.counters.budget_violations, 0);
+}
+
+#[test]
+fn medes_predict_prewarms_ahead_of_a_burst() {
+    let p = Profile::paper();
+    // modeltrain (exec 3 s, cold 1.2 s) at 20/s for a minute, from nothing.
+    let t = trace(
+        &(0..1200u64)
+            .map(|i| (i * 50, "modeltrain"))
+            .collect::<Vec<_>>(),
+    );
+    let c = cluster(4, 20_000.0);
+    let fixed = run(&t, "fixed-10m", &c, &p).summary;
+    let pred = run(&t, "medes-predict", &c, &p).summary;
+    assert_eq!(pred.invocations, 1200);
+    assert!(pred.counters.prewarms > 0, "{pred:?}");
+    assert!(
+        (pred.cold_starts as f64) < 0.6 * fixed.cold_starts as f64,
+        "{} vs {}",
+        pred.cold_starts,
+        fixed.cold_starts
+    );
+    // The paper's Medes never pre-warms.
+    assert_eq!(run(&t, "medes", &c, &p).summary.counters.prewarms, 0);
 }

@@ -42,7 +42,8 @@ use medes_core::StartKind;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AfterRun, ClusterPolicy, FleetView, FnId, FunctionCosts, IdleSandbox, IdleState, Verdict,
+    AfterRun, ClusterPolicy, FleetView, FnId, FunctionCosts, FunctionCounts, IdleSandbox,
+    IdleState, Verdict,
 };
 use crate::Timestamp;
 
@@ -116,6 +117,20 @@ pub struct MedesConfig {
     /// warm one); least recently used among equals. Default false (the prototype's order).
     #[serde(default)]
     pub evict_by_value: bool,
+    /// Arrival prediction (`medes-predict`): keep the function's live sandboxes (warm, running,
+    /// starting, dedup and bases) at least at the concurrency its recent arrival rate needs,
+    /// pre-warming the difference off the request path. `None` (the default, the paper's
+    /// Medes): no pre-warming.
+    #[serde(default)]
+    pub predict: Option<PredictConfig>,
+    /// Eviction in Greedy-Dual order (FaasCache) with dedup as the cheaper state: an idle
+    /// sandbox's priority is the clock when it last served plus the function's invocation
+    /// count × the start time it saves (the function's cold start, or template start when
+    /// template starts are on, minus its own warm or dedup start) ÷ the memory it holds (m_W,
+    /// or m_D deduplicated); the lowest goes first and the clock becomes its priority. Default
+    /// false (the prototype's over-provisioning order).
+    #[serde(default)]
+    pub evict_greedy_dual: bool,
     /// Live controller only: the fraction of m_W a dedup is assumed to save (b_f) until a dedup
     /// of the function has been measured and no profiled cost is known. Default 0.5; 0 makes an
     /// unmeasured function never deduplicated (besides its base).
@@ -125,6 +140,71 @@ pub struct MedesConfig {
 
 fn default_assumed_saving() -> f64 {
     0.5
+}
+
+/// Settings of Medes's arrival prediction ([`MedesConfig::predict`]).
+///
+/// The rate estimate λ̂ of a function is the largest per-second arrival count over the last
+/// `window_s` seconds (the current, partial second included, so a burst is seen while it
+/// builds). By Little's law the function needs λ̂ × (s̄_W + exec) sandboxes busy at once; the
+/// target is that plus `z`·√ of it (Poisson headroom), rounded up. Whenever the function has
+/// fewer live sandboxes than the target (counting the ones starting and the deduplicated
+/// ones, which serve as dedup starts), the difference is pre-warmed, at most `max_batch` per
+/// call, and only while the cluster uses less than `max_used` of its budget. Pre-warmed
+/// sandboxes are then ordinary idle sandboxes under Medes's rules (deduplicated when idle).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PredictConfig {
+    /// Window of the rate estimate, s.
+    pub window_s: u64,
+    /// Headroom in standard deviations (Poisson: √ of the need).
+    pub z: f64,
+    /// Largest number of pre-warms per call.
+    pub max_batch: usize,
+    /// No pre-warm while the cluster uses this share of its budget or more.
+    pub max_used: f64,
+}
+
+impl Default for PredictConfig {
+    fn default() -> Self {
+        PredictConfig {
+            window_s: 10,
+            z: 1.0,
+            max_batch: 64,
+            max_used: 0.9,
+        }
+    }
+}
+
+/// Per-second arrival counts over a short sliding window (for [`PredictConfig`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SecondWindow {
+    buckets: VecDeque<(u64, u32)>,
+}
+
+impl SecondWindow {
+    /// Counts one arrival at `now`.
+    pub fn add(&mut self, now: Timestamp) {
+        let sec = now.0 / 1000;
+        match self.buckets.back_mut() {
+            Some((b, c)) if *b == sec => *c = c.saturating_add(1),
+            _ => self.buckets.push_back((sec, 1)),
+        }
+    }
+
+    /// The largest per-second count in the `window_s` seconds ending at `now` (current second
+    /// included), per second; drops older buckets.
+    pub fn peak(&mut self, now: Timestamp, window_s: u64) -> f64 {
+        let cur = now.0 / 1000;
+        while let Some(&(b, _)) = self.buckets.front() {
+            if b + window_s.max(1) <= cur {
+                self.buckets.pop_front();
+            } else {
+                break;
+            }
+        }
+        f64::from(self.buckets.iter().map(|&(_, c)| c).max().unwrap_or(0))
+    }
 }
 
 impl Default for MedesConfig {
@@ -141,6 +221,8 @@ impl Default for MedesConfig {
             own_budget: false,
             hold_below: None,
             evict_by_value: false,
+            predict: None,
+            evict_greedy_dual: false,
             assumed_saving: default_assumed_saving(),
             reuse_ms: 500.0,
             window_minutes: 10,
@@ -202,6 +284,9 @@ impl LambdaWindow {
 #[derive(Debug, Clone, PartialEq)]
 struct FnState {
     lambda: LambdaWindow,
+    /// Invocations so far.
+    arrivals: u64,
+    recent: SecondWindow,
     s_w: f64,
     s_d: f64,
 }
@@ -238,6 +323,8 @@ pub struct Medes {
     costs: Vec<FunctionCosts>,
     modes: Vec<MedesMode>,
     fns: Vec<FnState>,
+    /// Greedy-Dual clock ([`MedesConfig::evict_greedy_dual`]).
+    clock: f64,
 }
 
 impl Medes {
@@ -251,6 +338,8 @@ impl Medes {
             .iter()
             .map(|c| FnState {
                 lambda: LambdaWindow::default(),
+                arrivals: 0,
+                recent: SecondWindow::default(),
                 s_w: c.warm_ms.max(0.0),
                 s_d: c.dedup_ms.max(0.0),
             })
@@ -260,6 +349,7 @@ impl Medes {
             costs,
             modes,
             fns,
+            clock: 0.0,
         }
     }
 
@@ -319,12 +409,18 @@ impl Medes {
             },
             n_warm: counts.warm_like(),
             n_dedup: counts.dedup_like(),
-            n_base: counts.base,
+            // With template starts, a node's template is the function's first base there.
+            n_base: counts.base + counts.templates,
             s_w_ms: st.s_w,
             s_d_ms: st.s_d,
             exec_ms: c.exec_ms,
             warm_mb: c.warm_mb,
-            saving: c.dedup_saving(),
+            // A dedup start that is no faster than a template start saves nothing: a template
+            // start needs no memory while idle and less to start (m_W, not m_W − m_D + m_R).
+            saving: match c.template_ms {
+                Some(t) if counts.templates > 0 && t <= st.s_d => 0.0,
+                _ => c.dedup_saving(),
+            },
             budget_mb: view.budget_mb,
             used_mb: view.used_mb,
         };
@@ -530,6 +626,32 @@ impl ClusterPolicy for Medes {
     fn on_arrival(&mut self, f: FnId, now: Timestamp) {
         if let Some(s) = self.fns.get_mut(f) {
             s.lambda.add(now);
+            s.arrivals += 1;
+            if self.cfg.predict.is_some() {
+                s.recent.add(now);
+            }
+        }
+    }
+
+    fn prewarm(&mut self, f: FnId, view: &FleetView<'_>, now: Timestamp) -> usize {
+        let Some(p) = self.cfg.predict else { return 0 };
+        if !(view.budget_mb > 0.0 && view.used_mb < p.max_used * view.budget_mb) {
+            return 0;
+        }
+        let (Some(c), Some(st)) = (self.costs.get(f), self.fns.get_mut(f)) else {
+            return 0;
+        };
+        let rate = st.recent.peak(now, p.window_s);
+        if rate <= 0.0 {
+            return 0;
+        }
+        let need = rate * (st.s_w.max(0.0) + c.exec_ms.max(0.0)) / 1000.0;
+        let target = (need + p.z.max(0.0) * need.sqrt()).ceil();
+        let have = view.counts.get(f).map_or(0, FunctionCounts::total) as f64;
+        if target.is_finite() && target > have {
+            ((target - have) as usize).min(p.max_batch)
+        } else {
+            0
         }
     }
 
@@ -547,7 +669,10 @@ impl ClusterPolicy for Medes {
     }
 
     fn on_finish(&mut self, _f: FnId, _now: Timestamp) -> AfterRun {
-        AfterRun::default()
+        AfterRun {
+            score: self.clock,
+            ..AfterRun::default()
+        }
     }
 
     fn next_decision(&self, _f: FnId, sb: &IdleSandbox, now: Timestamp) -> Option<Timestamp> {
@@ -576,6 +701,17 @@ impl ClusterPolicy for Medes {
             .fns
             .get(f)
             .map_or(0.0, |s| s.lambda.mean_rate(now, self.cfg.window_minutes));
+        if self.cfg.evict_greedy_dual
+            && let (Some(c), Some(st)) = (self.costs.get(f), self.fns.get(f))
+        {
+            let (own, mb) = match sb.state {
+                IdleState::Dedup => (st.s_d, c.dedup_mb),
+                _ => (st.s_w, c.warm_mb),
+            };
+            let replaced = c.template_ms.unwrap_or(c.cold_ms).min(c.cold_ms);
+            let saved = (replaced - own).max(0.0);
+            return sb.score + st.arrivals as f64 * saved / mb.max(1e-3);
+        }
         if self.cfg.evict_by_value
             && let (Some(c), Some(st)) = (self.costs.get(f), self.fns.get(f))
         {
@@ -589,6 +725,12 @@ impl ClusterPolicy for Medes {
         let held = (counts.warm + counts.dedup_like() + counts.base) as f64;
         // Most over-provisioned first: the lowest rank.
         -(held / (rate + 1e-3))
+    }
+
+    fn on_evicted(&mut self, _f: FnId, rank: f64) {
+        if self.cfg.evict_greedy_dual && rank.is_finite() && rank > self.clock {
+            self.clock = rank;
+        }
     }
 
     fn tick(&mut self, now: Timestamp) {
@@ -1042,6 +1184,122 @@ mod tests {
             lat.explain(0, &dedup, &view(100.0), now).verdict,
             Verdict::Purge
         );
+    }
+
+    #[test]
+    fn prediction_prewarms_to_the_needed_concurrency() {
+        let cfg = MedesConfig {
+            predict: Some(PredictConfig::default()),
+            ..Default::default()
+        };
+        let mut p = Medes::new(cfg, costs());
+        // 10 arrivals of linalg in one second: need = 10/s × (10 + 250) ms = 2.6 sandboxes,
+        // + √2.6 headroom = 4.2 → 5; one is live: 4 more.
+        for i in 0..10 {
+            p.on_arrival(0, Timestamp(1_000 + i * 50));
+        }
+        let cs = [counts(1, 0, 0), counts(0, 0, 0)];
+        let view = FleetView {
+            counts: &cs,
+            budget_mb: 1e6,
+            used_mb: 0.0,
+        };
+        assert_eq!(p.prewarm(0, &view, Timestamp(1_500)), 4);
+        assert_eq!(p.prewarm(1, &view, Timestamp(1_500)), 0);
+        // Enough live (dedup sandboxes count), memory short, or the burst long gone: none.
+        let enough = [counts(2, 3, 0), counts(0, 0, 0)];
+        let v2 = FleetView {
+            counts: &enough,
+            ..view
+        };
+        assert_eq!(p.prewarm(0, &v2, Timestamp(1_500)), 0);
+        let full = FleetView {
+            counts: &cs,
+            budget_mb: 1_000.0,
+            used_mb: 950.0,
+        };
+        assert_eq!(p.prewarm(0, &full, Timestamp(1_500)), 0);
+        assert_eq!(p.prewarm(0, &view, Timestamp(12_000)), 0);
+        // The paper's Medes never pre-warms.
+        let mut plain = loaded(MedesConfig::default(), [600, 0], 20 * MIN);
+        assert_eq!(plain.prewarm(0, &view, Timestamp(20 * MIN)), 0);
+    }
+
+    #[test]
+    fn greedy_dual_eviction_with_dedup_as_the_cheaper_state() {
+        let cfg = MedesConfig {
+            evict_greedy_dual: true,
+            ..Default::default()
+        };
+        let mut p = Medes::new(cfg, costs());
+        for _ in 0..10 {
+            p.on_arrival(0, Timestamp(0));
+            p.on_arrival(1, Timestamp(0));
+        }
+        assert_eq!(p.on_finish(0, Timestamp(0)).score, 0.0);
+        let cs = [counts(1, 1, 0), counts(1, 1, 0)];
+        let view = FleetView {
+            counts: &cs,
+            budget_mb: 1e6,
+            used_mb: 0.0,
+        };
+        let (w, d) = (idle(IdleState::Warm, 0), idle(IdleState::Dedup, 0));
+        let r = |f: FnId, sb: &IdleSandbox| p.evict_rank(f, sb, &view, Timestamp(0));
+        // linalg warm 10 × (835 − 10)/32 ≈ 258 per MB; deduplicated 10 × (835 − 157)/21.5 ≈
+        // 315; modelserve warm 10 × (1575 − 10)/90 ≈ 174: evicted first.
+        assert!((r(0, &w) - 10.0 * 825.0 / 32.0).abs() < 1e-9);
+        assert!(r(1, &w) < r(0, &w) && r(0, &w) < r(0, &d));
+        let first = r(1, &w);
+        p.on_evicted(1, first);
+        assert_eq!(p.on_finish(0, Timestamp(0)).score, first);
+        // With template starts, a start saves only up to the template start.
+        let mut tc = costs();
+        tc[0].template_ms = Some(100.0);
+        let mut q = Medes::new(
+            MedesConfig {
+                evict_greedy_dual: true,
+                ..Default::default()
+            },
+            tc,
+        );
+        for _ in 0..10 {
+            q.on_arrival(0, Timestamp(0));
+        }
+        assert!((q.evict_rank(0, &w, &view, Timestamp(0)) - 10.0 * 90.0 / 32.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn template_faster_than_dedup_start_means_no_dedup() {
+        let mut tc = costs();
+        tc[0].template_ms = Some(100.0);
+        let mut p = Medes::new(MedesConfig::default(), tc);
+        for m in 0..10u64 {
+            for i in 0..6 {
+                p.on_arrival(0, Timestamp(10 * MIN + m * MIN + i));
+                p.on_arrival(1, Timestamp(10 * MIN + m * MIN + i));
+            }
+        }
+        let now = Timestamp(20 * MIN);
+        let sb = idle(IdleState::Warm, now.0 - MIN);
+        let mut c = counts(30, 0, 1);
+        let view = |c: &[FunctionCounts; 2]| {
+            p.explain(
+                0,
+                &sb,
+                &FleetView {
+                    counts: c,
+                    budget_mb: 100.0,
+                    used_mb: 0.0,
+                },
+                now,
+            )
+            .verdict
+        };
+        // Far over its share: deduplicated while the node has no template of it...
+        assert_eq!(view(&[c, counts(0, 0, 0)]), Verdict::Dedup);
+        // ... kept warm once a template starts it faster than a dedup start would.
+        c.templates = 1;
+        assert_eq!(view(&[c, counts(0, 0, 0)]), Verdict::Keep);
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub use greedy_dual::GreedyDual;
 pub use histogram::{HistogramConfig, HybridHistogram, IdleHistogram, Pattern, Windows};
 pub use keepalive::FixedKeepAlive;
 pub use medes::{
-    LambdaWindow, Medes, MedesConfig, MedesInputs, MedesMode, MedesTrace, decide as medes_decide,
+    LambdaWindow, Medes, MedesConfig, MedesInputs, MedesMode, MedesTrace, PredictConfig,
+    SecondWindow, decide as medes_decide,
 };
 
 use medes_core::StartKind;
@@ -65,6 +66,9 @@ pub struct FunctionCosts {
     pub dedup_mb: f64,
     /// Transient extra memory of a dedup start, MB (m_R).
     pub restore_mb: f64,
+    /// Template-start latency, ms, when template starts are on (issue 8); `None`: off.
+    #[serde(default)]
+    pub template_ms: Option<f64>,
 }
 
 impl FunctionCosts {
@@ -93,6 +97,11 @@ pub struct FunctionCounts {
     pub dedup: usize,
     /// Bases (idle or running).
     pub base: usize,
+    /// Nodes holding a template image of the function (not sandboxes: not in
+    /// [`FunctionCounts::total`]). With template starts the template is the function's first
+    /// base on its node.
+    #[serde(default)]
+    pub templates: usize,
 }
 
 impl FunctionCounts {
@@ -223,6 +232,14 @@ pub trait ClusterPolicy: Send {
     /// Periodic timer (the caller calls it at least once a second of trace time).
     fn tick(&mut self, _now: Timestamp) {}
 
+    /// How many sandboxes of `f` to start now without an invocation (pre-warms, off the
+    /// request path). The caller asks after every arrival of `f` and, for every function, on
+    /// every tick; it starts what fits without evicting and counts them in
+    /// [`FunctionCounts::starting`] at once. The default: none.
+    fn prewarm(&mut self, _f: FnId, _view: &FleetView<'_>, _now: Timestamp) -> usize {
+        0
+    }
+
     /// A node fuller than this share of its budget is under pressure: the caller then offers
     /// its idle warm sandboxes (least recently used first) to [`ClusterPolicy::on_pressure`] on
     /// each tick until enough memory is being freed. `None` (the default): never.
@@ -287,6 +304,9 @@ impl<P: ClusterPolicy + ?Sized> ClusterPolicy for Box<P> {
     fn tick(&mut self, now: Timestamp) {
         (**self).tick(now)
     }
+    fn prewarm(&mut self, f: FnId, view: &FleetView<'_>, now: Timestamp) -> usize {
+        (**self).prewarm(f, view, now)
+    }
     fn pressure_watermark(&self) -> Option<f64> {
         (**self).pressure_watermark()
     }
@@ -317,6 +337,7 @@ pub(crate) mod testutil {
                 warm_mb: 32.0,
                 dedup_mb: 21.5,
                 restore_mb: 32.0,
+                template_ms: None,
             },
             FunctionCosts {
                 name: "modelserve".into(),
@@ -327,6 +348,7 @@ pub(crate) mod testutil {
                 warm_mb: 90.0,
                 dedup_mb: 37.8,
                 restore_mb: 90.0,
+                template_ms: None,
             },
         ]
     }

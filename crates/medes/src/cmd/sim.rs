@@ -19,7 +19,8 @@ macro_rules! say {
 #[derive(clap::Args)]
 pub struct Args {
     /// Policy: fixed-<N>m, hybrid-histogram[-<N>m], greedy-dual, medes, medes-kd-<N>m,
-    /// medes-ka-<N>m, medes-latency[-<alpha>], medes-budget-<GB>.
+    /// medes-ka-<N>m, medes-latency[-<alpha>], medes-budget-<GB>, medes-predict; a
+    /// `+template` suffix adds template starts (e.g. fixed-10m+template).
     #[arg(long, default_value = "medes")]
     policy: String,
     /// Trace file (`time_ms,function,params`); default: pattern `--pattern` of the paper's
@@ -82,9 +83,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut cfg = SimConfig::new(cluster);
     cfg.seed = args.seed;
+    cfg.templates = spec.template_starts();
     let names = trace.functions();
     let costs = profile
-        .costs(&names)
+        .costs_for(&names, spec.template_starts())
         .with_context(|| format!("the profile lacks one of the trace's functions {names:?}"))?;
     let mut policy = spec.build(costs);
     let t0 = std::time::Instant::now();
@@ -108,8 +110,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             secs
         );
         say!(
-            "starts: {} cold, {} dedup, {} warm; dropped {}",
+            "starts: {} cold, {} template, {} dedup, {} warm; dropped {}",
             s.cold_starts,
+            s.template_starts,
             s.dedup_starts,
             s.warm_starts,
             s.dropped
