@@ -133,6 +133,7 @@ pub use medes_registry_redis::{self as registry_redis, RegistryConfig};
 mod code;
 mod domain;
 mod images;
+mod lazy;
 mod persist;
 pub mod proto;
 mod registry_backend;
@@ -196,6 +197,10 @@ pub struct AgentConfig {
     /// top-level `[registry]` section, not read from `[agent]`).
     #[serde(skip)]
     pub registry: RegistryConfig,
+    /// Dedup starts restore lazily (`criu restore --lazy-pages` with the agent's own
+    /// lazy-pages server fed by the rebuild, see `lazy.rs`); false restores from rebuilt pages
+    /// files. Default true.
+    pub lazy_restore: bool,
 }
 
 /// How the agent deduplicates and restores sandboxes.
@@ -250,6 +255,7 @@ impl Default for AgentConfig {
             start_timeout_ms: 30_000,
             dedup: DedupSettings::default(),
             registry: RegistryConfig::default(),
+            lazy_restore: true,
         }
     }
 }
@@ -313,6 +319,12 @@ pub struct DedupCounters {
     /// unusable; each logged with its reason).
     #[serde(default)]
     pub kept_dropped: u64,
+    /// Dedup starts that succeeded through the lazy restore (part of `restores`).
+    #[serde(default)]
+    pub lazy_restores: u64,
+    /// Lazy dedup starts that could not start and used the plain restore instead.
+    #[serde(default)]
+    pub lazy_fallbacks: u64,
 }
 
 /// The local node agent. Cheap to clone (all clones share one node).
@@ -1490,12 +1502,14 @@ impl Inner {
         let peaks = sampler.finish();
         match r {
             Ok((sandbox, mut reply)) => {
-                reply.transient_images_bytes = peaks.images;
+                // A lazy start's page buffers are already in `transient_images_bytes`.
+                let held = reply.transient_images_bytes;
+                reply.transient_images_bytes = held + peaks.images;
                 reply.transient_criu_bytes = peaks.criu;
-                reply.transient_bytes = peaks.total();
+                reply.transient_bytes = held + peaks.total();
                 self.transients
                     .lock()
-                    .insert(rec.info.function.clone(), peaks.total());
+                    .insert(rec.info.function.clone(), reply.transient_bytes);
                 let slot = Arc::new(Slot::new(sandbox, rec.info.clone(), Some(rec)));
                 if !self.finish_busy(&id, Some(Entry::Live(slot.clone()))) {
                     release(slot).await;
@@ -1551,6 +1565,28 @@ impl Inner {
         .await
         .unwrap_or_else(|e| Err(format!("store task failed: {e}")))?;
         let read_base_ms = ms(t.elapsed());
+        if self.cfg.lazy_restore {
+            let lazy_bases: Arc<dyn BasePages + Send> = bases.clone();
+            let r = lazy::restore(self, rec, &dir, store.clone(), lazy_bases, read_base_ms).await;
+            let fallback = match r {
+                Ok((sandbox, mut reply, held)) => {
+                    // `restore` adds the sampled m_R parts to the page buffers held.
+                    reply.transient_images_bytes = held;
+                    self.counters.lock().lazy_restores += 1;
+                    let dir2 = dir.clone();
+                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir2));
+                    return Ok((sandbox, reply));
+                }
+                Err(lazy::LazyError::Failed(reason)) => {
+                    let dir2 = dir.clone();
+                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir2));
+                    return Err(remote::with_cause(&reason, &bases));
+                }
+                Err(lazy::LazyError::Fallback(reason)) => reason,
+            };
+            self.counters.lock().lazy_fallbacks += 1;
+            warn!(sandbox = %id, reason = %fallback, "lazy dedup start not possible: plain restore");
+        }
         // The pages, while the sandbox is prepared and CRIU builds its namespaces.
         let rebuilt = Arc::new(Mutex::new(0.0));
         let rebuilt2 = rebuilt.clone();

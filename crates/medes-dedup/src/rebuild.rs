@@ -77,6 +77,9 @@ pub enum RebuildError {
         /// Bytes given.
         found: u64,
     },
+    /// The caller of [`rebuild_batches`] asked to stop.
+    #[error("the rebuild was stopped by its caller")]
+    Stopped,
     /// Writing the rebuilt images failed.
     #[error("writing {path:?}")]
     Write {
@@ -132,27 +135,32 @@ fn tables(store: &DedupStore) -> Result<Vec<Option<MappingTable>>, RebuildError>
 struct Plan<'a> {
     store: &'a DedupStore,
     bases: &'a dyn BasePages,
+    data: &'a PlanData,
+}
+
+/// The store-derived part of a [`Plan`].
+struct PlanData {
     tables: Vec<Option<MappingTable>>,
     proc_of: Vec<u16>,
     offsets: Vec<u64>,
 }
 
-impl<'a> Plan<'a> {
-    fn new(store: &'a DedupStore, bases: &'a dyn BasePages) -> Result<Self, RebuildError> {
+impl PlanData {
+    fn new(store: &DedupStore) -> Result<Self, RebuildError> {
         let tables = tables(store)?;
         let mut proc_of = Vec::with_capacity(store.pages.len());
         for (pi, p) in store.procs.iter().enumerate() {
             proc_of.extend(std::iter::repeat_n(pi as u16, p.n_pages as usize));
         }
-        Ok(Plan {
-            store,
-            bases,
+        Ok(PlanData {
             tables,
             proc_of,
             offsets: store.offsets(),
         })
     }
+}
 
+impl Plan<'_> {
     /// Decodes batch `b` (pages `b * BATCH ..`) into `chunk` (its pages, in order), verifying
     /// every page.
     fn batch(
@@ -215,7 +223,7 @@ impl<'a> Plan<'a> {
                 ),
                 None => (None, None),
             };
-            let o = self.offsets[i] as usize;
+            let o = self.data.offsets[i] as usize;
             let src: &[u8] = if e.kind.in_block() {
                 block
             } else {
@@ -228,13 +236,20 @@ impl<'a> Plan<'a> {
             dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
                 .map_err(|source| RebuildError::Decode { page, source })?;
             if e.rebased {
-                let proc_idx = self.proc_of.get(i).map_or(usize::MAX, |&p| usize::from(p));
-                let t = self.tables.get(proc_idx).and_then(Option::as_ref).ok_or(
-                    RebuildError::Unrebase {
+                let proc_idx = self
+                    .data
+                    .proc_of
+                    .get(i)
+                    .map_or(usize::MAX, |&p| usize::from(p));
+                let t = self
+                    .data
+                    .tables
+                    .get(proc_idx)
+                    .and_then(Option::as_ref)
+                    .ok_or(RebuildError::Unrebase {
                         page,
                         source: UnknownMapping { id: 0 },
-                    },
-                )?;
+                    })?;
                 t.unrebase(dst)
                     .map_err(|source| RebuildError::Unrebase { page, source })?;
             }
@@ -260,7 +275,12 @@ pub fn rebuild_into(
             found: out.len() as u64,
         });
     }
-    let plan = Plan::new(store, bases)?;
+    let data = PlanData::new(store)?;
+    let plan = Plan {
+        store,
+        bases,
+        data: &data,
+    };
     out.par_chunks_mut(PAGE * BATCH)
         .enumerate()
         .try_for_each_init(
@@ -304,7 +324,12 @@ pub fn rebuild_to_files(
             found: files.len() as u64,
         });
     }
-    let plan = Plan::new(store, bases)?;
+    let data = PlanData::new(store)?;
+    let plan = Plan {
+        store,
+        bases,
+        data: &data,
+    };
     let mut spans = Vec::with_capacity(files.len());
     let mut first = 0u64;
     for (f, p) in files.iter().zip(&store.procs) {
@@ -356,4 +381,112 @@ pub fn rebuild_dir(
         std::fs::write(&path, data).map_err(|source| RebuildError::Write { path, source })?;
     }
     rebuild_pages_files(store, bases, dir)
+}
+
+/// Pages per batch of [`Rebuilder::rebuild_batch`] and [`rebuild_batches`] (one store block):
+/// batch `b` holds the store's pages `b * BATCH_PAGES ..` (the last one may be shorter).
+pub const BATCH_PAGES: usize = BATCH;
+
+/// Per-thread scratch space of a [`Rebuilder`] (a decoder and a decompressed block).
+#[derive(Default)]
+pub struct RebuildScratch {
+    dec: Decoder,
+    block: Vec<u8>,
+}
+
+/// A rebuild one batch at a time, in any order, from any thread: for callers that place the
+/// pages themselves (e.g. copy them into a restored process as they come, or rebuild the batch
+/// of a page asked for first). Owns what it needs, so it can live on its own thread. Every
+/// page is verified against its checksum before a batch is returned.
+pub struct Rebuilder {
+    store: std::sync::Arc<DedupStore>,
+    bases: std::sync::Arc<dyn BasePages + Send>,
+    data: PlanData,
+}
+
+impl Rebuilder {
+    /// Prepares a rebuild of `store` against `bases` (decodes the mapping tables once).
+    pub fn new(
+        store: std::sync::Arc<DedupStore>,
+        bases: std::sync::Arc<dyn BasePages + Send>,
+    ) -> Result<Self, RebuildError> {
+        let data = PlanData::new(&store)?;
+        Ok(Rebuilder { store, bases, data })
+    }
+
+    /// The store being rebuilt.
+    pub fn store(&self) -> &DedupStore {
+        &self.store
+    }
+
+    /// Number of batches.
+    pub fn n_batches(&self) -> usize {
+        self.store.pages.len().div_ceil(BATCH)
+    }
+
+    /// The store's page indices of batch `b` (empty past the end).
+    pub fn batch_pages(&self, b: usize) -> std::ops::Range<u64> {
+        let n = self.store.pages.len();
+        let lo = (b.saturating_mul(BATCH)).min(n);
+        let hi = (lo + BATCH).min(n);
+        lo as u64..hi as u64
+    }
+
+    /// Rebuilds batch `b` into `out` (exactly its pages × 4096 bytes), every page verified:
+    /// on `Err` the contents of `out` must not be used.
+    pub fn rebuild_batch(
+        &self,
+        b: usize,
+        scratch: &mut RebuildScratch,
+        out: &mut [u8],
+    ) -> Result<(), RebuildError> {
+        let r = self.batch_pages(b);
+        let expected = (r.end - r.start) * PAGE as u64;
+        if r.is_empty() || out.len() as u64 != expected {
+            return Err(RebuildError::OutputSize {
+                expected,
+                found: out.len() as u64,
+            });
+        }
+        let plan = Plan {
+            store: &self.store,
+            bases: &*self.bases,
+            data: &self.data,
+        };
+        plan.batch(&mut scratch.dec, &mut scratch.block, b, out)
+    }
+}
+
+/// Rebuilds every page of the store in batches of [`BATCH_PAGES`], in parallel on rayon's
+/// pool, and hands each verified batch to `f(first page index, pages)`; a batch that fails
+/// verification (or cannot be decoded) is never handed over, and the rebuild stops with its
+/// error. `f` returning `false` stops the rebuild with [`RebuildError::Stopped`].
+pub fn rebuild_batches<F>(
+    store: &DedupStore,
+    bases: &dyn BasePages,
+    f: F,
+) -> Result<(), RebuildError>
+where
+    F: Fn(u64, &[u8]) -> bool + Sync,
+{
+    let data = PlanData::new(store)?;
+    let plan = Plan {
+        store,
+        bases,
+        data: &data,
+    };
+    let n = store.pages.len();
+    (0..n.div_ceil(BATCH)).into_par_iter().try_for_each_init(
+        || (Decoder::default(), Vec::new(), vec![0u8; PAGE * BATCH]),
+        |(dec, block, buf), b| {
+            let pages = BATCH.min(n - b * BATCH);
+            let chunk = &mut buf[..pages * PAGE];
+            plan.batch(dec, block, b, chunk)?;
+            if f((b * BATCH) as u64, chunk) {
+                Ok(())
+            } else {
+                Err(RebuildError::Stopped)
+            }
+        },
+    )
 }

@@ -122,6 +122,7 @@ mod cgroup;
 mod client;
 mod criu;
 mod launch;
+mod lazy;
 mod net;
 mod rootfs;
 mod sandbox;
@@ -130,6 +131,10 @@ mod types;
 use std::path::Path;
 use std::process::Command;
 
+pub use lazy::{
+    DemandFn, LazyDaemon, LazyFeed, LazyLayout, LazyStartError, LazyStats,
+    SOCKET_NAME as LAZY_SOCKET_NAME,
+};
 pub use net::release_spares as release_spare_netns;
 pub use sandbox::{Sandbox, cleanup_stale};
 pub use types::*;

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::cgroup::Cgroup;
 use crate::criu::{self, Meta, Outcome};
 use crate::launch::{self, LaunchPlan, cpath};
+use crate::lazy::LazyDaemon;
 use crate::net::{self, Netns};
 use crate::rootfs::{self, Mount, MountKind};
 use crate::*;
@@ -890,7 +891,7 @@ impl Sandbox {
             reason,
         })?;
         check_files(images_dir, &meta, true)?;
-        Self::restore_impl(cfg, spec, images_dir, meta, None, Instant::now())
+        Self::restore_impl(cfg, spec, images_dir, meta, None, None, Instant::now())
             .await
             .map(|(sb, _)| sb)
     }
@@ -912,6 +913,20 @@ impl Sandbox {
         spec: SandboxSpec,
         images_dir: &Path,
         pages: F,
+    ) -> Result<(Sandbox, RestoreTimings), RestoreError>
+    where
+        F: FnOnce(Vec<(String, fs::File)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>> + Send,
+    {
+        Self::restore_with_mode(cfg, spec, images_dir, pages, None).await
+    }
+
+    async fn restore_with_mode<F, Fut>(
+        cfg: &SandboxConfig,
+        spec: SandboxSpec,
+        images_dir: &Path,
+        pages: F,
+        lazy: Option<&LazyDaemon>,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError>
     where
         F: FnOnce(Vec<(String, fs::File)>) -> Fut,
@@ -950,7 +965,38 @@ impl Sandbox {
             }
         };
         let fut: PagesFuture<'_> = Box::pin(pages(files));
-        Self::restore_impl(cfg, spec, images_dir, meta, Some((fut, gate)), t0).await
+        Self::restore_impl(cfg, spec, images_dir, meta, Some((fut, gate)), lazy, t0).await
+    }
+
+    /// [`Sandbox::restore_with`] with `criu restore --lazy-pages`: CRIU reads only the pages
+    /// it restores itself (see [`LazyLayout::eager_pages`]) from the pages files, so `pages`
+    /// needs to write only those before it returns; the others are left to the lazy-pages
+    /// server, which must be listening in `images_dir` already ([`LazyDaemon::start`]) and
+    /// fills them while and after the restored runtime runs. The runtime's reseed (which
+    /// touches its memory) is served by that server too.
+    ///
+    /// [`LazyLayout::eager_pages`]: crate::LazyLayout::eager_pages
+    /// [`LazyDaemon::start`]: crate::LazyDaemon::start
+    pub async fn restore_with_lazy<F, Fut>(
+        cfg: &SandboxConfig,
+        spec: SandboxSpec,
+        images_dir: &Path,
+        pages: F,
+        daemon: &LazyDaemon,
+    ) -> Result<(Sandbox, RestoreTimings), RestoreError>
+    where
+        F: FnOnce(Vec<(String, fs::File)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>> + Send,
+    {
+        Self::restore_with_mode(cfg, spec, images_dir, pages, Some(daemon)).await
+    }
+
+    /// A handle that kills this sandbox's process tree (through its pidfd, so never a
+    /// recycled pid), usable from any thread after the sandbox moved on.
+    pub fn killer(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        let res = self.res.lock().unwrap_or_else(|e| e.into_inner());
+        let fd = res.pidfd.as_ref()?.try_clone().ok()?;
+        Some(Box::new(move || pidfd_kill(&fd)))
     }
 
     async fn restore_impl(
@@ -959,6 +1005,7 @@ impl Sandbox {
         images_dir: &Path,
         meta: Meta,
         pages: Option<(PagesFuture<'_>, Option<OpenGate>)>,
+        lazy: Option<&LazyDaemon>,
         t0: Instant,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError> {
         let bad = |reason: String| RestoreError::BadImage {
@@ -1037,6 +1084,9 @@ impl Sandbox {
             let mut a = OsString::from(format!("mnt[{key}]:"));
             a.push(src);
             args.push(a);
+        }
+        if lazy.is_some() {
+            args.push("--lazy-pages".into());
         }
         let log = images_dir.join(format!("restore-{}.log", spec.id.0));
         args.push("--log-file".into());
@@ -1130,6 +1180,15 @@ impl Sandbox {
             let ranges = ns_pid(p)
                 .and_then(|n| meta.droppable.get(&n))
                 .map_or(&[][..], |v| &v[..]);
+            // A lazily restored page must be in place before it is written through
+            // /proc/<pid>/mem (a missing one fails with EIO).
+            if let (Some(d), Some(n)) = (lazy, ns_pid(p))
+                && !ranges.is_empty()
+            {
+                d.prefetch(n, ranges.to_vec())
+                    .await
+                    .map_err(|reason| RestoreError::Images { reason })?;
+            }
             if let Err(source) = scramble_droppable(p, ranges) {
                 return Err(RestoreError::Io {
                     what: format!("resetting the getrandom state of process {p}"),
