@@ -695,14 +695,14 @@ impl crate::Inner {
                 crate::release(slot).await;
                 Ok(reply)
             }
-            Err(reason) => {
+            Err((kind, reason)) => {
                 self.templates.finish(&info.action, &info.version, None);
                 warn!(sandbox = %id, action = %info.action, %reason, "template not made");
                 if lost {
                     self.drop_lost(&id, &slot).await;
                 }
                 crate::release(slot).await;
-                Err(self.not_deduplicable(id, reason, !lost))
+                Err(self.not_deduplicable(id, kind, reason, !lost))
             }
         }
     }
@@ -710,12 +710,14 @@ impl crate::Inner {
     async fn make_template_of(
         self: &Arc<Self>,
         slot: &Arc<crate::Slot>,
-    ) -> Result<(Template, crate::TemplateReply), String> {
-        let _permit = self
-            .dedups
-            .acquire()
-            .await
-            .map_err(|_| "the node agent is shutting down".to_string())?;
+    ) -> Result<(Template, crate::TemplateReply), (crate::CheckpointFailure, String)> {
+        use crate::CheckpointFailure;
+        let _permit = self.dedups.acquire().await.map_err(|_| {
+            (
+                CheckpointFailure::Other,
+                "the node agent is shutting down".to_string(),
+            )
+        })?;
         let info = slot.info.clone();
         let dir = self.templates.new_dir(&info.action, &info.version);
         let _ = fs::remove_dir_all(&dir);
@@ -727,7 +729,7 @@ impl crate::Inner {
         let checkpoint_ms = crate::ms(t0.elapsed());
         if let Err(e) = ck {
             let _ = fs::remove_dir_all(&dir);
-            return Err(crate::error_chain(&e));
+            return Err((crate::checkpoint_failure(&e), crate::error_chain(&e)));
         }
         let t1 = std::time::Instant::now();
         let d2 = dir.clone();
@@ -739,7 +741,7 @@ impl crate::Inner {
             Ok(t) => t,
             Err(reason) => {
                 let _ = fs::remove_dir_all(&dir);
-                return Err(reason);
+                return Err((CheckpointFailure::Image, reason));
             }
         };
         // The template is the function's first base; without one it still serves starts.
@@ -761,7 +763,12 @@ impl crate::Inner {
             t
         })
         .await
-        .map_err(|e| format!("template base task failed: {e}"))?;
+        .map_err(|e| {
+            (
+                CheckpointFailure::Other,
+                format!("template base task failed: {e}"),
+            )
+        })?;
         if let Some(b) = t.base.lock().clone() {
             self.templates.set_born(&slot.info.spec.id, b);
         }
