@@ -84,14 +84,18 @@ impl Cluster {
         let gw = bed.gateway();
         let dir = tempfile::tempdir().expect("tempdir");
         let tag = format!("cf{}-{}", std::process::id(), bed.id());
-        std::fs::write(
-            dir.path().join("medes.toml"),
-            format!(
-                "log = \"info\"\n[controller]\nnode_memory_budget_mb = 2048\n{controller_toml}\n\
-                 [agent.sandbox]\ncgroup_name = \"medes-{tag}\"\nrun_dir = \"/run/medes/{tag}\"\n"
-            ),
-        )
-        .expect("config");
+        // One configuration per process: each agent has its own sandbox run directory (agents
+        // starting at once on one shared run directory race in its cleanup and tmpfs mount).
+        for name in std::iter::once("controller".to_string()).chain((0..NODES).map(Self::node)) {
+            std::fs::write(
+                dir.path().join(format!("{name}.toml")),
+                format!(
+                    "log = \"info\"\n[controller]\nnode_memory_budget_mb = 2048\n{controller_toml}\n\
+                     [agent.sandbox]\ncgroup_name = \"medes-{tag}\"\nrun_dir = \"/run/medes/{tag}-{name}\"\n"
+                ),
+            )
+            .expect("config");
+        }
         let mut c = Cluster {
             bed: Some(bed),
             dir,
@@ -136,7 +140,7 @@ impl Cluster {
     fn spawn(&self, mut cmd: Command, name: &str) -> Child {
         let log = self.log_file(name);
         cmd.arg("--config")
-            .arg(self.path("medes.toml"))
+            .arg(self.path(&format!("{name}.toml")))
             .arg("--data-dir")
             .arg(self.path(name))
             .env("RUST_LOG", "info")
@@ -314,19 +318,26 @@ impl Drop for Cluster {
             stop(a);
         }
         // What the agents kept on the tmpfs, and sandboxes of killed agents.
-        let mut sandbox = medes_sandbox::SandboxConfig::default();
-        sandbox.cgroup_name = format!("medes-{}", self.tag);
-        sandbox.run_dir = PathBuf::from(format!("/run/medes/{}", self.tag));
-        let dirs: Vec<(String, PathBuf)> = (0..NODES)
-            .map(|i| (Self::node(i), self.path(&Self::node(i))))
+        let sandbox = |node: &str| {
+            let mut sandbox = medes_sandbox::SandboxConfig::default();
+            sandbox.cgroup_name = format!("medes-{}", self.tag);
+            sandbox.run_dir = PathBuf::from(format!("/run/medes/{}-{node}", self.tag));
+            sandbox
+        };
+        let nodes: Vec<(String, PathBuf, medes_sandbox::SandboxConfig)> = (0..NODES)
+            .map(|i| {
+                let node = Self::node(i);
+                let data = self.path(&node);
+                let sb = sandbox(&node);
+                (node, data, sb)
+            })
             .collect();
-        let sb = sandbox.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
-            for (node, data_dir) in dirs {
+            for (node, data_dir, sb) in nodes {
                 let mut cfg = medes_agent::AgentConfig::default();
                 cfg.node_id = NodeId(node);
                 cfg.data_dir = data_dir;
@@ -337,10 +348,13 @@ impl Drop for Cluster {
                         agent.purge_kept().await;
                     });
                 }
+                medes_sandbox::cleanup_stale(&sb);
+                let _ = nix::mount::umount2(&sb.run_dir, nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir_all(&sb.run_dir);
             }
         })
         .join();
-        medes_sandbox::cleanup_stale(&sandbox);
+        let sandbox = sandbox("controller");
         let _ = nix::mount::umount2(&sandbox.run_dir, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&sandbox.run_dir);
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {

@@ -106,6 +106,9 @@ struct Proc {
     log: PathBuf,
     /// Where it serves (the registry for the controller, gRPC for an agent).
     address: String,
+    /// An agent's own sandbox run directory (a tmpfs it mounts), removed by `down`.
+    #[serde(default)]
+    run_dir: Option<PathBuf>,
 }
 
 /// `<dir>/cluster.json`: what `up` started, for `down` and `status`.
@@ -279,6 +282,7 @@ fn start_all(
         data_dir: data,
         log,
         address: rpc.to_string(),
+        run_dir: None,
     });
     children.push(("controller".into(), child));
     state.save(dir)?;
@@ -288,6 +292,7 @@ fn start_all(
         let addr = SocketAddr::from((bed.host_addr(i), args.agent_port));
         let data = dir.join(&name);
         let log = dir.join(format!("{name}.log"));
+        let (config, run_dir) = agent_config(args.config.as_deref(), dir, bed, &name)?;
         let mut cmd = Command::new(&exe);
         host_netns(bed, i, &mut cmd)?;
         cmd.arg("agent")
@@ -295,10 +300,9 @@ fn start_all(
             .args(["--listen", &addr.to_string()])
             .args(["--node-id", &name])
             .arg("--data-dir")
-            .arg(&data);
-        if let Some(c) = &args.config {
-            cmd.arg("--config").arg(c);
-        }
+            .arg(&data)
+            .arg("--config")
+            .arg(config);
         if let Some(mb) = args.node_budget_mb {
             cmd.args(["--memory-budget-mb", &mb.to_string()]);
         }
@@ -313,6 +317,7 @@ fn start_all(
             data_dir: data,
             log,
             address: addr.to_string(),
+            run_dir: Some(run_dir),
         });
         children.push((name, child));
         state.save(dir)?;
@@ -343,6 +348,48 @@ fn start_all(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Writes `<dir>/<node>.toml`: the given configuration (or the defaults) with a sandbox run
+/// directory of the node's own (agents that share one race in its cleanup and tmpfs mount).
+/// Returns the file and that run directory.
+fn agent_config(
+    base: Option<&Path>,
+    dir: &Path,
+    bed: BedId,
+    node: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let mut table: toml::Table = match base {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let sandbox = table
+        .entry("agent")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .context("`agent` is not a table")?
+        .entry("sandbox")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .context("`agent.sandbox` is not a table")?;
+    let base_run = sandbox
+        .get("run_dir")
+        .and_then(toml::Value::as_str)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| medes_sandbox::SandboxConfig::default().run_dir);
+    let run_dir = PathBuf::from(format!("{}-c{bed}-{node}", base_run.display()));
+    sandbox.insert(
+        "run_dir".into(),
+        toml::Value::String(run_dir.display().to_string()),
+    );
+    let path = dir.join(format!("{node}.toml"));
+    std::fs::write(&path, toml::to_string(&table)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok((path, run_dir))
 }
 
 /// Makes `cmd` start inside host `i` of test bed `bed` (which was detached: its namespaces
@@ -413,6 +460,11 @@ fn down(dir: &Path, purge: bool, grace: Duration) -> anyhow::Result<ExitCode> {
             purge_kept(a).with_context(|| format!("removing what {} kept", a.name))?;
         }
     }
+    for run_dir in state.agents.iter().filter_map(|a| a.run_dir.as_ref()) {
+        // The agent mounted a tmpfs there; it is empty once the agent stopped.
+        let _ = nix::mount::umount2(run_dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(run_dir);
+    }
     if let Some(k) = state.bed {
         medes_testbed::remove(BedId(k)).context("removing the hosts")?;
     }
@@ -432,6 +484,9 @@ fn purge_kept(p: &Proc) -> anyhow::Result<()> {
     let mut cfg = medes_agent::AgentConfig::default();
     cfg.node_id = medes_core::NodeId(p.name.clone());
     cfg.data_dir = p.data_dir.clone();
+    if let Some(run_dir) = &p.run_dir {
+        cfg.sandbox.run_dir = run_dir.clone();
+    }
     let agent = medes_agent::Agent::new(cfg).context("opening the node's kept state")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
