@@ -481,7 +481,13 @@ impl RestoreFailure {
     /// checksums, time, CRIU.
     pub fn of_reason(reason: &str) -> RestoreFailure {
         let r = reason.to_ascii_lowercase();
-        if r.contains("remote") || r.contains("from node") || r.contains("held by a node") {
+        if r.contains("remote")
+            || r.contains("from node")
+            || r.contains("held by a node")
+            || r.contains("did not arrive")
+            || r.contains("reading base")
+            || r.contains("connect")
+        {
             RestoreFailure::RemoteBase
         } else if r.contains("base") && (r.contains("unavailable") || r.contains("missing")) {
             RestoreFailure::MissingBase
@@ -610,6 +616,16 @@ mod failure_kinds {
             ),
             (
                 "reading remote base pages: deadline",
+                RestoreFailure::RemoteBase,
+            ),
+            (
+                "page 0: base page unavailable: base BaseId(2147483648) has no page 0: page 0 of \
+                 base node-2/0 did not arrive within 1.5s",
+                RestoreFailure::RemoteBase,
+            ),
+            (
+                "page 0: base page unavailable: base BaseId(2147483648) has no page 0: reading \
+                 base node-2/0: 10.77.1.4:3241: connect timed out after 1s",
                 RestoreFailure::RemoteBase,
             ),
             ("page 12 failed its checksum", RestoreFailure::Corrupt),
