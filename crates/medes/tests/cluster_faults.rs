@@ -334,11 +334,10 @@ impl Drop for Cluster {
             stop(a);
         }
         // What the agents kept on the tmpfs, and sandboxes of killed agents.
-        let sandbox = |node: &str| {
-            let mut sandbox = medes_sandbox::SandboxConfig::default();
-            sandbox.cgroup_name = format!("medes-{}", self.tag);
-            sandbox.run_dir = PathBuf::from(format!("/run/medes/{}-{node}", self.tag));
-            sandbox
+        let sandbox = |node: &str| medes_sandbox::SandboxConfig {
+            cgroup_name: format!("medes-{}", self.tag),
+            run_dir: PathBuf::from(format!("/run/medes/{}-{node}", self.tag)),
+            ..Default::default()
         };
         let nodes: Vec<(String, PathBuf, medes_sandbox::SandboxConfig)> = (0..NODES)
             .map(|i| {
@@ -354,10 +353,12 @@ impl Drop for Cluster {
                 .build()
                 .expect("runtime");
             for (node, data_dir, sb) in nodes {
-                let mut cfg = medes_agent::AgentConfig::default();
-                cfg.node_id = NodeId(node);
-                cfg.data_dir = data_dir;
-                cfg.sandbox = sb.clone();
+                let cfg = medes_agent::AgentConfig {
+                    node_id: NodeId(node),
+                    data_dir,
+                    sandbox: sb.clone(),
+                    ..Default::default()
+                };
                 if let Ok(agent) = medes_agent::Agent::new(cfg) {
                     rt.block_on(async {
                         agent.shutdown().await;
