@@ -6,7 +6,7 @@
 //! registered, then builds the scheduler over them and opens the REST API on `--listen`. Agents
 //! that register later under new ids join through `Controller::add_node`; an agent that
 //! restarts registers again under its id and is re-pointed to its new address. Nodes silent
-//! for 5 s are marked dead: the scheduler stops placing work there, fails what runs there and
+//! for `--dead-after-ms` (5 s; heartbeats every `--heartbeat-ms`, 1 s) are marked dead: the scheduler stops placing work there, fails what runs there and
 //! drops its idle sandboxes from its books; a node heard from again (or registering again) is
 //! alive and reconciled (`Controller::set_node_alive`, `Controller::reconcile_node`: what the
 //! books dropped and the node still holds is re-adopted, the rest purged). Each node's memory
@@ -17,6 +17,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use medes_controller::Controller;
@@ -43,6 +44,12 @@ pub struct Args {
     /// Node agents to wait for before serving (more may join later).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub nodes: u32,
+    /// How often agents send heartbeats, ms (told to them when they register).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub heartbeat_ms: u64,
+    /// A node not heard from for this long is dead: no new work, its calls in flight fail, ms.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    pub dead_after_ms: u64,
 }
 
 /// Runs `medes controller`.
@@ -52,19 +59,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     cfg.finish();
     init_tracing(&cfg.log);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(serve(cfg, args.rpc, args.nodes as usize))?;
+    let registry = RegistryConfig {
+        expected_nodes: args.nodes as usize,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        dead_after: Duration::from_millis(args.dead_after_ms.max(2 * args.heartbeat_ms)),
+        ..Default::default()
+    };
+    rt.block_on(serve(cfg, args.rpc, registry))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(cfg: MedesConfig, rpc: std::net::SocketAddr, nodes: usize) -> anyhow::Result<()> {
+async fn serve(
+    cfg: MedesConfig,
+    rpc: std::net::SocketAddr,
+    registry: RegistryConfig,
+) -> anyhow::Result<()> {
+    let nodes = registry.expected_nodes;
     let shutdown = CancellationToken::new();
     shutdown_on_signal(shutdown.clone());
     let opened = Service::open(&cfg).await?;
 
-    let registry = Registry::new(RegistryConfig {
-        expected_nodes: nodes,
-        ..Default::default()
-    });
+    let registry = Registry::new(registry);
     let listener = tokio::net::TcpListener::bind(rpc)
         .await
         .with_context(|| format!("binding the registry address {rpc}"))?;
