@@ -526,12 +526,32 @@ async fn an_agent_killed_mid_stream_fails_only_its_calls_and_later_calls_all_suc
             .any(|l| l.contains("node missed its heartbeats: dead") && l.contains("node-1")),
         "{log}"
     );
+    let silent_ms = log
+        .lines()
+        .find(|l| l.contains("node missed its heartbeats"))
+        .map(strip_ansi)
+        .and_then(|l| l.split("silent_ms=").nth(1).map(str::to_string))
+        .map(|r| {
+            r.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let last_failed = failed.iter().map(|f| f.sent).max().unwrap_or_default();
     eprintln!(
-        "{} calls, {} failed (all sent within {:?} of the kill), {} after detection all succeeded",
+        "{} calls, {} failed (sent {:?}..{:?} after the kill), node dead after {silent_ms} ms \
+         silent, {} calls after {:?} all succeeded",
         outcomes.len(),
         failed.len(),
+        failed
+            .iter()
+            .map(|f| f.sent)
+            .min()
+            .unwrap_or_default()
+            .saturating_sub(killed_at),
+        last_failed.saturating_sub(killed_at),
+        after.len(),
         detected_by - killed_at,
-        after.len()
     );
 }
 
@@ -843,4 +863,19 @@ async fn a_partition_between_two_agents_turns_a_remote_dedup_start_into_a_cold_s
             .expect("invoked");
         assert!(r.succeeded(), "{:?}", r.response);
     }
+}
+
+/// `line` without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut in_code = false;
+    for c in line.chars() {
+        match (in_code, c) {
+            (false, '\x1b') => in_code = true,
+            (true, 'm') => in_code = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
 }
