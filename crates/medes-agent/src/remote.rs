@@ -771,6 +771,20 @@ impl Agent {
         })
     }
 
+    /// The file holding one of this node's bases' pages, when they are kept in one (the
+    /// page service sends from it with `sendfile`, no copy through user space). `None`: no
+    /// such base, or its pages live elsewhere (heap, a template's image).
+    pub fn base_file(&self, domain: &str, id: BaseId) -> Option<std::fs::File> {
+        if is_alias(id) {
+            return None;
+        }
+        let d = self.inner.domains.find(domain)?;
+        let image = d.snapshot().image(id)?;
+        let path = self.inner.images.join("bases").join(format!("{}.pages", id.0));
+        let f = std::fs::File::open(path).ok()?;
+        (f.metadata().ok()?.len() == image.bytes()).then_some(f)
+    }
+
     /// The fingerprints and position keys of one of this node's bases, computed from its
     /// pages (CPU: call from a blocking thread). `None`: no such base.
     pub fn base_fingerprints(&self, domain: &str, id: BaseId) -> Option<BaseFingerprints> {

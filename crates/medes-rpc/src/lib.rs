@@ -93,6 +93,7 @@ mod link;
 mod node;
 mod pages;
 mod registry;
+pub mod wire;
 
 /// Generated code of `medes.node.v1` (messages, clients, servers).
 #[allow(missing_docs, clippy::all)]
@@ -104,8 +105,8 @@ pub use link::{AgentLinkConfig, LinkError, run_agent_link};
 pub use medes_agent::{AgentError, Command, NodeAgent, Reply};
 pub use node::{Deadlines, RemoteAgent, RemoteAgentError, serve_node};
 pub use pages::{
-    DEFAULT_CHUNK_PAGES, PageClient, PageClientConfig, pack_fingerprints, serve_agent,
-    unpack_fingerprints,
+    DEFAULT_CHUNK_PAGES, PageClient, PageClientConfig, PageTransport, pack_fingerprints,
+    serve_agent, unpack_fingerprints,
 };
 pub use registry::{BASE_RESYNC, NodeEvent, NodeInfo, Registry, RegistryConfig, serve_registry};
 

@@ -265,6 +265,16 @@ impl Pages for PagesService {
     }
 }
 
+/// How a [`PageClient`] reads pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageTransport {
+    /// The page wire (a dedicated TCP framing on the agent's port, see `wire.rs`): the
+    /// default, one kernel copy each side.
+    Wire,
+    /// gRPC server streaming (`Pages.ReadPages`).
+    Grpc,
+}
+
 /// Settings of a [`PageClient`].
 #[derive(Debug, Clone, Copy)]
 pub struct PageClientConfig {
@@ -272,6 +282,8 @@ pub struct PageClientConfig {
     pub connect: Duration,
     /// Pages per streamed message asked for.
     pub chunk_pages: u32,
+    /// How pages travel (fingerprints and catalogs always use gRPC).
+    pub transport: PageTransport,
 }
 
 impl Default for PageClientConfig {
@@ -279,6 +291,7 @@ impl Default for PageClientConfig {
         PageClientConfig {
             connect: Duration::from_secs(1),
             chunk_pages: DEFAULT_CHUNK_PAGES,
+            transport: PageTransport::Wire,
         }
     }
 }
@@ -359,6 +372,16 @@ impl PageSource for PageClient {
         runs: Vec<(u64, u64)>,
         deadline: Duration,
     ) -> PageStream {
+        if self.cfg.transport == PageTransport::Wire {
+            return crate::wire::read_pages(
+                at,
+                domain,
+                base,
+                runs,
+                self.cfg.chunk_pages,
+                self.cfg.connect,
+            );
+        }
         let client = self.peer(at);
         let req = pb::ReadPagesRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -427,7 +450,9 @@ impl PageSource for PageClient {
 
 /// Serves a node agent: `Node` (the controller's commands) and `Pages` (its bases' pages and
 /// fingerprints for other agents, the controller's catalog) on `listener` until `shutdown`
-/// resolves. The agent reads other nodes' bases through a [`PageClient`] set here.
+/// resolves, and the page wire on the same port (connections starting with
+/// [`crate::wire::MAGIC`]). The agent reads other nodes' bases through a [`PageClient`] set
+/// here.
 pub async fn serve_agent<F>(
     agent: Agent,
     listener: TcpListener,
@@ -441,19 +466,51 @@ where
     let node = NodeServer::new(NodeService::new(local))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let agent_for_wire = agent.clone();
     let pages = PagesServer::new(PagesService { agent })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // One port: each connection is routed by its first byte (HTTP/2 starts with `PRI`).
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(128);
+    let wire_agent = agent_for_wire;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => break,
+                r = listener.accept() => match r {
+                    Ok((sock, _)) => {
+                        let (tx, agent) = (tx.clone(), wire_agent.clone());
+                        tokio::spawn(async move {
+                            let mut b = [0u8; 1];
+                            let first = tokio::time::timeout(Duration::from_secs(10), sock.peek(&mut b)).await;
+                            match first {
+                                Ok(Ok(1)) if b[0] == crate::wire::MAGIC[0] => {
+                                    if let Err(error) = crate::wire::serve_connection(agent, sock).await {
+                                        tracing::debug!(%error, "page wire connection ended");
+                                    }
+                                }
+                                Ok(Ok(n)) if n > 0 => {
+                                    let _ = tx.send(Ok(sock)).await;
+                                }
+                                _ => {}
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a connection");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+            }
+        }
+    });
     Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(node)
         .add_service(pages)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
         .await?;
     Ok(())
 }

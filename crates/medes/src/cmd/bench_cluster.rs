@@ -5,8 +5,9 @@
 //! veth pairs to a bridge; `--loopback` uses 127.0.0.1 instead) and runs one real node agent
 //! in each (its own tokio runtime on a thread inside the host's namespace, serving `Node` and
 //! `Pages` on the host's address), then measures:
-//! - `remote_read_gb_per_s`: node A streams node B's whole base image over the page service
-//!   (`ReadPages`, four concurrent streams, 1 MiB chunks), 10^9 bytes/s, median of `--reads`;
+//! - `remote_read_gb_per_s`: node A streams node B's whole base image over the page wire
+//!   (`medes_rpc::wire`, four concurrent connections, 1 MiB frames), 10^9 bytes/s, median of
+//!   `--reads` (`grpc_read_gb_per_s`: the same over gRPC streaming, for comparison);
 //! - `remote_vs_local_dedup_start_ratio`: a sandbox on A deduplicated against B's base (all
 //!   its base pages remote) and a sandbox on B deduplicated against the same base (local)
 //!   cycle dedup start → run → re-dedup, interleaved; median `RestoreReply::total_ms` of A over
@@ -45,7 +46,7 @@ use medes_core::{
     NodeId, SandboxId,
 };
 use medes_dedup::{BaseId, BaseMeta, FingerprintConfig, PAGE, Page, Registry, fingerprint};
-use medes_rpc::{PageClient, PageClientConfig, serve_agent};
+use medes_rpc::{PageClient, PageClientConfig, PageTransport, serve_agent};
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -95,6 +96,7 @@ struct Output {
     remote_store_mb: f64,
     local_store_mb: f64,
     remote_read_ms_p50: f64,
+    grpc_read_gb_per_s: f64,
     memory_lookup_us_per_page: Option<f64>,
 }
 
@@ -121,8 +123,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("hosts: {}", out.hosts);
         println!(
-            "remote_read_gb_per_s: {:.2} (base {:.1} MB, {:.1} ms per whole-base read)",
-            out.remote_read_gb_per_s, out.base_mb, out.remote_read_ms_p50
+            "remote_read_gb_per_s: {:.2} (base {:.1} MB, {:.1} ms per whole-base read; gRPC streaming {:.2})",
+            out.remote_read_gb_per_s, out.base_mb, out.remote_read_ms_p50, out.grpc_read_gb_per_s
         );
         println!(
             "remote_vs_local_dedup_start_ratio: {:.2} (remote {:.1} ms, local {:.1} ms; read {:.1}/{:.1} ms, rebuild {:.1}/{:.1} ms)",
@@ -378,12 +380,16 @@ fn measure_nodes(
     }
     let base_bytes = info.pages * PAGE as u64;
 
-    // Remote reads: A streams B's whole base.
-    let read_ms = remote_reads(a, b.address, &info, args.reads)?;
-    let gbps: Vec<f64> = read_ms
-        .iter()
-        .map(|ms| base_bytes as f64 / (ms / 1e3) / 1e9)
-        .collect();
+    // Remote reads: A streams B's whole base (page wire, and gRPC for comparison).
+    let read_ms = remote_reads(a, b.address, &info, args.reads, PageTransport::Wire)?;
+    let grpc_ms = remote_reads(a, b.address, &info, args.reads, PageTransport::Grpc)?;
+    let rate = |v: &[f64]| -> Vec<f64> {
+        v.iter()
+            .map(|ms| base_bytes as f64 / (ms / 1e3) / 1e9)
+            .collect()
+    };
+    let gbps = rate(&read_ms);
+    let grpc_gbps = rate(&grpc_ms);
 
     // Dedup starts: remote (A) vs local (B).
     let (sa, sb) = (sid("remote"), sid("local"));
@@ -466,6 +472,7 @@ fn measure_nodes(
         remote_store_mb: da.stored_bytes as f64 / 1e6,
         local_store_mb: db.stored_bytes as f64 / 1e6,
         remote_read_ms_p50: median(read_ms),
+        grpc_read_gb_per_s: median(grpc_gbps),
         memory_lookup_us_per_page: memory_us,
     })
 }
@@ -476,11 +483,15 @@ fn remote_reads(
     at: SocketAddr,
     info: &medes_agent::BaseInfo,
     reads: usize,
+    transport: PageTransport,
 ) -> anyhow::Result<Vec<f64>> {
     let info = info.clone();
     let reads = reads.max(1);
     a.on(async move {
-        let client = PageClient::new(PageClientConfig::default());
+        let client = PageClient::new(PageClientConfig {
+            transport,
+            ..PageClientConfig::default()
+        });
         let n = info.pages;
         let per = n.div_ceil(4).max(1);
         let mut out = Vec::new();
