@@ -486,6 +486,37 @@ impl Templates {
                 }
             })
             .collect();
+        // Bases of gone templates still held for sandboxes born from them.
+        let current: Vec<BaseId> = self
+            .map
+            .lock()
+            .values()
+            .filter_map(|r| match &r.slot {
+                Slot::Ready(t) => t.base.lock().as_ref().map(|b| b.rec.id),
+                _ => None,
+            })
+            .collect();
+        let mut held: Vec<Arc<TemplateBase>> = self
+            .born
+            .lock()
+            .values()
+            .filter(|b| !current.contains(&b.rec.id))
+            .cloned()
+            .collect();
+        held.sort_by_key(|b| b.rec.id);
+        held.dedup_by_key(|b| b.rec.id);
+        v.extend(held.iter().map(|b| crate::TemplateStatus {
+            action: b.action.clone(),
+            version: b.version.clone(),
+            state: "orphan_base".to_string(),
+            held_bytes: b.rec.held(),
+            image_bytes: b.rec.bytes,
+            reason: Some(format!(
+                "base {} of a gone template; sandboxes born from it may still be deduplicated against it",
+                b.rec.id.0
+            )),
+            domain: Some(b.rec.domain.key.clone()),
+        }));
         v.extend(self.orphans.lock().iter().map(|o| crate::TemplateStatus {
             action: o.action.clone(),
             version: o.version.clone(),
@@ -746,10 +777,9 @@ impl crate::Inner {
         };
         // The template is the function's first base; without one it still serves starts.
         let inner = self.clone();
-        let source = slot.info.spec.id.clone();
         let t = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
-            match inner.template_base(&t, &source) {
+            match inner.template_base(&t) {
                 Ok(b) => {
                     info!(action = %t.info.action, base = b.rec.id.0, pages = b.rec.pages,
                           ms = crate::ms(t0.elapsed()), "template registered as a base");
@@ -894,9 +924,9 @@ impl crate::Inner {
         })
     }
 
-    /// Registers template `t` (taken from `source`) as a base of its domain: its pages image
-    /// hard-linked as the base's pages file, fingerprinted raw. Blocking and CPU-heavy.
-    fn template_base(&self, t: &Template, source: &SandboxId) -> Result<Arc<TemplateBase>, String> {
+    /// Registers template `t` as a base of its domain: its pages image hard-linked as the
+    /// base's pages file, fingerprinted raw. Blocking and CPU-heavy.
+    fn template_base(&self, t: &Template) -> Result<Arc<TemplateBase>, String> {
         let dump = DumpImage::open(&t.dir).map_err(|e| crate::error_chain(&e))?;
         if dump.n_pages() == 0 {
             return Err("the template has no pages".into());
@@ -933,8 +963,11 @@ impl crate::Inner {
             .bg_pool
             .install(|| domain.add_template_base(id, meta.clone(), &dump, image, &engine))
             .map_err(|e| fail(crate::error_chain(&e)))?;
+        // Kept under a name of its own (not its source sandbox's, which may be a base too): an
+        // orphaned template base reloaded by the next agent is listed as `tmpl-<id>`.
+        let name = SandboxId(format!("tmpl-{}", id.0));
         if let Err(error) =
-            crate::persist::save_template_base(&bases_dir, &domain.key, id, &meta, source, sum)
+            crate::persist::save_template_base(&bases_dir, &domain.key, id, &meta, &name, sum)
         {
             warn!(base = id.0, %error, "template base metadata not written: it will not survive a restart");
         }

@@ -64,12 +64,16 @@ async fn ok(agent: &Agent, cmd: Command) -> Reply {
 }
 
 async fn spawn(agent: &Agent, sb: &SandboxId) {
+    spawn_version(agent, sb, "1").await;
+}
+
+async fn spawn_version(agent: &Agent, sb: &SandboxId, version: &str) {
     let r = ok(
         agent,
         Command::Spawn(SpawnCommand {
             sandbox: sb.clone(),
             action: action(),
-            version: "1".into(),
+            version: version.into(),
             code: Code::Source(CODE.into()),
             main: "main".into(),
             memory_limit: Bytes::mib(256),
@@ -259,6 +263,47 @@ async fn a_corrupt_kept_template_is_dropped_at_restart() {
     assert!(status(&agent).await.templates.is_empty());
     assert!(!dir.exists(), "the corrupt template is deleted");
     assert_eq!(agent.dedup_counters().kept_dropped, 1);
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
+
+/// A template replaced by a new action version loses its image at once; its base stays (an
+/// `orphan_base` in the status) while a dedup store depends on it, and retires after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_template_keeps_its_base_while_stores_depend_on_it() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let Some(cfg) = config(data.path()) else {
+        return;
+    };
+    let agent = Agent::new(cfg).expect("agent");
+    let (a, b, c) = (id("oa"), id("ob"), id("oc"));
+    spawn(&agent, &a).await;
+    let want = call(&agent, &a, 0).await["h"].clone();
+    ok(&agent, Command::MakeTemplate { sandbox: a.clone() }).await;
+    let dir = agent.template_dir(&action()).expect("template dir");
+    template_start(&agent, &b).await;
+    call(&agent, &b, 1).await;
+    dedup(&agent, &b).await;
+    // Version 2: the template of version 1 goes, its base stays for `b`'s store.
+    spawn_version(&agent, &c, "2").await;
+    assert!(!dir.exists(), "the old template's image is deleted");
+    let st = status(&agent).await;
+    assert_eq!(st.templates.len(), 1, "{st:?}");
+    assert_eq!(st.templates[0].state, "orphan_base", "{st:?}");
+    assert!(st.templates[0].held_bytes > 1 << 20, "{st:?}");
+    restore(&agent, &b).await;
+    assert_eq!(call(&agent, &b, 2).await["h"], want);
+    dedup(&agent, &b).await;
+    ok(&agent, Command::Purge { sandbox: b.clone() }).await;
+    assert_eq!(
+        status(&agent).await.templates.len(),
+        1,
+        "`a` still holds it"
+    );
+    ok(&agent, Command::Purge { sandbox: a.clone() }).await;
+    // Its last dependent gone, the base retires (at the next status).
+    let st = status(&agent).await;
+    assert!(st.templates.is_empty(), "{st:?}");
     agent.shutdown().await;
     agent.purge_kept().await;
 }
