@@ -449,6 +449,7 @@ fn down(dir: &Path, purge: bool, grace: Duration) -> anyhow::Result<ExitCode> {
     }
     let agents: Vec<&Proc> = state.agents.iter().collect();
     stop(&agents, grace);
+    let mut purge_failed = false;
     if purge {
         // An agent's kept state opens only once its process is reaped (a killed agent that
         // is not our child is reaped by init, usually within a second or two).
@@ -457,7 +458,11 @@ fn down(dir: &Path, purge: bool, grace: Duration) -> anyhow::Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(100));
         }
         for a in &state.agents {
-            purge_kept(a).with_context(|| format!("removing what {} kept", a.name))?;
+            // Reported, not fatal: the hosts must go all the same.
+            if let Err(e) = purge_kept(a) {
+                eprintln!("removing what {} kept: {e:#}", a.name);
+                purge_failed = true;
+            }
         }
     }
     for run_dir in state.agents.iter().filter_map(|a| a.run_dir.as_ref()) {
@@ -474,9 +479,17 @@ fn down(dir: &Path, purge: bool, grace: Duration) -> anyhow::Result<ExitCode> {
         "medes cluster in {} is down ({} node(s){})",
         dir.display(),
         state.agents.len(),
-        if purge { ", kept stores purged" } else { "" }
+        match (purge, purge_failed) {
+            (true, false) => ", kept stores purged",
+            (true, true) => ", some kept stores NOT purged",
+            _ => "",
+        }
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(if purge_failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Removes the dedup stores and bases an agent kept for its data directory (after it stopped).
