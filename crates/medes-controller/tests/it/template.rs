@@ -111,3 +111,45 @@ async fn template_starts_and_a_corrupt_template_falls_back_to_a_cold_start() {
     assert_eq!(again.response.result["h"], cold.response.result["h"]);
     p.stop().await;
 }
+
+/// With dedup on, the template is the function's first base: the first idle sandbox is
+/// deduplicated (not made a base), against the template page by page, and its dedup start
+/// gives the right result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_is_the_first_base_and_sandboxes_dedup_against_it() {
+    let Some(p) = super::platform_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        dedup_enabled: true,
+        template_starts: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let a = action("tplb", Code::Source(CODE.into()), 128, 10_000);
+    let cold = invoke(&p, &a, json!({"x": 1})).await;
+    assert_eq!(cold.start_kind, StartKind::Cold);
+    wait_made(&p, 1).await;
+    assert_eq!(p.agent.dedup_counters().bases, 1, "the template is a base");
+    // The idle sandbox (the template's source) is deduplicated, not made a base.
+    p.ctl.force_decisions(Some(&a.name)).await;
+    let t = Instant::now();
+    while p.agent.dedup_counters().dedups < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no dedup: {:?}",
+            p.agent.dedup_counters()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = p.agent.dedup_counters();
+    assert_eq!(c.bases, 1, "no second base: {c:?}");
+    assert!(
+        p.agent.template_counters().positional_pages > 1000,
+        "{:?}",
+        p.agent.template_counters()
+    );
+    let d = invoke(&p, &a, json!({"x": 1})).await;
+    assert_eq!(d.start_kind, StartKind::Dedup, "{:?}", d.response);
+    assert_eq!(d.response.result["h"], cold.response.result["h"]);
+    p.stop().await;
+}
