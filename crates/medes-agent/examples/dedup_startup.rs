@@ -3,12 +3,13 @@
 //! breakdown), warm PSS and dedup memory.
 //!
 //! ```text
-//! cargo run --release -p medes-agent --example dedup_startup -- [--runs N] [--functions DIR] [--json] NAME...
+//! cargo run --release -p medes-agent --example dedup_startup -- [--runs N] [--functions DIR] [--json] [--plain] NAME...
 //! ```
 //! Each function gets a base sandbox (MakeBase) and one target sandbox that cycles
 //! Dedup → Restore → first run `N` times (the first Dedup checkpoints; later ones reuse the store
 //! as the paper does). Times are wall-clock milliseconds as the agent's caller sees them; "+run"
-//! adds the first invocation after the start. Needs root and CRIU.
+//! adds the first invocation after the start. `--plain` turns the lazy restore off (dedup starts
+//! from rebuilt pages files). Needs root and CRIU.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -194,11 +195,13 @@ async fn main() {
     let mut functions = PathBuf::from("functions");
     let mut json_out = false;
     let mut names = Vec::new();
+    let mut plain = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().and_then(|v| v.parse().ok()).unwrap_or(runs),
             "--functions" => functions = args.next().map(PathBuf::from).unwrap_or(functions),
             "--json" => json_out = true,
+            "--plain" => plain = true,
             _ => names.push(a),
         }
     }
@@ -220,6 +223,7 @@ async fn main() {
     let agent = Agent::new(AgentConfig {
         data_dir: data.clone(),
         sandbox: sandbox.clone(),
+        lazy_restore: !plain,
         ..Default::default()
     })
     .expect("agent");

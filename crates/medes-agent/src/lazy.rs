@@ -9,10 +9,11 @@
 //!    which the server fills (private anonymous memory).
 //! 2. The server binds `lazy-pages.socket` in the restore directory; CRIU starts at once
 //!    (namespaces, mounts, process tree) while the rebuild runs on the agent's rebuild pool,
-//!    batch by batch ([`Rebuilder`]), every page verified before it is handed on: first the
-//!    batches holding eager pages, which are written into the (sparse) pages files (CRIU's
-//!    open of them is held by the fanotify gate until they are complete), then all others.
-//!    Every verified batch goes to the server, which copies it into the processes as soon as
+//!    every page verified before it is handed on: first only the eager pages (each batch's
+//!    block decoded once, then just those pages), written into the (sparse) pages files (CRIU's
+//!    open of them is held by the fanotify gate until they are complete); then every batch in
+//!    order ([`Rebuilder`]). Each verified batch goes to the server, which copies it into the
+//!    processes as soon as
 //!    CRIU says the restore finished, while the runtime already runs its reseed; a fault on a
 //!    page whose batch has not arrived makes the server rebuild (and verify) that batch first.
 //! 3. The dedup start answers once the runtime answered **and** every page was verified: a page
@@ -111,7 +112,7 @@ pub(crate) async fn restore(
     let eager = layout.eager_pages();
     let (daemon, feed) = LazyDaemon::start(dir, layout, BATCH_PAGES, demand)
         .map_err(|e| fallback(error_chain(&e)))?;
-    // Batches holding eager pages first (CRIU waits for them), then all others in order.
+    // The batches holding eager pages (CRIU waits for those pages).
     let mut eager_batches = BTreeSet::new();
     for r in &eager {
         let per = BATCH_PAGES as u64;
@@ -120,8 +121,7 @@ pub(crate) async fn restore(
         }
     }
     let n_eager = eager_batches.len();
-    let mut order: Vec<usize> = eager_batches.iter().copied().collect();
-    order.extend((0..rebuilder.n_batches()).filter(|b| !eager_batches.contains(b)));
+    let order: Vec<usize> = eager_batches.iter().copied().collect();
 
     let (eager_tx, eager_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     type Producer = tokio::task::JoinHandle<Result<f64, String>>;
@@ -244,7 +244,7 @@ async fn stop_producer(
 struct Produce {
     rebuilder: Arc<Rebuilder>,
     feed: LazyFeed,
-    /// Batches in the order to rebuild them; the first `n_eager` hold eager pages.
+    /// The batches holding eager pages.
     order: Vec<usize>,
     n_eager: usize,
     /// Eager pages (global page ranges).
@@ -256,7 +256,8 @@ struct Produce {
 }
 
 impl Produce {
-    /// Runs on the rebuild pool: one worker per thread, each taking the next batch in order.
+    /// Runs on the rebuild pool, one worker per thread taking the next batch: first the eager
+    /// pages, then every batch.
     fn run(&self) -> Result<(), String> {
         let store = self.rebuilder.store();
         // Pages file and first global page of each process.
@@ -272,13 +273,53 @@ impl Produce {
             spans.push((f, first, first + p.n_pages));
             first += p.n_pages;
         }
-        if self.n_eager == 0 {
-            self.eager_done(Ok(()));
-        }
-        let next = AtomicUsize::new(0);
-        let eager_left = AtomicUsize::new(self.n_eager);
         let err: Mutex<Option<String>> = Mutex::new(None);
         let threads = rayon::current_num_threads().max(1);
+        let fail = |e: String| {
+            self.feed.fail(e.clone());
+            self.eager_done(Err(e.clone()));
+            err.lock().get_or_insert(e);
+        };
+        // 1. Only the eager pages (CRIU waits for them): each batch's block decoded once,
+        //    then just those pages, written into the pages files.
+        let next = AtomicUsize::new(0);
+        rayon::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|_| {
+                    let mut scratch = RebuildScratch::default();
+                    let mut buf = Vec::new();
+                    loop {
+                        if err.lock().is_some() || self.feed.stopped() {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&b) = self.order.get(i).filter(|_| i < self.n_eager) else {
+                            return;
+                        };
+                        let r = self.rebuilder.batch_pages(b);
+                        buf.resize(((r.end - r.start) * PAGE) as usize, 0);
+                        let res = self
+                            .rebuilder
+                            .rebuild_batch_pages(b, &self.eager, &mut scratch, &mut buf)
+                            .map_err(|e| {
+                                self.bad.store(true, Ordering::SeqCst);
+                                error_chain(&e)
+                            })
+                            .and_then(|()| self.write_eager(&spans, r, &buf));
+                        if let Err(e) = res {
+                            fail(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if err.lock().is_none() {
+            self.eager_done(Ok(()));
+        }
+        // 2. Every page, batch by batch in order, to the lazy-pages server.
+        let next = AtomicUsize::new(0);
+        let n = self.rebuilder.n_batches();
         rayon::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|_| {
@@ -287,34 +328,18 @@ impl Produce {
                         if err.lock().is_some() || self.feed.stopped() {
                             return;
                         }
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(&b) = self.order.get(i) else { return };
+                        let b = next.fetch_add(1, Ordering::SeqCst);
+                        if b >= n {
+                            return;
+                        }
                         let r = self.rebuilder.batch_pages(b);
                         let mut buf = self.feed.buffer(((r.end - r.start) * PAGE) as usize);
-                        let res = self
-                            .rebuilder
-                            .rebuild_batch(b, &mut scratch, &mut buf)
-                            .map_err(|e| {
-                                self.bad.store(true, Ordering::SeqCst);
-                                error_chain(&e)
-                            })
-                            .and_then(|()| {
-                                if i < self.n_eager {
-                                    self.write_eager(&spans, r.clone(), &buf)
-                                } else {
-                                    Ok(())
-                                }
-                            });
-                        if let Err(e) = res {
-                            self.feed.fail(e.clone());
-                            self.eager_done(Err(e.clone()));
-                            err.lock().get_or_insert(e);
+                        if let Err(e) = self.rebuilder.rebuild_batch(b, &mut scratch, &mut buf) {
+                            self.bad.store(true, Ordering::SeqCst);
+                            fail(error_chain(&e));
                             return;
                         }
                         self.feed.push(b, buf);
-                        if i < self.n_eager && eager_left.fetch_sub(1, Ordering::SeqCst) == 1 {
-                            self.eager_done(Ok(()));
-                        }
                     }
                 });
             }

@@ -170,6 +170,19 @@ impl Plan<'_> {
         b: usize,
         chunk: &mut [u8],
     ) -> Result<(), RebuildError> {
+        self.batch_only(dec, block, b, chunk, None)
+    }
+
+    /// [`Plan::batch`] for the pages `only` accepts (all when `None`); the others' bytes in
+    /// `chunk` are left as they are.
+    fn batch_only(
+        &self,
+        dec: &mut Decoder,
+        block: &mut Vec<u8>,
+        b: usize,
+        chunk: &mut [u8],
+        only: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<(), RebuildError> {
         let (store, bases) = (self.store, self.bases);
         let expected = store.n_pages() * PAGE as u64;
         let want = store.block_len(b);
@@ -189,6 +202,9 @@ impl Plan<'_> {
         for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
             let i = b * BATCH + j;
             let page = i as u64;
+            if only.is_some_and(|f| !f(page)) {
+                continue;
+            }
             let e = store
                 .pages
                 .get(i)
@@ -454,6 +470,37 @@ impl Rebuilder {
             data: &self.data,
         };
         plan.batch(&mut scratch.dec, &mut scratch.block, b, out)
+    }
+
+    /// [`Rebuilder::rebuild_batch`] for only the pages of batch `b` that lie in `pages`
+    /// (store page indices, sorted ranges), each verified; the bytes of the other pages in `out`
+    /// are left as they are. For the few pages needed before all others (decoding a batch's
+    /// block once, then only those pages).
+    pub fn rebuild_batch_pages(
+        &self,
+        b: usize,
+        pages: &[std::ops::Range<u64>],
+        scratch: &mut RebuildScratch,
+        out: &mut [u8],
+    ) -> Result<(), RebuildError> {
+        let r = self.batch_pages(b);
+        let expected = (r.end - r.start) * PAGE as u64;
+        if r.is_empty() || out.len() as u64 != expected {
+            return Err(RebuildError::OutputSize {
+                expected,
+                found: out.len() as u64,
+            });
+        }
+        let plan = Plan {
+            store: &self.store,
+            bases: &*self.bases,
+            data: &self.data,
+        };
+        let only = |p: u64| {
+            let i = pages.partition_point(|x| x.end <= p);
+            pages.get(i).is_some_and(|x| x.start <= p)
+        };
+        plan.batch_only(&mut scratch.dec, &mut scratch.block, b, out, Some(&only))
     }
 }
 

@@ -292,6 +292,8 @@ struct Shared {
     fill_us: AtomicU64,
     /// Pending prefetches; `None` once the server ended (nothing more will be filled).
     prefetch: Mutex<Option<Vec<Prefetch>>>,
+    /// The server thread ended: page buffers are dropped, not queued.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -338,6 +340,9 @@ impl LazyFeed {
 
     /// Hands over batch `batch` (its pages, every one verified).
     pub fn push(&self, batch: usize, data: Vec<u8>) {
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return; // nothing will copy it any more
+        }
         lock(&self.shared.queue).push((batch, data));
         self.shared.poke();
     }
@@ -361,6 +366,7 @@ pub type DemandFn = Box<dyn FnMut(usize, &mut [u8]) -> Result<(), String> + Send
 /// killed by then, since closing the userfaultfds lets missing pages read as zeros).
 pub struct LazyDaemon {
     shared: Arc<Shared>,
+    detached: bool,
 }
 
 impl LazyDaemon {
@@ -401,6 +407,7 @@ impl LazyDaemon {
             complete: std::sync::atomic::AtomicBool::new(false),
             fill_us: AtomicU64::new(0),
             prefetch: Mutex::new(Some(Vec::new())),
+            ended: std::sync::atomic::AtomicBool::new(false),
         });
         let n_batches = layout.n_pages.div_ceil(batch_pages.max(1) as u64) as usize;
         let server = Server {
@@ -428,6 +435,7 @@ impl LazyDaemon {
         Ok((
             LazyDaemon {
                 shared: shared.clone(),
+                detached: false,
             },
             LazyFeed { shared },
         ))
@@ -489,7 +497,8 @@ impl LazyDaemon {
 
     /// Lets the server finish on its own (the restore succeeded); should it fail later, it
     /// calls `kill` (which must kill the restored processes) before letting go of them.
-    pub fn detach(self, kill: KillFn) {
+    pub fn detach(mut self, kill: KillFn) {
+        self.detached = true;
         *lock(&self.shared.kill) = Some(kill);
         self.shared.state.store(DETACHED, Ordering::SeqCst);
         if lock(&self.shared.failed).is_some()
@@ -498,14 +507,15 @@ impl LazyDaemon {
             k();
         }
         self.shared.poke();
-        std::mem::forget(self);
     }
 }
 
 impl Drop for LazyDaemon {
     fn drop(&mut self) {
-        self.shared.state.store(ABORTED, Ordering::SeqCst);
-        self.shared.poke();
+        if !self.detached {
+            self.shared.state.store(ABORTED, Ordering::SeqCst);
+            self.shared.poke();
+        }
     }
 }
 
@@ -750,7 +760,12 @@ impl Server {
                 }
             }
         }
-        // Dropping `self` closes the userfaultfds.
+        // Free the page buffers now (the handles may live on); dropping `self` closes the
+        // userfaultfds.
+        shared.ended.store(true, Ordering::SeqCst);
+        lock(&shared.queue).clear();
+        lock(&shared.pool).clear();
+        self.cache.clear();
     }
 
     fn held_bytes(&self) -> u64 {
