@@ -140,7 +140,10 @@ impl TemplateHint {
 }
 
 /// [`crate::dedup()`] with the positional prediction of `hint` tried first for every non-zero
-/// page (see the module documentation).
+/// page (see the module documentation). The whole pass compares **raw** pages (`cfg.rebase`
+/// is ignored): the sandbox shares the template's layout, so raw pages line up with the
+/// template's raw pages also on the ordinary path, and no page needs its pointers restored at
+/// rebuild (measured: the same savings as with rebasing, a faster dedup and rebuild).
 pub fn dedup_with_template(
     dump: &DumpImage,
     registry: &Registry,
@@ -149,7 +152,11 @@ pub fn dedup_with_template(
     hint: &TemplateHint,
 ) -> Result<(DedupStore, DedupStats), DedupError> {
     hint.hits.store(0, Ordering::Relaxed);
-    crate::dedup::dedup_hinted(dump, registry, bases, cfg, Some(hint))
+    let raw = DedupConfig {
+        rebase: false,
+        ..*cfg
+    };
+    crate::dedup::dedup_hinted(dump, registry, bases, &raw, Some(hint))
 }
 
 /// Registers a template base with fingerprints of its **raw** pages (no rebasing), matching

@@ -285,9 +285,11 @@ fn run_template(
     let store_dir = work.path().join("stores");
     std::fs::create_dir_all(&store_dir)?;
     let t = Instant::now();
+    let mut dcfg = medes_dedup::DedupConfig::default();
+    dcfg.rebase = !args.no_rebase;
     let report = template::evaluate(
         &families,
-        &medes_dedup::DedupConfig::default(),
+        &dcfg,
         &store_dir,
         args.rebuild_repeats,
     )

@@ -53,7 +53,9 @@ pub struct TemplateFunctionReport {
     pub stored_mb: f64,
     /// 100 × (1 − stored / image), as in the dedup-engine issue.
     pub savings_pct: f64,
-    /// The same dumps deduplicated without the positional prediction.
+    /// The same dumps deduplicated without the positional prediction (the plain `dedup`,
+    /// with the engine's rebasing setting: `--no-rebase` compares raw pages like the template
+    /// pass does).
     pub savings_plain_pct: f64,
     /// Mean patch size, bytes.
     pub avg_patch_bytes: f64,
