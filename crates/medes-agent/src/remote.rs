@@ -780,7 +780,11 @@ impl Agent {
         }
         let d = self.inner.domains.find(domain)?;
         let image = d.snapshot().image(id)?;
-        let path = self.inner.images.join("bases").join(format!("{}.pages", id.0));
+        let path = self
+            .inner
+            .images
+            .join("bases")
+            .join(format!("{}.pages", id.0));
         let f = std::fs::File::open(path).ok()?;
         (f.metadata().ok()?.len() == image.bytes()).then_some(f)
     }
@@ -1071,6 +1075,138 @@ mod tests {
                 .all(|seg| seg.iter().map(|r| r.1).sum::<u64>() <= 3)
         );
         assert!(segments(Vec::new(), 4).is_empty());
+    }
+
+    /// Serves a fake base whose page `i` is filled with byte `i`, in chunks of `per` pages;
+    /// `hang`: never answers.
+    struct FakeSource {
+        per: u64,
+        hang: bool,
+    }
+
+    impl PageSource for FakeSource {
+        fn read_pages(
+            &self,
+            _at: SocketAddr,
+            _domain: &str,
+            _base: BaseId,
+            runs: Vec<(u64, u64)>,
+            _deadline: Duration,
+        ) -> PageStream {
+            if self.hang {
+                return futures::stream::pending().boxed();
+            }
+            let mut chunks = Vec::new();
+            for (first, count) in runs {
+                let mut p = first;
+                while p < first + count {
+                    let k = self.per.min(first + count - p);
+                    let data: Vec<u8> = (p..p + k).flat_map(|i| [i as u8; PAGE]).collect();
+                    chunks.push(Ok((p, Bytes::from(data))));
+                    p += k;
+                }
+            }
+            futures::stream::iter(chunks).boxed()
+        }
+
+        fn fingerprints(
+            &self,
+            _at: SocketAddr,
+            _domain: &str,
+            _base: BaseId,
+            _deadline: Duration,
+        ) -> BoxFuture<'static, Result<BaseFingerprints, String>> {
+            Box::pin(async { Err("not here".to_string()) })
+        }
+    }
+
+    fn view(source: FakeSource, timeout: Duration) -> (ClusterBases, BaseId) {
+        let alias = BaseId(ALIAS_BIT | 3);
+        let imp = Arc::new(ImportedBase {
+            key: BaseKey {
+                node: NodeId("b".into()),
+                id: BaseId(0),
+            },
+            alias,
+            domain: "guest".into(),
+            pages: 10,
+            address: "127.0.0.1:9".parse().unwrap(),
+            active: true,
+            dependents: 0,
+        });
+        let remote = HashMap::from([(
+            alias,
+            RemoteSlot {
+                imp,
+                fetch: OnceLock::new(),
+            },
+        )]);
+        let v = ClusterBases {
+            local: Arc::new(BaseSet::default()),
+            remote,
+            source: Some(Arc::new(source)),
+            handle: tokio::runtime::Handle::try_current().ok(),
+            timeout,
+            error: Mutex::new(None),
+        };
+        (v, alias)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remote_pages_arrive_in_chunks_and_windows_span_them() {
+        let (v, alias) = view(
+            FakeSource {
+                per: 3,
+                hang: false,
+            },
+            Duration::from_secs(5),
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            assert_eq!(v.n_pages(alias).unwrap(), 10);
+            for i in 0..10u64 {
+                assert!(v.page(alias, i).unwrap().iter().all(|&b| b == i as u8));
+            }
+            // Pages 2..=4 span two chunks (0-2, 3-5): copied; 3..=5 lie in one: borrowed.
+            let w = v.window(alias, 3, 1).unwrap();
+            assert!(matches!(w, Cow::Owned(_)));
+            assert_eq!(w.len(), 3 * PAGE);
+            assert_eq!((w[0], w[PAGE], w[2 * PAGE]), (2, 3, 4));
+            assert!(matches!(v.window(alias, 4, 1).unwrap(), Cow::Borrowed(_)));
+            assert!(v.page(alias, 10).is_err());
+            assert!(v.error().is_some());
+        });
+        r.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_owner_fails_reads_at_the_deadline() {
+        let (v, alias) = view(
+            FakeSource { per: 3, hang: true },
+            Duration::from_millis(300),
+        );
+        let t = Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            let e = v.page(alias, 4).unwrap_err();
+            (e, v.error())
+        });
+        let (e, why) = r.await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(
+            e,
+            BasePageError::MissingPage {
+                base: alias,
+                page: 4
+            }
+        );
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        let why = why.unwrap();
+        assert!(
+            why.contains("did not arrive") || why.contains("timed out"),
+            "{why}"
+        );
     }
 
     #[test]
