@@ -600,6 +600,10 @@ pub enum AgentError {
     /// The agent could not be reached or failed internally (a transport error, a lost task).
     #[error("node agent unavailable: {0}")]
     Unavailable(String),
+    /// The command never reached the node (the connection to its agent was refused): nothing
+    /// of it ran there, so a caller may retry it elsewhere. Made by transports, never sent.
+    #[error("node agent unreachable, command not delivered: {0}")]
+    NotDelivered(String),
 }
 
 #[cfg(test)]

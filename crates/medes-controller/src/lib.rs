@@ -338,6 +338,10 @@ pub struct Controller {
     templates: template::Book,
 }
 
+/// How long placement skips a node whose agent refused a connection (a killed agent is found
+/// dead by its heartbeats within about 6 s; a restarting one registers again within a second).
+const SHUN_MS: u64 = 3_000;
+
 /// Half of `MemTotal`, or 4 GiB if it cannot be read.
 fn auto_budget() -> u64 {
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
@@ -374,7 +378,9 @@ fn agent_error_label(e: &AgentError) -> &'static str {
     match e {
         AgentError::UnknownSandbox(_) => "sandbox_gone",
         AgentError::WrongForm { .. } => "wrong_form",
-        AgentError::ShuttingDown | AgentError::Unavailable(_) => "agent_unavailable",
+        AgentError::ShuttingDown | AgentError::Unavailable(_) | AgentError::NotDelivered(_) => {
+            "agent_unavailable"
+        }
         _ => "agent_error",
     }
 }
@@ -676,6 +682,14 @@ impl Controller {
         Ok(true)
     }
 
+    /// Placement skips a node whose agent refused a connection for [`SHUN_MS`], until its
+    /// heartbeats decide (issue 7: calls arriving before it is found dead go elsewhere).
+    fn shun(&self, node: usize) {
+        let until = self.now().plus_ms(SHUN_MS);
+        self.state.lock().shun(node, until);
+        warn!(node = %self.node(node).id, ms = SHUN_MS, "node refused a connection: no new work placed there for a while");
+    }
+
     /// Whether placement uses each node (false once marked dead), in node order.
     pub fn nodes_alive(&self) -> Vec<bool> {
         self.state.lock().alive.clone()
@@ -720,6 +734,10 @@ impl Controller {
             status.sandboxes.iter().map(|s| s.id.clone()).collect();
         let unknown = {
             let mut st = self.state.lock();
+            // It answered: no longer shunned.
+            if let Some(s) = st.shunned.get_mut(index) {
+                *s = Timestamp(0);
+            }
             let known: std::collections::HashSet<SandboxId> = st
                 .sbs
                 .values()
@@ -1370,10 +1388,22 @@ impl Controller {
     }
 
     async fn invoke_inner(self: Arc<Self>, req: InvokeRequest) -> Result<Activation, InvokeError> {
+        self.invoke_attempt(req, None).await
+    }
+
+    /// One attempt at an invocation; `retry` is `Some(first arrival)` for the one retry of a
+    /// run whose node refused the connection (the run was never delivered: nothing ran).
+    async fn invoke_attempt(
+        self: Arc<Self>,
+        req: InvokeRequest,
+        retry: Option<Instant>,
+    ) -> Result<Activation, InvokeError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(InvokeError::ShuttingDown);
         }
-        let arrival = Instant::now();
+        let arrival = retry.unwrap_or_else(Instant::now);
+        // Kept for the one retry of an undelivered run (the run command consumes `req`).
+        let again = retry.is_none().then(|| req.clone());
         let action = req.action.clone();
         let limits = action.limits;
         let need = Bytes::mib(limits.memory_mb).0;
@@ -1388,7 +1418,9 @@ impl Controller {
         }
         let metrics = {
             let mut st = self.state.lock();
-            st.arrival(&action, self.now());
+            if retry.is_none() {
+                st.arrival(&action, self.now());
+            }
             st.pool(&action.name).metrics.clone()
         };
         let mut grant = self.acquire(&action, true).await?;
@@ -1480,9 +1512,13 @@ impl Controller {
                         .await;
                     act.init_time_ms = Some(t0.elapsed().as_millis() as u64);
                     act.node = Some(self.node(node).id);
+                    let dead = || !self.state.lock().alive.get(node).copied().unwrap_or(true);
+                    let refused = matches!(spawn, Err(AgentError::NotDelivered(_)));
+                    if refused {
+                        self.shun(node);
+                    }
                     if !retried
-                        && matches!(spawn, Err(AgentError::Unavailable(_)))
-                        && !self.state.lock().alive.get(node).copied().unwrap_or(true)
+                        && (refused || (matches!(spawn, Err(AgentError::Unavailable(_))) && dead()))
                     {
                         warn!(action = %action.name, sandbox = %id, node = %self.node(node).id,
                               "node died during a cold start; retrying once on a live node");
@@ -1574,6 +1610,18 @@ impl Controller {
             }
             Ok(Err(AgentError::UnknownSandbox(_))) => {
                 act.response = internal("The action's sandbox disappeared.".to_string());
+                After::Gone
+            }
+            Ok(Err(AgentError::NotDelivered(e))) if again.is_some() => {
+                // The run never reached its node (connection refused): nothing ran, so it is
+                // tried once more elsewhere; this sandbox and its node are out of reach.
+                warn!(sandbox = %sandbox, error = %e, "run not delivered; retrying once elsewhere");
+                self.shun(node);
+                self.forget(key);
+                if let Some(again) = again {
+                    return Box::pin(self.clone().invoke_attempt(again, Some(arrival))).await;
+                }
+                act.response = internal(format!("Running the action failed: {e}"));
                 After::Gone
             }
             Ok(Err(e)) => {

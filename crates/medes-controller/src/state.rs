@@ -196,6 +196,9 @@ pub(crate) struct State {
     /// ([`State::node_down`]), so that the node's return can re-adopt those it still holds
     /// ([`State::readopt`]); emptied by each reconciliation of the node.
     pub lost: Vec<HashMap<SandboxId, Lost>>,
+    /// Per node: placement skips it until then (its agent refused a connection: it is probably
+    /// down, not yet found dead by its heartbeats).
+    pub shunned: Vec<Timestamp>,
     /// Ready templates (issue 8) by node and action: each is its function's first base on its
     /// node, counted as a base in the policy's views (`template.rs`).
     pub template_bases: std::collections::HashSet<(usize, ActionName)>,
@@ -276,6 +279,7 @@ impl State {
             unowned: vec![0; n],
             alive: vec![true; n],
             lost: vec![HashMap::new(); n],
+            shunned: vec![Timestamp(0); n],
             template_bases: std::collections::HashSet::new(),
         }
     }
@@ -289,6 +293,7 @@ impl State {
         self.unowned.push(0);
         self.alive.push(true);
         self.lost.push(HashMap::new());
+        self.shunned.push(Timestamp(0));
         self.budgets.len()
     }
 
@@ -439,7 +444,7 @@ impl State {
             let Some(sb) = self.sbs.get(&k) else { continue };
             if sb.generation != pool.generation
                 || &*sb.version != version
-                || !self.alive.get(sb.node).copied().unwrap_or(false)
+                || !self.usable(sb.node, now)
             {
                 continue;
             }
@@ -619,7 +624,7 @@ impl State {
         let need = self.start_charge(action, limit);
         let mut choice: Option<(usize, Vec<Key>)> = None;
         for node in 0..self.budgets.len() {
-            if !self.alive[node] {
+            if !self.usable(node, now) {
                 continue;
             }
             let Some(v) = self.make_room(node, need, None, now) else {
@@ -675,6 +680,19 @@ impl State {
             },
         );
         Some((key, id, node, victims))
+    }
+
+    /// Whether placement may use `node` at `now` (alive and not shunned).
+    pub(crate) fn usable(&self, node: usize, now: Timestamp) -> bool {
+        self.alive.get(node).copied().unwrap_or(false)
+            && self.shunned.get(node).is_none_or(|&until| until <= now)
+    }
+
+    /// Placement skips `node` until `until` (issue 7: its agent refused a connection).
+    pub(crate) fn shun(&mut self, node: usize, until: Timestamp) {
+        if let Some(s) = self.shunned.get_mut(node) {
+            *s = (*s).max(until);
+        }
     }
 
     // ---- removal -----------------------------------------------------------------------

@@ -47,6 +47,8 @@ struct FakeInner {
     /// Time between taking a status snapshot and answering with it, ms.
     status_delay_ms: std::sync::atomic::AtomicU64,
     fail_restores: AtomicBool,
+    /// Spawns and runs fail as if the agent refused the connection.
+    refuse: AtomicBool,
     live: Mutex<HashMap<SandboxId, FakeSb>>,
     log: Mutex<Vec<String>>,
 }
@@ -62,6 +64,7 @@ impl Fake {
             transient: 30 << 20,
             status_delay_ms: Default::default(),
             fail_restores: AtomicBool::new(false),
+            refuse: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
         }))
@@ -94,6 +97,12 @@ impl NodeAgent for Fake {
     fn execute(&self, cmd: Command) -> BoxFuture<'static, Result<Reply, AgentError>> {
         let me = self.0.clone();
         Box::pin(async move {
+            if me.refuse.load(Ordering::SeqCst)
+                && matches!(cmd, Command::Spawn(_) | Command::Run(_))
+            {
+                me.log.lock().push(format!("refused {}", cmd.name()));
+                return Err(AgentError::NotDelivered("connection refused".into()));
+            }
             match cmd {
                 Command::Spawn(c) => {
                     me.log
@@ -1882,4 +1891,37 @@ async fn reconciling_a_restarted_agent_forgets_what_it_lost() {
     );
     assert!(ctl.sandboxes().is_empty());
     assert!(f0.0.live.lock().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_its_node_refused_is_retried_once_elsewhere_and_the_node_is_shunned() {
+    let (ctl, f0, f1) = two_nodes();
+    let a = action("a", "1", 256, 1);
+    let first = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(first.node.map(|n| n.0), Some("n0".to_string()));
+    // n0's agent is gone (connection refused) but not yet found dead.
+    f0.0.refuse.store(true, Ordering::SeqCst);
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.response.status, ActivationStatus::Success, "{act:?}");
+    assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(f0.commands("refused run"), 1);
+    assert_eq!(
+        ctl.memory_used()[0],
+        Bytes(0),
+        "the unreachable sandbox left the books"
+    );
+    // Shunned: new work goes straight to n1, nothing is tried on n0.
+    let b = action("b", "1", 256, 1);
+    let act = ctl.invoke(request(&b, json!({}))).await.unwrap();
+    assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    assert_eq!(f0.commands("refused"), 1);
+    // Once the shun expires, a cold start refused there is retried once on n1.
+    tokio::time::sleep(Duration::from_millis(SHUN_MS + 1)).await;
+    let c = action("c", "1", 256, 1);
+    let act = ctl.invoke(request(&c, json!({}))).await.unwrap();
+    assert_eq!(act.response.status, ActivationStatus::Success, "{act:?}");
+    assert_eq!(act.node.map(|n| n.0), Some("n1".to_string()));
+    assert_eq!(f0.commands("refused spawn"), 1);
+    assert_eq!(f1.commands("spawn"), 3);
 }

@@ -594,6 +594,8 @@ pub fn error_to_pb(e: &ag::AgentError) -> pb::AgentError {
         }),
         A::ShuttingDown => E::ShuttingDown(pb::Empty {}),
         A::Unavailable(m) => E::Unavailable(m.clone()),
+        // Made on the caller's side of a transport; relayed as unavailable.
+        A::NotDelivered(m) => E::Unavailable(m.clone()),
     };
     pb::AgentError { error: Some(e) }
 }

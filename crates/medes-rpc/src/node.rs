@@ -178,7 +178,27 @@ fn client(address: SocketAddr, d: &Deadlines) -> Result<NodeClient<Channel>, Rem
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// Whether the call failed because the connection was refused (the request was never sent).
+fn refused(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 fn unavailable(node: &NodeId, status: &Status) -> AgentError {
+    if refused(status) {
+        return AgentError::NotDelivered(format!(
+            "node {node}: connection refused ({})",
+            status.message()
+        ));
+    }
     AgentError::Unavailable(match status.code() {
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             format!("node {node}: deadline passed ({})", status.message())
