@@ -44,6 +44,10 @@ use tracing::debug;
 use super::{DedupRec, Inner, RestoreReply, error_chain, ms};
 
 const PAGE: u64 = 4096;
+/// Batch buffers (1 MiB each) the rebuild may hold at once: enough to keep rebuilding while
+/// CRIU restores; beyond that it waits for the server to copy batches in and hand their
+/// buffers back (recycled buffers cost no page faults, and m_R stays bounded).
+const MAX_BUFFERS: usize = 32;
 
 /// Why a lazy dedup start did not succeed.
 pub(crate) enum LazyError {
@@ -110,7 +114,7 @@ pub(crate) async fn restore(
         })
     };
     let eager = layout.eager_pages();
-    let (daemon, feed) = LazyDaemon::start(dir, layout, BATCH_PAGES, demand)
+    let (daemon, feed) = LazyDaemon::start(dir, layout, BATCH_PAGES, MAX_BUFFERS, demand)
         .map_err(|e| fallback(error_chain(&e)))?;
     // The batches holding eager pages (CRIU waits for those pages).
     let mut eager_batches = BTreeSet::new();

@@ -294,6 +294,11 @@ struct Shared {
     prefetch: Mutex<Option<Vec<Prefetch>>>,
     /// The server thread ended: page buffers are dropped, not queued.
     ended: std::sync::atomic::AtomicBool,
+    /// Signalled when a buffer returns to the pool (or the server stops).
+    freed: std::sync::Condvar,
+    /// Buffers handed to the producer so far, and the most it may hold at once.
+    created: AtomicU64,
+    cap: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -301,6 +306,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Returns page buffers to the pool (waking a producer waiting for one).
+    fn give_back(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        lock(&self.pool).extend(bufs);
+        self.freed.notify_all();
+    }
+
     fn poke(&self) {
         let _ = (&self.wake).write(&[1]);
     }
@@ -315,6 +326,7 @@ impl Shared {
             *f = Some(reason);
         }
         self.failed_notify.notify_one();
+        self.freed.notify_all();
         self.poke();
         if self.state.load(Ordering::SeqCst) == DETACHED
             && let Some(k) = lock(&self.kill).take()
@@ -331,11 +343,29 @@ pub struct LazyFeed {
 }
 
 impl LazyFeed {
-    /// A buffer of `len` bytes for a batch (recycled from copied batches when possible).
+    /// A buffer of `len` bytes for a batch: recycled from copied batches; a new one only while
+    /// fewer than the server's `max_buffers` exist, else this waits for one to come back (so
+    /// the page buffers held stay bounded, and recycled buffers cost no page faults).
     pub fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut b = lock(&self.shared.pool).pop().unwrap_or_default();
-        b.resize(len, 0);
-        b
+        let sh = &self.shared;
+        let mut pool = lock(&sh.pool);
+        loop {
+            if let Some(mut b) = pool.pop() {
+                b.resize(len, 0);
+                return b;
+            }
+            if sh.created.load(Ordering::SeqCst) < sh.cap
+                || self.stopped()
+                || sh.ended.load(Ordering::SeqCst)
+            {
+                sh.created.fetch_add(1, Ordering::SeqCst);
+                return vec![0; len];
+            }
+            pool = sh
+                .freed
+                .wait_timeout(pool, Duration::from_millis(20))
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+        }
     }
 
     /// Hands over batch `batch` (its pages, every one verified).
@@ -371,12 +401,14 @@ pub struct LazyDaemon {
 
 impl LazyDaemon {
     /// Binds `<dir>/lazy-pages.socket` and starts the server thread. `batch_pages` is the
-    /// number of pages per batch (global order); `demand` produces a batch on the server's
+    /// number of pages per batch (global order); the producer holds at most `max_buffers`
+    /// batch buffers at once ([`LazyFeed::buffer`]); `demand` produces a batch on the server's
     /// thread when a process faults before it arrived.
     pub fn start(
         dir: &Path,
         layout: LazyLayout,
         batch_pages: usize,
+        max_buffers: usize,
         demand: DemandFn,
     ) -> Result<(LazyDaemon, LazyFeed), LazyStartError> {
         let io = |what: &str| {
@@ -408,6 +440,9 @@ impl LazyDaemon {
             fill_us: AtomicU64::new(0),
             prefetch: Mutex::new(Some(Vec::new())),
             ended: std::sync::atomic::AtomicBool::new(false),
+            freed: std::sync::Condvar::new(),
+            created: AtomicU64::new(0),
+            cap: max_buffers.max(1) as u64,
         });
         let n_batches = layout.n_pages.div_ceil(batch_pages.max(1) as u64) as usize;
         let server = Server {
@@ -766,6 +801,7 @@ impl Server {
         lock(&shared.queue).clear();
         lock(&shared.pool).clear();
         self.cache.clear();
+        shared.freed.notify_all();
     }
 
     fn held_bytes(&self) -> u64 {
@@ -893,7 +929,7 @@ impl Server {
                 self.cache.insert(b, data);
             }
         }
-        lock(&self.shared.pool).extend(pool);
+        self.shared.give_back(pool);
     }
 
     fn socket_event(&mut self) -> Result<(), String> {
@@ -1229,7 +1265,7 @@ impl Server {
                 self.n_done += 1;
             }
             if let Some(d) = self.cache.remove(&b) {
-                lock(&self.shared.pool).push(d);
+                self.shared.give_back([d]);
             }
             return Ok(());
         }
@@ -1248,7 +1284,7 @@ impl Server {
                     self.ensure(b)?;
                     self.fill(ti, b)?;
                     if let Some(d) = self.cache.remove(&b) {
-                        lock(&self.shared.pool).push(d);
+                        self.shared.give_back([d]);
                     }
                 }
                 None => {
