@@ -59,3 +59,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_get_redis_indexes_or_fall_back_to_memory() {
+        let memory = RegistryBackends::new(&RegistryConfig::default(), "node-0").expect("memory");
+        assert!(memory.registry("guest").backend().is_none());
+        if let Some(why) = medes_registry_redis::redis_server_missing() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI=true but {why}"
+            );
+            eprintln!("skipping the redis part: {why}");
+            return;
+        }
+        let cluster = medes_registry_redis::LocalCluster::start(3).expect("local redis cluster");
+        let cfg = RegistryConfig::redis(cluster.urls());
+        let b = RegistryBackends::new(&cfg, "node-1").expect("connects");
+        let guest = b.registry("guest");
+        assert!(guest.backend().is_some());
+        drop(cluster);
+        // A domain created while the cluster is down keeps its index in memory.
+        assert!(b.registry("other").backend().is_none());
+        assert!(RegistryBackends::new(&cfg, "node-1").is_err());
+    }
+}

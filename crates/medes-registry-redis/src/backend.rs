@@ -219,7 +219,10 @@ for i = 2, #ARGV do
 end
 return 0";
 
-/// The entry kinds (key suffixes).
+/// A field and the packed page ref to store under it.
+type FieldRef = ([u8; 9], [u8; 8]);
+
+/// The entry kinds (field prefixes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Chunk,
@@ -228,12 +231,16 @@ enum Kind {
 }
 
 impl Kind {
-    fn suffix(self) -> &'static str {
-        match self {
-            Kind::Chunk => "c",
-            Kind::Exact => "e",
-            Kind::Position => "p",
-        }
+    /// The field of a key hash of this kind (a kind byte, then the hash, little-endian).
+    fn field(self, h: u64) -> [u8; 9] {
+        let mut f = [0u8; 9];
+        f[0] = match self {
+            Kind::Chunk => b'c',
+            Kind::Exact => b'e',
+            Kind::Position => b'p',
+        };
+        f[1..].copy_from_slice(&h.to_le_bytes());
+        f
     }
 }
 
@@ -310,8 +317,8 @@ impl RedisRegistry {
         (h % u64::from(self.cluster.buckets)) as u32
     }
 
-    fn key(&self, kind: Kind, bucket: u32) -> String {
-        format!("{{{}:{bucket}}}:{}", self.prefix, kind.suffix())
+    fn key(&self, bucket: u32) -> String {
+        format!("{{{}:{bucket}}}", self.prefix)
     }
 
     fn base_key(&self, id: BaseId) -> String {
@@ -339,17 +346,11 @@ impl RedisRegistry {
         Ok(())
     }
 
-    /// Keys (with their hash fields) this prefix's lookups and writes touch, for tests: the
-    /// number of fields in every bucket hash of a kind (`"c"`, `"e"` or `"p"`).
-    pub fn count_entries(&self, kind: &str) -> Result<u64, CommandError> {
-        let kind = match kind {
-            "c" => Kind::Chunk,
-            "e" => Kind::Exact,
-            _ => Kind::Position,
-        };
+    /// Entries (chunk, whole-page and position keys) stored under this prefix.
+    pub fn count_entries(&self) -> Result<u64, CommandError> {
         let mut p = ClusterPipeline::new();
         for b in 0..self.cluster.buckets {
-            p.cmd("HLEN").arg(self.key(kind, b));
+            p.cmd("HLEN").arg(self.key(b));
         }
         let n: Vec<u64> = self.cluster.with_conn(|c| Ok(p.query(c)?))?;
         Ok(n.iter().sum())
@@ -363,23 +364,23 @@ impl RedisRegistry {
         if let Some(blob) = blob {
             let entries =
                 decode_blob(&blob).ok_or(CommandError::Malformed { key: bkey.clone() })?;
-            let mut groups: HashMap<(Kind, u32), Vec<[u8; 8]>> = HashMap::new();
+            let mut groups: HashMap<u32, Vec<[u8; 9]>> = HashMap::new();
             for (kind, h) in entries {
                 groups
-                    .entry((kind, self.bucket(h)))
+                    .entry(self.bucket(h))
                     .or_default()
-                    .push(h.to_le_bytes());
+                    .push(kind.field(h));
             }
             let tag = id.0.to_le_bytes();
             let mut p = ClusterPipeline::new();
-            for ((kind, b), mut fields) in groups {
+            for (b, mut fields) in groups {
                 fields.sort_unstable();
                 fields.dedup();
                 let cmd = p
                     .cmd("EVAL")
                     .arg(REMOVE)
                     .arg(1)
-                    .arg(self.key(kind, b))
+                    .arg(self.key(b))
                     .arg(&tag[..]);
                 for f in &fields {
                     cmd.arg(&f[..]);
@@ -415,16 +416,18 @@ impl RedisRegistry {
         for (seg, part) in fps.chunks(INSERT_PAGES).enumerate() {
             // Per bucket and kind, the (field, ref) pairs in page order (the order the
             // in-memory index registers them in).
-            let mut groups: HashMap<(Kind, u32), Vec<[u8; 8]>> = HashMap::new();
-            let mut order: Vec<(Kind, u32)> = Vec::new();
+            // Whole-page hashes keep their first ref (`SET_NEW`), the others append (`APPEND`).
+            let mut groups: HashMap<(bool, u32), Vec<FieldRef>> = HashMap::new();
+            let mut order: Vec<(bool, u32)> = Vec::new();
             let mut add = |kind: Kind, h: u64, r: [u8; 8]| {
-                let k = (kind, self.bucket(h));
-                let g = groups.entry(k).or_insert_with(|| {
-                    order.push(k);
-                    Vec::new()
-                });
-                g.push(h.to_le_bytes());
-                g.push(r);
+                let k = (kind == Kind::Exact, self.bucket(h));
+                groups
+                    .entry(k)
+                    .or_insert_with(|| {
+                        order.push(k);
+                        Vec::new()
+                    })
+                    .push((kind.field(h), r));
             };
             for (j, fp) in part.iter().enumerate() {
                 if fp.zero {
@@ -448,14 +451,15 @@ impl RedisRegistry {
             }
             let mut p = ClusterPipeline::with_capacity(order.len());
             for k in &order {
-                let (kind, b) = *k;
+                let (exact, b) = *k;
                 let cmd = p.cmd("EVAL");
-                match kind {
-                    Kind::Exact => cmd.arg(SET_NEW).arg(1).arg(self.key(kind, b)),
-                    _ => cmd.arg(APPEND).arg(1).arg(self.key(kind, b)).arg(&max),
-                };
-                for a in groups.get(k).into_iter().flatten() {
-                    cmd.arg(&a[..]);
+                if exact {
+                    cmd.arg(SET_NEW).arg(1).arg(self.key(b));
+                } else {
+                    cmd.arg(APPEND).arg(1).arg(self.key(b)).arg(&max);
+                }
+                for (f, r) in groups.get(k).into_iter().flatten() {
+                    cmd.arg(&f[..]).arg(&r[..]);
                 }
                 cmd.ignore();
             }
@@ -478,11 +482,11 @@ impl RedisRegistry {
         }
         // Distinct (kind, hash) → answer slot; per bucket and kind, the fields asked.
         let mut slot: HashMap<(Kind, u64), usize> = HashMap::with_capacity(pages.len() * 18);
-        let mut groups: HashMap<(Kind, u32), Vec<u64>> = HashMap::new();
+        let mut groups: HashMap<u32, Vec<(Kind, u64)>> = HashMap::new();
         let mut ask = |kind: Kind, h: u64| {
             let n = slot.len();
             slot.entry((kind, h)).or_insert_with(|| {
-                groups.entry((kind, self.bucket(h))).or_default().push(h);
+                groups.entry(self.bucket(h)).or_default().push((kind, h));
                 n
             });
         };
@@ -495,20 +499,18 @@ impl RedisRegistry {
                 ask(Kind::Position, k.position);
             }
         }
-        let groups: Vec<((Kind, u32), Vec<u64>)> = groups.into_iter().collect();
+        let groups: Vec<(u32, Vec<(Kind, u64)>)> = groups.into_iter().collect();
         let mut p = ClusterPipeline::with_capacity(groups.len());
-        for ((kind, b), fields) in &groups {
-            let cmd = p.cmd("HMGET").arg(self.key(*kind, *b));
-            for f in fields {
-                cmd.arg(&f.to_le_bytes()[..]);
+        for (b, fields) in &groups {
+            let cmd = p.cmd("HMGET").arg(self.key(*b));
+            for (kind, h) in fields {
+                cmd.arg(&kind.field(*h)[..]);
             }
         }
         let answers: Vec<Value> = self.cluster.with_conn(|c| Ok(p.query(c)?))?;
         let mut values: Vec<Option<Vec<u8>>> = vec![None; slot.len()];
-        for (((kind, b), fields), a) in groups.iter().zip(answers) {
-            let malformed = || CommandError::Malformed {
-                key: self.key(*kind, *b),
-            };
+        for ((b, fields), a) in groups.iter().zip(answers) {
+            let malformed = || CommandError::Malformed { key: self.key(*b) };
             let Value::Array(items) = a else {
                 return Err(malformed());
             };
@@ -521,7 +523,7 @@ impl RedisRegistry {
                     Value::BulkString(v) if !v.is_empty() && v.len() % 8 == 0 => v,
                     _ => return Err(malformed()),
                 };
-                if let Some(&s) = slot.get(&(*kind, *f)) {
+                if let Some(&s) = slot.get(f) {
                     values[s] = Some(v);
                 }
             }

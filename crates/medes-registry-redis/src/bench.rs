@@ -105,6 +105,11 @@ fn time_lookups(reg: &Registry, fps: &[PageFingerprint]) -> Result<(f64, Vec<Str
 /// Lookup µs/page of the in-memory registry and of Redis Cluster at `urls` (see the module
 /// documentation). Uses its own key prefix and removes what it stored.
 pub fn bench_lookup_both(urls: &[String], pages: usize) -> Result<LookupBench, BenchError> {
+    bench_lookup_with(&RegistryConfig::redis(urls.to_vec()), pages)
+}
+
+/// [`bench_lookup_both`] with every Redis setting given (bucket count, timeouts).
+pub fn bench_lookup_with(cfg: &RegistryConfig, pages: usize) -> Result<LookupBench, BenchError> {
     let pages = pages.max(256);
     let (base, target) = workload(pages);
     let meta = BaseMeta {
@@ -123,7 +128,7 @@ pub fn bench_lookup_both(urls: &[String], pages: usize) -> Result<LookupBench, B
         mem_choices = c;
     }
 
-    let cluster = RedisCluster::connect(&RegistryConfig::redis(urls.to_vec()))?;
+    let cluster = RedisCluster::connect(cfg)?;
     let prefix = format!(
         "medes-bench:{}:{}",
         std::process::id(),

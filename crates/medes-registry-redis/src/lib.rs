@@ -17,12 +17,12 @@
 //!   stay in the process's [`medes_dedup::Registry`]; chunk, whole-page and position entries
 //!   (tens of bytes per page) go to Redis. The base choice is the registry's, so both backends
 //!   choose the same base pages.
-//! - **Keys.** Each entry kind is a Redis hash per *bucket*: `{<prefix>:<b>}:c` (chunk hash →
-//!   up to 8 packed page refs), `{<prefix>:<b>}:e` (whole-page hash → one ref) and
-//!   `{<prefix>:<b>}:p` (position key → refs), `b` = hash mod `buckets` (default 256). The hash
-//!   tag spreads the buckets over the cluster's slots while a bucket's three hashes share one
-//!   slot, and a batch of 256 pages (4,096+ fields) becomes a few hundred `HMGET`s sent as
-//!   one pipeline: redis-rs splits it per master, writes all sub-pipelines, then reads them.
+//! - **Keys.** Entries live in one Redis hash per *bucket*, `{<prefix>:<b>}`, `b` = key hash
+//!   mod `buckets` (default 64); a field is a kind byte and the key hash: `c` + chunk hash →
+//!   up to 8 packed page refs (base, page: 4 + 4 bytes), `e` + whole-page hash → one ref,
+//!   `p` + position key → refs. The hash tag spreads the buckets over the cluster's slots, and
+//!   a batch of 256 pages (4,000+ fields) becomes at most `buckets` `HMGET`s sent as one
+//!   pipeline: redis-rs splits it per master, writes all sub-pipelines, then reads them.
 //! - **Writes by Lua, one script call per bucket and kind**, so an entry's append (keep the
 //!   first 8 refs, no duplicates) or removal (drop one base's refs) is atomic and cheap.
 //! - **Removal without a scan.** A base's fingerprints are kept in one blob key
@@ -42,7 +42,7 @@ pub mod bench;
 pub mod local;
 
 pub use backend::{CommandError, ConnectError, OpenError, RedisCluster, RedisRegistry};
-pub use bench::{BenchError, LookupBench, bench_lookup, bench_lookup_both};
+pub use bench::{BenchError, LookupBench, bench_lookup, bench_lookup_both, bench_lookup_with};
 pub use local::{LocalCluster, StartClusterError, redis_server_missing};
 
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,9 @@ pub struct RegistryConfig {
     /// Default `medes`.
     pub key_prefix: String,
     /// Hashes per entry kind and prefix (spread over the cluster's slots). Fixed for the life
-    /// of the data. Default 256.
+    /// of the data. Default 64: a key holds 1/64 of a prefix's entries of its kind, and at
+    /// most 64 masters share a prefix's load; more buckets spread wider but cost more commands
+    /// per lookup (measured in docs/BENCHMARKS.md).
     pub buckets: u32,
     /// Bound on connecting and on each request, ms. Default 2000.
     pub timeout_ms: u64,
@@ -82,7 +84,7 @@ impl Default for RegistryConfig {
             backend: BackendKind::Memory,
             redis_urls: Vec::new(),
             key_prefix: "medes".into(),
-            buckets: 256,
+            buckets: 64,
             timeout_ms: 2000,
         }
     }

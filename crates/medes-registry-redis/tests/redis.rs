@@ -147,14 +147,14 @@ fn redis_backend_chooses_what_memory_chooses_and_removal_removes() {
         red.remove_base(BaseId(2)),
         Err(BaseRefError::InUse { .. })
     ));
-    let before = backend.count_entries("c").unwrap();
+    let before = backend.count_entries().unwrap();
     mem.remove_base(BaseId(1)).unwrap();
     red.remove_base(BaseId(1)).unwrap();
     assert_eq!(
         red.try_choose_batch(&target, &tpos, NodeId(0)).unwrap(),
         mem.choose_batch(&target, &tpos, NodeId(0))
     );
-    let after = backend.count_entries("c").unwrap();
+    let after = backend.count_entries().unwrap();
     assert!(after < before, "{before} -> {after}");
     assert_eq!(
         backend.stored_bases().unwrap().len(),
@@ -173,13 +173,7 @@ fn redis_backend_chooses_what_memory_chooses_and_removal_removes() {
     red.release(BaseId(2)).unwrap();
     red.remove_base(BaseId(2)).unwrap();
     red.remove_base(BaseId(3)).unwrap();
-    for kind in ["c", "e", "p"] {
-        assert_eq!(
-            backend.count_entries(kind).unwrap(),
-            0,
-            "{kind} entries left"
-        );
-    }
+    assert_eq!(backend.count_entries().unwrap(), 0, "entries left");
     assert!(backend.stored_bases().unwrap().is_empty());
     assert_eq!(c.key_counts().iter().sum::<u64>(), 0, "keys left behind");
 }
@@ -206,9 +200,9 @@ fn reopening_a_prefix_drops_an_earlier_owners_entries() {
     }
     let (_cl, b) = open(&c, "test:{reopen}");
     assert!(b.stored_bases().unwrap().is_empty());
-    assert_eq!(b.count_entries("e").unwrap(), 0);
+    assert_eq!(b.count_entries().unwrap(), 0);
     let (_cl2, other) = open(&c, "other");
-    assert_eq!(other.count_entries("e").unwrap(), 0);
+    assert_eq!(other.count_entries().unwrap(), 0);
     assert_eq!(c.key_counts().iter().sum::<u64>(), 0);
 }
 
