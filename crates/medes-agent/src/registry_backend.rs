@@ -82,6 +82,10 @@ mod tests {
         let b = RegistryBackends::new(&cfg, "node-1").expect("connects");
         let guest = b.registry("guest");
         assert!(guest.backend().is_some());
+        // The node's dedup domains get theirs from it.
+        let domains = crate::domain::Domains::new(None)
+            .with_registry_backends(RegistryBackends::new(&cfg, "node-1").expect("connects"));
+        assert!(domains.get("tenant-a").registry().backend().is_some());
         drop(cluster);
         // A domain created while the cluster is down keeps its index in memory.
         assert!(b.registry("other").backend().is_none());
