@@ -359,10 +359,10 @@ pub const TRADEOFF: [(&str, &[&str]); 4] = [
     (
         "medes-predict",
         &[
+            "medes-ka-1m-prewarm-gd",
+            "medes-ka-2m-prewarm-gd",
+            "medes-ka-5m-prewarm-gd",
             "medes-latency-predict",
-            "medes-budget-5-predict",
-            "medes-budget-10-predict",
-            "medes-budget-15-predict",
             "medes-predict",
         ],
     ),

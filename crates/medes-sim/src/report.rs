@@ -667,7 +667,7 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
         .collect();
     let _ = writeln!(
         md,
-        "Cold starts (summed over the patterns; paper: one run):\n\n| function | fixed-10m | hybrid | greedy-dual | medes | paper fixed | paper adaptive | paper medes |\n|---|---|---|---|---|---|---|---|"
+        "Cold starts (summed over the patterns; paper: one run):\n\n| function | fixed-10m | hybrid | greedy-dual | medes | medes-predict | paper fixed | paper adaptive | paper medes |\n|---|---|---|---|---|---|---|---|---|"
     );
     let names: Vec<String> = per
         .first()
@@ -677,11 +677,12 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
         let paper = PAPER_FIG7B.iter().find(|p| p.0 == name);
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
             per[0].1[i].1,
             per[1].1[i].1,
             per[2].1[i].1,
             per[3].1[i].1,
+            per[4].1[i].1,
             paper.map_or("-".into(), |p| format!("{:.0}", p.1)),
             paper.map_or("-".into(), |p| format!("{:.0}", p.2)),
             paper.map_or("-".into(), |p| format!("{:.0}", p.3)),
@@ -689,15 +690,17 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
     }
     let _ = writeln!(
         md,
-        "\nEnd-to-end p99 / p99.9 and startup p99.9, ms (paper: tail latency, fixed → Medes):\n\n| function | fixed-10m p99 / p99.9 | hybrid p99 / p99.9 | greedy-dual p99 / p99.9 | medes p99 / p99.9 | startup p99.9 fixed → medes (×) | paper tail fixed → medes |\n|---|---|---|---|---|---|---|"
+        "\nEnd-to-end p99 / p99.9 and startup p99.9, ms (paper: tail latency, fixed → Medes):\n\n| function | fixed-10m p99 / p99.9 | hybrid p99 / p99.9 | greedy-dual p99 / p99.9 | medes p99 / p99.9 | medes-predict p99 / p99.9 | p99.9 fixed ÷ medes-predict | startup p99.9 fixed → medes → medes-predict (× fixed ÷ medes-predict) | paper tail fixed → medes (×) |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (i, name) in names.iter().enumerate() {
         let paper = PAPER_FIG7B.iter().find(|p| p.0 == name);
         let sf = per[0].1[i].4;
         let sm = per[3].1[i].4;
+        let sp = per[4].1[i].4;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let _ = writeln!(
             md,
-            "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} → {:.0} ({:.2}×) | {} |",
+            "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2}× | {:.0} → {:.0} → {:.0} ({:.2}×) | {} |",
             per[0].1[i].2,
             per[0].1[i].3,
             per[1].1[i].2,
@@ -706,10 +709,16 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
             per[2].1[i].3,
             per[3].1[i].2,
             per[3].1[i].3,
+            per[4].1[i].2,
+            per[4].1[i].3,
+            ratio(per[0].1[i].3, per[4].1[i].3),
             sf,
             sm,
-            if sm > 0.0 { sf / sm } else { 0.0 },
-            paper.map_or("-".into(), |p| format!("{:.0} → {:.0}", p.4, p.5)),
+            sp,
+            ratio(sf, sp),
+            paper.map_or("-".into(), |p| {
+                format!("{:.0} → {:.0} ({:.2}×)", p.4, p.5, ratio(p.4, p.5))
+            }),
         );
     }
     let series: Vec<(String, Vec<f64>)> = per

@@ -125,9 +125,10 @@ pub struct MedesConfig {
     pub predict: Option<PredictConfig>,
     /// Eviction in Greedy-Dual order (FaasCache) with dedup as the cheaper state: an idle
     /// sandbox's priority is the clock when it last served plus the function's invocation
-    /// count × the start time it saves (the function's cold start, or template start when
-    /// template starts are on, minus its own warm or dedup start) ÷ the memory it holds (m_W,
-    /// or m_D deduplicated); the lowest goes first and the clock becomes its priority. Default
+    /// count × the start time it saves (the function's cold start minus its own warm or dedup
+    /// start) ÷ the memory it holds (m_W, or m_D deduplicated); the lowest goes first and the
+    /// clock becomes its priority. With template starts on, least recently used first (a kept
+    /// sandbox then saves only a template start: measured better, docs/EVALUATION.md). Default
     /// false (the prototype's over-provisioning order).
     #[serde(default)]
     pub evict_greedy_dual: bool,
@@ -604,7 +605,14 @@ pub fn decide(cfg: &MedesConfig, mode: MedesMode, i: &MedesInputs) -> MedesTrace
     // Overrides.
     out.verdict = match i.state {
         IdleState::Base => Verdict::Keep,
-        IdleState::Warm if !i.blacklisted && i.n_dedup >= i.n_base * cfg.dedup_per_base.max(1) => {
+        // A base serves dedup sandboxes: none while deduplication would save nothing (with
+        // template starts no faster than a dedup start, the template is the base).
+        IdleState::Warm
+            if !i.blacklisted
+                && i.saving.is_finite()
+                && i.saving >= 1e-3
+                && i.n_dedup >= i.n_base * cfg.dedup_per_base.max(1) =>
+        {
             Verdict::MakeBase
         }
         IdleState::Dedup if tentative == Verdict::Dedup => Verdict::Keep,
@@ -708,8 +716,12 @@ impl ClusterPolicy for Medes {
                 IdleState::Dedup => (st.s_d, c.dedup_mb),
                 _ => (st.s_w, c.warm_mb),
             };
-            let replaced = c.template_ms.unwrap_or(c.cold_ms).min(c.cold_ms);
-            let saved = (replaced - own).max(0.0);
+            if c.template_ms.is_some() {
+                // With template starts, keeping any idle sandbox saves only a template start
+                // minus its own (100–300 ms for every function): least recently used first.
+                return sb.idle_since.0 as f64;
+            }
+            let saved = (c.cold_ms - own).max(0.0);
             return sb.score + st.arrivals as f64 * saved / mb.max(1e-3);
         }
         if self.cfg.evict_by_value
@@ -1252,20 +1264,19 @@ mod tests {
         let first = r(1, &w);
         p.on_evicted(1, first);
         assert_eq!(p.on_finish(0, Timestamp(0)).score, first);
-        // With template starts, a start saves only up to the template start.
+        // With template starts: least recently used first.
         let mut tc = costs();
         tc[0].template_ms = Some(100.0);
-        let mut q = Medes::new(
+        let q = Medes::new(
             MedesConfig {
                 evict_greedy_dual: true,
                 ..Default::default()
             },
             tc,
         );
-        for _ in 0..10 {
-            q.on_arrival(0, Timestamp(0));
-        }
-        assert!((q.evict_rank(0, &w, &view, Timestamp(0)) - 10.0 * 90.0 / 32.0).abs() < 1e-9);
+        let (old, new) = (idle(IdleState::Warm, 5), idle(IdleState::Warm, 9));
+        let rq = |sb: &IdleSandbox| q.evict_rank(0, sb, &view, Timestamp(10));
+        assert!(rq(&old) < rq(&new));
     }
 
     #[test]
