@@ -453,14 +453,14 @@ async fn remote_agent_replies_errors_and_deadlines() {
         "n1"
     );
 
-    // Nobody listening: Unavailable, quickly.
+    // Nobody listening: not delivered (the connection was refused: nothing was sent), quickly.
     stop.cancel();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = l.local_addr().unwrap();
     drop(l);
     let gone = RemoteAgent::connect_lazy(NodeId("n9".into()), dead, Deadlines::default()).unwrap();
     let err = gone.execute(ag::Command::Status).await.unwrap_err();
-    assert!(matches!(err, ag::AgentError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, ag::AgentError::NotDelivered(_)), "{err:?}");
 }
 
 async fn registry(expected: usize, stop: &CancellationToken) -> (Registry, String) {
