@@ -22,6 +22,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mem.push(b.memory_us_per_page);
         red.push(b.redis_us_per_page);
     }
+    // Server time per command kind, summed over the masters (µs).
+    let mut stats: std::collections::BTreeMap<String, (u64, f64)> = Default::default();
+    for info in cluster.info("commandstats") {
+        for l in info.lines() {
+            let Some((name, rest)) = l.strip_prefix("cmdstat_").and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |k: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let e = stats.entry(name.to_string()).or_default();
+            e.0 += field("calls=") as u64;
+            e.1 += field("usec=");
+        }
+    }
+    for (name, (calls, usec)) in stats.iter().filter(|(_, (c, _))| *c > 10) {
+        println!("server {name}: {calls} calls, {:.0} ms", usec / 1e3);
+    }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

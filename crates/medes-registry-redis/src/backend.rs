@@ -174,21 +174,24 @@ fn escape(prefix: &str) -> String {
     s
 }
 
-/// Appends refs to entries (keeping the first `ARGV[1]` bytes' worth, without duplicates).
+/// Appends refs to entries, one by one in order, each unless already there, while the entry
+/// holds less than `ARGV[1]` bytes (`ARGV[2..]`: field, refs).
 const APPEND: &str = r"
 local max = tonumber(ARGV[1])
 for i = 2, #ARGV, 2 do
-  local f, r = ARGV[i], ARGV[i + 1]
-  local v = redis.call('HGET', KEYS[1], f)
-  if not v then
-    redis.call('HSET', KEYS[1], f, r)
-  elseif #v < max then
+  local f, rs = ARGV[i], ARGV[i + 1]
+  local v = redis.call('HGET', KEYS[1], f) or ''
+  local n = #v
+  for k = 1, #rs, 8 do
+    if #v >= max then break end
+    local r = string.sub(rs, k, k + 7)
     local dup = false
     for j = 1, #v, 8 do
       if string.sub(v, j, j + 7) == r then dup = true; break end
     end
-    if not dup then redis.call('HSET', KEYS[1], f, v .. r) end
+    if not dup then v = v .. r end
   end
+  if #v ~= n then redis.call('HSET', KEYS[1], f, v) end
 end
 return 0";
 
@@ -219,8 +222,8 @@ for i = 2, #ARGV do
 end
 return 0";
 
-/// A field and the packed page ref to store under it.
-type FieldRef = ([u8; 9], [u8; 8]);
+/// A field and the packed page refs to store under it (in page order).
+type FieldRefs = ([u8; 9], Vec<u8>);
 
 /// The entry kinds (field prefixes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -416,18 +419,28 @@ impl RedisRegistry {
         for (seg, part) in fps.chunks(INSERT_PAGES).enumerate() {
             // Per bucket and kind, the (field, ref) pairs in page order (the order the
             // in-memory index registers them in).
+            // Per field, this segment's refs in page order: what the in-memory index appends
+            // one by one (at most the cap is ever kept; a page's repeated chunk adds nothing).
             // Whole-page hashes keep their first ref (`SET_NEW`), the others append (`APPEND`).
-            let mut groups: HashMap<(bool, u32), Vec<FieldRef>> = HashMap::new();
+            let cap = MAX_REFS_PER_CHUNK * 8;
+            let mut fields: HashMap<(Kind, u64), usize> = HashMap::new();
+            let mut groups: HashMap<(bool, u32), Vec<FieldRefs>> = HashMap::new();
             let mut order: Vec<(bool, u32)> = Vec::new();
             let mut add = |kind: Kind, h: u64, r: [u8; 8]| {
                 let k = (kind == Kind::Exact, self.bucket(h));
-                groups
-                    .entry(k)
-                    .or_insert_with(|| {
-                        order.push(k);
-                        Vec::new()
-                    })
-                    .push((kind.field(h), r));
+                let g = groups.entry(k).or_insert_with(|| {
+                    order.push(k);
+                    Vec::new()
+                });
+                let at = *fields.entry((kind, h)).or_insert_with(|| {
+                    g.push((kind.field(h), Vec::new()));
+                    g.len() - 1
+                });
+                let refs = &mut g[at].1;
+                let limit = if kind == Kind::Exact { 8 } else { cap };
+                if refs.len() < limit && !refs.ends_with(&r) {
+                    refs.extend_from_slice(&r);
+                }
             };
             for (j, fp) in part.iter().enumerate() {
                 if fp.zero {
@@ -458,8 +471,8 @@ impl RedisRegistry {
                 } else {
                     cmd.arg(APPEND).arg(1).arg(self.key(b)).arg(&max);
                 }
-                for (f, r) in groups.get(k).into_iter().flatten() {
-                    cmd.arg(&f[..]).arg(&r[..]);
+                for (f, refs) in groups.get(k).into_iter().flatten() {
+                    cmd.arg(&f[..]).arg(&refs[..]);
                 }
                 cmd.ignore();
             }

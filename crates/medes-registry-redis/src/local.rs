@@ -202,6 +202,14 @@ impl LocalCluster {
         self.dir.path().join(format!("{port}.log"))
     }
 
+    /// Each master's `INFO <section>` (empty for a master that does not answer).
+    pub fn info(&self, section: &str) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|&p| cli(p, &["info", section]).unwrap_or_default())
+            .collect()
+    }
+
     /// Keys stored on each master (`DBSIZE`).
     pub fn key_counts(&self) -> Vec<u64> {
         self.ports
