@@ -182,7 +182,9 @@ impl Book {
                 ("restore_failed", Some(Known::Disabled))
             }
             Some(AgentError::TemplateStartFailed { .. }) => ("restore_failed", Some(Known::Ready)),
-            Some(AgentError::ShuttingDown | AgentError::Unavailable(_)) => {
+            Some(
+                AgentError::ShuttingDown | AgentError::Unavailable(_) | AgentError::NotDelivered(_),
+            ) => {
                 ("agent_unavailable", Some(Known::Ready))
             }
             Some(AgentError::BadSandboxId(_)) => ("bad_sandbox_id", Some(Known::Ready)),
@@ -265,7 +267,9 @@ fn make_failure_label(e: &AgentError) -> &'static str {
         AgentError::TemplateUnavailable { .. } => "unavailable",
         AgentError::UnknownSandbox(_) => "sandbox_gone",
         AgentError::WrongForm { .. } => "wrong_form",
-        AgentError::ShuttingDown | AgentError::Unavailable(_) => "agent_unavailable",
+        AgentError::ShuttingDown | AgentError::Unavailable(_) | AgentError::NotDelivered(_) => {
+            "agent_unavailable"
+        }
         _ => "agent_error",
     }
 }
