@@ -123,7 +123,8 @@
 //!
 //! # What this crate does not do
 //! No scheduling, no memory budget, no keep-alive, no dedup policy (the controller decides all of
-//! that); no OpenWhisk JSON; no remote base fetch. Warm sandboxes do not survive an agent
+//! that); no OpenWhisk JSON (other nodes' bases are read
+//! through [`remote`], issue 7). Warm sandboxes do not survive an agent
 //! restart (their processes die with it); dedup stores and bases do, not a machine reboot.
 #![deny(missing_docs)]
 #![deny(unsafe_code)] // one exception: mapping base pages files (domain.rs)
