@@ -11,8 +11,8 @@ use crate::codec::{CodecConfig, Encoder, PageKind};
 use crate::fingerprint::{FingerprintConfig, PageFingerprint, fingerprint, sample};
 use crate::image::{BasePageError, BasePages, DumpImage};
 use crate::registry::{
-    AddBaseError, BackendError, BaseId, BaseMeta, Choice, NodeId, PageKeys, PageRef, Registry,
-    RegistryBackend, RegistryReader,
+    AddBaseError, BaseId, BaseMeta, Choice, NodeId, PageKeys, PageRef, Registry, RegistryBackend,
+    RegistryReader,
 };
 use crate::store::{BLOCK_PAGES, DedupStore, PageEntry, StoredProcess};
 
@@ -95,6 +95,10 @@ pub struct DedupStats {
     pub predicted: u64,
     /// Pages whose sampled chunks were looked up in the registry.
     pub looked_up: u64,
+    /// Batches whose lookup the registry backend failed (their pages were stored without a
+    /// base: still restorable, only larger). Always 0 with the in-memory index.
+    #[serde(default)]
+    pub lookup_failures: u64,
     /// Time fingerprinting (zero check, checksum, rebasing, whole-page hash, chunk sampling;
     /// thread time divided by the pool's threads).
     pub fingerprint: Duration,
@@ -126,9 +130,6 @@ pub enum DedupError {
     /// More distinct bases than the page table can reference.
     #[error("too many distinct bases")]
     TooManyBases,
-    /// The registry backend failed to answer a batch's lookup.
-    #[error("looking up a batch of pages in the registry backend")]
-    Lookup(#[source] BackendError),
 }
 
 /// Fingerprints every page of a dump (in parallel), rebasing first when `rebase` is set.
@@ -194,6 +195,8 @@ struct BlockOut {
     predicted: u64,
     /// Pages looked up by sampled chunks.
     looked_up: u64,
+    /// Whether the backend failed this block's lookup.
+    lookup_failed: bool,
 }
 
 /// Per-thread state of a dedup.
@@ -254,7 +257,9 @@ fn base_page(w: &[u8], bo: usize) -> &crate::Page {
 }
 
 /// With a registry backend: fingerprints every non-zero page of a batch and looks them all up
-/// in one batched request. Returns each page's choice (by index in the batch).
+/// in one batched request. Returns each page's choice (by index in the batch), `None` for all
+/// if the backend fails (`failed` set): the batch is stored without bases rather than the
+/// sandbox lost.
 #[allow(clippy::too_many_arguments)]
 fn prefetch(
     w: &mut Worker,
@@ -265,7 +270,8 @@ fn prefetch(
     positions: &[u64],
     cfg: &DedupConfig,
     ns: &mut [u64; 4],
-) -> Result<Vec<Option<Choice>>, DedupError> {
+    failed: &mut bool,
+) -> Vec<Option<Choice>> {
     let t0 = Instant::now();
     let zero_page = [0u8; crate::PAGE];
     let mut fps = Vec::with_capacity(range.len());
@@ -295,17 +301,18 @@ fn prefetch(
         .map(|(fp, &j)| PageKeys::of(fp, positions.get(range.start + j).copied().unwrap_or(0)))
         .collect();
     let mut cands = Vec::new();
-    backend
-        .lookup_batch(&keys, &mut cands)
-        .map_err(DedupError::Lookup)?;
     let mut pre = vec![None; range.len()];
-    for (c, &j) in cands.iter_mut().zip(&idx) {
-        pre[j] = reader.choose_from(c, cfg.local_node);
+    if backend.lookup_batch(&keys, &mut cands).is_ok() {
+        for (c, &j) in cands.iter_mut().zip(&idx) {
+            pre[j] = reader.choose_from(c, cfg.local_node);
+        }
+    } else {
+        *failed = true;
     }
     let t2 = Instant::now();
     ns[0] += (t1 - t0).as_nanos() as u64;
     ns[1] += (t2 - t1).as_nanos() as u64;
-    Ok(pre)
+    pre
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -339,7 +346,8 @@ fn dedup_block(
             positions,
             cfg,
             &mut out.ns,
-        )?),
+            &mut out.lookup_failed,
+        )),
     };
     let zero_page = [0u8; crate::PAGE];
     let radius = cfg.codec.window_radius;
@@ -564,7 +572,8 @@ fn dedup_block(
 /// With a registry backend ([`Registry::with_backend`]), each batch first fingerprints all its
 /// non-zero pages and looks them up in one batched request (one network round trip per batch
 /// instead of one per page), then runs the same pass with those answers: the store is the one
-/// the in-memory index gives.
+/// the in-memory index gives. A batch whose lookup fails is stored without bases (counted in
+/// [`DedupStats::lookup_failures`]): the sandbox stays restorable while the backend is down.
 pub fn dedup(
     dump: &DumpImage,
     registry: &Registry,
@@ -636,6 +645,7 @@ pub(crate) fn dedup_hinted(
     for o in outs {
         stats.predicted += o.predicted;
         stats.looked_up += o.looked_up;
+        stats.lookup_failures += u64::from(o.lookup_failed);
         lookup_ns += o.ns[1];
         let mut block_raw = [0u64; 9];
         for (mut e, base) in o.entries {

@@ -291,6 +291,27 @@ fn dedup_through_redis_gives_the_same_store() {
         red.remove_base(BaseId(1)).unwrap();
     }
     assert_eq!(c.key_counts().iter().sum::<u64>(), 0);
+
+    // The cluster gone: the dedup still succeeds, without bases, and rebuilds.
+    let cfg = DedupConfig::default();
+    let red = Registry::with_backend(Arc::new(backend.clone()));
+    let meta = BaseMeta {
+        function: "json".into(),
+        node: NodeId(0),
+    };
+    register_base(&red, BaseId(1), meta, &base, &cfg).unwrap();
+    let mut bases = LocalBases::new(cfg.rebase);
+    bases.insert(BaseId(1), DumpImage::open(&bdir).unwrap());
+    drop(c);
+    let (store, stats) = dedup(&target, &red, &bases, &cfg).unwrap();
+    assert_eq!(
+        stats.lookup_failures,
+        stats.pages.div_ceil(256),
+        "{stats:?}"
+    );
+    assert_eq!(stats.exact + stats.patched, 0, "{stats:?}");
+    let rebuilt = rebuild_pages(&store, &bases).unwrap();
+    assert_eq!(rebuilt.len() as u64, target.n_pages() * PAGE as u64);
     let _ = std::fs::remove_dir_all(&root);
 }
 
