@@ -184,9 +184,7 @@ impl Book {
             Some(AgentError::TemplateStartFailed { .. }) => ("restore_failed", Some(Known::Ready)),
             Some(
                 AgentError::ShuttingDown | AgentError::Unavailable(_) | AgentError::NotDelivered(_),
-            ) => {
-                ("agent_unavailable", Some(Known::Ready))
-            }
+            ) => ("agent_unavailable", Some(Known::Ready)),
             Some(AgentError::BadSandboxId(_)) => ("bad_sandbox_id", Some(Known::Ready)),
             Some(_) => ("agent_error", None),
             None => ("timeout", Some(Known::Ready)),
