@@ -263,7 +263,12 @@ async fn corrupt_failing_and_stale_templates() {
     ));
     let b = id("cb");
     start(&agent, &b, "pkg/tq", "2").await;
-    assert!(status(&agent).await.templates.is_empty());
+    // Only the old template's base remains, held for `a` (born from it, still warm).
+    let st = status(&agent).await;
+    assert!(
+        st.templates.iter().all(|t| t.state == "orphan_base"),
+        "{st:?}"
+    );
     make_template(&agent, &b).await;
     agent
         .execute(template_start(&x, "pkg/tq", "2", Bytes::mib(256)))
