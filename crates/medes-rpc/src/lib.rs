@@ -76,15 +76,17 @@
 //! window between a remote dedup and that push (about a heartbeat) is not covered: a base
 //! retired in it leaves the store unrestorable, and its dedup start fails over to a cold start.
 //!
-//! # What this crate does not do (yet: later phases of issue 7)
-//! - The rest of phase 2: re-adopting a revived node's
-//!   dedup sandboxes instead of purging them; removing nodes; per-node budgets from
-//!   registration (the controller applies its configured budget to every node; the reported
-//!   one is only logged).
-//! - The namespaced multi-host test bed (`medes cluster up --nodes N`: netns + veth/bridge), fault
-//!   injection tests (kill -9, partitions), controller restart with persisted state.
-//! - The Redis registry backend, TLS/authentication between controller and agents, systemd and
-//!   Kubernetes deployment files.
+//! A call whose connection the agent refused never left this side: [`RemoteAgent`] answers it
+//! with `AgentError::NotDelivered` (the controller retries such a run or cold start once
+//! elsewhere), any other transport failure with `AgentError::Unavailable`.
+//!
+//! Elsewhere: the namespaced test bed is `medes_testbed` (`medes cluster up`), the fault tests
+//! are `crates/medes/tests/cluster_*.rs`; `medes controller` applies the budget each agent
+//! registered with (`Controller::set_node_budget`) and re-adopts a returning node's sandboxes
+//! (`Controller::reconcile_node`).
+//!
+//! # What this crate does not do
+//! - Removing nodes; TLS/authentication between controller and agents.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
