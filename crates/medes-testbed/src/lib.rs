@@ -423,6 +423,26 @@ impl Testbed {
         Ok(())
     }
 
+    /// The test bed `id` as it is on the machine (e.g. one [`Testbed::detach`]ed by another
+    /// process), to change its links; dropping it leaves it up (remove it with [`remove`]).
+    pub fn attach(id: BedId) -> Result<Testbed, OpenError> {
+        let mut hosts = Vec::new();
+        while Path::new(NETNS_DIR).join(id.netns(hosts.len())).exists() {
+            hosts.push(Host::open(id, hosts.len())?);
+        }
+        if hosts.is_empty() {
+            return Err(OpenError {
+                path: Path::new(NETNS_DIR).join(id.netns(0)),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
+        Ok(Testbed {
+            id,
+            hosts,
+            done: true,
+        })
+    }
+
     /// Its id (names and subnet).
     pub fn id(&self) -> BedId {
         self.id

@@ -144,6 +144,28 @@ fn hosts_talk_over_tcp_partitions_cut_them_and_teardown_is_clean() {
     assert_eq!(talk(&h2, h0.addr(), 7000, "stop").as_deref(), Ok("stop"));
     server.join().unwrap();
 
+    // Another handle on the same test bed changes its links; dropping it leaves the bed up.
+    {
+        let other = Testbed::attach(bed.id()).expect("attach");
+        assert_eq!(other.hosts().len(), 3);
+        other
+            .partition(1, 2)
+            .expect("partition through another handle");
+        // Nothing listens there: refused at once when reachable, a timeout when cut.
+        let cut = talk(&h2, h1.addr(), 7001, "z");
+        assert!(
+            cut.as_ref().is_err_and(|e| e.contains("timed out")),
+            "{cut:?}"
+        );
+        other.heal(1, 2).expect("heal");
+        let open = talk(&h2, h1.addr(), 7001, "z");
+        assert!(
+            open.as_ref().is_err_and(|e| !e.contains("timed out")),
+            "{open:?}"
+        );
+    }
+    assert!(exists(&format!("/run/netns/{}", h0.netns())));
+
     // A process left running inside a host is killed by teardown.
     let mut child = h2
         .command("sleep")

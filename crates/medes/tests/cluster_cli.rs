@@ -127,6 +127,42 @@ fn cluster_up_serves_and_down_removes_everything() {
     let status = medes(&["status"], &dir);
     assert!(status.status.success(), "{}", text(&status));
 
+    // Faults by hand: a partition shows in the hosts' drop sets, a link goes down and up.
+    let cut_set = |host: u64| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &format!("mtb{bed}h{host}")])
+            .args(["nft", "list", "set", "inet", "medes_testbed", "cut"])
+            .output()
+            .expect("nft");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let p = medes(&["partition", "node-0", "node-1"], &dir);
+    assert!(p.status.success(), "{}", text(&p));
+    assert!(
+        cut_set(0).contains(&format!("10.77.{bed}.3")),
+        "{}",
+        cut_set(0)
+    );
+    assert!(
+        cut_set(1).contains(&format!("10.77.{bed}.2")),
+        "{}",
+        cut_set(1)
+    );
+    let h = medes(&["heal", "node-0", "node-1"], &dir);
+    assert!(h.status.success(), "{}", text(&h));
+    assert!(
+        !cut_set(0).contains(&format!("10.77.{bed}.3")),
+        "{}",
+        cut_set(0)
+    );
+    for state in ["down", "up"] {
+        let l = medes(&["link", "node-1", state], &dir);
+        assert!(l.status.success(), "{}", text(&l));
+    }
+    let bad = medes(&["partition", "node-0", "node-7"], &dir);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("no node node-7"), "{}", text(&bad));
+
     // An agent dies: `status` says so, `down` still cleans up everything.
     let pid = agents[1]["pid"].as_i64().expect("pid") as i32;
     nix::sys::signal::kill(

@@ -9,7 +9,8 @@
 //! SIGTERM, then SIGKILL after a grace period), removes the hosts and, with `--purge`, the
 //! dedup stores the agents keep across restarts. It also cleans up after a crash: processes
 //! recorded in the state file are checked by start time, and test beds whose owner died are
-//! removed.
+//! removed. `partition A B` / `heal A B` cut and restore the traffic between two nodes
+//! (silent drops: connections time out), `link NODE down|up` cuts a node off from everyone.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
@@ -39,6 +40,32 @@ enum Sub {
     Down(DownArgs),
     /// Show the cluster recorded in `--dir` and which of its processes are alive.
     Status(DirArg),
+    /// Cut two nodes off from each other (both keep reaching the controller).
+    Partition(PairArgs),
+    /// Undo `partition`.
+    Heal(PairArgs),
+    /// Take a node's link down (it reaches no one) or up again.
+    Link(LinkArgs),
+}
+
+#[derive(clap::Args)]
+struct PairArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// The two nodes (e.g. `node-0 node-1`).
+    #[arg(num_args = 2, required = true)]
+    nodes: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct LinkArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// The node (e.g. `node-2`).
+    node: String,
+    /// `up` or `down`.
+    #[arg(value_parser = ["up", "down"])]
+    state: String,
 }
 
 #[derive(clap::Args)]
@@ -156,7 +183,50 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Sub::Up(a) => up(a),
         Sub::Down(a) => down(&a.dir.dir, a.purge, Duration::from_secs(a.grace_s)),
         Sub::Status(a) => status(&a),
+        Sub::Partition(a) => links(&a.dir, |bed, idx| {
+            let (i, j) = (idx(&a.nodes[0])?, idx(&a.nodes[1])?);
+            bed.partition(i, j)?;
+            println!(
+                "{} and {} no longer reach each other",
+                a.nodes[0], a.nodes[1]
+            );
+            Ok(())
+        }),
+        Sub::Heal(a) => links(&a.dir, |bed, idx| {
+            let (i, j) = (idx(&a.nodes[0])?, idx(&a.nodes[1])?);
+            bed.heal(i, j)?;
+            println!("{} and {} reach each other again", a.nodes[0], a.nodes[1]);
+            Ok(())
+        }),
+        Sub::Link(a) => links(&a.dir, |bed, idx| {
+            bed.set_link(idx(&a.node)?, a.state == "up")?;
+            println!("{}'s link is {}", a.node, a.state);
+            Ok(())
+        }),
     }
+}
+
+/// Runs `change` on the hosts of the cluster recorded in `dir`; it gets the test bed and a
+/// function from a node id to its host index.
+fn links(
+    dir: &DirArg,
+    change: impl FnOnce(&Testbed, &dyn Fn(&str) -> anyhow::Result<usize>) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let dir = std::path::absolute(&dir.dir).context("resolving --dir")?;
+    let Some(state) = ClusterState::load(&dir)? else {
+        bail!("no cluster recorded in {}", dir.display());
+    };
+    let bed = state.bed.context("the cluster has no hosts recorded")?;
+    let bed = Testbed::attach(BedId(bed)).context("opening the cluster's hosts")?;
+    let index = |node: &str| -> anyhow::Result<usize> {
+        state
+            .agents
+            .iter()
+            .position(|a| a.name == node)
+            .with_context(|| format!("no node {node} in the cluster"))
+    };
+    change(&bed, &index)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A live process's start time (field 22 of `/proc/PID/stat`); `None` if it is gone or a
