@@ -97,6 +97,7 @@ struct Output {
     local_store_mb: f64,
     remote_read_ms_p50: f64,
     grpc_read_gb_per_s: f64,
+    remote_read_gb_per_cpu_s: f64,
     memory_lookup_us_per_page: Option<f64>,
 }
 
@@ -123,8 +124,12 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("hosts: {}", out.hosts);
         println!(
-            "remote_read_gb_per_s: {:.2} (base {:.1} MB, {:.1} ms per whole-base read; gRPC streaming {:.2})",
-            out.remote_read_gb_per_s, out.base_mb, out.remote_read_ms_p50, out.grpc_read_gb_per_s
+            "remote_read_gb_per_s: {:.2} (base {:.1} MB, {:.1} ms per whole-base read, {:.2} GB per CPU second; gRPC streaming {:.2})",
+            out.remote_read_gb_per_s,
+            out.base_mb,
+            out.remote_read_ms_p50,
+            out.remote_read_gb_per_cpu_s,
+            out.grpc_read_gb_per_s
         );
         println!(
             "remote_vs_local_dedup_start_ratio: {:.2} (remote {:.1} ms, local {:.1} ms; read {:.1}/{:.1} ms, rebuild {:.1}/{:.1} ms)",
@@ -381,7 +386,9 @@ fn measure_nodes(
     let base_bytes = info.pages * PAGE as u64;
 
     // Remote reads: A streams B's whole base (page wire, and gRPC for comparison).
+    let cpu0 = cpu_seconds();
     let read_ms = remote_reads(a, b.address, &info, args.reads, PageTransport::Wire)?;
+    let cpu = cpu_seconds() - cpu0;
     let grpc_ms = remote_reads(a, b.address, &info, args.reads, PageTransport::Grpc)?;
     let rate = |v: &[f64]| -> Vec<f64> {
         v.iter()
@@ -473,6 +480,12 @@ fn measure_nodes(
         local_store_mb: db.stored_bytes as f64 / 1e6,
         remote_read_ms_p50: median(read_ms),
         grpc_read_gb_per_s: median(grpc_gbps),
+        // Both ends are in this process: bytes moved per CPU second spent by sender and
+        // receiver together (the warm-up read included), a figure the machine's load does not
+        // change much.
+        remote_read_gb_per_cpu_s: (args.reads.max(1) + 1) as f64 * base_bytes as f64
+            / cpu.max(1e-9)
+            / 1e9,
         memory_lookup_us_per_page: memory_us,
     })
 }
@@ -526,6 +539,15 @@ fn remote_reads(
         }
         Ok(out)
     })?
+}
+
+/// User + system CPU seconds this process has used.
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
 }
 
 /// Page lookups per second of the in-memory registry (two threads).
