@@ -535,6 +535,16 @@ fn down(dir: &Path, purge: bool, grace: Duration) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    for a in &state.agents {
+        // Sandboxes of an agent that was killed (it could not destroy them).
+        let config = dir.join(format!("{}.toml", a.name));
+        if let Ok(cfg) = crate::config::MedesConfig::load(Some(&config)) {
+            let removed = medes_sandbox::cleanup_stale(&cfg.agent.sandbox);
+            if removed > 0 {
+                println!("removed {removed} sandbox(es) {} left behind", a.name);
+            }
+        }
+    }
     for run_dir in state.agents.iter().filter_map(|a| a.run_dir.as_ref()) {
         // The agent mounted a tmpfs there; it is empty once the agent stopped.
         let _ = nix::mount::umount2(run_dir, nix::mount::MntFlags::MNT_DETACH);
