@@ -130,6 +130,7 @@ impl RedisCluster {
         let r = RedisRegistry {
             cluster: self.clone(),
             prefix: escape(prefix),
+            writes: Arc::new(Mutex::new(())),
         };
         r.clear().map_err(|source| OpenError {
             prefix: prefix.to_string(),
@@ -174,56 +175,10 @@ fn escape(prefix: &str) -> String {
     s
 }
 
-/// Appends refs to entries, one by one in order, each unless already there, while the entry
-/// holds less than `ARGV[1]` bytes (`ARGV[2..]`: field, refs).
-const APPEND: &str = r"
-local max = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  local f, rs = ARGV[i], ARGV[i + 1]
-  local v = redis.call('HGET', KEYS[1], f) or ''
-  local n = #v
-  for k = 1, #rs, 8 do
-    if #v >= max then break end
-    local r = string.sub(rs, k, k + 7)
-    local dup = false
-    for j = 1, #v, 8 do
-      if string.sub(v, j, j + 7) == r then dup = true; break end
-    end
-    if not dup then v = v .. r end
-  end
-  if #v ~= n then redis.call('HSET', KEYS[1], f, v) end
-end
-return 0";
-
-/// Sets entries that do not exist yet.
-const SET_NEW: &str = r"
-for i = 1, #ARGV, 2 do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return 0";
-
-/// Drops the refs of base `ARGV[1]` (4 bytes) from the entries `ARGV[2..]`.
-const REMOVE: &str = r"
-local b = ARGV[1]
-for i = 2, #ARGV do
-  local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if v then
-    local keep = {}
-    for j = 1, #v, 8 do
-      local r = string.sub(v, j, j + 7)
-      if string.sub(r, 1, 4) ~= b then keep[#keep + 1] = r end
-    end
-    if #keep == 0 then
-      redis.call('HDEL', KEYS[1], ARGV[i])
-    elseif #keep * 8 ~= #v then
-      redis.call('HSET', KEYS[1], ARGV[i], table.concat(keep))
-    end
-  end
-end
-return 0";
-
-/// A field and the packed page refs to store under it (in page order).
-type FieldRefs = ([u8; 9], Vec<u8>);
+/// An entry's new value (`None`: delete it).
+type Update = ((Kind, u64), Option<Vec<u8>>);
+/// A field and its value.
+type FieldValue = ([u8; 9], Vec<u8>);
 
 /// The entry kinds (field prefixes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -308,6 +263,9 @@ fn decode_blob(mut b: &[u8]) -> Option<Vec<(Kind, u64)>> {
 pub struct RedisRegistry {
     cluster: Arc<RedisCluster>,
     prefix: String,
+    /// Writes (register, remove) read entries, then write them: one at a time per prefix
+    /// (the prefix has one owner process, see the crate documentation).
+    writes: Arc<Mutex<()>>,
 }
 
 impl RedisRegistry {
@@ -359,39 +317,113 @@ impl RedisRegistry {
         Ok(n.iter().sum())
     }
 
+    /// The current values of entries (absent ones left out), one pipelined `HMGET` per bucket.
+    fn fetch(&self, keys: &[(Kind, u64)]) -> Result<HashMap<(Kind, u64), Vec<u8>>, CommandError> {
+        let mut groups: HashMap<u32, Vec<(Kind, u64)>> = HashMap::new();
+        for &(kind, h) in keys {
+            groups.entry(self.bucket(h)).or_default().push((kind, h));
+        }
+        let mut out = HashMap::with_capacity(keys.len());
+        if groups.is_empty() {
+            return Ok(out);
+        }
+        let groups: Vec<(u32, Vec<(Kind, u64)>)> = groups.into_iter().collect();
+        let mut p = ClusterPipeline::with_capacity(groups.len());
+        for (b, fields) in &groups {
+            let cmd = p.cmd("HMGET").arg(self.key(*b));
+            for (kind, h) in fields {
+                cmd.arg(&kind.field(*h)[..]);
+            }
+        }
+        let answers: Vec<Value> = self.cluster.with_conn(|c| Ok(p.query(c)?))?;
+        for ((b, fields), a) in groups.iter().zip(answers) {
+            let malformed = || CommandError::Malformed { key: self.key(*b) };
+            let Value::Array(items) = a else {
+                return Err(malformed());
+            };
+            if items.len() != fields.len() {
+                return Err(malformed());
+            }
+            for (f, v) in fields.iter().zip(items) {
+                match v {
+                    Value::Nil => {}
+                    Value::BulkString(v) if !v.is_empty() && v.len() % 8 == 0 => {
+                        out.insert(*f, v);
+                    }
+                    _ => return Err(malformed()),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes entries (`None`: delete), one pipelined `HSET` and `HDEL` per bucket.
+    fn store(&self, updates: Vec<Update>) -> Result<(), CommandError> {
+        let mut sets: HashMap<u32, Vec<FieldValue>> = HashMap::new();
+        let mut dels: HashMap<u32, Vec<[u8; 9]>> = HashMap::new();
+        for ((kind, h), v) in updates {
+            let b = self.bucket(h);
+            match v {
+                Some(v) => sets.entry(b).or_default().push((kind.field(h), v)),
+                None => dels.entry(b).or_default().push(kind.field(h)),
+            }
+        }
+        if sets.is_empty() && dels.is_empty() {
+            return Ok(());
+        }
+        let mut p = ClusterPipeline::with_capacity(sets.len() + dels.len());
+        for (b, fv) in &sets {
+            let cmd = p.cmd("HSET").arg(self.key(*b));
+            for (f, v) in fv {
+                cmd.arg(&f[..]).arg(&v[..]);
+            }
+            cmd.ignore();
+        }
+        for (b, fs) in &dels {
+            let cmd = p.cmd("HDEL").arg(self.key(*b));
+            for f in fs {
+                cmd.arg(&f[..]);
+            }
+            cmd.ignore();
+        }
+        self.cluster.with_conn(|c| Ok(p.query::<()>(c)?))
+    }
+
     fn remove(&self, id: BaseId) -> Result<(), CommandError> {
+        let _w = self.writes.lock();
         let bkey = self.base_key(id);
         let blob: Option<Vec<u8>> = self
             .cluster
             .with_conn(|c| Ok(redis::cmd("GET").arg(&bkey).query(c)?))?;
         if let Some(blob) = blob {
-            let entries =
+            let mut keys =
                 decode_blob(&blob).ok_or(CommandError::Malformed { key: bkey.clone() })?;
-            let mut groups: HashMap<u32, Vec<[u8; 9]>> = HashMap::new();
-            for (kind, h) in entries {
-                groups
-                    .entry(self.bucket(h))
-                    .or_default()
-                    .push(kind.field(h));
+            keys.sort_unstable_by_key(|&(k, h)| (k as u8, h));
+            keys.dedup();
+            for part in keys.chunks(INSERT_PAGES * 8) {
+                let current = self.fetch(part)?;
+                // Drop the base's refs, keeping the others in order.
+                let tag = id.0.to_le_bytes();
+                let updates = current
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let keep: Vec<u8> = v
+                            .chunks_exact(8)
+                            .filter(|r| r[..4] != tag)
+                            .flatten()
+                            .copied()
+                            .collect();
+                        match keep.len() {
+                            0 => Some((k, None)),
+                            n if n == v.len() => None,
+                            _ => Some((k, Some(keep))),
+                        }
+                    })
+                    .collect();
+                self.store(updates)?;
             }
-            let tag = id.0.to_le_bytes();
-            let mut p = ClusterPipeline::new();
-            for (b, mut fields) in groups {
-                fields.sort_unstable();
-                fields.dedup();
-                let cmd = p
-                    .cmd("EVAL")
-                    .arg(REMOVE)
-                    .arg(1)
-                    .arg(self.key(b))
-                    .arg(&tag[..]);
-                for f in &fields {
-                    cmd.arg(&f[..]);
-                }
-                cmd.ignore();
-            }
-            p.cmd("DEL").arg(&bkey).ignore();
-            self.cluster.with_conn(|c| Ok(p.query::<()>(c)?))?;
+            self.cluster
+                .with_conn(|c| Ok(redis::cmd("DEL").arg(&bkey).query::<()>(c)?))?;
         }
         let skey = self.bases_key();
         self.cluster
@@ -406,6 +438,7 @@ impl RedisRegistry {
         positions: &[u64],
     ) -> Result<(), CommandError> {
         self.remove(id)?;
+        let _w = self.writes.lock();
         // The blob and the base's listing first: a failure half-way leaves removable entries.
         let blob = encode_blob(fps, positions);
         let (bkey, skey) = (self.base_key(id), self.bases_key());
@@ -415,31 +448,19 @@ impl RedisRegistry {
             p.cmd("SADD").arg(&skey).arg(id.0).ignore();
             Ok(p.query::<()>(c)?)
         })?;
-        let max = (MAX_REFS_PER_CHUNK * 8).to_string();
+        let cap = MAX_REFS_PER_CHUNK * 8;
         for (seg, part) in fps.chunks(INSERT_PAGES).enumerate() {
-            // Per bucket and kind, the (field, ref) pairs in page order (the order the
-            // in-memory index registers them in).
-            // Per field, this segment's refs in page order: what the in-memory index appends
-            // one by one (at most the cap is ever kept; a page's repeated chunk adds nothing).
-            // Whole-page hashes keep their first ref (`SET_NEW`), the others append (`APPEND`).
-            let cap = MAX_REFS_PER_CHUNK * 8;
-            let mut fields: HashMap<(Kind, u64), usize> = HashMap::new();
-            let mut groups: HashMap<(bool, u32), Vec<FieldRefs>> = HashMap::new();
-            let mut order: Vec<(bool, u32)> = Vec::new();
+            // Per entry, this segment's refs in page order: what the in-memory index pushes
+            // one by one (a page's repeated chunk adds nothing; at most the cap is kept).
+            let mut order: Vec<(Kind, u64)> = Vec::new();
+            let mut refs: HashMap<(Kind, u64), Vec<u8>> = HashMap::new();
             let mut add = |kind: Kind, h: u64, r: [u8; 8]| {
-                let k = (kind == Kind::Exact, self.bucket(h));
-                let g = groups.entry(k).or_insert_with(|| {
-                    order.push(k);
+                let v = refs.entry((kind, h)).or_insert_with(|| {
+                    order.push((kind, h));
                     Vec::new()
                 });
-                let at = *fields.entry((kind, h)).or_insert_with(|| {
-                    g.push((kind.field(h), Vec::new()));
-                    g.len() - 1
-                });
-                let refs = &mut g[at].1;
-                let limit = if kind == Kind::Exact { 8 } else { cap };
-                if refs.len() < limit && !refs.ends_with(&r) {
-                    refs.extend_from_slice(&r);
+                if v.len() < cap && !v.ends_with(&r) {
+                    v.extend_from_slice(&r);
                 }
             };
             for (j, fp) in part.iter().enumerate() {
@@ -459,24 +480,36 @@ impl RedisRegistry {
                     add(Kind::Chunk, c, r);
                 }
             }
-            if order.is_empty() {
-                continue;
-            }
-            let mut p = ClusterPipeline::with_capacity(order.len());
-            for k in &order {
-                let (exact, b) = *k;
-                let cmd = p.cmd("EVAL");
-                if exact {
-                    cmd.arg(SET_NEW).arg(1).arg(self.key(b));
+            let current = self.fetch(&order)?;
+            let mut updates = Vec::new();
+            for k in order {
+                let new = refs.remove(&k).unwrap_or_default();
+                let old = current.get(&k);
+                let v = if k.0 == Kind::Exact {
+                    // A whole-page hash keeps its first ref.
+                    if old.is_some() {
+                        continue;
+                    }
+                    new[..8.min(new.len())].to_vec()
                 } else {
-                    cmd.arg(APPEND).arg(1).arg(self.key(b)).arg(&max);
-                }
-                for (f, refs) in groups.get(k).into_iter().flatten() {
-                    cmd.arg(&f[..]).arg(&refs[..]);
-                }
-                cmd.ignore();
+                    let mut v = old.cloned().unwrap_or_default();
+                    let n = v.len();
+                    for r in new.chunks_exact(8) {
+                        if v.len() >= cap {
+                            break;
+                        }
+                        if !v.chunks_exact(8).any(|x| x == r) {
+                            v.extend_from_slice(r);
+                        }
+                    }
+                    if v.len() == n {
+                        continue;
+                    }
+                    v
+                };
+                updates.push((k, Some(v)));
             }
-            self.cluster.with_conn(|c| Ok(p.query::<()>(c)?))?;
+            self.store(updates)?;
         }
         Ok(())
     }

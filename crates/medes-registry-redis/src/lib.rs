@@ -23,8 +23,12 @@
 //!   `p` + position key → refs. The hash tag spreads the buckets over the cluster's slots, and
 //!   a batch of 256 pages (4,000+ fields) becomes at most `buckets` `HMGET`s sent as one
 //!   pipeline: redis-rs splits it per master, writes all sub-pipelines, then reads them.
-//! - **Writes by Lua, one script call per bucket and kind**, so an entry's append (keep the
-//!   first 8 refs, no duplicates) or removal (drop one base's refs) is atomic and cheap.
+//! - **Writes read, then write, per batch of entries**: registering a base aggregates its refs
+//!   per entry, reads the entries (pipelined `HMGET`s), appends as the in-memory index does
+//!   (first 8 refs, no duplicates) and writes the changed ones (pipelined `HSET`s); removing
+//!   drops one base's refs the same way. Writes of a prefix are serialized in the process, and
+//!   a prefix has one owner process, so no other writer interleaves. (A first version appended
+//!   with a Lua script per bucket: about 3× the server time, see docs/BENCHMARKS.md.)
 //! - **Removal without a scan.** A base's fingerprints are kept in one blob key
 //!   `{<prefix>:base:<id>}`; removing the base reads it and deletes exactly its refs.
 //! - **One owner per prefix.** [`RedisCluster::registry`] empties its prefix first (every base
