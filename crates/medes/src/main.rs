@@ -31,7 +31,7 @@ enum Command {
     Controller(cmd::controller::Args),
     /// Run one node agent that joins a `medes controller` over gRPC.
     Agent(cmd::agent::Args),
-    /// A multi-host cluster on this machine (namespaced hosts): `up`, `down`, `status`.
+    /// A multi-host cluster on this machine (namespaced hosts): `up`, `down`, `status`, faults.
     Cluster(cmd::cluster::Args),
     /// Measure the platform: `startup`, `dedup`.
     Bench(cmd::bench::Args),
