@@ -514,11 +514,13 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
     }
     let _ = writeln!(
         md,
-        "\n`medes` follows the prototype's rules; `medes-dka` deduplicates a warm sandbox at \
-         keep-alive expiry instead of purging it (kept until keep-dedup); `medes-hold-0.9` \
+        "\n`medes` follows the paper's equations and the prototype's rules; `medes-hold-0.9` \
          destroys nothing on its timers while the cluster is below 90% of its budget (a warm \
          sandbox past keep-alive is deduplicated instead; eviction frees memory under \
-         pressure).\n"
+         pressure); `medes-predict` (recommended) adds arrival prediction (pre-warms to the \
+         concurrency the last 10 s of arrivals need) and Greedy-Dual eviction with dedup as \
+         the cheaper state. Pre-warms are off the request path and not cold starts; their \
+         memory is in the means (`prewarms` in rows.json).\n"
     );
 
     // Targets.
