@@ -46,6 +46,12 @@
 //!   until they are complete. The runtime is then reseeded (`random`, numpy, OpenSSL, tempfile
 //!   names, glibc's `getrandom` state). Any failure purges the dedup sandbox and answers
 //!   [`AgentError::RestoreFailed`]; the controller falls back to a cold start.
+//!   With [`AgentConfig::lazy_restore`] (the default) the restore is lazy instead (`lazy.rs`,
+//!   [`Sandbox::restore_with_lazy`]): CRIU reads only the few pages it restores itself, and the
+//!   agent's own userfaultfd lazy-pages server copies every other page straight from the
+//!   verified rebuild into the running process (faulting pages first); the start answers once
+//!   the runtime answered and every page was verified. Errors before anything ran fall back to
+//!   the path above.
 //! - **Re-dedup reuses the store** (as the paper does): a sandbox restored from a store keeps it
 //!   while warm; its next [`Command::Dedup`] stops the process and keeps the store instead of
 //!   checkpointing again ([`DedupReply::reused_previous`]). This relies on actions being

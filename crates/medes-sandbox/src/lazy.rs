@@ -1190,6 +1190,7 @@ impl Server {
     /// misses them.
     fn copy_img(&mut self, ti: usize, a: u64, z: u64, src: &[u8]) -> Result<(), String> {
         let mut spins = 0u32;
+        let mut single = false;
         loop {
             let t = &self.tasks[ti];
             if t.exited {
@@ -1207,6 +1208,9 @@ impl Server {
             let Some((ia, iz, dst)) = seg else {
                 return Ok(());
             };
+            // After a "no mapping there" on a longer range (its mapping may have been split
+            // since the dump, e.g. by mprotect), go page by page so no page is skipped wrongly.
+            let iz = if single { iz.min(ia + PAGE) } else { iz };
             let bytes = &src[(ia - a) as usize..(iz - a) as usize];
             let fd = t.uffd.as_raw_fd();
             let outcome =
@@ -1228,13 +1232,9 @@ impl Server {
                     // The first page is there already (this process wrote it): keep it.
                     drop_img(&mut t.iovs, ia, ia + PAGE);
                 }
+                Copy::Gone if iz - ia > PAGE => single = true,
                 Copy::Gone => {
-                    debug!(
-                        pid = t.pid,
-                        dst,
-                        len = iz - ia,
-                        "lazy copy: no mapping there"
-                    );
+                    debug!(pid = t.pid, dst, "lazy copy: no mapping there");
                     drop_img(&mut t.iovs, ia, iz);
                 }
                 Copy::Exited(errno) => {
