@@ -56,7 +56,9 @@
 //!   out of the base's mapping as `bytes::Bytes` (no copy before tonic's encoder; the receiver
 //!   keeps the decoded `Bytes` as the pages). HTTP/2 windows are 16 MiB per stream and 64 MiB
 //!   per connection, one connection per peer ([`PageClient`], the agents'
-//!   `medes_agent::PageSource`).
+//!   `medes_agent::PageSource`). Measured at 0.2–0.6 GB/s, so the default transport of
+//!   [`PageClient`] is the page wire instead ([`wire`]: the same request and chunks as a
+//!   dedicated TCP framing on the same port, `sendfile` on the sending side, about 3× faster).
 //! - `BaseFingerprints` answers a base's page fingerprints and position keys (about 50 bytes a
 //!   page, [`pack_fingerprints`]) so another agent can register the base without its pages.
 //! - `SyncBases` takes the controller's catalog of every live base.
