@@ -113,6 +113,10 @@ pub struct PolicySettings {
     /// prototype's timers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_below: Option<f64>,
+    /// Medes: arrival prediction (`MedesConfig::predict`, the pre-warming of `medes-predict`).
+    /// Default false; set in the configuration file (`[controller.policy] predict = true`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub predict: bool,
     /// Per-function overrides, by action name (in every namespace).
     pub functions: BTreeMap<String, FunctionKnob>,
 }
@@ -128,6 +132,7 @@ impl Default for PolicySettings {
             keep_alive_s: None,
             keep_dedup_s: None,
             hold_below: None,
+            predict: false,
             functions: BTreeMap::new(),
         }
     }
@@ -399,6 +404,7 @@ impl PolicySettings {
                     // A function's own M0 is its own budget, not a share of the cluster's.
                     own_budget: k.budget_mb.is_some(),
                     hold_below: self.hold_below,
+                    predict: self.predict.then(crate::policies::PredictConfig::default),
                     ..MedesConfig::default()
                 },
                 Vec::new(),
@@ -704,6 +710,58 @@ mod tests {
         };
         assert_eq!(decide(1.01), Decision::Purge);
         assert_eq!(decide(20.0), Decision::Dedup);
+    }
+
+    #[test]
+    fn live_medes_with_prediction_prewarms_on_its_timer() {
+        let s = PolicySettings {
+            policy: PolicyChoice::Medes,
+            predict: true,
+            ..PolicySettings::default()
+        };
+        let mut p = s.build(T, 40, true);
+        assert_eq!(p.tick_ms(), Some(1_000));
+        let mut f = fv("f");
+        f.exec_ms = Some(990.0);
+        f.latency.warm_ms = Some(10.0);
+        f.counts.warm = 2;
+        for i in 0..16 {
+            p.on_arrival(&f, Timestamp(1_000 + i * 50));
+        }
+        let c = ClusterView {
+            budget: Bytes::mib(4096),
+            used: Bytes::mib(100),
+            ..ClusterView::default()
+        };
+        // 16/s × 1 s = 16 busy sandboxes, + √16 = 20; 2 live: 18 more.
+        let asks = p.on_tick(&c, std::slice::from_ref(&f), Timestamp(1_900));
+        assert_eq!(asks.len(), 1);
+        assert_eq!((asks[0].function.name.as_str(), asks[0].count), ("f", 18));
+        // Memory short: nothing.
+        let full = ClusterView {
+            used: Bytes::mib(4000),
+            ..c
+        };
+        assert!(
+            p.on_tick(&full, std::slice::from_ref(&f), Timestamp(1_900))
+                .is_empty()
+        );
+        // Without the switch: no timer, no pre-warms.
+        let mut plain = PolicySettings {
+            policy: PolicyChoice::Medes,
+            ..PolicySettings::default()
+        }
+        .build(T, 40, true);
+        plain.on_arrival(&f, Timestamp(1_000));
+        assert_eq!(plain.tick_ms(), None);
+        assert!(
+            plain
+                .on_tick(&c, std::slice::from_ref(&f), Timestamp(1_900))
+                .is_empty()
+        );
+        let back: PolicySettings =
+            serde_json::from_str(r#"{"policy": "medes", "predict": true}"#).unwrap();
+        assert!(back.predict);
     }
 
     #[test]

@@ -326,6 +326,8 @@ pub struct Medes {
     fns: Vec<FnState>,
     /// Greedy-Dual clock ([`MedesConfig::evict_greedy_dual`]).
     clock: f64,
+    /// Live controller ([`crate::Policy`]): recent arrivals per function for the prediction.
+    live_recent: BTreeMap<medes_core::ActionName, SecondWindow>,
 }
 
 impl Medes {
@@ -351,6 +353,7 @@ impl Medes {
             modes,
             fns,
             clock: 0.0,
+            live_recent: BTreeMap::new(),
         }
     }
 
@@ -783,9 +786,67 @@ impl ClusterPolicy for Medes {
 /// profiled costs when the policy was built with them, else to the prototype's defaults
 /// (dedup start 300 ms; warm start 10 ms); an unknown dedup footprint is assumed to save
 /// [`MedesConfig::assumed_saving`] of m_W until the first dedup of the function measures it.
+/// With [`MedesConfig::predict`] it pre-warms on its 1 s timer as the cluster form does
+/// ([`ClusterPolicy::prewarm`]); the Greedy-Dual eviction order is the cluster form's only.
 impl crate::Policy for Medes {
     fn name(&self) -> &'static str {
         "medes"
+    }
+
+    fn on_arrival(&mut self, function: &crate::FunctionView, now: Timestamp) {
+        if self.cfg.predict.is_some() {
+            self.live_recent
+                .entry(function.name.clone())
+                .or_default()
+                .add(now);
+        }
+    }
+
+    fn tick_ms(&self) -> Option<u64> {
+        self.cfg.predict.map(|_| 1_000)
+    }
+
+    fn on_tick(
+        &mut self,
+        cluster: &crate::ClusterView,
+        functions: &[crate::FunctionView],
+        now: Timestamp,
+    ) -> Vec<crate::Prewarm> {
+        let Some(p) = self.cfg.predict else {
+            return Vec::new();
+        };
+        let mb = |b: medes_core::Bytes| b.0 as f64 / (1024.0 * 1024.0);
+        let (budget, used) = (mb(cluster.budget), mb(cluster.used));
+        if !(budget > 0.0 && used < p.max_used * budget) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for f in functions {
+            let Some(w) = self.live_recent.get_mut(&f.name) else {
+                continue;
+            };
+            let rate = w.peak(now, p.window_s);
+            let known = self.costs.iter().find(|c| c.name == f.name.name);
+            let s_w = f
+                .latency
+                .warm_ms
+                .or(known.map(|c| c.warm_ms))
+                .unwrap_or(10.0);
+            let exec = f.exec_ms.or(known.map(|c| c.exec_ms)).unwrap_or(0.0);
+            let need = rate * (s_w.max(0.0) + exec.max(0.0)) / 1000.0;
+            let target = (need + p.z.max(0.0) * need.sqrt()).ceil();
+            let c = &f.counts;
+            let have = (c.starting + c.running + c.warm + c.base + c.dedup + c.restoring) as f64;
+            if target.is_finite() && target > have {
+                out.push(crate::Prewarm {
+                    function: f.name.clone(),
+                    count: ((target - have) as usize).min(p.max_batch),
+                });
+            }
+        }
+        self.live_recent
+            .retain(|_, w| w.peak(now, p.window_s) > 0.0);
+        out
     }
 
     fn on_idle(
