@@ -1338,4 +1338,221 @@ mod tests {
         assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
         assert_eq!(std::mem::size_of::<UffdioZeropage>(), 32);
     }
+
+    /// The server against a live process (this one) without CRIU: a lazy region registered
+    /// with a userfaultfd handed over CRIU's protocol; faults, a fork, MADV_DONTNEED and mremap
+    /// before "restore finished", then background batches. Needs root (userfaultfd events).
+    #[test]
+    fn serves_faults_forks_removes_and_remaps_of_a_live_process() {
+        use medes_criu_image::{
+            IMG_COMMON, MmEntry, PE_PRESENT, Pagemap, PagemapEntry, PagemapHead, VmaEntry,
+            encode_mm, encode_pagemap,
+        };
+        use std::os::unix::net::UnixStream;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the lazy-pages test needs root in CI"
+            );
+            eprintln!("skipping the lazy-pages test: not root");
+            return;
+        }
+        // A hung fault would hang the test: bound it.
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = finished.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while !f2.load(Ordering::SeqCst) {
+                if t0.elapsed() > Duration::from_secs(60) {
+                    eprintln!("lazy-pages test timed out");
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        const N: u64 = 64;
+        const PER: u64 = 8;
+        let len = (N * PAGE) as usize;
+        // SAFETY: new anonymous private mappings, checked below.
+        let (a, dst) = unsafe {
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            let rw = libc::PROT_READ | libc::PROT_WRITE;
+            let a = libc::mmap(std::ptr::null_mut(), len, rw, flags, -1, 0);
+            let d = libc::mmap(std::ptr::null_mut(), 2 * PAGE as usize, rw, flags, -1, 0);
+            assert!(a != libc::MAP_FAILED && d != libc::MAP_FAILED);
+            (a as u64, d as u64)
+        };
+        // The userfaultfd, as CRIU's restorer sets it up.
+        #[repr(C)]
+        struct Api {
+            api: u64,
+            features: u64,
+            ioctls: u64,
+        }
+        #[repr(C)]
+        struct Register {
+            start: u64,
+            len: u64,
+            mode: u64,
+            ioctls: u64,
+        }
+        // SAFETY: the syscall takes flags only.
+        let uffd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) }
+                as RawFd;
+        assert!(uffd >= 0, "userfaultfd: {}", io::Error::last_os_error());
+        // SAFETY: the kernel just returned this fd.
+        let uffd = unsafe { OwnedFd::from_raw_fd(uffd) };
+        let mut api = Api {
+            api: 0xAA,
+            features: (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6),
+            ioctls: 0,
+        };
+        let mut reg = Register {
+            start: a,
+            len: len as u64,
+            mode: 1,
+            ioctls: 0,
+        };
+        // SAFETY: valid uffdio_api / uffdio_register structs for this userfaultfd.
+        unsafe {
+            assert_eq!(
+                libc::ioctl(uffd.as_raw_fd(), ioc(3, 0x3F, 24) as _, &mut api),
+                0
+            );
+            assert_eq!(
+                libc::ioctl(uffd.as_raw_fd(), ioc(3, 0x00, 32) as _, &mut reg),
+                0
+            );
+        }
+        // Its images: one lazy range, one mapping.
+        let pm = encode_pagemap(&Pagemap {
+            common: Some(IMG_COMMON),
+            head: PagemapHead { pages_id: 1 },
+            entries: vec![PagemapEntry {
+                vaddr: a,
+                nr_pages: N,
+                in_parent: None,
+                flags: Some(PE_PRESENT | PE_LAZY),
+            }],
+        })
+        .expect("pagemap");
+        let mm = encode_mm(&MmEntry {
+            vmas: vec![VmaEntry {
+                start: a,
+                end: a + N * PAGE,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .expect("mm");
+        let layout = LazyLayout::new(&[(1, &pm, &mm)]).expect("layout");
+        assert!(layout.eager_pages().is_empty());
+        let fill = |b: usize, out: &mut [u8]| {
+            for (i, p) in out.chunks_mut(PAGE as usize).enumerate() {
+                p.fill(b as u8 * PER as u8 + i as u8 + 1); // page k holds k + 1
+            }
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (daemon, feed) = LazyDaemon::start(
+            dir.path(),
+            layout,
+            PER as usize,
+            4,
+            Box::new(move |b, out| {
+                fill(b, out);
+                Ok(())
+            }),
+        )
+        .expect("start");
+        // CRIU's side: pid, then the fd on a one-byte message; our copy closed (as the
+        // restorer does).
+        let sock = UnixStream::connect(dir.path().join(SOCKET_NAME)).expect("connect");
+        (&sock).write_all(&1i32.to_ne_bytes()).expect("pid");
+        let fds = [uffd.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        nix::sys::socket::sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[io::IoSlice::new(&[0u8])],
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .expect("send fd");
+        drop(uffd);
+        let page = |addr: u64| -> u8 {
+            // SAFETY: `addr` is inside one of our mappings; the read may fault and wait for
+            // the server.
+            unsafe { std::ptr::read_volatile(addr as *const u8) }
+        };
+        // Before "restore finished": a fault, MADV_DONTNEED of page 2, page 10..12 moved.
+        assert_eq!(page(a + 30 * PAGE), 31);
+        // SAFETY: ranges inside our mappings.
+        unsafe {
+            assert_eq!(
+                libc::madvise((a + 2 * PAGE) as *mut _, PAGE as usize, libc::MADV_DONTNEED),
+                0
+            );
+            let r = libc::mremap(
+                (a + 10 * PAGE) as *mut _,
+                2 * PAGE as usize,
+                2 * PAGE as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst as *mut libc::c_void,
+            );
+            assert_eq!(r as u64, dst);
+        }
+        // A fork while pages are missing: the child gets them through its own userfaultfd.
+        // SAFETY: the child only reads memory and exits.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let ok = page(a + 40 * PAGE) == 41
+                && page(dst) == 11
+                && page(dst + PAGE) == 12
+                && page(a + 2 * PAGE) == 0;
+            // SAFETY: leaving the child without running the parent's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child saw wrong pages: {status:#x}"
+        );
+        (&sock)
+            .write_all(&RESTORE_FINISHED.to_ne_bytes())
+            .expect("finished");
+        for b in 4..N / PER {
+            let mut buf = feed.buffer((PER * PAGE) as usize);
+            fill(b as usize, &mut buf);
+            feed.push(b as usize, buf);
+        }
+        for k in 0..N {
+            let want = match k {
+                2 => 0,
+                10 | 11 => continue,
+                k => k as u8 + 1,
+            };
+            assert_eq!(page(a + k * PAGE), want, "page {k}");
+        }
+        assert_eq!((page(dst), page(dst + PAGE)), (11, 12));
+        let t0 = Instant::now();
+        while !daemon.stats().complete && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = daemon.stats();
+        assert!(
+            st.complete && st.faults > 0 && st.demand_batches > 0,
+            "{st:?}"
+        );
+        assert_eq!(daemon.failure(), None);
+        // SAFETY: our mappings, no longer used.
+        unsafe {
+            libc::munmap(a as *mut _, len);
+            libc::munmap(dst as *mut _, 2 * PAGE as usize);
+        }
+        finished.store(true, Ordering::SeqCst);
+    }
 }
