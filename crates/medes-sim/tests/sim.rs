@@ -279,6 +279,8 @@ fn tiny_paper_evaluation_end_to_end() {
         "Fig. 12",
         "Fig. 15",
         "Trade-off",
+        "Template starts (issue 8)",
+        "medes-predict+template",
     ] {
         assert!(text.contains(needle), "{needle}");
     }
@@ -290,6 +292,7 @@ fn tiny_paper_evaluation_end_to_end() {
         "fig12_keepalive_sweep.png",
         "fig15_keepdedup_sweep.png",
         "tradeoff_cold_starts_vs_memory.png",
+        "templates_cold_template_time.png",
     ] {
         let meta = std::fs::metadata(dir.path().join(f)).unwrap();
         assert!(meta.len() > 1000, "{f}");
@@ -307,9 +310,15 @@ fn tiny_paper_evaluation_end_to_end() {
         "p999_ms",
         "startup_p999_ms",
         "mean_memory_gb",
+        "template_starts",
+        "cold_template_ms",
+        "prewarms",
     ] {
         assert!(!row[k].is_null(), "{k}");
     }
+    let t = res.row("fixed-10m+template", 4.0).unwrap();
+    assert!(t.template_starts > 0, "{t:?}");
+    assert_eq!(res.row("fixed-10m", 4.0).unwrap().template_starts, 0);
 }
 
 #[test]
