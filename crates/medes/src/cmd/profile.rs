@@ -19,7 +19,8 @@ macro_rules! sayn {
 /// Arguments of `medes profile`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Output of `medes bench startup --json`.
+    /// Output of `medes bench startup --json` (with `--template`, its `template_ms_p50` becomes
+    /// the template-start latency; without it the simulator uses the dedup-start latency).
     #[arg(long, required_unless_present = "paper")]
     startup: Option<PathBuf>,
     /// Output of `medes bench dedup --json` (dedup footprints and operation time).
