@@ -69,6 +69,12 @@ pub struct ClusterArgs {
     /// Rows of the benchmark function's in-memory table (its memory: ~110 bytes a row).
     #[arg(long, default_value_t = 300_000)]
     rows: u64,
+    /// Concurrent connections of each whole-base read.
+    #[arg(long, default_value_t = 4)]
+    streams: u64,
+    /// Pages per frame of the remote reads (1 MiB = 256).
+    #[arg(long, default_value_t = medes_rpc::DEFAULT_CHUNK_PAGES)]
+    chunk_pages: u32,
     /// Run the agents on 127.0.0.1 instead of two namespaced hosts.
     #[arg(long)]
     loopback: bool,
@@ -387,9 +393,9 @@ fn measure_nodes(
 
     // Remote reads: A streams B's whole base (page wire, and gRPC for comparison).
     let cpu0 = cpu_seconds();
-    let read_ms = remote_reads(a, b.address, &info, args.reads, PageTransport::Wire)?;
+    let read_ms = remote_reads(a, b.address, &info, args, PageTransport::Wire)?;
     let cpu = cpu_seconds() - cpu0;
-    let grpc_ms = remote_reads(a, b.address, &info, args.reads, PageTransport::Grpc)?;
+    let grpc_ms = remote_reads(a, b.address, &info, args, PageTransport::Grpc)?;
     let rate = |v: &[f64]| -> Vec<f64> {
         v.iter()
             .map(|ms| base_bytes as f64 / (ms / 1e3) / 1e9)
@@ -490,23 +496,25 @@ fn measure_nodes(
     })
 }
 
-/// Whole-base reads from `at` on A's runtime: four concurrent streams; ms per read.
+/// Whole-base reads from `at` on A's runtime: `--streams` concurrent streams; ms per read.
 fn remote_reads(
     a: &HostNode,
     at: SocketAddr,
     info: &medes_agent::BaseInfo,
-    reads: usize,
+    args: &ClusterArgs,
     transport: PageTransport,
 ) -> anyhow::Result<Vec<f64>> {
     let info = info.clone();
-    let reads = reads.max(1);
+    let reads = args.reads.max(1);
+    let (streams, chunk_pages) = (args.streams.max(1), args.chunk_pages.max(1));
     a.on(async move {
         let client = PageClient::new(PageClientConfig {
             transport,
+            chunk_pages,
             ..PageClientConfig::default()
         });
         let n = info.pages;
-        let per = n.div_ceil(4).max(1);
+        let per = n.div_ceil(streams).max(1);
         let mut out = Vec::new();
         // One warm-up read (the connection).
         for i in 0..=reads {
