@@ -114,7 +114,8 @@ pub struct PolicySettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_below: Option<f64>,
     /// Medes: arrival prediction (`MedesConfig::predict`, the pre-warming of `medes-predict`).
-    /// Default false; set in the configuration file (`[controller.policy] predict = true`).
+    /// Default false; `[controller.policy] predict = true` in the configuration file, or
+    /// `{"predict": true}` in a `PUT .../medes/policy` (`medes policy set --predict true`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub predict: bool,
     /// Per-function overrides, by action name (in every namespace).
@@ -166,6 +167,9 @@ pub struct PolicyUpdate {
     /// Hold threshold (0 < x ≤ 1); 0 removes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_below: Option<f64>,
+    /// Medes: arrival prediction (pre-warming) on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predict: Option<bool>,
 }
 
 /// Why settings were refused.
@@ -326,6 +330,7 @@ impl PolicySettings {
             Some(h) => next.hold_below = Some(h),
             None => {}
         }
+        next.predict = u.predict.unwrap_or(next.predict);
         next.validate()?;
         *self = next;
         Ok(())
@@ -666,6 +671,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.hold_below, None);
+        s.apply(&PolicyUpdate {
+            predict: Some(true),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert!(s.predict);
+        s.apply(&PolicyUpdate::default()).unwrap();
+        assert!(s.predict, "an absent field keeps the setting");
         assert!("lru".parse::<PolicyChoice>().is_err());
         assert!(
             s.set_function(

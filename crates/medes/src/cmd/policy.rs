@@ -70,6 +70,10 @@ struct SetArgs {
     /// its budget (global only; 0 removes it).
     #[arg(long)]
     hold_below: Option<f64>,
+    /// Medes: arrival prediction, pre-warming ahead of predicted arrivals (`medes-predict`;
+    /// global only).
+    #[arg(long)]
+    predict: Option<bool>,
 }
 
 fn mode(args: &SetArgs) -> anyhow::Result<Option<KnobMode>> {
@@ -104,6 +108,9 @@ fn show_settings(s: &PolicySettings) {
     if let Some(h) = s.hold_below {
         println!("hold below    {:.0}% of the budget", h * 100.0);
     }
+    if s.predict {
+        println!("prediction    on (pre-warms ahead of predicted arrivals)");
+    }
     for (name, k) in &s.functions {
         println!("  {name}: {}", serde_json::to_string(k).unwrap_or_default());
     }
@@ -131,8 +138,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let body = match &s.action {
                 Some(_) => {
                     anyhow::ensure!(
-                        s.policy.is_none() && s.hold_below.is_none(),
-                        "--policy and --hold-below are global"
+                        s.policy.is_none() && s.hold_below.is_none() && s.predict.is_none(),
+                        "--policy, --hold-below and --predict are global"
                     );
                     serde_json::to_value(FunctionKnob {
                         mode,
@@ -158,6 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         keep_alive_s: s.keep_alive_s,
                         keep_dedup_s: s.keep_dedup_s,
                         hold_below: s.hold_below,
+                        predict: s.predict,
                     })?
                 }
             };
