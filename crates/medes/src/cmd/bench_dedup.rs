@@ -287,13 +287,8 @@ fn run_template(
     let t = Instant::now();
     let mut dcfg = medes_dedup::DedupConfig::default();
     dcfg.rebase = !args.no_rebase;
-    let report = template::evaluate(
-        &families,
-        &dcfg,
-        &store_dir,
-        args.rebuild_repeats,
-    )
-    .context("evaluating dedup against the templates")?;
+    let report = template::evaluate(&families, &dcfg, &store_dir, args.rebuild_repeats)
+        .context("evaluating dedup against the templates")?;
     bar.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
