@@ -336,7 +336,13 @@ pub struct Controller {
     metrics: OnceLock<GlobalMetrics>,
     /// Which nodes have a template of which action version (issue 8).
     templates: template::Book,
+    /// The stored actions ([`Controller::set_action_lookup`]): a node reconciled after startup
+    /// (a late joiner, an agent registering again) keeps its sandboxes of unchanged actions.
+    stored: RwLock<Option<StoredActions>>,
 }
+
+/// Looks up an action's stored definition (the store's `get_action`), for reconciliation.
+pub type StoredActions = Arc<dyn Fn(&ActionName) -> Option<Action> + Send + Sync>;
 
 /// How long placement skips a node whose agent refused a connection (a killed agent is found
 /// dead by its heartbeats within about 6 s; a restarting one registers again within a second).
@@ -547,6 +553,7 @@ impl Controller {
             shutting_down: AtomicBool::new(false),
             metrics: OnceLock::new(),
             templates: template::Book::default(),
+            stored: RwLock::new(None),
         })
     }
 
@@ -682,6 +689,15 @@ impl Controller {
         Ok(true)
     }
 
+    /// Gives the controller the stored actions (normally the store's `get_action`), so that
+    /// [`Self::reconcile_node`] adopts what a node kept for an unchanged stored action although
+    /// the books never had it (a node joining after startup, an agent registering again after
+    /// the controller restarted), as [`Self::reconcile`] does at startup. Without it such
+    /// sandboxes are purged.
+    pub fn set_action_lookup(&self, stored: StoredActions) {
+        *self.stored.write() = Some(stored);
+    }
+
     /// Placement skips a node whose agent refused a connection for [`SHUN_MS`], until its
     /// heartbeats decide (issue 7: calls arriving before it is found dead go elsewhere).
     fn shun(&self, node: usize) {
@@ -699,9 +715,11 @@ impl Controller {
     /// that registered again). Sandboxes it holds that the books dropped when it was marked
     /// dead are re-adopted if their action has not changed (dedup sandboxes resume as DEDUP,
     /// live warm sandboxes and bases as idle WARM); bases whose process is gone are left to
-    /// the node (charged as unowned; they retire once no dedup sandbox depends on them); every
-    /// other sandbox it holds that the books do not know is purged (dedup and warm ones first,
-    /// then bases). Idle sandboxes of the books it no longer holds are forgotten, and idle
+    /// the node (charged as unowned; they retire once no dedup sandbox depends on them); those
+    /// the books never had (a node that joined after startup) are adopted as by
+    /// [`Self::reconcile`] when their action is stored unchanged ([`Self::set_action_lookup`]);
+    /// every other sandbox it holds that the books do not know is purged (dedup and warm ones
+    /// first, then bases). Idle sandboxes of the books it no longer holds are forgotten, and idle
     /// bases whose process it lost leave the books. Purge refusals (a base still needed) and
     /// failures are logged, not retried.
     pub async fn reconcile_node(
@@ -729,7 +747,20 @@ impl Controller {
                 return Ok(report);
             }
         };
-        self.learn_templates(index, &status.templates, None);
+        // The stored actions (when known): what the books never had (a late joiner, an agent
+        // registering again after the controller restarted) is adopted as at startup.
+        let stored = self.stored.read().clone();
+        let current: Option<&template::CurrentAction<'_>> =
+            stored.as_deref().map(|f| f as &template::CurrentAction<'_>);
+        self.learn_templates(index, &status.templates, current);
+        let looked: std::collections::HashMap<SandboxId, Action> = match current {
+            Some(current) => status
+                .sandboxes
+                .iter()
+                .filter_map(|s| Some((s.id.clone(), current(s.action.as_ref()?)?)))
+                .collect(),
+            None => Default::default(),
+        };
         let held: std::collections::HashSet<SandboxId> =
             status.sandboxes.iter().map(|s| s.id.clone()).collect();
         let unknown = {
@@ -754,7 +785,23 @@ impl Controller {
                     }
                     state::Readopt::Left => report.left += 1,
                     state::Readopt::Purge => {
-                        unknown.push((s.form == medes_agent::SandboxForm::Base, s.id.clone()))
+                        let action = looked.get(&s.id).cloned();
+                        let adopted = match (State::adoption(s, action.as_ref()), action) {
+                            (state::Adoption::Adopt, Some(a)) => {
+                                st.adopt_dedup(index, s, &Arc::new(a), now).is_some()
+                            }
+                            (state::Adoption::AdoptLive, Some(a)) => st
+                                .adopt_live(index, s, &Arc::new(a), (true, s.image_bytes), now)
+                                .is_some(),
+                            _ => false,
+                        };
+                        if adopted {
+                            report.adopted += 1;
+                            info!(node = %id, sandbox = %s.id, form = ?s.form,
+                                  "sandbox kept by the node adopted (its action is stored, unchanged)");
+                        } else {
+                            unknown.push((s.form == medes_agent::SandboxForm::Base, s.id.clone()))
+                        }
                     }
                 }
             }

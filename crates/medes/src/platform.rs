@@ -121,6 +121,15 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+impl Opened {
+    /// The store's actions, for the controller's reconciliation of nodes that join or register
+    /// again after startup (`Controller::set_action_lookup`).
+    pub fn stored_actions(&self) -> medes_controller::StoredActions {
+        let store = self.store.clone();
+        Arc::new(move |name| store.get_action(name).ok().flatten())
+    }
+}
+
 impl Service {
     /// Creates the data directory, opens the store, adds the configured keys, writes the
     /// default key to [`AUTH_FILE`] and installs the metrics recorder.
@@ -164,6 +173,7 @@ impl Service {
         controller: Arc<Controller>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Service> {
+        controller.set_action_lookup(opened.stored_actions());
         let Opened { store, auth } = opened;
         let kept = {
             let store = store.clone();

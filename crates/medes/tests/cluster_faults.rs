@@ -14,6 +14,10 @@
 //! - the controller restarted (`kill -9`): actions, keys and activations are still there, the
 //!   agents register again, the controller takes their live sandboxes back into its books, and
 //!   invocations succeed (warm);
+//! - a replay across one agent killed and the controller killed and restarted while that agent
+//!   is still down (it serves over the two others after `--wait-for-nodes-ms`; the killed
+//!   agent, restarted later, joins late): every invocation is counted, only those in flight on
+//!   the killed agent fail, calls refused while the controller is down are retried by the client;
 //! - a partition between two agents (nftables drops between their hosts): a dedup start whose
 //!   base pages live on the other side fails within the remote-read deadline and the request
 //!   is served by a cold start.
@@ -164,10 +168,17 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("starting {name}: {e}"))
     }
 
+    /// The controller, waiting for every agent (a minute at most).
     fn start_controller(&mut self) {
+        self.start_controller_waiting(60_000);
+    }
+
+    /// The controller, serving without every agent after `wait_ms`.
+    fn start_controller_waiting(&mut self, wait_ms: u64) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_medes"));
         cmd.arg("controller")
             .args(["--nodes", &NODES.to_string()])
+            .args(["--wait-for-nodes-ms", &wait_ms.to_string()])
             .args(["--rpc", &self.rpc.to_string()])
             .args(["--listen", &self.api.to_string()]);
         self.controller = Some(self.spawn(cmd, "controller"));
@@ -880,6 +891,251 @@ async fn a_partition_between_two_agents_turns_a_remote_dedup_start_into_a_cold_s
             .expect("invoked");
         assert!(r.succeeded(), "{:?}", r.response);
     }
+}
+
+/// How one call of the replay went.
+#[derive(Debug)]
+struct Replayed {
+    action: usize,
+    sent: Duration,
+    took: Duration,
+    /// Connections refused (the controller was down), each retried: nothing was delivered.
+    refused: u32,
+    /// Times the call was cut by the controller's kill (connection reset with the call
+    /// inside: its outcome died with that process, or reset while that process died), each
+    /// retried (the replay's actions are idempotent).
+    cut: u32,
+    result: Result<Box<ActivationRecord>, String>,
+}
+
+impl Replayed {
+    fn ok(&self) -> bool {
+        matches!(&self.result, Ok(r) if r.succeeded())
+    }
+    fn describe(&self) -> String {
+        let head = format!(
+            "r{} {:?} +{:?} refused={} cut={}",
+            self.action, self.sent, self.took, self.refused, self.cut
+        );
+        match &self.result {
+            Ok(r) => format!(
+                "{head} {} {}: {}",
+                r.start_kind(),
+                r.response.status,
+                r.response.result
+            ),
+            Err(e) => format!("{head} request error: {e}"),
+        }
+    }
+}
+
+/// One replay call: a refused connection is retried every 100 ms for up to 30 s; a connection
+/// cut mid-call is retried up to three times.
+async fn replay_call(client: &Client, action: usize, x: u64, t0: Instant) -> Replayed {
+    let sent = t0.elapsed();
+    let name = format!("r{action}");
+    let mut params = Map::new();
+    params.insert("x".into(), json!(x));
+    params.insert("sleep".into(), json!(0.5));
+    let (mut refused, mut cut) = (0, 0);
+    let result = loop {
+        match client.invoke(&name, &params, true).await {
+            Ok(Invoked::Completed { record, .. }) => break Ok(record),
+            Ok(other) => break Err(format!("{other:?}")),
+            Err(medes_workload::RequestError::Transport { source, .. })
+                if source.is_connect() && t0.elapsed() < sent + Duration::from_secs(30) =>
+            {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Cut mid-call (or reset while the controller dies): retried, a few times at most.
+            Err(medes_workload::RequestError::Transport { source, .. }) if cut < 3 => {
+                eprintln!("r{action} x={x}: cut ({source}), retried");
+                cut += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // An error activation (a platform error: 500 with the record as the body).
+            Err(medes_workload::RequestError::Status { error, .. })
+                if serde_json::from_str::<ActivationRecord>(&error).is_ok() =>
+            {
+                break serde_json::from_str(&error)
+                    .map(Box::new)
+                    .map_err(|e| e.to_string());
+            }
+            Err(e) => break Err(format!("{e:?}")),
+        }
+    };
+    Replayed {
+        action,
+        sent,
+        took: t0.elapsed() - sent,
+        refused,
+        cut,
+        result,
+    }
+}
+
+/// The first `key=NUMBER` after `marker` in `log`.
+fn log_number(log: &str, marker: &str, key: &str) -> Option<u64> {
+    log.lines()
+        .map(strip_ansi)
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.split(&format!("{key}=")).nth(1).map(str::to_string))
+        .and_then(|r| {
+            r.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_across_an_agent_kill_and_a_controller_restart_loses_nothing() {
+    const ACTIONS: usize = 3;
+    let Some(mut c) = Cluster::up("") else {
+        return;
+    };
+    for a in 0..ACTIONS {
+        c.deploy(&format!("r{a}")).await;
+    }
+    let client = c.client();
+    let t0 = Instant::now();
+    // Warm up: two sandboxes per action.
+    let warm: Vec<_> = (0..2 * ACTIONS)
+        .map(|k| {
+            let client = client.clone();
+            tokio::spawn(async move { replay_call(&client, k % ACTIONS, k as u64, t0).await })
+        })
+        .collect();
+    for w in warm {
+        let r = w.await.unwrap();
+        assert!(r.ok(), "{}", r.describe());
+    }
+
+    // The replay: a call every 150 ms for 30 s over three actions, each running 0.5 s (~4 in flight); node-1 is
+    // killed at 3 s, the controller at 12 s (node-1 still down: the new controller serves over
+    // two nodes after --wait-for-nodes-ms), node-1 restarted at 21 s (it joins late).
+    let period = Duration::from_millis(150);
+    let calls = 200u32;
+    let (kill_agent_at, kill_controller_at, restart_agent_at) = (
+        Duration::from_secs(3),
+        Duration::from_secs(12),
+        Duration::from_secs(21),
+    );
+    let wait_ms = 5_000;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    let (mut agent_killed, mut controller_killed, mut agent_restarted) = (None, None, None);
+    let mut api_back: Option<tokio::task::JoinHandle<Duration>> = None;
+    for k in 0..calls {
+        let at = period * k;
+        tokio::time::sleep_until((t0 + at).into()).await;
+        if agent_killed.is_none() && at >= kill_agent_at {
+            agent_killed = Some(t0.elapsed());
+            c.kill_agent(1);
+        }
+        if controller_killed.is_none() && at >= kill_controller_at {
+            let killed = Instant::now();
+            controller_killed = Some(t0.elapsed());
+            c.kill_controller();
+            c.start_controller_waiting(wait_ms);
+            let api = c.api;
+            // When the new controller's REST API accepts connections.
+            api_back = Some(tokio::spawn(async move {
+                while tokio::net::TcpStream::connect(api).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                killed.elapsed()
+            }));
+        }
+        if agent_restarted.is_none() && at >= restart_agent_at {
+            c.start_agent(1);
+            agent_restarted = Some(t0.elapsed());
+        }
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            replay_call(&client, k as usize % ACTIONS, u64::from(k), t0).await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let (agent_killed, controller_killed) = (
+        agent_killed.expect("agent killed"),
+        controller_killed.expect("controller killed"),
+    );
+    let restart = api_back.expect("restarted").await.unwrap();
+    let log = c.log("controller");
+    let all: Vec<String> = outcomes.iter().map(Replayed::describe).collect();
+
+    // Only calls in flight on node-1 at its kill may fail (as error activations, promptly).
+    let failed: Vec<&Replayed> = outcomes.iter().filter(|o| !o.ok()).collect();
+    let lost: Vec<String> = failed
+        .iter()
+        .filter(|f| {
+            let on_killed_agent = matches!(&f.result, Ok(r) if r.response.status == "whisk internal error")
+                && f.sent <= agent_killed + Duration::from_secs(1)
+                && f.sent + f.took >= agent_killed;
+            !on_killed_agent
+        })
+        .map(|f| f.describe())
+        .collect();
+    let refused_calls = outcomes.iter().filter(|o| o.refused > 0).count();
+    let cut_calls = outcomes.iter().filter(|o| o.cut > 0).count();
+    let silent_ms = log_number(&log, "node missed its heartbeats", "silent_ms");
+    eprintln!(
+        "replay: {} calls ({ACTIONS} actions, one every {period:?}); {} succeeded, {} failed in \
+         flight on the killed agent, {} lost; {refused_calls} refused while the controller was \
+         down (retried by the client, {} refusals), {cut_calls} cut by the controller's kill \
+         (retried); node-1 dead after {silent_ms:?} ms silent; controller kill -> API \
+         open again in {restart:?} (agent kill at {agent_killed:?}, controller kill at \
+         {controller_killed:?}, node-1 back at {agent_restarted:?})",
+        outcomes.len(),
+        outcomes.iter().filter(|o| o.ok()).count(),
+        failed.len() - lost.len(),
+        lost.len(),
+        outcomes.iter().map(|o| o.refused).sum::<u32>(),
+    );
+    for f in &failed {
+        eprintln!("failed: {}", f.describe());
+    }
+    assert!(
+        lost.is_empty(),
+        "invocations lost:\n{}\nall:\n{}\ncontroller:\n{log}",
+        lost.join("\n"),
+        all.join("\n")
+    );
+    assert!(
+        outcomes.iter().all(|o| o.took < Duration::from_secs(30)),
+        "a call hung:\n{}",
+        all.join("\n")
+    );
+    // The new controller served over the two live nodes, then node-1 joined and was
+    // reconciled against the stored actions.
+    assert!(
+        log.contains("serving before every node registered"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node added") && l.contains("node-1")),
+        "node-1 did not join late:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("node reconciled") && l.contains("node-1"))
+            .count()
+            >= 1,
+        "{log}"
+    );
+    // Calls after node-1 joined succeed.
+    let ok_after = outcomes
+        .iter()
+        .filter(|o| o.sent >= restart_agent_at + Duration::from_secs(2))
+        .all(Replayed::ok);
+    assert!(ok_after, "{}", all.join("\n"));
 }
 
 /// `line` without terminal colour codes (`ESC [ ... m`).

@@ -337,6 +337,11 @@ fn start_all(
     let mut cmd = Command::new(&exe);
     cmd.arg("controller")
         .args(["--nodes", &n.to_string()])
+        // A fresh cluster: wait for every agent (as long as for the REST API).
+        .args([
+            "--wait-for-nodes-ms",
+            &args.wait_s.saturating_mul(1000).to_string(),
+        ])
         .args(["--rpc", &rpc.to_string()])
         .args(["--listen", &api.to_string()])
         .arg("--data-dir")
