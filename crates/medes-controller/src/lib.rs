@@ -423,7 +423,8 @@ pub struct NodeReconcileReport {
     /// forgotten.
     pub forgotten: usize,
     /// Sandboxes the books dropped when the node was marked dead, which it still holds,
-    /// re-adopted (their action unchanged).
+    /// re-adopted (their action unchanged), and those the books never had whose action is
+    /// stored unchanged ([`Controller::set_action_lookup`]), adopted.
     pub adopted: usize,
     /// Bases whose process is gone, left to the node (they retire once no dedup sandbox
     /// depends on them).

@@ -181,3 +181,62 @@ async fn dedup_sandboxes_survive_a_platform_restart() {
     agent.shutdown().await;
     agent.purge_kept().await;
 }
+
+/// Issue 7: a node that joins a running controller (`add_node`, e.g. an agent still down when
+/// the controller restarted) keeps the dedup sandboxes of stored, unchanged actions: its
+/// reconcile looks them up as the startup reconcile does (`set_action_lookup`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joining_node_keeps_its_dedup_sandboxes_of_stored_actions() {
+    let data = tempfile::tempdir().unwrap();
+    let Some((ctl, agent)) = start(data.path()) else {
+        return;
+    };
+    let a = Arc::new(action());
+    let runs: Vec<_> = (0..3)
+        .map(|_| invoke(&ctl, &a, json!({"sleep_ms": 1500})))
+        .collect();
+    futures::future::join_all(runs).await;
+    assert_eq!(ctl.force_decisions(None).await, 3);
+    ctl.wait_settled().await;
+    let dedups: Vec<_> = ctl
+        .sandboxes()
+        .into_iter()
+        .filter(|s| s.state == StateKind::Dedup)
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(dedups.len(), 2, "{:?}", ctl.sandboxes());
+    ctl.shutdown().await;
+    agent.shutdown().await;
+
+    // A controller built without the node; the node joins later.
+    let (_, agent) = start(data.path()).expect("restart");
+    let ctl = Controller::new(
+        ControllerConfig {
+            node_memory_budget_mb: 2048,
+            ..Default::default()
+        },
+        vec![],
+    );
+    let stored = a.clone();
+    ctl.set_action_lookup(Arc::new(move |n: &ActionName| {
+        (n == &stored.name).then(|| (*stored).clone())
+    }));
+    let id = agent.node_id().clone();
+    ctl.add_node(id.clone(), Arc::new(agent.clone()) as _)
+        .expect("added");
+    let report = ctl.reconcile_node(&id).await.expect("reconciled");
+    assert_eq!((report.adopted, report.purged), (2, 0), "{report:?}");
+    let adopted: Vec<_> = ctl
+        .sandboxes()
+        .into_iter()
+        .filter(|s| s.state == StateKind::Dedup)
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(adopted, dedups);
+    // One of them serves a dedup start.
+    let act = invoke(&ctl, &a, json!({})).await;
+    assert_eq!(act.start_kind, StartKind::Dedup);
+    ctl.shutdown().await;
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
