@@ -398,7 +398,9 @@ impl Domain {
             ids: Vec::new(),
         };
         for id in ids {
-            if !snap.map.contains_key(id) || self.registry.acquire(*id).is_err() {
+            // Other nodes' bases (aliases) have no pages here.
+            let here = snap.map.contains_key(id) || crate::remote::is_alias(*id);
+            if !here || self.registry.acquire(*id).is_err() {
                 return None; // `pins` releases what it holds
             }
             pins.ids.push(*id);

@@ -543,13 +543,18 @@ impl Agent {
                 which: "rebuild",
                 source,
             })?;
-        let remote = Arc::new(remote::Remote::new(cfg.dedup.remote_read_timeout_ms));
+        let remote = Arc::new(remote::Remote::new(
+            cfg.dedup.remote_read_timeout_ms,
+            Some(images.join("remote.json")),
+        ));
         let domains =
             domain::Domains::new(Some(images.join("bases"))).with_remote(remote.clone());
         let domains = domains.with_registry_backends(
             registry_backend::RegistryBackends::new(&cfg.registry, &cfg.node_id.0)
                 .map_err(NewAgentError::Registry)?,
         );
+        // Other nodes' bases the kept stores use (before the stores are loaded and pinned).
+        remote.reload(&domains, cfg.dedup.engine.local_node);
         // What the previous agent on this data directory kept (verified; see `persist.rs`).
         let loaded = bg_pool.install(|| persist::load(&images, &domains, &cfg.dedup.engine));
         let mut table = HashMap::new();

@@ -156,7 +156,7 @@ pub struct SyncReport {
 }
 
 /// Another node's base known here.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImportedBase {
     /// Its identity.
     pub key: BaseKey,
@@ -171,6 +171,7 @@ pub struct ImportedBase {
     /// Listed in the last catalog (reads are allowed).
     pub active: bool,
     /// Dedup stores here that depend on it (filled in by [`Agent::imported_bases`]).
+    #[serde(default)]
     pub dependents: u64,
 }
 
@@ -179,6 +180,12 @@ pub(crate) struct Remote {
     source: Mutex<Option<Arc<dyn PageSource>>>,
     /// Domain key → key → the imported base.
     imports: Mutex<HashMap<String, HashMap<BaseKey, Arc<ImportedBase>>>>,
+    /// Aliases an earlier agent on this data directory used, reloaded so that its dedup
+    /// stores pin and read them (registered without fingerprints: never chosen by a new
+    /// dedup); dropped once no store depends on them.
+    legacy: Mutex<HashMap<BaseId, Arc<ImportedBase>>>,
+    /// Where the aliases are kept across an agent restart (`<images>/remote.json`).
+    file: Option<std::path::PathBuf>,
     next_alias: AtomicU32,
     /// One sync at a time.
     syncing: tokio::sync::Mutex<()>,
@@ -191,10 +198,12 @@ pub(crate) struct Remote {
 }
 
 impl Remote {
-    pub(crate) fn new(timeout_ms: u64) -> Remote {
+    pub(crate) fn new(timeout_ms: u64, file: Option<std::path::PathBuf>) -> Remote {
         Remote {
             source: Mutex::new(None),
             imports: Mutex::new(HashMap::new()),
+            legacy: Mutex::new(HashMap::new()),
+            file,
             next_alias: AtomicU32::new(0),
             syncing: tokio::sync::Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
@@ -209,11 +218,77 @@ impl Remote {
     }
 
     fn imported(&self, domain: &str) -> HashMap<BaseId, Arc<ImportedBase>> {
-        self.imports
+        let mut m: HashMap<BaseId, Arc<ImportedBase>> = self
+            .imports
             .lock()
             .get(domain)
             .map(|m| m.values().map(|b| (b.alias, b.clone())).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for b in self.legacy.lock().values().filter(|b| b.domain == domain) {
+            m.insert(b.alias, b.clone());
+        }
+        m
+    }
+
+    /// Writes every alias in use (imports and legacy ones) for the next agent.
+    fn save(&self) {
+        let Some(path) = &self.file else { return };
+        let mut all: Vec<ImportedBase> = self
+            .imports
+            .lock()
+            .values()
+            .flat_map(|m| m.values().map(|b| (**b).clone()))
+            .collect();
+        all.extend(self.legacy.lock().values().map(|b| (**b).clone()));
+        let tmp = path.with_extension("tmp");
+        let r = serde_json::to_vec(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|d| std::fs::write(&tmp, d))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(error) = r {
+            warn!(path = %path.display(), %error, "remote base aliases not saved: dedup stores using them will not survive a restart");
+        }
+    }
+
+    /// Reloads the aliases an earlier agent kept (before its dedup stores are loaded): each is
+    /// registered without fingerprints, inactive until the controller's catalog lists its base.
+    pub(crate) fn reload(&self, domains: &crate::domain::Domains, local: medes_dedup::NodeId) {
+        let Some(path) = &self.file else { return };
+        let Ok(data) = std::fs::read(path) else {
+            return;
+        };
+        let all: Vec<ImportedBase> = match serde_json::from_slice(&data) {
+            Ok(v) => v,
+            Err(error) => {
+                warn!(path = %path.display(), %error, "remote base aliases unreadable: dropped");
+                return;
+            }
+        };
+        let mut legacy = self.legacy.lock();
+        let mut next = 0;
+        for b in all.into_iter().filter(|b| is_alias(b.alias)) {
+            next = next.max((b.alias.0 & !ALIAS_BIT) + 1);
+            let meta = BaseMeta {
+                function: String::new(),
+                node: rank_node(&b.key.node, local),
+            };
+            if domains
+                .get(&b.domain)
+                .registry()
+                .add_base(b.alias, meta, &[], &[])
+                .is_ok()
+            {
+                legacy.insert(
+                    b.alias,
+                    Arc::new(ImportedBase {
+                        active: false,
+                        dependents: 0,
+                        ..b
+                    }),
+                );
+            }
+        }
+        self.next_alias.fetch_max(next, Ordering::Relaxed);
     }
 
     fn view(&self, domain: &Domain, local: Arc<BaseSet>) -> ClusterBases {
@@ -838,6 +913,14 @@ impl Agent {
                 .flat_map(|m| m.values().map(|b| (**b).clone()))
                 .collect()
         };
+        v.extend(
+            self.inner
+                .remote
+                .legacy
+                .lock()
+                .values()
+                .map(|b| (**b).clone()),
+        );
         for b in &mut v {
             b.dependents = self
                 .inner
@@ -972,6 +1055,26 @@ impl Agent {
                 }
             }
         }
+        // Aliases of an earlier agent: readable while listed, dropped once unused.
+        {
+            let mut legacy = remote.legacy.lock();
+            legacy.retain(|alias, b| {
+                let domain = inner.domains.get(&b.domain);
+                if domain.dependents(*alias) == 0 && domain.registry().remove_base(*alias).is_ok() {
+                    return false;
+                }
+                let listed = listed.get(&b.key).filter(|l| l.info.pages == b.pages);
+                let (active, address) = listed.map_or((false, b.address), |l| (true, l.address));
+                if active != b.active || address != b.address {
+                    *b = Arc::new(ImportedBase {
+                        active,
+                        address,
+                        ..(**b).clone()
+                    });
+                }
+                true
+            });
+        }
         // New ones: fingerprints from their owners, concurrently.
         let source = remote.source.lock().clone();
         let Some(source) = source else {
@@ -1054,6 +1157,7 @@ impl Agent {
         if !report.failed.is_empty() {
             warn!(failed = ?report.failed, "some remote bases could not be imported");
         }
+        remote.save();
         report
     }
 }

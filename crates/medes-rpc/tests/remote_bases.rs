@@ -94,7 +94,10 @@ struct Node {
 }
 
 async fn start_node(name: &str, registry: &str) -> Node {
-    let data = tempfile::tempdir().expect("tempdir");
+    start_node_in(name, registry, tempfile::tempdir().expect("tempdir")).await
+}
+
+async fn start_node_in(name: &str, registry: &str, data: tempfile::TempDir) -> Node {
     let mut cfg = AgentConfig {
         node_id: NodeId(name.into()),
         data_dir: data.path().to_path_buf(),
@@ -255,7 +258,45 @@ async fn dedup_on_a_uses_a_base_on_b_and_falls_back_when_b_dies() {
     };
     assert_eq!(ran.outcome, RunOutcome::Returned(expected(7)));
 
-    // Deduplicated again (the store is kept), then B dies.
+    // Deduplicated again (the store is kept); A restarts on the same data directory: the store
+    // (which uses B's base) is kept, and restores once the catalog lists B's base again.
+    ok(
+        &a.agent,
+        Command::Dedup {
+            sandbox: sb_a.clone(),
+        },
+    )
+    .await;
+    a.stop.cancel();
+    a.agent.shutdown().await;
+    let a = start_node_in("rb-a", &reg_addr, a._data).await;
+    let t = Instant::now();
+    while !a
+        .agent
+        .imported_bases()
+        .iter()
+        .any(|i| i.active && i.dependents == 1)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            a.agent.imported_bases()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ok(
+        &a.agent,
+        Command::Restore {
+            sandbox: sb_a.clone(),
+        },
+    )
+    .await;
+    let Reply::Ran(ran) = ok(&a.agent, run(&sb_a, 8)).await else {
+        panic!()
+    };
+    assert_eq!(ran.outcome, RunOutcome::Returned(expected(8)));
+
+    // Deduplicated again, then B dies.
     ok(
         &a.agent,
         Command::Dedup {
