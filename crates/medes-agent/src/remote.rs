@@ -17,6 +17,11 @@
 //! kept *inactive* (its alias and refcount stay; reads of its pages fail at once) until they
 //! are gone, or reactivated if it is listed again (a healed partition).
 //!
+//! The aliases in use are written to `<images>/remote.json` after every sync; a restarted
+//! agent registers them again (without fingerprints: only its kept stores use them, new
+//! dedups import the base afresh) before it loads its stores, and they become readable when
+//! the catalog lists their bases again.
+//!
 //! # Reads
 //! [`ClusterBases`] is the [`BasePages`] of a dedup or a dedup start: the domain's own bases
 //! read straight from their mappings (never through the network stack) and other nodes' bases
