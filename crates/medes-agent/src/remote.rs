@@ -23,9 +23,9 @@
 //! the catalog lists their bases again.
 //!
 //! # Reads
-//! [`ClusterBases`] is the [`BasePages`] of a dedup or a dedup start: the domain's own bases
+//! `ClusterBases` is the [`BasePages`] of a dedup or a dedup start: the domain's own bases
 //! read straight from their mappings (never through the network stack) and other nodes' bases
-//! read from [`Fetch`]es, which stream pages from the owner ([`PageSource::read_pages`]) into
+//! read from `Fetch`es, which stream pages from the owner ([`PageSource::read_pages`]) into
 //! per-page slots (zero-copy `Bytes` chunks) while the readers wait for the pages they need:
 //! - a dedup start prefetches every remote page the store references (with the codec's
 //!   window around it), in the store's order, split into a few concurrent streams, *before*
