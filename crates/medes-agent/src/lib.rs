@@ -167,10 +167,10 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 pub use proto::{
-    AgentError, BaseReply, CheckpointFailure, Command, DedupReply, LogLine, NodeAgent, NodeStatus, Reply,
-    RestoreFailure, RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm, SandboxMemory, SandboxStatus,
-    SpawnCommand, SpawnReply, Stream, TemplateReply, TemplateStartCommand, TemplateStartReply,
-    TemplateStatus,
+    AgentError, BaseReply, CheckpointFailure, Command, DedupReply, LogLine, NodeAgent, NodeStatus,
+    Reply, RestoreFailure, RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm,
+    SandboxMemory, SandboxStatus, SpawnCommand, SpawnReply, Stream, TemplateReply,
+    TemplateStartCommand, TemplateStartReply, TemplateStatus,
 };
 pub use remote::{
     BaseFingerprints, BaseInfo, BaseKey, BaseReader, ImportedBase, PageSource, PageStream,
@@ -547,8 +547,7 @@ impl Agent {
             cfg.dedup.remote_read_timeout_ms,
             Some(images.join("remote.json")),
         ));
-        let domains =
-            domain::Domains::new(Some(images.join("bases"))).with_remote(remote.clone());
+        let domains = domain::Domains::new(Some(images.join("bases"))).with_remote(remote.clone());
         let domains = domains.with_registry_backends(
             registry_backend::RegistryBackends::new(&cfg.registry, &cfg.node_id.0)
                 .map_err(NewAgentError::Registry)?,
@@ -1309,10 +1308,9 @@ impl Inner {
         .await
         .unwrap_or_else(|e| Err(format!("base task failed: {e}")));
         let _ = std::fs::remove_dir_all(&dir);
-        let (bytes, image_bytes, pages) =
-            r.map_err(|reason| {
-                self.not_deduplicable(id.clone(), CheckpointFailure::Image, reason, true)
-            })?;
+        let (bytes, image_bytes, pages) = r.map_err(|reason| {
+            self.not_deduplicable(id.clone(), CheckpointFailure::Image, reason, true)
+        })?;
         let rec = Arc::new(BaseRec {
             domain: domain.clone(),
             id: base_id,
@@ -1397,12 +1395,7 @@ impl Inner {
                 self.finish_busy(&id, None);
             }
             release(slot).await;
-            return Err(self.not_deduplicable(
-                id,
-                checkpoint_failure(&e),
-                error_chain(&e),
-                kept,
-            ));
+            return Err(self.not_deduplicable(id, checkpoint_failure(&e), error_chain(&e), kept));
         }
         // The process is gone; free its cgroup, netns and run directory now.
         let info = slot.info.clone();
@@ -1436,12 +1429,7 @@ impl Inner {
             Err(reason) => {
                 let _ = std::fs::remove_file(&path);
                 self.finish_busy(&id, None);
-                return Err(self.not_deduplicable(
-                    id,
-                    CheckpointFailure::Image,
-                    reason,
-                    false,
-                ));
+                return Err(self.not_deduplicable(id, CheckpointFailure::Image, reason, false));
             }
         };
         let dedup_ms = ms(t1.elapsed());
