@@ -1700,14 +1700,7 @@ impl State {
         known: (bool, Option<u64>),
         now: Timestamp,
     ) -> Option<Key> {
-        if self.sbs.values().any(|s| s.node == node && s.id == st.id) {
-            return None;
-        }
-        let key = self.next_key;
-        self.next_key += 1;
-        let limit = st
-            .memory_limit
-            .map_or(Bytes::mib(action.limits.memory_mb).0, |b| b.0);
+        let (key, limit) = self.adoption_key(node, st, action)?;
         let form = if st.form == SandboxForm::Base {
             Form::Base
         } else {
@@ -1761,6 +1754,25 @@ impl State {
         Some(key)
     }
 
+    /// A fresh key and the memory limit for adopting `st` on `node`; `None` if the books
+    /// already have it.
+    fn adoption_key(
+        &mut self,
+        node: usize,
+        st: &medes_agent::SandboxStatus,
+        action: &Action,
+    ) -> Option<(Key, u64)> {
+        if self.sbs.values().any(|s| s.node == node && s.id == st.id) {
+            return None;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let limit = st
+            .memory_limit
+            .map_or(Bytes::mib(action.limits.memory_mb).0, |b| b.0);
+        Some((key, limit))
+    }
+
     /// Takes a dedup sandbox an earlier agent kept into the books as DEDUP, as if it had just
     /// been deduplicated (its keep-dedup timer starts now). Returns its key, or `None` if the id
     /// is already known.
@@ -1771,14 +1783,7 @@ impl State {
         action: &Arc<Action>,
         now: Timestamp,
     ) -> Option<Key> {
-        if self.sbs.values().any(|s| s.node == node && s.id == st.id) {
-            return None;
-        }
-        let key = self.next_key;
-        self.next_key += 1;
-        let limit = st
-            .memory_limit
-            .map_or(Bytes::mib(action.limits.memory_mb).0, |b| b.0);
+        let (key, limit) = self.adoption_key(node, st, action)?;
         let version: Arc<str> = Arc::from(action.version.as_str());
         let generation = {
             let pool = self.pool(&action.name);

@@ -456,20 +456,7 @@ impl Rebuilder {
         scratch: &mut RebuildScratch,
         out: &mut [u8],
     ) -> Result<(), RebuildError> {
-        let r = self.batch_pages(b);
-        let expected = (r.end - r.start) * PAGE as u64;
-        if r.is_empty() || out.len() as u64 != expected {
-            return Err(RebuildError::OutputSize {
-                expected,
-                found: out.len() as u64,
-            });
-        }
-        let plan = Plan {
-            store: &self.store,
-            bases: &*self.bases,
-            data: &self.data,
-        };
-        plan.batch(&mut scratch.dec, &mut scratch.block, b, out)
+        self.batch_into(b, scratch, out, None)
     }
 
     /// [`Rebuilder::rebuild_batch`] for only the pages of batch `b` that lie in `pages`
@@ -482,6 +469,21 @@ impl Rebuilder {
         pages: &[std::ops::Range<u64>],
         scratch: &mut RebuildScratch,
         out: &mut [u8],
+    ) -> Result<(), RebuildError> {
+        let only = |p: u64| {
+            let i = pages.partition_point(|x| x.end <= p);
+            pages.get(i).is_some_and(|x| x.start <= p)
+        };
+        self.batch_into(b, scratch, out, Some(&only))
+    }
+
+    /// Batch `b` into `out` (checked to be exactly its size): every page, or those `only` keeps.
+    fn batch_into(
+        &self,
+        b: usize,
+        scratch: &mut RebuildScratch,
+        out: &mut [u8],
+        only: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<(), RebuildError> {
         let r = self.batch_pages(b);
         let expected = (r.end - r.start) * PAGE as u64;
@@ -496,11 +498,7 @@ impl Rebuilder {
             bases: &*self.bases,
             data: &self.data,
         };
-        let only = |p: u64| {
-            let i = pages.partition_point(|x| x.end <= p);
-            pages.get(i).is_some_and(|x| x.start <= p)
-        };
-        plan.batch_only(&mut scratch.dec, &mut scratch.block, b, out, Some(&only))
+        plan.batch_only(&mut scratch.dec, &mut scratch.block, b, out, only)
     }
 }
 

@@ -604,9 +604,9 @@ fn lock_state() -> Result<StateLock, CleanupError> {
     Ok(StateLock(f))
 }
 
-/// A live process's start time (field 22 of `/proc/PID/stat`), to tell a reused pid apart;
-/// `None` if it is gone or a zombie.
-fn start_time(pid: u32) -> Option<u64> {
+/// A live process's start time (field 22 of `/proc/PID/stat`, in clock ticks since boot), to
+/// tell a reused pid apart; `None` if it is gone or a zombie.
+pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces: fields restart after the last ')'.
     let rest = stat.rsplit_once(')')?.1;

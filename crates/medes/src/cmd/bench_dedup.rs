@@ -126,14 +126,7 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
             }
         }
     } else {
-        let mut sb_cfg = SandboxConfig::default();
-        let tag = format!("bd{}", std::process::id());
-        sb_cfg.cgroup_name = format!("medes-{tag}");
-        sb_cfg.run_dir = format!("/run/medes/{tag}").into();
-        sb_cfg.network = medes_sandbox::NetworkMode::Isolated;
-        set_aslr(&mut sb_cfg, !args.no_aslr)?;
-        medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
-        medes_sandbox::become_subreaper()?;
+        let (tag, sb_cfg) = bench_sandboxes("bd", !args.no_aslr)?;
         let rt = tokio::runtime::Runtime::new()?;
         for name in &names {
             bar.set_prefix(name.clone());
@@ -243,14 +236,7 @@ fn run_template(
             });
         }
     } else {
-        let mut sb_cfg = SandboxConfig::default();
-        let tag = format!("bt{}", std::process::id());
-        sb_cfg.cgroup_name = format!("medes-{tag}");
-        sb_cfg.run_dir = format!("/run/medes/{tag}").into();
-        sb_cfg.network = medes_sandbox::NetworkMode::Isolated;
-        set_aslr(&mut sb_cfg, true)?;
-        medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
-        medes_sandbox::become_subreaper()?;
+        let (tag, sb_cfg) = bench_sandboxes("bt", true)?;
         let rt = tokio::runtime::Runtime::new()?;
         for name in names {
             bar.set_prefix(name.clone());
@@ -375,6 +361,21 @@ fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sandboxes of a bench run: a tag of `prefix` and this process's id (their cgroup and run
+/// directory), isolated network, ASLR as asked; checks the machine can run them and makes this
+/// process their subreaper.
+fn bench_sandboxes(prefix: &str, aslr: bool) -> anyhow::Result<(String, SandboxConfig)> {
+    let mut sb_cfg = SandboxConfig::default();
+    let tag = format!("{prefix}{}", std::process::id());
+    sb_cfg.cgroup_name = format!("medes-{tag}");
+    sb_cfg.run_dir = format!("/run/medes/{tag}").into();
+    sb_cfg.network = medes_sandbox::NetworkMode::Isolated;
+    set_aslr(&mut sb_cfg, aslr)?;
+    medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
+    medes_sandbox::become_subreaper()?;
+    Ok((tag, sb_cfg))
 }
 
 fn set_aslr(cfg: &mut SandboxConfig, on: bool) -> anyhow::Result<()> {

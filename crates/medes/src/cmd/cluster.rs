@@ -229,20 +229,8 @@ fn links(
     Ok(ExitCode::SUCCESS)
 }
 
-/// A live process's start time (field 22 of `/proc/PID/stat`); `None` if it is gone or a
-/// zombie.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace();
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
-}
-
 fn alive(p: &Proc) -> bool {
-    start_time(p.pid) == Some(p.start)
+    medes_testbed::start_time(p.pid) == Some(p.start)
 }
 
 /// Whether `p` still has a `/proc` entry (alive, or a zombie not yet reaped).
@@ -353,7 +341,7 @@ fn start_all(
     state.controller = Some(Proc {
         name: "controller".into(),
         pid: child.id(),
-        start: start_time(child.id()).unwrap_or(0),
+        start: medes_testbed::start_time(child.id()).unwrap_or(0),
         data_dir: data,
         log,
         address: rpc.to_string(),
@@ -388,7 +376,7 @@ fn start_all(
         state.agents.push(Proc {
             name: name.clone(),
             pid: child.id(),
-            start: start_time(child.id()).unwrap_or(0),
+            start: medes_testbed::start_time(child.id()).unwrap_or(0),
             data_dir: data,
             log,
             address: addr.to_string(),
