@@ -137,8 +137,11 @@ pub fn tmp_dir(tag: &str) -> PathBuf {
             let Some(rest) = name.strip_prefix(&prefix) else {
                 continue;
             };
+            // Only `<pid>-<nanos>` after the prefix: a longer tag sharing this one as its start
+            // (`dedup` and `dedup-batches`) is another test's directory, not a leftover.
             let pid = rest.split('-').next().unwrap_or("");
-            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let is_pid = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+            if is_pid && !Path::new("/proc").join(pid).exists() {
                 let _ = std::fs::remove_dir_all(e.path());
                 let _ = std::fs::remove_file(e.path());
             }
