@@ -103,12 +103,24 @@ pub fn make_dump(code: &str, dir: &Path, aslr: bool) -> Result<(), String> {
         .next()
         .ok_or("launcher has no child")?
         .to_owned();
+    // One dump at a time across test processes: these test processes share the host's mount
+    // namespace and /proc, so CRIU's parasite mounts a fresh proc under a fixed directory name
+    // in their root, and two concurrent dumps collide there (EEXIST, "Can't get /proc fd").
+    // The platform's sandboxes have their own mount namespace and /proc; this is test-only.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("medes-test-criu-dump.lock"))
+        .map_err(|e| format!("dump lock: {e}"))?;
+    lock.lock().map_err(|e| format!("dump lock: {e}"))?;
     let out = Command::new("timeout")
         .args(["-s", "KILL", "60", "criu", "dump", "-t", &pid, "-D"])
         .arg(dir)
         .args(["-o", "dump.log", "-v1"])
         .output()
         .map_err(|e| format!("criu: {e}"))?;
+    drop(lock);
     let _ = launcher.kill();
     let _ = launcher.wait();
     if !out.status.success() {
