@@ -77,6 +77,12 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     })
 }
 
+/// Writes `value` as JSON to `path` atomically (a temporary file renamed over it).
+pub(crate) fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> io::Result<()> {
+    let data = serde_json::to_vec_pretty(value).map_err(json_err)?;
+    write_atomic(path, &data)
+}
+
 fn json_err(e: serde_json::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -88,8 +94,7 @@ pub(crate) fn store_meta_path(store: &Path) -> PathBuf {
 
 /// Writes the metadata of a store just written to `store`.
 pub(crate) fn save_store_meta(store: &Path, meta: &StoreFile) -> io::Result<()> {
-    let data = serde_json::to_vec_pretty(meta).map_err(json_err)?;
-    write_atomic(&store_meta_path(store), &data)
+    write_json_atomic(&store_meta_path(store), meta)
 }
 
 /// Removes a store and its metadata (missing files are fine).
@@ -136,8 +141,7 @@ pub(crate) fn save_base(
         pages_checksum,
         positions_checksum,
     };
-    let data = serde_json::to_vec_pretty(&file).map_err(json_err)?;
-    write_atomic(&base_path(dir, id, "json"), &data)
+    write_json_atomic(&base_path(dir, id, "json"), &file)
 }
 
 /// Removes a base's files (missing files are fine).
@@ -179,8 +183,7 @@ pub(crate) fn template_meta_path(dir: &Path) -> PathBuf {
 
 /// Writes the metadata of a template whose image is in `dir`.
 pub(crate) fn save_template_meta(dir: &Path, meta: &TemplateFile) -> io::Result<()> {
-    let data = serde_json::to_vec_pretty(meta).map_err(json_err)?;
-    write_atomic(&template_meta_path(dir), &data)
+    write_json_atomic(&template_meta_path(dir), meta)
 }
 
 /// Removes a template's image directory and metadata (missing ones are fine).
@@ -213,8 +216,7 @@ pub(crate) fn save_template_base(
         pages_checksum,
         positions_checksum: None,
     };
-    let data = serde_json::to_vec_pretty(&file).map_err(json_err)?;
-    write_atomic(&base_path(dir, id, "json"), &data)
+    write_json_atomic(&base_path(dir, id, "json"), &file)
 }
 
 /// The pages file of a base in `dir`.

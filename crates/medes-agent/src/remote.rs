@@ -245,12 +245,7 @@ impl Remote {
             .flat_map(|m| m.values().map(|b| (**b).clone()))
             .collect();
         all.extend(self.legacy.lock().values().map(|b| (**b).clone()));
-        let tmp = path.with_extension("tmp");
-        let r = serde_json::to_vec(&all)
-            .map_err(std::io::Error::other)
-            .and_then(|d| std::fs::write(&tmp, d))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(error) = r {
+        if let Err(error) = crate::persist::write_json_atomic(path, &all) {
             warn!(path = %path.display(), %error, "remote base aliases not saved: dedup stores using them will not survive a restart");
         }
     }
