@@ -16,22 +16,13 @@ use medes_rpc::{
     AgentLinkConfig, Deadlines, Registry, RegistryConfig, RemoteAgent, run_agent_link, serve_node,
     serve_registry,
 };
-use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
+mod support;
+
+use medes_sandbox::SandboxConfig;
+
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-fn can_run() -> bool {
-    if let Err(e) = preflight(&SandboxConfig::default()) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("cluster test cannot run in CI: {e}");
-        }
-        eprintln!("skipping cluster test: {e}");
-        return false;
-    }
-    let _ = become_subreaper();
-    true
-}
 
 const CODE: &str = r#"
 import os, time
@@ -106,7 +97,7 @@ async fn start_node(name: &str, registry: &str, stop: &CancellationToken) -> Tes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_runs_actions_on_two_remote_agents() {
-    if !can_run() {
+    if !support::can_run("cluster test") {
         return;
     }
     let stop = CancellationToken::new();

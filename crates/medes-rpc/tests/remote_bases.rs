@@ -14,22 +14,13 @@ use medes_core::{ActionName, Bytes, Code, Namespace, NodeId, SandboxId};
 use medes_rpc::{
     AgentLinkConfig, Registry, RegistryConfig, run_agent_link, serve_agent, serve_registry,
 };
-use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
+mod support;
+
+use medes_sandbox::SandboxConfig;
+
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-fn can_run() -> bool {
-    if let Err(e) = preflight(&SandboxConfig::default()) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("remote bases test cannot run in CI: {e}");
-        }
-        eprintln!("skipping remote bases test: {e}");
-        return false;
-    }
-    let _ = become_subreaper();
-    true
-}
 
 const CODE: &str = r#"
 import json, hashlib
@@ -135,7 +126,7 @@ async fn ok(agent: &Agent, cmd: Command) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_on_a_uses_a_base_on_b_and_falls_back_when_b_dies() {
-    if !can_run() {
+    if !support::can_run("remote bases test") {
         return;
     }
     let stop = CancellationToken::new();
