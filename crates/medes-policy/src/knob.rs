@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
+use crate::evict::EvictionOrder;
 use crate::policies::{Medes, MedesConfig, MedesMode};
 use crate::policy::{Decision, DedupRule, KeepAlive, Policy, Prewarm, RuleConfig};
 use crate::view::{ClusterView, FunctionView, SandboxView};
@@ -118,6 +119,13 @@ pub struct PolicySettings {
     /// `{"predict": true}` in a `PUT .../medes/policy` (`medes policy set --predict true`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub predict: bool,
+    /// Medes: evict idle sandboxes in Greedy-Dual order with dedup as the cheaper state
+    /// (`MedesConfig::evict_greedy_dual`, [`crate::greedy_dual_rank`], the aging clock kept per
+    /// node by the controller) instead of the prototype's over-provisioning order. Default
+    /// false; `medes-predict` is `hold_below = 0.9`, `predict` and `greedy_dual`
+    /// (`medes policy set --preset medes-predict`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub greedy_dual: bool,
     /// Per-function overrides, by action name (in every namespace).
     pub functions: BTreeMap<String, FunctionKnob>,
 }
@@ -134,6 +142,7 @@ impl Default for PolicySettings {
             keep_dedup_s: None,
             hold_below: None,
             predict: false,
+            greedy_dual: false,
             functions: BTreeMap::new(),
         }
     }
@@ -170,6 +179,25 @@ pub struct PolicyUpdate {
     /// Medes: arrival prediction (pre-warming) on or off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predict: Option<bool>,
+    /// Medes: Greedy-Dual eviction order on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub greedy_dual: Option<bool>,
+}
+
+impl PolicyUpdate {
+    /// The recommended variant, `medes-predict` (docs/EVALUATION.md): Medes in memory mode,
+    /// holding sandboxes past the timers below 90% of the budget, pre-warming ahead of
+    /// predicted arrivals, evicting in Greedy-Dual order. Other fields absent (kept).
+    pub fn medes_predict() -> PolicyUpdate {
+        PolicyUpdate {
+            policy: Some(PolicyChoice::Medes),
+            mode: Some(KnobMode::Memory),
+            hold_below: Some(0.9),
+            predict: Some(true),
+            greedy_dual: Some(true),
+            ..PolicyUpdate::default()
+        }
+    }
 }
 
 /// Why settings were refused.
@@ -331,6 +359,7 @@ impl PolicySettings {
             None => {}
         }
         next.predict = u.predict.unwrap_or(next.predict);
+        next.greedy_dual = u.greedy_dual.unwrap_or(next.greedy_dual);
         next.validate()?;
         *self = next;
         Ok(())
@@ -410,6 +439,7 @@ impl PolicySettings {
                     own_budget: k.budget_mb.is_some(),
                     hold_below: self.hold_below,
                     predict: self.predict.then(crate::policies::PredictConfig::default),
+                    evict_greedy_dual: self.greedy_dual,
                     ..MedesConfig::default()
                 },
                 Vec::new(),
@@ -514,6 +544,11 @@ impl Policy for Tuned {
     fn eviction_rank(&self, function: &FunctionView, sandbox: &SandboxView, now: Timestamp) -> f64 {
         // One order across functions: the global policy's.
         self.global.eviction_rank(function, sandbox, now)
+    }
+
+    fn eviction_order(&self) -> EvictionOrder {
+        // One order across functions: the global policy's.
+        self.global.eviction_order()
     }
 
     fn on_removed(&mut self, function: &FunctionView, sandbox: &SandboxView, now: Timestamp) {
@@ -775,6 +810,35 @@ mod tests {
         let back: PolicySettings =
             serde_json::from_str(r#"{"policy": "medes", "predict": true}"#).unwrap();
         assert!(back.predict);
+    }
+
+    #[test]
+    fn greedy_dual_eviction_is_asked_for_by_medes_only_when_on() {
+        let mut s = PolicySettings::default();
+        assert_eq!(s.build(T, 40, true).eviction_order(), EvictionOrder::Policy);
+        s.apply(&PolicyUpdate::medes_predict()).unwrap();
+        assert_eq!(
+            (s.policy, s.mode, s.hold_below, s.predict, s.greedy_dual),
+            (PolicyChoice::Medes, KnobMode::Memory, Some(0.9), true, true)
+        );
+        assert_eq!(
+            s.build(T, 40, true).eviction_order(),
+            EvictionOrder::GreedyDual
+        );
+        s.apply(&PolicyUpdate {
+            greedy_dual: Some(false),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert!(s.predict && !s.greedy_dual);
+        assert_eq!(s.build(T, 40, true).eviction_order(), EvictionOrder::Policy);
+        // Only Medes has the option.
+        s.greedy_dual = true;
+        s.policy = PolicyChoice::KeepAlive;
+        assert_eq!(s.build(T, 40, true).eviction_order(), EvictionOrder::Policy);
+        let back: PolicySettings =
+            serde_json::from_str(r#"{"policy": "medes", "greedy_dual": true}"#).unwrap();
+        assert!(back.greedy_dual);
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //!   state, arrival statistics ([`ArrivalWindow`]: λ_max over a sliding window of per-minute
 //!   buckets), measured start latencies ([`Ewma`]) and footprints.
 //! - [`admit`] and [`choose_victims`] implement admission under a per-node memory budget with
-//!   eviction of idle sandboxes in the policy's order.
+//!   eviction of idle sandboxes in the policy's order: its own [`Policy::eviction_rank`], or
+//!   Greedy-Dual with dedup as the cheaper state ([`EvictionOrder`], [`greedy_dual_rank`], the
+//!   one ranking the simulator's Medes and the live controller share).
 //!
 //! ```
 //! use medes_core::{ActionName, Bytes, Namespace};
@@ -51,6 +53,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod evict;
 mod knob;
 mod lifecycle;
 pub mod policies;
@@ -60,6 +63,9 @@ mod view;
 use serde::{Deserialize, Serialize};
 
 pub use admission::{Admission, Victim, admit, choose_victims};
+pub use evict::{
+    EvictionOrder, GreedyDualClock, GreedyDualInput, greedy_dual_rank, live_greedy_dual_input,
+};
 pub use knob::{
     FunctionKnob, KnobError, KnobMode, PolicyChoice, PolicyControl, PolicySettings, PolicyUpdate,
     Timers, Tuned,

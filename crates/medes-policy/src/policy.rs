@@ -5,6 +5,7 @@ use medes_core::ActionName;
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
+use crate::evict::EvictionOrder;
 use crate::lifecycle::{Form, SandboxState};
 use crate::view::{ClusterView, FunctionView, SandboxView};
 
@@ -96,6 +97,14 @@ pub trait Policy: Send + Sync {
         now: Timestamp,
     ) -> f64 {
         sandbox.state.last_used().unwrap_or(now).0 as f64
+    }
+
+    /// Which eviction order the caller uses: [`EvictionOrder::Policy`] (the default) ranks
+    /// by [`Policy::eviction_rank`]; [`EvictionOrder::GreedyDual`] by
+    /// [`crate::greedy_dual_rank`], the caller keeping the aging clock per node and each
+    /// sandbox's clock when it last served.
+    fn eviction_order(&self) -> EvictionOrder {
+        EvictionOrder::Policy
     }
 
     /// A sandbox of the function is gone (purged by decision, evicted, failed).

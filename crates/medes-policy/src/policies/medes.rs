@@ -325,7 +325,7 @@ pub struct Medes {
     modes: Vec<MedesMode>,
     fns: Vec<FnState>,
     /// Greedy-Dual clock ([`MedesConfig::evict_greedy_dual`]).
-    clock: f64,
+    clock: crate::evict::GreedyDualClock,
     /// Live controller ([`crate::Policy`]): recent arrivals per function for the prediction.
     live_recent: BTreeMap<medes_core::ActionName, SecondWindow>,
 }
@@ -352,7 +352,7 @@ impl Medes {
             costs,
             modes,
             fns,
-            clock: 0.0,
+            clock: crate::evict::GreedyDualClock::default(),
             live_recent: BTreeMap::new(),
         }
     }
@@ -681,7 +681,7 @@ impl ClusterPolicy for Medes {
 
     fn on_finish(&mut self, _f: FnId, _now: Timestamp) -> AfterRun {
         AfterRun {
-            score: self.clock,
+            score: self.clock.value(),
             ..AfterRun::default()
         }
     }
@@ -719,13 +719,16 @@ impl ClusterPolicy for Medes {
                 IdleState::Dedup => (st.s_d, c.dedup_mb),
                 _ => (st.s_w, c.warm_mb),
             };
-            if c.template_ms.is_some() {
-                // With template starts, keeping any idle sandbox saves only a template start
-                // minus its own (100–300 ms for every function): least recently used first.
-                return sb.idle_since.0 as f64;
-            }
-            let saved = (c.cold_ms - own).max(0.0);
-            return sb.score + st.arrivals as f64 * saved / mb.max(1e-3);
+            // The ranking the live controller uses too (`crate::evict`).
+            return crate::evict::greedy_dual_rank(&crate::evict::GreedyDualInput {
+                clock_at_use: sb.score,
+                arrivals: st.arrivals,
+                cold_ms: c.cold_ms,
+                own_start_ms: own,
+                held_mb: mb,
+                template_starts: c.template_ms.is_some(),
+                last_used: sb.idle_since,
+            });
         }
         if self.cfg.evict_by_value
             && let (Some(c), Some(st)) = (self.costs.get(f), self.fns.get(f))
@@ -743,8 +746,8 @@ impl ClusterPolicy for Medes {
     }
 
     fn on_evicted(&mut self, _f: FnId, rank: f64) {
-        if self.cfg.evict_greedy_dual && rank.is_finite() && rank > self.clock {
-            self.clock = rank;
+        if self.cfg.evict_greedy_dual {
+            self.clock.on_evicted(rank);
         }
     }
 
@@ -787,7 +790,9 @@ impl ClusterPolicy for Medes {
 /// (dedup start 300 ms; warm start 10 ms); an unknown dedup footprint is assumed to save
 /// [`MedesConfig::assumed_saving`] of m_W until the first dedup of the function measures it.
 /// With [`MedesConfig::predict`] it pre-warms on its 1 s timer as the cluster form does
-/// ([`ClusterPolicy::prewarm`]); the Greedy-Dual eviction order is the cluster form's only.
+/// ([`ClusterPolicy::prewarm`]). With [`MedesConfig::evict_greedy_dual`] it asks the controller
+/// for the Greedy-Dual eviction order ([`crate::Policy::eviction_order`]), the same ranking
+/// ([`crate::greedy_dual_rank`]) with the aging clock kept per node by the controller.
 impl crate::Policy for Medes {
     fn name(&self) -> &'static str {
         "medes"
@@ -939,6 +944,14 @@ impl crate::Policy for Medes {
         let p = self.cfg.idle_period_ms.max(1);
         let k = now.since(since) / p + 1;
         Some(since.plus_ms(k.saturating_mul(p)))
+    }
+
+    fn eviction_order(&self) -> crate::EvictionOrder {
+        if self.cfg.evict_greedy_dual {
+            crate::EvictionOrder::GreedyDual
+        } else {
+            crate::EvictionOrder::Policy
+        }
     }
 
     fn eviction_rank(

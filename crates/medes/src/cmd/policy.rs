@@ -74,6 +74,14 @@ struct SetArgs {
     /// global only).
     #[arg(long)]
     predict: Option<bool>,
+    /// Medes: evict idle sandboxes in Greedy-Dual order with dedup as the cheaper state
+    /// (global only).
+    #[arg(long)]
+    greedy_dual: Option<bool>,
+    /// A named setting first, then the other flags on top: `medes-predict` (Medes, memory
+    /// mode, --hold-below 0.9, --predict true, --greedy-dual true; global only).
+    #[arg(long)]
+    preset: Option<String>,
 }
 
 fn mode(args: &SetArgs) -> anyhow::Result<Option<KnobMode>> {
@@ -111,6 +119,9 @@ fn show_settings(s: &PolicySettings) {
     if s.predict {
         println!("prediction    on (pre-warms ahead of predicted arrivals)");
     }
+    if s.greedy_dual {
+        println!("eviction      greedy-dual (dedup as the cheaper state)");
+    }
     for (name, k) in &s.functions {
         println!("  {name}: {}", serde_json::to_string(k).unwrap_or_default());
     }
@@ -138,8 +149,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let body = match &s.action {
                 Some(_) => {
                     anyhow::ensure!(
-                        s.policy.is_none() && s.hold_below.is_none() && s.predict.is_none(),
-                        "--policy, --hold-below and --predict are global"
+                        s.policy.is_none()
+                            && s.hold_below.is_none()
+                            && s.predict.is_none()
+                            && s.greedy_dual.is_none()
+                            && s.preset.is_none(),
+                        "--policy, --hold-below, --predict, --greedy-dual and --preset are global"
                     );
                     serde_json::to_value(FunctionKnob {
                         mode,
@@ -156,16 +171,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         .as_deref()
                         .map(str::parse::<PolicyChoice>)
                         .transpose()?;
+                    let preset = match s.preset.as_deref() {
+                        None => PolicyUpdate::default(),
+                        Some("medes-predict") => PolicyUpdate::medes_predict(),
+                        Some(other) => {
+                            anyhow::bail!("unknown --preset {other:?} (expected medes-predict)")
+                        }
+                    };
                     serde_json::to_value(PolicyUpdate {
-                        policy,
-                        mode,
+                        policy: policy.or(preset.policy),
+                        mode: mode.or(preset.mode),
                         alpha: s.alpha,
                         budget_mb: s.budget_mb,
                         idle_period_s: s.idle_period_s,
                         keep_alive_s: s.keep_alive_s,
                         keep_dedup_s: s.keep_dedup_s,
-                        hold_below: s.hold_below,
-                        predict: s.predict,
+                        hold_below: s.hold_below.or(preset.hold_below),
+                        predict: s.predict.or(preset.predict),
+                        greedy_dual: s.greedy_dual.or(preset.greedy_dual),
                     })?
                 }
             };
