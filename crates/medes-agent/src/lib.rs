@@ -1521,14 +1521,15 @@ impl Inner {
                        rebuild_ms = reply.rebuild_ms, restore_ms = reply.restore_ms, "dedup start");
                 Ok(reply)
             }
-            Err(reason) => {
+            Err(e) => {
                 self.finish_busy(&id, None);
                 drop(rec);
                 self.counters.lock().restore_failures += 1;
-                warn!(sandbox = %id, reason = %reason, "dedup start failed; dedup sandbox purged");
+                let (kind, reason) = (e.kind(), error_chain(&e));
+                warn!(sandbox = %id, reason = %reason, ?kind, "dedup start failed; dedup sandbox purged");
                 Err(AgentError::RestoreFailed {
                     sandbox: id,
-                    kind: RestoreFailure::of_reason(&reason),
+                    kind,
                     reason,
                 })
             }
@@ -1539,31 +1540,46 @@ impl Inner {
     async fn restore_from(
         self: &Arc<Self>,
         rec: &Arc<DedupRec>,
-    ) -> Result<(Sandbox, RestoreReply), String> {
+    ) -> Result<(Sandbox, RestoreReply), DedupStartError> {
         let id = &rec.info.spec.id;
         let dir = self.images.join("restore").join(&id.0);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+        std::fs::create_dir_all(&dir).map_err(|source| DedupStartError::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
         // The store (verified) and every non-page image first: CRIU reads those from its start.
         let t = Instant::now();
         let (rec2, dir2, remote) = (rec.clone(), dir.clone(), self.remote.clone());
         let (store, bases) = tokio::task::spawn_blocking(move || {
-            let store = DedupStore::load(&rec2.path).map_err(|e| error_chain(&e))?;
+            let store = DedupStore::load(&rec2.path).map_err(DedupStartError::Store)?;
             // Local bases read directly; other nodes' pages prefetched from now on (remote.rs).
-            let bases = Arc::new(remote.restore_view(&rec2.info.domain, &store)?);
+            let bases = remote
+                .restore_view(&rec2.info.domain, &store)
+                .map_err(|reason| DedupStartError::RemoteBases { reason })?;
+            let bases = Arc::new(bases);
             for b in &store.bases {
                 bases
                     .n_pages(*b)
-                    .map_err(|e| format!("base {} is unavailable: {e}", b.0))?;
+                    .map_err(|source| DedupStartError::MissingBase { base: *b, source })?;
             }
             for (name, data) in &store.images {
                 let path = dir2.join(name);
-                std::fs::write(&path, data).map_err(|e| format!("writing {path:?}: {e}"))?;
+                if let Err(source) = std::fs::write(&path, data) {
+                    let what = "writing";
+                    return Err(DedupStartError::Io { what, path, source });
+                }
             }
-            Ok::<_, String>((Arc::new(store), bases))
+            Ok((Arc::new(store), bases))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("store task failed: {e}")))?;
+        .unwrap_or_else(|source| {
+            Err(DedupStartError::Task {
+                what: "store",
+                source,
+            })
+        })?;
         let read_base_ms = ms(t.elapsed());
         if self.cfg.lazy_restore {
             let lazy_bases: Arc<dyn BasePages + Send> = bases.clone();
@@ -1580,7 +1596,8 @@ impl Inner {
                 Err(lazy::LazyError::Failed(reason)) => {
                     let dir2 = dir.clone();
                     tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir2));
-                    return Err(remote::with_cause(&reason, &bases));
+                    let reason = remote::with_cause(&reason, &bases);
+                    return Err(DedupStartError::Lazy { reason });
                 }
                 Err(lazy::LazyError::Fallback(reason)) => reason,
             };
@@ -1599,23 +1616,35 @@ impl Inner {
                     .procs
                     .iter()
                     .map(|p| {
-                        by_name.remove(&p.pages_file).ok_or_else(|| {
-                            format!("the checkpoint has no {} for the store", p.pages_file)
-                        })
+                        by_name
+                            .remove(&p.pages_file)
+                            .ok_or_else(|| DedupStartError::NoPagesFile {
+                                file: p.pages_file.clone(),
+                            })
                     })
-                    .collect::<Result<Vec<_>, String>>()?;
+                    .collect::<Result<Vec<_>, DedupStartError>>()?;
                 if let Some(extra) = by_name.keys().next() {
-                    return Err(format!("the store has no pages for {extra}"));
+                    return Err(DedupStartError::ExtraPagesFile {
+                        file: extra.clone(),
+                    });
                 }
                 inner
                     .fg_pool
                     .install(|| medes_dedup::rebuild_to_files(&store, &*bases, &ordered))
-                    .map_err(|e| remote::with_cause(&error_chain(&e), &bases))?;
+                    .map_err(|source| DedupStartError::Rebuild {
+                        source,
+                        remote_cause: bases.error(),
+                    })?;
                 *rebuilt2.lock() = ms(t.elapsed());
                 Ok(())
             })
             .await
-            .unwrap_or_else(|e| Err(format!("rebuild task failed: {e}")))
+            .unwrap_or_else(|source| {
+                Err(DedupStartError::Task {
+                    what: "rebuild",
+                    source,
+                })
+            })
         };
         let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
         let r = tokio::time::timeout(
@@ -1628,8 +1657,8 @@ impl Inner {
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir2));
         let (sandbox, t) = match r {
             Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(error_chain(&e)),
-            Err(_) => return Err(format!("no restored runtime within {bound:?}")),
+            Ok(Err(e)) => return Err(DedupStartError::Sandbox(e)),
+            Err(_) => return Err(DedupStartError::Timeout { after: bound }),
         };
         debug!(sandbox = %id, prepare_ms = t.prepare_ms, images_ready_ms = t.images_ready_ms,
                criu_ms = t.criu_ms, reseed_ms = t.reseed_ms, total_ms = t.total_ms,
@@ -1648,17 +1677,158 @@ impl Inner {
     }
 }
 
-/// The kind of a failed checkpoint (CRIU explains a refused dump only in its log: a connected
-/// TCP socket is named there).
+/// The kind of a failed checkpoint.
 fn checkpoint_failure(e: &medes_sandbox::CheckpointError) -> CheckpointFailure {
+    use medes_sandbox::CheckpointError as E;
     match e {
-        medes_sandbox::CheckpointError::Criu { log_tail, .. } if log_tail.contains("TCP") => {
-            CheckpointFailure::TcpSocket
-        }
-        medes_sandbox::CheckpointError::Criu { .. } => CheckpointFailure::Criu,
-        medes_sandbox::CheckpointError::Timeout { .. } => CheckpointFailure::Timeout,
-        medes_sandbox::CheckpointError::NotRunning => CheckpointFailure::NotRunning,
+        E::TcpSocket { .. } => CheckpointFailure::TcpSocket,
+        E::Criu { .. } => CheckpointFailure::Criu,
+        E::Timeout { .. } => CheckpointFailure::Timeout,
+        E::NotRunning => CheckpointFailure::NotRunning,
         _ => CheckpointFailure::Other,
+    }
+}
+
+/// A dedup start failed ([`Command::Restore`]); [`DedupStartError::kind`] is what the agent
+/// reports in [`AgentError::RestoreFailed`] (and the controller counts under its label).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DedupStartError {
+    /// The restore directory could not be made, or a non-page image not written.
+    #[error("{what} {path:?}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The directory or file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be loaded (unreadable, not a store, failed its checksum).
+    #[error("loading the dedup store")]
+    Store(#[source] medes_dedup::LoadStoreError),
+    /// A base the store points into is not resident on this node.
+    #[error("base {} is unavailable", base.0)]
+    MissingBase {
+        /// The base.
+        base: BaseId,
+        /// The cause.
+        #[source]
+        source: medes_dedup::BasePageError,
+    },
+    /// Other nodes' bases the store needs are not listed, their owner is not alive, or their
+    /// prefetch could not start (`remote.rs` reports these as text; every one concerns another
+    /// node's base, so none needs reading).
+    #[error("{reason}")]
+    RemoteBases {
+        /// What `remote.rs` said.
+        reason: String,
+    },
+    /// The checkpoint's pages files and the store's processes differ.
+    #[error("the checkpoint has no {file} for the store")]
+    NoPagesFile {
+        /// The store's pages file.
+        file: String,
+    },
+    /// The checkpoint has a pages file the store has no pages for.
+    #[error("the store has no pages for {file}")]
+    ExtraPagesFile {
+        /// The checkpoint's pages file.
+        file: String,
+    },
+    /// Rebuilding the pages failed (a page failed its checksum, a base page is missing).
+    #[error("rebuilding the pages{}", remote_cause.as_ref().map(|c| format!(" (remote read: {c})")).unwrap_or_default())]
+    Rebuild {
+        /// The cause.
+        #[source]
+        source: medes_dedup::RebuildError,
+        /// The first failed read of another node's base pages, if one failed.
+        remote_cause: Option<String>,
+    },
+    /// The sandbox-level restore (CRIU, the new sandbox, the reseed) failed; a failure of the
+    /// rebuild while CRIU waited is this error's [`medes_sandbox::RestoreError::Images`]
+    /// source.
+    #[error(transparent)]
+    Sandbox(medes_sandbox::RestoreError),
+    /// No restored runtime answered within the dedup start's bound.
+    #[error("no restored runtime within {after:?}")]
+    Timeout {
+        /// The bound.
+        after: Duration,
+    },
+    /// A lazy dedup start failed (`lazy.rs` reports text; [`RestoreFailure::of_lazy`]).
+    #[error("{reason}")]
+    Lazy {
+        /// What the lazy path said.
+        reason: String,
+    },
+    /// A blocking task of the dedup start was lost (panicked or cancelled).
+    #[error("the {what} task failed")]
+    Task {
+        /// Which task.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl DedupStartError {
+    /// What failed, by variant (only the lazy path's text is read, in
+    /// [`RestoreFailure::of_lazy`]).
+    fn kind(&self) -> RestoreFailure {
+        use medes_dedup::LoadStoreError;
+        match self {
+            DedupStartError::Store(LoadStoreError::Checksum) => RestoreFailure::Corrupt,
+            DedupStartError::Io { .. }
+            | DedupStartError::Store(_)
+            | DedupStartError::NoPagesFile { .. }
+            | DedupStartError::ExtraPagesFile { .. }
+            | DedupStartError::Task { .. } => RestoreFailure::Other,
+            DedupStartError::MissingBase { .. } => RestoreFailure::MissingBase,
+            DedupStartError::RemoteBases { .. } => RestoreFailure::RemoteBase,
+            DedupStartError::Rebuild {
+                remote_cause: Some(_),
+                ..
+            } => RestoreFailure::RemoteBase,
+            DedupStartError::Rebuild { source, .. } => rebuild_failure(source),
+            DedupStartError::Sandbox(e) => sandbox_restore_failure(e),
+            DedupStartError::Timeout { .. } => RestoreFailure::Timeout,
+            DedupStartError::Lazy { reason } => RestoreFailure::of_lazy(reason),
+        }
+    }
+}
+
+/// The kind of a failed rebuild: a missing base page is a missing base (another node's, for an
+/// alias), a page or pointer image failing verification is corruption.
+fn rebuild_failure(e: &medes_dedup::RebuildError) -> RestoreFailure {
+    use medes_dedup::{BasePageError, RebuildError as E};
+    match e {
+        E::BasePage {
+            source: BasePageError::MissingBase(b) | BasePageError::MissingPage { base: b, .. },
+            ..
+        } if remote::is_alias(*b) => RestoreFailure::RemoteBase,
+        E::BasePage { .. } => RestoreFailure::MissingBase,
+        E::Checksum { .. } | E::Image { .. } => RestoreFailure::Corrupt,
+        _ => RestoreFailure::Other,
+    }
+}
+
+/// The kind of a failed sandbox-level restore.
+fn sandbox_restore_failure(e: &medes_sandbox::RestoreError) -> RestoreFailure {
+    use medes_sandbox::RestoreError as E;
+    match e {
+        E::Criu { .. } => RestoreFailure::Criu,
+        E::Timeout { .. }
+        | E::NotAnswering {
+            source: RunError::Timeout { .. },
+        } => RestoreFailure::Timeout,
+        // The rebuild (ours) failed while CRIU waited; else a producer that reports text.
+        E::Images { source } => match source.downcast_ref::<DedupStartError>() {
+            Some(d) => d.kind(),
+            None => RestoreFailure::of_lazy(&error_chain(&**source)),
+        },
+        _ => RestoreFailure::Other,
     }
 }
 
@@ -1696,6 +1866,312 @@ mod tests {
         }
         for bad in ["", "../x", "a/b", "a b", &"x".repeat(65)] {
             assert!(!valid_id(&SandboxId(bad.into())), "{bad}");
+        }
+    }
+
+    /// A cancelled task's join error (no panic output).
+    async fn join_error() -> tokio::task::JoinError {
+        let h = tokio::spawn(std::future::pending::<()>());
+        h.abort();
+        h.await.expect_err("aborted")
+    }
+
+    fn rebuild(source: medes_dedup::RebuildError) -> DedupStartError {
+        DedupStartError::Rebuild {
+            source,
+            remote_cause: None,
+        }
+    }
+
+    fn sandbox(e: medes_sandbox::RestoreError) -> DedupStartError {
+        DedupStartError::Sandbox(e)
+    }
+
+    #[tokio::test]
+    async fn every_dedup_start_error_maps_to_its_failure_kind() {
+        use medes_dedup::RebuildError as Rb;
+        use medes_dedup::{BasePageError, DecodePageError, LoadStoreError, PageKind};
+        use medes_sandbox::{ImageProblem, RestoreError as Re, StartError};
+        use std::io;
+        let io_err = || io::Error::from(io::ErrorKind::NotFound);
+        let local = BaseId(3);
+        let alias = BaseId(1 << 31 | 4);
+        let cases: Vec<(DedupStartError, &str)> = vec![
+            (
+                DedupStartError::Io {
+                    what: "creating",
+                    path: "/x".into(),
+                    source: io_err(),
+                },
+                "restore_failed",
+            ),
+            (DedupStartError::Store(LoadStoreError::Checksum), "checksum"),
+            (
+                DedupStartError::Store(LoadStoreError::BadHeader),
+                "restore_failed",
+            ),
+            (
+                DedupStartError::Store(LoadStoreError::Io {
+                    path: "/s".into(),
+                    source: io_err(),
+                }),
+                "restore_failed",
+            ),
+            (
+                DedupStartError::MissingBase {
+                    base: local,
+                    source: BasePageError::MissingBase(local),
+                },
+                "missing_base",
+            ),
+            (
+                DedupStartError::RemoteBases {
+                    reason: "base n1/4 (alias 2147483652) is held by node n1, which is not alive"
+                        .into(),
+                },
+                "remote_base",
+            ),
+            (
+                DedupStartError::NoPagesFile {
+                    file: "pages-1.img".into(),
+                },
+                "restore_failed",
+            ),
+            (
+                DedupStartError::ExtraPagesFile {
+                    file: "pages-2.img".into(),
+                },
+                "restore_failed",
+            ),
+            (
+                rebuild(Rb::BasePage {
+                    page: 1,
+                    source: BasePageError::MissingBase(local),
+                }),
+                "missing_base",
+            ),
+            (
+                rebuild(Rb::BasePage {
+                    page: 1,
+                    source: BasePageError::MissingPage {
+                        base: alias,
+                        page: 9,
+                    },
+                }),
+                "remote_base",
+            ),
+            (
+                DedupStartError::Rebuild {
+                    source: Rb::BasePage {
+                        page: 1,
+                        source: BasePageError::MissingBase(local),
+                    },
+                    remote_cause: Some("connect timed out after 1s".into()),
+                },
+                "remote_base",
+            ),
+            (rebuild(Rb::Checksum { page: 12 }), "checksum"),
+            (
+                rebuild(Rb::Image {
+                    name: "mm-1.img".into(),
+                    source: None,
+                }),
+                "checksum",
+            ),
+            (
+                rebuild(Rb::Decode {
+                    page: 2,
+                    source: DecodePageError::Malformed(PageKind::Zero),
+                }),
+                "restore_failed",
+            ),
+            (rebuild(Rb::BaseSlot { page: 2, slot: 7 }), "restore_failed"),
+            (
+                sandbox(Re::Criu {
+                    status: "exit status: 1".into(),
+                    log_tail: "Error (criu/cr-restore.c:1): restore failed".into(),
+                }),
+                "criu",
+            ),
+            (
+                // CRIU's log text never decides the kind (it once could read "connect").
+                sandbox(Re::Criu {
+                    status: "exit status: 1".into(),
+                    log_tail: "Error (criu/sk-unix.c:1): can't connect to remote socket".into(),
+                }),
+                "criu",
+            ),
+            (
+                sandbox(Re::Timeout {
+                    after: Duration::from_secs(10),
+                }),
+                "timeout",
+            ),
+            (
+                sandbox(Re::NotAnswering {
+                    source: RunError::Timeout {
+                        after: Duration::from_secs(15),
+                    },
+                }),
+                "timeout",
+            ),
+            (
+                sandbox(Re::NotAnswering {
+                    source: RunError::NotRunning,
+                }),
+                "restore_failed",
+            ),
+            (
+                sandbox(Re::ReseedRefused {
+                    reply: "{\"ok\":false}".into(),
+                }),
+                "restore_failed",
+            ),
+            (
+                sandbox(Re::BadImage {
+                    path: "/r".into(),
+                    problem: ImageProblem::Missing {
+                        file: "core-1.img".into(),
+                    },
+                }),
+                "restore_failed",
+            ),
+            (
+                sandbox(Re::Prepare(StartError::Network {
+                    detail: "no veth".into(),
+                })),
+                "restore_failed",
+            ),
+            (
+                sandbox(Re::Io {
+                    what: "pidfd_open".into(),
+                    source: io_err(),
+                }),
+                "restore_failed",
+            ),
+            (
+                sandbox(Re::InvalidSpec {
+                    reason: "bad id".into(),
+                }),
+                "restore_failed",
+            ),
+            (
+                // Our rebuild failing while CRIU waited: typed, through the producer's error.
+                sandbox(Re::Images {
+                    source: Box::new(rebuild(Rb::Checksum { page: 3 })),
+                }),
+                "checksum",
+            ),
+            (
+                sandbox(Re::Images {
+                    source: Box::new(DedupStartError::MissingBase {
+                        base: local,
+                        source: BasePageError::MissingBase(local),
+                    }),
+                }),
+                "missing_base",
+            ),
+            (
+                // A producer that reports text (the lazy path).
+                sandbox(Re::Images {
+                    source: "page 7 failed its checksum".into(),
+                }),
+                "checksum",
+            ),
+            (
+                DedupStartError::Timeout {
+                    after: Duration::from_secs(15),
+                },
+                "timeout",
+            ),
+            (
+                DedupStartError::Lazy {
+                    reason: "page 0 of base node-2/0 did not arrive within 1.5s".into(),
+                },
+                "remote_base",
+            ),
+            (
+                DedupStartError::Lazy {
+                    reason: "something else".into(),
+                },
+                "restore_failed",
+            ),
+            (
+                DedupStartError::Task {
+                    what: "rebuild",
+                    source: join_error().await,
+                },
+                "restore_failed",
+            ),
+        ];
+        for (e, label) in cases {
+            assert_eq!(e.kind().label(), label, "{}", error_chain(&e));
+        }
+    }
+
+    #[test]
+    fn dedup_start_errors_read_as_before() {
+        use medes_dedup::RebuildError as Rb;
+        let e = sandbox(medes_sandbox::RestoreError::Images {
+            source: Box::new(rebuild(Rb::Checksum { page: 12 })),
+        });
+        assert_eq!(
+            error_chain(&e),
+            "producing the images: rebuilding the pages: page 12: checksum mismatch"
+        );
+        let e = DedupStartError::Rebuild {
+            source: Rb::Checksum { page: 1 },
+            remote_cause: Some("reading base n2/0: refused".into()),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "rebuilding the pages (remote read: reading base n2/0: refused): page 1: checksum \
+             mismatch"
+        );
+        let e = DedupStartError::MissingBase {
+            base: BaseId(3),
+            source: medes_dedup::BasePageError::MissingBase(BaseId(3)),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "base 3 is unavailable: base BaseId(3) is not available"
+        );
+    }
+
+    #[test]
+    fn checkpoint_errors_map_to_their_failure_kinds() {
+        use medes_sandbox::CheckpointError as Ce;
+        for (e, label) in [
+            (
+                Ce::TcpSocket {
+                    status: "exit status: 1".into(),
+                    log_tail: "Connected TCP socket".into(),
+                },
+                "tcp_socket",
+            ),
+            (
+                Ce::Criu {
+                    status: "exit status: 1".into(),
+                    log_tail: String::new(),
+                },
+                "checkpoint_failed",
+            ),
+            (
+                Ce::Timeout {
+                    after: Duration::from_secs(60),
+                },
+                "checkpoint_failed",
+            ),
+            (Ce::NotRunning, "sandbox_gone"),
+            (
+                Ce::Io {
+                    path: "/x".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                "not_deduplicable",
+            ),
+        ] {
+            assert_eq!(checkpoint_failure(&e).label(), label, "{e}");
         }
     }
 

@@ -475,11 +475,12 @@ impl RestoreFailure {
         }
     }
 
-    /// The kind of a failure known only by its message (the restore path reports most of its
-    /// failures as text today; the agent classifies them here, in one place, so nothing
-    /// downstream reads messages). Checked in this order: remote base pages, a missing base,
-    /// checksums, time, CRIU.
-    pub fn of_reason(reason: &str) -> RestoreFailure {
+    /// The kind of a failure of the lazy dedup start, known only by its message: the one
+    /// remaining text mapping of the restore path. Every other failure of a dedup start is
+    /// typed and mapped by variant in the agent; the lazy path (`lazy.rs`, being rewritten)
+    /// still reports text, and converts to typed errors in a later change. Checked in this
+    /// order: remote base pages, a missing base, checksums, time, CRIU.
+    pub fn of_lazy(reason: &str) -> RestoreFailure {
         let r = reason.to_ascii_lowercase();
         if r.contains("remote")
             || r.contains("from node")
@@ -611,7 +612,7 @@ mod failure_kinds {
     use super::{CheckpointFailure, RestoreFailure};
 
     #[test]
-    fn restore_failures_are_classified_where_they_are_made() {
+    fn lazy_restore_failures_are_classified_by_text() {
         for (reason, kind) in [
             ("base 3 is unavailable: gone", RestoreFailure::MissingBase),
             (
@@ -637,7 +638,7 @@ mod failure_kinds {
             ("criu restore failed (exit 1)", RestoreFailure::Criu),
             ("something else", RestoreFailure::Other),
         ] {
-            assert_eq!(RestoreFailure::of_reason(reason), kind, "{reason}");
+            assert_eq!(RestoreFailure::of_lazy(reason), kind, "{reason}");
         }
         assert_eq!(RestoreFailure::default().label(), "restore_failed");
         assert_eq!(CheckpointFailure::TcpSocket.label(), "tcp_socket");

@@ -106,7 +106,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .unwrap_or_default();
                     f.write_all_at(data, 0).map_err(|e| e.to_string())?;
                 }
-                Ok(())
+                Ok::<(), String>(())
             };
             let id = format!("g{pid}-d{d}-{i}");
             let (c, t) = Sandbox::restore_with(&cfg, spec(id, &code), &images, back).await?;

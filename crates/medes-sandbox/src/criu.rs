@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ImageProblem;
+
 /// Name of our metadata file inside an images directory.
 pub(crate) const META: &str = "medes-sandbox.json";
 /// Logs are cut to this many trailing bytes.
@@ -154,10 +156,20 @@ pub(crate) fn write_meta(dir: &Path, meta: &Meta) -> io::Result<PathBuf> {
     Ok(p)
 }
 
-pub(crate) fn read_meta(dir: &Path) -> Result<Meta, String> {
-    let p = dir.join(META);
-    let data = fs::read(&p).map_err(|e| format!("reading {}: {e}", p.display()))?;
-    serde_json::from_slice(&data).map_err(|e| format!("parsing {}: {e}", p.display()))
+pub(crate) fn read_meta(dir: &Path) -> Result<Meta, ImageProblem> {
+    let path = dir.join(META);
+    let data = match fs::read(&path) {
+        Ok(d) => d,
+        Err(source) => return Err(ImageProblem::ReadMeta { path, source }),
+    };
+    serde_json::from_slice(&data).map_err(|source| ImageProblem::ParseMeta { path, source })
+}
+
+/// Whether a failed dump's log tail says CRIU refused a connected TCP socket (CRIU 4.1 names it
+/// only there, e.g. `Error (criu/sk-inet.c:...): inet: Connected TCP socket, consider using
+/// --tcp-established option`): the one place this crate reads CRIU's text.
+pub(crate) fn refused_tcp(log_tail: &str) -> bool {
+    log_tail.contains("TCP")
 }
 
 /// CRIU probes kernel features on every run (about 30 ms here, most of it creating a network
@@ -257,5 +269,30 @@ mod tests {
         truncate_log(&log);
         assert!(fs::metadata(&log).expect("stat").len() <= LOG_KEEP);
         assert_eq!(log_tail(&log), "(9.9) Error (criu/x.c:1): boom");
+    }
+
+    #[test]
+    fn missing_or_malformed_metadata_is_an_image_problem() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            read_meta(d.path()),
+            Err(ImageProblem::ReadMeta { .. })
+        ));
+        fs::write(d.path().join(META), "{").expect("write");
+        assert!(matches!(
+            read_meta(d.path()),
+            Err(ImageProblem::ParseMeta { .. })
+        ));
+    }
+
+    #[test]
+    fn a_refused_tcp_socket_is_recognised_in_the_log() {
+        assert!(refused_tcp(
+            "(0.01) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using \
+             --tcp-established option."
+        ));
+        assert!(!refused_tcp(
+            "(0.01) Error (criu/cr-dump.c:1): dumping failed"
+        ));
     }
 }

@@ -834,6 +834,9 @@ impl Sandbox {
         }
         match outcome {
             Outcome::Ok => {}
+            Outcome::Failed { status, log_tail } if criu::refused_tcp(&log_tail) => {
+                return Err(CheckpointError::TcpSocket { status, log_tail });
+            }
             Outcome::Failed { status, log_tail } => {
                 return Err(CheckpointError::Criu { status, log_tail });
             }
@@ -886,9 +889,9 @@ impl Sandbox {
         spec: SandboxSpec,
         images_dir: &Path,
     ) -> Result<Sandbox, RestoreError> {
-        let meta = criu::read_meta(images_dir).map_err(|reason| RestoreError::BadImage {
+        let meta = criu::read_meta(images_dir).map_err(|problem| RestoreError::BadImage {
             path: images_dir.to_path_buf(),
-            reason,
+            problem,
         })?;
         check_files(images_dir, &meta, true)?;
         Self::restore_impl(cfg, spec, images_dir, meta, None, None, Instant::now())
@@ -905,10 +908,11 @@ impl Sandbox {
     /// prepared and CRIU is started: until `pages` is done, every other open of the pages files
     /// is held by a fanotify permission mark, so CRIU builds the namespaces and mounts (about half
     /// of its time) and then waits in its first read of a page. An `Err` from `pages` fails the
-    /// restore with [`RestoreError::Images`] (CRIU is killed, everything prepared is removed).
+    /// restore with [`RestoreError::Images`], which keeps it whole as its source (CRIU is
+    /// killed, everything prepared is removed).
     /// Without fanotify (no `CAP_SYS_ADMIN`), CRIU starts only after `pages`. Also returns the
     /// time of each step.
-    pub async fn restore_with<F, Fut>(
+    pub async fn restore_with<F, Fut, E>(
         cfg: &SandboxConfig,
         spec: SandboxSpec,
         images_dir: &Path,
@@ -916,12 +920,13 @@ impl Sandbox {
     ) -> Result<(Sandbox, RestoreTimings), RestoreError>
     where
         F: FnOnce(Vec<(String, fs::File)>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>> + Send,
+        Fut: std::future::Future<Output = Result<(), E>> + Send,
+        E: Into<PagesError>,
     {
         Self::restore_with_mode(cfg, spec, images_dir, pages, None).await
     }
 
-    async fn restore_with_mode<F, Fut>(
+    async fn restore_with_mode<F, Fut, E>(
         cfg: &SandboxConfig,
         spec: SandboxSpec,
         images_dir: &Path,
@@ -930,12 +935,13 @@ impl Sandbox {
     ) -> Result<(Sandbox, RestoreTimings), RestoreError>
     where
         F: FnOnce(Vec<(String, fs::File)>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>> + Send,
+        Fut: std::future::Future<Output = Result<(), E>> + Send,
+        E: Into<PagesError>,
     {
         let t0 = Instant::now();
-        let bad = |reason: String| RestoreError::BadImage {
+        let bad = |problem| RestoreError::BadImage {
             path: images_dir.to_path_buf(),
-            reason,
+            problem,
         };
         let meta = criu::read_meta(images_dir).map_err(bad)?;
         check_files(images_dir, &meta, false)?;
@@ -964,7 +970,8 @@ impl Sandbox {
                 None
             }
         };
-        let fut: PagesFuture<'_> = Box::pin(pages(files));
+        let produced = pages(files);
+        let fut: PagesFuture<'_> = Box::pin(async move { produced.await.map_err(Into::into) });
         Self::restore_impl(cfg, spec, images_dir, meta, Some((fut, gate)), lazy, t0).await
     }
 
@@ -1008,9 +1015,9 @@ impl Sandbox {
         lazy: Option<&LazyDaemon>,
         t0: Instant,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError> {
-        let bad = |reason: String| RestoreError::BadImage {
+        let bad = |problem| RestoreError::BadImage {
             path: images_dir.to_path_buf(),
-            reason,
+            problem,
         };
         let _ = become_subreaper();
         let (mut pages, mut gate) = match pages {
@@ -1028,7 +1035,7 @@ impl Sandbox {
         let prep = loop {
             tokio::select! {
                 r = async { pages.as_mut().expect("guarded").await }, if ready.is_none() => {
-                    r.map_err(|reason| RestoreError::Images { reason })?;
+                    r.map_err(|source| RestoreError::Images { source })?;
                     check_files(images_dir, &meta, true)?;
                     gate = None; // opens proceed
                     ready = Some(t0.elapsed());
@@ -1048,7 +1055,7 @@ impl Sandbox {
         if ready.is_none() && gate.is_none() {
             // No gate: CRIU must not see the pages before they are complete.
             let r = pages.as_mut().expect("guarded").await;
-            r.map_err(|reason| RestoreError::Images { reason })?;
+            r.map_err(|source| RestoreError::Images { source })?;
             check_files(images_dir, &meta, true)?;
             ready = Some(t0.elapsed());
         }
@@ -1076,9 +1083,9 @@ impl Sandbox {
                 _ => None,
             });
             let Some(src) = src else {
-                return Err(bad(format!(
-                    "{target:?} is not mounted by this configuration"
-                )));
+                return Err(bad(ImageProblem::Mount {
+                    target: target.clone(),
+                }));
             };
             args.push("--external".into());
             let mut a = OsString::from(format!("mnt[{key}]:"));
@@ -1120,7 +1127,7 @@ impl Sandbox {
             tokio::select! {
                 r = async { pages.as_mut().expect("guarded").await }, if ready.is_none() => {
                     // Returning drops the CRIU run (which kills CRIU), then the gate, then `p`.
-                    r.map_err(|reason| RestoreError::Images { reason })?;
+                    r.map_err(|source| RestoreError::Images { source })?;
                     check_files(images_dir, &meta, true)?;
                     gate = None; // CRIU's open of the pages proceeds
                     ready = Some(t0.elapsed());
@@ -1187,7 +1194,7 @@ impl Sandbox {
             {
                 d.prefetch(n, ranges.to_vec())
                     .await
-                    .map_err(|reason| RestoreError::Images { reason })?;
+                    .map_err(|e| RestoreError::Images { source: e.into() })?;
             }
             if let Err(source) = scramble_droppable(p, ranges) {
                 return Err(RestoreError::Io {
@@ -1221,15 +1228,13 @@ impl Sandbox {
             Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {}
             Ok(v) => {
                 let _ = sb.destroy().await;
-                return Err(RestoreError::NotAnswering {
-                    detail: format!("reseed replied {v}"),
+                return Err(RestoreError::ReseedRefused {
+                    reply: v.to_string(),
                 });
             }
             Err(e) => {
                 let _ = sb.destroy().await;
-                return Err(RestoreError::NotAnswering {
-                    detail: e.to_string(),
-                });
+                return Err(RestoreError::NotAnswering { source: e });
             }
         }
         info!(
@@ -1271,24 +1276,30 @@ impl Sandbox {
 
 /// The page images being produced during a [`Sandbox::restore_with`].
 type PagesFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PagesError>> + Send + 'a>>;
 
 /// Checks the files of a checkpoint against the sizes recorded at dump time (a short pages
 /// file makes CRIU hang); `with_pages` false skips the pages files.
 fn check_files(images_dir: &Path, meta: &Meta, with_pages: bool) -> Result<(), RestoreError> {
-    let bad = |reason: String| RestoreError::BadImage {
+    let bad = |problem| RestoreError::BadImage {
         path: images_dir.to_path_buf(),
-        reason,
+        problem,
     };
-    let now = criu::image_files(images_dir).map_err(|e| bad(e.to_string()))?;
+    let now = criu::image_files(images_dir).map_err(|e| bad(ImageProblem::List(e)))?;
     for (name, size) in &meta.files {
         if !with_pages && name.starts_with("pages-") {
             continue;
         }
         match now.get(name) {
             Some(s) if s == size => {}
-            Some(s) => return Err(bad(format!("{name} has {s} bytes, the dump wrote {size}"))),
-            None => return Err(bad(format!("{name} is missing"))),
+            Some(s) => {
+                return Err(bad(ImageProblem::Size {
+                    file: name.clone(),
+                    found: *s,
+                    expected: *size,
+                }));
+            }
+            None => return Err(bad(ImageProblem::Missing { file: name.clone() })),
         }
     }
     Ok(())

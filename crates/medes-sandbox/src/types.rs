@@ -387,7 +387,17 @@ pub enum CheckpointError {
         #[source]
         source: io::Error,
     },
-    /// CRIU failed.
+    /// CRIU refused the dump because the sandbox holds a connected TCP socket (CRIU 4.1
+    /// cannot dump those on this kernel; CRIU says so only in its log, which is read here, in
+    /// one place).
+    #[error("criu dump refused a connected tcp socket ({status}); log tail:\n{log_tail}")]
+    TcpSocket {
+        /// Exit status.
+        status: String,
+        /// The last lines of `dump.log`.
+        log_tail: String,
+    },
+    /// CRIU failed otherwise.
     #[error("criu dump failed ({status}); log tail:\n{log_tail}")]
     Criu {
         /// Exit status.
@@ -403,6 +413,11 @@ pub enum CheckpointError {
     },
 }
 
+/// An error produced by the caller's page producer of a
+/// [`Sandbox::restore_with`](crate::Sandbox::restore_with), kept whole (the caller may downcast
+/// it to its own type).
+pub type PagesError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A restore failed; everything created for the new sandbox was removed again.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -413,15 +428,17 @@ pub enum RestoreError {
         /// Why.
         reason: String,
     },
-    /// The images directory is incomplete or inconsistent (checked before CRIU runs).
-    #[error("bad checkpoint in {path:?}: {reason}")]
+    /// The images directory is incomplete or inconsistent (checked before CRIU runs, and again
+    /// once late pages are written).
+    #[error("bad checkpoint in {path:?}")]
     BadImage {
         /// The images directory.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        #[source]
+        problem: ImageProblem,
     },
-    /// Setting up the new sandbox's cgroup, network or root failed.
+    /// Setting up the new sandbox's cgroup, network namespace, root or socket failed.
     #[error("preparing the sandbox")]
     Prepare(#[source] StartError),
     /// CRIU failed.
@@ -447,17 +464,77 @@ pub enum RestoreError {
         #[source]
         source: io::Error,
     },
-    /// The images could not be produced (see [`Sandbox::restore_with`](crate::Sandbox::restore_with)).
-    #[error("producing the images: {reason}")]
+    /// The images could not be produced: the caller's page producer of
+    /// [`Sandbox::restore_with`](crate::Sandbox::restore_with) failed, or the lazy-pages
+    /// server could not provide pages the restore needed.
+    #[error("producing the images")]
     Images {
-        /// Why.
-        reason: String,
+        /// The producer's error.
+        #[source]
+        source: PagesError,
     },
-    /// The restored runtime did not answer (or failed to reseed).
-    #[error("restored runtime is not answering: {detail}")]
+    /// The restored runtime did not answer its reseed request (dead, silent past its bound,
+    /// or a broken connection).
+    #[error("restored runtime is not answering")]
     NotAnswering {
-        /// What happened.
-        detail: String,
+        /// What the request ran into ([`RunError::Timeout`] when it was silent).
+        #[source]
+        source: RunError,
+    },
+    /// The restored runtime answered its reseed request with a failure.
+    #[error("restored runtime refused to reseed: {reply}")]
+    ReseedRefused {
+        /// Its reply (JSON).
+        reply: String,
+    },
+}
+
+/// What is wrong with a checkpoint's images directory ([`RestoreError::BadImage`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageProblem {
+    /// Our metadata file could not be read (not a checkpoint of this crate, or removed).
+    #[error("reading {path:?}")]
+    ReadMeta {
+        /// The metadata file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Our metadata file is malformed.
+    #[error("parsing {path:?}")]
+    ParseMeta {
+        /// The metadata file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The directory could not be listed.
+    #[error("listing the image files")]
+    List(#[source] io::Error),
+    /// An image file of the dump is missing.
+    #[error("{file} is missing")]
+    Missing {
+        /// The file name.
+        file: String,
+    },
+    /// An image file's size differs from the dump's.
+    #[error("{file} has {found} bytes, the dump wrote {expected}")]
+    Size {
+        /// The file name.
+        file: String,
+        /// Its size now.
+        found: u64,
+        /// Its size at dump time.
+        expected: u64,
+    },
+    /// The checkpoint names an external mount this configuration does not provide.
+    #[error("{target:?} is not mounted by this configuration")]
+    Mount {
+        /// The mount target inside the sandbox.
+        target: PathBuf,
     },
 }
 

@@ -255,7 +255,7 @@ async fn restore_waits_for_late_pages() {
             f.write_all_at(&saved[&name], 0)
                 .map_err(|e| e.to_string())?;
         }
-        Ok(())
+        Ok::<(), String>(())
     };
     let s1 = spec("late1", &a.path, 128);
     let (c, t) = Sandbox::restore_with(&cfg, s1, images.path(), late)
@@ -281,7 +281,7 @@ async fn restore_waits_for_late_pages() {
         .await
         .expect_err("must fail");
     assert!(
-        matches!(&e, RestoreError::Images { reason } if reason == "no pages today"),
+        matches!(&e, RestoreError::Images { source } if source.to_string() == "no pages today"),
         "{e:?}"
     );
     assert!(!run_dir.exists(), "run directory left behind");
@@ -291,7 +291,7 @@ async fn restore_waits_for_late_pages() {
     let short = |files: Vec<(String, std::fs::File)>| async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
         files[0].1.set_len(4096).map_err(|e| e.to_string())?;
-        Ok(())
+        Ok::<(), String>(())
     };
     let e = Sandbox::restore_with(&cfg, s3, images.path(), short)
         .await
