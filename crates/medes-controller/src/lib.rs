@@ -536,6 +536,7 @@ impl Controller {
                 .saturating_mul(1000),
             dedup_enabled: cfg.dedup_enabled,
             bases_serve: cfg.bases_serve,
+            template_starts: cfg.template_starts,
         };
         let mut knob = cfg.policy.clone();
         knob.resolve(cfg.timers());

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use medes_agent::{BaseReply, DedupReply, NodeStatus, RestoreReply, SandboxForm};
 use medes_core::{Action, ActionName, Bytes, Namespace, NodeId, SandboxId, SandboxScope};
 use medes_policy::{
-    Admission, ArrivalWindow, ClusterView, Counts, Decision, Event, Ewma, Footprints, Form,
-    FunctionView, Policy, Prewarm, Purpose, SandboxState, SandboxView, StartLatencies, StateKind,
-    Timestamp, Victim, admit, enforce, label,
+    Admission, ArrivalWindow, ClusterView, Counts, Decision, Event, EvictionOrder, Ewma,
+    Footprints, Form, FunctionView, GreedyDualClock, Policy, Prewarm, Purpose, SandboxState,
+    SandboxView, StartLatencies, StateKind, Timestamp, Victim, admit, enforce, greedy_dual_rank,
+    label, live_greedy_dual_input,
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -50,6 +51,8 @@ pub(crate) struct Sb {
     /// When the controller learnt that the node has the sandbox ready.
     pub ready_at: Option<Timestamp>,
     pub next_decision: Option<Timestamp>,
+    /// Greedy-Dual's `L`: its node's aging clock when it last served (0 if it never did).
+    pub gd_at_use: f64,
 }
 
 /// Per-action pool: its sandboxes and what is measured about the function.
@@ -167,6 +170,9 @@ pub(crate) struct Limits {
     pub dedup_enabled: bool,
     /// Whether idle bases take invocations ([`crate::ControllerConfig::bases_serve`]).
     pub bases_serve: bool,
+    /// Template starts are on ([`crate::ControllerConfig::template_starts`]): Greedy-Dual
+    /// eviction is then least recently used (`medes_policy::greedy_dual_rank`).
+    pub template_starts: bool,
 }
 
 pub(crate) struct State {
@@ -202,6 +208,9 @@ pub(crate) struct State {
     /// Ready templates (issue 8) by node and action: each is its function's first base on its
     /// node, counted as a base in the policy's views (`template.rs`).
     pub template_bases: std::collections::HashSet<(usize, ActionName)>,
+    /// Per node: Greedy-Dual's aging clock (used when the policy asks for that eviction
+    /// order, [`medes_policy::EvictionOrder::GreedyDual`]; kept across policy changes).
+    pub gd_clocks: Vec<GreedyDualClock>,
 }
 
 /// What the books knew of an idle sandbox they dropped with its dead node.
@@ -281,6 +290,7 @@ impl State {
             lost: vec![HashMap::new(); n],
             shunned: vec![Timestamp(0); n],
             template_bases: std::collections::HashSet::new(),
+            gd_clocks: vec![GreedyDualClock::default(); n],
         }
     }
 
@@ -294,6 +304,7 @@ impl State {
         self.alive.push(true);
         self.lost.push(HashMap::new());
         self.shunned.push(Timestamp(0));
+        self.gd_clocks.push(GreedyDualClock::default());
         self.budgets.len()
     }
 
@@ -521,10 +532,13 @@ impl State {
     }
 
     /// Idle sandboxes of `node` that may be evicted: warm ones, dedup ones and bases without
-    /// dependents, ranked by the policy.
+    /// dependents, ranked in the policy's order ([`Policy::eviction_order`]: its own rank, or
+    /// Greedy-Dual with the node's clock), least recently used first among equal ranks.
     fn victims(&self, node: usize, exclude: Option<Key>, now: Timestamp) -> Vec<Victim<Key>> {
         let mut views: HashMap<&ActionName, FunctionView> = HashMap::new();
+        let order = self.policy.eviction_order();
         let mut out = Vec::new();
+        let mut used = Vec::new();
         for (&k, s) in &self.sbs {
             if s.node != node || Some(k) == exclude {
                 continue;
@@ -543,41 +557,67 @@ impl State {
                 .entry(&s.action)
                 .or_insert_with(|| self.function_view(&s.action, now));
             let view = self.sandbox_view(s);
+            let rank = match order {
+                EvictionOrder::GreedyDual => greedy_dual_rank(&live_greedy_dual_input(
+                    fv,
+                    &view,
+                    s.gd_at_use,
+                    self.limits.template_starts,
+                    now,
+                )),
+                _ => self.policy.eviction_rank(fv, &view, now),
+            };
+            used.push((s.state.last_used().unwrap_or(now), k));
             out.push(Victim {
                 key: k,
-                rank: self.policy.eviction_rank(fv, &view, now),
+                rank,
                 memory: Bytes(s.charge),
             });
         }
-        out
+        // `choose_victims` sorts stably: equal ranks go least recently used first.
+        let mut idx: Vec<usize> = (0..out.len()).collect();
+        idx.sort_by_key(|&i| used[i]);
+        idx.into_iter().map(|i| out[i]).collect()
     }
 
-    /// Victims to evict on `node` so that `need` more fits; `None` if it cannot fit now.
+    /// Victims (with their eviction rank) to evict on `node` so that `need` more fits; `None`
+    /// if it cannot fit now.
     fn make_room(
         &self,
         node: usize,
         need: u64,
         exclude: Option<Key>,
         now: Timestamp,
-    ) -> Option<Vec<Key>> {
+    ) -> Option<Vec<(Key, f64)>> {
         let budget = Bytes(self.budgets[node]);
         let used = Bytes(self.used[node]);
         if used.0.saturating_add(need) <= budget.0 {
             return Some(Vec::new());
         }
-        match admit(budget, used, Bytes(need), self.victims(node, exclude, now)) {
+        let candidates = self.victims(node, exclude, now);
+        let ranks: HashMap<Key, f64> = candidates.iter().map(|v| (v.key, v.rank)).collect();
+        match admit(budget, used, Bytes(need), candidates) {
             Admission::Fits => Some(Vec::new()),
-            Admission::Evict(v) => Some(v),
+            Admission::Evict(v) => Some(
+                v.into_iter()
+                    .map(|k| (k, ranks.get(&k).copied().unwrap_or(0.0)))
+                    .collect(),
+            ),
             Admission::Wait | Admission::Reject => None,
         }
     }
 
-    /// Takes victims out of the books; returns their ids for the caller to purge.
-    fn evict(&mut self, keys: Vec<Key>) -> Vec<SandboxId> {
-        let mut ids = Vec::with_capacity(keys.len());
-        for k in keys {
+    /// Takes victims out of the books (with Greedy-Dual, the node's clock moves up to each
+    /// victim's rank); returns their ids for the caller to purge.
+    fn evict(&mut self, victims: Vec<(Key, f64)>) -> Vec<SandboxId> {
+        let gd = self.policy.eviction_order() == EvictionOrder::GreedyDual;
+        let mut ids = Vec::with_capacity(victims.len());
+        for (k, rank) in victims {
             if let Some(sb) = self.take(k) {
-                debug!(sandbox = %sb.id, action = %sb.action, state = %label(sb.state, sb.form), "evicting idle sandbox");
+                debug!(sandbox = %sb.id, action = %sb.action, state = %label(sb.state, sb.form), rank, "evicting idle sandbox");
+                if gd && let Some(c) = self.gd_clocks.get_mut(sb.node) {
+                    c.on_evicted(rank);
+                }
                 self.evictions += 1;
                 ids.push(sb.id);
             }
@@ -622,7 +662,7 @@ impl State {
         now: Timestamp,
     ) -> Option<(Key, SandboxId, usize, Vec<SandboxId>)> {
         let need = self.start_charge(action, limit);
-        let mut choice: Option<(usize, Vec<Key>)> = None;
+        let mut choice: Option<(usize, Vec<(Key, f64)>)> = None;
         for node in 0..self.budgets.len() {
             if !self.usable(node, now) {
                 continue;
@@ -677,6 +717,7 @@ impl State {
                 last_restore: None,
                 ready_at: None,
                 next_decision: None,
+                gd_at_use: 0.0,
             },
         );
         Some((key, id, node, victims))
@@ -954,6 +995,12 @@ impl State {
         let generation = sb.generation;
         let idle = sb.state.kind() == StateKind::Warm;
         let is_base = sb.form == Form::Base;
+        if idle {
+            sb.gd_at_use = self
+                .gd_clocks
+                .get(sb.node)
+                .map_or(0.0, GreedyDualClock::value);
+        }
         if let Some(ms) = exec_ms {
             self.pool(&action).exec_ms.add(ms);
         }
@@ -1748,6 +1795,7 @@ impl State {
                 last_restore: None,
                 ready_at: Some(now),
                 next_decision: None,
+                gd_at_use: self.gd_clocks.get(node).map_or(0.0, GreedyDualClock::value),
             },
         );
         self.rearm(key, now);
@@ -1829,6 +1877,7 @@ impl State {
                 last_restore: None,
                 ready_at: Some(now),
                 next_decision: None,
+                gd_at_use: self.gd_clocks.get(node).map_or(0.0, GreedyDualClock::value),
             },
         );
         self.rearm(key, now);

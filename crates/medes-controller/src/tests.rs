@@ -1925,3 +1925,92 @@ async fn a_run_its_node_refused_is_retried_once_elsewhere_and_the_node_is_shunne
     assert_eq!(f0.commands("refused spawn"), 1);
     assert_eq!(f1.commands("spawn"), 3);
 }
+
+// ---- Greedy-Dual eviction (medes-predict) ----------------------------------------------------
+
+/// `a` served 5 times long ago, `b` once just now; a cold start of `c` needs one of them gone.
+async fn fill_then_start_c(ctl: &Arc<Controller>) -> Vec<String> {
+    let a = action("a", "1", 256, 1);
+    let b = action("b", "1", 256, 1);
+    let c = action("c", "1", 256, 1);
+    for _ in 0..5 {
+        ctl.invoke(request(&a, json!({}))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ctl.invoke(request(&b, json!({}))).await.unwrap();
+    let act = ctl.invoke(request(&c, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(ctl.evictions(), 1);
+    let mut names: Vec<String> = ctl.sandboxes().into_iter().map(|s| s.action.name).collect();
+    names.sort();
+    names
+}
+
+fn greedy_dual_settings() -> PolicySettings {
+    let mut s = PolicySettings::default();
+    s.apply(&PolicyUpdate::medes_predict()).unwrap();
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn greedy_dual_eviction_keeps_the_frequent_function_and_ages_by_the_node_clock() {
+    // Control: least recently used goes (a).
+    let (ctl, _) = setup(512);
+    assert_eq!(fill_then_start_c(&ctl).await, ["b", "c"]);
+    assert_eq!(ctl.state.lock().gd_clocks[0].value(), 0.0);
+
+    // Greedy-Dual: b (1 use) is worth less than a (5 uses) at the same cold start and size.
+    let (ctl, _) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 512,
+        memory_refresh_ms: 1_000,
+        policy: greedy_dual_settings(),
+        ..Default::default()
+    });
+    assert_eq!(fill_then_start_c(&ctl).await, ["a", "c"]);
+    let (cold, warm) = {
+        let st = ctl.state.lock();
+        let p = &st.pools[&action("b", "1", 256, 1).name];
+        (p.cold_ms.get().unwrap(), p.warm_ms.get().unwrap_or(10.0))
+    };
+    // The clock rose to b's priority: 0 + 1 × (cold − warm) ÷ 256 MiB.
+    let clock = ctl.state.lock().gd_clocks[0].value();
+    assert!(
+        (clock - (cold - warm).max(0.0) / 256.0).abs() < 1e-9,
+        "{clock} vs cold {cold} warm {warm}"
+    );
+    assert!(clock > 0.0);
+    // c served after the eviction: its L is the clock; a's is still 0 (served before).
+    let st = ctl.state.lock();
+    let l = |name: &str| {
+        st.sbs
+            .values()
+            .find(|s| s.action.name == name)
+            .map(|s| s.gd_at_use)
+            .unwrap()
+    };
+    assert_eq!((l("a"), l("c")), (0.0, clock));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_greedy_dual_clock_is_per_node_and_survives_a_policy_change() {
+    let (ctl, _, _) = two_nodes();
+    ctl.set_policy_settings(greedy_dual_settings()).unwrap();
+    {
+        let mut st = ctl.state.lock();
+        assert_eq!(
+            st.policy.eviction_order(),
+            medes_policy::EvictionOrder::GreedyDual
+        );
+        st.gd_clocks[1].on_evicted(7.0);
+    }
+    ctl.set_policy_settings(PolicySettings::default()).unwrap();
+    let st = ctl.state.lock();
+    assert_eq!(
+        st.policy.eviction_order(),
+        medes_policy::EvictionOrder::Policy
+    );
+    assert_eq!(
+        (st.gd_clocks[0].value(), st.gd_clocks[1].value()),
+        (0.0, 7.0)
+    );
+}
