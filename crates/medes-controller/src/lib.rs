@@ -426,9 +426,13 @@ pub struct NodeReconcileReport {
     /// re-adopted (their action unchanged), and those the books never had whose action is
     /// stored unchanged ([`Controller::set_action_lookup`]), adopted.
     pub adopted: usize,
-    /// Bases whose process is gone, left to the node (they retire once no dedup sandbox
-    /// depends on them).
+    /// Bases whose process is gone and whose function the books cannot tell, left to the
+    /// node (charged as unowned; they retire once no dedup sandbox depends on them).
     pub left: usize,
+    /// Bases in the books whose process the node lost (its agent restarted) but whose pages it
+    /// keeps: they stay their function's bases, without process (counted by the base rule,
+    /// charged as bases, never assigned an invocation).
+    pub kept_bases: usize,
 }
 
 /// A node could not be added ([`Controller::add_node`]).
@@ -795,6 +799,9 @@ impl Controller {
                             (state::Adoption::AdoptLive, Some(a)) => st
                                 .adopt_live(index, s, &Arc::new(a), (true, s.image_bytes), now)
                                 .is_some(),
+                            (state::Adoption::AdoptKeptBase, Some(a)) => {
+                                st.adopt_kept_base(index, s, &Arc::new(a), now).is_some()
+                            }
                             _ => false,
                         };
                         if adopted {
@@ -814,7 +821,9 @@ impl Controller {
             report.forgotten = st.forget_missing(index, &held, before);
             let reported: std::collections::HashMap<&SandboxId, &medes_agent::SandboxStatus> =
                 status.sandboxes.iter().map(|s| (&s.id, s)).collect();
-            report.forgotten += st.forget_lost_bases(index, &reported);
+            let (left, kept) = st.forget_lost_bases(index, &reported);
+            report.forgotten += left;
+            report.kept_bases += kept;
             unknown
         };
         for (_, sandbox) in unknown {
@@ -1893,10 +1902,21 @@ impl Controller {
                               version = ?st.version, reason, "sandbox kept by the node is purged");
                         purges.push(st.id.clone());
                     }
+                    (state::Adoption::AdoptKeptBase, Some(action)) => {
+                        let action = Arc::new(action);
+                        let now = self.now();
+                        let adopted = self.state.lock().adopt_kept_base(i, st, &action, now);
+                        if adopted.is_some() {
+                            report.adopted += 1;
+                            info!(sandbox = %st.id, action = %action.name, version = %action.version,
+                                  "base kept by the node (without process) is its function's base again");
+                        }
+                    }
                     (
                         state::Adoption::Leave
                         | state::Adoption::Adopt
-                        | state::Adoption::AdoptLive,
+                        | state::Adoption::AdoptLive
+                        | state::Adoption::AdoptKeptBase,
                         _,
                     ) => report.left += 1,
                 }

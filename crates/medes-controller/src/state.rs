@@ -53,6 +53,10 @@ pub(crate) struct Sb {
     pub next_decision: Option<Timestamp>,
     /// Greedy-Dual's `L`: its node's aging clock when it last served (0 if it never did).
     pub gd_at_use: f64,
+    /// A base whose process is gone (its agent restarted) but whose pages the node keeps for
+    /// the dedup sandboxes that depend on them: counted and charged as a base of its function,
+    /// never assigned an invocation, purged once nothing depends on it.
+    pub processless: bool,
 }
 
 /// Per-action pool: its sandboxes and what is measured about the function.
@@ -229,8 +233,8 @@ pub(crate) struct Lost {
 pub(crate) enum Readopt {
     /// Back in the books (warm, base or dedup, as the node reports it).
     Adopted,
-    /// A base whose process is gone: left to the node (charged as unowned; it retires once no
-    /// dedup sandbox depends on it).
+    /// A base whose process is gone and whose function the books cannot tell: left to the
+    /// node (charged as unowned; it retires once no dedup sandbox depends on it).
     Left,
     /// Unknown, of a changed action, or a warm one without process: purge it.
     Purge,
@@ -464,6 +468,7 @@ impl State {
                 continue;
             }
             if !sb.state.can_assign(concurrency)
+                || sb.processless
                 || (!self.limits.bases_serve && sb.form == Form::Base)
             {
                 continue;
@@ -718,6 +723,7 @@ impl State {
                 ready_at: None,
                 next_decision: None,
                 gd_at_use: 0.0,
+                processless: false,
             },
         );
         Some((key, id, node, victims))
@@ -1068,7 +1074,8 @@ impl State {
                 }
                 _ => now,
             };
-            let asked = if stale {
+            let asked = if stale || (sb.processless && view.dependents == 0) {
+                // A base without process serves only its dependents.
                 Decision::Purge
             } else {
                 self.policy.on_idle(&cluster, &fv, &view, at)
@@ -1478,6 +1485,17 @@ impl State {
                 Some(st) if kind == StateKind::Dedup && st.form == SandboxForm::Dedup => {
                     Some((st.held_bytes, None))
                 }
+                // A base without process: its pages and registry share.
+                Some(st) if sb.processless && st.form == SandboxForm::Base => {
+                    Some((st.held_bytes, None))
+                }
+                None if sb.processless && judged => {
+                    // The node retired it (nothing depended on it any more).
+                    info!(sandbox = %sb.id, action = %sb.action, "base without process retired by its node");
+                    self.take(key);
+                    freed = true;
+                    continue;
+                }
                 Some(st) if st.alive && kind != StateKind::Dedup => st.memory.map(|m| {
                     let pss = m.pss.0;
                     let extra = st.held_bytes.saturating_sub(pss);
@@ -1503,6 +1521,9 @@ impl State {
             self.used[node] = self.used[node].saturating_sub(sb.charge) + charge;
             sb.charge = charge;
             let (action, form, k) = (sb.action.clone(), sb.form, kind);
+            if sb.processless {
+                continue;
+            }
             let pool = self.pool(&action);
             match (k, form) {
                 (StateKind::Dedup, _) => pool.m_dedup.add(charge as f64),
@@ -1569,6 +1590,9 @@ pub(crate) enum Adoption {
     Adopt,
     /// A live warm sandbox or base of a known, unchanged action: it resumes as idle WARM.
     AdoptLive,
+    /// A base whose process is gone, of a known, unchanged action (the node reports which):
+    /// it is the function's base again, without process ([`Sb::processless`]).
+    AdoptKeptBase,
     /// Not adoptable: purge it (the reason is a short fixed label).
     Purge(&'static str),
     /// Left to the node (a base whose process is gone: it retires once nothing depends on it).
@@ -1643,7 +1667,14 @@ impl State {
     /// known, unchanged actions are adopted; a base whose process is gone is left to its node.
     pub(crate) fn adoption(st: &medes_agent::SandboxStatus, current: Option<&Action>) -> Adoption {
         match st.form {
-            SandboxForm::Base if !st.alive => Adoption::Leave,
+            SandboxForm::Base if !st.alive => match (&st.action, &st.version, current) {
+                (Some(a), Some(v), Some(cur)) if a == &cur.name && v == &cur.version => {
+                    Adoption::AdoptKeptBase
+                }
+                // Unknown function (today's agents do not report a lost base's action and
+                // version), or a changed action: the node retires it when nothing needs it.
+                _ => Adoption::Leave,
+            },
             SandboxForm::Warm if !st.alive => Adoption::Purge("dead_process"),
             _ => match (&st.action, &st.version, current) {
                 (None, _, _) | (_, None, _) => Adoption::Purge("no_metadata"),
@@ -1672,11 +1703,13 @@ impl State {
         now: Timestamp,
     ) -> Readopt {
         let lost = self.lost.get_mut(node).and_then(|l| l.remove(&st.id));
-        if st.form == SandboxForm::Base && !st.alive {
-            return Readopt::Left;
-        }
+        let processless = st.form == SandboxForm::Base && !st.alive;
         let Some(lost) = lost else {
-            return Readopt::Purge;
+            return if processless {
+                Readopt::Left
+            } else {
+                Readopt::Purge
+            };
         };
         let current = self
             .pools
@@ -1684,13 +1717,19 @@ impl State {
             .filter(|p| p.generation == lost.generation)
             .and_then(|p| p.action.clone())
             .filter(|a| *a.version == *lost.version);
+        let gone = if processless {
+            Readopt::Left
+        } else {
+            Readopt::Purge
+        };
         let Some(action) = current else {
-            return Readopt::Purge;
+            return gone;
         };
         if st.version.as_deref().is_some_and(|v| v != &*lost.version) {
-            return Readopt::Purge;
+            return gone;
         }
         let key = match st.form {
+            SandboxForm::Base if processless => self.adopt_kept_base(node, st, &action, now),
             SandboxForm::Dedup => self.adopt_dedup(node, st, &action, now),
             SandboxForm::Warm | SandboxForm::Base if st.alive => {
                 self.adopt_live(node, st, &action, (lost.deduplicable, lost.image), now)
@@ -1699,40 +1738,85 @@ impl State {
         };
         match key {
             Some(key) => {
-                if let Some(sb) = self.sbs.get_mut(&key)
-                    && st.form == SandboxForm::Dedup
-                {
-                    sb.deduplicable = lost.deduplicable;
+                if let Some(sb) = self.sbs.get_mut(&key) {
+                    if st.form == SandboxForm::Dedup {
+                        sb.deduplicable = lost.deduplicable;
+                    }
+                    if sb.image.is_none() {
+                        sb.image = lost.image;
+                    }
                 }
                 Readopt::Adopted
             }
-            None => Readopt::Purge,
+            None => gone,
         }
     }
 
-    /// Bases in the books on `node` that are idle but whose process the node reports gone
-    /// (its agent restarted; their pages stay on the node's tmpfs while dedup sandboxes depend
-    /// on them) leave the books; the node's status charges them as unowned from now on.
-    /// Returns how many.
+    /// Idle sandboxes in the books on `node` whose process the node reports gone (its agent
+    /// restarted): a base of an unchanged action whose pages the node keeps (for the dedup
+    /// sandboxes that depend on them) stays in the books as its function's base without
+    /// process ([`Sb::processless`], charged what the node holds for it); the others leave the
+    /// books (a base of a changed action is then charged as unowned until it retires).
+    /// Returns (how many left, how many stayed as bases without process).
     pub(crate) fn forget_lost_bases(
         &mut self,
         node: usize,
         reported: &HashMap<&SandboxId, &medes_agent::SandboxStatus>,
-    ) -> usize {
-        let keys: Vec<Key> = self
+    ) -> (usize, usize) {
+        let keys: Vec<(Key, bool, u64)> = self
             .sbs
             .iter()
-            .filter(|(_, s)| {
-                s.node == node
-                    && matches!(s.state, SandboxState::Warm { .. })
-                    && reported.get(&s.id).is_some_and(|st| !st.alive)
+            .filter(|(_, s)| s.node == node && matches!(s.state, SandboxState::Warm { .. }))
+            .filter_map(|(&k, s)| {
+                let st = reported.get(&s.id).filter(|st| !st.alive)?;
+                let current = self
+                    .pools
+                    .get(&s.action)
+                    .is_some_and(|p| p.generation == s.generation);
+                let keep = s.form == Form::Base && st.form == SandboxForm::Base && current;
+                Some((k, keep, st.held_bytes))
             })
-            .map(|(&k, _)| k)
             .collect();
-        for k in &keys {
-            self.take(*k);
+        let (mut left, mut kept) = (0, 0);
+        for (k, keep, held) in keys {
+            if !keep {
+                self.take(k);
+                left += 1;
+                continue;
+            }
+            let Some(sb) = self.sbs.get_mut(&k) else {
+                continue;
+            };
+            if !sb.processless {
+                info!(sandbox = %sb.id, action = %sb.action, "base lost its process; its pages stay its function's base");
+                kept += 1;
+            }
+            sb.processless = true;
+            sb.measured = None;
+            self.used[node] = self.used[node].saturating_sub(sb.charge) + held;
+            sb.charge = held;
         }
-        keys.len()
+        (left, kept)
+    }
+
+    /// Takes a base whose process is gone (kept by the node for its dedup sandboxes) into the
+    /// books as its function's base without process ([`Sb::processless`]), idle from `now`.
+    /// Returns its key, or `None` if the id is already known.
+    pub(crate) fn adopt_kept_base(
+        &mut self,
+        node: usize,
+        st: &medes_agent::SandboxStatus,
+        action: &Arc<Action>,
+        now: Timestamp,
+    ) -> Option<Key> {
+        let key = self.adopt_live(node, st, action, (false, st.image_bytes), now)?;
+        if let Some(sb) = self.sbs.get_mut(&key) {
+            sb.processless = true;
+            sb.measured = None;
+        }
+        // Decided about at once: purged if nothing depends on it.
+        self.rearm(key, now);
+        Some(key)
     }
 
     /// Takes a live sandbox (warm, or a base: `st.form`) that the books do not have into them
@@ -1796,6 +1880,7 @@ impl State {
                 ready_at: Some(now),
                 next_decision: None,
                 gd_at_use: self.gd_clocks.get(node).map_or(0.0, GreedyDualClock::value),
+                processless: false,
             },
         );
         self.rearm(key, now);
@@ -1878,6 +1963,7 @@ impl State {
                 ready_at: Some(now),
                 next_decision: None,
                 gd_at_use: self.gd_clocks.get(node).map_or(0.0, GreedyDualClock::value),
+                processless: false,
             },
         );
         self.rearm(key, now);

@@ -49,6 +49,8 @@ struct FakeInner {
     fail_restores: AtomicBool,
     /// Spawns and runs fail as if the agent refused the connection.
     refuse: AtomicBool,
+    /// The status names a lost base's action and version (today's agent does not).
+    lost_base_metadata: AtomicBool,
     live: Mutex<HashMap<SandboxId, FakeSb>>,
     log: Mutex<Vec<String>>,
 }
@@ -65,6 +67,7 @@ impl Fake {
             status_delay_ms: Default::default(),
             fail_restores: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
+            lost_base_metadata: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
         }))
@@ -269,6 +272,7 @@ impl NodeAgent for Fake {
                     }))
                 }
                 Command::Status => {
+                    let named = me.lost_base_metadata.load(Ordering::SeqCst);
                     let sandboxes = me
                         .live
                         .lock()
@@ -278,8 +282,8 @@ impl NodeAgent for Fake {
                             SandboxStatus {
                                 id: id.clone(),
                                 alive: !dedup && !s.lost,
-                                action: (!s.lost).then(|| s.action.clone()),
-                                version: (!s.lost).then(|| s.version.clone()),
+                                action: (!s.lost || named).then(|| s.action.clone()),
+                                version: (!s.lost || named).then(|| s.version.clone()),
                                 domain: Some(s.action.namespace.0.clone()),
                                 memory_limit: Some(Bytes::mib(256)),
                                 image_bytes: dedup.then_some(me.pss),
@@ -1780,10 +1784,9 @@ async fn a_dead_node_keeps_its_dedup_sandbox_for_its_return() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_restarted_agents_lost_base_leaves_the_books_its_dedup_sandbox_stays() {
+async fn a_restarted_agents_lost_base_stays_its_functions_base_without_process() {
     let (ctl, f0) = setup_with(ControllerConfig {
         node_memory_budget_mb: 2048,
-        bases_serve: false,
         ..Default::default()
     });
     let (stop, timers) = with_timers(&ctl);
@@ -1794,25 +1797,141 @@ async fn a_restarted_agents_lost_base_leaves_the_books_its_dedup_sandbox_stays()
     assert_eq!(forms(&ctl), "base,dedup");
     // The agent restarted (before it was found dead): the base's process is gone, its pages
     // and the dedup sandbox are kept.
+    let mut base_id = None;
+    for (id, s) in f0.0.live.lock().iter_mut() {
+        if s.form == SandboxForm::Base {
+            s.lost = true;
+            base_id = Some(id.clone());
+        }
+    }
+    let base_id = base_id.unwrap();
+    let r = ctl.reconcile_node(&NodeId("n0".into())).await.unwrap();
+    assert_eq!(
+        r,
+        NodeReconcileReport {
+            kept_bases: 1,
+            ..Default::default()
+        }
+    );
+    // Still the function's base, charged as one (pages + registry share), nothing unowned.
+    assert_eq!(forms(&ctl), "base,dedup");
+    assert_eq!(ctl.unowned_memory(), vec![Bytes(0)]);
+    let base = ctl
+        .sandboxes()
+        .into_iter()
+        .find(|s| s.id == base_id)
+        .unwrap();
+    assert_eq!(base.charged, Bytes(40 << 20));
+    assert_eq!(ctl.memory_used(), vec![Bytes((40 << 20) + (2 << 20))]);
+    // It never serves (no process): the request takes the dedup start, which works.
+    let base_runs = f0.commands(&format!("run {base_id}"));
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup, "{:?}", f0.log());
+    assert_eq!(f0.commands(&format!("run {base_id}")), base_runs);
+    // The base rule counts it: the restored sandbox, idle again, is deduplicated, no new base.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    assert_eq!(f0.commands("make_base"), 1);
+    // Once nothing depends on it, it goes.
+    ctl.action_changed(&a.name);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(forms(&ctl), "");
+    assert!(
+        f0.log().contains(&format!("purge {base_id}")),
+        "{:?}",
+        f0.log()
+    );
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_base_of_a_changed_action_leaves_the_books() {
+    let (ctl, f0) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        bases_serve: false,
+        ..Default::default()
+    });
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
     for s in f0.0.live.lock().values_mut() {
         if s.form == SandboxForm::Base {
             s.lost = true;
         }
     }
+    // Bump the generation without purging (as if updated while the node was away).
+    ctl.state.lock().pools.get_mut(&a.name).unwrap().generation += 1;
     let r = ctl.reconcile_node(&NodeId("n0".into())).await.unwrap();
-    assert_eq!(
-        r,
-        NodeReconcileReport {
-            forgotten: 1,
-            ..Default::default()
-        }
-    );
-    assert_eq!(forms(&ctl), "dedup");
+    assert_eq!((r.forgotten, r.kept_bases), (1, 0));
     assert_eq!(ctl.unowned_memory(), vec![Bytes(40 << 20)]);
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revived_node_readopts_its_lost_base_as_a_base_without_process() {
+    let (ctl, f0) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        ..Default::default()
+    });
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    let n0 = NodeId("n0".into());
+    // Found dead (the books drop its idle sandboxes), its agent restarts meanwhile.
+    ctl.set_node_alive(&n0, false).unwrap();
+    assert_eq!(forms(&ctl), "");
+    for s in f0.0.live.lock().values_mut() {
+        if s.form == SandboxForm::Base {
+            s.lost = true;
+        }
+    }
+    ctl.set_node_alive(&n0, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(forms(&ctl), "base,dedup", "{:?}", f0.log());
+    assert_eq!(ctl.unowned_memory(), vec![Bytes(0)]);
     let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
     assert_eq!(act.start_kind, StartKind::Dedup, "{:?}", f0.log());
     stop.cancel();
     timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_startup_a_lost_base_is_adopted_only_if_the_node_names_its_action() {
+    for named in [false, true] {
+        let (ctl, fake) = setup_with(ControllerConfig {
+            node_memory_budget_mb: 2048,
+            ..Default::default()
+        });
+        fake.0.lost_base_metadata.store(named, Ordering::SeqCst);
+        let a = action("a", "1", 256, 1);
+        kept(&fake, "k-base", &a, "1", SandboxForm::Base, true);
+        kept(&fake, "k-dedup", &a, "1", SandboxForm::Dedup, false);
+        let current = {
+            let a = a.clone();
+            move |n: &ActionName| (n == &a.name).then(|| (*a).clone())
+        };
+        let report = ctl.reconcile(&current).await;
+        if named {
+            assert_eq!((report.adopted, report.left), (2, 0));
+            assert_eq!(forms(&ctl), "base,dedup");
+            assert_eq!(ctl.unowned_memory(), vec![Bytes(0)]);
+        } else {
+            // Today's agents: the function is unknown, the base left to the node.
+            assert_eq!((report.adopted, report.left), (1, 1));
+            assert_eq!(forms(&ctl), "dedup");
+            assert_eq!(ctl.unowned_memory(), vec![Bytes(40 << 20)]);
+        }
+        let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+        assert_eq!(act.start_kind, StartKind::Dedup);
+    }
 }
 
 #[tokio::test(start_paused = true)]
