@@ -8,46 +8,72 @@
 //!    itself (not `PE_LAZY`: stacks, private file mappings' dirty pages; a few percent) and
 //!    which the server fills (private anonymous memory).
 //! 2. The server binds `lazy-pages.socket` in the restore directory; CRIU starts at once
-//!    (namespaces, mounts, process tree) while the rebuild runs on the agent's rebuild pool,
-//!    every page verified before it is handed on: first only the eager pages (each batch's
-//!    block decoded once, then just those pages), written into the (sparse) pages files (CRIU's
-//!    open of them is held by the fanotify gate until they are complete); then every batch in
-//!    order ([`Rebuilder`]). Each verified batch goes to the server, which copies it into the
-//!    processes as soon as
-//!    CRIU says the restore finished, while the runtime already runs its reseed; a fault on a
-//!    page whose batch has not arrived makes the server rebuild (and verify) that batch first.
-//! 3. The dedup start answers once the runtime answered **and** every page was verified: a page
-//!    failing verification is never copied; the restored process (blocked on its missing pages,
-//!    never handed a wrong one) is killed and the start fails like any failed dedup start (the
-//!    controller falls back to a cold start). The server finishes the copies on its own.
+//!    (namespaces, mounts, process tree) while the rebuild runs on the agent's rebuild pool.
+//!    First, before CRIU may read any page (its open of the pages files is held by the
+//!    fanotify gate until then): the **inputs** are verified (`verify.rs`: every base page the
+//!    store references, against per-page sums checked once against the base's own checksum;
+//!    the store itself was verified as a whole when it was loaded), and the eager pages are
+//!    rebuilt (each verified) into the sparse pages files. Then every batch in order
+//!    ([`Rebuilder`]), each page verified against its xxh3 before it is handed to the server,
+//!    which copies it in once CRIU says the restore finished; a fault on a page whose batch has
+//!    not arrived makes the server rebuild (and verify) that batch first.
+//! 3. **Early answer**: the start answers as soon as the restored runtime answered its reseed;
+//!    the server keeps filling the remaining pages in the background (faulted pages first)
+//!    while the request runs. The background batches are rebuilt by threads of lower priority
+//!    (nice + [`FILL_NICE`]): the restore, the runtime and the server's on-demand batches come
+//!    first. The restored sandbox holds its `changing` flag until the fill ended, so no
+//!    make-base, dedup or template checkpoints it meanwhile (a dump would see the missing
+//!    pages as holes): [`Inner::settle_fill`] makes a make-base or dedup wait for the fill.
+//!
+//! Failures: an input failing verification, or an eager page, fails the start before the
+//! restored process resumes (the controller falls back to a cold start). With verified inputs
+//! the decode is deterministic, so a page failing verification after the answer is a bug (or
+//! resource exhaustion): the page is never copied, the server kills the restored processes
+//! (blocked on the missing page, never handed a wrong one), and the request's run fails as a
+//! lost sandbox (an error activation: `main` may have started). The fill is bounded by
+//! `restore_timeout_ms` (from the start); past it the processes are killed the same way.
+//!
+//! Without early answer (the store uses another node's bases, whose pages arrive during the
+//! rebuild and cannot be checked up front; a local base without its metadata; or
+//! `MEDES_LAZY_EARLY_ANSWER=0`, a benchmarking switch), the start answers once the runtime
+//! answered **and** every page was verified, as before: a failure kills the process before
+//! anything ran, and the start fails.
 //!
 //! Errors before anything ran (no layout, socket, CRIU refusing `--lazy-pages`) fall back to the
 //! plain path (rebuild into the pages files, then restore) in the same command.
 //!
 //! m_R of a lazy start: the sparse pages files on the tmpfs (eager pages only) + CRIU's
-//! resident size (both sampled as for the plain path) + the peak of the page buffers the server
-//! held (batches waiting for "restore finished" or for their copy), which this module reports.
+//! resident size (both sampled as for the plain path) + the page buffers the server holds,
+//! which this module reports: their peak when the fill ended before the answer, else the most
+//! the fill may still hold (the buffer bound, [`MAX_BUFFERS`] batches or the image's batches
+//! if fewer), since it runs on after the answer; while it runs the restored sandbox's status
+//! also counts the buffers it holds ([`Fill::held_bytes`]).
 
-use std::collections::BTreeSet;
+mod verify;
+
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use medes_core::SandboxId;
 use medes_dedup::rebuild::{BATCH_PAGES, RebuildScratch, Rebuilder};
 use medes_dedup::{BasePages, DedupStore};
 use medes_sandbox::{LazyDaemon, LazyFeed, LazyLayout, RestoreError, Sandbox};
 use parking_lot::Mutex;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::{DedupRec, Inner, RestoreReply, error_chain, ms};
+use super::{DedupRec, Inner, RestoreReply, Slot, error_chain, ms};
 
 const PAGE: u64 = 4096;
 /// Batch buffers (1 MiB each) the rebuild may hold at once: enough to keep rebuilding while
 /// CRIU restores; beyond that it waits for the server to copy batches in and hand their
 /// buffers back (recycled buffers cost no page faults, and m_R stays bounded).
 const MAX_BUFFERS: usize = 32;
+/// How much lower the priority of the background fill's threads is (nice increment).
+const FILL_NICE: i32 = 10;
 
 /// Why a lazy dedup start did not succeed.
 pub(crate) enum LazyError {
@@ -57,9 +83,128 @@ pub(crate) enum LazyError {
     Failed(String),
 }
 
-/// A successful lazy dedup start: the sandbox, its reply (no m_R yet) and the peak of the page
-/// buffers held for it, bytes.
+/// A successful lazy dedup start: the sandbox, its reply (no m_R yet) and the page buffers
+/// held for it, bytes (see the module docs). A start that answered early left its [`Fill`]
+/// in [`LazyState`] for the caller to [`LazyState::take_fill`].
 pub(crate) type LazyStart = (Sandbox, RestoreReply, u64);
+
+/// What the agent keeps for lazy starts: the fills of early-answered starts until their
+/// sandbox takes them, and the per-page sums of bases.
+#[derive(Default)]
+pub(crate) struct LazyState {
+    fills: Mutex<HashMap<SandboxId, Fill>>,
+    sums: verify::SumCache,
+}
+
+impl LazyState {
+    /// The background fill of sandbox `id`'s start that just answered, if it answered early.
+    pub(crate) fn take_fill(&self, id: &SandboxId) -> Option<Fill> {
+        self.fills.lock().remove(id)
+    }
+}
+
+/// The background fill of an early-answered lazy start. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Fill {
+    inner: Arc<FillInner>,
+}
+
+struct FillInner {
+    feed: LazyFeed,
+    /// `Some` once the fill ended: `Ok` when every page is in place (or the processes are
+    /// gone), else why it failed (the processes were killed).
+    done: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+    /// The slot's `changing` flag is held for the fill (released once, by whoever sees the
+    /// fill end first).
+    hold: AtomicBool,
+}
+
+impl Fill {
+    fn new(feed: LazyFeed) -> Fill {
+        Fill {
+            inner: Arc::new(FillInner {
+                feed,
+                done: tokio::sync::watch::channel(None).0,
+                hold: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Whether pages are still being filled.
+    pub(crate) fn running(&self) -> bool {
+        self.inner.done.borrow().is_none()
+    }
+
+    /// Page buffers the fill holds now, bytes (0 once it ended).
+    pub(crate) fn held_bytes(&self) -> u64 {
+        if self.running() {
+            self.inner.feed.stats().buffered_bytes
+        } else {
+            0
+        }
+    }
+
+    /// Resolves when the fill ended, with its outcome.
+    pub(crate) async fn wait(&self) -> Result<(), String> {
+        let mut rx = self.inner.done.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(Ok(())),
+            Err(_) => Err("the fill was dropped".into()),
+        }
+    }
+
+    fn finish(&self, r: Result<(), String>) {
+        self.inner.done.send_replace(Some(r));
+    }
+
+    /// Releases the slot's `changing` flag if the fill still holds it.
+    fn release(&self, slot: &Slot) {
+        if self.inner.hold.swap(false, Ordering::SeqCst) {
+            slot.changing.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Holds a restored slot's `changing` flag while its pages are filled (no make-base, dedup or
+/// template of it meanwhile), released when the fill ends.
+pub(crate) fn hold_while_filling(slot: &Arc<Slot>) {
+    let Some(fill) = slot.fill.clone() else {
+        return;
+    };
+    slot.changing.store(true, Ordering::SeqCst);
+    fill.inner.hold.store(true, Ordering::SeqCst);
+    let weak = Arc::downgrade(slot);
+    tokio::spawn(async move {
+        let _ = fill.wait().await;
+        if let Some(s) = weak.upgrade() {
+            fill.release(&s);
+            super::release(s).await;
+        }
+    });
+}
+
+impl Inner {
+    /// Waits until the background fill of sandbox `id` (if any) ended, so that it can be
+    /// checkpointed.
+    pub(crate) async fn settle_fill(&self, id: &SandboxId) {
+        let Ok(slot) = self.live(id) else {
+            return;
+        };
+        if let Some(fill) = slot.fill.clone() {
+            let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
+            if tokio::time::timeout(bound, fill.wait()).await.is_ok() {
+                fill.release(&slot);
+            }
+        }
+        super::release(slot).await;
+    }
+}
+
+/// Whether starts may answer before every page is in place (`MEDES_LAZY_EARLY_ANSWER=0`
+/// turns it off, for A/B benchmarks).
+fn early_answer_enabled() -> bool {
+    std::env::var("MEDES_LAZY_EARLY_ANSWER").map_or(true, |v| v != "0")
+}
 
 /// Restores `rec` lazily from `store` (loaded and verified; its non-page images are in `dir`).
 pub(crate) async fn restore(
@@ -98,9 +243,24 @@ pub(crate) async fn restore(
     {
         return Err(fallback("the pagemaps do not match the store".into()));
     }
+    // Early answer needs every input checkable before the process resumes.
+    let check = if early_answer_enabled() {
+        match verify::Check::plan(&inner.images, &rec.info.domain, &store, &inner.lazy.sums) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                debug!(sandbox = %rec.info.spec.id, reason = %error_chain(&e),
+                       "lazy dedup start waits for every page");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let early = check.is_some();
     let rebuilder = Arc::new(
         Rebuilder::new(store.clone(), bases).map_err(|e| LazyError::Failed(error_chain(&e)))?,
     );
+    let n_batches = rebuilder.n_batches();
     // Set when a page failed verification (no fallback then: the plain path would fail too).
     let bad_page = Arc::new(AtomicBool::new(false));
     let demand = {
@@ -130,9 +290,11 @@ pub(crate) async fn restore(
     let (eager_tx, eager_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     type Producer = tokio::task::JoinHandle<Result<f64, String>>;
     let producer: Arc<Mutex<Option<Producer>>> = Arc::new(Mutex::new(None));
+    // From the start of the rebuild until CRIU may read pages (inputs and eager pages done).
+    let gate_ms = Arc::new(Mutex::new(0.0f64));
     let pages = {
         let (inner, producer, rebuilder) = (inner.clone(), producer.clone(), rebuilder.clone());
-        let (feed, bad) = (feed.clone(), bad_page.clone());
+        let (feed, bad, gate_ms) = (feed.clone(), bad_page.clone(), gate_ms.clone());
         move |files: Vec<(String, std::fs::File)>| {
             let job = Produce {
                 rebuilder,
@@ -143,10 +305,13 @@ pub(crate) async fn restore(
                 files,
                 eager_tx: Mutex::new(Some(eager_tx)),
                 bad,
+                check,
+                inner: inner.clone(),
+                gate_ms,
             };
             let h = tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                inner.fg_pool.install(|| job.run())?;
+                job.run(&inner.fg_pool)?;
                 Ok(ms(t.elapsed()))
             });
             *producer.lock() = Some(h);
@@ -189,9 +354,61 @@ pub(crate) async fn restore(
             )));
         }
     };
-    // The runtime answered; the start is done once every page was verified.
     let left = bound.saturating_sub(t0.elapsed());
     let handle = producer.lock().take();
+    if early {
+        // The runtime answered: the start answers now, the fill goes on in the background.
+        if let Some(reason) = daemon.failure() {
+            drop(handle);
+            feed.fail(reason.clone());
+            let _ = sandbox.destroy().await;
+            return Err(LazyError::Failed(reason));
+        }
+        let at_answer = daemon.stats();
+        let killer = sandbox.killer().unwrap_or_else(|| Box::new(|| {}));
+        daemon.detach(killer);
+        let fill = Fill::new(feed.clone());
+        let still = !feed.ended();
+        inner
+            .lazy
+            .fills
+            .lock()
+            .insert(rec.info.spec.id.clone(), fill.clone());
+        tokio::spawn(background_fill(
+            inner.clone(),
+            rec.info.spec.id.clone(),
+            feed,
+            fill,
+            handle,
+            left,
+        ));
+        // m_R: what the fill may still hold (it cannot exceed its buffer bound).
+        let bound_bytes = (MAX_BUFFERS.min(n_batches.max(1)) as u64) * BATCH_PAGES as u64 * PAGE;
+        let held = if still {
+            at_answer.peak_buffered_bytes.max(bound_bytes)
+        } else {
+            at_answer.peak_buffered_bytes
+        };
+        let total = ms(t0.elapsed());
+        let gate = *gate_ms.lock();
+        debug!(sandbox = %rec.info.spec.id, prepare_ms = t.prepare_ms, eager_ready_ms = t.images_ready_ms,
+               criu_ms = t.criu_ms, reseed_ms = t.reseed_ms, gate_ms = gate, total_ms = total,
+               copied = at_answer.copied_pages, faults = at_answer.faults,
+               demand = at_answer.demand_batches, filling = still,
+               "lazy dedup start answered early");
+        return Ok((
+            sandbox,
+            RestoreReply {
+                read_base_ms,
+                rebuild_ms: gate,
+                restore_ms: t.total_ms - t.images_ready_ms,
+                total_ms: read_base_ms + total,
+                ..RestoreReply::default()
+            },
+            held,
+        ));
+    }
+    // The runtime answered; the start is done once every page was verified.
     let rebuilt = match handle {
         None => Err("the rebuild did not start".to_string()),
         Some(h) => tokio::time::timeout(left, async {
@@ -232,6 +449,52 @@ pub(crate) async fn restore(
     ))
 }
 
+/// The rest of an early-answered start: waits for the rebuild and the server (bounded by
+/// what is left of the start's bound) and records the outcome. The server kills the restored
+/// processes itself when a page fails or the producer gives up ([`LazyDaemon::detach`]).
+async fn background_fill(
+    inner: Arc<Inner>,
+    id: SandboxId,
+    feed: LazyFeed,
+    fill: Fill,
+    producer: Option<tokio::task::JoinHandle<Result<f64, String>>>,
+    left: Duration,
+) {
+    let t = Instant::now();
+    let r = tokio::time::timeout(left, async {
+        // The producer reports its own failures to the server (which kills); a producer
+        // that stopped because the server ended has nothing to add.
+        let rebuild_ms = match producer {
+            Some(h) => h.await.ok().and_then(Result::ok),
+            None => None,
+        };
+        feed.finished().await.map(|st| (st, rebuild_ms))
+    })
+    .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(_) => {
+            let reason = format!("the pages were not all filled within {left:?} of the answer");
+            feed.fail(reason.clone());
+            Err(reason)
+        }
+    };
+    match &r {
+        Ok((st, rebuild_ms)) => {
+            debug!(sandbox = %id, fill_ms = ms(t.elapsed()), rebuild_ms, copied = st.copied_pages,
+                   faults = st.faults, demand = st.demand_batches,
+                   peak_buffered = st.peak_buffered_bytes, "lazy fill complete");
+        }
+        Err(reason) => {
+            inner.counters.lock().restore_failures += 1;
+            warn!(sandbox = %id, %reason, "lazy fill failed after the start answered; the restored sandbox was killed");
+        }
+    }
+    // Not taken (the start's caller gave up): nothing else will.
+    inner.lazy.fills.lock().remove(&id);
+    fill.finish(r.map(|_| ()));
+}
+
 /// Stops a producer after a failed start and waits for it (it holds the pages files).
 async fn stop_producer(
     feed: &LazyFeed,
@@ -257,12 +520,19 @@ struct Produce {
     files: Vec<(String, std::fs::File)>,
     eager_tx: Mutex<Option<tokio::sync::oneshot::Sender<Result<(), String>>>>,
     bad: Arc<AtomicBool>,
+    /// The check of the inputs (early answer), done before CRIU may read pages.
+    check: Option<verify::Check>,
+    inner: Arc<Inner>,
+    /// Set to the time until CRIU may read pages (inputs and eager pages done), ms.
+    gate_ms: Arc<Mutex<f64>>,
 }
 
 impl Produce {
-    /// Runs on the rebuild pool, one worker per thread taking the next batch: first the eager
-    /// pages, then every batch.
-    fn run(&self) -> Result<(), String> {
+    /// Runs on the rebuild pool, one worker per thread taking the next batch: first the inputs
+    /// (early answer) and the eager pages, then every batch (on threads of lower priority
+    /// with early answer).
+    fn run(&self, pool: &rayon::ThreadPool) -> Result<(), String> {
+        let t0 = Instant::now();
         let store = self.rebuilder.store();
         // Pages file and first global page of each process.
         let mut spans = Vec::with_capacity(store.procs.len());
@@ -278,16 +548,25 @@ impl Produce {
             first += p.n_pages;
         }
         let err: Mutex<Option<String>> = Mutex::new(None);
-        let threads = rayon::current_num_threads().max(1);
+        let threads = pool.current_num_threads().max(1);
         let fail = |e: String| {
             self.feed.fail(e.clone());
             self.eager_done(Err(e.clone()));
             err.lock().get_or_insert(e);
         };
+        // 0. The inputs (early answer): every base page the store references.
+        if let Some(check) = &self.check
+            && let Err(e) = pool.install(|| check.run(&self.inner.lazy.sums))
+        {
+            self.bad.store(true, Ordering::SeqCst);
+            let e = error_chain(&e);
+            fail(e.clone());
+            return Err(e);
+        }
         // 1. Only the eager pages (CRIU waits for them): each batch's block decoded once,
         //    then just those pages, written into the pages files.
         let next = AtomicUsize::new(0);
-        rayon::scope(|s| {
+        pool.scope(|s| {
             for _ in 0..threads {
                 s.spawn(|_| {
                     let mut scratch = RebuildScratch::default();
@@ -319,38 +598,55 @@ impl Produce {
             }
         });
         if err.lock().is_none() {
+            *self.gate_ms.lock() = ms(t0.elapsed());
             self.eager_done(Ok(()));
         }
         // 2. Every page, batch by batch in order, to the lazy-pages server.
         let next = AtomicUsize::new(0);
         let n = self.rebuilder.n_batches();
-        rayon::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|_| {
-                    let mut scratch = RebuildScratch::default();
-                    loop {
-                        if err.lock().is_some() || self.feed.stopped() {
-                            return;
-                        }
-                        let b = next.fetch_add(1, Ordering::SeqCst);
-                        if b >= n {
-                            return;
-                        }
-                        let r = self.rebuilder.batch_pages(b);
-                        let mut buf = self.feed.buffer(((r.end - r.start) * PAGE) as usize);
-                        if let Err(e) = self.rebuilder.rebuild_batch(b, &mut scratch, &mut buf) {
-                            self.bad.store(true, Ordering::SeqCst);
-                            fail(error_chain(&e));
-                            return;
-                        }
-                        self.feed.push(b, buf);
-                    }
-                });
+        let work = || {
+            let mut scratch = RebuildScratch::default();
+            loop {
+                if err.lock().is_some() || self.feed.stopped() {
+                    return;
+                }
+                let b = next.fetch_add(1, Ordering::SeqCst);
+                if b >= n {
+                    return;
+                }
+                let r = self.rebuilder.batch_pages(b);
+                let mut buf = self.feed.buffer(((r.end - r.start) * PAGE) as usize);
+                if let Err(e) = self.rebuilder.rebuild_batch(b, &mut scratch, &mut buf) {
+                    self.bad.store(true, Ordering::SeqCst);
+                    fail(error_chain(&e));
+                    return;
+                }
+                self.feed.push(b, buf);
             }
-        });
+        };
+        if self.check.is_some() {
+            // After the answer this is background work: the restored runtime, the server's
+            // on-demand batches and other starts come first.
+            let nice = thread_nice().saturating_add(FILL_NICE).min(19);
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        let _ = medes_sandbox::set_thread_nice(nice);
+                        work();
+                    });
+                }
+            });
+        } else {
+            pool.scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|_| work());
+                }
+            });
+        }
         match err.into_inner() {
             Some(e) => Err(e),
-            None if self.feed.stopped() => Err("stopped".into()),
+            // The server may end first (every page in place, or the processes gone).
+            None if self.feed.stopped() && !self.feed.stats().complete => Err("stopped".into()),
             None => Ok(()),
         }
     }
@@ -385,4 +681,17 @@ impl Produce {
         }
         Ok(())
     }
+}
+
+/// The calling thread's nice value (0 if unknown).
+fn thread_nice() -> i32 {
+    // Field 19 of /proc/thread-self/stat; the fields after the command name (in parentheses,
+    // which may hold spaces) start at field 3.
+    std::fs::read_to_string("/proc/thread-self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
 }

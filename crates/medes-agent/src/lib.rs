@@ -363,6 +363,8 @@ struct Inner {
     shutting_down: AtomicBool,
     /// Other nodes' bases (issue 7, `remote.rs`).
     remote: Arc<remote::Remote>,
+    /// Background fills of lazy starts that answered early, base page sums (`lazy.rs`).
+    lazy: lazy::LazyState,
 }
 
 /// A sandbox in the table.
@@ -395,8 +397,10 @@ struct Slot {
     base: Mutex<Option<Arc<BaseRec>>>,
     /// The store it was restored from, kept for a re-dedup (see [`DedupReply::reused_previous`]).
     store: Mutex<Option<Arc<DedupRec>>>,
-    /// A make-base or dedup holds the sandbox.
+    /// A make-base or dedup holds the sandbox (or its lazy start's fill, see `lazy.rs`).
     changing: AtomicBool,
+    /// The background fill of the lazy start that restored it, if it answered early.
+    fill: Option<lazy::Fill>,
 }
 
 impl Slot {
@@ -407,6 +411,7 @@ impl Slot {
             base: Mutex::new(None),
             store: Mutex::new(store),
             changing: AtomicBool::new(false),
+            fill: None,
         }
     }
 
@@ -593,6 +598,7 @@ impl Agent {
                 templates,
                 shutting_down: AtomicBool::new(false),
                 remote,
+                lazy: lazy::LazyState::default(),
             }),
         })
     }
@@ -1177,6 +1183,7 @@ impl Inner {
                         });
                         let base = s.base.lock().as_ref().map_or(0, |b| b.held());
                         let kept = s.store.lock().as_ref().map_or(0, |r| r.stored_bytes);
+                        let kept = kept + s.fill.as_ref().map_or(0, lazy::Fill::held_bytes);
                         let st = SandboxStatus {
                             memory,
                             ..described(
@@ -1247,6 +1254,7 @@ impl Inner {
 
     async fn make_base(self: &Arc<Self>, id: SandboxId) -> Result<BaseReply, AgentError> {
         self.check_running()?;
+        self.settle_fill(&id).await;
         let slot = self.claim(&id)?;
         let r = self.make_base_of(&id, &slot).await;
         slot.changing.store(false, Ordering::SeqCst);
@@ -1298,18 +1306,23 @@ impl Inner {
         let sb_id = id.clone();
         let r = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(d2.join("dump.log"));
-            let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
+            let dump = DumpImage::open(&d2).map_err(CheckpointImageError::OpenDump)?;
             let bytes = inner
                 .bg_pool
                 .install(|| dom.add_base(base_id, meta, &dump, &engine, &sb_id))
-                .map_err(|e| error_chain(&e))?;
-            Ok::<_, String>((bytes, dump.pages_bytes(), dump.n_pages()))
+                .map_err(CheckpointImageError::AddBase)?;
+            Ok((bytes, dump.pages_bytes(), dump.n_pages()))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("base task failed: {e}")));
+        .unwrap_or_else(|source| {
+            Err(CheckpointImageError::Task {
+                what: "base",
+                source,
+            })
+        });
         let _ = std::fs::remove_dir_all(&dir);
-        let (bytes, image_bytes, pages) = r.map_err(|reason| {
-            self.not_deduplicable(id.clone(), CheckpointFailure::Image, reason, true)
+        let (bytes, image_bytes, pages) = r.map_err(|e| {
+            self.not_deduplicable(id.clone(), CheckpointFailure::Image, error_chain(&e), true)
         })?;
         let rec = Arc::new(BaseRec {
             domain: domain.clone(),
@@ -1341,6 +1354,7 @@ impl Inner {
 
     async fn dedup(self: &Arc<Self>, id: SandboxId) -> Result<DedupReply, AgentError> {
         self.check_running()?;
+        self.settle_fill(&id).await;
         let slot = self.claim(&id)?;
         let permit = match self.dedups.acquire().await {
             Ok(p) => p,
@@ -1410,25 +1424,31 @@ impl Inner {
         let sb_id = id.clone();
         let r = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(d2.join("dump.log"));
-            let dump = DumpImage::open(&d2).map_err(|e| error_chain(&e))?;
+            let dump = DumpImage::open(&d2).map_err(CheckpointImageError::OpenDump)?;
             let (snap, mut pins) = domain.pin_all();
             // Against its template first if it was born from one (`template.rs`).
             let (store, stats) = inner
                 .dedup_pass(&sb_id, &dump, &domain, &snap, &engine)
-                .map_err(|e| error_chain(&e))?;
+                .map_err(CheckpointImageError::Dedup)?;
             pins.retain(&store.bases);
-            let written = store.write(&p2).map_err(|e| error_chain(&e))?;
-            Ok::<_, String>((written, dump.pages_bytes(), stats, pins))
+            let written = store.write(&p2).map_err(CheckpointImageError::WriteStore)?;
+            Ok((written, dump.pages_bytes(), stats, pins))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("dedup task failed: {e}")));
+        .unwrap_or_else(|source| {
+            Err(CheckpointImageError::Task {
+                what: "dedup",
+                source,
+            })
+        });
         let _ = std::fs::remove_dir_all(&dir);
         drop(permit);
         let (written, image_bytes, stats, pins) = match r {
             Ok(x) => x,
-            Err(reason) => {
+            Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 self.finish_busy(&id, None);
+                let reason = error_chain(&e);
                 return Err(self.not_deduplicable(id, CheckpointFailure::Image, reason, false));
             }
         };
@@ -1510,7 +1530,10 @@ impl Inner {
                 self.transients
                     .lock()
                     .insert(rec.info.function.clone(), reply.transient_bytes);
-                let slot = Arc::new(Slot::new(sandbox, rec.info.clone(), Some(rec)));
+                let mut slot = Slot::new(sandbox, rec.info.clone(), Some(rec));
+                slot.fill = self.lazy.take_fill(&id);
+                let slot = Arc::new(slot);
+                lazy::hold_while_filling(&slot);
                 if !self.finish_busy(&id, Some(Entry::Live(slot.clone()))) {
                     release(slot).await;
                     return Err(AgentError::UnknownSandbox(id));
@@ -1687,6 +1710,33 @@ fn checkpoint_failure(e: &medes_sandbox::CheckpointError) -> CheckpointFailure {
         E::NotRunning => CheckpointFailure::NotRunning,
         _ => CheckpointFailure::Other,
     }
+}
+
+/// Reading a dump or deduplicating its pages failed, after CRIU's dump succeeded (a
+/// [`Command::MakeBase`] or [`Command::Dedup`]): always [`CheckpointFailure::Image`].
+#[derive(Debug, thiserror::Error)]
+enum CheckpointImageError {
+    /// The dump could not be read.
+    #[error("reading the dump")]
+    OpenDump(#[source] medes_dedup::OpenDumpError),
+    /// The base could not be registered in its domain.
+    #[error("registering the base")]
+    AddBase(#[source] medes_dedup::AddBaseError),
+    /// The pages could not be deduplicated.
+    #[error("deduplicating the pages")]
+    Dedup(#[source] medes_dedup::DedupError),
+    /// The dedup store could not be written.
+    #[error("writing the dedup store")]
+    WriteStore(#[source] medes_dedup::WriteStoreError),
+    /// The blocking task was lost (panicked or cancelled).
+    #[error("the {what} task failed")]
+    Task {
+        /// Which task.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 /// A dedup start failed ([`Command::Restore`]); [`DedupStartError::kind`] is what the agent

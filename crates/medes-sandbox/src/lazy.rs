@@ -23,6 +23,10 @@
 //! processes stay blocked on their missing pages (never handed a wrong page) until the owner
 //! kills them ([`LazyDaemon::detach`]'s kill callback, or its own teardown).
 //!
+//! An owner may let the restored processes run before every page is in place (they fault on
+//! what they touch first): [`LazyFeed::finished`] resolves when the server ended, and
+//! [`LazyStats::buffered_bytes`] tells the page buffers it holds meanwhile.
+//!
 //! Userfaultfd is driven with raw ioctls through `libc`: the `userfaultfd` crate needs
 //! libclang/bindgen at build time, which this project's fresh machines lack.
 //!
@@ -257,6 +261,8 @@ pub struct LazyStats {
     pub demand_batches: u64,
     /// Most bytes of page buffers held at once (queued, cached or pooled).
     pub peak_buffered_bytes: u64,
+    /// Bytes of page buffers held now (0 once the server ended).
+    pub buffered_bytes: u64,
     /// The server filled every image page (and ended).
     pub complete: bool,
     /// From "restore finished" to the last page filled, µs (0 until then).
@@ -288,12 +294,16 @@ struct Shared {
     faults: AtomicU64,
     demand: AtomicU64,
     peak: AtomicU64,
+    /// Bytes of page buffers held now.
+    held: AtomicU64,
     complete: std::sync::atomic::AtomicBool,
     fill_us: AtomicU64,
     /// Pending prefetches; `None` once the server ended (nothing more will be filled).
     prefetch: Mutex<Option<Vec<Prefetch>>>,
     /// The server thread ended: page buffers are dropped, not queued.
     ended: std::sync::atomic::AtomicBool,
+    /// Signalled (to all waiters) when the server thread ended.
+    ended_notify: tokio::sync::Notify,
     /// Signalled when a buffer returns to the pool (or the server stops).
     freed: std::sync::Condvar,
     /// Buffers handed to the producer so far, and the most it may hold at once.
@@ -306,6 +316,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn stats(&self) -> LazyStats {
+        LazyStats {
+            copied_pages: self.copied.load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+            demand_batches: self.demand.load(Ordering::Relaxed),
+            peak_buffered_bytes: self.peak.load(Ordering::Relaxed),
+            buffered_bytes: self.held.load(Ordering::Relaxed),
+            complete: self.complete.load(Ordering::SeqCst),
+            fill_us: self.fill_us.load(Ordering::Relaxed),
+        }
+    }
+
     /// Returns page buffers to the pool (waking a producer waiting for one).
     fn give_back(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
         lock(&self.pool).extend(bufs);
@@ -382,9 +404,44 @@ impl LazyFeed {
         self.shared.fail(reason);
     }
 
-    /// Whether the server failed or stopped.
+    /// Whether the server failed, stopped or ended (nothing more will be copied: a producer
+    /// may stop).
     pub fn stopped(&self) -> bool {
-        lock(&self.shared.failed).is_some() || self.shared.state.load(Ordering::SeqCst) == ABORTED
+        lock(&self.shared.failed).is_some()
+            || self.shared.state.load(Ordering::SeqCst) == ABORTED
+            || self.shared.ended.load(Ordering::SeqCst)
+    }
+
+    /// Whether the server thread ended (every page filled, its processes gone, or a failure).
+    pub fn ended(&self) -> bool {
+        self.shared.ended.load(Ordering::SeqCst)
+    }
+
+    /// Counters so far (the same as [`LazyDaemon::stats`], also after the daemon was
+    /// detached).
+    pub fn stats(&self) -> LazyStats {
+        self.shared.stats()
+    }
+
+    /// Resolves when the server thread ended: its counters if every image page was filled (or
+    /// every process it served is gone), else the failure that stopped it. For owners that let
+    /// the restored processes run before the fill is complete ([`LazyDaemon::detach`]).
+    pub async fn finished(&self) -> Result<LazyStats, String> {
+        let sh = &self.shared;
+        loop {
+            let notified = sh.ended_notify.notified();
+            if sh.ended.load(Ordering::SeqCst) {
+                let st = sh.stats();
+                return if st.complete {
+                    Ok(st)
+                } else {
+                    Err(lock(&sh.failed)
+                        .clone()
+                        .unwrap_or_else(|| "the lazy-pages server stopped".into()))
+                };
+            }
+            notified.await;
+        }
     }
 }
 
@@ -436,10 +493,12 @@ impl LazyDaemon {
             faults: AtomicU64::new(0),
             demand: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             complete: std::sync::atomic::AtomicBool::new(false),
             fill_us: AtomicU64::new(0),
             prefetch: Mutex::new(Some(Vec::new())),
             ended: std::sync::atomic::AtomicBool::new(false),
+            ended_notify: tokio::sync::Notify::new(),
             freed: std::sync::Condvar::new(),
             created: AtomicU64::new(0),
             cap: max_buffers.max(1) as u64,
@@ -519,15 +578,7 @@ impl LazyDaemon {
 
     /// Counters so far.
     pub fn stats(&self) -> LazyStats {
-        let s = &self.shared;
-        LazyStats {
-            copied_pages: s.copied.load(Ordering::Relaxed),
-            faults: s.faults.load(Ordering::Relaxed),
-            demand_batches: s.demand.load(Ordering::Relaxed),
-            peak_buffered_bytes: s.peak.load(Ordering::Relaxed),
-            complete: s.complete.load(Ordering::SeqCst),
-            fill_us: s.fill_us.load(Ordering::Relaxed),
-        }
+        self.shared.stats()
     }
 
     /// Lets the server finish on its own (the restore succeeded); should it fail later, it
@@ -801,7 +852,9 @@ impl Server {
         lock(&shared.queue).clear();
         lock(&shared.pool).clear();
         self.cache.clear();
+        shared.held.store(0, Ordering::Relaxed);
         shared.freed.notify_all();
+        shared.ended_notify.notify_waiters();
     }
 
     fn held_bytes(&self) -> u64 {
@@ -879,6 +932,7 @@ impl Server {
             }
             let held = self.held_bytes();
             self.shared.peak.fetch_max(held, Ordering::Relaxed);
+            self.shared.held.store(held, Ordering::Relaxed);
         }
     }
 
@@ -1547,6 +1601,17 @@ mod tests {
             st.complete && st.faults > 0 && st.demand_batches > 0,
             "{st:?}"
         );
+        // The owner's view of the end: the same counters, no buffers held any more.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let end = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), feed.finished()).await
+        });
+        let end = end.expect("the server ended").expect("complete");
+        assert!(end.complete && end.buffered_bytes == 0, "{end:?}");
+        assert!(feed.ended() && feed.stopped());
         assert_eq!(daemon.failure(), None);
         // SAFETY: our mappings, no longer used.
         unsafe {
