@@ -45,7 +45,10 @@
 //!   pages files (every page checksummed); CRIU's first open of a pages file is held (fanotify)
 //!   until they are complete. The runtime is then reseeded (`random`, numpy, OpenSSL, tempfile
 //!   names, glibc's `getrandom` state). Any failure purges the dedup sandbox and answers
-//!   [`AgentError::RestoreFailed`]; the controller falls back to a cold start.
+//!   [`AgentError::RestoreFailed`]; the controller falls back to a cold start. Failures are
+//!   typed (`DedupStartError`, wrapping `medes_sandbox::RestoreError` and `medes_dedup`'s
+//!   errors) and mapped to a [`RestoreFailure`] by variant; only the lazy path still reports
+//!   text ([`RestoreFailure::of_lazy`]).
 //!   With [`AgentConfig::lazy_restore`] (the default) the restore is lazy instead (`lazy.rs`,
 //!   [`Sandbox::restore_with_lazy`]): CRIU reads only the few pages it restores itself, and the
 //!   agent's own userfaultfd lazy-pages server copies every other page straight from the
