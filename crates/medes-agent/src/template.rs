@@ -607,17 +607,66 @@ pub(crate) fn verify_sums(dir: &Path, sums: &[(String, u64)]) -> Result<(), Stri
     Ok(())
 }
 
+/// Making a template failed ([`Command::MakeTemplate`](crate::Command::MakeTemplate)).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MakeTemplateError {
+    /// The agent is shutting down.
+    #[error("the node agent is shutting down")]
+    ShuttingDown,
+    /// CRIU's dump failed.
+    #[error(transparent)]
+    Checkpoint(medes_sandbox::CheckpointError),
+    /// The checkpoint's files could not be checksummed.
+    #[error("checksumming {dir:?}")]
+    Checksum {
+        /// The checkpoint.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The checkpoint has no files.
+    #[error("the checkpoint in {dir:?} has no files")]
+    Empty {
+        /// The checkpoint.
+        dir: PathBuf,
+    },
+    /// The checksumming task was lost (panicked or cancelled).
+    #[error("the checksum task failed")]
+    SealTask(#[source] tokio::task::JoinError),
+    /// The task registering the template as a base was lost (panicked or cancelled).
+    #[error("the template base task failed")]
+    BaseTask(#[source] tokio::task::JoinError),
+}
+
+impl MakeTemplateError {
+    /// What failed, by variant (as for a make-base or dedup).
+    pub(crate) fn kind(&self) -> crate::CheckpointFailure {
+        use crate::CheckpointFailure as K;
+        match self {
+            MakeTemplateError::Checkpoint(e) => crate::checkpoint_failure(e),
+            MakeTemplateError::Checksum { .. }
+            | MakeTemplateError::Empty { .. }
+            | MakeTemplateError::SealTask(_) => K::Image,
+            MakeTemplateError::ShuttingDown | MakeTemplateError::BaseTask(_) => K::Other,
+        }
+    }
+}
+
 impl Template {
     /// A template over the checkpoint in `dir` (checksummed now). Blocking.
     pub(crate) fn seal(
         dir: PathBuf,
         info: Arc<SandboxInfo>,
         keep: Arc<AtomicBool>,
-    ) -> Result<Template, String> {
+    ) -> Result<Template, MakeTemplateError> {
         let _ = fs::remove_file(dir.join("dump.log"));
-        let files = checksum_dir(&dir).map_err(|e| format!("checksumming {dir:?}: {e}"))?;
+        let files = match checksum_dir(&dir) {
+            Ok(f) => f,
+            Err(source) => return Err(MakeTemplateError::Checksum { dir, source }),
+        };
         if files.is_empty() {
-            return Err(format!("the checkpoint in {dir:?} has no files"));
+            return Err(MakeTemplateError::Empty { dir });
         }
         let held_bytes = files
             .iter()
@@ -726,8 +775,9 @@ impl crate::Inner {
                 crate::release(slot).await;
                 Ok(reply)
             }
-            Err((kind, reason)) => {
+            Err(e) => {
                 self.templates.finish(&info.action, &info.version, None);
+                let (kind, reason) = (e.kind(), crate::error_chain(&e));
                 warn!(sandbox = %id, action = %info.action, %reason, "template not made");
                 if lost {
                     self.drop_lost(&id, &slot).await;
@@ -741,14 +791,12 @@ impl crate::Inner {
     async fn make_template_of(
         self: &Arc<Self>,
         slot: &Arc<crate::Slot>,
-    ) -> Result<(Template, crate::TemplateReply), (crate::CheckpointFailure, String)> {
-        use crate::CheckpointFailure;
-        let _permit = self.dedups.acquire().await.map_err(|_| {
-            (
-                CheckpointFailure::Other,
-                "the node agent is shutting down".to_string(),
-            )
-        })?;
+    ) -> Result<(Template, crate::TemplateReply), MakeTemplateError> {
+        let _permit = self
+            .dedups
+            .acquire()
+            .await
+            .map_err(|_| MakeTemplateError::ShuttingDown)?;
         let info = slot.info.clone();
         let dir = self.templates.new_dir(&info.action, &info.version);
         let _ = fs::remove_dir_all(&dir);
@@ -760,19 +808,19 @@ impl crate::Inner {
         let checkpoint_ms = crate::ms(t0.elapsed());
         if let Err(e) = ck {
             let _ = fs::remove_dir_all(&dir);
-            return Err((crate::checkpoint_failure(&e), crate::error_chain(&e)));
+            return Err(MakeTemplateError::Checkpoint(e));
         }
         let t1 = std::time::Instant::now();
         let d2 = dir.clone();
         let keep = self.templates.keep.clone();
         let sealed = tokio::task::spawn_blocking(move || Template::seal(d2, info, keep))
             .await
-            .unwrap_or_else(|e| Err(format!("checksum task failed: {e}")));
+            .unwrap_or_else(|e| Err(MakeTemplateError::SealTask(e)));
         let t = match sealed {
             Ok(t) => t,
-            Err(reason) => {
+            Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
-                return Err((CheckpointFailure::Image, reason));
+                return Err(e);
             }
         };
         // The template is the function's first base; without one it still serves starts.
@@ -793,12 +841,7 @@ impl crate::Inner {
             t
         })
         .await
-        .map_err(|e| {
-            (
-                CheckpointFailure::Other,
-                format!("template base task failed: {e}"),
-            )
-        })?;
+        .map_err(MakeTemplateError::BaseTask)?;
         if let Some(b) = t.base.lock().clone() {
             self.templates.set_born(&slot.info.spec.id, b);
         }
@@ -1031,6 +1074,56 @@ impl crate::Inner {
             sandbox: sandbox.clone(),
             reason,
             disabled,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MakeTemplateError;
+
+    #[tokio::test]
+    async fn make_template_errors_map_to_their_failure_kinds() {
+        let join_error = || async {
+            let h = tokio::spawn(std::future::pending::<()>());
+            h.abort();
+            h.await.expect_err("aborted")
+        };
+        let cases = [
+            (MakeTemplateError::ShuttingDown, "not_deduplicable"),
+            (
+                MakeTemplateError::Checkpoint(medes_sandbox::CheckpointError::TcpSocket {
+                    status: "exit status: 1".into(),
+                    log_tail: "Connected TCP socket".into(),
+                }),
+                "tcp_socket",
+            ),
+            (
+                MakeTemplateError::Checkpoint(medes_sandbox::CheckpointError::NotRunning),
+                "sandbox_gone",
+            ),
+            (
+                MakeTemplateError::Checksum {
+                    dir: "/t".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                "checkpoint_failed",
+            ),
+            (
+                MakeTemplateError::Empty { dir: "/t".into() },
+                "checkpoint_failed",
+            ),
+            (
+                MakeTemplateError::SealTask(join_error().await),
+                "checkpoint_failed",
+            ),
+            (
+                MakeTemplateError::BaseTask(join_error().await),
+                "not_deduplicable",
+            ),
+        ];
+        for (e, label) in cases {
+            assert_eq!(e.kind().label(), label, "{e}");
         }
     }
 }
