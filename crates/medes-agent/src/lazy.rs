@@ -266,12 +266,19 @@ pub(crate) async fn restore(
     let demand = {
         let (rb, bad) = (rebuilder.clone(), bad_page.clone());
         let mut scratch = RebuildScratch::default();
-        Box::new(move |b: usize, out: &mut [u8]| {
-            rb.rebuild_batch(b, &mut scratch, out).map_err(|e| {
-                bad.store(true, Ordering::SeqCst);
-                error_chain(&e)
-            })
-        })
+        Box::new(
+            move |b: usize, pages: std::ops::Range<u64>, out: &mut [u8]| {
+                let r = if pages == rb.batch_pages(b) {
+                    rb.rebuild_batch(b, &mut scratch, out)
+                } else {
+                    rb.rebuild_batch_pages(b, std::slice::from_ref(&pages), &mut scratch, out)
+                };
+                r.map_err(|e| {
+                    bad.store(true, Ordering::SeqCst);
+                    error_chain(&e)
+                })
+            },
+        )
     };
     let eager = layout.eager_pages();
     let (daemon, feed) = LazyDaemon::start(dir, layout, BATCH_PAGES, MAX_BUFFERS, demand)

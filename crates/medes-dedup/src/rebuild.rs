@@ -170,11 +170,12 @@ impl Plan<'_> {
         b: usize,
         chunk: &mut [u8],
     ) -> Result<(), RebuildError> {
-        self.batch_only(dec, block, b, chunk, None)
+        self.batch_only(dec, block, b, chunk, None, false)
     }
 
     /// [`Plan::batch`] for the pages `only` accepts (all when `None`); the others' bytes in
-    /// `chunk` are left as they are.
+    /// `chunk` are left as they are. `block` already holds batch `b`'s decompressed block when
+    /// `have_block`.
     fn batch_only(
         &self,
         dec: &mut Decoder,
@@ -182,12 +183,15 @@ impl Plan<'_> {
         b: usize,
         chunk: &mut [u8],
         only: Option<&dyn Fn(u64) -> bool>,
+        have_block: bool,
     ) -> Result<(), RebuildError> {
         let (store, bases) = (self.store, self.bases);
         let expected = store.n_pages() * PAGE as u64;
         let want = store.block_len(b);
-        block.clear();
-        if want > 0 {
+        if !have_block {
+            block.clear();
+        }
+        if want > 0 && !have_block {
             let first = store.pages[b * BATCH..]
                 .iter()
                 .position(|e| e.kind.in_block())
@@ -403,18 +407,26 @@ pub fn rebuild_dir(
 /// batch `b` holds the store's pages `b * BATCH_PAGES ..` (the last one may be shorter).
 pub const BATCH_PAGES: usize = BATCH;
 
-/// Per-thread scratch space of a [`Rebuilder`] (a decoder and a decompressed block).
+/// Per-thread scratch space of a [`Rebuilder`] (a decoder and a decompressed block, kept for
+/// the next call on the same batch: several small page groups of one batch decompress its
+/// block once).
 #[derive(Default)]
 pub struct RebuildScratch {
     dec: Decoder,
     block: Vec<u8>,
+    /// The rebuilder ([`Rebuilder`]'s unique id) and batch whose block `block` holds.
+    block_of: Option<(u64, usize)>,
 }
+
+/// Ids of [`Rebuilder`]s (one scratch may serve several).
+static REBUILDERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A rebuild one batch at a time, in any order, from any thread: for callers that place the
 /// pages themselves (e.g. copy them into a restored process as they come, or rebuild the batch
 /// of a page asked for first). Owns what it needs, so it can live on its own thread. Every
 /// page is verified against its checksum before a batch is returned.
 pub struct Rebuilder {
+    id: u64,
     store: std::sync::Arc<DedupStore>,
     bases: std::sync::Arc<dyn BasePages + Send>,
     data: PlanData,
@@ -427,7 +439,13 @@ impl Rebuilder {
         bases: std::sync::Arc<dyn BasePages + Send>,
     ) -> Result<Self, RebuildError> {
         let data = PlanData::new(&store)?;
-        Ok(Rebuilder { store, bases, data })
+        let id = REBUILDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Rebuilder {
+            id,
+            store,
+            bases,
+            data,
+        })
     }
 
     /// The store being rebuilt.
@@ -498,7 +516,11 @@ impl Rebuilder {
             bases: &*self.bases,
             data: &self.data,
         };
-        plan.batch_only(&mut scratch.dec, &mut scratch.block, b, out, only)
+        let have = scratch.block_of == Some((self.id, b));
+        scratch.block_of = None;
+        plan.batch_only(&mut scratch.dec, &mut scratch.block, b, out, only, have)?;
+        scratch.block_of = Some((self.id, b));
+        Ok(())
     }
 }
 

@@ -257,7 +257,8 @@ pub struct LazyStats {
     pub copied_pages: u64,
     /// Page faults served.
     pub faults: u64,
-    /// Batches produced on demand (a fault before its batch arrived).
+    /// Page groups produced on demand (a fault before its batch arrived; [`FAULT_PAGES`]
+    /// pages each, or a whole batch for what a forked process still misses at the end).
     pub demand_batches: u64,
     /// Most bytes of page buffers held at once (queued, cached or pooled).
     pub peak_buffered_bytes: u64,
@@ -445,8 +446,14 @@ impl LazyFeed {
     }
 }
 
-/// Produces batch `b` into the buffer (sized for it), every page verified.
-pub type DemandFn = Box<dyn FnMut(usize, &mut [u8]) -> Result<(), String> + Send>;
+/// Produces the pages `pages` (global page indices, inside batch `b`) of batch `b` into the
+/// buffer (sized for the whole batch; the bytes of its other pages are left as they are),
+/// every one verified.
+pub type DemandFn = Box<dyn FnMut(usize, Range<u64>, &mut [u8]) -> Result<(), String> + Send>;
+
+/// Pages produced for a fault on a page whose batch has not arrived: the aligned group of
+/// this many pages around it (a whole batch costs milliseconds; a fault waits for this).
+const FAULT_PAGES: u64 = 16;
 
 /// A running lazy-pages server (see the module docs). Dropping it without
 /// [`LazyDaemon::detach`] stops it at once (for a restore that failed: its processes must be
@@ -519,6 +526,7 @@ impl LazyDaemon {
             tasks: Vec::new(),
             faults: Vec::new(),
             cache: BTreeMap::new(),
+            partial: Vec::new(),
             done: vec![false; n_batches],
             n_done: 0,
         };
@@ -630,6 +638,8 @@ struct Server {
     /// Faults read but not served yet: (task, page address).
     faults: Vec<(usize, u64)>,
     cache: BTreeMap<usize, Vec<u8>>,
+    /// The buffer of pages produced for a fault.
+    partial: Vec<u8>,
     /// Batches filled into every task.
     done: Vec<bool>,
     n_done: usize,
@@ -861,7 +871,7 @@ impl Server {
         let q: usize = lock(&self.shared.queue).iter().map(|(_, d)| d.len()).sum();
         let p: usize = lock(&self.shared.pool).iter().map(Vec::capacity).sum();
         let c: usize = self.cache.values().map(Vec::capacity).sum();
-        (q + p + c) as u64
+        (q + p + c + self.partial.capacity()) as u64
     }
 
     fn serve(&mut self) -> Result<(), String> {
@@ -1148,7 +1158,7 @@ impl Server {
         let len = ((hi - lo) * PAGE) as usize;
         let mut buf = lock(&self.shared.pool).pop().unwrap_or_default();
         buf.resize(len, 0);
-        (self.demand)(b, &mut buf)?;
+        (self.demand)(b, lo..hi, &mut buf)?;
         self.shared.demand.fetch_add(1, Ordering::Relaxed);
         self.cache.insert(b, buf);
         Ok(())
@@ -1169,8 +1179,23 @@ impl Server {
             && let Some(g) = self.global_page(t.proc_idx, img)
         {
             let b = (g / self.batch_pages) as usize;
-            self.ensure(b)?;
-            self.fill(ti, b)?;
+            self.take_queue();
+            if self.cache.contains_key(&b) {
+                self.fill(ti, b)?;
+            } else {
+                // Only the pages around the fault now; the batch comes later.
+                let lo = b as u64 * self.batch_pages;
+                let hi = (lo + self.batch_pages).min(self.layout.n_pages);
+                let a = (g - (g - lo) % FAULT_PAGES).max(lo);
+                let z = (a + FAULT_PAGES).min(hi);
+                let mut buf = std::mem::take(&mut self.partial);
+                buf.resize(((hi - lo) * PAGE) as usize, 0);
+                let r = (self.demand)(b, a..z, &mut buf)
+                    .and_then(|()| self.fill_from(ti, b, &buf, a..z));
+                self.partial = buf;
+                r?;
+                self.shared.demand.fetch_add(1, Ordering::Relaxed);
+            }
             let t = &self.tasks[ti];
             if t.exited || !t.iovs.iter().any(|v| v.start <= addr && addr < v.end) {
                 return Ok(());
@@ -1201,11 +1226,29 @@ impl Server {
 
     /// Copies batch `b` (cached) into task `ti` wherever it still misses pages.
     fn fill(&mut self, ti: usize, b: usize) -> Result<(), String> {
-        let p = self.tasks[ti].proc_idx;
         let lo = b as u64 * self.batch_pages;
         let hi = (lo + self.batch_pages).min(self.layout.n_pages);
+        let Some(data) = self.cache.remove(&b) else {
+            return Err(format!("batch {b} is not available"));
+        };
+        let r = self.fill_from(ti, b, &data, lo..hi);
+        self.cache.insert(b, data);
+        r
+    }
+
+    /// Copies the pages `range` (global pages inside batch `b`) from `data` (batch `b`'s
+    /// buffer) into task `ti` wherever it still misses them.
+    fn fill_from(
+        &mut self,
+        ti: usize,
+        b: usize,
+        data: &[u8],
+        range: Range<u64>,
+    ) -> Result<(), String> {
+        let p = self.tasks[ti].proc_idx;
+        let lo = b as u64 * self.batch_pages;
         let pl = &self.layout.procs[p];
-        let (plo, phi) = (lo.max(pl.first), hi.min(pl.first + pl.n));
+        let (plo, phi) = (range.start.max(pl.first), range.end.min(pl.first + pl.n));
         if plo >= phi {
             return Ok(());
         }
@@ -1221,23 +1264,15 @@ impl Server {
                 ));
             }
         }
-        let Some(data) = self.cache.remove(&b) else {
-            return Err(format!("batch {b} is not available"));
-        };
-        let mut r = Ok(());
         for (img, len, off) in ranges {
-            r = self.copy_img(
+            self.copy_img(
                 ti,
                 img,
                 img + len,
                 &data[off as usize..(off + len) as usize],
-            );
-            if r.is_err() {
-                break;
-            }
+            )?;
         }
-        self.cache.insert(b, data);
-        r
+        Ok(())
     }
 
     /// Copies `src` (the pages of dump-time range `[a, z)`) into task `ti` where it still
@@ -1514,7 +1549,7 @@ mod tests {
             layout,
             PER as usize,
             4,
-            Box::new(move |b, out| {
+            Box::new(move |b, _pages, out| {
                 fill(b, out);
                 Ok(())
             }),
