@@ -170,12 +170,137 @@ fn state_mb(st: StateKind, charged: u64, m: &mut MemorySample) {
     }
 }
 
+/// Where a live instance's charged memory sits at one time, finer than [`MemorySample`]: a
+/// base's process apart from its resident page image, and what no sandbox accounts for. MB
+/// (10⁶ bytes), as the controller charges them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryBreakdown {
+    /// Time since the replay started, ms.
+    pub time_ms: u64,
+    /// Everything charged on the node (the sum of the rest).
+    pub used_mb: f64,
+    /// Warm and running sandboxes that are not bases (PSS, capped at the limit).
+    pub warm_mb: f64,
+    /// Cold starts in progress (their memory limit, reserved until measured).
+    pub starting_mb: f64,
+    /// Dedup sandboxes: everything stored for them (patches, page table, non-page images).
+    pub dedup_mb: f64,
+    /// Checkpoints in progress (the process plus the image being written) and dedup starts
+    /// in progress (the restored process's limit plus m_R).
+    pub checkpoint_restore_mb: f64,
+    /// Bases' processes (a base keeps serving warm starts).
+    pub base_process_mb: f64,
+    /// Bases' resident page images (what dedup sandboxes are patches against).
+    pub base_image_mb: f64,
+    /// Charged to no sandbox the controller lists: purges in progress, bases kept for dedup
+    /// sandboxes after their process went, templates.
+    pub other_mb: f64,
+    /// Warm and running sandboxes (bases excluded).
+    pub warm: usize,
+    /// Dedup sandboxes.
+    pub dedup: usize,
+    /// Bases.
+    pub bases: usize,
+}
+
+impl MemoryBreakdown {
+    /// The breakdown of `sandboxes` with `used` charged in all.
+    pub fn of(
+        time_ms: u64,
+        sandboxes: &[medes_controller::SandboxInfo],
+        used_mb: f64,
+    ) -> MemoryBreakdown {
+        let mb = |b: u64| b as f64 / 1e6;
+        let mut m = MemoryBreakdown {
+            time_ms,
+            used_mb,
+            ..MemoryBreakdown::default()
+        };
+        for s in sandboxes {
+            let charged = mb(s.charged.0);
+            match s.state {
+                StateKind::Warm | StateKind::Running => {
+                    m.warm_mb += charged;
+                    m.warm += 1;
+                }
+                StateKind::Starting => m.starting_mb += charged,
+                StateKind::Dedup => {
+                    m.dedup_mb += charged;
+                    m.dedup += 1;
+                }
+                StateKind::Checkpointing | StateKind::Restoring => {
+                    m.checkpoint_restore_mb += charged;
+                }
+                StateKind::Base => {
+                    let image = s.image.map_or(0.0, |b| mb(b.0)).min(charged);
+                    m.base_image_mb += image;
+                    m.base_process_mb += charged - image;
+                    m.bases += 1;
+                }
+                _ => m.other_mb += charged,
+            }
+        }
+        let listed = m.warm_mb
+            + m.starting_mb
+            + m.dedup_mb
+            + m.checkpoint_restore_mb
+            + m.base_process_mb
+            + m.base_image_mb
+            + m.other_mb;
+        m.other_mb += (used_mb - listed).max(0.0);
+        m
+    }
+
+    /// The time-weighted mean of `samples` (each holds until the next; counts rounded).
+    pub fn mean(samples: &[MemoryBreakdown]) -> MemoryBreakdown {
+        let mut acc = MemoryBreakdown::default();
+        let mut total = 0.0;
+        let (mut warm, mut dedup, mut bases) = (0.0, 0.0, 0.0);
+        for w in samples.windows(2) {
+            let (s, dt) = (&w[0], w[1].time_ms.saturating_sub(w[0].time_ms) as f64);
+            total += dt;
+            acc.used_mb += s.used_mb * dt;
+            acc.warm_mb += s.warm_mb * dt;
+            acc.starting_mb += s.starting_mb * dt;
+            acc.dedup_mb += s.dedup_mb * dt;
+            acc.checkpoint_restore_mb += s.checkpoint_restore_mb * dt;
+            acc.base_process_mb += s.base_process_mb * dt;
+            acc.base_image_mb += s.base_image_mb * dt;
+            acc.other_mb += s.other_mb * dt;
+            warm += s.warm as f64 * dt;
+            dedup += s.dedup as f64 * dt;
+            bases += s.bases as f64 * dt;
+        }
+        if total <= 0.0 {
+            return samples.last().copied().unwrap_or_default();
+        }
+        MemoryBreakdown {
+            time_ms: total as u64,
+            used_mb: acc.used_mb / total,
+            warm_mb: acc.warm_mb / total,
+            starting_mb: acc.starting_mb / total,
+            dedup_mb: acc.dedup_mb / total,
+            checkpoint_restore_mb: acc.checkpoint_restore_mb / total,
+            base_process_mb: acc.base_process_mb / total,
+            base_image_mb: acc.base_image_mb / total,
+            other_mb: acc.other_mb / total,
+            warm: (warm / total).round() as usize,
+            dedup: (dedup / total).round() as usize,
+            bases: (bases / total).round() as usize,
+        }
+    }
+}
+
 /// A live run: in the simulator's format (policy = `live-<label>`) and the replay's records.
 pub struct LiveRun {
     /// Simulator format.
     pub output: SimOutput,
     /// The replay's own records (activation durations, init times).
     pub raw: Vec<ReplayRecord>,
+    /// Memory by state, every second (empty when read back from a run written without it).
+    pub breakdown: Vec<MemoryBreakdown>,
+    /// The controller's dedup counters at the end of the replay.
+    pub dedup: medes_controller::DedupStats,
 }
 
 /// Runs `spec.trace` live.
@@ -243,23 +368,31 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
                     sandboxes: 0,
                     dedup_sandboxes: 0,
                 };
-                for s in ctl.sandboxes() {
+                let sandboxes = ctl.sandboxes();
+                for s in &sandboxes {
                     m.sandboxes += 1;
                     state_mb(s.state, s.charged.0, &mut m);
                 }
                 m.used_mb = ctl.memory_used().iter().map(|b| b.0 as f64 / 1e6).sum();
                 m.max_node_mb = m.used_mb;
+                let b = MemoryBreakdown::of(m.time_ms, &sandboxes, m.used_mb);
                 if lines && (m.time_ms / 1000).is_multiple_of(30) && m.time_ms >= 1000 {
+                    let d = ctl.dedup_stats();
                     eprintln!(
-                        "   [{:>3} s] {} sandboxes ({} dedup), {:.0} MB charged, {} evictions, trace of {total}",
+                        "   [{:>3} s] {:.0} MB charged: {} warm {:.0} MB, {} dedup {:.0} MB, {} bases {:.0} MB; {} dedup starts, {} evictions so far (trace of {total})",
                         m.time_ms / 1000,
-                        m.sandboxes,
-                        m.dedup_sandboxes,
                         m.used_mb,
+                        b.warm,
+                        b.warm_mb,
+                        b.dedup,
+                        b.dedup_mb,
+                        b.bases,
+                        b.base_process_mb + b.base_image_mb,
+                        d.dedup_starts,
                         ctl.evictions()
                     );
                 }
-                out.push(m);
+                out.push((m, b));
             }
             out
         })
@@ -267,7 +400,8 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
     let opts = ReplayOptions::default();
     let outcome = medes_workload::replay(&client, spec.trace, &opts, spec.progress).await;
     stop.cancel();
-    let memory = sampler.await.unwrap_or_default();
+    let (memory, breakdown): (Vec<_>, Vec<_>) =
+        sampler.await.unwrap_or_default().into_iter().unzip();
     let outcome = outcome.context("replaying the trace")?;
     let stats = platform.controller.dedup_stats();
     let counters = Counters {
@@ -288,6 +422,8 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
     Ok(LiveRun {
         output,
         raw: outcome.records,
+        breakdown,
+        dedup: stats,
     })
 }
 
@@ -296,10 +432,17 @@ pub fn write_live(run: &LiveRun, dir: &Path) -> anyhow::Result<()> {
     write_run(&run.output, dir)?;
     let p = dir.join("replay.json");
     std::fs::write(&p, serde_json::to_vec(&run.raw)?)
+        .with_context(|| format!("writing {}", p.display()))?;
+    let p = dir.join("memory_breakdown.json");
+    std::fs::write(&p, serde_json::to_vec(&run.breakdown)?)
+        .with_context(|| format!("writing {}", p.display()))?;
+    let p = dir.join("dedup_stats.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&run.dedup)?)
         .with_context(|| format!("writing {}", p.display()))
 }
 
-/// Reads what [`write_live`] wrote (`replay.json` may be missing: then no raw records).
+/// Reads what [`write_live`] wrote (`replay.json` and `memory_breakdown.json` may be missing:
+/// then no raw records, no breakdown; the dedup counters are not read back).
 pub fn read_live(dir: &Path) -> anyhow::Result<LiveRun> {
     let output = SimOutput::read_dir(dir)
         .with_context(|| format!("reading the live run in {}", dir.display()))?;
@@ -308,7 +451,17 @@ pub fn read_live(dir: &Path) -> anyhow::Result<LiveRun> {
         Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
         Err(_) => Vec::new(),
     };
-    Ok(LiveRun { output, raw })
+    let p = dir.join("memory_breakdown.json");
+    let breakdown = match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
+        Err(_) => Vec::new(),
+    };
+    Ok(LiveRun {
+        output,
+        raw,
+        breakdown,
+        dedup: medes_controller::DedupStats::default(),
+    })
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
