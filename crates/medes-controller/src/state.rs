@@ -639,7 +639,7 @@ impl State {
         need: u64,
         now: Timestamp,
     ) -> Option<Grant> {
-        let (key, id, node, victims) = self.admit_new(action, version, need, now)?;
+        let (key, id, node, victims) = self.admit_new(action, version, need, true, now)?;
         Some(Grant::Cold {
             key,
             id,
@@ -659,11 +659,14 @@ impl State {
             .map_or(limit, |m| (m as u64).min(limit))
     }
 
+    /// Reserves a new sandbox's memory on the node with the most room (evicting idle
+    /// sandboxes there if `evict`, else only where it fits as things are).
     fn admit_new(
         &mut self,
         action: &ActionName,
         version: &Arc<str>,
         limit: u64,
+        evict: bool,
         now: Timestamp,
     ) -> Option<(Key, SandboxId, usize, Vec<SandboxId>)> {
         let need = self.start_charge(action, limit);
@@ -675,6 +678,9 @@ impl State {
             let Some(v) = self.make_room(node, need, None, now) else {
                 continue;
             };
+            if !evict && !v.is_empty() {
+                continue;
+            }
             let better = match &choice {
                 None => true,
                 Some((n, cv)) => {
@@ -1301,7 +1307,9 @@ impl State {
     }
 
     /// Runs the policy's timer if due; returns the pre-warm starts it asked for (memory
-    /// reserved on the node with most room, never by evicting busy sandboxes).
+    /// reserved on the node with most room, only where it fits without evicting anything, as
+    /// in the simulator: a pre-warm evicting an idle sandbox that is then needed is churn,
+    /// measured live in docs/BENCHMARKS.md, "Issue 6: medes-predict live").
     pub(crate) fn tick(&mut self, now: Timestamp) -> Vec<PrewarmJob> {
         let Some(every) = self.policy.tick_ms() else {
             self.next_tick = None;
@@ -1325,7 +1333,7 @@ impl State {
             let version: Arc<str> = Arc::from(action.version.as_str());
             for _ in 0..ask.count {
                 let Some((key, id, node, victims)) =
-                    self.admit_new(&action.name, &version, need, now)
+                    self.admit_new(&action.name, &version, need, false, now)
                 else {
                     break;
                 };

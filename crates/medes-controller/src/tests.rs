@@ -1339,6 +1339,43 @@ async fn a_policy_timer_can_pre_warm_sandboxes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn pre_warms_start_only_where_they_fit_without_evicting() {
+    let fake = Fake::new();
+    let ctl = Controller::with_policy(
+        ControllerConfig {
+            node_memory_budget_mb: 512,
+            // Charges stay at the limits (no measured footprints).
+            memory_refresh_ms: 1_000_000,
+            ..Default::default()
+        },
+        vec![(NodeId("n0".into()), Arc::new(fake.clone()) as _)],
+        Box::new(Prewarmer),
+    );
+    let (stop, timers) = with_timers(&ctl);
+    let (a, b, c) = (
+        action("a", "1", 256, 1),
+        action("b", "1", 256, 1),
+        action("c", "1", 256, 1),
+    );
+    ctl.invoke(request(&a, json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ctl.invoke(request(&b, json!({}))).await.unwrap();
+    // c's cold start evicts a (least recently used): the budget is full of idle b and c.
+    ctl.invoke(request(&c, json!({}))).await.unwrap();
+    assert_eq!(ctl.evictions(), 1);
+    // The policy asks for a pre-warm of a every second: nothing is evicted for it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!((fake.commands("spawn"), ctl.evictions()), (3, 1));
+    assert_eq!(forms(&ctl), "warm,warm");
+    // Once b and c expire (10 s idle), pre-warms fill what is free, still evicting nothing.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!((ctl.dedup_stats().prewarms, ctl.evictions()), (2, 1));
+    assert_eq!(forms(&ctl), "warm,warm");
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_policy_knob_changes_decisions_at_run_time() {
     let (ctl, fake) = setup(2048);
     let (stop, timers) = with_timers(&ctl);
