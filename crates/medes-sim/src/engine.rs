@@ -539,7 +539,18 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             deadline: sb.deadline,
             score: sb.score,
             blacklisted: false,
+            dependents: if sb.base { self.dependents(s) } else { 0 },
         }
+    }
+
+    /// A base's dependents: its function's sandboxes that are deduplicated, being deduplicated
+    /// or being restored, anywhere (a dedup sandbox may use a base on another node).
+    fn dependents(&self, s: usize) -> usize {
+        let f = self.sbs[s].f;
+        self.live[f]
+            .iter()
+            .filter(|&&o| matches!(self.sbs[o].st, St::Dedup | St::Deduping | St::Restoring))
+            .count()
     }
 
     fn schedule_decision(&mut self, s: usize) {
@@ -1047,7 +1058,8 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         };
         let (st, base) = (self.sbs[s].st, self.sbs[s].base);
         match verdict {
-            Verdict::Purge if !base => {
+            // A base goes only when the policy retires it and nothing depends on it.
+            Verdict::Purge if !base || self.dependents(s) == 0 => {
                 self.counters.purges += 1;
                 self.kill(s);
                 self.drain_pending();

@@ -129,6 +129,29 @@ pub fn run_grid(
     keep_records: bool,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<Vec<Run>, SimError> {
+    let paper = |pool: f64, _: usize| ClusterConfig::paper(pool);
+    run_grid_with(
+        patterns,
+        profile,
+        jobs,
+        seed,
+        keep_records,
+        &paper,
+        progress,
+    )
+}
+
+/// [`run_grid`] with the cluster of each run given by `cluster(job's pool value, pattern)`
+/// (e.g. a pool scaled to each pattern's demand); [`Run::pool_gb`] keeps the job's value.
+pub fn run_grid_with(
+    patterns: &[Trace],
+    profile: &Profile,
+    jobs: &[(PolicySpec, f64)],
+    seed: u64,
+    keep_records: bool,
+    cluster: &(dyn Fn(f64, usize) -> ClusterConfig + Sync),
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Vec<Run>, SimError> {
     let all: Vec<(usize, usize)> = (0..jobs.len())
         .flat_map(|j| (0..patterns.len()).map(move |p| (j, p)))
         .collect();
@@ -150,7 +173,7 @@ pub fn run_grid(
                     SimError::UnknownFunction(missing)
                 })?;
             let mut policy = spec.build(costs);
-            let mut cfg = SimConfig::new(ClusterConfig::paper(*pool));
+            let mut cfg = SimConfig::new(cluster(*pool, p));
             cfg.templates = spec.template_starts();
             cfg.seed = seed.wrapping_add(p as u64);
             cfg.keep_records = keep_records;
@@ -221,6 +244,9 @@ pub struct Row {
     pub p999_ms: f64,
     /// Startup (end to end minus execution) p99.9, ms.
     pub startup_p999_ms: f64,
+    /// Startup p99, ms.
+    #[serde(default)]
+    pub startup_p99_ms: f64,
     /// Mean cluster memory, GB.
     pub mean_memory_gb: f64,
     /// Mean share of live sandboxes that are deduplicated.
@@ -257,7 +283,7 @@ fn aggregate(policy: &str, pool: f64, rs: &[&Run]) -> Row {
     let sum = |f: &dyn Fn(&Run) -> u64| rs.iter().map(|r| f(r)).sum::<u64>();
     let cold = sum(&|r| r.output.summary.cold_starts);
     let have_records = rs.iter().all(|r| !r.e2e.is_empty());
-    let (p50, p99, p999, sp999) = if have_records {
+    let (p50, p99, p999, sp999, sp99) = if have_records {
         let mut e: Vec<f64> = rs
             .iter()
             .flat_map(|r| r.e2e.iter().map(|&x| f64::from(x)))
@@ -273,6 +299,7 @@ fn aggregate(policy: &str, pool: f64, rs: &[&Run]) -> Row {
             percentile(&e, 99.0),
             percentile(&e, 99.9),
             percentile(&s, 99.9),
+            percentile(&s, 99.0),
         )
     } else {
         // Without records: the mean of the per-run percentiles.
@@ -282,6 +309,7 @@ fn aggregate(policy: &str, pool: f64, rs: &[&Run]) -> Row {
             m(&|r| r.output.summary.p99_ms),
             m(&|r| r.output.summary.p999_ms),
             m(&|r| r.output.summary.startup_p999_ms),
+            m(&|r| r.output.summary.startup_p99_ms),
         )
     };
     Row {
@@ -299,6 +327,7 @@ fn aggregate(policy: &str, pool: f64, rs: &[&Run]) -> Row {
         p99_ms: p99,
         p999_ms: p999,
         startup_p999_ms: sp999,
+        startup_p99_ms: sp99,
         mean_memory_gb: rs
             .iter()
             .map(|r| r.output.summary.mean_memory_gb)

@@ -11,6 +11,8 @@
 //! - [`eval`] runs the paper's setup (19 nodes, 40/30/20 GB pools, ten functions, five one-hour
 //!   patterns) for every policy in parallel, and [`report`] writes the Markdown report with
 //!   PNG plots next to the paper's numbers.
+//! - [`tradeoff`] compares memory at fixed keep-alive's latency and checks that Medes's
+//!   cold-starts-vs-memory curve dominates every baseline's where memory is contended.
 //!
 //! # Model (the paper's scheduler, MEDES.md §5.3)
 //! An invocation takes, in order: an idle warm sandbox (or base) of its function (most recently
@@ -40,6 +42,7 @@ mod output;
 mod profile;
 pub mod report;
 mod spec;
+pub mod tradeoff;
 
 pub use engine::{ClusterConfig, Counters, SimConfig, SimError, simulate};
 pub use output::{

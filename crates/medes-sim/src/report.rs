@@ -183,7 +183,7 @@ fn bar_chart(
 
 /// Line chart of (x, y) series; `log_x` for a logarithmic x axis.
 #[allow(clippy::too_many_arguments)]
-fn line_chart(
+pub(crate) fn line_chart(
     path: &Path,
     title: &str,
     xlabel: &str,

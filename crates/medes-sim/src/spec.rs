@@ -51,11 +51,24 @@ pub enum PolicySpec {
         predict: bool,
         /// `-gd`: Greedy-Dual eviction order with dedup as the cheaper state.
         evict_gd: bool,
+        /// `-lazybase`: bases on demand (only where a dedup is wanted).
+        #[serde(default)]
+        bases_on_demand: bool,
+        /// `-retire`: bases without dependents retire at keep-dedup.
+        #[serde(default)]
+        retire_bases: bool,
+        /// `-ip-<N>s`: idle period (decision interval) in seconds (default 60).
+        #[serde(default = "default_idle_s")]
+        idle_period_s: f64,
     },
     /// `<policy>+template`: the policy with template starts (issue 8): a node's later starts
     /// of a function after its first real cold start there are restores from the function's
     /// template ([`crate::SimConfig::templates`]).
     Template(Box<PolicySpec>),
+}
+
+fn default_idle_s() -> f64 {
+    60.0
 }
 
 /// The hold threshold `-predict` implies: `medes-predict` = `medes-hold-0.9-prewarm-gd`.
@@ -134,6 +147,9 @@ impl FromStr for PolicySpec {
         let mut value = false;
         let mut predict = false;
         let mut gd = false;
+        let mut lazy = false;
+        let mut idle_s = 60.0;
+        let mut retire = false;
         let mut bundle = false;
         let parts: Vec<&str> = rest.split('-').filter(|p| !p.is_empty()).collect();
         let mut i = 0;
@@ -170,10 +186,21 @@ impl FromStr for PolicySpec {
                     ka = parts.get(i + 1).and_then(|m| minutes(m)).ok_or_else(err)?;
                     i += 1;
                 }
+                "ip" => {
+                    idle_s = parts
+                        .get(i + 1)
+                        .and_then(|v| v.strip_suffix('s'))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .filter(|v| v.is_finite() && *v >= 1.0)
+                        .ok_or_else(err)?;
+                    i += 1;
+                }
                 "dka" => dka = true,
                 "value" => value = true,
                 "prewarm" => predict = true,
                 "gd" => gd = true,
+                "lazybase" => lazy = true,
+                "retire" => retire = true,
                 "predict" => bundle = true,
                 "hold" => {
                     hold = Some(
@@ -215,6 +242,9 @@ impl FromStr for PolicySpec {
             evict_by_value: value,
             predict,
             evict_gd: gd,
+            bases_on_demand: lazy,
+            retire_bases: retire,
+            idle_period_s: idle_s,
         })
     }
 }
@@ -256,6 +286,9 @@ impl fmt::Display for PolicySpec {
                 evict_by_value,
                 predict,
                 evict_gd,
+                bases_on_demand,
+                retire_bases,
+                idle_period_s,
             } => {
                 f.write_str("medes")?;
                 match mode {
@@ -265,6 +298,9 @@ impl fmt::Display for PolicySpec {
                     } => write!(f, "-budget-{}", fmt_num(mb / 1000.0))?,
                     MedesMode::Latency { alpha } if *alpha == 2.5 => f.write_str("-latency")?,
                     MedesMode::Latency { alpha } => write!(f, "-latency-{}", fmt_num(*alpha))?,
+                }
+                if *idle_period_s != 60.0 {
+                    write!(f, "-ip-{}s", fmt_num(*idle_period_s))?;
                 }
                 if *keep_alive_minutes != 10.0 {
                     write!(f, "-ka-{}m", fmt_num(*keep_alive_minutes))?;
@@ -293,6 +329,12 @@ impl fmt::Display for PolicySpec {
                 }
                 if *evict_by_value {
                     f.write_str("-value")?;
+                }
+                if *bases_on_demand {
+                    f.write_str("-lazybase")?;
+                }
+                if *retire_bases {
+                    f.write_str("-retire")?;
                 }
                 Ok(())
             }
@@ -438,6 +480,9 @@ impl PolicySpec {
                 evict_by_value,
                 predict,
                 evict_gd,
+                bases_on_demand,
+                retire_bases,
+                idle_period_s,
             } => Box::new(Named {
                 name,
                 inner: Medes::new(
@@ -451,6 +496,9 @@ impl PolicySpec {
                         evict_by_value: *evict_by_value,
                         predict: predict.then(PredictConfig::default),
                         evict_greedy_dual: *evict_gd,
+                        bases_on_demand: *bases_on_demand,
+                        retire_bases: *retire_bases,
+                        idle_period_ms: (idle_period_s * 1000.0) as u64,
                         ..MedesConfig::default()
                     },
                     costs,
@@ -491,6 +539,9 @@ mod tests {
             "medes-hold-0.9-prewarm",
             "medes-hold-0.8-prewarm-gd",
             "medes-kd-20m-predict",
+            "medes-ka-2m-kd-10m-dka-lazybase-retire",
+            "medes-latency-predict-retire",
+            "medes-ip-20s-ka-0.5m-kd-5m-dka-pw-0.9-prewarm-lazybase-retire",
             "fixed-10m+template",
             "medes+template",
             "medes-predict+template",

@@ -137,10 +137,34 @@ pub struct MedesConfig {
     /// unmeasured function never deduplicated (besides its base).
     #[serde(default = "default_assumed_saving")]
     pub assumed_saving: f64,
+    /// Bases on demand: a warm sandbox is made a base only when it would otherwise be
+    /// deduplicated (its tentative verdict is DEDUP) and the function has too few bases for its
+    /// dedup sandboxes. The prototype makes every function's first idle sandbox a base at its
+    /// first decision, and lets the base rule override a tentative PURGE (`false`). A base costs
+    /// its page image on top of the sandbox and, pinned, its sandbox too: a function that never
+    /// deduplicates pays that for nothing (measured, docs/EVALUATION.md).
+    #[serde(default)]
+    pub bases_on_demand: bool,
+    /// With `bases_on_demand`: what a function's first base costs, in warm footprints m_W (its
+    /// pinned sandbox plus its page image: 2). It is made only when its candidates (dedup and
+    /// idle warm sandboxes) × the dedup saving b_f reach this; otherwise the sandbox stays warm
+    /// (and is purged at keep-dedup, as `dedup_at_keep_alive` would after a dedup).
+    #[serde(default = "default_base_cost")]
+    pub base_cost_factor: f64,
+    /// Base retirement: a base with no dependents (no dedup sandbox may reference its pages)
+    /// that has been idle for the keep-dedup period (as long as a dedup sandbox is kept) is
+    /// purged (unless memory is held, `hold_below`). The prototype keeps bases for the whole
+    /// run (`false`).
+    #[serde(default)]
+    pub retire_bases: bool,
 }
 
 fn default_assumed_saving() -> f64 {
     0.5
+}
+
+fn default_base_cost() -> f64 {
+    2.0
 }
 
 /// Settings of Medes's arrival prediction ([`MedesConfig::predict`]).
@@ -225,6 +249,9 @@ impl Default for MedesConfig {
             predict: None,
             evict_greedy_dual: false,
             assumed_saving: default_assumed_saving(),
+            bases_on_demand: false,
+            base_cost_factor: default_base_cost(),
+            retire_bases: false,
             reuse_ms: 500.0,
             window_minutes: 10,
             dedup_per_base: 40,
@@ -400,6 +427,7 @@ impl Medes {
             state: sb.state,
             idle_ms: now.since(sb.idle_since),
             blacklisted: sb.blacklisted,
+            dependents: sb.dependents,
             lambda_max: st.lambda.lambda_max(now, w),
             lambda_sum: if self.own_budget(f) {
                 st.lambda.lambda_max(now, w)
@@ -412,6 +440,7 @@ impl Medes {
                 self.fns.len()
             },
             n_warm: counts.warm_like(),
+            n_idle_warm: counts.warm,
             n_dedup: counts.dedup_like(),
             // With template starts, a node's template is the function's first base there.
             n_base: counts.base + counts.templates,
@@ -443,6 +472,9 @@ pub struct MedesInputs {
     pub idle_ms: u64,
     /// Never to be made dedup or base.
     pub blacklisted: bool,
+    /// For a base: dedup sandboxes that may reference its pages (it is never retired while
+    /// any remain).
+    pub dependents: usize,
     /// λ_max of the function, per second.
     pub lambda_max: f64,
     /// Σ of λ_max over all functions, per second.
@@ -451,6 +483,8 @@ pub struct MedesInputs {
     pub functions: usize,
     /// Warm sandboxes of the function (running and starting included, bases excluded).
     pub n_warm: usize,
+    /// Of which idle (the candidates for deduplication).
+    pub n_idle_warm: usize,
     /// Dedup sandboxes (in progress included).
     pub n_dedup: usize,
     /// Bases.
@@ -522,7 +556,15 @@ pub fn decide(cfg: &MedesConfig, mode: MedesMode, i: &MedesInputs) -> MedesTrace
         && cfg.hold_below.is_some_and(|h| {
             i.budget_mb > 0.0 && i.used_mb.is_finite() && i.used_mb < h * i.budget_mb
         });
-    let tentative = if hold && i.state == IdleState::Warm && i.idle_ms >= cfg.keep_alive_ms {
+    let tentative = if i.state == IdleState::Base {
+        // A base outlives the timers unless it may retire: no dependents, idle for the
+        // keep-dedup period (as long as a dedup sandbox is kept), memory not held.
+        if cfg.retire_bases && !hold && i.dependents == 0 && i.idle_ms >= cfg.keep_dedup_ms {
+            Verdict::Purge
+        } else {
+            Verdict::Keep
+        }
+    } else if hold && i.state == IdleState::Warm && i.idle_ms >= cfg.keep_alive_ms {
         if i.saving.is_finite() && i.saving >= 1e-3 && !i.blacklisted {
             Verdict::Dedup
         } else {
@@ -607,16 +649,27 @@ pub fn decide(cfg: &MedesConfig, mode: MedesMode, i: &MedesInputs) -> MedesTrace
 
     // Overrides.
     out.verdict = match i.state {
-        IdleState::Base => Verdict::Keep,
+        IdleState::Base => tentative,
         // A base serves dedup sandboxes: none while deduplication would save nothing (with
         // template starts no faster than a dedup start, the template is the base).
         IdleState::Warm
             if !i.blacklisted
                 && i.saving.is_finite()
                 && i.saving >= 1e-3
-                && i.n_dedup >= i.n_base * cfg.dedup_per_base.max(1) =>
+                && i.n_dedup >= i.n_base * cfg.dedup_per_base.max(1)
+                && (!cfg.bases_on_demand || tentative == Verdict::Dedup) =>
         {
-            Verdict::MakeBase
+            // On demand, a function's first base must pay for itself: its candidates (dedup
+            // sandboxes and idle warm ones) must save more than the base holds.
+            let candidates = (i.n_dedup + i.n_idle_warm) as f64;
+            if cfg.bases_on_demand
+                && i.n_base == 0
+                && candidates * i.saving < cfg.base_cost_factor.max(0.0)
+            {
+                Verdict::Keep
+            } else {
+                Verdict::MakeBase
+            }
         }
         IdleState::Dedup if tentative == Verdict::Dedup => Verdict::Keep,
         _ if i.blacklisted && tentative == Verdict::Dedup => Verdict::Keep,
@@ -687,7 +740,7 @@ impl ClusterPolicy for Medes {
     }
 
     fn next_decision(&self, _f: FnId, sb: &IdleSandbox, now: Timestamp) -> Option<Timestamp> {
-        if sb.state == IdleState::Base {
+        if sb.state == IdleState::Base && !self.cfg.retire_bases {
             return None;
         }
         // The next multiple of the idle period after `idle_since` that is later than `now`.
@@ -894,6 +947,7 @@ impl crate::Policy for Medes {
             state,
             idle_ms: sandbox.state.last_used().map_or(0, |t| now.since(t)),
             blacklisted: !sandbox.deduplicable,
+            dependents: sandbox.dependents,
             lambda_max: function.arrivals.peak_rate(),
             lambda_sum: if own {
                 function.arrivals.peak_rate()
@@ -902,6 +956,7 @@ impl crate::Policy for Medes {
             },
             functions: if own { 1 } else { cluster.functions.max(1) },
             n_warm: c.starting + c.running + c.warm + c.restoring,
+            n_idle_warm: c.warm,
             n_dedup: c.dedup,
             n_base: c.base,
             s_w_ms: function
@@ -936,6 +991,7 @@ impl crate::Policy for Medes {
     ) -> Option<Timestamp> {
         use crate::{Form, SandboxState};
         let since = match (sandbox.state, sandbox.form) {
+            (SandboxState::Warm { idle_since }, Form::Base) if self.cfg.retire_bases => idle_since,
             (SandboxState::Warm { .. }, Form::Base) => return None,
             (SandboxState::Warm { idle_since }, _) => idle_since,
             (SandboxState::Dedup { idle_since, .. }, _) => idle_since,
@@ -1080,6 +1136,67 @@ mod tests {
             used_mb: 0.0,
         };
         assert_eq!(p.explain(0, &bl, &view, now).verdict, Verdict::Keep);
+    }
+
+    #[test]
+    fn bases_on_demand_and_retirement() {
+        let now = Timestamp(40 * MIN);
+        let view = |c: FunctionCounts| {
+            let cs = [c, counts(0, 0, 0)];
+            move |p: &Medes, sb: &IdleSandbox| {
+                p.explain(
+                    0,
+                    sb,
+                    &FleetView {
+                        counts: &cs,
+                        budget_mb: 1e9,
+                        used_mb: 0.0,
+                    },
+                    now,
+                )
+                .verdict
+            }
+        };
+        let dka = MedesConfig {
+            keep_alive_ms: 2 * MIN,
+            keep_dedup_ms: 10 * MIN,
+            dedup_at_keep_alive: true,
+            ..Default::default()
+        };
+        let lazy = MedesConfig {
+            bases_on_demand: true,
+            retire_bases: true,
+            ..dka.clone()
+        };
+        let (proto, p) = (
+            loaded(dka, [6, 6], 40 * MIN),
+            loaded(lazy, [6, 6], 40 * MIN),
+        );
+        let young = idle(IdleState::Warm, now.0 - MIN);
+        let old = idle(IdleState::Warm, now.0 - 3 * MIN);
+        // The prototype: the first idle sandbox becomes a base at once.
+        assert_eq!(view(counts(3, 0, 0))(&proto, &young), Verdict::MakeBase);
+        // On demand: not while it would stay warm anyway ...
+        assert_eq!(view(counts(3, 0, 0))(&p, &young), Verdict::Keep);
+        // ... only when it would be deduplicated, and only if the candidates pay for the base
+        // (b = 0.33 for linalg: 3 idle warm × 0.33 < 2 → keep; 7 × 0.33 ≥ 2 → base).
+        assert_eq!(view(counts(3, 0, 0))(&p, &old), Verdict::Keep);
+        let mut many = counts(7, 0, 0);
+        assert_eq!(view(many)(&p, &old), Verdict::MakeBase);
+        // With a base, the next candidate is deduplicated.
+        many.base = 1;
+        assert_eq!(view(many)(&p, &old), Verdict::Dedup);
+        // Retirement: a base idle past keep-dedup with no dependents goes; with dependents,
+        // or younger, it stays; the prototype keeps bases forever.
+        let mut base = idle(IdleState::Base, now.0 - 11 * MIN);
+        assert_eq!(view(many)(&p, &base), Verdict::Purge);
+        assert!(p.next_decision(0, &base, now).is_some());
+        assert_eq!(view(many)(&proto, &base), Verdict::Keep);
+        assert_eq!(proto.next_decision(0, &base, now), None);
+        base.dependents = 1;
+        assert_eq!(view(many)(&p, &base), Verdict::Keep);
+        let young_base = idle(IdleState::Base, now.0 - 9 * MIN);
+        assert_eq!(view(many)(&p, &young_base), Verdict::Keep);
     }
 
     #[test]

@@ -154,6 +154,8 @@ pub struct IdleSandbox {
     pub score: f64,
     /// Whether it failed to deduplicate before (never offered DEDUP or BASE again).
     pub blacklisted: bool,
+    /// For a base: dedup sandboxes that may reference its pages (0 for other sandboxes).
+    pub dependents: usize,
 }
 
 /// The answer for an idle sandbox.
@@ -360,6 +362,7 @@ pub(crate) mod testutil {
             deadline: None,
             score: 0.0,
             blacklisted: false,
+            dependents: 0,
         }
     }
 }

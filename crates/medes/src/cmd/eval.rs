@@ -26,6 +26,10 @@ pub struct Args {
 enum Eval {
     /// 19 nodes; 40/30/20 GB pools; ten functions; five one-hour patterns; every policy.
     Paper(PaperArgs),
+    /// The memory–latency trade-off: Medes's memory at fixed keep-alive 10 min's latency
+    /// (paper, paper + platform memory, and measured profiles), and whether Medes's curve
+    /// dominates every baseline's on pools scaled to contend each pattern (pass/fail per point).
+    Tradeoff(TradeoffArgs),
     /// The simulator against the live platform: one short trace run live (own instance, one
     /// node, a memory budget that forces evictions, scaled timers) under fixed keep-alive and
     /// Medes, and simulated with a measured profile; prints the comparison.
@@ -86,6 +90,37 @@ struct ValidateArgs {
 }
 
 #[derive(clap::Args)]
+struct TradeoffArgs {
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Report directory (TRADEOFF.md, plots, tradeoff.json).
+    #[arg(long, default_value = "report-tradeoff")]
+    out: PathBuf,
+    /// Synthetic one-hour patterns.
+    #[arg(long, default_value_t = 5)]
+    patterns: usize,
+    /// Seed of the first pattern and of execution-time draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Pool fractions (of each pattern's fixed-10m peak memory) of the dominance check.
+    #[arg(long, value_delimiter = ',', default_values_t = medes_sim::tradeoff::DOMINANCE_FRACTIONS)]
+    fractions: Vec<f64>,
+    /// Profiles: `paper`, `platform-memory` (the paper's with the platform's measured memory
+    /// ratios), `measured` (the live platform's), or TOML/JSON files; the dominance check runs
+    /// for the first two (pass `--dominance` to choose).
+    #[arg(long, value_delimiter = ',', default_values_t = ["paper".to_string(), "platform-memory".to_string(), "measured".to_string()])]
+    profiles: Vec<String>,
+    /// Profiles (by the names above) that also get the dominance check.
+    #[arg(long, value_delimiter = ',', default_values_t = ["paper".to_string(), "platform-memory".to_string()])]
+    dominance: Vec<String>,
+    /// Keep bases pinned under pressure (the paper's setup); default: an idle base with no
+    /// dependents may be evicted, as the live controller does.
+    #[arg(long)]
+    pin_bases: bool,
+}
+
+#[derive(clap::Args)]
 struct PaperArgs {
     /// Print `{"rows": [...]}` on stdout.
     #[arg(long)]
@@ -118,6 +153,7 @@ struct PaperArgs {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         Eval::Paper(a) => paper(a),
+        Eval::Tradeoff(a) => tradeoff(a),
         Eval::Validate(a) => validate(a),
     }
 }
@@ -337,6 +373,95 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         a.out.display(),
         report.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tradeoff(a: TradeoffArgs) -> anyhow::Result<ExitCode> {
+    use medes_sim::tradeoff::{TradeoffConfig, run_tradeoff, write_tradeoff_report};
+    let mut profiles = Vec::new();
+    for name in &a.profiles {
+        let p = super::sim::load_profile(Some(&PathBuf::from(name)))?;
+        profiles.push((name.clone(), p, a.dominance.contains(name)));
+    }
+    eprintln!(
+        "building {} one-hour patterns (seed {})...",
+        a.patterns, a.seed
+    );
+    let patterns = paper_patterns(a.patterns.max(1), a.seed).context("building the patterns")?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} runs, {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("simulating");
+    let cfg = TradeoffConfig {
+        fractions: a.fractions.clone(),
+        seed: a.seed,
+        evict_idle_bases: !a.pin_bases,
+    };
+    let res = run_tradeoff(&patterns, &profiles, &cfg, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let report = write_tradeoff_report(&res, &a.out)
+        .with_context(|| format!("writing the report into {}", a.out.display()))?;
+    eprintln!("{:.1} s; report: {}", res.seconds, report.display());
+    if a.json {
+        say!("{}", serde_json::to_string_pretty(&res)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &res.profiles {
+        let reference = p.iso_rows.first();
+        match (&p.iso_choice, p.iso_memory_change_pct, reference) {
+            (Some(c), Some(d), Some(r)) => say!(
+                "[{}] at fixed-10m's latency ({} cold, startup p99 {:.0} ms, p99.9 {:.0} ms, {:.2} GB): {} with {} cold, {:.0} / {:.0} ms, {:.2} GB: memory {:+.1}% ({})",
+                p.name,
+                r.cold_starts,
+                r.startup_p99_ms,
+                r.startup_p999_ms,
+                r.mean_memory_gb,
+                c.policy,
+                c.cold_starts,
+                c.startup_p99_ms,
+                c.startup_p999_ms,
+                c.mean_memory_gb,
+                d,
+                if d <= -15.0 {
+                    "target -15%: met"
+                } else {
+                    "target -15%: not met"
+                }
+            ),
+            _ => say!("[{}] no Medes setting meets fixed-10m's latency", p.name),
+        }
+        for l in &p.levels {
+            for c in &l.checks {
+                say!(
+                    "[{}] pools {:.0}% of peak: {} ({}) {:.0} cold/h ({:.2}%) at {:.2} GB; Medes's curve there: {}: {}",
+                    p.name,
+                    100.0 * l.fraction,
+                    c.policy,
+                    c.family,
+                    c.cold_per_hour,
+                    100.0 * c.cold_share,
+                    c.memory_gb,
+                    c.medes_cold_per_hour
+                        .map_or("no point that lean".to_string(), |v| format!(
+                            "{v:.0} cold/h"
+                        )),
+                    if c.pass { "PASS" } else { "FAIL" }
+                );
+            }
+            if l.checks.is_empty() {
+                say!(
+                    "[{}] pools {:.0}% of peak: no baseline point above 1% cold starts",
+                    p.name,
+                    100.0 * l.fraction
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

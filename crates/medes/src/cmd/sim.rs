@@ -30,9 +30,15 @@ pub struct Args {
     /// Which synthetic one-hour pattern (seed 1 + N) when no trace is given.
     #[arg(long, default_value_t = 0)]
     pattern: u64,
-    /// Cost profile (TOML or JSON, e.g. from `medes profile`); default: the paper's numbers.
+    /// Cost profile (TOML or JSON, e.g. from `medes profile`; `measured`: the live platform's
+    /// shipped profile; `platform-memory`: the paper's with the platform's memory ratios);
+    /// default: the paper's numbers.
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// Let idle bases with no dedup sandbox on their node be evicted (as the live controller
+    /// does; the paper's setup pins bases).
+    #[arg(long)]
+    evict_idle_bases: bool,
     /// Worker nodes.
     #[arg(long, default_value_t = 19)]
     nodes: usize,
@@ -53,9 +59,14 @@ pub struct Args {
     json: bool,
 }
 
-/// The profile named by a flag (or the paper's).
+/// The profile named by a flag (or the paper's); `measured` names the live platform's profile
+/// shipped with the simulator ([`Profile::measured`]), `paper` the paper's, `platform-memory`
+/// the paper's with the platform's memory ratios ([`Profile::platform_memory`]).
 pub fn load_profile(path: Option<&PathBuf>) -> anyhow::Result<Profile> {
     match path {
+        Some(p) if p.as_os_str() == "measured" => Ok(Profile::measured()),
+        Some(p) if p.as_os_str() == "paper" => Ok(Profile::paper()),
+        Some(p) if p.as_os_str() == "platform-memory" => Ok(Profile::platform_memory()),
         Some(p) => Profile::load(p).with_context(|| format!("loading profile {}", p.display())),
         None => Ok(Profile::paper()),
     }
@@ -79,6 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cluster = ClusterConfig {
         nodes: args.nodes,
         node_mb,
+        evict_idle_bases: args.evict_idle_bases,
         ..ClusterConfig::paper(40.0)
     };
     let mut cfg = SimConfig::new(cluster);
