@@ -16,14 +16,20 @@
 //!    rebuilt (each verified) into the sparse pages files. Then every batch in order
 //!    ([`Rebuilder`]), each page verified against its xxh3 before it is handed to the server,
 //!    which copies it in once CRIU says the restore finished; a fault on a page whose batch has
-//!    not arrived makes the server rebuild (and verify) that batch first.
+//!    not arrived makes the server rebuild (and verify) that page's group first.
 //! 3. **Early answer**: the start answers as soon as the restored runtime answered its reseed;
 //!    the server keeps filling the remaining pages in the background (faulted pages first)
-//!    while the request runs. The background batches are rebuilt by threads of lower priority
-//!    (nice + [`FILL_NICE`]): the restore, the runtime and the server's on-demand batches come
-//!    first. The restored sandbox holds its `changing` flag until the fill ended, so no
-//!    make-base, dedup or template checkpoints it meanwhile (a dump would see the missing
-//!    pages as holes): [`Inner::settle_fill`] makes a make-base or dedup wait for the fill.
+//!    while the request runs. Until the answer one rebuild thread runs at the normal
+//!    priority and the others at nice + [`FILL_NICE`] (CRIU comes first, but the fewer pages
+//!    are missing when the runtime runs, the fewer faults it waits for); after the answer all
+//!    run at nice + [`FILL_NICE`] for [`FILL_LOW_FOR`] (the runtime and the server's on-demand
+//!    pages come first), then at the normal priority again (a busy node cannot starve a fill).
+//!    A fault on a page whose batch has not arrived gets only its group of 16 pages rebuilt at
+//!    once. The batches a start faulted on are remembered per store (its working set) and
+//!    rebuilt first at its next start. The restored sandbox holds its `changing` flag until
+//!    the fill ended, so no make-base, dedup or template checkpoints it meanwhile (a dump
+//!    would see the missing pages as holes): [`Inner::settle_fill`] makes a make-base or
+//!    dedup wait for the fill.
 //!
 //! Failures: an input failing verification, or an eager page, fails the start before the
 //! restored process resumes (the controller falls back to a cold start). With verified inputs
@@ -53,7 +59,7 @@ mod verify;
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -74,6 +80,8 @@ const PAGE: u64 = 4096;
 const MAX_BUFFERS: usize = 32;
 /// How much lower the priority of the background fill's threads is (nice increment).
 const FILL_NICE: i32 = 10;
+/// How long after the answer the fill runs at the lower priority; then at the normal one.
+const FILL_LOW_FOR: Duration = Duration::from_millis(500);
 
 /// Why a lazy dedup start did not succeed.
 pub(crate) enum LazyError {
@@ -94,9 +102,47 @@ pub(crate) type LazyStart = (Sandbox, RestoreReply, u64);
 pub(crate) struct LazyState {
     fills: Mutex<HashMap<SandboxId, Fill>>,
     sums: verify::SumCache,
+    /// Per store file, the batches its earlier starts faulted on first (their working set),
+    /// produced first at its next start.
+    hot: Mutex<HashMap<PathBuf, Vec<usize>>>,
 }
 
+/// Most stores whose working set is remembered (a few hundred bytes each).
+const MAX_HOT: usize = 4096;
+
 impl LazyState {
+    /// Adds the batches a start of `store` faulted on to its working set.
+    fn record_hot(&self, store: &Path, faulted: &[usize]) {
+        if faulted.is_empty() {
+            return;
+        }
+        let mut hot = self.hot.lock();
+        if hot.len() >= MAX_HOT && !hot.contains_key(store) {
+            hot.clear();
+        }
+        let set = hot.entry(store.to_path_buf()).or_default();
+        for &b in faulted {
+            if !set.contains(&b) {
+                set.push(b);
+            }
+        }
+    }
+
+    /// The order in which a start of `store` (`n` batches) rebuilds its batches: its working
+    /// set first, then the others in order.
+    fn fill_order(&self, store: &Path, n: usize) -> Vec<usize> {
+        let hot = self.hot.lock().get(store).cloned().unwrap_or_default();
+        let mut seen = vec![false; n];
+        let mut order = Vec::with_capacity(n);
+        for b in hot.into_iter().chain(0..n) {
+            if b < n && !seen[b] {
+                seen[b] = true;
+                order.push(b);
+            }
+        }
+        order
+    }
+
     /// The background fill of sandbox `id`'s start that just answered, if it answered early.
     pub(crate) fn take_fill(&self, id: &SandboxId) -> Option<Fill> {
         self.fills.lock().remove(id)
@@ -299,9 +345,12 @@ pub(crate) async fn restore(
     let producer: Arc<Mutex<Option<Producer>>> = Arc::new(Mutex::new(None));
     // From the start of the rebuild until CRIU may read pages (inputs and eager pages done).
     let gate_ms = Arc::new(Mutex::new(0.0f64));
+    let answered_at = Arc::new(Mutex::new(None));
+    let fill_order = inner.lazy.fill_order(&rec.path, n_batches);
     let pages = {
         let (inner, producer, rebuilder) = (inner.clone(), producer.clone(), rebuilder.clone());
         let (feed, bad, gate_ms) = (feed.clone(), bad_page.clone(), gate_ms.clone());
+        let answered_at = answered_at.clone();
         move |files: Vec<(String, std::fs::File)>| {
             let job = Produce {
                 rebuilder,
@@ -315,6 +364,8 @@ pub(crate) async fn restore(
                 check,
                 inner: inner.clone(),
                 gate_ms,
+                answered_at,
+                fill_order,
             };
             let h = tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
@@ -371,6 +422,7 @@ pub(crate) async fn restore(
             let _ = sandbox.destroy().await;
             return Err(LazyError::Failed(reason));
         }
+        *answered_at.lock() = Some(Instant::now());
         let at_answer = daemon.stats();
         let killer = sandbox.killer().unwrap_or_else(|| Box::new(|| {}));
         daemon.detach(killer);
@@ -384,10 +436,11 @@ pub(crate) async fn restore(
         tokio::spawn(background_fill(
             inner.clone(),
             rec.info.spec.id.clone(),
+            rec.path.clone(),
             feed,
             fill,
             handle,
-            left,
+            bound,
         ));
         // m_R: what the fill may still hold (it cannot exceed its buffer bound).
         let bound_bytes = (MAX_BUFFERS.min(n_batches.max(1)) as u64) * BATCH_PAGES as u64 * PAGE;
@@ -436,6 +489,7 @@ pub(crate) async fn restore(
         }
     };
     let stats = daemon.stats();
+    inner.lazy.record_hot(&rec.path, &feed.faulted_batches());
     let killer = sandbox.killer().unwrap_or_else(|| Box::new(|| {}));
     daemon.detach(killer);
     let total = ms(t0.elapsed());
@@ -457,11 +511,12 @@ pub(crate) async fn restore(
 }
 
 /// The rest of an early-answered start: waits for the rebuild and the server (bounded by
-/// what is left of the start's bound) and records the outcome. The server kills the restored
+/// the start's bound again, from the answer) and records the outcome. The server kills the restored
 /// processes itself when a page fails or the producer gives up ([`LazyDaemon::detach`]).
 async fn background_fill(
     inner: Arc<Inner>,
     id: SandboxId,
+    store: PathBuf,
     feed: LazyFeed,
     fill: Fill,
     producer: Option<tokio::task::JoinHandle<Result<f64, String>>>,
@@ -488,6 +543,7 @@ async fn background_fill(
     };
     match &r {
         Ok((st, rebuild_ms)) => {
+            inner.lazy.record_hot(&store, &feed.faulted_batches());
             debug!(sandbox = %id, fill_ms = ms(t.elapsed()), rebuild_ms, copied = st.copied_pages,
                    faults = st.faults, demand = st.demand_batches,
                    peak_buffered = st.peak_buffered_bytes, "lazy fill complete");
@@ -532,6 +588,10 @@ struct Produce {
     inner: Arc<Inner>,
     /// Set to the time until CRIU may read pages (inputs and eager pages done), ms.
     gate_ms: Arc<Mutex<f64>>,
+    /// When the start answered (early answer): the fill is background work from then on.
+    answered_at: Arc<Mutex<Option<Instant>>>,
+    /// The batches in the order they are rebuilt (the store's working set first).
+    fill_order: Vec<usize>,
 }
 
 impl Produce {
@@ -610,17 +670,40 @@ impl Produce {
         }
         // 2. Every page, batch by batch in order, to the lazy-pages server.
         let next = AtomicUsize::new(0);
-        let n = self.rebuilder.n_batches();
-        let work = || {
+        let normal = thread_nice();
+        let low = normal.saturating_add(FILL_NICE).min(19);
+        let early = self.check.is_some();
+        // The priority a worker should run at: worker 0 keeps the normal one until the start
+        // answered; after the answer every worker is background work, for [`FILL_LOW_FOR`] at
+        // most (so that a busy node cannot starve a fill, which holds the sandbox's changing
+        // flag and its page buffers).
+        let wanted = |first: bool| {
+            if !early {
+                return normal;
+            }
+            match *self.answered_at.lock() {
+                None if first => normal,
+                None => low,
+                Some(t) if t.elapsed() < FILL_LOW_FOR => low,
+                Some(_) => normal,
+            }
+        };
+        let work = |first: bool| {
             let mut scratch = RebuildScratch::default();
+            let mut nice = normal;
             loop {
                 if err.lock().is_some() || self.feed.stopped() {
                     return;
                 }
-                let b = next.fetch_add(1, Ordering::SeqCst);
-                if b >= n {
-                    return;
+                let want = wanted(first);
+                if want != nice {
+                    let _ = medes_sandbox::set_thread_nice(want);
+                    nice = want;
                 }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(&b) = self.fill_order.get(i) else {
+                    return;
+                };
                 let r = self.rebuilder.batch_pages(b);
                 let mut buf = self.feed.buffer(((r.end - r.start) * PAGE) as usize);
                 if let Err(e) = self.rebuilder.rebuild_batch(b, &mut scratch, &mut buf) {
@@ -633,20 +716,19 @@ impl Produce {
         };
         if self.check.is_some() {
             // After the answer this is background work: the restored runtime, the server's
-            // on-demand batches and other starts come first.
-            let nice = thread_nice().saturating_add(FILL_NICE).min(19);
+            // on-demand pages and other starts come first. Until then one worker keeps the
+            // normal priority (the fewer pages are missing when the runtime runs its reseed,
+            // the fewer faults it waits for), the others yield to CRIU.
             std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| {
-                        let _ = medes_sandbox::set_thread_nice(nice);
-                        work();
-                    });
+                for i in 0..threads {
+                    let work = &work;
+                    s.spawn(move || work(i == 0));
                 }
             });
         } else {
             pool.scope(|s| {
                 for _ in 0..threads {
-                    s.spawn(|_| work());
+                    s.spawn(|_| work(false));
                 }
             });
         }

@@ -297,6 +297,8 @@ struct Shared {
     peak: AtomicU64,
     /// Bytes of page buffers held now.
     held: AtomicU64,
+    /// Batches of the pages the processes faulted on, in the order of their first fault.
+    faulted: Mutex<Vec<usize>>,
     complete: std::sync::atomic::AtomicBool,
     fill_us: AtomicU64,
     /// Pending prefetches; `None` once the server ended (nothing more will be filled).
@@ -418,6 +420,13 @@ impl LazyFeed {
         self.shared.ended.load(Ordering::SeqCst)
     }
 
+    /// The batches of the pages the processes faulted on so far, in the order of their first
+    /// fault: what the restored processes touched first (a producer may produce those first
+    /// at the next restore of the same image).
+    pub fn faulted_batches(&self) -> Vec<usize> {
+        lock(&self.shared.faulted).clone()
+    }
+
     /// Counters so far (the same as [`LazyDaemon::stats`], also after the daemon was
     /// detached).
     pub fn stats(&self) -> LazyStats {
@@ -501,6 +510,7 @@ impl LazyDaemon {
             demand: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            faulted: Mutex::new(Vec::new()),
             complete: std::sync::atomic::AtomicBool::new(false),
             fill_us: AtomicU64::new(0),
             prefetch: Mutex::new(Some(Vec::new())),
@@ -527,6 +537,7 @@ impl LazyDaemon {
             faults: Vec::new(),
             cache: BTreeMap::new(),
             partial: Vec::new(),
+            faulted: vec![false; n_batches],
             done: vec![false; n_batches],
             n_done: 0,
         };
@@ -640,6 +651,8 @@ struct Server {
     cache: BTreeMap<usize, Vec<u8>>,
     /// The buffer of pages produced for a fault.
     partial: Vec<u8>,
+    /// Batches faulted on (see [`LazyFeed::faulted_batches`]).
+    faulted: Vec<bool>,
     /// Batches filled into every task.
     done: Vec<bool>,
     n_done: usize,
@@ -1179,6 +1192,12 @@ impl Server {
             && let Some(g) = self.global_page(t.proc_idx, img)
         {
             let b = (g / self.batch_pages) as usize;
+            if let Some(seen) = self.faulted.get_mut(b)
+                && !*seen
+            {
+                *seen = true;
+                lock(&self.shared.faulted).push(b);
+            }
             self.take_queue();
             if self.cache.contains_key(&b) {
                 self.fill(ti, b)?;
