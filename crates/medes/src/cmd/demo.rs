@@ -217,7 +217,7 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
             (timers.keep_alive_s as f64 * 0.8 + timers.keep_dedup_s as f64 * 0.2).round(),
             (timers.keep_alive_s as f64 * 0.2 + timers.keep_dedup_s as f64 * 0.8).round(),
             args.m0_mb,
-            2.0 * trace_min + 1.5,
+            2.0 * trace_min + 0.3,
         );
     }
     std::fs::create_dir_all(&args.out)
