@@ -353,7 +353,7 @@ pub const TRADEOFF_POOL_GB: f64 = 20.0;
 
 /// Knob sweeps for the trade-off curves: (family, policies at [`TRADEOFF_POOL_GB`]). Greedy-Dual
 /// has no knob but its cache size, so its curve sweeps the pool itself ([`GD_POOLS_GB`]).
-pub const TRADEOFF: [(&str, &[&str]); 4] = [
+pub const TRADEOFF: [(&str, &[&str]); 5] = [
     (
         "fixed keep-alive",
         &[
@@ -391,6 +391,15 @@ pub const TRADEOFF: [(&str, &[&str]); 4] = [
             "medes-ka-5m-prewarm-gd",
             "medes-latency-predict",
             "medes-predict",
+        ],
+    ),
+    (
+        "medes timers (dka, bases on demand, retired)",
+        &[
+            "medes-ip-30s-ka-0.5m-kd-12m-dka-lazybase-retire",
+            "medes-ka-1m-kd-12m-dka-lazybase-retire",
+            "medes-ka-2m-kd-10m-dka-lazybase-retire",
+            "medes-ka-5m-kd-10m-dka-lazybase-retire",
         ],
     ),
 ];

@@ -256,11 +256,21 @@ pub(crate) fn line_chart(
             .flat_map(|s| s.1.iter().map(|p| p.1))
             .filter(|&y| y > 0.0)
             .fold(f64::INFINITY, f64::min);
-        let ymin = if ymin.is_finite() { ymin / 1.5 } else { 0.1 };
-        draw!(
-            b.build_cartesian_2d(x_range.0..x_range.1, (ymin..ymax * 1.5).log_scale())
-                .map_err(&e)?
-        );
+        if ymin.is_finite() && ymax / ymin < 10.0 {
+            // Within a decade a log axis has no labels: linear, fitted to the points.
+            let ymax = ymax / 1.08;
+            let pad = ((ymax - ymin) * 0.08).max(1e-9);
+            draw!(
+                b.build_cartesian_2d(x_range.0..x_range.1, (ymin - pad)..(ymax + pad))
+                    .map_err(&e)?
+            );
+        } else {
+            let ymin = if ymin.is_finite() { ymin / 1.5 } else { 0.1 };
+            draw!(
+                b.build_cartesian_2d(x_range.0..x_range.1, (ymin..ymax * 1.5).log_scale())
+                    .map_err(&e)?
+            );
+        }
     } else {
         draw!(
             b.build_cartesian_2d(x_range.0..x_range.1, 0f64..ymax)
@@ -902,6 +912,12 @@ pub fn write_paper_report(res: &PaperResults, dir: &Path) -> Result<PathBuf, Rep
             true,
         )?;
         let _ = writeln!(md, "\n![trade-off](tradeoff_cold_starts_vs_memory.png)\n");
+        let _ = writeln!(
+            md,
+            "Memory at fixed keep-alive's latency and the dominance check on contended pools \
+             (pass/fail per baseline point): `medes eval tradeoff` (its own report, \
+             `TRADEOFF.md`).\n"
+        );
     }
 
     // All rows.
