@@ -466,3 +466,50 @@ fn medes_predict_prewarms_ahead_of_a_burst() {
     // The paper's Medes never pre-warms.
     assert_eq!(run(&t, "medes", &c, &p).summary.counters.prewarms, 0);
 }
+
+#[test]
+fn bases_on_demand_and_retired_once_nothing_depends_on_them() {
+    // 40 linalg invocations at once (40 sandboxes), then nothing until one at 20 minutes.
+    let mut entries: Vec<(u64, &str)> = (0..40).map(|_| (0, "linalg")).collect();
+    entries.push((20 * 60_000, "linalg"));
+    let t = trace(&entries);
+    let prof = Profile::paper();
+    let cfg = cluster(2, 2000.0);
+    let base_at = |o: &SimOutput, min: u64| {
+        o.memory
+            .iter()
+            .find(|s| s.time_ms >= min * 60_000)
+            .map_or(-1.0, |s| s.base_mb)
+    };
+    // Warm 1 minute, then deduplicated until 5 minutes idle: one base (its candidates pay for
+    // it), 39 dedup sandboxes.
+    let kept = run(&t, "medes-ka-1m-kd-5m-dka", &cfg, &prof);
+    let retired = run(&t, "medes-ka-1m-kd-5m-dka-lazybase-retire", &cfg, &prof);
+    for o in [&kept, &retired] {
+        assert_eq!(o.summary.counters.bases, 1, "{}", o.policy);
+        assert_eq!(o.summary.counters.dedup_ops, 39, "{}", o.policy);
+        assert!(base_at(o, 3) > 0.0, "{}", o.policy);
+        assert_eq!(o.summary.counters.budget_violations, 0);
+    }
+    // The prototype keeps its base for the run; retired, it goes once its dedup sandboxes
+    // are gone (keep-dedup) and it has been idle for keep-dedup itself.
+    assert!(base_at(&kept, 19) > 0.0);
+    assert_eq!(base_at(&retired, 19), 0.0);
+    let used_19 = |o: &SimOutput| {
+        o.memory
+            .iter()
+            .find(|s| s.time_ms >= 19 * 60_000)
+            .map_or(-1.0, |s| s.used_mb)
+    };
+    assert_eq!(used_19(&retired), 0.0);
+    assert!(retired.summary.mean_memory_gb < kept.summary.mean_memory_gb);
+    // A function with too few idle sandboxes to pay for a base never gets one, and so never
+    // deduplicates: its sandboxes stay warm until keep-dedup.
+    let few = trace(&[(0, "linalg"), (0, "linalg"), (20 * 60_000, "linalg")]);
+    let o = run(&few, "medes-ka-1m-kd-5m-dka-lazybase-retire", &cfg, &prof);
+    assert_eq!(o.summary.counters.bases, 0);
+    assert_eq!(o.summary.counters.dedup_ops, 0);
+    assert_eq!(o.summary.counters.purges, 2);
+    let p = run(&few, "medes-ka-1m-kd-5m-dka", &cfg, &prof);
+    assert_eq!(p.summary.counters.bases, 1);
+}
