@@ -386,7 +386,7 @@ impl Profile {
                 s,
                 None,
                 &Profile::paper(),
-                "measured: medes bench startup --functions suite --runs 10 --template, 2026-11-27 13:21 UTC (crates/medes-sim/profiles/startup-2026-11-27.json)".into(),
+                "measured: medes bench startup --functions suite --runs 10 --template, 2026-11-27 13:21–13:24 UTC (crates/medes-sim/profiles/startup-2026-11-27.json)".into(),
             )
             .unwrap_or_else(|_| Profile::paper()),
             Err(_) => Profile::paper(),
