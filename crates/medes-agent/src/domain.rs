@@ -274,7 +274,8 @@ impl Domain {
     ///
     /// The pages, their position keys and the base's metadata are written to the domain's
     /// directory first (see `persist.rs`), so the base survives an agent restart; if that
-    /// fails the base lives on the heap only (logged).
+    /// fails the base lives on the heap only (logged). `sandbox` is the base's sandbox,
+    /// `origin` the action and version it runs (both kept in the metadata).
     pub(crate) fn add_base(
         &self,
         id: BaseId,
@@ -282,6 +283,7 @@ impl Domain {
         dump: &DumpImage,
         cfg: &DedupConfig,
         sandbox: &SandboxId,
+        origin: &crate::persist::BaseOrigin,
     ) -> Result<u64, AddBaseError> {
         let mut image = BaseImage::from_dump(dump, cfg.rebase);
         let positions: &[u64] = if cfg.positional {
@@ -290,8 +292,9 @@ impl Domain {
             &[]
         };
         if let Some(dir) = &self.dir
-            && let Err(error) =
-                crate::persist::save_base(dir, &self.key, id, &meta, sandbox, &mut image, positions)
+            && let Err(error) = crate::persist::save_base(
+                dir, &self.key, id, &meta, sandbox, origin, &mut image, positions,
+            )
         {
             tracing::warn!(base = id.0, %error, "base kept in memory only (it will not survive a restart)");
             crate::persist::remove_base(dir, id);

@@ -378,8 +378,11 @@ enum Entry {
     Dedup(Arc<DedupRec>),
     /// A dedup or a dedup start is in progress; `purge` records a purge asked meanwhile.
     Busy { form: SandboxForm, purge: bool },
-    /// A base whose process was lost while dedup sandboxes still depend on its pages.
-    LostBase(Arc<BaseRec>),
+    /// A base whose process was lost while dedup sandboxes still depend on its pages, with the
+    /// action and version it ran (`None` only for a base an older agent kept without them, or
+    /// a template's orphaned base): reported in its status, so that a restarted controller
+    /// keeps it as its function's base.
+    LostBase(Arc<BaseRec>, Option<persist::BaseOrigin>),
 }
 
 /// What every form of a sandbox keeps: how to recreate it, and its dedup domain.
@@ -390,6 +393,16 @@ struct SandboxInfo {
     /// The action and version it runs (reported in [`SandboxStatus`], kept with its store).
     action: ActionName,
     version: String,
+}
+
+impl SandboxInfo {
+    /// The action and version it runs (kept with a base it becomes).
+    fn origin(&self) -> persist::BaseOrigin {
+        persist::BaseOrigin {
+            action: self.action.clone(),
+            version: self.version.clone(),
+        }
+    }
 }
 
 /// One live sandbox. Whoever gets it back from `Arc::into_inner` destroys it.
@@ -567,7 +580,7 @@ impl Agent {
         let mut table = HashMap::new();
         let kept_loaded = (loaded.bases.len() + loaded.stores.len()) as u64;
         for b in loaded.bases {
-            table.insert(b.sandbox, Entry::LostBase(b.rec));
+            table.insert(b.sandbox, Entry::LostBase(b.rec, b.origin));
         }
         for st in loaded.stores {
             table.insert(st.sandbox, Entry::Dedup(st.rec));
@@ -653,7 +666,7 @@ impl Agent {
     pub fn lose_base_pages(&self, sandbox: &SandboxId) -> bool {
         let base = match self.inner.sandboxes.lock().get(sandbox) {
             Some(Entry::Live(s)) => s.base.lock().clone(),
-            Some(Entry::LostBase(b)) => Some(b.clone()),
+            Some(Entry::LostBase(b, _)) => Some(b.clone()),
             _ => None,
         };
         base.is_some_and(|b| b.domain.lose_pages(b.id))
@@ -810,7 +823,7 @@ impl Inner {
                 *form,
                 "a dedup or a dedup start is in progress",
             )),
-            Some(Entry::LostBase(_)) => Err(wrong_form(
+            Some(Entry::LostBase(..)) => Err(wrong_form(
                 id.clone(),
                 SandboxForm::Base,
                 "the base's process was lost; only its pages remain",
@@ -864,10 +877,12 @@ impl Inner {
             let mut t = self.sandboxes.lock();
             match t.get(id) {
                 Some(Entry::Live(s)) if Arc::ptr_eq(s, slot) => match keep {
-                    Some(b) => match t.insert(id.clone(), Entry::LostBase(b)) {
-                        Some(Entry::Live(s)) => Some(s),
-                        _ => None,
-                    },
+                    Some(b) => {
+                        match t.insert(id.clone(), Entry::LostBase(b, Some(slot.info.origin()))) {
+                            Some(Entry::Live(s)) => Some(s),
+                            _ => None,
+                        }
+                    }
                     None => match t.remove(id) {
                         Some(Entry::Live(s)) => Some(s),
                         _ => None,
@@ -1067,7 +1082,7 @@ impl Inner {
                     return Ok(());
                 }
                 Some(Entry::Live(s)) => s.base.lock().clone(),
-                Some(Entry::LostBase(b)) => Some(b.clone()),
+                Some(Entry::LostBase(b, _)) => Some(b.clone()),
                 Some(Entry::Dedup(_)) => None,
             };
             if let Some(b) = base {
@@ -1102,12 +1117,12 @@ impl Inner {
         let orphans: Vec<SandboxId> = t
             .iter()
             .filter_map(|(id, e)| match e {
-                Entry::LostBase(b) if b.domain.dependents(b.id) == 0 => Some(id.clone()),
+                Entry::LostBase(b, _) if b.domain.dependents(b.id) == 0 => Some(id.clone()),
                 _ => None,
             })
             .collect();
         for id in orphans {
-            if let Some(Entry::LostBase(b)) = t.get(&id)
+            if let Some(Entry::LostBase(b, _)) = t.get(&id)
                 && b.domain.retire(b.id).is_ok()
             {
                 info!(sandbox = %id, base = b.id.0, domain = %b.domain.key, "base without process and dependents retired");
@@ -1157,14 +1172,14 @@ impl Inner {
                     memory_limit: None,
                     image_bytes: None,
                 }),
-                Entry::LostBase(b) => Seen::Fixed(SandboxStatus {
+                Entry::LostBase(b, origin) => Seen::Fixed(SandboxStatus {
                     id: id.clone(),
                     alive: false,
                     memory: None,
                     form: SandboxForm::Base,
                     held_bytes: b.held(),
-                    action: None,
-                    version: None,
+                    action: origin.as_ref().map(|o| o.action.clone()),
+                    version: origin.as_ref().map(|o| o.version.clone()),
                     domain: Some(b.domain.key.clone()),
                     memory_limit: None,
                     image_bytes: Some(b.bytes),
@@ -1303,6 +1318,7 @@ impl Inner {
             node: self.cfg.dedup.engine.local_node,
         };
         let engine = self.cfg.dedup.engine;
+        let origin = slot.info.origin();
         let d2 = dir.clone();
         let dom = domain.clone();
         let inner = self.clone();
@@ -1312,7 +1328,7 @@ impl Inner {
             let dump = DumpImage::open(&d2).map_err(CheckpointImageError::OpenDump)?;
             let bytes = inner
                 .bg_pool
-                .install(|| dom.add_base(base_id, meta, &dump, &engine, &sb_id))
+                .install(|| dom.add_base(base_id, meta, &dump, &engine, &sb_id, &origin))
                 .map_err(CheckpointImageError::AddBase)?;
             Ok((bytes, dump.pages_bytes(), dump.n_pages()))
         })
@@ -1502,7 +1518,7 @@ impl Inner {
                         "a dedup or dedup start is in progress",
                     ));
                 }
-                Some(Entry::LostBase(_)) => {
+                Some(Entry::LostBase(..)) => {
                     return Err(wrong_form(
                         id,
                         SandboxForm::Base,

@@ -9,7 +9,8 @@
 //! - `bases/<id>.pages`: a base's canonical pages (mapped read-only while the base lives: the
 //!   file's pages are the only copy); `bases/<id>.pos`: their position keys (little-endian
 //!   u64, absent when positional candidates are off); `bases/<id>.json`: [`BaseFile`] with the
-//!   checksums of both.
+//!   checksums of both and the action and version its sandbox ran (reported for the base once
+//!   its process is gone, so a restarted controller keeps it as its function's base).
 //!
 //! - `tmpl/<name>/`: a template's full CRIU image (issue 8); `tmpl/<name>.json`:
 //!   [`TemplateFile`] (the action, version, code directory, checksums of every image file, its
@@ -67,6 +68,32 @@ pub(crate) struct BaseFile {
     pub node: u32,
     pub pages_checksum: u64,
     pub positions_checksum: Option<u64>,
+    /// The action its sandbox ran (absent in files of older agents, and for a template's base).
+    #[serde(default)]
+    pub action: Option<ActionName>,
+    /// That action's version (absent with `action`).
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// The action and version a base's sandbox ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BaseOrigin {
+    pub action: ActionName,
+    pub version: String,
+}
+
+impl BaseFile {
+    /// The action and version, when the file names both.
+    fn origin(&self) -> Option<BaseOrigin> {
+        match (&self.action, &self.version) {
+            (Some(action), Some(version)) => Some(BaseOrigin {
+                action: action.clone(),
+                version: version.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -113,13 +140,15 @@ fn base_path(dir: &Path, id: BaseId, ext: &str) -> PathBuf {
 }
 
 /// Writes a base's pages (switching `image` to a mapping of the file), position keys and
-/// metadata into `dir`.
+/// metadata (with the action and version its sandbox runs) into `dir`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn save_base(
     dir: &Path,
     domain: &str,
     id: BaseId,
     meta: &BaseMeta,
     sandbox: &SandboxId,
+    origin: &BaseOrigin,
     image: &mut BaseImage,
     positions: &[u64],
 ) -> io::Result<()> {
@@ -140,6 +169,8 @@ pub(crate) fn save_base(
         node: meta.node.0,
         pages_checksum,
         positions_checksum,
+        action: Some(origin.action.clone()),
+        version: Some(origin.version.clone()),
     };
     write_json_atomic(&base_path(dir, id, "json"), &file)
 }
@@ -215,6 +246,9 @@ pub(crate) fn save_template_base(
         node: meta.node.0,
         pages_checksum,
         positions_checksum: None,
+        // Held by its template, not a sandbox the controller knows.
+        action: None,
+        version: None,
     };
     write_json_atomic(&base_path(dir, id, "json"), &file)
 }
@@ -297,6 +331,8 @@ fn read_template(
 pub(crate) struct LoadedBase {
     pub sandbox: SandboxId,
     pub rec: Arc<crate::BaseRec>,
+    /// What its sandbox ran (`None` from an older agent's file, or a template's base).
+    pub origin: Option<BaseOrigin>,
 }
 
 /// A dedup store reloaded from the images directory.
@@ -461,6 +497,7 @@ pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Lo
             Ok((meta, rec)) => {
                 out.max_base = Some(out.max_base.map_or(meta.id.0, |m| m.max(meta.id.0)));
                 out.bases.push(LoadedBase {
+                    origin: meta.origin(),
                     sandbox: meta.sandbox,
                     rec,
                 });
@@ -559,4 +596,53 @@ pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Lo
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(origin: Option<BaseOrigin>) -> BaseFile {
+        BaseFile {
+            format: FORMAT,
+            id: BaseId(7),
+            domain: "guest".into(),
+            sandbox: SandboxId("b".into()),
+            function: "guest/f".into(),
+            node: 0,
+            pages_checksum: 1,
+            positions_checksum: None,
+            action: origin.as_ref().map(|o| o.action.clone()),
+            version: origin.map(|o| o.version),
+        }
+    }
+
+    #[test]
+    fn a_base_file_keeps_its_action_and_version() {
+        let origin = BaseOrigin {
+            action: ActionName {
+                namespace: medes_core::Namespace("guest".into()),
+                name: "f".into(),
+            },
+            version: "0.0.2".into(),
+        };
+        let text = serde_json::to_vec(&file(Some(origin.clone()))).unwrap();
+        let back: BaseFile = serde_json::from_slice(&text).unwrap();
+        assert_eq!(back.origin(), Some(origin));
+    }
+
+    #[test]
+    fn an_older_agents_base_file_loads_without_them() {
+        let mut v = serde_json::to_value(file(None)).unwrap();
+        let fields = v.as_object_mut().unwrap();
+        fields.remove("action");
+        fields.remove("version");
+        assert!(!fields.contains_key("action"));
+        let back: BaseFile = serde_json::from_value(v).unwrap();
+        assert_eq!((back.id, back.origin()), (BaseId(7), None));
+        // Half a name is no name.
+        let mut half = file(None);
+        half.version = Some("1".into());
+        assert_eq!(half.origin(), None);
+    }
 }

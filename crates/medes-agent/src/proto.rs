@@ -371,7 +371,9 @@ pub struct SandboxStatus {
     /// fingerprint registry; a base whose process was lost = pages + registry share. A
     /// sandbox in the middle of a dedup or dedup start reports 0.
     pub held_bytes: u64,
-    /// The action it runs (every form but a base whose process was lost).
+    /// The action it runs (for a base whose process was lost: the action it ran, unless an
+    /// older agent kept it without; a restarted controller keeps such a base as its function's
+    /// base when the action and version are unchanged).
     #[serde(default)]
     pub action: Option<ActionName>,
     /// The action version it runs.

@@ -810,7 +810,7 @@ impl Agent {
                         recs.push(b);
                     }
                 }
-                Entry::LostBase(b) => recs.push(b.clone()),
+                Entry::LostBase(b, _) => recs.push(b.clone()),
                 _ => {}
             }
         }

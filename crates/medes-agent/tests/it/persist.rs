@@ -1,6 +1,8 @@
 //! Dedup stores and bases survive an agent restart (issue 5): a new agent on the same data
 //! directory finds them on the tmpfs, verifies them, restores the sandbox with the right state,
-//! drops a corrupted store with a reason, and retires bases nothing depends on.
+//! drops a corrupted store with a reason, and retires bases nothing depends on. A kept base
+//! names the action and version it ran (a base file of an older agent, without them, still
+//! loads).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -166,6 +168,22 @@ async fn a_dedup_sandbox_survives_an_agent_restart() {
         .expect("the base's pages kept");
     assert_eq!((sa.form, sa.alive), (SandboxForm::Base, false));
     assert!(sa.held_bytes > 0);
+    // It names the action and version it ran (a restarted controller keeps it as its
+    // function's base).
+    assert_eq!(
+        sa.action.as_ref().map(|a| a.name.as_str()),
+        Some("pkg/kept"),
+        "{sa:?}"
+    );
+    assert_eq!(sa.version.as_deref(), Some("0.0.7"));
+    if let Some(so) = st.sandboxes.iter().find(|s| s.id == o) {
+        assert_eq!(
+            so.action.as_ref().map(|a| a.name.as_str()),
+            Some("pkg/other"),
+            "{so:?}"
+        );
+        assert_eq!(so.version.as_deref(), Some("0.0.7"));
+    }
 
     // The dedup start after the restart gives the same state (and a fresh generator).
     let Reply::Restored(r) = agent
@@ -219,7 +237,24 @@ async fn a_corrupted_store_is_dropped_at_start_and_never_restored() {
     let agent = Agent::new(cfg.clone()).unwrap();
     let before = base_and_dedups(&agent, &a, &[&b, &c]).await;
     let store_b = agent.store_path(&b).unwrap();
+    let dir = agent.images_dir().to_path_buf();
     agent.shutdown().await;
+    // The base's metadata as an older agent wrote it (no action, no version): it still loads.
+    let base_meta = std::fs::read_dir(dir.join("bases"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .find(|p| {
+            let v: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            v["sandbox"] == a.0.as_str()
+        })
+        .expect("the base's metadata");
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(&base_meta).unwrap()).unwrap();
+    let fields = meta.as_object_mut().unwrap();
+    assert_eq!(fields.remove("action").unwrap()["name"], "pkg/kept");
+    assert_eq!(fields.remove("version").unwrap(), "0.0.7");
+    std::fs::write(&base_meta, serde_json::to_vec(&meta).unwrap()).unwrap();
     // Flip bytes in the middle of b's store.
     let mut bytes = std::fs::read(&store_b).unwrap();
     let mid = bytes.len() / 2;
@@ -232,6 +267,16 @@ async fn a_corrupted_store_is_dropped_at_start_and_never_restored() {
     let k = agent.dedup_counters();
     assert_eq!((k.kept_loaded, k.kept_dropped), (2, 1), "{k:?}");
     assert!(!store_b.exists(), "the corrupt store is removed");
+    let st = status(&agent).await;
+    let sa = st
+        .sandboxes
+        .iter()
+        .find(|s| s.id == a)
+        .expect("the base kept");
+    assert_eq!(
+        (sa.form, sa.action.as_ref(), sa.version.as_ref()),
+        (SandboxForm::Base, None, None)
+    );
     assert!(matches!(
         agent.execute(Command::Restore { sandbox: b.clone() }).await,
         Err(AgentError::UnknownSandbox(_))

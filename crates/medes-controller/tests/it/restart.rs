@@ -125,6 +125,12 @@ async fn dedup_sandboxes_survive_a_platform_restart() {
         .map(|s| s.id)
         .collect();
     assert_eq!(dedups.len(), 3, "{:?}", ctl.sandboxes());
+    let base = ctl
+        .sandboxes()
+        .into_iter()
+        .find(|s| s.state == StateKind::Base)
+        .expect("a base")
+        .id;
     let broken = agent.store_path(&dedups[0]).expect("a store");
     ctl.shutdown().await;
     agent.shutdown().await;
@@ -139,10 +145,23 @@ async fn dedup_sandboxes_survive_a_platform_restart() {
         move |n: &ActionName| (n == &a.name).then(|| (*a).clone())
     };
     let report = ctl.reconcile(&current).await;
-    assert_eq!((report.adopted, report.left), (2, 1), "{report:?}");
+    // The two dedup sandboxes, and the base (its process is gone, its pages stay: the agent
+    // names its action and version, so it stays its function's base).
+    assert_eq!((report.adopted, report.left), (3, 0), "{report:?}");
     assert!(report.purged.is_empty(), "{report:?}");
-    let adopted: Vec<_> = ctl.sandboxes().into_iter().map(|s| s.id).collect();
-    assert_eq!(adopted, dedups[1..].to_vec());
+    let mut adopted: Vec<_> = ctl
+        .sandboxes()
+        .into_iter()
+        .map(|s| (s.id, s.state))
+        .collect();
+    adopted.sort();
+    let mut want: Vec<_> = dedups[1..]
+        .iter()
+        .map(|id| (id.clone(), StateKind::Dedup))
+        .chain([(base, StateKind::Base)])
+        .collect();
+    want.sort();
+    assert_eq!(adopted, want);
 
     // A kept sandbox serves a dedup start with the right state.
     let busy = {
