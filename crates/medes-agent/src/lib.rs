@@ -53,8 +53,9 @@
 //!   [`Sandbox::restore_with_lazy`]): CRIU reads only the few pages it restores itself, and the
 //!   agent's own userfaultfd lazy-pages server copies every other page straight from the
 //!   verified rebuild into the running process (faulting pages first); the start answers once
-//!   the runtime answered and every page was verified. Errors before anything ran fall back to
-//!   the path above.
+//!   the runtime answered (the inputs verified before it resumed), and the remaining pages are
+//!   filled in the background while the request runs (a make-base or dedup of the sandbox
+//!   waits for that fill). Errors before anything ran fall back to the path above.
 //! - **Re-dedup reuses the store** (as the paper does): a sandbox restored from a store keeps it
 //!   while warm; its next [`Command::Dedup`] stops the process and keeps the store instead of
 //!   checkpointing again ([`DedupReply::reused_previous`]). This relies on actions being
