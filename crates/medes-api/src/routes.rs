@@ -748,6 +748,27 @@ async fn policy_get(
     settings_json(&knob(&s)?.policy_settings())
 }
 
+/// A `PUT .../medes/policy` body; a field of the wrong type is named in the 400's message
+/// (serde's own message says only what was expected).
+fn policy_update(body: &[u8]) -> Result<medes_policy::PolicyUpdate, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let culprit = serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+            .ok()
+            .and_then(|fields| {
+                fields.into_iter().find_map(|(name, v)| {
+                    let one = Value::Object([(name.clone(), v)].into_iter().collect());
+                    serde_json::from_value::<medes_policy::PolicyUpdate>(one)
+                        .err()
+                        .map(|e| (name, e))
+                })
+            });
+        match culprit {
+            Some((name, e)) => ApiError::malformed(format!("field {name}: {e}")),
+            None => ApiError::malformed(e),
+        }
+    })
+}
+
 /// `PUT /api/v1/namespaces/{ns}/medes/policy`: changes the global settings (present fields).
 async fn policy_put(
     State(s): S,
@@ -758,8 +779,7 @@ async fn policy_put(
     caller.resolve(&ns)?;
     caller.require_admin("Changing the policy knob")?;
     let body = body_or_error(body, s.state.config.max_payload_bytes)?;
-    let update: medes_policy::PolicyUpdate =
-        serde_json::from_slice(&body).map_err(ApiError::malformed)?;
+    let update = policy_update(&body)?;
     let k = knob(&s)?;
     let _guard = s.policy_writes.lock();
     let mut settings = k.policy_settings();

@@ -1387,6 +1387,57 @@ async fn policy_knob_changes_need_an_operator_key() {
 }
 
 #[tokio::test]
+async fn policy_knob_base_rules_are_set_read_and_checked() {
+    let app = App::new();
+    let uri = "/api/v1/namespaces/_/medes/policy";
+    let r = app.call(Method::GET, uri, None).await;
+    assert!(
+        r.json.get("bases_on_demand").is_none(),
+        "off by default: {}",
+        r.json
+    );
+    let r = app
+        .call(
+            Method::PUT,
+            uri,
+            Some(
+                json!({"policy": "medes", "bases_on_demand": true, "retire_bases": true,
+                        "dedup_at_keep_alive": true, "base_cost_factor": 2.5,
+                        "idle_period_s": 30}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["bases_on_demand"], true);
+    assert_eq!(r.json["retire_bases"], true);
+    assert_eq!(r.json["dedup_at_keep_alive"], true);
+    assert_eq!(r.json["base_cost_factor"], 2.5);
+    assert_eq!(r.json["idle_period_s"], 30);
+    // Bad values: 400 naming the field, nothing changes.
+    for (bad, field) in [
+        (json!({"base_cost_factor": -1}), "base_cost_factor"),
+        (json!({"base_cost_factor": "two"}), "base_cost_factor"),
+        (json!({"bases_on_demand": "yes"}), "bases_on_demand"),
+        (json!({"idle_period_s": 0}), "idle_period_s"),
+    ] {
+        let r = app.call(Method::PUT, uri, Some(bad.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad} → {}", r.json);
+        let msg = r.json["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(field), "{bad} → {msg}");
+    }
+    let r = app.call(Method::GET, uri, None).await;
+    assert_eq!(r.json["base_cost_factor"], 2.5);
+    assert_eq!(r.json["idle_period_s"], 30);
+    // Switched off again: absent from the answer.
+    let r = app
+        .call(Method::PUT, uri, Some(json!({"bases_on_demand": false})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert!(r.json.get("bases_on_demand").is_none(), "{}", r.json);
+    assert_eq!(r.json["retire_bases"], true);
+}
+
+#[tokio::test]
 async fn policy_knob_global_and_per_action() {
     let app = App::new();
     let r = app

@@ -2170,3 +2170,63 @@ async fn the_greedy_dual_clock_is_per_node_and_survives_a_policy_change() {
         (0.0, 7.0)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_bases_on_demand_a_lone_idle_sandbox_gets_no_base() {
+    let medes = |on_demand: bool| {
+        let mut s = PolicySettings::default();
+        s.apply(&PolicyUpdate {
+            policy: Some(PolicyChoice::Medes),
+            bases_on_demand: Some(on_demand),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        s
+    };
+    // The default (the prototype's rule): the function's only idle sandbox becomes its base at
+    // its first decision.
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        memory_refresh_ms: 1_000,
+        policy: medes(false),
+        ..Default::default()
+    });
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 1).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base");
+    assert_eq!(fake.commands("make_base"), 1);
+    stop.cancel();
+    timers.await.unwrap();
+
+    // On demand: nothing would be deduplicated, so no base; it stays warm through several
+    // decisions (short of the keep-alive).
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        memory_refresh_ms: 1_000,
+        policy: medes(true),
+        ..Default::default()
+    });
+    let (stop, timers) = with_timers(&ctl);
+    spawn_n(&ctl, &a, 1).await;
+    tokio::time::sleep(Duration::from_secs(181)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "warm");
+    assert_eq!(fake.commands("make_base") + fake.commands("dedup"), 0);
+    assert!(ctl.policy_settings().bases_on_demand);
+    // Switched off at run time: the next decision makes the base.
+    let mut s = ctl.policy_settings();
+    s.apply(&PolicyUpdate {
+        bases_on_demand: Some(false),
+        ..PolicyUpdate::default()
+    })
+    .unwrap();
+    ctl.set_policy_settings(s).unwrap();
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base");
+    stop.cancel();
+    timers.await.unwrap();
+}

@@ -126,6 +126,26 @@ pub struct PolicySettings {
     /// (`medes policy set --preset medes-predict`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub greedy_dual: bool,
+    /// Medes: at keep-alive expiry a warm sandbox is deduplicated (kept until keep-dedup)
+    /// instead of purged (`MedesConfig::dedup_at_keep_alive`, the simulator's `-dka`). Default
+    /// false (the prototype purges).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dedup_at_keep_alive: bool,
+    /// Medes: bases on demand (`MedesConfig::bases_on_demand`, the simulator's `-lazybase`): a
+    /// sandbox becomes a base only when it would otherwise be deduplicated, a function's first
+    /// base only if its candidates save at least `base_cost_factor` × m_W. Default false (the
+    /// prototype makes every function's first idle sandbox a base).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bases_on_demand: bool,
+    /// Medes, with `bases_on_demand`: what a function's first base costs, in warm footprints
+    /// m_W (finite, ≥ 0); absent: `MedesConfig`'s default (2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_cost_factor: Option<f64>,
+    /// Medes: base retirement (`MedesConfig::retire_bases`, the simulator's `-retire`): a base
+    /// with no dependents idle for the keep-dedup period is purged. Default false (bases are
+    /// kept for the whole run).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub retire_bases: bool,
     /// Per-function overrides, by action name (in every namespace).
     pub functions: BTreeMap<String, FunctionKnob>,
 }
@@ -143,6 +163,10 @@ impl Default for PolicySettings {
             hold_below: None,
             predict: false,
             greedy_dual: false,
+            dedup_at_keep_alive: false,
+            bases_on_demand: false,
+            base_cost_factor: None,
+            retire_bases: false,
             functions: BTreeMap::new(),
         }
     }
@@ -182,6 +206,18 @@ pub struct PolicyUpdate {
     /// Medes: Greedy-Dual eviction order on or off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub greedy_dual: Option<bool>,
+    /// Medes: dedup (instead of purge) at keep-alive expiry on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup_at_keep_alive: Option<bool>,
+    /// Medes: bases on demand on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bases_on_demand: Option<bool>,
+    /// Medes: the first base's cost in m_W (finite, ≥ 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_cost_factor: Option<f64>,
+    /// Medes: base retirement on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retire_bases: Option<bool>,
 }
 
 impl PolicyUpdate {
@@ -196,6 +232,58 @@ impl PolicyUpdate {
             predict: Some(true),
             greedy_dual: Some(true),
             ..PolicyUpdate::default()
+        }
+    }
+
+    /// `medes-lean`, the simulator's `medes-ka-1m-kd-12m-dka-lazybase-retire` (docs/EVALUATION.md,
+    /// memory at the same latency): Medes in memory mode, idle period 60 s, keep-alive 60 s,
+    /// dedup at keep-alive expiry, keep-dedup 12 min, bases on demand (first base at 2 × m_W),
+    /// bases retired; no hold, no prediction, the prototype's eviction order. The budget (M0)
+    /// and per-function overrides are kept.
+    pub fn medes_lean() -> PolicyUpdate {
+        PolicyUpdate {
+            policy: Some(PolicyChoice::Medes),
+            mode: Some(KnobMode::Memory),
+            idle_period_s: Some(60),
+            keep_alive_s: Some(60),
+            keep_dedup_s: Some(12 * 60),
+            hold_below: Some(0.0),
+            predict: Some(false),
+            greedy_dual: Some(false),
+            dedup_at_keep_alive: Some(true),
+            bases_on_demand: Some(true),
+            base_cost_factor: Some(crate::policies::MedesConfig::default().base_cost_factor),
+            retire_bases: Some(true),
+            ..PolicyUpdate::default()
+        }
+    }
+
+    /// A preset by name: `medes-predict` or `medes-lean`.
+    pub fn preset(name: &str) -> Result<PolicyUpdate, KnobError> {
+        match name {
+            "medes-predict" => Ok(PolicyUpdate::medes_predict()),
+            "medes-lean" => Ok(PolicyUpdate::medes_lean()),
+            _ => Err(KnobError::UnknownPreset(name.to_string())),
+        }
+    }
+
+    /// `self` with the fields present in `over` replaced by `over`'s (a preset, then flags).
+    pub fn then(self, over: &PolicyUpdate) -> PolicyUpdate {
+        PolicyUpdate {
+            policy: over.policy.or(self.policy),
+            mode: over.mode.or(self.mode),
+            alpha: over.alpha.or(self.alpha),
+            budget_mb: over.budget_mb.or(self.budget_mb),
+            idle_period_s: over.idle_period_s.or(self.idle_period_s),
+            keep_alive_s: over.keep_alive_s.or(self.keep_alive_s),
+            keep_dedup_s: over.keep_dedup_s.or(self.keep_dedup_s),
+            hold_below: over.hold_below.or(self.hold_below),
+            predict: over.predict.or(self.predict),
+            greedy_dual: over.greedy_dual.or(self.greedy_dual),
+            dedup_at_keep_alive: over.dedup_at_keep_alive.or(self.dedup_at_keep_alive),
+            bases_on_demand: over.bases_on_demand.or(self.bases_on_demand),
+            base_cost_factor: over.base_cost_factor.or(self.base_cost_factor),
+            retire_bases: over.retire_bases.or(self.retire_bases),
         }
     }
 }
@@ -236,6 +324,12 @@ pub enum KnobError {
     /// The hold threshold must be within (0, 1].
     #[error("hold_below must be within (0, 1], not {0}")]
     Hold(f64),
+    /// The first base's cost must be a finite number ≥ 0.
+    #[error("base_cost_factor must be a finite number of at least 0, not {0}")]
+    BaseCost(f64),
+    /// Not one of `medes-predict`, `medes-lean`.
+    #[error("unknown preset {0:?} (expected medes-predict or medes-lean)")]
+    UnknownPreset(String),
     /// An empty function name.
     #[error("a function name must not be empty")]
     EmptyName,
@@ -324,6 +418,11 @@ impl PolicySettings {
         {
             return Err(KnobError::Hold(h));
         }
+        if let Some(c) = self.base_cost_factor
+            && !(c.is_finite() && c >= 0.0)
+        {
+            return Err(KnobError::BaseCost(c));
+        }
         for (name, k) in &self.functions {
             if name.trim().is_empty() {
                 return Err(KnobError::EmptyName);
@@ -360,6 +459,10 @@ impl PolicySettings {
         }
         next.predict = u.predict.unwrap_or(next.predict);
         next.greedy_dual = u.greedy_dual.unwrap_or(next.greedy_dual);
+        next.dedup_at_keep_alive = u.dedup_at_keep_alive.unwrap_or(next.dedup_at_keep_alive);
+        next.bases_on_demand = u.bases_on_demand.unwrap_or(next.bases_on_demand);
+        next.base_cost_factor = u.base_cost_factor.or(next.base_cost_factor);
+        next.retire_bases = u.retire_bases.unwrap_or(next.retire_bases);
         next.validate()?;
         *self = next;
         Ok(())
@@ -440,6 +543,12 @@ impl PolicySettings {
                     hold_below: self.hold_below,
                     predict: self.predict.then(crate::policies::PredictConfig::default),
                     evict_greedy_dual: self.greedy_dual,
+                    dedup_at_keep_alive: self.dedup_at_keep_alive,
+                    bases_on_demand: self.bases_on_demand,
+                    base_cost_factor: self
+                        .base_cost_factor
+                        .unwrap_or(MedesConfig::default().base_cost_factor),
+                    retire_bases: self.retire_bases,
                     ..MedesConfig::default()
                 },
                 Vec::new(),
@@ -839,6 +948,129 @@ mod tests {
         let back: PolicySettings =
             serde_json::from_str(r#"{"policy": "medes", "greedy_dual": true}"#).unwrap();
         assert!(back.greedy_dual);
+    }
+
+    #[test]
+    fn base_rules_are_set_validated_and_reach_medes() {
+        // Old JSON (without the new fields) still parses, with the rules off.
+        let old: PolicySettings =
+            serde_json::from_str(r#"{"policy": "medes", "hold_below": 0.9, "predict": true}"#)
+                .unwrap();
+        assert!(!old.bases_on_demand && !old.retire_bases && !old.dedup_at_keep_alive);
+        assert_eq!(old.base_cost_factor, None);
+        let u: PolicyUpdate = serde_json::from_str(
+            r#"{"bases_on_demand": true, "retire_bases": true, "base_cost_factor": 3}"#,
+        )
+        .unwrap();
+        let mut s = PolicySettings {
+            policy: PolicyChoice::Medes,
+            ..PolicySettings::default()
+        };
+        s.apply(&u).unwrap();
+        assert!(s.bases_on_demand && s.retire_bases && !s.dedup_at_keep_alive);
+        assert_eq!(s.base_cost_factor, Some(3.0));
+        // Serialised: present only when on / set; round trip.
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["bases_on_demand"], true);
+        assert_eq!(j["base_cost_factor"], 3.0);
+        assert!(j.get("dedup_at_keep_alive").is_none());
+        assert_eq!(serde_json::from_value::<PolicySettings>(j).unwrap(), s);
+        // Bad factors change nothing; 0 is allowed (any candidate pays for the first base).
+        let before = s.clone();
+        for bad in [-0.5, f64::NAN, f64::INFINITY] {
+            let r = s.apply(&PolicyUpdate {
+                base_cost_factor: Some(bad),
+                ..PolicyUpdate::default()
+            });
+            assert!(matches!(r, Err(KnobError::BaseCost(_))), "{bad}: {r:?}");
+            assert_eq!(s, before);
+        }
+        s.apply(&PolicyUpdate {
+            base_cost_factor: Some(0.0),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert_eq!(s.base_cost_factor, Some(0.0));
+        // Off again.
+        s.apply(&PolicyUpdate {
+            bases_on_demand: Some(false),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert!(!s.bases_on_demand && s.retire_bases);
+    }
+
+    #[test]
+    fn bases_on_demand_and_retirement_change_live_decisions() {
+        // One function, one idle warm sandbox, plenty of memory: the prototype makes it the
+        // function's base at its first decision; on demand it stays warm (nothing to dedup).
+        let mut f = fv("f");
+        f.counts.warm = 1;
+        f.latency.warm_ms = Some(10.0);
+        f.exec_ms = Some(1000.0);
+        let c = ClusterView {
+            budget: Bytes::mib(10_000),
+            functions: 1,
+            ..ClusterView::default()
+        };
+        let decide = |s: &PolicySettings, sb: &SandboxView, now: u64| {
+            s.build(T, 40, true).on_idle(&c, &f, sb, Timestamp(now))
+        };
+        let proto = PolicySettings {
+            policy: PolicyChoice::Medes,
+            ..PolicySettings::default()
+        };
+        assert_eq!(decide(&proto, &warm(0), 60_000), Decision::Base);
+        let mut lean = proto.clone();
+        lean.apply(&PolicyUpdate {
+            bases_on_demand: Some(true),
+            retire_bases: Some(true),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert_eq!(decide(&lean, &warm(0), 60_000), Decision::KeepWarm);
+        // An idle base without dependents: kept for good by the prototype (no next decision),
+        // retired after keep-dedup (900 s) with `retire_bases`.
+        let mut base = warm(0);
+        base.form = crate::Form::Base;
+        assert_eq!(
+            proto
+                .build(T, 40, true)
+                .next_decision(&f, &base, Timestamp(0)),
+            None
+        );
+        assert!(
+            lean.build(T, 40, true)
+                .next_decision(&f, &base, Timestamp(0))
+                .is_some()
+        );
+        assert_eq!(decide(&lean, &base, 960_000), Decision::Purge);
+        assert_eq!(decide(&lean, &base, 600_000), Decision::KeepWarm);
+    }
+
+    #[test]
+    fn presets_merge_under_flags() {
+        let lean = PolicyUpdate::preset("medes-lean").unwrap();
+        assert_eq!(lean, PolicyUpdate::medes_lean());
+        assert!(PolicyUpdate::preset("lean").is_err());
+        let mut s = PolicySettings::default();
+        s.apply(&PolicyUpdate::medes_predict()).unwrap();
+        s.apply(&lean.then(&PolicyUpdate {
+            keep_dedup_s: Some(600),
+            ..PolicyUpdate::default()
+        }))
+        .unwrap();
+        assert_eq!(
+            (s.policy, s.mode, s.hold_below, s.predict, s.greedy_dual),
+            (PolicyChoice::Medes, KnobMode::Memory, None, false, false)
+        );
+        assert_eq!(
+            (s.idle_period_s, s.keep_alive_s, s.keep_dedup_s),
+            (Some(60), Some(60), Some(600)),
+            "the flag overrides the preset's 12 min"
+        );
+        assert!(s.dedup_at_keep_alive && s.bases_on_demand && s.retire_bases);
+        assert_eq!(s.base_cost_factor, Some(2.0));
     }
 
     #[test]

@@ -178,6 +178,26 @@ mod tests {
     }
 
     #[test]
+    fn the_base_rules_are_read_from_the_policy_section_and_checked() {
+        let cfg: MedesConfig = toml::from_str(
+            "[controller.policy]\npolicy = \"medes\"\nidle_period_s = 30\nkeep_alive_s = 60\n\
+             keep_dedup_s = 720\ndedup_at_keep_alive = true\nbases_on_demand = true\n\
+             base_cost_factor = 2.0\nretire_bases = true\n",
+        )
+        .expect("parses");
+        cfg.validate().expect("valid");
+        let p = &cfg.controller.policy;
+        assert!(p.dedup_at_keep_alive && p.bases_on_demand && p.retire_bases);
+        assert_eq!((p.base_cost_factor, p.idle_period_s), (Some(2.0), Some(30)));
+        let d = MedesConfig::default();
+        assert!(!d.controller.policy.bases_on_demand && !d.controller.policy.retire_bases);
+        let bad: MedesConfig =
+            toml::from_str("[controller.policy]\nbase_cost_factor = -1.0\n").expect("parses");
+        let err = bad.validate().unwrap_err();
+        assert!(format!("{err:#}").contains("base_cost_factor"), "{err:#}");
+    }
+
+    #[test]
     fn template_starts_are_off_unless_switched_on() {
         assert!(!MedesConfig::default().controller.template_starts);
         let cfg: MedesConfig =

@@ -78,8 +78,28 @@ struct SetArgs {
     /// (global only).
     #[arg(long)]
     greedy_dual: Option<bool>,
-    /// A named setting first, then the other flags on top: `medes-predict` (Medes, memory
-    /// mode, --hold-below 0.9, --predict true, --greedy-dual true; global only).
+    /// Medes: at keep-alive expiry deduplicate a warm sandbox (kept until keep-dedup) instead
+    /// of purging it (the simulator's `-dka`; global only).
+    #[arg(long)]
+    dedup_at_keep_alive: Option<bool>,
+    /// Medes: bases on demand: a sandbox becomes a base only when it would otherwise be
+    /// deduplicated (the simulator's `-lazybase`; global only).
+    #[arg(long)]
+    bases_on_demand: Option<bool>,
+    /// Medes, with --bases-on-demand: a function's first base is made only if its candidates
+    /// save at least this many warm footprints m_W (≥ 0; default 2; global only).
+    #[arg(long)]
+    base_cost_factor: Option<f64>,
+    /// Medes: purge a base with no dependents idle for the keep-dedup period (the simulator's
+    /// `-retire`; global only).
+    #[arg(long)]
+    retire_bases: Option<bool>,
+    /// A named setting first, then the other flags on top (global only): `medes-predict`
+    /// (Medes, memory mode, --hold-below 0.9, --predict true, --greedy-dual true) or
+    /// `medes-lean` (the simulator's medes-ka-1m-kd-12m-dka-lazybase-retire: Medes, memory
+    /// mode, idle period 60 s, keep-alive 60 s, keep-dedup 720 s, --dedup-at-keep-alive true,
+    /// --bases-on-demand true, --base-cost-factor 2, --retire-bases true, no hold, no
+    /// prediction, the prototype's eviction order).
     #[arg(long)]
     preset: Option<String>,
 }
@@ -122,6 +142,21 @@ fn show_settings(s: &PolicySettings) {
     if s.greedy_dual {
         println!("eviction      greedy-dual (dedup as the cheaper state)");
     }
+    if s.dedup_at_keep_alive {
+        println!("keep-alive    expiry deduplicates (kept until keep-dedup)");
+    }
+    if s.bases_on_demand {
+        println!(
+            "bases         on demand (first base at {} x m_W)",
+            s.base_cost_factor
+                .unwrap_or(medes_policy::policies::MedesConfig::default().base_cost_factor)
+        );
+    } else if let Some(c) = s.base_cost_factor {
+        println!("base cost     {c} x m_W (used with bases on demand, now off)");
+    }
+    if s.retire_bases {
+        println!("retire bases  idle past keep-dedup without dependents");
+    }
     for (name, k) in &s.functions {
         println!("  {name}: {}", serde_json::to_string(k).unwrap_or_default());
     }
@@ -153,8 +188,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             && s.hold_below.is_none()
                             && s.predict.is_none()
                             && s.greedy_dual.is_none()
+                            && s.dedup_at_keep_alive.is_none()
+                            && s.bases_on_demand.is_none()
+                            && s.base_cost_factor.is_none()
+                            && s.retire_bases.is_none()
                             && s.preset.is_none(),
-                        "--policy, --hold-below, --predict, --greedy-dual and --preset are global"
+                        "--policy, --hold-below, --predict, --greedy-dual, --dedup-at-keep-alive, \
+                         --bases-on-demand, --base-cost-factor, --retire-bases and --preset are \
+                         global"
                     );
                     serde_json::to_value(FunctionKnob {
                         mode,
@@ -173,23 +214,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         .transpose()?;
                     let preset = match s.preset.as_deref() {
                         None => PolicyUpdate::default(),
-                        Some("medes-predict") => PolicyUpdate::medes_predict(),
-                        Some(other) => {
-                            anyhow::bail!("unknown --preset {other:?} (expected medes-predict)")
-                        }
+                        Some(name) => PolicyUpdate::preset(name)?,
                     };
-                    serde_json::to_value(PolicyUpdate {
-                        policy: policy.or(preset.policy),
-                        mode: mode.or(preset.mode),
+                    serde_json::to_value(preset.then(&PolicyUpdate {
+                        policy,
+                        mode,
                         alpha: s.alpha,
                         budget_mb: s.budget_mb,
                         idle_period_s: s.idle_period_s,
                         keep_alive_s: s.keep_alive_s,
                         keep_dedup_s: s.keep_dedup_s,
-                        hold_below: s.hold_below.or(preset.hold_below),
-                        predict: s.predict.or(preset.predict),
-                        greedy_dual: s.greedy_dual.or(preset.greedy_dual),
-                    })?
+                        hold_below: s.hold_below,
+                        predict: s.predict,
+                        greedy_dual: s.greedy_dual,
+                        dedup_at_keep_alive: s.dedup_at_keep_alive,
+                        bases_on_demand: s.bases_on_demand,
+                        base_cost_factor: s.base_cost_factor,
+                        retire_bases: s.retire_bases,
+                    }))?
                 }
             };
             (reqwest::Method::PUT, url(s.action.as_deref()), Some(body))
