@@ -227,6 +227,64 @@ async fn a_dedup_sandbox_survives_an_agent_restart() {
     assert!(!dir.exists());
 }
 
+/// A function whose runtime exits when asked to.
+const MORTAL: &str = r#"
+import os
+DATA = [str(i) * 5 for i in range(20000)]
+def main(args):
+    if args.get("die"):
+        os._exit(3)
+    return {"n": len(DATA)}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_whose_process_dies_keeps_its_action_and_version() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    let (a, b) = (id("ma"), id("mb"));
+    let agent = Agent::new(cfg).unwrap();
+    for sb in [&a, &b] {
+        start_code(&agent, sb, "pkg/mortal", MORTAL).await;
+        super::dedup::call(&agent, sb, json!({})).await.unwrap();
+    }
+    assert!(matches!(
+        agent
+            .execute(Command::MakeBase { sandbox: a.clone() })
+            .await,
+        Ok(Reply::BaseReady(_))
+    ));
+    assert!(matches!(
+        agent.execute(Command::Dedup { sandbox: b.clone() }).await,
+        Ok(Reply::Deduped(_))
+    ));
+    // The base's runtime exits during a run: its pages stay (b depends on them).
+    let died = agent
+        .execute(Command::Run(medes_agent::RunCommand {
+            sandbox: a.clone(),
+            params: json!({"die": true}).as_object().cloned().unwrap(),
+            env: BTreeMap::new(),
+            timeout_ms: 10_000,
+        }))
+        .await;
+    assert!(
+        matches!(&died, Ok(Reply::Ran(r)) if r.sandbox_lost()),
+        "{died:?}"
+    );
+    let st = status(&agent).await;
+    let sa = st.sandboxes.iter().find(|s| s.id == a).expect("its pages");
+    assert_eq!((sa.form, sa.alive), (SandboxForm::Base, false), "{sa:?}");
+    assert_eq!(
+        sa.action.as_ref().map(|x| x.name.as_str()),
+        Some("pkg/mortal"),
+        "{sa:?}"
+    );
+    assert_eq!(sa.version.as_deref(), Some("0.0.7"));
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_store_is_dropped_at_start_and_never_restored() {
     let data = tempfile::tempdir().unwrap();
