@@ -143,7 +143,7 @@ fn show_settings(s: &PolicySettings) {
         println!("eviction      greedy-dual (dedup as the cheaper state)");
     }
     if s.dedup_at_keep_alive {
-        println!("keep-alive    expiry deduplicates (kept until keep-dedup)");
+        println!("at keep-alive dedup (kept until keep-dedup)");
     }
     if s.bases_on_demand {
         println!(
