@@ -40,13 +40,23 @@ pub struct ClusterConfig {
     /// crude processor-sharing model, fixed at the start.
     #[serde(default)]
     pub cores: usize,
-    /// How long after its first invocation ends a cold start's reservation beyond m_W
-    /// ([`crate::FunctionProfile::start_mb`]) is kept, ms: the live controller's memory
-    /// refresh lag (it re-measures every 2 s). Default 0. As live, only the starts of a
-    /// function before one of its sandboxes was measured reserve more than m_W (the
-    /// controller charges later ones the function's measured m_W).
+    /// The live controller's memory-refresh lag, ms: with a value above 0, a cold start's
+    /// reservation beyond m_W ([`crate::FunctionProfile::start_mb`]) ends this long after the
+    /// start begins (the live controller re-measures every sandbox, starting ones included,
+    /// every 2 s: 1000 on average), whether or not its first invocation has ended. 0 (the
+    /// default, the paper evaluation's): the reservation ends with its first invocation. As
+    /// live, only the starts of a function before one of its sandboxes was measured reserve
+    /// more than m_W (the controller charges later ones the function's measured m_W).
     #[serde(default)]
     pub start_hold_ms: u64,
+    /// The live controller's admission bound, ms: an invocation that has waited this long
+    /// since its arrival without a sandbox (warm, dedup or a new one) is turned away (the live
+    /// platform answers 503 "no capacity"), counted in [`Counters::rejected`] and in the
+    /// summary's `dropped`, and left out of the latency percentiles (as the live summary
+    /// leaves out failed invocations). 0 (the default, the paper's setup): invocations wait
+    /// without bound. The live default is 10 000 (`admission_wait_ms`).
+    #[serde(default)]
+    pub admission_timeout_ms: u64,
 }
 
 impl ClusterConfig {
@@ -60,6 +70,7 @@ impl ClusterConfig {
             evict_idle_bases: false,
             cores: 0,
             start_hold_ms: 0,
+            admission_timeout_ms: 0,
         }
     }
 
@@ -177,6 +188,8 @@ enum Ev {
     Tick,
     /// A cold start's reservation beyond m_W ends.
     Release(usize),
+    /// The admission bound of a waiting invocation (function, request index) expires.
+    Expire(usize, u32),
 }
 
 struct Event {
@@ -242,6 +255,10 @@ pub struct Counters {
     /// Template images dropped to make room (after every idle sandbox of their node).
     #[serde(default)]
     pub templates_dropped: u64,
+    /// Invocations turned away after waiting [`ClusterConfig::admission_timeout_ms`] for
+    /// memory (0 without the bound).
+    #[serde(default)]
+    pub rejected: u64,
 }
 
 struct Sim<'a, P: ClusterPolicy + ?Sized> {
@@ -421,6 +438,7 @@ pub fn simulate<P: ClusterPolicy + ?Sized>(
                 sim.prewarm(f, until);
             }
             Ev::Release(s) => sim.release(s),
+            Ev::Expire(f, idx) => sim.expire(f, idx),
         }
     }
     sim.sample();
@@ -594,6 +612,10 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         let m = self.start_need(f);
         self.charge(s, m);
         self.live[f].push(s);
+        let hold = self.cfg.cluster.start_hold_ms;
+        if hold > 0 && m > self.prof[f].warm_mb {
+            self.push(self.now + hold, Ev::Release(s));
+        }
         s
     }
 
@@ -803,6 +825,10 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
             self.counters.queued += 1;
             self.pending[r.f].push_back(r);
             self.n_pending += 1;
+            let bound = self.cfg.cluster.admission_timeout_ms;
+            if bound > 0 {
+                self.push(r.arrival + bound, Ev::Expire(r.f, r.idx));
+            }
         }
         self.ask_prewarm(r.f);
     }
@@ -991,17 +1017,12 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
     fn finish(&mut self, s: usize) {
         self.done += 1;
         let (f, base) = (self.sbs[s].f, self.sbs[s].base);
-        // A cold start's reservation beyond m_W ends with its first invocation (plus the
-        // configured refresh lag).
-        if !base && self.sbs[s].mem > self.prof[f].warm_mb {
-            match self.cfg.cluster.start_hold_ms {
-                0 => {
-                    let m = self.prof[f].warm_mb;
-                    self.charge(s, m);
-                    self.measured[f] = true;
-                }
-                hold => self.push(self.now + hold, Ev::Release(s)),
-            }
+        // A cold start's reservation beyond m_W ends with its first invocation (with a
+        // refresh lag, at the `Release` scheduled when the start began).
+        if !base && self.sbs[s].mem > self.prof[f].warm_mb && self.cfg.cluster.start_hold_ms == 0 {
+            let m = self.prof[f].warm_mb;
+            self.charge(s, m);
+            self.measured[f] = true;
         }
         let after = self.policy.on_finish(f, Timestamp(self.now));
         {
@@ -1029,10 +1050,24 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         self.drain_pending();
     }
 
+    /// Turns the invocation away if it still waits for memory (the live controller's
+    /// admission bound); it counts as done, with no record.
+    fn expire(&mut self, f: usize, idx: u32) {
+        let Some(pos) = self.pending[f].iter().position(|r| r.idx == idx) else {
+            return;
+        };
+        self.pending[f].remove(pos);
+        self.n_pending -= 1;
+        self.counters.rejected += 1;
+        self.done += 1;
+        // As live, a waiter leaving lets the ones behind it try (another function's may fit).
+        self.drain_pending();
+    }
+
     fn release(&mut self, s: usize) {
         let sb = &self.sbs[s];
         let warm = self.prof[sb.f].warm_mb;
-        if !sb.base && matches!(sb.st, St::Warm | St::Running) && sb.mem > warm {
+        if !sb.base && matches!(sb.st, St::Warm | St::Running | St::Starting) && sb.mem > warm {
             let f = sb.f;
             self.charge(s, warm);
             self.measured[f] = true;

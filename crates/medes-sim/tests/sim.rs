@@ -383,11 +383,20 @@ fn cpu_model_slows_concurrent_work_and_start_reservations_and_base_eviction_are_
         .map(|m| m.used_mb)
         .fold(0.0, f64::max);
     assert!((late - 2.0 * lin.warm_mb).abs() < 1e-6, "{late}");
+    // With a refresh lag the reservation ends that long after the start began (the live
+    // controller measures starting sandboxes too), before the first invocation ends here.
     let mut lag = c;
-    lag.cluster.start_hold_ms = 1_000;
+    lag.tick_ms = 100; // memory is sampled on policy ticks
+    lag.cluster.start_hold_ms = 600;
+    assert!(done > 900, "{done}");
     let o2 = run(&t1, "fixed-10m", &lag, &q);
-    assert!((at(&o2, done + 300) - 500.0).abs() < 1e-6);
-    assert!((at(&o2, done + 1_300) - lin.warm_mb).abs() < 1e-6);
+    assert!((at(&o2, 300) - 500.0).abs() < 1e-6);
+    assert!((at(&o2, 800) - lin.warm_mb).abs() < 1e-6);
+    // A longer lag outlives the first invocation.
+    lag.cluster.start_hold_ms = done + 1_000;
+    let o3 = run(&t1, "fixed-10m", &lag, &q);
+    assert!((at(&o3, done + 300) - 500.0).abs() < 1e-6);
+    assert!((at(&o3, done + 1_300) - lin.warm_mb).abs() < 1e-6);
     assert!(!ClusterConfig::paper(40.0).evict_idle_bases);
     assert_eq!(ClusterConfig::paper(40.0).cores, 0);
 }
@@ -512,4 +521,49 @@ fn bases_on_demand_and_retired_once_nothing_depends_on_them() {
     assert_eq!(o.summary.counters.purges, 2);
     let p = run(&few, "medes-ka-1m-kd-5m-dka", &cfg, &prof);
     assert_eq!(p.summary.counters.bases, 1);
+}
+
+#[test]
+fn admission_bound_turns_away_waiting_invocations_only() {
+    let p = Profile::paper();
+    let lin = p.functions["linalg"].clone();
+    let busy = (lin.cold_ms + lin.exec_ms) as u64;
+    assert!(busy > 500, "{busy}");
+    // Room for one linalg sandbox: the second of two simultaneous invocations waits for the
+    // first to finish (a warm start then) unless the bound turns it away first.
+    let t = trace(&[(0, "linalg"), (0, "linalg")]);
+    let tight = cluster(1, lin.start_reserve_mb() * 1.5 / 0.95);
+    let unbounded = run(&t, "fixed-10m", &tight, &p);
+    assert_eq!(unbounded.summary.dropped, 0);
+    assert_eq!(unbounded.summary.counters.rejected, 0);
+    assert_eq!(unbounded.records.len(), 2);
+    let waited = unbounded
+        .records
+        .iter()
+        .map(|r| r.e2e_ms)
+        .fold(0.0, f64::max);
+    assert!(waited >= busy as f64, "{waited}");
+    let mut bounded = tight;
+    bounded.cluster.admission_timeout_ms = 500;
+    let o = run(&t, "fixed-10m", &bounded, &p);
+    assert_eq!(o.summary.dropped, 1);
+    assert_eq!(o.summary.counters.rejected, 1);
+    assert_eq!(o.summary.invocations, 1);
+    assert_eq!(o.records.len(), 1);
+    // The turned-away invocation is not in the percentiles: p99 is the served one's latency.
+    assert!((o.summary.p99_ms - o.records[0].e2e_ms).abs() < 1e-9);
+    assert!(o.summary.p99_ms < waited);
+    // A bound longer than the wait turns nothing away.
+    let mut long = tight;
+    long.cluster.admission_timeout_ms = busy + 1_000;
+    let o = run(&t, "fixed-10m", &long, &p);
+    assert_eq!((o.summary.dropped, o.summary.counters.rejected), (0, 0));
+    // With room for both, nothing waits and nothing is turned away.
+    let mut roomy = cluster(1, 4000.0);
+    roomy.cluster.admission_timeout_ms = 500;
+    let o = run(&t, "fixed-10m", &roomy, &p);
+    assert_eq!((o.summary.dropped, o.summary.counters.rejected), (0, 0));
+    assert_eq!(o.summary.counters.queued, 0);
+    assert_eq!(o.summary.cold_starts, 2);
+    assert_eq!(ClusterConfig::paper(40.0).admission_timeout_ms, 0);
 }

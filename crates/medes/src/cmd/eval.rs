@@ -70,6 +70,11 @@ struct ValidateArgs {
     /// first invocation, ms (the live controller re-measures every 2 s: 1000 on average).
     #[arg(long, default_value_t = 1000)]
     start_hold_ms: u64,
+    /// The simulated controller's admission bound, ms: an invocation waiting longer for
+    /// memory is turned away, as live (the live controller's `admission_wait_ms`, default
+    /// 10000); 0: wait without bound.
+    #[arg(long, default_value_t = 10_000)]
+    admission_timeout_ms: u64,
     /// Measured cost profile (`medes profile --startup ... --out FILE`); default: calibrated
     /// from the live runs themselves (start latencies by kind), the paper's for the rest.
     #[arg(long)]
@@ -165,6 +170,11 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         None => live::short_trace(a.minutes, a.seed, a.min_per_hour, a.max_per_hour)?,
     };
     let minutes = (trace.duration_ms() as f64 / 60_000.0).max(1.0);
+    let model = live::NodeModel {
+        cores: a.cores,
+        start_hold_ms: a.start_hold_ms,
+        admission_timeout_ms: a.admission_timeout_ms,
+    };
     let mut timers = Timers::scaled(a.timer_scale.unwrap_or(60.0 / minutes));
     timers.medes_m0_mb = a.m0_mb;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -184,16 +194,7 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     if a.plan {
         let profile = live::with_limits(super::sim::load_profile(a.profile.as_ref())?)?;
         for which in Which::BOTH {
-            let s = live::run_sim(
-                &trace,
-                &profile,
-                which,
-                &timers,
-                a.budget_mb,
-                a.cores,
-                a.start_hold_ms,
-            )?
-            .summary;
+            let s = live::run_sim(&trace, &profile, which, &timers, a.budget_mb, model)?.summary;
             say!(
                 "{}: {} served, {} cold, {} dedup, {} evictions, p50 {:.0} ms, p99 {:.0} ms, mean {:.0} MB",
                 s.policy,
@@ -243,26 +244,10 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut sims = Vec::new();
     let mut cals = Vec::new();
     for which in Which::BOTH {
-        let out = live::run_sim(
-            &trace,
-            &measured,
-            which,
-            &timers,
-            a.budget_mb,
-            a.cores,
-            a.start_hold_ms,
-        )?;
+        let out = live::run_sim(&trace, &measured, which, &timers, a.budget_mb, model)?;
         live::write_run(&out, &a.out.join(&out.policy))?;
         sims.push(out);
-        let mut out = live::run_sim(
-            &trace,
-            &calibrated,
-            which,
-            &timers,
-            a.budget_mb,
-            a.cores,
-            a.start_hold_ms,
-        )?;
+        let mut out = live::run_sim(&trace, &calibrated, which, &timers, a.budget_mb, model)?;
         out.policy = out.policy.replacen("sim-", "simcal-", 1);
         out.summary.policy = out.policy.clone();
         live::write_run(&out, &a.out.join(&out.policy))?;
@@ -273,6 +258,7 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         "policy",
         "run",
         "served",
+        "failed",
         "cold",
         "dedup",
         "warm",
@@ -291,6 +277,7 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
                 o.policy.clone(),
                 o.policy.split('-').next().unwrap_or("").to_string(),
                 m.invocations.to_string(),
+                m.dropped.to_string(),
                 m.cold_starts.to_string(),
                 m.dedup_starts.to_string(),
                 m.warm_starts.to_string(),
@@ -307,6 +294,7 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
             let cold = live::diff_pct(lm.cold_starts as f64, sm.cold_starts as f64);
             let p50 = live::diff_pct(lm.p50_ms, sm.p50_ms);
             let p99 = live::diff_pct(lm.p99_ms, sm.p99_ms);
+            let mem = live::diff_pct(lm.mean_memory_gb, sm.mean_memory_gb);
             let ok = (cold.abs() <= 10.0, p50.abs() <= 15.0, p99.abs() <= 25.0);
             verdicts.push((format!("{what} {policy}"), ok.0 && ok.1 && ok.2));
             let mark = |b: bool, lim: &str| {
@@ -320,17 +308,17 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
                 format!("Δ {what} vs live"),
                 String::new(),
                 String::new(),
+                String::new(),
                 format!("{cold:+.1}% {}", mark(ok.0, "10%")),
                 String::new(),
                 String::new(),
                 String::new(),
                 format!("{p50:+.1}% {}", mark(ok.1, "15%")),
                 format!("{p99:+.1}% {}", mark(ok.2, "25%")),
-                String::new(),
+                format!("{mem:+.1}%"),
             ]);
             row[what] = summary_json(sm);
-            row[format!("{what}_diff_pct")] =
-                serde_json::json!({"cold_starts": cold, "p50": p50, "p99": p99});
+            row[format!("{what}_diff_pct")] = serde_json::json!({"cold_starts": cold, "p50": p50, "p99": p99, "mean_memory": mem});
         }
         rows.push(row);
     }
@@ -342,6 +330,9 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         "trace_minutes": trace.duration_ms() as f64 / 60_000.0,
         "budget_mb": a.budget_mb,
         "timers_s": [timers.idle_period_s, timers.keep_alive_s, timers.keep_dedup_s],
+        "sim_cores": a.cores,
+        "sim_start_hold_ms": a.start_hold_ms,
+        "sim_admission_timeout_ms": a.admission_timeout_ms,
         "profile": measured.source,
         "rows": rows,
     });

@@ -540,17 +540,26 @@ pub fn to_sim_output(
     }
 }
 
-/// The same trace in the simulator: one node with the live budget, the profile's costs, and
-/// `cores` CPU cores (0: no CPU model), a cold start's reservation kept `start_hold_ms` after
-/// its first invocation.
+/// How the simulated node models the live one (see [`ClusterConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeModel {
+    /// CPU cores (0: no CPU model).
+    pub cores: usize,
+    /// A cold start's reservation kept this long after its first invocation, ms.
+    pub start_hold_ms: u64,
+    /// Invocations waiting longer than this for memory are turned away, ms (0: no bound).
+    pub admission_timeout_ms: u64,
+}
+
+/// The same trace in the simulator: one node with the live budget, the profile's costs and
+/// the node model.
 pub fn run_sim(
     trace: &Trace,
     profile: &Profile,
     which: Which,
     timers: &Timers,
     budget_mb: u64,
-    cores: usize,
-    start_hold_ms: u64,
+    model: NodeModel,
 ) -> anyhow::Result<SimOutput> {
     let names = trace.functions();
     let costs = profile
@@ -561,8 +570,9 @@ pub fn run_sim(
         nodes: 1,
         node_mb: budget_mb as f64 * 1.048_576,
         evict_idle_bases: true,
-        cores,
-        start_hold_ms,
+        cores: model.cores,
+        start_hold_ms: model.start_hold_ms,
+        admission_timeout_ms: model.admission_timeout_ms,
         ..ClusterConfig::paper(1.0)
     };
     let mut cfg = SimConfig::new(cluster);
@@ -585,9 +595,11 @@ pub fn diff_pct(live: f64, sim: f64) -> f64 {
 /// A profile calibrated from live runs' raw records (costs as they were under the replay's
 /// load), memory figures from `base` (normally the measured profile): per function, execution =
 /// the median activation duration of warm starts; cold start = the median `initTime` of cold
-/// starts plus the median warm-start overhead (client latency − duration, the platform and
-/// HTTP); warm start = that overhead; dedup start = the median (duration − execution) of dedup
-/// starts plus the overhead. Queueing for memory is left out (the simulator models it).
+/// starts plus the median warm-start overhead (client latency − duration − `waitTime`: the
+/// platform and HTTP); warm start = that overhead; dedup start = the median (duration −
+/// execution) of dedup starts plus the overhead. Queueing for memory is left out (the
+/// simulator models it): `waitTime` (arrival to grant, the wait for memory) is subtracted
+/// from the overhead, and `initTime` and the activation's duration start after the grant.
 pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
     let mut p = base.clone();
     p.source = format!(
@@ -613,7 +625,10 @@ pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
         };
         let overhead = median(
             of("warm")
-                .filter_map(|r| r.duration_ms.map(|d| r.latency_ms - d as f64))
+                .filter_map(|r| {
+                    r.duration_ms
+                        .map(|d| r.latency_ms - d as f64 - r.wait_ms.unwrap_or(0.0))
+                })
                 .filter(|v| v.is_finite() && *v >= 0.0)
                 .collect(),
         )

@@ -39,6 +39,10 @@ pub struct Args {
     /// does; the paper's setup pins bases).
     #[arg(long)]
     evict_idle_bases: bool,
+    /// Turn away an invocation that waited this long for memory, ms, as the live controller
+    /// does (its `admission_wait_ms`, 10000); default 0: invocations wait without bound.
+    #[arg(long, default_value_t = 0)]
+    admission_timeout_ms: u64,
     /// Worker nodes.
     #[arg(long, default_value_t = 19)]
     nodes: usize,
@@ -91,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         nodes: args.nodes,
         node_mb,
         evict_idle_bases: args.evict_idle_bases,
+        admission_timeout_ms: args.admission_timeout_ms,
         ..ClusterConfig::paper(40.0)
     };
     let mut cfg = SimConfig::new(cluster);
