@@ -382,7 +382,8 @@ enum Entry {
     /// A base whose process was lost while dedup sandboxes still depend on its pages, with the
     /// action and version it ran (`None` only for a base an older agent kept without them, or
     /// a template's orphaned base): reported in its status, so that a restarted controller
-    /// keeps it as its function's base.
+    /// keeps it as its function's base. A base whose process the controller released
+    /// ([`Command::ReleaseBase`], `BaseOrigin::released`) is one too, kept without dependents.
     LostBase(Arc<BaseRec>, Option<persist::BaseOrigin>),
 }
 
@@ -402,6 +403,7 @@ impl SandboxInfo {
         persist::BaseOrigin {
             action: self.action.clone(),
             version: self.version.clone(),
+            released: false,
         }
     }
 }
@@ -740,6 +742,9 @@ impl NodeAgent for Agent {
                 }
                 Command::TemplateStart(c) => {
                     inner.template_start(c).await.map(Reply::TemplateStarted)
+                }
+                Command::ReleaseBase { sandbox } => {
+                    inner.release_base(sandbox).await.map(|()| Reply::Purged)
                 }
             }
         });
@@ -1110,15 +1115,51 @@ impl Inner {
         Ok(())
     }
 
+    /// Ends a base's process and keeps the base (its resident image, its pages in the registry
+    /// of its domain) as an [`Entry::LostBase`] marked released: dedup sandboxes keep
+    /// restoring against it, later dedups still find it, and it stays without dependents until
+    /// a purge retires it. The process ends once in-flight runs (if any) end. Idempotent.
+    async fn release_base(self: &Arc<Self>, id: SandboxId) -> Result<(), AgentError> {
+        self.check_running()?;
+        let slot = match self.live(&id) {
+            Ok(s) => s,
+            Err(AgentError::WrongForm {
+                form: SandboxForm::Base,
+                ..
+            }) if matches!(self.sandboxes.lock().get(&id), Some(Entry::LostBase(..))) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(base) = slot.base.lock().clone() else {
+            return Err(wrong_form(id, slot.form(), "not a base"));
+        };
+        let origin = persist::BaseOrigin {
+            released: true,
+            ..slot.info.origin()
+        };
+        if !self.swap_live(&id, &slot, Entry::LostBase(base.clone(), Some(origin))) {
+            return Err(AgentError::UnknownSandbox(id));
+        }
+        info!(sandbox = %id, base = base.id.0, domain = %base.domain.key, image_mb = base.bytes >> 20, "base process released; its image stays the base");
+        release(slot).await;
+        Ok(())
+    }
+
     /// Retires bases whose process was lost (or that an earlier agent kept) once no dedup
-    /// store depends on them any more.
+    /// store depends on them any more (not those whose process was released on purpose).
     fn retire_orphan_bases(&self) {
         self.sweep_templates();
         let mut t = self.sandboxes.lock();
         let orphans: Vec<SandboxId> = t
             .iter()
             .filter_map(|(id, e)| match e {
-                Entry::LostBase(b, _) if b.domain.dependents(b.id) == 0 => Some(id.clone()),
+                Entry::LostBase(b, o)
+                    if b.domain.dependents(b.id) == 0
+                        && !o.as_ref().is_some_and(|o| o.released) =>
+                {
+                    Some(id.clone())
+                }
                 _ => None,
             })
             .collect();

@@ -81,6 +81,10 @@ pub(crate) struct BaseFile {
 pub(crate) struct BaseOrigin {
     pub action: ActionName,
     pub version: String,
+    /// Its process was ended on purpose ([`crate::Command::ReleaseBase`]): the base is kept
+    /// even without dependents, until purged. Not kept across an agent restart (a reloaded
+    /// base is a lost one, retired once nothing depends on it).
+    pub released: bool,
 }
 
 impl BaseFile {
@@ -90,6 +94,7 @@ impl BaseFile {
             (Some(action), Some(version)) => Some(BaseOrigin {
                 action: action.clone(),
                 version: version.clone(),
+                released: false,
             }),
             _ => None,
         }
@@ -625,6 +630,7 @@ mod tests {
                 name: "f".into(),
             },
             version: "0.0.2".into(),
+            released: false,
         };
         let text = serde_json::to_vec(&file(Some(origin.clone()))).unwrap();
         let back: BaseFile = serde_json::from_slice(&text).unwrap();

@@ -74,6 +74,17 @@ pub enum Command {
     /// template (missing, being built, disabled, corrupt), [`AgentError::TemplateStartFailed`]
     /// when its restore failed. Either way nothing is left under the sandbox id.
     TemplateStart(TemplateStartCommand),
+    /// End a base's process but keep the base: its resident page image and its pages in the
+    /// registry of its domain stay, so dedup sandboxes keep restoring against it and later
+    /// dedups still find it; the sandbox is then a base without process (reported
+    /// `alive: false`, form `Base`, with its action and version) until a [`Command::Purge`]
+    /// retires it (refused while dedup sandboxes depend on it). Answered by [`Reply::Purged`];
+    /// a sandbox that is not an idle base gives [`AgentError::WrongForm`] or
+    /// [`AgentError::Busy`].
+    ReleaseBase {
+        /// The sandbox (a base, idle).
+        sandbox: SandboxId,
+    },
 }
 
 impl Command {
@@ -89,6 +100,7 @@ impl Command {
             Command::Restore { .. } => "restore",
             Command::MakeTemplate { .. } => "make_template",
             Command::TemplateStart(_) => "template_start",
+            Command::ReleaseBase { .. } => "release_base",
         }
     }
 }

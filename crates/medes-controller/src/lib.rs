@@ -264,6 +264,9 @@ pub struct DedupStats {
     pub dedup_failures: BTreeMap<String, u64>,
     /// Dedup starts that failed (and fell back to a cold start), by reason.
     pub dedup_start_failures: BTreeMap<String, u64>,
+    /// Bases whose process was released once their image was taken
+    /// (`release_base_process`).
+    pub released_bases: u64,
 }
 
 #[derive(Clone)]
@@ -488,7 +491,10 @@ impl Controller {
         {
             // Knob first, then state: the only place both are held, always in this order.
             let mut knob = self.knob.lock();
-            self.state.lock().replace_policy(policy, idle_ms, now);
+            let mut st = self.state.lock();
+            st.replace_policy(policy, idle_ms, now);
+            st.limits.release_base_process = settings.release_base_process;
+            drop(st);
             *knob = settings.clone();
         }
         info!(policy = settings.policy.as_str(), mode = ?settings.mode, alpha = settings.alpha, budget_mb = ?settings.budget_mb, idle_period_s = ?settings.idle_period_s, keep_alive_s = ?settings.keep_alive_s, keep_dedup_s = ?settings.keep_dedup_s, overrides = settings.functions.len(), "policy changed");
@@ -541,6 +547,7 @@ impl Controller {
             dedup_enabled: cfg.dedup_enabled,
             bases_serve: cfg.bases_serve,
             template_starts: cfg.template_starts,
+            release_base_process: cfg.policy.release_base_process,
         };
         let mut knob = cfg.policy.clone();
         knob.resolve(cfg.timers());
@@ -1196,16 +1203,54 @@ impl Controller {
                 CheckpointOutcome::Failed { alive: None }
             }
         };
-        let purge = self
-            .state
-            .lock()
-            .checkpoint_done(job.key, outcome, self.now());
+        let made_base = matches!(outcome, CheckpointOutcome::Base(_));
+        let (purge, release) = {
+            let now = self.now();
+            let mut st = self.state.lock();
+            let purge = st.checkpoint_done(job.key, outcome, now);
+            let release = if made_base && purge.is_none() {
+                st.release_base(job.key, now)
+            } else {
+                None
+            };
+            (purge, release)
+        };
         if let Some(p) = purge {
             self.purge_in_background(p);
+        }
+        if let Some((id, node)) = release {
+            self.release_base_process(job.key, id, node).await;
         }
         self.pump();
         if self.state.lock().settled() {
             self.settled.notify_waiters();
+        }
+    }
+
+    /// Has `node` end the process of the base `id` (already a base without process in the
+    /// books, `State::release_base`); if the node refuses, the base keeps its process.
+    async fn release_base_process(&self, key: Key, id: SandboxId, node: usize) {
+        let agent = self.node(node).agent.clone();
+        let bound = Duration::from_millis(self.cfg.agent_grace_ms.max(1000));
+        match tokio::time::timeout(
+            bound,
+            agent.execute(Command::ReleaseBase {
+                sandbox: id.clone(),
+            }),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                self.state.lock().stats.released_bases += 1;
+            }
+            Ok(Err(e)) => {
+                warn!(sandbox = %id, error = %e, "node did not release the base's process; it keeps it");
+                self.state.lock().unrelease_base(key);
+            }
+            Err(_) => {
+                warn!(sandbox = %id, "releasing the base's process did not finish in time; it keeps it");
+                self.state.lock().unrelease_base(key);
+            }
         }
     }
 

@@ -57,6 +57,10 @@ pub(crate) struct Sb {
     /// the dedup sandboxes that depend on them: counted and charged as a base of its function,
     /// never assigned an invocation, purged once nothing depends on it.
     pub processless: bool,
+    /// A base without process because the controller released its process on purpose
+    /// (`release_base_process`): unlike a lost one it is not purged for want of dependents,
+    /// only by the policy (base retirement), eviction or a new version of its action.
+    pub released: bool,
 }
 
 /// Per-action pool: its sandboxes and what is measured about the function.
@@ -177,6 +181,9 @@ pub(crate) struct Limits {
     /// Template starts are on ([`crate::ControllerConfig::template_starts`]): Greedy-Dual
     /// eviction is then least recently used (`medes_policy::greedy_dual_rank`).
     pub template_starts: bool,
+    /// A base's process is ended once its image is taken
+    /// ([`medes_policy::PolicySettings::release_base_process`]).
+    pub release_base_process: bool,
 }
 
 pub(crate) struct State {
@@ -730,6 +737,7 @@ impl State {
                 next_decision: None,
                 gd_at_use: 0.0,
                 processless: false,
+                released: false,
             },
         );
         Some((key, id, node, victims))
@@ -1080,8 +1088,9 @@ impl State {
                 }
                 _ => now,
             };
-            let asked = if stale || (sb.processless && view.dependents == 0) {
-                // A base without process serves only its dependents.
+            let asked = if stale || (sb.processless && !sb.released && view.dependents == 0) {
+                // A base that lost its process serves only its dependents (a released one is
+                // its function's base until the policy retires it).
                 Decision::Purge
             } else {
                 self.policy.on_idle(&cluster, &fv, &view, at)
@@ -1255,6 +1264,51 @@ impl State {
         }
         self.rearm(key, now);
         None
+    }
+
+    /// With `release_base_process`: the base `key` just made (idle, of its action's current
+    /// version) becomes a base without process ([`Sb::processless`], [`Sb::released`]),
+    /// charged its page image until its node reports what it holds for it. Returns its id and
+    /// node, for the caller to have the node end its process.
+    pub(crate) fn release_base(&mut self, key: Key, now: Timestamp) -> Option<(SandboxId, usize)> {
+        if !self.limits.release_base_process {
+            return None;
+        }
+        let sb = self.sbs.get(&key)?;
+        let current = self
+            .pools
+            .get(&sb.action)
+            .is_some_and(|p| p.generation == sb.generation);
+        if sb.form != Form::Base
+            || sb.processless
+            || !current
+            || !matches!(sb.state, SandboxState::Warm { .. })
+        {
+            return None;
+        }
+        let image = sb.image?;
+        let sb = self.sbs.get_mut(&key)?;
+        sb.processless = true;
+        sb.released = true;
+        sb.measured = None;
+        sb.queued = None;
+        self.used[sb.node] = self.used[sb.node].saturating_sub(sb.charge) + image;
+        sb.charge = image;
+        let out = (sb.id.clone(), sb.node);
+        info!(sandbox = %sb.id, action = %sb.action, image_mb = image >> 20, "base process released; its image stays the base");
+        self.rearm(key, now);
+        Some(out)
+    }
+
+    /// The node did not end a released base's process (`release_base` undone): the base
+    /// keeps its process and serves again; its charge comes from the next status.
+    pub(crate) fn unrelease_base(&mut self, key: Key) {
+        if let Some(sb) = self.sbs.get_mut(&key)
+            && sb.released
+        {
+            sb.processless = false;
+            sb.released = false;
+        }
     }
 
     /// Puts `policy` in charge (the operator changed the knob): every idle sandbox's next
@@ -1529,7 +1583,8 @@ impl State {
             self.used[node] = self.used[node].saturating_sub(sb.charge) + charge;
             sb.charge = charge;
             let (action, form, k) = (sb.action.clone(), sb.form, kind);
-            if sb.processless {
+            // A lost base is no measure of what a base costs; a released one is (its image).
+            if sb.processless && !sb.released {
                 continue;
             }
             let pool = self.pool(&action);
@@ -1889,6 +1944,7 @@ impl State {
                 next_decision: None,
                 gd_at_use: self.gd_clocks.get(node).map_or(0.0, GreedyDualClock::value),
                 processless: false,
+                released: false,
             },
         );
         self.rearm(key, now);
@@ -1972,6 +2028,7 @@ impl State {
                 next_decision: None,
                 gd_at_use: self.gd_clocks.get(node).map_or(0.0, GreedyDualClock::value),
                 processless: false,
+                released: false,
             },
         );
         self.rearm(key, now);

@@ -34,6 +34,8 @@ struct FakeSb {
     form: SandboxForm,
     /// A base whose process is gone (kept by an earlier agent for its dedup sandboxes).
     lost: bool,
+    /// A base whose process the controller released (`Command::ReleaseBase`): its image only.
+    released: bool,
 }
 
 struct FakeInner {
@@ -129,6 +131,7 @@ impl NodeAgent for Fake {
                             version: c.version,
                             form: SandboxForm::Warm,
                             lost: false,
+                            released: false,
                         },
                     );
                     Ok(Reply::Spawned(SpawnReply {
@@ -279,15 +282,16 @@ impl NodeAgent for Fake {
                         .iter()
                         .map(|(id, s)| {
                             let dedup = s.form == SandboxForm::Dedup;
+                            let gone = s.lost || s.released;
                             SandboxStatus {
                                 id: id.clone(),
-                                alive: !dedup && !s.lost,
+                                alive: !dedup && !gone,
                                 action: (!s.lost || named).then(|| s.action.clone()),
                                 version: (!s.lost || named).then(|| s.version.clone()),
                                 domain: Some(s.action.namespace.0.clone()),
                                 memory_limit: Some(Bytes::mib(256)),
                                 image_bytes: dedup.then_some(me.pss),
-                                memory: (!dedup && !s.lost).then_some(SandboxMemory {
+                                memory: (!dedup && !gone).then_some(SandboxMemory {
                                     pss: Bytes(me.pss),
                                     rss: Bytes(me.pss),
                                     cgroup_usage: Bytes(me.pss),
@@ -295,6 +299,8 @@ impl NodeAgent for Fake {
                                 form: s.form,
                                 held_bytes: match s.form {
                                     SandboxForm::Warm => me.pss,
+                                    // A released base holds its image only.
+                                    SandboxForm::Base if s.released => me.pss + (1 << 20),
                                     SandboxForm::Base => 2 * me.pss,
                                     SandboxForm::Dedup => me.stored,
                                 },
@@ -314,6 +320,21 @@ impl NodeAgent for Fake {
                 }
                 Command::MakeTemplate { .. } | Command::TemplateStart(_) => {
                     Err(AgentError::Unavailable("this fake has no templates".into()))
+                }
+                Command::ReleaseBase { sandbox } => {
+                    me.log.lock().push(format!("release_base {sandbox}"));
+                    match me.live.lock().get_mut(&sandbox) {
+                        Some(s) if s.form == SandboxForm::Base => {
+                            s.released = true;
+                            Ok(Reply::Purged)
+                        }
+                        Some(s) => Err(AgentError::WrongForm {
+                            sandbox,
+                            form: s.form,
+                            reason: "not a base".into(),
+                        }),
+                        None => Err(AgentError::UnknownSandbox(sandbox)),
+                    }
                 }
             }
         })
@@ -1452,6 +1473,7 @@ fn kept(fake: &Fake, id: &str, a: &Action, version: &str, form: SandboxForm, los
             version: version.into(),
             form,
             lost,
+            released: false,
         },
     );
 }
@@ -2034,6 +2056,7 @@ async fn reconciling_a_restarted_agent_forgets_what_it_lost() {
             version: "1".into(),
             form: SandboxForm::Warm,
             lost: false,
+            released: false,
         },
     );
     let r = ctl.reconcile_node(&NodeId("n0".into())).await.unwrap();
@@ -2227,6 +2250,105 @@ async fn with_bases_on_demand_a_lone_idle_sandbox_gets_no_base() {
     tokio::time::sleep(Duration::from_secs(61)).await;
     ctl.wait_settled().await;
     assert_eq!(forms(&ctl), "base");
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_release_base_process_a_base_is_its_image_only() {
+    let (ctl, fake) = setup_with(ControllerConfig {
+        node_memory_budget_mb: 2048,
+        memory_refresh_ms: 1_000,
+        policy: PolicySettings {
+            release_base_process: true,
+            ..PolicySettings::default()
+        },
+        ..Default::default()
+    });
+    assert!(ctl.policy_settings().release_base_process);
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 1).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    // Made a base, then its process released: still the function's base, charged its image.
+    assert_eq!(forms(&ctl), "base");
+    let base_id = ctl.sandboxes()[0].id.clone();
+    let log = fake.log();
+    let made = log
+        .iter()
+        .position(|l| l == &format!("make_base {base_id}"))
+        .unwrap();
+    let released = log
+        .iter()
+        .position(|l| l == &format!("release_base {base_id}"))
+        .unwrap();
+    assert!(made < released, "{log:?}");
+    assert_eq!(ctl.dedup_stats().released_bases, 1);
+    // The node's status is the source: the image and the registry share it reports.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let image_only = (20 << 20) + (1 << 20);
+    assert_eq!(ctl.sandboxes()[0].charged, Bytes(image_only));
+    assert_eq!(ctl.memory_used(), vec![Bytes(image_only)]);
+    // It never serves: a request takes a cold start.
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Cold);
+    assert_eq!(fake.commands(&format!("run {base_id}")), 1);
+    // The base rule counts it: the new sandbox, idle, is deduplicated against it (no new
+    // base), and a dedup start restores from it.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    assert_eq!(fake.commands("make_base"), 1);
+    assert_eq!(ctl.sandboxes()[0].dependents, 1);
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Dedup);
+    assert_eq!(forms(&ctl), "base,warm");
+    // Without dependents it stays the function's base (a lost base would be purged when
+    // asked): a policy change asks every idle sandbox at once.
+    let mut s = ctl.policy_settings();
+    s.policy = PolicyChoice::Medes;
+    ctl.set_policy_settings(s).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ctl.wait_settled().await;
+    assert_eq!(ctl.sandboxes()[0].id, base_id);
+    assert_eq!(ctl.sandboxes()[0].form, Form::Base);
+    assert!(!fake.log().contains(&format!("purge {base_id}")));
+    assert_eq!(
+        ctl.memory_used(),
+        vec![Bytes(image_only + ctl.sandboxes()[1].charged.0)]
+    );
+    // Base retirement purges it once it has no dependents for keep-dedup.
+    let mut s = ctl.policy_settings();
+    s.retire_bases = true;
+    s.keep_dedup_s = Some(120);
+    ctl.set_policy_settings(s).unwrap();
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert!(
+        fake.log().contains(&format!("purge {base_id}")),
+        "{:?}",
+        fake.log()
+    );
+    assert!(ctl.sandboxes().iter().all(|s| s.id != base_id));
+    stop.cancel();
+    timers.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_release_base_process_a_base_keeps_its_process() {
+    let (ctl, fake) = setup(2048);
+    assert!(!ctl.policy_settings().release_base_process);
+    let (stop, timers) = with_timers(&ctl);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 1).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base");
+    assert_eq!(fake.commands("release_base"), 0);
+    assert_eq!(ctl.dedup_stats().released_bases, 0);
+    // It serves (bases_serve is on by default).
+    let act = ctl.invoke(request(&a, json!({}))).await.unwrap();
+    assert_eq!(act.start_kind, StartKind::Warm);
     stop.cancel();
     timers.await.unwrap();
 }

@@ -146,6 +146,12 @@ pub struct PolicySettings {
     /// kept for the whole run).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub retire_bases: bool,
+    /// The platform: once a base's page image is taken the controller ends its process and
+    /// keeps the base as its image only (charged the image, counted as a base, never given an
+    /// invocation, retired only by `retire_bases` or eviction). Default false (a base keeps
+    /// its process as well as its image).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub release_base_process: bool,
     /// Per-function overrides, by action name (in every namespace).
     pub functions: BTreeMap<String, FunctionKnob>,
 }
@@ -167,6 +173,7 @@ impl Default for PolicySettings {
             bases_on_demand: false,
             base_cost_factor: None,
             retire_bases: false,
+            release_base_process: false,
             functions: BTreeMap::new(),
         }
     }
@@ -218,6 +225,9 @@ pub struct PolicyUpdate {
     /// Medes: base retirement on or off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retire_bases: Option<bool>,
+    /// The platform: release a base's process once its image is taken, on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_base_process: Option<bool>,
 }
 
 impl PolicyUpdate {
@@ -284,6 +294,7 @@ impl PolicyUpdate {
             bases_on_demand: over.bases_on_demand.or(self.bases_on_demand),
             base_cost_factor: over.base_cost_factor.or(self.base_cost_factor),
             retire_bases: over.retire_bases.or(self.retire_bases),
+            release_base_process: over.release_base_process.or(self.release_base_process),
         }
     }
 }
@@ -463,6 +474,7 @@ impl PolicySettings {
         next.bases_on_demand = u.bases_on_demand.unwrap_or(next.bases_on_demand);
         next.base_cost_factor = u.base_cost_factor.or(next.base_cost_factor);
         next.retire_bases = u.retire_bases.unwrap_or(next.retire_bases);
+        next.release_base_process = u.release_base_process.unwrap_or(next.release_base_process);
         next.validate()?;
         *self = next;
         Ok(())
@@ -948,6 +960,34 @@ mod tests {
         let back: PolicySettings =
             serde_json::from_str(r#"{"policy": "medes", "greedy_dual": true}"#).unwrap();
         assert!(back.greedy_dual);
+    }
+
+    #[test]
+    fn release_base_process_is_off_by_default_and_set_by_an_update() {
+        let old: PolicySettings = serde_json::from_str(r#"{"policy": "medes"}"#).unwrap();
+        assert!(!old.release_base_process);
+        assert!(
+            serde_json::to_value(&old)
+                .unwrap()
+                .get("release_base_process")
+                .is_none()
+        );
+        let u: PolicyUpdate = serde_json::from_str(r#"{"release_base_process": true}"#).unwrap();
+        let mut s = old.clone();
+        s.apply(&u).unwrap();
+        assert!(s.release_base_process && s.policy == PolicyChoice::Medes);
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["release_base_process"], true);
+        assert_eq!(serde_json::from_value::<PolicySettings>(j).unwrap(), s);
+        // Presets leave it alone; an update turns it off.
+        s.apply(&PolicyUpdate::medes_lean()).unwrap();
+        assert!(s.release_base_process);
+        s.apply(&PolicyUpdate {
+            release_base_process: Some(false),
+            ..PolicyUpdate::default()
+        })
+        .unwrap();
+        assert!(!s.release_base_process);
     }
 
     #[test]

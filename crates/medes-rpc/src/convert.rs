@@ -169,6 +169,7 @@ pub fn command_to_pb(cmd: &ag::Command) -> pb::Command {
         ag::Command::Dedup { sandbox } => C::Dedup(sb(sandbox)),
         ag::Command::Restore { sandbox } => C::Restore(sb(sandbox)),
         ag::Command::MakeTemplate { sandbox } => C::MakeTemplate(sb(sandbox)),
+        ag::Command::ReleaseBase { sandbox } => C::ReleaseBase(sb(sandbox)),
         ag::Command::TemplateStart(t) => C::TemplateStart(pb::TemplateStartCommand {
             sandbox: t.sandbox.0.clone(),
             action: Some(action_to(&t.action)),
@@ -212,6 +213,7 @@ pub fn command_from_pb(cmd: pb::Command) -> Result<ag::Command, DecodeError> {
         C::Dedup(r) => ag::Command::Dedup { sandbox: id(r) },
         C::Restore(r) => ag::Command::Restore { sandbox: id(r) },
         C::MakeTemplate(r) => ag::Command::MakeTemplate { sandbox: id(r) },
+        C::ReleaseBase(r) => ag::Command::ReleaseBase { sandbox: id(r) },
         C::TemplateStart(t) => ag::Command::TemplateStart(ag::TemplateStartCommand {
             sandbox: SandboxId(t.sandbox),
             action: action_from(t.action, "TemplateStartCommand")?,

@@ -53,7 +53,7 @@ impl Deadlines {
         match cmd {
             Command::Spawn(s) => Duration::from_millis(s.init_timeout_ms) + self.spawn_slack,
             Command::Run(r) => Duration::from_millis(r.timeout_ms) + self.run_slack,
-            Command::Purge { .. } | Command::Status => self.short,
+            Command::Purge { .. } | Command::ReleaseBase { .. } | Command::Status => self.short,
             Command::MakeBase { .. }
             | Command::Dedup { .. }
             | Command::Restore { .. }

@@ -72,6 +72,7 @@ fn commands() -> Vec<ag::Command> {
         ag::Command::Dedup { sandbox: sbid("d") },
         ag::Command::Restore { sandbox: sbid("r") },
         ag::Command::MakeTemplate { sandbox: sbid("t") },
+        ag::Command::ReleaseBase { sandbox: sbid("r") },
         ag::Command::TemplateStart(ag::TemplateStartCommand {
             sandbox: sbid("ts"),
             action: action(),
@@ -285,7 +286,7 @@ fn every_command_round_trips() {
     let cmds = commands();
     let mut names: Vec<_> = cmds.iter().map(|c| c.name()).collect();
     names.dedup();
-    assert_eq!(names.len(), 9, "every Command variant is covered");
+    assert_eq!(names.len(), 10, "every Command variant is covered");
     for c in cmds {
         let back = command_from_pb(wire(&command_to_pb(&c))).expect("decodes");
         same(&c, &back);

@@ -178,6 +178,20 @@ mod tests {
     }
 
     #[test]
+    fn release_base_process_is_read_from_the_policy_section_and_off_by_default() {
+        let cfg: MedesConfig =
+            toml::from_str("[controller.policy]\nrelease_base_process = true\n").expect("parses");
+        cfg.validate().expect("valid");
+        assert!(cfg.controller.policy.release_base_process);
+        assert!(
+            !MedesConfig::default()
+                .controller
+                .policy
+                .release_base_process
+        );
+    }
+
+    #[test]
     fn the_base_rules_are_read_from_the_policy_section_and_checked() {
         let cfg: MedesConfig = toml::from_str(
             "[controller.policy]\npolicy = \"medes\"\nidle_period_s = 30\nkeep_alive_s = 60\n\

@@ -405,3 +405,131 @@ async fn broken_stores_and_bases_fail_restores_and_purge() {
     assert_eq!((c.restore_failures, c.not_deduplicable), (2, 1));
     agent.shutdown().await;
 }
+
+/// Processes whose cgroup (any hierarchy) is the sandbox's.
+fn procs_of(sb: &SandboxId) -> usize {
+    let tail = format!("/{}", sb.0);
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("cgroup"))
+                        .is_ok_and(|c| c.lines().any(|l| l.trim_end().ends_with(&tail)))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_sandbox_restores_against_a_released_base() {
+    let Some((agent, _data)) = agent() else {
+        return;
+    };
+    let (a, b) = (id("ra"), id("rb"));
+    start(&agent, &a, "guest", "pkg/rel", CODE).await;
+    let ra = call(&agent, &a, json!({"x": 2})).await.unwrap();
+    // Only a base's process can be released.
+    assert!(matches!(
+        agent
+            .execute(Command::ReleaseBase { sandbox: a.clone() })
+            .await,
+        Err(AgentError::WrongForm {
+            form: SandboxForm::Warm,
+            ..
+        })
+    ));
+    let Reply::BaseReady(base) = agent
+        .execute(Command::MakeBase { sandbox: a.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        procs_of(&a) > 0,
+        "the base's process is found by its cgroup"
+    );
+    assert!(matches!(
+        agent
+            .execute(Command::ReleaseBase { sandbox: a.clone() })
+            .await,
+        Ok(Reply::Purged)
+    ));
+    // The process is gone; the base stays (its image), without dependents, naming its action.
+    assert_eq!(procs_of(&a), 0);
+    for _ in 0..2 {
+        let st = status(&agent).await;
+        let sa = find(&st, &a);
+        assert_eq!((sa.form, sa.alive), (SandboxForm::Base, false), "{sa:?}");
+        assert!(sa.memory.is_none());
+        assert_eq!(sa.image_bytes, Some(base.image_bytes));
+        assert!(sa.held_bytes >= base.image_bytes, "{sa:?}");
+        assert_eq!(sa.action.as_ref().map(|x| x.name.as_str()), Some("pkg/rel"));
+        assert_eq!(sa.version.as_deref(), Some("0.0.1"));
+    }
+    // Idempotent; it runs nothing.
+    assert!(matches!(
+        agent
+            .execute(Command::ReleaseBase { sandbox: a.clone() })
+            .await,
+        Ok(Reply::Purged)
+    ));
+    assert!(matches!(
+        call(&agent, &a, json!({})).await,
+        Err(AgentError::WrongForm {
+            form: SandboxForm::Base,
+            ..
+        })
+    ));
+
+    // A later sandbox of the function is deduplicated against the released base and restores
+    // correctly from it.
+    start(&agent, &b, "guest", "pkg/rel", CODE).await;
+    let rb = call(&agent, &b, json!({"x": 2})).await.unwrap();
+    assert_eq!(ra["h"], rb["h"]);
+    let Reply::Deduped(d) = agent
+        .execute(Command::Dedup { sandbox: b.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    eprintln!("dedup against a released base: {d:?}");
+    assert!(
+        d.stored_bytes * 4 < d.image_bytes,
+        "the released base's pages must be found: {d:?}"
+    );
+    assert_eq!(
+        agent.execute(purge(&a)).await.unwrap_err(),
+        AgentError::BaseInUse {
+            sandbox: a.clone(),
+            dependents: 1
+        }
+    );
+    let Reply::Restored(r) = agent
+        .execute(Command::Restore { sandbox: b.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    eprintln!("restore against a released base: {r:?}");
+    let rb1 = call(&agent, &b, json!({"x": 2})).await.unwrap();
+    assert_eq!(rb1["h"], ra["h"]);
+    assert_eq!(find(&status(&agent).await, &b).form, SandboxForm::Warm);
+
+    // Once nothing depends on it, a purge retires it.
+    agent.execute(purge(&b)).await.unwrap();
+    agent.execute(purge(&a)).await.unwrap();
+    assert_eq!(agent.n_sandboxes(), 0);
+    let c = agent.dedup_counters();
+    assert_eq!((c.bases, c.dedups, c.restores, c.retired), (1, 1, 1, 1));
+    agent.shutdown().await;
+}

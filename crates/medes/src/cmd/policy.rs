@@ -94,6 +94,10 @@ struct SetArgs {
     /// `-retire`; global only).
     #[arg(long)]
     retire_bases: Option<bool>,
+    /// The platform: end a base's process once its page image is taken, keeping the base as
+    /// its image only (charged the image, never given an invocation; global only).
+    #[arg(long)]
+    release_base_process: Option<bool>,
     /// A named setting first, then the other flags on top (global only): `medes-predict`
     /// (Medes, memory mode, --hold-below 0.9, --predict true, --greedy-dual true) or
     /// `medes-lean` (the simulator's medes-ka-1m-kd-12m-dka-lazybase-retire: Medes, memory
@@ -157,6 +161,9 @@ fn show_settings(s: &PolicySettings) {
     if s.retire_bases {
         println!("retire bases  idle past keep-dedup without dependents");
     }
+    if s.release_base_process {
+        println!("base process  released once its image is taken (a base is its image only)");
+    }
     for (name, k) in &s.functions {
         println!("  {name}: {}", serde_json::to_string(k).unwrap_or_default());
     }
@@ -192,10 +199,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             && s.bases_on_demand.is_none()
                             && s.base_cost_factor.is_none()
                             && s.retire_bases.is_none()
+                            && s.release_base_process.is_none()
                             && s.preset.is_none(),
                         "--policy, --hold-below, --predict, --greedy-dual, --dedup-at-keep-alive, \
-                         --bases-on-demand, --base-cost-factor, --retire-bases and --preset are \
-                         global"
+                         --bases-on-demand, --base-cost-factor, --retire-bases, \
+                         --release-base-process and --preset are global"
                     );
                     serde_json::to_value(FunctionKnob {
                         mode,
@@ -231,6 +239,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         bases_on_demand: s.bases_on_demand,
                         base_cost_factor: s.base_cost_factor,
                         retire_bases: s.retire_bases,
+                        release_base_process: s.release_base_process,
                     }))?
                 }
             };
