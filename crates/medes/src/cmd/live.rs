@@ -668,3 +668,63 @@ pub fn write_run(out: &SimOutput, dir: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("writing {}", dir.display()))?;
     Ok(dir.to_path_buf())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(kind: &str, latency: f64, duration: u64, init: Option<f64>, wait: f64) -> ReplayRecord {
+        ReplayRecord {
+            index: 0,
+            function: "linalg".into(),
+            scheduled_ms: 0,
+            target_ms: 0.0,
+            sent_ms: 0.0,
+            lateness_ms: 0.0,
+            latency_ms: latency,
+            start_kind: kind.into(),
+            status: "success".into(),
+            http_status: Some(200),
+            duration_ms: Some(duration),
+            init_ms: init,
+            wait_ms: Some(wait),
+            activation_id: String::new(),
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn calibrated_costs_leave_out_the_wait_for_memory() {
+        // Warm starts: 100 ms execution, 10 ms platform overhead, two of three waited for
+        // memory (2 s, 5 s) before their grant. A cold start: 700 ms init, waited 3 s.
+        let raw = vec![
+            rec("warm", 110.0, 100, None, 0.0),
+            rec("warm", 2_110.0, 100, None, 2_000.0),
+            rec("warm", 5_110.0, 100, None, 5_000.0),
+            rec("cold", 3_810.0, 800, Some(700.0), 3_000.0),
+        ];
+        let run = LiveRun {
+            output: SimOutput {
+                policy: "live".into(),
+                functions: vec!["linalg".into()],
+                records: Vec::new(),
+                memory: Vec::new(),
+                summary: SummaryBuilder::new(&["linalg".to_string()]).finish(
+                    "live".into(),
+                    &[],
+                    1,
+                    1.0,
+                    Counters::default(),
+                ),
+            },
+            raw,
+            breakdown: Vec::new(),
+            dedup: medes_controller::DedupStats::default(),
+        };
+        let p = calibrated_profile(&[run], &Profile::paper());
+        let f = &p.functions["linalg"];
+        assert!((f.exec_ms - 100.0).abs() < 1e-9, "{}", f.exec_ms);
+        assert!((f.warm_ms - 10.0).abs() < 1e-9, "{}", f.warm_ms);
+        assert!((f.cold_ms - 710.0).abs() < 1e-9, "{}", f.cold_ms);
+    }
+}
