@@ -49,6 +49,10 @@ pub struct Args {
     /// sandbox but a function's base is deduplicated after the idle period.
     #[arg(long, default_value_t = 64.0)]
     pub m0_mb: f64,
+    /// Medes releases a base's process once its image is taken (a base is then its page image
+    /// only: less memory, no warm starts from bases; docs/BENCHMARKS.md, "Demo (session 4)").
+    #[arg(long)]
+    pub release_base_process: bool,
     /// The paper's timers (idle 60 s, keep-alive 10 min, keep-dedup 15 min) divided by this.
     #[arg(long, default_value_t = 10.0)]
     pub timer_scale: f64,
@@ -186,6 +190,7 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
     );
     let mut timers = Timers::scaled(args.timer_scale);
     timers.medes_m0_mb = Some(args.m0_mb);
+    timers.medes_release_base_process = args.release_base_process;
     let trace = match &args.trace {
         Some(p) => Trace::read_path(p).with_context(|| format!("reading {}", p.display()))?,
         None => burst_trace(args.seed, minutes, &timers, args.burst),
@@ -238,7 +243,15 @@ fn full(args: Args) -> anyhow::Result<ExitCode> {
             i + 1,
             match which {
                 Which::Fixed => format!("fixed keep-alive ({} s)", timers.keep_alive_s),
-                Which::Medes => format!("Medes (memory mode, M0 = {:.0} MB)", args.m0_mb),
+                Which::Medes => format!(
+                    "Medes (memory mode, M0 = {:.0} MB{})",
+                    args.m0_mb,
+                    if args.release_base_process {
+                        ", bases without process"
+                    } else {
+                        ""
+                    }
+                ),
             }
         );
         let run = rt.block_on(live::run_live(&LiveSpec {

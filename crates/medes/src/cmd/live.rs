@@ -35,6 +35,9 @@ pub struct Timers {
     pub keep_dedup_s: u64,
     /// Medes's memory-mode budget M0, MB; `None`: the node's budget.
     pub medes_m0_mb: Option<f64>,
+    /// Medes live: release a base's process once its image is taken (the knob's
+    /// `release_base_process`; the simulator does not model it).
+    pub medes_release_base_process: bool,
 }
 
 impl Timers {
@@ -47,6 +50,7 @@ impl Timers {
             keep_alive_s: s(600.0),
             keep_dedup_s: s(900.0),
             medes_m0_mb: None,
+            medes_release_base_process: false,
         }
     }
 }
@@ -84,6 +88,7 @@ impl Which {
             idle_period_s: Some(t.idle_period_s),
             keep_alive_s: Some(t.keep_alive_s),
             keep_dedup_s: Some(t.keep_dedup_s),
+            release_base_process: self == Which::Medes && t.medes_release_base_process,
             ..PolicySettings::default()
         }
     }
