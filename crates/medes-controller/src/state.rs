@@ -1734,8 +1734,9 @@ impl State {
                 (Some(a), Some(v), Some(cur)) if a == &cur.name && v == &cur.version => {
                     Adoption::AdoptKeptBase
                 }
-                // Unknown function (today's agents do not report a lost base's action and
-                // version), or a changed action: the node retires it when nothing needs it.
+                // Unknown function (a base file from an agent older than the one that names
+                // a lost base's action and version), or a changed action: the node retires it
+                // when nothing needs it.
                 _ => Adoption::Leave,
             },
             SandboxForm::Warm if !st.alive => Adoption::Purge("dead_process"),

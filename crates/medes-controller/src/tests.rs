@@ -51,7 +51,7 @@ struct FakeInner {
     fail_restores: AtomicBool,
     /// Spawns and runs fail as if the agent refused the connection.
     refuse: AtomicBool,
-    /// The status names a lost base's action and version (today's agent does not).
+    /// The status names a lost base's action and version (as the agent does; off: an older agent).
     lost_base_metadata: AtomicBool,
     live: Mutex<HashMap<SandboxId, FakeSb>>,
     log: Mutex<Vec<String>>,
