@@ -8,37 +8,16 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
 use medes_agent::{
-    Agent, AgentConfig, AgentError, Command, NodeAgent, Reply, RunCommand, RunOutcome, SpawnCommand,
+    Agent, AgentError, Command, NodeAgent, Reply, RunCommand, RunOutcome, SpawnCommand,
 };
 use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
-use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
 use serde_json::{Value, json};
 
+#[path = "support/lazy_agent.rs"]
+mod lazy_agent;
+
 fn agent() -> Option<(Agent, tempfile::TempDir)> {
-    let sandbox = SandboxConfig::default();
-    if let Err(e) = preflight(&sandbox) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("lazy dedup start tests cannot run in CI: {e}");
-        }
-        eprintln!("skipping lazy dedup start test: {e}");
-        return None;
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDES_TEST_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let _ = become_subreaper();
-    let data = tempfile::tempdir().expect("tempdir");
-    let cfg = AgentConfig {
-        data_dir: data.path().to_path_buf(),
-        sandbox,
-        lazy_restore: true,
-        ..Default::default()
-    };
-    Some((Agent::new(cfg).expect("agent"), data))
+    lazy_agent::lazy_agent("lazy dedup start")
 }
 
 /// numpy state of ~40 MB (a random matrix and its Gram matrix); the answer depends on all of it.

@@ -12,38 +12,17 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
 use medes_agent::{
-    Agent, AgentConfig, AgentError, Command, NodeAgent, Reply, RestoreReply, RunCommand,
-    RunOutcome, SpawnCommand,
+    Agent, AgentError, Command, NodeAgent, Reply, RestoreReply, RunCommand, RunOutcome,
+    SpawnCommand,
 };
 use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
-use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
 use serde_json::Value;
 
+#[path = "support/lazy_agent.rs"]
+mod lazy_agent;
+
 fn agent() -> Option<(Agent, tempfile::TempDir)> {
-    let sandbox = SandboxConfig::default();
-    if let Err(e) = preflight(&sandbox) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("early lazy start tests cannot run in CI: {e}");
-        }
-        eprintln!("skipping early lazy start test: {e}");
-        return None;
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDES_TEST_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let _ = become_subreaper();
-    let data = tempfile::tempdir().expect("tempdir");
-    let cfg = AgentConfig {
-        data_dir: data.path().to_path_buf(),
-        sandbox,
-        lazy_restore: true,
-        ..Default::default()
-    };
-    Some((Agent::new(cfg).expect("agent"), data))
+    lazy_agent::lazy_agent("early lazy start")
 }
 
 /// ~60 MB of numpy state (the fill of a test build takes long enough to still run when the
