@@ -11,6 +11,7 @@
 //! controller counted them, cross-checked with the node agent's own counters, and the memory
 //! charged over time.
 
+use super::splitmix::SplitMix64;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -153,38 +154,17 @@ struct CycleReport {
     load_at_end: String,
 }
 
-/// splitmix64: a small seeded generator (no need for cryptographic quality).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn between(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo).max(0.0) * self.unit()
-    }
-}
-
 /// What a driver does next.
 enum Step {
     /// Wait this long, then invoke `n` times at once.
     Invoke { gap_s: f64, n: usize },
 }
 
-fn next_step(rng: &mut Rng, idle_s: f64, keep_s: f64) -> Step {
+fn next_step(rng: &mut SplitMix64, idle_s: f64, keep_s: f64) -> Step {
     let r = rng.unit();
     // 1 to 3 calls at once: an idle base serves the first like a warm sandbox, the others
     // restore the function's dedup sandboxes (or cold-start if there are none).
-    let burst = |rng: &mut Rng| match rng.unit() {
+    let burst = |rng: &mut SplitMix64| match rng.unit() {
         x if x < 0.3 => 1,
         x if x < 0.7 => 2,
         _ => 3,
@@ -313,7 +293,7 @@ async fn drive(
         let spec = manifest.functions[name].clone();
         let (client, shared, name) = (client.clone(), shared.clone(), name.clone());
         let stop = stop.clone();
-        let mut rng = Rng(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+        let mut rng = SplitMix64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
         let (idle, keep) = (args.idle_s as f64, args.keep_dedup_s as f64);
         drivers.push(tokio::spawn(async move {
             // Staggered first calls (cold starts), so they do not all land at once.
@@ -717,7 +697,7 @@ mod tests {
 
     #[test]
     fn gaps_cover_every_start_kind() {
-        let mut rng = Rng(7);
+        let mut rng = SplitMix64(7);
         let (mut short, mut mid, mut long, mut concurrent) = (0, 0, 0, 0);
         for _ in 0..1000 {
             let Step::Invoke { gap_s, n } = next_step(&mut rng, 3.0, 40.0);

@@ -7,6 +7,7 @@
 //! processes and page images) and prints the comparison. `--quick`: start an instance, deploy
 //! `examples/hello.py`, invoke it cold and warm.
 
+use super::splitmix::SplitMix64;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -115,29 +116,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// SplitMix64: a tiny deterministic generator (the demo's trace needs nothing better).
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in lo..=hi.
-    fn int(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + (self.next() % u64::from(hi - lo + 1)) as u32
-    }
-}
-
 /// The demo's trace, shaped to show what the dedup state is for: each of the ten suite
 /// functions is called in bursts of `burst` near-simultaneous requests (within 50 ms, so each
 /// needs its own sandbox), the bursts of a function separated by idle gaps drawn uniformly from
@@ -150,7 +128,7 @@ pub fn burst_trace(
     timers: &super::live::Timers,
     burst: (u32, u32),
 ) -> Trace {
-    let mut rng = Mix(seed ^ 0x6d65_6465_735f_6465);
+    let mut rng = SplitMix64(seed ^ 0x6d65_6465_735f_6465);
     let ka = timers.keep_alive_s as f64;
     let kd = (timers.keep_dedup_s as f64).max(ka + 1.0);
     let (lo, hi) = (ka + 0.2 * (kd - ka), kd - 0.2 * (kd - ka));
@@ -168,12 +146,12 @@ pub fn burst_trace(
         while t < end_ms {
             for _ in 0..k {
                 entries.push(TraceEntry {
-                    time_ms: (t + rng.uniform(0.0, 50.0)) as u64,
+                    time_ms: (t + rng.between(0.0, 50.0)) as u64,
                     function: (*name).to_string(),
                     params: None,
                 });
             }
-            t += rng.uniform(lo, hi) * 1000.0;
+            t += rng.between(lo, hi) * 1000.0;
         }
     }
     Trace::new(entries)

@@ -16,5 +16,6 @@ pub mod replay;
 pub mod report;
 pub mod serve;
 pub mod sim;
+mod splitmix;
 pub mod suite;
 pub mod trace;
