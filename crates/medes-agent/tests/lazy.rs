@@ -4,13 +4,8 @@
 //! cycles, and a corrupt base page detected (the start fails, never a wrong process).
 //! Skipped with a message when the host cannot run sandboxes, unless `CI=true`.
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
-
-use medes_agent::{
-    Agent, AgentError, Command, NodeAgent, Reply, RunCommand, RunOutcome, SpawnCommand,
-};
-use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
+use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply};
+use medes_core::SandboxId;
 use serde_json::{Value, json};
 
 #[path = "support/lazy_agent.rs"]
@@ -66,39 +61,11 @@ fn id(tag: &str) -> SandboxId {
 }
 
 async fn start(agent: &Agent, sb: &SandboxId, name: &str, code: &str) {
-    let cmd = Command::Spawn(SpawnCommand {
-        sandbox: sb.clone(),
-        action: ActionName {
-            namespace: Namespace("guest".into()),
-            name: name.into(),
-        },
-        version: "0.0.1".into(),
-        code: Code::Source(code.into()),
-        main: "main".into(),
-        memory_limit: Bytes::mib(512),
-        env: BTreeMap::from([("__OW_NAMESPACE".to_string(), "guest".to_string())]),
-        init_timeout_ms: 60_000,
-    });
-    match agent.execute(cmd).await {
-        Ok(Reply::Spawned(r)) => assert_eq!(r.init_error, None),
-        other => panic!("spawn {sb}: {other:?}"),
-    }
+    lazy_agent::spawn(agent, sb, name, code).await
 }
 
 async fn call(agent: &Agent, sb: &SandboxId, params: Value) -> Value {
-    let cmd = Command::Run(RunCommand {
-        sandbox: sb.clone(),
-        params: params.as_object().cloned().unwrap_or_default(),
-        env: BTreeMap::new(),
-        timeout_ms: 30_000,
-    });
-    match agent.execute(cmd).await {
-        Ok(Reply::Ran(r)) => match r.outcome {
-            RunOutcome::Returned(v) => v,
-            other => panic!("run {sb}: {other:?}"),
-        },
-        other => panic!("run {sb}: {other:?}"),
-    }
+    lazy_agent::run(agent, sb, params, 30_000).await
 }
 
 async fn make_base(agent: &Agent, sb: &SandboxId) {
@@ -192,23 +159,7 @@ async fn a_corrupt_base_page_fails_the_lazy_start() {
     make_base(&agent, &base).await;
     dedup(&agent, &target).await;
     // Overwrite the back half of the base's resident pages (in place: they are mapped).
-    let bases = agent.images_dir().join("bases");
-    let mut n = 0;
-    for e in std::fs::read_dir(&bases).expect("bases dir") {
-        let p = e.expect("entry").path();
-        if p.extension().is_some_and(|x| x == "pages") {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .expect("open base");
-            let len = f.metadata().expect("stat").len();
-            let junk = vec![0xa5u8; (len / 2) as usize];
-            f.write_all_at(&junk, len - junk.len() as u64)
-                .expect("write");
-            n += 1;
-        }
-    }
-    assert!(n > 0, "no base pages file in {bases:?}");
+    lazy_agent::corrupt_bases(&agent, 0xa5);
     let before = agent.dedup_counters();
     let e = agent
         .execute(Command::Restore {

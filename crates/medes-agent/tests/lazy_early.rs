@@ -8,14 +8,10 @@
 //!
 //! Skipped with a message when the host cannot run sandboxes, unless `CI=true`.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
-use medes_agent::{
-    Agent, AgentError, Command, NodeAgent, Reply, RestoreReply, RunCommand, RunOutcome,
-    SpawnCommand,
-};
-use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
+use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply, RestoreReply};
+use medes_core::SandboxId;
 use serde_json::Value;
 
 #[path = "support/lazy_agent.rs"]
@@ -42,39 +38,11 @@ fn id(tag: &str) -> SandboxId {
 }
 
 async fn start(agent: &Agent, sb: &SandboxId, name: &str) {
-    let cmd = Command::Spawn(SpawnCommand {
-        sandbox: sb.clone(),
-        action: ActionName {
-            namespace: Namespace("guest".into()),
-            name: name.into(),
-        },
-        version: "0.0.1".into(),
-        code: Code::Source(BIG.into()),
-        main: "main".into(),
-        memory_limit: Bytes::mib(512),
-        env: BTreeMap::from([("__OW_NAMESPACE".to_string(), "guest".to_string())]),
-        init_timeout_ms: 60_000,
-    });
-    match agent.execute(cmd).await {
-        Ok(Reply::Spawned(r)) => assert_eq!(r.init_error, None),
-        other => panic!("spawn {sb}: {other:?}"),
-    }
+    lazy_agent::spawn(agent, sb, name, BIG).await
 }
 
 async fn call(agent: &Agent, sb: &SandboxId) -> Value {
-    let cmd = Command::Run(RunCommand {
-        sandbox: sb.clone(),
-        params: Default::default(),
-        env: BTreeMap::new(),
-        timeout_ms: 60_000,
-    });
-    match agent.execute(cmd).await {
-        Ok(Reply::Ran(r)) => match r.outcome {
-            RunOutcome::Returned(v) => v,
-            other => panic!("run {sb}: {other:?}"),
-        },
-        other => panic!("run {sb}: {other:?}"),
-    }
+    lazy_agent::run(agent, sb, Value::Object(Default::default()), 60_000).await
 }
 
 async fn make_base(agent: &Agent, sb: &SandboxId) -> medes_agent::BaseReply {
@@ -173,28 +141,6 @@ async fn a_checkpoint_right_after_an_early_start_waits_for_the_fill() {
     agent.shutdown().await;
 }
 
-/// Overwrites the back half of every base pages file in place (they are mapped: the resident
-/// pages change).
-fn corrupt_bases(agent: &Agent) {
-    let bases = agent.images_dir().join("bases");
-    let mut n = 0;
-    for e in std::fs::read_dir(&bases).expect("bases dir") {
-        let p = e.expect("entry").path();
-        if p.extension().is_some_and(|x| x == "pages") {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .expect("open base");
-            let len = f.metadata().expect("stat").len();
-            let junk = vec![0x5au8; (len / 2) as usize];
-            f.write_all_at(&junk, len - junk.len() as u64)
-                .expect("write");
-            n += 1;
-        }
-    }
-    assert!(n > 0, "no base pages file in {bases:?}");
-}
-
 /// A failed start: the error, one more restore failure, no fallback to the plain path, and the
 /// dedup sandbox purged.
 async fn assert_failed_before_resume(agent: &Agent, target: &SandboxId, want: &str) {
@@ -226,7 +172,7 @@ async fn corrupt_inputs_fail_the_start_before_the_process_resumes() {
     restore(&agent, &target).await.expect("first restore");
     assert_eq!(call(&agent, &target).await["a"], warm["a"]);
     dedup(&agent, &target).await;
-    corrupt_bases(&agent);
+    lazy_agent::corrupt_bases(&agent, 0x5a);
     assert_failed_before_resume(&agent, &target, "before the restored process resumed").await;
 
     // A corrupt store (a flipped byte of its patches and page data): refused when loaded.

@@ -1,8 +1,16 @@
 //! The agent the lazy dedup start tests share (`tests/lazy.rs`, `tests/lazy_early.rs`): lazy
-//! restore on, a fresh data directory, test logging from `MEDES_TEST_LOG`.
+//! restore on, a fresh data directory, test logging from `MEDES_TEST_LOG`; spawning, running and
+//! corrupting the bases' pages.
 
-use medes_agent::{Agent, AgentConfig};
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+
+use medes_agent::{
+    Agent, AgentConfig, Command, NodeAgent, Reply, RunCommand, RunOutcome, SpawnCommand,
+};
+use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
 use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
+use serde_json::Value;
 
 /// A lazy-restore agent, or `None` (skipped, with the reason) where sandboxes cannot run;
 /// in CI (`CI=true`) a missing dependency is a failure.
@@ -31,4 +39,64 @@ pub fn lazy_agent(what: &str) -> Option<(Agent, tempfile::TempDir)> {
         ..Default::default()
     };
     Some((Agent::new(cfg).expect("agent"), data))
+}
+
+/// Spawns `sb` as action `guest/<name>` (version 0.0.1) running `code`; its init must succeed.
+pub async fn spawn(agent: &Agent, sb: &SandboxId, name: &str, code: &str) {
+    let cmd = Command::Spawn(SpawnCommand {
+        sandbox: sb.clone(),
+        action: ActionName {
+            namespace: Namespace("guest".into()),
+            name: name.into(),
+        },
+        version: "0.0.1".into(),
+        code: Code::Source(code.into()),
+        main: "main".into(),
+        memory_limit: Bytes::mib(512),
+        env: BTreeMap::from([("__OW_NAMESPACE".to_string(), "guest".to_string())]),
+        init_timeout_ms: 60_000,
+    });
+    match agent.execute(cmd).await {
+        Ok(Reply::Spawned(r)) => assert_eq!(r.init_error, None),
+        other => panic!("spawn {sb}: {other:?}"),
+    }
+}
+
+/// Runs `sb` with `params` (a JSON object); its `main` must return.
+pub async fn run(agent: &Agent, sb: &SandboxId, params: Value, timeout_ms: u64) -> Value {
+    let cmd = Command::Run(RunCommand {
+        sandbox: sb.clone(),
+        params: params.as_object().cloned().unwrap_or_default(),
+        env: BTreeMap::new(),
+        timeout_ms,
+    });
+    match agent.execute(cmd).await {
+        Ok(Reply::Ran(r)) => match r.outcome {
+            RunOutcome::Returned(v) => v,
+            other => panic!("run {sb}: {other:?}"),
+        },
+        other => panic!("run {sb}: {other:?}"),
+    }
+}
+
+/// Overwrites the back half of every base pages file with `junk` bytes, in place (they are
+/// mapped: the resident pages change).
+pub fn corrupt_bases(agent: &Agent, junk: u8) {
+    let bases = agent.images_dir().join("bases");
+    let mut n = 0;
+    for e in std::fs::read_dir(&bases).expect("bases dir") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "pages") {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .expect("open base");
+            let len = f.metadata().expect("stat").len();
+            let bytes = vec![junk; (len / 2) as usize];
+            f.write_all_at(&bytes, len - bytes.len() as u64)
+                .expect("write");
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no base pages file in {bases:?}");
 }
