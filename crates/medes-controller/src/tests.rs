@@ -946,6 +946,14 @@ async fn spawn_n(ctl: &Arc<Controller>, a: &Arc<Action>, n: usize) {
     }
 }
 
+/// Two sandboxes of `a` cold-started at once, then idle past the 60 s idle period and every
+/// decision applied (by default: one base, one dedup sandbox).
+async fn two_then_idle_decision(ctl: &Arc<Controller>, a: &Arc<Action>) {
+    spawn_n(ctl, a, 2).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    ctl.wait_settled().await;
+}
+
 fn with_timers(ctl: &Arc<Controller>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
     let timers = tokio::spawn(ctl.clone().run_timers(stop.clone()));
@@ -1124,9 +1132,7 @@ async fn dedup_sandboxes_go_after_keep_dedup_and_their_base_after_them() {
     let (ctl, fake) = setup(2048);
     let (stop, timers) = with_timers(&ctl);
     let a = action("a", "1", 256, 1);
-    spawn_n(&ctl, &a, 2).await;
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    ctl.wait_settled().await;
+    two_then_idle_decision(&ctl, &a).await;
     assert_eq!(forms(&ctl), "base,dedup");
     // Past the base's keep-alive: it stays, a dedup sandbox depends on it.
     tokio::time::sleep(Duration::from_secs(600)).await;
@@ -1823,9 +1829,7 @@ async fn a_dead_node_keeps_its_dedup_sandbox_for_its_return() {
     });
     let (stop, timers) = with_timers(&ctl);
     let a = action("a", "1", 256, 1);
-    spawn_n(&ctl, &a, 2).await;
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    ctl.wait_settled().await;
+    two_then_idle_decision(&ctl, &a).await;
     assert_eq!(forms(&ctl), "base,dedup");
     let n0 = NodeId("n0".into());
     ctl.set_node_alive(&n0, false).unwrap();
@@ -1850,9 +1854,7 @@ async fn a_restarted_agents_lost_base_stays_its_functions_base_without_process()
     });
     let (stop, timers) = with_timers(&ctl);
     let a = action("a", "1", 256, 1);
-    spawn_n(&ctl, &a, 2).await;
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    ctl.wait_settled().await;
+    two_then_idle_decision(&ctl, &a).await;
     assert_eq!(forms(&ctl), "base,dedup");
     // The agent restarted (before it was found dead): the base's process is gone, its pages
     // and the dedup sandbox are kept.
@@ -1914,9 +1916,7 @@ async fn a_lost_base_of_a_changed_action_leaves_the_books() {
     });
     let (stop, timers) = with_timers(&ctl);
     let a = action("a", "1", 256, 1);
-    spawn_n(&ctl, &a, 2).await;
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    ctl.wait_settled().await;
+    two_then_idle_decision(&ctl, &a).await;
     for s in f0.0.live.lock().values_mut() {
         if s.form == SandboxForm::Base {
             s.lost = true;
@@ -1939,9 +1939,7 @@ async fn a_revived_node_readopts_its_lost_base_as_a_base_without_process() {
     });
     let (stop, timers) = with_timers(&ctl);
     let a = action("a", "1", 256, 1);
-    spawn_n(&ctl, &a, 2).await;
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    ctl.wait_settled().await;
+    two_then_idle_decision(&ctl, &a).await;
     assert_eq!(forms(&ctl), "base,dedup");
     let n0 = NodeId("n0".into());
     // Found dead (the books drop its idle sandboxes), its agent restarts meanwhile.
