@@ -312,6 +312,9 @@ struct Shared {
     /// Buffers handed to the producer so far, and the most it may hold at once.
     created: AtomicU64,
     cap: u64,
+    /// The background fill waits (faults and prefetches are still served): an armed restore
+    /// whose processes are stopped ([`LazyDaemon::hold_fill`]).
+    fill_held: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -519,6 +522,7 @@ impl LazyDaemon {
             freed: std::sync::Condvar::new(),
             created: AtomicU64::new(0),
             cap: max_buffers.max(1) as u64,
+            fill_held: std::sync::atomic::AtomicBool::new(false),
         });
         let n_batches = layout.n_pages.div_ceil(batch_pages.max(1) as u64) as usize;
         let server = Server {
@@ -598,6 +602,18 @@ impl LazyDaemon {
     /// Counters so far.
     pub fn stats(&self) -> LazyStats {
         self.shared.stats()
+    }
+
+    /// Holds (`true`) or lets go (`false`) of the background fill: while held, the server
+    /// serves faults and prefetches at any time but copies no other page, even after CRIU said
+    /// the restore finished, and queued batches stay queued. For a restore left stopped ahead
+    /// of its request ([`Sandbox::prestart_lazy`]): its processes must not grow to a warm
+    /// sandbox's size before they are resumed. Call it before CRIU starts.
+    ///
+    /// [`Sandbox::prestart_lazy`]: crate::Sandbox::prestart_lazy
+    pub fn hold_fill(&self, hold: bool) {
+        self.shared.fill_held.store(hold, Ordering::SeqCst);
+        self.shared.poke();
     }
 
     /// Lets the server finish on its own (the restore succeeded); should it fail later, it
@@ -943,7 +959,7 @@ impl Server {
                 self.serve_fault(ti, addr)?;
             }
             self.prefetch()?;
-            if self.finished.is_some() {
+            if self.finished.is_some() && !self.shared.fill_held.load(Ordering::SeqCst) {
                 self.background_step()?;
                 if self.faults.is_empty()
                     && self.tasks.iter().all(|t| t.exited || t.iovs.is_empty())
@@ -991,6 +1007,7 @@ impl Server {
 
     fn background_ready(&self) -> bool {
         self.finished.is_some()
+            && !self.shared.fill_held.load(Ordering::SeqCst)
             && (!self.cache.is_empty()
                 || (self.n_done == self.n_batches
                     && self.tasks.iter().any(|t| !t.exited && !t.iovs.is_empty())))

@@ -923,7 +923,7 @@ impl Sandbox {
         Fut: std::future::Future<Output = Result<(), E>> + Send,
         E: Into<PagesError>,
     {
-        Self::restore_with_mode(cfg, spec, images_dir, pages, None).await
+        Self::restore_with_mode(cfg, spec, images_dir, pages, None, false).await
     }
 
     async fn restore_with_mode<F, Fut, E>(
@@ -932,6 +932,7 @@ impl Sandbox {
         images_dir: &Path,
         pages: F,
         lazy: Option<&LazyDaemon>,
+        stopped: bool,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError>
     where
         F: FnOnce(Vec<(String, fs::File)>) -> Fut,
@@ -972,7 +973,16 @@ impl Sandbox {
         };
         let produced = pages(files);
         let fut: PagesFuture<'_> = Box::pin(async move { produced.await.map_err(Into::into) });
-        Self::restore_impl(cfg, spec, images_dir, meta, Some((fut, gate)), lazy, t0).await
+        Self::restore_impl(
+            cfg,
+            spec,
+            images_dir,
+            meta,
+            Some((fut, gate)),
+            lazy.map(|d| (d, stopped)),
+            t0,
+        )
+        .await
     }
 
     /// [`Sandbox::restore_with`] with `criu restore --lazy-pages`: CRIU reads only the pages
@@ -995,7 +1005,34 @@ impl Sandbox {
         F: FnOnce(Vec<(String, fs::File)>) -> Fut,
         Fut: std::future::Future<Output = Result<(), String>> + Send,
     {
-        Self::restore_with_mode(cfg, spec, images_dir, pages, Some(daemon)).await
+        Self::restore_with_mode(cfg, spec, images_dir, pages, Some(daemon), false).await
+    }
+
+    /// [`Sandbox::restore_with_lazy`] ahead of its request: CRIU restores the tree with
+    /// `--leave-stopped`, so everything that does not depend on the lazy pages (CRIU's own
+    /// start, namespaces, cgroup, mounts, the process tree, its memory layout, the eager pages,
+    /// the reset of glibc's `getrandom` state) is done, and the restored processes stay
+    /// stopped until [`ArmedSandbox::resume`] (which continues them and reseeds the runtime).
+    /// Hold the daemon's background fill first ([`LazyDaemon::hold_fill`]) and let it go at
+    /// the resume, or the stopped tree grows to the warm sandbox's size meanwhile. Dropping
+    /// (or [`ArmedSandbox::destroy`]) kills the stopped tree and removes its cgroup, network
+    /// namespace and run directory.
+    ///
+    /// [`LazyDaemon::hold_fill`]: crate::LazyDaemon::hold_fill
+    pub async fn prestart_lazy<F, Fut>(
+        cfg: &SandboxConfig,
+        spec: SandboxSpec,
+        images_dir: &Path,
+        pages: F,
+        daemon: &LazyDaemon,
+    ) -> Result<(ArmedSandbox, RestoreTimings), RestoreError>
+    where
+        F: FnOnce(Vec<(String, fs::File)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>> + Send,
+    {
+        let (sandbox, t) =
+            Self::restore_with_mode(cfg, spec, images_dir, pages, Some(daemon), true).await?;
+        Ok((ArmedSandbox { sandbox }, t))
     }
 
     /// A handle that kills this sandbox's process tree (through its pidfd, so never a
@@ -1012,9 +1049,12 @@ impl Sandbox {
         images_dir: &Path,
         meta: Meta,
         pages: Option<(PagesFuture<'_>, Option<OpenGate>)>,
-        lazy: Option<&LazyDaemon>,
+        lazy: Option<(&LazyDaemon, bool)>,
         t0: Instant,
     ) -> Result<(Sandbox, RestoreTimings), RestoreError> {
+        // `lazy`: the lazy-pages server and whether the tree is left stopped.
+        let stopped = lazy.is_some_and(|(_, s)| s);
+        let lazy = lazy.map(|(d, _)| d);
         let bad = |problem| RestoreError::BadImage {
             path: images_dir.to_path_buf(),
             problem,
@@ -1094,6 +1134,9 @@ impl Sandbox {
         }
         if lazy.is_some() {
             args.push("--lazy-pages".into());
+        }
+        if stopped {
+            args.push("--leave-stopped".into());
         }
         let log = images_dir.join(format!("restore-{}.log", spec.id.0));
         args.push("--log-file".into());
@@ -1218,24 +1261,9 @@ impl Sandbox {
             gate: tokio::sync::RwLock::new(()),
             res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
         };
-        let seed: [u8; 32] = random_seed();
-        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
         let t_reseed = Instant::now();
-        match sb
-            .request(json!({"op": "reseed", "seed": hex}), READY_TIMEOUT)
-            .await
-        {
-            Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {}
-            Ok(v) => {
-                let _ = sb.destroy().await;
-                return Err(RestoreError::ReseedRefused {
-                    reply: v.to_string(),
-                });
-            }
-            Err(e) => {
-                let _ = sb.destroy().await;
-                return Err(RestoreError::NotAnswering { source: e });
-            }
+        if !stopped {
+            sb.reseed().await?;
         }
         info!(
             sandbox_id = %spec.id,
@@ -1256,6 +1284,30 @@ impl Sandbox {
         Ok((sb, timings))
     }
 
+    /// Asks the restored runtime to reseed its random number generators (which also proves
+    /// it answers); destroys the sandbox if it does not.
+    async fn reseed(&self) -> Result<(), RestoreError> {
+        let seed: [u8; 32] = random_seed();
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        let err = match self
+            .request(json!({"op": "reseed", "seed": hex}), READY_TIMEOUT)
+            .await
+        {
+            Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => return Ok(()),
+            Ok(v) => RestoreError::ReseedRefused {
+                reply: v.to_string(),
+            },
+            Err(e) => RestoreError::NotAnswering { source: e },
+        };
+        self.kill();
+        let res = std::mem::replace(
+            &mut *self.res.lock().unwrap_or_else(|e| e.into_inner()),
+            Resources::empty(),
+        );
+        let _ = tokio::task::spawn_blocking(move || drop(res)).await;
+        Err(err)
+    }
+
     /// Kills the process tree and removes cgroup, network namespace and run directory.
     pub async fn destroy(self) -> Result<(), DestroyError> {
         self.dead.store(true, Ordering::SeqCst);
@@ -1271,6 +1323,84 @@ impl Sandbox {
                 Ok(())
             }
         }
+    }
+}
+
+/// A sandbox restored ahead of its request and left stopped ([`Sandbox::prestart_lazy`]):
+/// its processes exist (namespaces, cgroup, memory layout, eager pages) but do not run.
+/// Dropping it kills the tree and tears the sandbox down (blocking briefly); prefer
+/// [`ArmedSandbox::destroy`] in async code.
+#[derive(Debug)]
+pub struct ArmedSandbox {
+    sandbox: Sandbox,
+}
+
+impl ArmedSandbox {
+    /// The sandbox's id.
+    pub fn id(&self) -> &SandboxId {
+        self.sandbox.id()
+    }
+
+    /// Host PID of the stopped runtime.
+    pub fn pid(&self) -> i32 {
+        self.sandbox.pid()
+    }
+
+    /// Memory of the stopped tree now (its cgroup usage counts what CRIU restored: eager
+    /// pages, page tables, kernel objects).
+    pub fn memory(&self) -> Result<MemoryUsage, MemoryError> {
+        self.sandbox.memory()
+    }
+
+    /// Whether the stopped runtime still exists.
+    pub fn is_alive(&self) -> bool {
+        self.sandbox.is_alive()
+    }
+
+    /// Host PIDs of every process of the sandbox (its cgroup's).
+    pub fn pids(&self) -> Vec<i32> {
+        let res = self.sandbox.res.lock().unwrap_or_else(|e| e.into_inner());
+        res.cgroup.as_ref().map(|c| c.pids()).unwrap_or_default()
+    }
+
+    /// See [`Sandbox::killer`].
+    pub fn killer(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        self.sandbox.killer()
+    }
+
+    /// Continues every process of the sandbox (`SIGCONT`) and reseeds the runtime; returns
+    /// the running sandbox and the time of the reseed round trip, ms. A runtime that does not
+    /// answer its reseed fails the resume (the sandbox is destroyed). The caller lets go of
+    /// its lazy-pages server's background fill ([`LazyDaemon::hold_fill`]) first or right
+    /// after.
+    ///
+    /// [`LazyDaemon::hold_fill`]: crate::LazyDaemon::hold_fill
+    pub async fn resume(self) -> Result<(Sandbox, f64), RestoreError> {
+        let sb = self.sandbox;
+        if !sb.is_alive() {
+            let reason = sb.exit_reason();
+            let _ = sb.destroy().await;
+            return Err(RestoreError::NotAnswering {
+                source: RunError::Crashed { reason },
+            });
+        }
+        let pids = {
+            let res = sb.res.lock().unwrap_or_else(|e| e.into_inner());
+            res.cgroup.as_ref().map(|c| c.pids()).unwrap_or_default()
+        };
+        for p in pids {
+            // SAFETY: kill(2) with a pid of our own sandbox's cgroup; its processes are
+            // stopped, so none exits and frees its pid meanwhile.
+            unsafe { libc::kill(p, libc::SIGCONT) };
+        }
+        let t = Instant::now();
+        sb.reseed().await?;
+        Ok((sb, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Kills the stopped tree and removes cgroup, network namespace and run directory.
+    pub async fn destroy(self) -> Result<(), DestroyError> {
+        self.sandbox.destroy().await
     }
 }
 

@@ -11,6 +11,8 @@ use medes_core::{Bytes, SandboxId};
 use medes_sandbox::*;
 use serde_json::{Value, json};
 
+mod armed;
+
 fn config() -> Option<SandboxConfig> {
     let cfg = SandboxConfig::default();
     match preflight(&cfg) {
