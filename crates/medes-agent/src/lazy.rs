@@ -246,10 +246,11 @@ impl Inner {
     }
 }
 
-/// Whether starts may answer before every page is in place (`MEDES_LAZY_EARLY_ANSWER=0`
-/// turns it off, for A/B benchmarks).
-fn early_answer_enabled() -> bool {
-    std::env::var("MEDES_LAZY_EARLY_ANSWER").map_or(true, |v| v != "0")
+/// Whether starts may answer before every page is in place (`[agent] lazy_early_answer`;
+/// the environment's `MEDES_LAZY_EARLY_ANSWER=0` turns it off too, for A/B benchmarks).
+fn early_answer_enabled(inner: &Inner) -> bool {
+    inner.cfg.lazy_early_answer
+        && std::env::var("MEDES_LAZY_EARLY_ANSWER").map_or(true, |v| v != "0")
 }
 
 /// Restores `rec` lazily from `store` (loaded and verified; its non-page images are in `dir`).
@@ -261,6 +262,198 @@ pub(crate) async fn restore(
     bases: Arc<dyn BasePages + Send>,
     read_base_ms: f64,
 ) -> Result<LazyStart, LazyError> {
+    let started = start(inner, rec, dir, store, bases, read_base_ms, false).await?;
+    let Started { proc, timings, .. } = &started;
+    let Proc::Running(_) = proc else {
+        unreachable!("not armed")
+    };
+    let t = *timings;
+    complete(inner, started, t).await
+}
+
+/// The rebuild task of a lazy start (its time, ms).
+type Producer = tokio::task::JoinHandle<Result<f64, String>>;
+
+/// A lazy start restored up to its processes: running (a start), or stopped ahead of its
+/// request (armed, see `armed.rs`).
+pub(crate) enum Proc {
+    /// Restored and reseeded; the runtime answered.
+    Running(Sandbox),
+    /// Left stopped; [`resume`] continues it. `None` once taken.
+    Armed(Option<medes_sandbox::ArmedSandbox>),
+}
+
+/// A lazy start whose processes exist ([`start`]); [`complete`] (or, armed, [`resume`])
+/// finishes it, dropping it tears it down (the processes first, then the server).
+pub(crate) struct Started {
+    /// When the start began (for an armed one: when it was resumed).
+    t0: Instant,
+    proc: Proc,
+    timings: medes_sandbox::RestoreTimings,
+    daemon: Option<LazyDaemon>,
+    feed: LazyFeed,
+    producer: Arc<Mutex<Option<Producer>>>,
+    early: bool,
+    n_batches: usize,
+    gate_ms: Arc<Mutex<f64>>,
+    answered_at: Arc<Mutex<Option<Instant>>>,
+    /// Armed: the rebuild waits here after the eager pages until the resume.
+    go: Option<Arc<Go>>,
+    read_base_ms: f64,
+    rec: Arc<DedupRec>,
+}
+
+impl Started {
+    /// The stopped sandbox of an armed start (its memory, for the accounting).
+    pub(crate) fn armed(&self) -> Option<&medes_sandbox::ArmedSandbox> {
+        match &self.proc {
+            Proc::Armed(a) => a.as_ref(),
+            Proc::Running(_) => None,
+        }
+    }
+
+    /// Whether it restores `rec`.
+    pub(crate) fn is_of(&self, rec: &Arc<DedupRec>) -> bool {
+        Arc::ptr_eq(&self.rec, rec)
+    }
+
+    /// Page buffers the lazy-pages server holds now, bytes.
+    pub(crate) fn buffered_bytes(&self) -> u64 {
+        self.feed.stats().buffered_bytes
+    }
+
+    /// Tears an armed start down: stops the rebuild, kills the stopped processes, then stops
+    /// the server (no process ever sees a missing page).
+    pub(crate) async fn disarm(mut self) {
+        if let Some(go) = &self.go {
+            go.set(GO_STOP);
+        }
+        if let Proc::Armed(a) = &mut self.proc
+            && let Some(a) = a.take()
+        {
+            let id = a.id().clone();
+            if let Err(e) = a.destroy().await {
+                warn!(sandbox = %id, error = %e, "destroying an armed sandbox left something behind");
+            }
+        }
+        let h = self.producer.lock().take();
+        if let Some(h) = h {
+            let _ = h.await;
+        }
+        self.daemon = None;
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(go) = &self.go {
+            go.set(GO_STOP);
+        }
+        if self.daemon.is_some() {
+            // Not completed: the processes (killed by their sandbox's teardown) go first,
+            // then the server (dropped after this).
+            if let Proc::Armed(a) = &mut self.proc {
+                drop(a.take());
+            }
+        }
+    }
+}
+
+const GO_WAIT: u8 = 0;
+const GO_RUN: u8 = 1;
+const GO_STOP: u8 = 2;
+
+/// The armed rebuild's wait between its eager pages and the background fill.
+pub(crate) struct Go {
+    state: Mutex<u8>,
+    cv: parking_lot::Condvar,
+}
+
+impl Go {
+    fn new() -> Go {
+        Go {
+            state: Mutex::new(GO_WAIT),
+            cv: parking_lot::Condvar::new(),
+        }
+    }
+
+    fn set(&self, v: u8) {
+        let mut s = self.state.lock();
+        if *s == GO_WAIT {
+            *s = v;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Blocks until the resume (true) or a disarm (false); also stops once nobody else holds
+    /// the `Go` (the start was dropped half made, e.g. its task was cancelled).
+    fn wait(self: &Arc<Go>) -> bool {
+        let mut s = self.state.lock();
+        while *s == GO_WAIT {
+            if Arc::strong_count(self) <= 1 {
+                return false;
+            }
+            self.cv.wait_for(&mut s, Duration::from_millis(100));
+        }
+        *s == GO_RUN
+    }
+}
+
+/// Continues an armed start (its inputs and eager pages were verified when it was armed):
+/// lets the server's fill and the rebuild go, continues the stopped processes, reseeds the
+/// runtime, then finishes as an early-answered start.
+pub(crate) async fn resume(
+    inner: &Arc<Inner>,
+    mut started: Started,
+    read_base_ms: f64,
+) -> Result<LazyStart, LazyError> {
+    started.t0 = Instant::now();
+    started.read_base_ms = read_base_ms;
+    let Proc::Armed(a) = &mut started.proc else {
+        return Err(LazyError::Fallback("not armed".into()));
+    };
+    let Some(armed) = a.take() else {
+        return Err(LazyError::Fallback("the armed sandbox is gone".into()));
+    };
+    if let Some(d) = &started.daemon {
+        d.hold_fill(false);
+    }
+    if let Some(go) = &started.go {
+        go.set(GO_RUN);
+    }
+    let t0 = started.t0;
+    let (sandbox, reseed_ms) = match armed.resume().await {
+        Ok(x) => x,
+        Err(e) => {
+            // The processes ran: no retry within the command.
+            started.feed.fail("the resume failed".into());
+            return Err(LazyError::Failed(error_chain(&e)));
+        }
+    };
+    started.proc = Proc::Running(sandbox);
+    let t = medes_sandbox::RestoreTimings {
+        prepare_ms: 0.0,
+        images_ready_ms: 0.0,
+        criu_ms: 0.0,
+        reseed_ms,
+        total_ms: ms(t0.elapsed()),
+    };
+    *started.gate_ms.lock() = 0.0;
+    complete(inner, started, t).await
+}
+
+/// Restores `rec` lazily up to its processes: running and reseeded, or (`armed`) left
+/// stopped with the server's fill and the rebuild held after the eager pages. An armed start
+/// needs early answer (every input verified up front), else it is refused (`Fallback`).
+pub(crate) async fn start(
+    inner: &Arc<Inner>,
+    rec: &Arc<DedupRec>,
+    dir: &Path,
+    store: Arc<DedupStore>,
+    bases: Arc<dyn BasePages + Send>,
+    read_base_ms: f64,
+    armed: bool,
+) -> Result<Started, LazyError> {
     let t0 = Instant::now();
     let fallback = |e: String| LazyError::Fallback(e);
     // Which pages CRIU reads itself, which the server fills.
@@ -290,7 +483,7 @@ pub(crate) async fn restore(
         return Err(fallback("the pagemaps do not match the store".into()));
     }
     // Early answer needs every input checkable before the process resumes.
-    let check = if early_answer_enabled() {
+    let check = if early_answer_enabled(inner) || armed {
         match verify::Check::plan(&inner.images, &rec.info.domain, &store, &inner.lazy.sums) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -303,6 +496,12 @@ pub(crate) async fn restore(
         None
     };
     let early = check.is_some();
+    if armed && !early {
+        return Err(fallback(
+            "the inputs cannot be verified up front: not armed".into(),
+        ));
+    }
+    let go = armed.then(|| Arc::new(Go::new()));
     let rebuilder = Arc::new(
         Rebuilder::new(store.clone(), bases).map_err(|e| LazyError::Failed(error_chain(&e)))?,
     );
@@ -341,7 +540,6 @@ pub(crate) async fn restore(
     let order: Vec<usize> = eager_batches.iter().copied().collect();
 
     let (eager_tx, eager_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    type Producer = tokio::task::JoinHandle<Result<f64, String>>;
     let producer: Arc<Mutex<Option<Producer>>> = Arc::new(Mutex::new(None));
     // From the start of the rebuild until CRIU may read pages (inputs and eager pages done).
     let gate_ms = Arc::new(Mutex::new(0.0f64));
@@ -351,6 +549,7 @@ pub(crate) async fn restore(
         let (inner, producer, rebuilder) = (inner.clone(), producer.clone(), rebuilder.clone());
         let (feed, bad, gate_ms) = (feed.clone(), bad_page.clone(), gate_ms.clone());
         let answered_at = answered_at.clone();
+        let go = go.clone();
         move |files: Vec<(String, std::fs::File)>| {
             let job = Produce {
                 rebuilder,
@@ -362,14 +561,15 @@ pub(crate) async fn restore(
                 eager_tx: Mutex::new(Some(eager_tx)),
                 bad,
                 check,
-                inner: inner.clone(),
+                inner: Arc::downgrade(&inner),
                 gate_ms,
                 answered_at,
                 fill_order,
+                go,
             };
             let h = tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                job.run(&inner.fg_pool)?;
+                job.run()?;
                 Ok(ms(t.elapsed()))
             });
             *producer.lock() = Some(h);
@@ -382,9 +582,24 @@ pub(crate) async fn restore(
     };
     let bound = Duration::from_millis(inner.cfg.dedup.restore_timeout_ms.max(1));
     let spec = rec.info.spec.clone();
+    if armed {
+        daemon.hold_fill(true);
+    }
+    let sb_cfg = &inner.cfg.sandbox;
     let restored = tokio::time::timeout(bound, async {
+        let proc = async {
+            if armed {
+                Sandbox::prestart_lazy(sb_cfg, spec, dir, pages, &daemon)
+                    .await
+                    .map(|(a, t)| (Proc::Armed(Some(a)), t))
+            } else {
+                Sandbox::restore_with_lazy(sb_cfg, spec, dir, pages, &daemon)
+                    .await
+                    .map(|(s, t)| (Proc::Running(s), t))
+            }
+        };
         tokio::select! {
-            r = Sandbox::restore_with_lazy(&inner.cfg.sandbox, spec, dir, pages, &daemon) => r.map_err(|e| {
+            r = proc => r.map_err(|e| {
                 let verified_bad = matches!(e, RestoreError::Images { .. });
                 (error_chain(&e), verified_bad)
             }),
@@ -399,7 +614,7 @@ pub(crate) async fn restore(
             LazyError::Fallback(reason)
         }
     };
-    let (sandbox, t) = match restored {
+    let (proc, t) = match restored {
         Ok(Ok(x)) => x,
         Ok(Err((reason, bad))) => {
             stop_producer(&feed, &producer).await;
@@ -412,6 +627,48 @@ pub(crate) async fn restore(
             )));
         }
     };
+    Ok(Started {
+        t0,
+        proc,
+        timings: t,
+        daemon: Some(daemon),
+        feed,
+        producer,
+        early,
+        n_batches,
+        gate_ms,
+        answered_at,
+        go,
+        read_base_ms,
+        rec: rec.clone(),
+    })
+}
+
+/// Finishes a start whose runtime answered (`t`: its restore's timings): answers at once
+/// (early answer, the fill goes on in the background) or once every page was verified.
+async fn complete(
+    inner: &Arc<Inner>,
+    mut started: Started,
+    t: medes_sandbox::RestoreTimings,
+) -> Result<LazyStart, LazyError> {
+    let bound = Duration::from_millis(inner.cfg.dedup.restore_timeout_ms.max(1));
+    let t0 = started.t0;
+    let early = started.early;
+    let n_batches = started.n_batches;
+    let read_base_ms = started.read_base_ms;
+    let rec = started.rec.clone();
+    let feed = started.feed.clone();
+    let gate_ms = started.gate_ms.clone();
+    let answered_at = started.answered_at.clone();
+    let Some(daemon) = started.daemon.take() else {
+        return Err(LazyError::Failed("the lazy-pages server is gone".into()));
+    };
+    let sandbox = match std::mem::replace(&mut started.proc, Proc::Armed(None)) {
+        Proc::Running(s) => s,
+        Proc::Armed(_) => return Err(LazyError::Failed("the sandbox was not resumed".into())),
+    };
+    let producer = started.producer.clone();
+    drop(started);
     let left = bound.saturating_sub(t0.elapsed());
     let handle = producer.lock().take();
     if early {
@@ -585,21 +842,28 @@ struct Produce {
     bad: Arc<AtomicBool>,
     /// The check of the inputs (early answer), done before CRIU may read pages.
     check: Option<verify::Check>,
-    inner: Arc<Inner>,
+    /// Weak: an armed rebuild parked at its `go` must not keep the agent alive (the agent
+    /// holds the armed start, whose drop lets the rebuild go).
+    inner: std::sync::Weak<Inner>,
     /// Set to the time until CRIU may read pages (inputs and eager pages done), ms.
     gate_ms: Arc<Mutex<f64>>,
     /// When the start answered (early answer): the fill is background work from then on.
     answered_at: Arc<Mutex<Option<Instant>>>,
     /// The batches in the order they are rebuilt (the store's working set first).
     fill_order: Vec<usize>,
+    /// Armed: wait here after the eager pages until the resume (or stop at a disarm).
+    go: Option<Arc<Go>>,
 }
 
 impl Produce {
     /// Runs on the rebuild pool, one worker per thread taking the next batch: first the inputs
     /// (early answer) and the eager pages, then every batch (on threads of lower priority
     /// with early answer).
-    fn run(&self, pool: &rayon::ThreadPool) -> Result<(), String> {
+    fn run(&self) -> Result<(), String> {
         let t0 = Instant::now();
+        let gone = || "the agent is gone".to_string();
+        let inner = self.inner.upgrade().ok_or_else(gone)?;
+        let pool = &inner.fg_pool;
         let store = self.rebuilder.store();
         // Pages file and first global page of each process.
         let mut spans = Vec::with_capacity(store.procs.len());
@@ -623,7 +887,7 @@ impl Produce {
         };
         // 0. The inputs (early answer): every base page the store references.
         if let Some(check) = &self.check
-            && let Err(e) = pool.install(|| check.run(&self.inner.lazy.sums))
+            && let Err(e) = pool.install(|| check.run(&inner.lazy.sums))
         {
             self.bad.store(true, Ordering::SeqCst);
             let e = error_chain(&e);
@@ -667,6 +931,13 @@ impl Produce {
         if err.lock().is_none() {
             *self.gate_ms.lock() = ms(t0.elapsed());
             self.eager_done(Ok(()));
+        }
+        drop(inner);
+        if let Some(go) = &self.go
+            && err.lock().is_none()
+            && !go.wait()
+        {
+            return Err("disarmed".into());
         }
         // 2. Every page, batch by batch in order, to the lazy-pages server.
         let next = AtomicUsize::new(0);
@@ -726,7 +997,8 @@ impl Produce {
                 }
             });
         } else {
-            pool.scope(|s| {
+            let inner = self.inner.upgrade().ok_or_else(gone)?;
+            inner.fg_pool.scope(|s| {
                 for _ in 0..threads {
                     s.spawn(|_| work(false));
                 }

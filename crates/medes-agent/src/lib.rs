@@ -56,6 +56,16 @@
 //!   the runtime answered (the inputs verified before it resumed), and the remaining pages are
 //!   filled in the background while the request runs (a make-base or dedup of the sandbox
 //!   waits for that fill). Errors before anything ran fall back to the path above.
+//! - **Armed dedup sandboxes** ([`AgentConfig::armed_per_function`], default 1; `armed.rs`):
+//!   after a dedup the agent restores the function's newest dedup sandbox lazily *ahead of its
+//!   request* and leaves it stopped ([`medes_sandbox::Sandbox::prestart_lazy`], `criu restore
+//!   --lazy-pages --leave-stopped`; its inputs verified, its eager pages in place, the
+//!   lazy-pages server's fill held). A [`Command::Restore`] of it checks that the store and
+//!   base files are unchanged, continues the processes, reseeds and answers; the fill then
+//!   runs as after an early answer. A restore racing the arm joins it; a purge, a newer arm of
+//!   the function or the shutdown disarms (kills the stopped tree, keeps the store). What an
+//!   armed sandbox holds (stopped tree, loaded store, page buffers) is added to its
+//!   `held_bytes` and listed by [`Agent::armed`].
 //! - **Re-dedup reuses the store** (as the paper does): a sandbox restored from a store keeps it
 //!   while warm; its next [`Command::Dedup`] stops the process and keeps the store instead of
 //!   checkpointing again ([`DedupReply::reused_previous`]). This relies on actions being
@@ -67,7 +77,8 @@
 //!   (nice 0), so they never queue behind a dedup's parallel work; runs are not touched.
 //! - Memory ([`SandboxStatus::held_bytes`]): warm = PSS (+ a kept store), base = PSS + resident
 //!   base pages, dedup = the store file on tmpfs (rounded to pages; it holds the pages' encoding,
-//!   every non-page CRIU image and our metadata). The cgroup figure stays in
+//!   every non-page CRIU image and our metadata) + an armed sandbox's extra (its
+//!   [`SandboxStatus::memory`] then carries the stopped tree's cgroup usage). The cgroup figure stays in
 //!   [`SandboxStatus::memory`] as a cross-check.
 //! - The registry lives in this agent, one per domain, behind a small internal interface
 //!   (`domain.rs`) so the cluster-wide registry of issue 7 can replace it.
@@ -141,6 +152,7 @@
 
 pub use medes_registry_redis::{self as registry_redis, RegistryConfig};
 
+mod armed;
 mod code;
 mod domain;
 mod images;
@@ -170,6 +182,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+pub use armed::ArmedStatus;
 pub use proto::{
     AgentError, BaseReply, CheckpointFailure, Command, DedupReply, LogLine, NodeAgent, NodeStatus,
     Reply, RestoreFailure, RestoreReply, RunCommand, RunOutcome, RunReply, SandboxForm,
@@ -212,6 +225,15 @@ pub struct AgentConfig {
     /// lazy-pages server fed by the rebuild, see `lazy.rs`); false restores from rebuilt pages
     /// files. Default true.
     pub lazy_restore: bool,
+    /// Lazy dedup starts answer as soon as the restored runtime answered, the pages being
+    /// filled in the background (`lazy.rs`); false waits for every page (an A/B switch; the
+    /// environment's `MEDES_LAZY_EARLY_ANSWER=0` turns it off too). Default true.
+    pub lazy_early_answer: bool,
+    /// Dedup sandboxes per function kept **armed**: restored lazily ahead of their request
+    /// and left stopped, so a dedup start only resumes them (`armed.rs`; needs
+    /// `lazy_restore`). Each holds its stopped tree and its store in memory, counted in its
+    /// held bytes. 0 turns arming off. Default 1.
+    pub armed_per_function: usize,
 }
 
 /// How the agent deduplicates and restores sandboxes.
@@ -267,6 +289,8 @@ impl Default for AgentConfig {
             dedup: DedupSettings::default(),
             registry: RegistryConfig::default(),
             lazy_restore: true,
+            lazy_early_answer: true,
+            armed_per_function: 1,
         }
     }
 }
@@ -336,6 +360,19 @@ pub struct DedupCounters {
     /// Lazy dedup starts that could not start and used the plain restore instead.
     #[serde(default)]
     pub lazy_fallbacks: u64,
+    /// Dedup sandboxes armed (restored ahead of their request, left stopped).
+    #[serde(default)]
+    pub arms: u64,
+    /// Arms that failed (the start then takes the unarmed path).
+    #[serde(default)]
+    pub arm_failures: u64,
+    /// Armed sandboxes killed before a start used them (purge, newer one armed, changed
+    /// inputs, shutdown).
+    #[serde(default)]
+    pub disarms: u64,
+    /// Dedup starts that resumed an armed sandbox (part of `restores` and `lazy_restores`).
+    #[serde(default)]
+    pub armed_starts: u64,
 }
 
 /// The local node agent. Cheap to clone (all clones share one node).
@@ -369,6 +406,8 @@ struct Inner {
     remote: Arc<remote::Remote>,
     /// Background fills of lazy starts that answered early, base page sums (`lazy.rs`).
     lazy: lazy::LazyState,
+    /// Armed dedup sandboxes (`armed.rs`).
+    armed: armed::ArmedSet,
 }
 
 /// A sandbox in the table.
@@ -618,6 +657,7 @@ impl Agent {
                 shutting_down: AtomicBool::new(false),
                 remote,
                 lazy: lazy::LazyState::default(),
+                armed: armed::ArmedSet::new(),
             }),
         })
     }
@@ -635,6 +675,12 @@ impl Agent {
     /// Counts of the dedup paths' outcomes.
     pub fn dedup_counters(&self) -> DedupCounters {
         *self.inner.counters.lock()
+    }
+
+    /// The armed (and arming) dedup sandboxes and what each holds (`[agent]
+    /// armed_per_function`).
+    pub fn armed(&self) -> Vec<ArmedStatus> {
+        self.inner.armed.status()
     }
 
     /// This agent's directory of checkpoint images and dedup stores (on a tmpfs).
@@ -682,6 +728,7 @@ impl Agent {
     /// in flight is lost.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.disarm_all().await;
         let all: Vec<Entry> = self
             .inner
             .sandboxes
@@ -1107,7 +1154,10 @@ impl Inner {
         match removed {
             Some(Entry::Live(slot)) => release(slot).await,
             Some(Entry::Dedup(rec)) => {
-                // The store file goes with the last reference (a restore may hold one).
+                // Its armed tree goes first; the store file goes with the last reference (a
+                // restore may hold one).
+                self.disarm(&id).await;
+                self.rearm(&rec.info.function, Duration::ZERO);
                 drop(rec);
             }
             _ => {}
@@ -1198,10 +1248,26 @@ impl Inner {
             .iter()
             .map(|(id, e)| match e {
                 Entry::Live(s) => Seen::Live(s.clone()),
-                Entry::Dedup(r) => Seen::Fixed(SandboxStatus {
-                    image_bytes: Some(r.image_bytes),
-                    ..described(id, &r.info, SandboxForm::Dedup, false, r.stored_bytes)
-                }),
+                Entry::Dedup(r) => {
+                    // An armed one holds its stopped tree and its loaded store too.
+                    let armed = self.armed.status_of(id).filter(|a| a.ready);
+                    let extra = armed.as_ref().map_or(0, ArmedStatus::extra_bytes);
+                    Seen::Fixed(SandboxStatus {
+                        image_bytes: Some(r.image_bytes),
+                        memory: armed.map(|a| SandboxMemory {
+                            pss: Bytes(0),
+                            rss: Bytes(0),
+                            cgroup_usage: Bytes(a.cgroup_bytes),
+                        }),
+                        ..described(
+                            id,
+                            &r.info,
+                            SandboxForm::Dedup,
+                            false,
+                            r.stored_bytes + extra,
+                        )
+                    })
+                }
                 Entry::Busy { form, .. } => Seen::Fixed(SandboxStatus {
                     id: id.clone(),
                     alive: false,
@@ -1437,6 +1503,7 @@ impl Inner {
         // Re-dedup of a sandbox restored from a store: the store still describes it (functions
         // are stateless), so stop the process and keep the store.
         let kept = slot.store.lock().take();
+        let slot_function = slot.info.function.clone();
         if let Some(rec) = kept {
             drop(permit);
             destroy(take_last(slot).await).await;
@@ -1453,6 +1520,8 @@ impl Inner {
             }
             self.counters.lock().reused += 1;
             debug!(sandbox = %id, "re-dedup reused the previous store");
+            self.armed.note_deduped(&id);
+            self.rearm(&slot_function, Duration::ZERO);
             return Ok(reply);
         }
 
@@ -1540,6 +1609,8 @@ impl Inner {
         info!(sandbox = %id, image_bytes, stored_bytes = reply.stored_bytes, bases = n_bases,
               exact = stats.exact, patched = stats.patched, standalone = stats.standalone,
               zero = stats.zero, checkpoint_ms, dedup_ms, "sandbox deduplicated");
+        self.armed.note_deduped(&id);
+        self.rearm(&slot_function, Duration::ZERO);
         Ok(reply)
     }
 
@@ -1581,6 +1652,9 @@ impl Inner {
         let sampler = transient::Sampler::start(self.images.join("restore").join(&id.0));
         let r = self.restore_from(&rec).await;
         let peaks = sampler.finish();
+        // The next newest dedup sandbox of the function gets armed (after this start's own
+        // request and fill had the node for a moment).
+        self.rearm(&rec.info.function, armed::REARM_AFTER);
         match r {
             Ok((sandbox, mut reply)) => {
                 // A lazy start's page buffers are already in `transient_images_bytes`.
@@ -1620,23 +1694,15 @@ impl Inner {
         }
     }
 
-    /// Rebuilds the images of `rec` (verified) while the new sandbox is prepared, then restores.
-    async fn restore_from(
-        self: &Arc<Self>,
+    /// Loads and verifies the store of `rec`, checks its bases are there, and writes its
+    /// non-page images into `dir`.
+    async fn load_store(
+        &self,
         rec: &Arc<DedupRec>,
-    ) -> Result<(Sandbox, RestoreReply), DedupStartError> {
-        let id = &rec.info.spec.id;
-        let dir = self.images.join("restore").join(&id.0);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|source| DedupStartError::Io {
-            what: "creating",
-            path: dir.clone(),
-            source,
-        })?;
-        // The store (verified) and every non-page image first: CRIU reads those from its start.
-        let t = Instant::now();
-        let (rec2, dir2, remote) = (rec.clone(), dir.clone(), self.remote.clone());
-        let (store, bases) = tokio::task::spawn_blocking(move || {
+        dir: &Path,
+    ) -> Result<(Arc<DedupStore>, Arc<remote::ClusterBases>), DedupStartError> {
+        let (rec2, dir2, remote) = (rec.clone(), dir.to_path_buf(), self.remote.clone());
+        tokio::task::spawn_blocking(move || {
             let store = DedupStore::load(&rec2.path).map_err(DedupStartError::Store)?;
             // Local bases read directly; other nodes' pages prefetched from now on (remote.rs).
             let bases = remote
@@ -1663,7 +1729,55 @@ impl Inner {
                 what: "store",
                 source,
             })
+        })
+    }
+
+    /// Rebuilds the images of `rec` (verified) while the new sandbox is prepared, then restores.
+    async fn restore_from(
+        self: &Arc<Self>,
+        rec: &Arc<DedupRec>,
+    ) -> Result<(Sandbox, RestoreReply), DedupStartError> {
+        let id = &rec.info.spec.id;
+        // An armed sandbox (`armed.rs`): resumed, if its inputs are unchanged since they were
+        // verified.
+        if let Some(a) = self.take_armed(id).await {
+            let t = Instant::now();
+            match a.unchanged(rec) {
+                Ok(()) => {
+                    let r = lazy::resume(self, a.into_started(), ms(t.elapsed())).await;
+                    match r {
+                        Ok((sandbox, mut reply, held)) => {
+                            reply.transient_images_bytes = held;
+                            let mut c = self.counters.lock();
+                            c.lazy_restores += 1;
+                            c.armed_starts += 1;
+                            return Ok((sandbox, reply));
+                        }
+                        Err(lazy::LazyError::Failed(reason)) => {
+                            return Err(DedupStartError::Lazy { reason });
+                        }
+                        Err(lazy::LazyError::Fallback(reason)) => {
+                            warn!(sandbox = %id, %reason, "armed sandbox not usable: unarmed start");
+                        }
+                    }
+                }
+                Err(reason) => {
+                    a.disarm().await;
+                    self.counters.lock().disarms += 1;
+                    warn!(sandbox = %id, %reason, "armed sandbox disarmed: unarmed start");
+                }
+            }
+        }
+        let dir = self.images.join("restore").join(&id.0);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|source| DedupStartError::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
         })?;
+        // The store (verified) and every non-page image first: CRIU reads those from its start.
+        let t = Instant::now();
+        let (store, bases) = self.load_store(rec, &dir).await?;
         let read_base_ms = ms(t.elapsed());
         if self.cfg.lazy_restore {
             let lazy_bases: Arc<dyn BasePages + Send> = bases.clone();

@@ -91,6 +91,16 @@
 //!   (`examples/gate_cost.rs`): the gate itself costs ~0–8 ms, and pages that arrive 60 ms after
 //!   the start add only a few ms to a ~85–110 ms restore. An action script at
 //!   `post-setup-namespaces` did the same but its six `sh` runs cost 15–35 ms under load.
+//! - **Lazy restore** ([`Sandbox::restore_with_lazy`]): `criu restore --lazy-pages` with the
+//!   crate's own lazy-pages server ([`LazyDaemon`], a thread speaking CRIU's `uffd.c`
+//!   protocol), fed by the caller batch by batch. **Armed** ([`Sandbox::prestart_lazy`]): the
+//!   same ahead of the request with `--leave-stopped` (CRIU 4.1 leaves every restored task
+//!   stopped after it handed over their userfaultfds and said "restore finished"); the
+//!   `getrandom` reset is done on the stopped tree, and [`ArmedSandbox::resume`] sends
+//!   `SIGCONT` to every process of the cgroup and reseeds the runtime (~5 ms). Meanwhile
+//!   [`LazyDaemon::hold_fill`] keeps the server from filling pages in the background (faults
+//!   and prefetches are still served), so the stopped tree holds only what CRIU restored
+//!   itself (~1–3 MB of cgroup usage for the suite's runtimes).
 //! - Every CRIU run is bounded (SIGKILL on expiry), logs at `-v2` (`MEDES_CRIU_VERBOSITY` to
 //!   raise) into the images directory, truncated. Where `/run` is not a tmpfs, CRIU's kernel
 //!   feature cache (`/run/criu.kdat`) is generated once per boot, saving ~30 ms per CRIU run.

@@ -401,7 +401,7 @@ fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartErr
     let io_err = |what: String| move |source| StartError::Io { what, source };
     ensure_run_dir(&cfg.run_dir).map_err(io_err(format!("preparing {:?}", cfg.run_dir)))?;
     let dir = cfg.run_dir.join(id);
-    fs::create_dir(&dir).map_err(io_err(format!("creating {dir:?}")))?;
+    create_run_dir(&dir).map_err(io_err(format!("creating {dir:?}")))?;
     let mut res = Resources::empty();
     res.dir = Some(dir.clone());
     fs::write(
@@ -439,6 +439,26 @@ fn prepare(cfg: &SandboxConfig, spec: &SandboxSpec) -> Result<Prepared, StartErr
         netns_fd,
         mounts,
     })
+}
+
+/// Creates a sandbox's run directory. One that exists and belongs to this process is an
+/// earlier sandbox of the same id still being torn down (a start that failed while its
+/// preparation ran in the background): waits for it to go, bounded.
+fn create_run_dir(dir: &Path) -> io::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match fs::create_dir(dir) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let ours = fs::read_to_string(dir.join(OWNER))
+                    .is_ok_and(|o| owner_tag(std::process::id()).is_some_and(|me| me == o.trim()));
+                if !ours || t0.elapsed() > Duration::from_secs(2) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Binds the runtime's listening socket *inside* the sandbox's network namespace (CRIU only

@@ -212,6 +212,22 @@ mod tests {
     }
 
     #[test]
+    fn armed_dedup_starts_and_early_answer_are_read_from_the_agent_section() {
+        let d = MedesConfig::default();
+        assert_eq!(d.agent.armed_per_function, 1);
+        assert!(d.agent.lazy_early_answer);
+        let cfg: MedesConfig = toml::from_str(
+            "[agent]
+armed_per_function = 0
+lazy_early_answer = false
+",
+        )
+        .expect("parses");
+        assert_eq!(cfg.agent.armed_per_function, 0);
+        assert!(!cfg.agent.lazy_early_answer);
+    }
+
+    #[test]
     fn template_starts_are_off_unless_switched_on() {
         assert!(!MedesConfig::default().controller.template_starts);
         let cfg: MedesConfig =

@@ -12,9 +12,16 @@ use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
 use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
 use serde_json::Value;
 
-/// A lazy-restore agent, or `None` (skipped, with the reason) where sandboxes cannot run;
-/// in CI (`CI=true`) a missing dependency is a failure.
+/// A lazy-restore agent without armed sandboxes (the unarmed lazy start), or `None`
+/// (skipped, with the reason) where sandboxes cannot run; in CI (`CI=true`) a missing
+/// dependency is a failure.
+#[allow(dead_code)]
 pub fn lazy_agent(what: &str) -> Option<(Agent, tempfile::TempDir)> {
+    lazy_agent_armed(what, 0)
+}
+
+/// [`lazy_agent`] keeping `armed` dedup sandboxes per function armed.
+pub fn lazy_agent_armed(what: &str, armed: usize) -> Option<(Agent, tempfile::TempDir)> {
     let sandbox = SandboxConfig::default();
     if let Err(e) = preflight(&sandbox) {
         if std::env::var("CI").as_deref() == Ok("true") {
@@ -36,6 +43,7 @@ pub fn lazy_agent(what: &str) -> Option<(Agent, tempfile::TempDir)> {
         data_dir: data.path().to_path_buf(),
         sandbox,
         lazy_restore: true,
+        armed_per_function: armed,
         ..Default::default()
     };
     Some((Agent::new(cfg).expect("agent"), data))

@@ -12,6 +12,13 @@
 //! take the request) and a long idle period (no background checkpoints while measuring). The
 //! floor is a plain CRIU restore of another sandbox of the same action version from its full
 //! image on tmpfs (`/dev/shm`), interleaved with the dedup starts so both see the same load.
+//!
+//! Armed dedup starts (`[agent] armed_per_function`, on by default): after each forced dedup
+//! the bench waits until the agent armed the target (restored it ahead of its request, left
+//! stopped: the platform's steady state for an idle dedup sandbox) before the timed start,
+//! and reports whether the starts were armed (`dedup_armed`) and what the armed sandbox held
+//! (`armed_extra_mb`, part of `dedup_mb`; `dedup_unarmed_mb` is the store alone).
+//! `--no-armed` measures the unarmed path instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +102,10 @@ pub struct StartupArgs {
     /// (`medes-template-starts: false`); see `measure_template`.
     #[arg(long)]
     template: bool,
+    /// Dedup starts without armed sandboxes (`[agent] armed_per_function = 0`): the unarmed
+    /// lazy start, for an A/B against the default.
+    #[arg(long)]
+    no_armed: bool,
 }
 
 /// Medians of the dedup start's steps, ms.
@@ -142,6 +153,17 @@ struct FunctionRow {
     /// excluded, MB.
     dedup_mb: Option<f64>,
     dedup_breakdown_ms: Option<Breakdown>,
+    /// Whether every measured dedup start resumed an armed sandbox (`[agent]
+    /// armed_per_function`; false with --no-armed).
+    dedup_armed: Option<bool>,
+    /// How many of the measured dedup starts were armed.
+    dedup_armed_starts: Option<usize>,
+    /// The dedup sandbox's store alone (what `dedup_mb` is without an armed sandbox), MB.
+    dedup_unarmed_mb: Option<f64>,
+    /// What the armed sandbox held besides the store (its stopped tree's cgroup usage, the
+    /// store loaded in memory, page buffers), MB; part of `dedup_mb` when the starts were
+    /// armed.
+    armed_extra_mb: Option<f64>,
     /// Why the dedup figures are missing (the other functions are still measured).
     #[serde(skip_serializing_if = "Option::is_none")]
     dedup_error: Option<String>,
@@ -215,6 +237,9 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
                 cfg.controller.keep_alive_s = 7_200;
                 cfg.controller.idle_period_s = 3_600;
                 cfg.controller.template_starts = args.template;
+                if args.no_armed {
+                    cfg.agent.armed_per_function = 0;
+                }
                 cfg.finish();
                 let sandbox = cfg.agent.sandbox.clone();
                 let p = Platform::start(cfg).await?;
@@ -226,6 +251,7 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
                 controller: p.controller.clone(),
                 sandbox: sandbox.clone(),
                 data_dir: p.data_dir.clone(),
+                agent: Some(p.agent().clone()),
             }),
             _ => None,
         };
@@ -234,6 +260,7 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
                 controller: p.controller.clone(),
                 sandbox: sandbox.clone(),
                 data_dir: p.data_dir.clone(),
+                agent: None,
             }),
             _ => None,
         };
@@ -465,6 +492,12 @@ async fn measure(
                 restore: pct(&d.restore, 50.0),
                 first_response: pct(&d.first_response, 50.0),
             }),
+            dedup_armed: d
+                .as_ref()
+                .map(|d| !d.start.is_empty() && d.armed_starts == d.start.len()),
+            dedup_armed_starts: d.as_ref().map(|d| d.armed_starts),
+            dedup_unarmed_mb: d.as_ref().and_then(|d| d.dedup_unarmed_mb.map(round3)),
+            armed_extra_mb: d.as_ref().and_then(|d| d.armed_extra_mb.map(round3)),
             dedup_error,
             template_ms_p50: tp(|d| &d.start, 50.0),
             template_ms_p99: tp(|d| &d.start, 99.0),
@@ -513,6 +546,8 @@ struct DedupCtx {
     controller: Arc<Controller>,
     sandbox: SandboxConfig,
     data_dir: PathBuf,
+    /// The in-process agent (armed sandboxes, held bytes), for the dedup starts.
+    agent: Option<medes_agent::Agent>,
 }
 
 /// Raw samples of one function's dedup starts and plain restores.
@@ -531,6 +566,9 @@ struct DedupFigures {
     page_image_mb: f64,
     warm_mb: f64,
     dedup_mb: f64,
+    armed_starts: usize,
+    dedup_unarmed_mb: Option<f64>,
+    armed_extra_mb: Option<f64>,
 }
 
 fn round3(x: f64) -> f64 {
@@ -634,8 +672,27 @@ async fn measure_dedup(
             if i == 0 {
                 out.dedup_mb = sb.stored.map_or(0.0, |b| b.0 as f64 / 1e6);
             }
+            // The platform's steady state for an idle dedup sandbox: armed (when on).
+            let armed_before = match &ctx.agent {
+                Some(agent) => {
+                    let armed = wait_armed(agent, &target.id).await;
+                    if i == 0 {
+                        let (held, extra) = held_of(agent, &target.id, armed.as_ref()).await;
+                        out.dedup_mb = held as f64 / 1e6;
+                        out.dedup_unarmed_mb = Some((held - extra) as f64 / 1e6);
+                        out.armed_extra_mb = Some(extra as f64 / 1e6);
+                    }
+                    Some(agent.dedup_counters().armed_starts)
+                }
+                None => None,
+            };
             let (ms, rec) = invoke(client, &t.name, &t.params).await?;
             expect(&rec, "dedup")?;
+            if let (Some(agent), Some(n)) = (&ctx.agent, armed_before)
+                && agent.dedup_counters().armed_starts > n
+            {
+                out.armed_starts += 1;
+            }
             let r = find(&target.id)?
                 .last_restore
                 .context("no dedup start breakdown")?;
@@ -660,6 +717,47 @@ async fn measure_dedup(
     // Retire this version's sandboxes (base and target).
     client.put_action(&t.name, &t.spec).await?;
     Ok(out)
+}
+
+/// Waits (bounded) until the agent armed dedup sandbox `id`, if arming is on; its status then.
+async fn wait_armed(
+    agent: &medes_agent::Agent,
+    id: &SandboxId,
+) -> Option<medes_agent::ArmedStatus> {
+    let t = Instant::now();
+    loop {
+        let all = agent.armed();
+        match all.iter().find(|a| &a.sandbox == id) {
+            Some(a) if a.ready => return Some(a.clone()),
+            Some(_) => {}
+            // Nothing armed or arming for it: off, or its arm failed (it logged why).
+            None if t.elapsed() > Duration::from_secs(2) => return None,
+            None => {}
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The agent's held bytes of dedup sandbox `id` (store + armed extra) and the armed extra.
+async fn held_of(
+    agent: &medes_agent::Agent,
+    id: &SandboxId,
+    armed: Option<&medes_agent::ArmedStatus>,
+) -> (u64, u64) {
+    use medes_agent::NodeAgent;
+    let held = match agent.execute(medes_agent::Command::Status).await {
+        Ok(medes_agent::Reply::Status(st)) => st
+            .sandboxes
+            .iter()
+            .find(|s| &s.id == id)
+            .map_or(0, |s| s.held_bytes),
+        _ => 0,
+    };
+    let extra = armed.map_or(0, medes_agent::ArmedStatus::extra_bytes);
+    (held, extra.min(held))
 }
 
 /// Deploys `spec` as a fresh version of `name` (the older version's sandboxes retire) and
@@ -874,6 +972,7 @@ fn print_table(r: &StartupReport) {
         "pages MB",
         "warm MB",
         "dedup MB",
+        "armed MB",
     ]);
     let o = |x: Option<f64>, d: usize| x.map_or("-".to_string(), |v| format!("{v:.d$}"));
     for f in &r.functions {
@@ -897,6 +996,11 @@ fn print_table(r: &StartupReport) {
             o(f.page_image_mb, 1),
             o(f.warm_mb, 1),
             o(f.dedup_mb, 2),
+            match f.dedup_armed {
+                Some(true) => o(f.armed_extra_mb, 2),
+                Some(false) => "no".to_string(),
+                None => "-".to_string(),
+            },
         ]);
     }
     println!("{t}");

@@ -1,0 +1,503 @@
+//! Armed dedup sandboxes (`[agent] armed_per_function`, issue 5 point 4: "the paper pre-started
+//! a paused CRIU restore"): after a dedup, the agent restores the function's newest dedup
+//! sandboxes lazily *ahead of their request* and leaves them stopped
+//! ([`medes_sandbox::Sandbox::prestart_lazy`]): CRIU's start, the namespaces, cgroup, mounts,
+//! process tree, memory layout, the eager pages and the input check are done; the lazy-pages
+//! server serves faults but holds its background fill, and the rebuild waits after the eager
+//! pages. A [`crate::Command::Restore`] of an armed sandbox then only continues the processes,
+//! reseeds the runtime and answers (the early answer of `lazy.rs`), while the fill runs.
+//!
+//! Which: the controller restores a function's most recently deduplicated dedup sandbox
+//! first, so the agent arms the `armed_per_function` most recently deduplicated ones of each
+//! function (by the order of their dedups on this agent; stores an earlier agent kept come
+//! last) and disarms older ones when a newer one is armed; a restore that consumed an armed
+//! sandbox re-arms the next newest. Arms run in the background, one at a time, never holding
+//! a command: a restore arriving while its sandbox is being armed joins the arm (it is further
+//! along than a fresh start would be); a purge cancels it.
+//!
+//! Correctness: the inputs (the store, loaded and verified as a whole; every base page it
+//! references, against its per-page sum) are verified when the sandbox is armed, and the
+//! decode reads the store from the verified copy in memory. At the resume the store file and
+//! the base pages files (mapped: what the rebuild reads) must be unchanged since (inode, size,
+//! mtime, ctime); if not, the armed sandbox is disarmed and the start takes the unarmed path,
+//! which verifies again (and fails, for a cold start, if they are bad). Output pages are still
+//! verified one by one before they are copied in.
+//!
+//! Memory: an armed sandbox holds its stopped tree (the cgroup's usage: eager pages, page
+//! tables, kernel objects), the store loaded in memory (its file's size) and the server's page
+//! buffers (none while held, but pages faulted on by the prefetch). Measured once it is armed
+//! (a stopped tree does not grow), this `armed` extra is added to the dedup sandbox's held
+//! bytes in the node status (the controller's budget and the policy's m_D see it) and shown
+//! by [`crate::Agent::armed`]. Disarmed on purge, on shutdown, and when a newer one of its
+//! function is armed. Not done: disarming under memory pressure (the controller purges dedup
+//! sandboxes when it needs memory, which disarms them), re-arming after an agent restart.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use medes_core::SandboxId;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::{DedupRec, Entry, Inner, ms};
+use crate::lazy;
+
+/// Wait before re-arming after a dedup start consumed an armed sandbox (its request and the
+/// fill come first).
+pub(crate) const REARM_AFTER: Duration = Duration::from_millis(500);
+
+/// An armed (or arming) dedup sandbox, as [`crate::Agent::armed`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmedStatus {
+    /// The dedup sandbox.
+    pub sandbox: SandboxId,
+    /// Its function.
+    pub function: String,
+    /// Armed (true) or being armed (false).
+    pub ready: bool,
+    /// Memory of the stopped tree (its cgroup's usage), bytes.
+    pub cgroup_bytes: u64,
+    /// The store loaded in memory for it, bytes.
+    pub store_bytes: u64,
+    /// Page buffers its lazy-pages server holds, bytes.
+    pub buffered_bytes: u64,
+}
+
+impl ArmedStatus {
+    /// Everything held for it besides the dedup sandbox's store file, bytes.
+    pub fn extra_bytes(&self) -> u64 {
+        self.cgroup_bytes + self.store_bytes + self.buffered_bytes
+    }
+}
+
+/// A file's identity and last change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        ino: m.ino(),
+        size: m.size(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+/// An armed start and what it was verified against.
+pub(crate) struct Armed {
+    started: lazy::Started,
+    stamps: Vec<(PathBuf, Option<Stamp>)>,
+    cgroup_bytes: u64,
+    store_bytes: u64,
+}
+
+enum Slot {
+    Arming {
+        cancel: Arc<AtomicBool>,
+        done: tokio::sync::watch::Receiver<bool>,
+    },
+    Armed(Box<Armed>),
+}
+
+struct ArmState {
+    function: String,
+    /// The dedup order of the sandbox it is armed for.
+    seq: u64,
+    slot: Slot,
+}
+
+/// The agent's armed sandboxes.
+pub(crate) struct ArmedSet {
+    map: Mutex<HashMap<SandboxId, ArmState>>,
+    /// Dedup order of the dedup sandboxes deduplicated by this agent.
+    deduped: Mutex<HashMap<SandboxId, u64>>,
+    seq: AtomicU64,
+    /// One arm at a time.
+    permit: tokio::sync::Semaphore,
+}
+
+impl ArmedSet {
+    pub(crate) fn new() -> ArmedSet {
+        ArmedSet {
+            map: Mutex::new(HashMap::new()),
+            deduped: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            permit: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    /// Status of every armed or arming sandbox.
+    pub(crate) fn status(&self) -> Vec<ArmedStatus> {
+        let m = self.map.lock();
+        let mut out: Vec<ArmedStatus> = m
+            .iter()
+            .map(|(id, st)| {
+                let (ready, cgroup_bytes, store_bytes, buffered_bytes) = match &st.slot {
+                    Slot::Arming { .. } => (false, 0, 0, 0),
+                    Slot::Armed(a) => (
+                        true,
+                        a.cgroup_bytes,
+                        a.store_bytes,
+                        a.started.buffered_bytes(),
+                    ),
+                };
+                ArmedStatus {
+                    sandbox: id.clone(),
+                    function: st.function.clone(),
+                    ready,
+                    cgroup_bytes,
+                    store_bytes,
+                    buffered_bytes,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.sandbox.0.cmp(&b.sandbox.0));
+        out
+    }
+
+    /// The status of `id` if it is armed or being armed.
+    pub(crate) fn status_of(&self, id: &SandboxId) -> Option<ArmedStatus> {
+        self.status().into_iter().find(|s| &s.sandbox == id)
+    }
+
+    /// Records that `id` was just deduplicated (the newest of its function).
+    pub(crate) fn note_deduped(&self, id: &SandboxId) {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.deduped.lock().insert(id.clone(), n);
+    }
+}
+
+impl Inner {
+    fn arming_enabled(&self) -> bool {
+        self.cfg.armed_per_function > 0
+            && self.cfg.lazy_restore
+            && !self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Arms the newest dedup sandboxes of `function` (up to `armed_per_function`) and disarms
+    /// its other armed ones, in the background.
+    pub(crate) fn rearm(self: &Arc<Self>, function: &str, after: Duration) {
+        if !self.arming_enabled() {
+            return;
+        }
+        let inner = self.clone();
+        let function = function.to_string();
+        tokio::spawn(async move {
+            if !after.is_zero() {
+                tokio::time::sleep(after).await;
+            }
+            inner.rearm_now(&function).await;
+        });
+    }
+
+    async fn rearm_now(self: &Arc<Self>, function: &str) {
+        if !self.arming_enabled() {
+            return;
+        }
+        let want: Vec<(u64, Arc<DedupRec>)> = {
+            let seqs = self.armed.deduped.lock();
+            let t = self.sandboxes.lock();
+            let mut all: Vec<(u64, Arc<DedupRec>)> = t
+                .iter()
+                .filter_map(|(id, e)| match e {
+                    Entry::Dedup(r) if r.info.function == function => {
+                        Some((seqs.get(id).copied().unwrap_or(0), r.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            all.sort_by(|a, b| {
+                b.0.cmp(&a.0)
+                    .then(b.1.info.spec.id.0.cmp(&a.1.info.spec.id.0))
+            });
+            all.truncate(self.cfg.armed_per_function);
+            all
+        };
+        let keep: Vec<SandboxId> = want.iter().map(|(_, r)| r.info.spec.id.clone()).collect();
+        let stale: Vec<SandboxId> = self
+            .armed
+            .map
+            .lock()
+            .iter()
+            .filter(|(id, st)| st.function == function && !keep.contains(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            self.disarm(&id).await;
+        }
+        for (seq, rec) in want {
+            let id = rec.info.spec.id.clone();
+            // Under the table's lock: a restore marks the sandbox busy under it before it
+            // looks for an arm, so it either finds this arm or this sees it busy.
+            let started = {
+                let t = self.sandboxes.lock();
+                let still = matches!(t.get(&id), Some(Entry::Dedup(r)) if Arc::ptr_eq(r, &rec));
+                let mut m = self.armed.map.lock();
+                if !still || m.contains_key(&id) {
+                    None
+                } else {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    m.insert(
+                        id.clone(),
+                        ArmState {
+                            function: function.to_string(),
+                            seq,
+                            slot: Slot::Arming {
+                                cancel: cancel.clone(),
+                                done: rx,
+                            },
+                        },
+                    );
+                    Some((cancel, tx))
+                }
+            };
+            let Some((cancel, tx)) = started else {
+                continue;
+            };
+            let inner = self.clone();
+            tokio::spawn(async move {
+                inner.arm_task(rec, cancel, tx).await;
+            });
+        }
+    }
+
+    async fn arm_task(
+        self: Arc<Self>,
+        rec: Arc<DedupRec>,
+        cancel: Arc<AtomicBool>,
+        done: tokio::sync::watch::Sender<bool>,
+    ) {
+        let id = rec.info.spec.id.clone();
+        let r = match self.armed.permit.acquire().await {
+            Ok(_permit) if !cancel.load(Ordering::SeqCst) => {
+                let t = Instant::now();
+                let r = self.arm_one(&rec).await;
+                if let Ok(a) = &r {
+                    info!(sandbox = %id, ms = ms(t.elapsed()), cgroup_kb = a.cgroup_bytes >> 10,
+                          store_kb = a.store_bytes >> 10, "dedup sandbox armed");
+                }
+                r
+            }
+            _ => Err("cancelled".to_string()),
+        };
+        let leftover = {
+            let mut m = self.armed.map.lock();
+            let ours = matches!(m.get(&id), Some(ArmState { slot: Slot::Arming { cancel: c, .. }, .. })
+                if Arc::ptr_eq(c, &cancel));
+            match r {
+                Ok(a) if ours && !cancel.load(Ordering::SeqCst) => {
+                    if let Some(st) = m.get_mut(&id) {
+                        st.slot = Slot::Armed(Box::new(a));
+                    }
+                    self.counters.lock().arms += 1;
+                    None
+                }
+                r => {
+                    if ours {
+                        m.remove(&id);
+                    }
+                    match r {
+                        Ok(a) => Some(a),
+                        Err(reason) => {
+                            if reason != "cancelled" {
+                                self.counters.lock().arm_failures += 1;
+                                warn!(sandbox = %id, %reason, "arming a dedup sandbox failed; its start takes the unarmed path");
+                            }
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(a) = leftover {
+            a.started.disarm().await;
+        }
+        drop(rec);
+        done.send_replace(true);
+    }
+
+    /// Loads and verifies the store, writes its non-page images and restores it lazily, left
+    /// stopped.
+    async fn arm_one(self: &Arc<Self>, rec: &Arc<DedupRec>) -> Result<Armed, String> {
+        let id = &rec.info.spec.id;
+        let dir = self.images.join("armed").join(&id.0);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+        let store_stamp = stamp(&rec.path);
+        let t = Instant::now();
+        let loaded = self.load_store(rec, &dir).await;
+        let (store, bases) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(super::error_chain(&e));
+            }
+        };
+        let mut stamps = vec![(rec.path.clone(), store_stamp)];
+        for b in &store.bases {
+            let p = self.images.join("bases").join(format!("{}.pages", b.0));
+            let s = stamp(&p);
+            stamps.push((p, s));
+        }
+        let read_base_ms = ms(t.elapsed());
+        let lazy_bases: Arc<dyn medes_dedup::BasePages + Send> = bases;
+        let r = lazy::start(self, rec, &dir, store, lazy_bases, read_base_ms, true).await;
+        let dir2 = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir2)).await;
+        let started = r.map_err(|e| match e {
+            lazy::LazyError::Fallback(r) | lazy::LazyError::Failed(r) => r,
+        })?;
+        let cgroup_bytes = started
+            .armed()
+            .and_then(|a| a.memory().ok())
+            .map_or(0, |m| m.cgroup_usage.0);
+        Ok(Armed {
+            started,
+            stamps,
+            cgroup_bytes,
+            store_bytes: rec.stored_bytes,
+        })
+    }
+
+    /// Kills the armed sandbox of `id` (its store stays), or cancels its arm.
+    pub(crate) async fn disarm(&self, id: &SandboxId) {
+        enum Found {
+            Armed(Box<Armed>),
+            Arming(tokio::sync::watch::Receiver<bool>),
+            Nothing,
+        }
+        let found = {
+            let mut m = self.armed.map.lock();
+            match m.get(id).map(|st| &st.slot) {
+                Some(Slot::Armed(_)) => match m.remove(id) {
+                    Some(ArmState {
+                        slot: Slot::Armed(a),
+                        ..
+                    }) => Found::Armed(a),
+                    _ => Found::Nothing,
+                },
+                Some(Slot::Arming { cancel, done }) => {
+                    cancel.store(true, Ordering::SeqCst);
+                    Found::Arming(done.clone())
+                }
+                None => Found::Nothing,
+            }
+        };
+        match found {
+            Found::Armed(a) => {
+                a.started.disarm().await;
+                self.counters.lock().disarms += 1;
+                debug!(sandbox = %id, "dedup sandbox disarmed");
+            }
+            Found::Arming(mut done) => {
+                // Wait for the arm to end (it kills what it made, then says so), so the
+                // store's references are gone when this returns.
+                let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
+                let _ = tokio::time::timeout(bound, done.wait_for(|d| *d)).await;
+            }
+            Found::Nothing => {}
+        }
+    }
+
+    /// Disarms everything (shutdown), waiting for arms in flight.
+    pub(crate) async fn disarm_all(&self) {
+        let ids: Vec<SandboxId> = self.armed.map.lock().keys().cloned().collect();
+        for id in &ids {
+            self.disarm(id).await;
+        }
+        let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
+        let t = Instant::now();
+        while !self.armed.map.lock().is_empty() && t.elapsed() < bound {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The armed start of `id` for a restore, if any: joins an arm in flight (bounded by the
+    /// restore timeout). `None` when the sandbox is not armed (or the arm failed). The
+    /// caller then checks it with [`Armed::unchanged`].
+    pub(crate) async fn take_armed(&self, id: &SandboxId) -> Option<Armed> {
+        let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
+        let t = Instant::now();
+        loop {
+            let mut rx = {
+                let mut m = self.armed.map.lock();
+                match m.get(id).map(|st| &st.slot) {
+                    None => return None,
+                    Some(Slot::Armed(_)) => {
+                        return match m.remove(id) {
+                            Some(ArmState {
+                                slot: Slot::Armed(a),
+                                ..
+                            }) => Some(*a),
+                            _ => None,
+                        };
+                    }
+                    Some(Slot::Arming { done, .. }) => done.clone(),
+                }
+            };
+            let left = bound.saturating_sub(t.elapsed());
+            if tokio::time::timeout(left, rx.wait_for(|d| *d))
+                .await
+                .is_err()
+            {
+                // Never start a second restore of the same sandbox beside the arm: cancel it
+                // and wait for it to end.
+                self.disarm(id).await;
+                let _ = tokio::time::timeout(bound, rx.wait_for(|d| *d)).await;
+                self.disarm(id).await;
+                return None;
+            }
+        }
+    }
+
+    /// The seq of an armed entry (tests, status).
+    #[allow(dead_code)]
+    fn armed_seq(&self, id: &SandboxId) -> Option<u64> {
+        self.armed.map.lock().get(id).map(|s| s.seq)
+    }
+}
+
+impl Armed {
+    /// Whether the store file and the base pages files are unchanged since the arm, and the
+    /// start is still of `rec`.
+    pub(crate) fn unchanged(&self, rec: &Arc<DedupRec>) -> Result<(), String> {
+        if !self.started.is_of(rec) {
+            return Err("armed for another store".into());
+        }
+        for (p, s) in &self.stamps {
+            let now = stamp(p);
+            if now.is_none() || now != *s {
+                return Err(format!(
+                    "{} changed since the sandbox was armed",
+                    p.display()
+                ));
+            }
+        }
+        match self.started.armed() {
+            Some(a) if a.is_alive() => Ok(()),
+            _ => Err("the armed processes are gone".into()),
+        }
+    }
+
+    /// The armed start (consumed by a resume).
+    pub(crate) fn into_started(self) -> lazy::Started {
+        self.started
+    }
+
+    /// Tears it down.
+    pub(crate) async fn disarm(self) {
+        self.started.disarm().await;
+    }
+}

@@ -1,0 +1,278 @@
+//! Armed dedup sandboxes (`[agent] armed_per_function`, `armed.rs`) over real sandboxes and
+//! CRIU: after a dedup the agent restores the sandbox lazily ahead of its request, left
+//! stopped; a dedup start then only resumes it.
+//! - an armed start gives the warm sandbox's results with fresh randomness, a restore racing
+//!   an arm in flight joins it, and a purge leaves nothing behind (no process, cgroup,
+//!   network namespace or files);
+//! - a base or store corrupted after the sandbox was armed fails the start (the controller
+//!   falls back to a cold start), never a wrong process.
+//!
+//! Skipped with a message when the host cannot run sandboxes, unless `CI=true`.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply, RestoreReply, SandboxForm};
+use medes_core::SandboxId;
+use serde_json::Value;
+
+#[path = "support/lazy_agent.rs"]
+mod lazy_agent;
+
+/// A few MB of numpy state the answer depends on, and every random source.
+const CODE: &str = r#"
+import hashlib, os, random, numpy as np
+A = np.random.default_rng(7).standard_normal((600, 600))
+def main(args):
+    return {"a": hashlib.sha256(A.tobytes()).hexdigest(), "r": random.random(),
+            "u": os.urandom(8).hex(), "n": float(np.random.random())}
+"#;
+
+fn id(tag: &str) -> SandboxId {
+    SandboxId(format!("ar{}-{tag}", std::process::id()))
+}
+
+async fn call(agent: &Agent, sb: &SandboxId) -> Value {
+    lazy_agent::run(agent, sb, Value::Object(Default::default()), 60_000).await
+}
+
+async fn cmd(agent: &Agent, c: Command) -> Result<Reply, AgentError> {
+    agent.execute(c).await
+}
+
+async fn dedup(agent: &Agent, sb: &SandboxId) {
+    match cmd(
+        agent,
+        Command::Dedup {
+            sandbox: sb.clone(),
+        },
+    )
+    .await
+    {
+        Ok(Reply::Deduped(_)) => {}
+        other => panic!("dedup {sb}: {other:?}"),
+    }
+}
+
+async fn restore(agent: &Agent, sb: &SandboxId) -> Result<RestoreReply, AgentError> {
+    match cmd(
+        agent,
+        Command::Restore {
+            sandbox: sb.clone(),
+        },
+    )
+    .await
+    {
+        Ok(Reply::Restored(r)) => Ok(r),
+        Ok(other) => panic!("restore {sb}: {other:?}"),
+        Err(e) => Err(e),
+    }
+}
+
+/// A base and a warm target of one function, with the target's warm answer.
+async fn setup(agent: &Agent, tag: &str) -> (SandboxId, SandboxId, Value) {
+    let (base, target) = (id(&format!("{tag}-b")), id(&format!("{tag}-t")));
+    let name = format!("pkg/{tag}");
+    lazy_agent::spawn(agent, &base, &name, CODE).await;
+    lazy_agent::spawn(agent, &target, &name, CODE).await;
+    let warm = call(agent, &target).await;
+    match cmd(
+        agent,
+        Command::MakeBase {
+            sandbox: base.clone(),
+        },
+    )
+    .await
+    {
+        Ok(Reply::BaseReady(_)) => {}
+        other => panic!("make base: {other:?}"),
+    }
+    (base, target, warm)
+}
+
+/// Waits until `sb` is armed (bounded).
+async fn armed(agent: &Agent, sb: &SandboxId) -> medes_agent::ArmedStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(a) = agent
+            .armed()
+            .into_iter()
+            .find(|a| &a.sandbox == sb && a.ready)
+        {
+            return a;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{sb} was not armed: {:?}",
+            agent.armed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The run directory, cgroup directories and network namespace of sandbox `sb`.
+fn traces(sb: &SandboxId) -> Vec<PathBuf> {
+    let cfg = medes_sandbox::SandboxConfig::default();
+    let run = cfg.run_dir.join(&sb.0);
+    let mut out = vec![run.clone()];
+    if let Ok(ns) = std::fs::read_to_string(run.join("netns")) {
+        out.push(Path::new("/run/netns").join(ns.trim()));
+    }
+    for c in ["memory", "pids", ""] {
+        let p = Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join(&cfg.cgroup_name)
+            .join(&sb.0);
+        out.push(p);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn armed_starts_match_the_warm_sandbox_and_purges_leave_nothing() {
+    let Some((agent, _data)) = lazy_agent::lazy_agent_armed("armed start", 1) else {
+        return;
+    };
+    let (base, target, warm) = setup(&agent, "res").await;
+    dedup(&agent, &target).await;
+    let a = armed(&agent, &target).await;
+    assert!(a.cgroup_bytes > 0 && a.store_bytes > 0, "{a:?}");
+    // The armed extra is part of the dedup sandbox's held bytes.
+    let Ok(Reply::Status(st)) = cmd(&agent, Command::Status).await else {
+        panic!("status")
+    };
+    let s = st
+        .sandboxes
+        .iter()
+        .find(|s| s.id == target)
+        .expect("target");
+    assert_eq!(s.form, SandboxForm::Dedup);
+    assert!(
+        s.held_bytes >= a.extra_bytes() + a.store_bytes,
+        "{s:?} {a:?}"
+    );
+    eprintln!("armed: {a:?}; held {} bytes", s.held_bytes);
+
+    let t = Instant::now();
+    let r = restore(&agent, &target).await.expect("armed start");
+    eprintln!("armed start: {:.1} ms (agent {:.1} ms)", ms(t), r.total_ms);
+    let c = agent.dedup_counters();
+    assert_eq!((c.arms, c.armed_starts), (1, 1), "{c:?}");
+    let r1 = call(&agent, &target).await;
+    assert_eq!(r1["a"], warm["a"], "same state as the warm sandbox");
+
+    // Again, with the restore racing the arm in flight: it joins the arm.
+    dedup(&agent, &target).await;
+    let t = Instant::now();
+    while !agent.armed().iter().any(|a| a.sandbox == target) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no arm started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t = Instant::now();
+    restore(&agent, &target)
+        .await
+        .expect("start racing the arm");
+    eprintln!("start racing an arm: {:.1} ms", ms(t));
+    let r2 = call(&agent, &target).await;
+    assert_eq!(r2["a"], warm["a"]);
+    for k in ["r", "u", "n"] {
+        assert_ne!(
+            r1[k], r2[k],
+            "{k}: two starts of one store must not share randomness"
+        );
+    }
+    assert_eq!(agent.dedup_counters().restore_failures, 0);
+
+    // Armed, then purged: nothing of the armed tree is left.
+    dedup(&agent, &target).await;
+    armed(&agent, &target).await;
+    let left = traces(&target);
+    assert!(left[0].exists(), "the armed sandbox has a run directory");
+    cmd(
+        &agent,
+        Command::Purge {
+            sandbox: target.clone(),
+        },
+    )
+    .await
+    .expect("purge");
+    assert!(agent.armed().is_empty(), "{:?}", agent.armed());
+    for p in &left {
+        assert!(!p.exists(), "{p:?} left behind");
+    }
+    let _ = cmd(
+        &agent,
+        Command::Purge {
+            sandbox: base.clone(),
+        },
+    )
+    .await;
+    agent.shutdown().await;
+}
+
+/// Base pages or the store corrupted after the sandbox was armed: the start fails (the
+/// controller falls back to a cold start), no armed process survives, never a wrong answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_corrupted_after_arming_fail_the_start() {
+    let Some((agent, _data)) = lazy_agent::lazy_agent_armed("armed start", 1) else {
+        return;
+    };
+    // A corrupt store.
+    let (base2, t2, _) = setup(&agent, "bad2").await;
+    dedup(&agent, &t2).await;
+    armed(&agent, &t2).await;
+    let store = agent
+        .images_dir()
+        .join("store")
+        .join(format!("{}.medes", t2.0));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&store)
+        .expect("store");
+    let at = f.metadata().expect("stat").len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0xff], at).expect("write");
+    let e = restore(&agent, &t2).await.expect_err("a corrupt store");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    // Corrupt base pages (a fresh pair; the other base is corrupted too, which no store left
+    // depends on).
+    let (base, target, _) = setup(&agent, "bad").await;
+    dedup(&agent, &target).await;
+    armed(&agent, &target).await;
+    let left = traces(&target);
+    lazy_agent::corrupt_bases(&agent, 0x3c);
+    let e = restore(&agent, &target).await.expect_err("a corrupt base");
+    assert!(matches!(e, AgentError::RestoreFailed { .. }), "{e:?}");
+    assert_eq!(agent.dedup_counters().armed_starts, 0);
+    assert!(agent.armed().is_empty());
+    gone(&left).await;
+
+    assert_eq!(agent.dedup_counters().armed_starts, 0);
+    for sb in [&base, &base2] {
+        let _ = cmd(
+            &agent,
+            Command::Purge {
+                sandbox: sb.clone(),
+            },
+        )
+        .await;
+    }
+    agent.shutdown().await;
+}
+
+/// Waits (bounded) until none of `paths` exists: a start that failed before its restore
+/// ended tears its half-prepared sandbox down in the background.
+async fn gone(paths: &[PathBuf]) {
+    let t = Instant::now();
+    while let Some(p) = paths.iter().find(|p| p.exists()) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{p:?} left behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
