@@ -855,6 +855,11 @@ impl Server {
     fn main(mut self) {
         let r = self.serve();
         let shared = self.shared.clone();
+        // Complete before the prefetch queue closes: a prefetch arriving in between must see
+        // the pages in place, not a stopped server.
+        if r.is_ok() && shared.state.load(Ordering::SeqCst) != ABORTED {
+            shared.complete.store(true, Ordering::SeqCst);
+        }
         // No prefetch waits for a server that ended.
         if let Some(q) = lock(&shared.prefetch).take() {
             for (_, _, tx) in q {
@@ -866,8 +871,7 @@ impl Server {
         }
         match r {
             Ok(()) => {
-                if shared.state.load(Ordering::SeqCst) != ABORTED {
-                    shared.complete.store(true, Ordering::SeqCst);
+                if shared.complete.load(Ordering::SeqCst) {
                     debug!(
                         copied = shared.copied.load(Ordering::Relaxed),
                         faults = shared.faults.load(Ordering::Relaxed),
