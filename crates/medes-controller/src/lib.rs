@@ -987,28 +987,36 @@ impl Controller {
 
     /// Refreshes the measured memory of every sandbox now (also done by [`Self::run_timers`]).
     pub async fn refresh_memory(&self) {
-        let nodes = self.nodes.read().clone();
-        for (i, node) in nodes.iter().enumerate() {
-            if !self.state.lock().alive.get(i).copied().unwrap_or(false) {
-                continue; // Dead: its calls fail at once; nothing to learn.
+        let n = self.nodes.read().len();
+        for i in 0..n {
+            self.refresh_node(i).await;
+        }
+    }
+
+    /// Refreshes the measured memory of node `i`'s sandboxes now.
+    async fn refresh_node(&self, i: usize) {
+        let Some(node) = self.nodes.read().get(i).cloned() else {
+            return;
+        };
+        if !self.state.lock().alive.get(i).copied().unwrap_or(false) {
+            return; // Dead: its calls fail at once; nothing to learn.
+        }
+        let asked_at = self.now();
+        match node.agent.execute(Command::Status).await {
+            Ok(Reply::Status(status)) => {
+                let jobs = {
+                    let mut st = self.state.lock();
+                    let (_, jobs) = st.apply_status(i, &status, asked_at);
+                    jobs
+                };
+                self.carry_out(Work {
+                    purges: jobs,
+                    ..Work::default()
+                });
+                self.pump();
             }
-            let asked_at = self.now();
-            match node.agent.execute(Command::Status).await {
-                Ok(Reply::Status(status)) => {
-                    let jobs = {
-                        let mut st = self.state.lock();
-                        let (_, jobs) = st.apply_status(i, &status, asked_at);
-                        jobs
-                    };
-                    self.carry_out(Work {
-                        purges: jobs,
-                        ..Work::default()
-                    });
-                    self.pump();
-                }
-                Ok(other) => warn!(node = %node.id, reply = ?other, "unexpected reply to status"),
-                Err(e) => warn!(node = %node.id, error = %e, "node status failed"),
-            }
+            Ok(other) => warn!(node = %node.id, reply = ?other, "unexpected reply to status"),
+            Err(e) => warn!(node = %node.id, error = %e, "node status failed"),
         }
     }
 

@@ -42,6 +42,9 @@ pub(crate) struct Sb {
     pub charge: u64,
     /// Part of `charge` that is transient (a checkpoint image being written, a restore's m_R).
     pub transient: u64,
+    /// Part of `charge` reserved for a restore's process until it is measured (released if
+    /// the restore is not carried out).
+    pub restore_reserved: u64,
     /// Bytes stored for it as a dedup sandbox.
     pub stored: Option<u64>,
     /// Bytes of its page image (last checkpoint).
@@ -525,7 +528,13 @@ impl State {
             return None;
         }
         let m_r = self.restore_transient(sb);
-        let need = sb.limit.saturating_add(m_r);
+        // The restored process: the function's measured warm footprint, as a cold start of a
+        // measured function is charged (its limit only if none was measured), until the next
+        // status report measures it. Reserving the limit (as until 2026-11-27) held 268-402
+        // MiB per dedup start of the suite for ~2 s, several at once in a burst: in the
+        // `vtrace2` live run that evicted 127 sandboxes where 20 were needed.
+        let process = self.start_charge(&sb.action, sb.limit);
+        let need = process.saturating_add(m_r);
         let victims = self.make_room(node, need, Some(key), now)?;
         let victims = self.evict(victims);
         let sb = self.sbs.get_mut(&key)?;
@@ -533,6 +542,7 @@ impl State {
         sb.next_decision = None;
         sb.charge += need;
         sb.transient = m_r;
+        sb.restore_reserved = process;
         self.used[node] += need;
         self.restores[node] += 1;
         Some(Grant::Restore {
@@ -730,6 +740,7 @@ impl State {
                 measured: None,
                 charge: need,
                 transient: 0,
+                restore_reserved: 0,
                 stored: None,
                 image: None,
                 last_restore: None,
@@ -972,6 +983,7 @@ impl State {
         let node = sb.node;
         self.used[node] = self.used[node].saturating_sub(sb.transient);
         sb.transient = 0;
+        sb.restore_reserved = 0;
         self.restores[node] = self.restores[node].saturating_sub(1);
         let action = sb.action.clone();
         let pool = self.pool(&action);
@@ -1491,10 +1503,11 @@ impl State {
                 // Back to dedup: release the reservation.
                 if let Some(sb) = self.sbs.get_mut(&key) {
                     let node = sb.node;
-                    let reserved = sb.limit + sb.transient;
+                    let reserved = sb.restore_reserved + sb.transient;
                     sb.charge = sb.charge.saturating_sub(reserved);
                     self.used[node] = self.used[node].saturating_sub(reserved);
                     sb.transient = 0;
+                    sb.restore_reserved = 0;
                     sb.state = SandboxState::Dedup {
                         since: now,
                         idle_since: now,
@@ -1938,6 +1951,7 @@ impl State {
                 measured: st.memory.map(|m| m.pss.0),
                 charge,
                 transient: 0,
+                restore_reserved: 0,
                 stored: None,
                 image: known.1.or(st.image_bytes),
                 last_restore: None,
@@ -2022,6 +2036,7 @@ impl State {
                 measured: None,
                 charge: st.held_bytes,
                 transient: 0,
+                restore_reserved: 0,
                 stored: Some(st.held_bytes),
                 image: st.image_bytes,
                 last_restore: None,

@@ -1009,7 +1009,8 @@ async fn a_dedup_start_restores_then_runs_and_the_sandbox_is_warm_again() {
     let id = r.id.clone();
     let second = ctl.invoke(r);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Restoring: the restored process (its limit) and m_R (its image) are reserved.
+    // Restoring: the restored process (its limit: no sandbox of the function was measured
+    // yet) and m_R (its image) are reserved.
     let info = ctl.sandboxes();
     assert_eq!(info[1].state, StateKind::Restoring);
     assert_eq!(
@@ -1603,6 +1604,35 @@ async fn a_restore_reserves_the_measured_transient() {
         ctl.sandboxes()[1].charged,
         Bytes((2 << 20) + Bytes::mib(256).0)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_reserves_the_measured_warm_footprint_not_the_limit() {
+    // Limit 256 MiB, measured 20 MiB.
+    let (ctl, _fake) = setup(600);
+    let a = action("a", "1", 256, 1);
+    spawn_n(&ctl, &a, 2).await;
+    ctl.refresh_memory().await;
+    assert_eq!(ctl.memory_used(), vec![Bytes(2 * (20 << 20))]);
+    ctl.force_decisions(Some(&a.name)).await;
+    ctl.wait_settled().await;
+    assert_eq!(forms(&ctl), "base,dedup");
+    let busy = ctl.invoke(request(&a, json!({"sleep_ms": 2000})));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = ctl.invoke(request(&a, json!({})));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Restoring: what is stored for it, the function's measured m_W (20 MiB) for the restored
+    // process, and m_R (estimated by its page image, 20 MiB).
+    let info = ctl.sandboxes();
+    assert_eq!(info[1].state, StateKind::Restoring);
+    assert_eq!(info[1].charged, Bytes((2 << 20) + (20 << 20) + (20 << 20)));
+    assert_eq!(second.await.unwrap().start_kind, StartKind::Dedup);
+    busy.await.unwrap();
+    assert_eq!(ctl.evictions(), 0);
+    // m_R released once restored; the process stays charged m_W until measured.
+    assert_eq!(ctl.sandboxes()[1].charged, Bytes((2 << 20) + (20 << 20)));
+    ctl.refresh_memory().await;
+    assert_eq!(ctl.sandboxes()[1].charged, Bytes(20 << 20));
 }
 
 #[tokio::test(start_paused = true)]

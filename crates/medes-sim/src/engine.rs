@@ -10,7 +10,7 @@ use medes_policy::policies::{
     ClusterPolicy, FleetView, FunctionCounts, IdleSandbox, IdleState, Verdict,
 };
 use medes_trace::Trace;
-use rand::SeedableRng;
+use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal};
 use serde::{Deserialize, Serialize};
@@ -42,8 +42,9 @@ pub struct ClusterConfig {
     pub cores: usize,
     /// The live controller's memory-refresh lag, ms: with a value above 0, a cold start's
     /// reservation beyond m_W ([`crate::FunctionProfile::start_mb`]) ends this long after the
-    /// start begins (the live controller re-measures every sandbox, starting ones included,
-    /// every 2 s: 1000 on average), whether or not its first invocation has ended. 0 (the
+    /// sandbox is ready (the live controller re-measures running and idle sandboxes every 2 s,
+    /// 1000 ms after the start on average, and never a starting one), whether or not its first
+    /// invocation has ended. 0 (the
     /// default, the paper evaluation's): the reservation ends with its first invocation. As
     /// live, only the starts of a function before one of its sandboxes was measured reserve
     /// more than m_W (the controller charges later ones the function's measured m_W).
@@ -539,6 +540,12 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
     }
 
     fn exec_ms(&mut self, f: usize) -> f64 {
+        if self.prof[f].exec_quantiles_ms.len() >= 2 {
+            let u: f64 = self.rng.random();
+            return self.prof[f]
+                .exec_quantile(u)
+                .unwrap_or(self.prof[f].exec_ms);
+        }
         match &self.exec[f] {
             Some(d) => d.sample(&mut self.rng),
             None => self.prof[f].exec_ms,
@@ -612,10 +619,6 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         let m = self.start_need(f);
         self.charge(s, m);
         self.live[f].push(s);
-        let hold = self.cfg.cluster.start_hold_ms;
-        if hold > 0 && m > self.prof[f].warm_mb {
-            self.push(self.now + hold, Ev::Release(s));
-        }
         s
     }
 
@@ -992,6 +995,13 @@ impl<P: ClusterPolicy + ?Sized> Sim<'_, P> {
         if sb.st != St::Starting {
             return;
         }
+        // With a refresh lag, a reservation beyond m_W ends that long after the sandbox is
+        // ready: the live controller measures running and idle sandboxes, not starting ones.
+        let hold = self.cfg.cluster.start_hold_ms;
+        if hold > 0 && sb.prewarm_until.is_none() && sb.mem > self.prof[sb.f].warm_mb {
+            self.push(self.now + hold, Ev::Release(s));
+        }
+        let sb = &self.sbs[s];
         match sb.prewarm_until {
             Some(until) => {
                 let m = self.prof[sb.f].warm_mb;

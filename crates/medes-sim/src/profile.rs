@@ -15,6 +15,12 @@ pub struct FunctionProfile {
     /// Coefficient of variation of the execution time (log-normal); 0: fixed.
     #[serde(default)]
     pub exec_cv: f64,
+    /// An empirical execution-time distribution, ms: equally spaced quantiles from the 0th to
+    /// the 100th percentile (at least two, non-decreasing), e.g. of a live run's warm
+    /// activations. When given, execution times are drawn from it (inverse CDF, linear between
+    /// quantiles) instead of from `exec_ms`/`exec_cv`; `exec_ms` stays the mean the policy sees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec_quantiles_ms: Vec<f64>,
     /// Cold-start latency, ms.
     pub cold_ms: f64,
     /// Warm-start latency, ms.
@@ -50,6 +56,31 @@ fn is_zero(v: &f64) -> bool {
 }
 
 impl FunctionProfile {
+    /// The execution time at uniform draw `u` in [0, 1] of [`Self::exec_quantiles_ms`] (linear
+    /// between quantiles); `None` without an empirical distribution.
+    pub fn exec_quantile(&self, u: f64) -> Option<f64> {
+        let q = &self.exec_quantiles_ms;
+        if q.len() < 2 {
+            return None;
+        }
+        let x = u.clamp(0.0, 1.0) * (q.len() - 1) as f64;
+        let i = (x.floor() as usize).min(q.len() - 2);
+        Some(q[i] + (q[i + 1] - q[i]) * (x - i as f64))
+    }
+
+    /// `n + 1` equally spaced quantiles (0th to 100th percentile, nearest rank) of `samples`;
+    /// empty if there are none or `n` is 0.
+    pub fn quantiles_of(samples: &[f64], n: usize) -> Vec<f64> {
+        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() || n == 0 {
+            return Vec::new();
+        }
+        v.sort_by(f64::total_cmp);
+        (0..=n)
+            .map(|k| v[((k as f64 / n as f64) * (v.len() - 1) as f64).round() as usize])
+            .collect()
+    }
+
     /// What a cold start reserves, MB.
     pub fn start_reserve_mb(&self) -> f64 {
         self.warm_mb.max(self.start_mb)
@@ -172,6 +203,7 @@ impl Profile {
                     FunctionProfile {
                         exec_ms: exec,
                         exec_cv: 0.0,
+                        exec_quantiles_ms: Vec::new(),
                         cold_ms: cold,
                         warm_ms: 10.0,
                         dedup_ms: dedup,
@@ -225,6 +257,15 @@ impl Profile {
             }
             if f.dedup_mb > f.warm_mb {
                 return Err(bad("dedup_mb", f.dedup_mb));
+            }
+            let q = &f.exec_quantiles_ms;
+            if q.len() == 1 {
+                return Err(bad("exec_quantiles_ms", q[0]));
+            }
+            for (i, &v) in q.iter().enumerate() {
+                if !(v.is_finite() && v >= 0.0) || (i > 0 && v < q[i - 1]) {
+                    return Err(bad("exec_quantiles_ms", v));
+                }
             }
         }
         Ok(())
@@ -452,6 +493,7 @@ impl Profile {
             let p = FunctionProfile {
                 exec_ms: exec,
                 exec_cv: 0.0,
+                exec_quantiles_ms: Vec::new(),
                 cold_ms: start(row.cold_ms_p50),
                 warm_ms: start(row.warm_ms_p50),
                 dedup_ms: row

@@ -383,17 +383,19 @@ fn cpu_model_slows_concurrent_work_and_start_reservations_and_base_eviction_are_
         .map(|m| m.used_mb)
         .fold(0.0, f64::max);
     assert!((late - 2.0 * lin.warm_mb).abs() < 1e-6, "{late}");
-    // With a refresh lag the reservation ends that long after the start began (the live
-    // controller measures starting sandboxes too), before the first invocation ends here.
+    // With a refresh lag the reservation ends that long after the sandbox is ready (the live
+    // controller does not measure starting sandboxes), before its first invocation ends here.
     let mut lag = c;
     lag.tick_ms = 100; // memory is sampled on policy ticks
-    lag.cluster.start_hold_ms = 600;
-    assert!(done > 900, "{done}");
+    let cold = lin.cold_ms as u64;
+    assert!(lin.exec_ms > 200.0, "{}", lin.exec_ms);
+    lag.cluster.start_hold_ms = 100;
     let o2 = run(&t1, "fixed-10m", &lag, &q);
-    assert!((at(&o2, 300) - 500.0).abs() < 1e-6);
-    assert!((at(&o2, 800) - lin.warm_mb).abs() < 1e-6);
+    assert!((at(&o2, cold - 100) - 500.0).abs() < 1e-6);
+    assert!((at(&o2, cold + 50) - 500.0).abs() < 1e-6);
+    assert!((at(&o2, cold + 200) - lin.warm_mb).abs() < 1e-6);
     // A longer lag outlives the first invocation.
-    lag.cluster.start_hold_ms = done + 1_000;
+    lag.cluster.start_hold_ms = done - cold + 1_000;
     let o3 = run(&t1, "fixed-10m", &lag, &q);
     assert!((at(&o3, done + 300) - 500.0).abs() < 1e-6);
     assert!((at(&o3, done + 1_300) - lin.warm_mb).abs() < 1e-6);
@@ -566,4 +568,38 @@ fn admission_bound_turns_away_waiting_invocations_only() {
     assert_eq!(o.summary.counters.queued, 0);
     assert_eq!(o.summary.cold_starts, 2);
     assert_eq!(ClusterConfig::paper(40.0).admission_timeout_ms, 0);
+}
+
+#[test]
+fn empirical_execution_times_are_drawn_from_their_quantiles() {
+    // One function called every 10 s (always warm after the first call): its execution times
+    // follow the profile's quantiles (1..=101 ms, evenly), not its mean.
+    let mut prof = Profile::paper();
+    let f = prof.functions.get_mut("vanilla").unwrap();
+    f.exec_quantiles_ms = (0..=100).map(|i| 1.0 + i as f64).collect();
+    f.exec_ms = 51.0;
+    let entries: Vec<(u64, &str)> = (0..2000).map(|i| (i * 10_000, "vanilla")).collect();
+    let t = trace(&entries);
+    let out = run(&t, "fixed-10m", &cluster(1, 10_000.0), &prof);
+    let warm_ms = prof.functions["vanilla"].warm_ms;
+    let mut exec: Vec<f64> = out
+        .records
+        .iter()
+        .filter(|r| r.start == StartKind::Warm)
+        .map(|r| r.e2e_ms - warm_ms)
+        .collect();
+    exec.sort_by(f64::total_cmp);
+    let q = |p: f64| exec[(p * (exec.len() - 1) as f64) as usize];
+    assert!(exec.len() > 1900, "{}", exec.len());
+    assert!(q(0.0) >= 1.0 - 1e-9 && q(1.0) <= 101.0 + 1e-9, "{exec:?}");
+    for (p, want) in [(0.1, 11.0), (0.5, 51.0), (0.9, 91.0)] {
+        assert!((q(p) - want).abs() < 5.0, "p{p}: {} vs {want}", q(p));
+    }
+    // A malformed distribution is refused.
+    let mut bad = Profile::paper();
+    bad.functions.get_mut("vanilla").unwrap().exec_quantiles_ms = vec![5.0, 3.0];
+    assert!(bad.validate().is_err());
+    let mut bad = Profile::paper();
+    bad.functions.get_mut("vanilla").unwrap().exec_quantiles_ms = vec![5.0];
+    assert!(bad.validate().is_err());
 }

@@ -93,6 +93,10 @@ struct ValidateArgs {
     /// Reuse the live runs in --out instead of running them again (simulate only).
     #[arg(long)]
     sim_only: bool,
+    /// Run only this policy live (`fixed` or `medes`), reusing the other's live run in --out
+    /// (e.g. after a controller change that concerns one policy).
+    #[arg(long, value_parser = ["fixed", "medes"])]
+    live_only: Option<String>,
     /// Only simulate the trace with --profile (no live runs, no comparison): to choose a
     /// trace and budget before the long live runs.
     #[arg(long)]
@@ -217,7 +221,11 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut lives = Vec::new();
     for which in Which::BOTH {
         let dir = a.out.join(format!("live-{}", which.label(&timers)));
-        let run = if a.sim_only {
+        let skip = a.live_only.as_deref().is_some_and(|p| match which {
+            Which::Fixed => p != "fixed",
+            Which::Medes => p != "medes",
+        });
+        let run = if a.sim_only || skip {
             live::read_live(&dir)?
         } else {
             eprintln!("live run under {} ...", which.label(&timers));

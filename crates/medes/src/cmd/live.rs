@@ -14,8 +14,8 @@ use medes_core::StartKind;
 use medes_policy::policies::{ClusterPolicy, FixedKeepAlive, Medes, MedesConfig, MedesMode};
 use medes_policy::{KnobMode, PolicyChoice, PolicySettings, StateKind};
 use medes_sim::{
-    ClusterConfig, Counters, InvocationRecord, MemorySample, Profile, SimConfig, SimOutput,
-    SummaryBuilder, simulate,
+    ClusterConfig, Counters, FunctionProfile, InvocationRecord, MemorySample, Profile, SimConfig,
+    SimOutput, SummaryBuilder, simulate,
 };
 use medes_trace::{RecipeConfig, Trace};
 use medes_workload::replay::InvocationRecord as ReplayRecord;
@@ -306,6 +306,28 @@ pub struct LiveRun {
     pub breakdown: Vec<MemoryBreakdown>,
     /// The controller's dedup counters at the end of the replay.
     pub dedup: medes_controller::DedupStats,
+    /// Every sandbox the controller listed, every second (empty when read back).
+    pub sandboxes: Vec<SandboxRow>,
+}
+
+/// One sandbox as the controller listed it at one time (`sandboxes.csv` of a live run): what
+/// it was charged, to compare with the simulator's per-function footprints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxRow {
+    /// Time since the replay started, ms.
+    pub time_ms: u64,
+    /// The sandbox.
+    pub id: String,
+    /// Its function.
+    pub action: String,
+    /// Its state label.
+    pub state: StateKind,
+    /// Charged against the node's budget, MB.
+    pub charged_mb: f64,
+    /// Last measured PSS, MB (none until measured).
+    pub measured_mb: Option<f64>,
+    /// Invocations running in it.
+    pub in_flight: u32,
 }
 
 /// Runs `spec.trace` live.
@@ -381,6 +403,18 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
                 m.used_mb = ctl.memory_used().iter().map(|b| b.0 as f64 / 1e6).sum();
                 m.max_node_mb = m.used_mb;
                 let b = MemoryBreakdown::of(m.time_ms, &sandboxes, m.used_mb);
+                let rows: Vec<SandboxRow> = sandboxes
+                    .iter()
+                    .map(|s| SandboxRow {
+                        time_ms: m.time_ms,
+                        id: s.id.0.clone(),
+                        action: s.action.to_string(),
+                        state: s.state,
+                        charged_mb: s.charged.0 as f64 / 1e6,
+                        measured_mb: s.measured.map(|b| b.0 as f64 / 1e6),
+                        in_flight: s.in_flight,
+                    })
+                    .collect();
                 if lines && (m.time_ms / 1000).is_multiple_of(30) && m.time_ms >= 1000 {
                     let d = ctl.dedup_stats();
                     eprintln!(
@@ -397,7 +431,7 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
                         ctl.evictions()
                     );
                 }
-                out.push((m, b));
+                out.push((m, b, rows));
             }
             out
         })
@@ -405,8 +439,14 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
     let opts = ReplayOptions::default();
     let outcome = medes_workload::replay(&client, spec.trace, &opts, spec.progress).await;
     stop.cancel();
-    let (memory, breakdown): (Vec<_>, Vec<_>) =
-        sampler.await.unwrap_or_default().into_iter().unzip();
+    let mut memory = Vec::new();
+    let mut breakdown = Vec::new();
+    let mut sandboxes = Vec::new();
+    for (m, b, rows) in sampler.await.unwrap_or_default() {
+        memory.push(m);
+        breakdown.push(b);
+        sandboxes.extend(rows);
+    }
     let outcome = outcome.context("replaying the trace")?;
     let stats = platform.controller.dedup_stats();
     let counters = Counters {
@@ -429,6 +469,7 @@ async fn drive(platform: &Platform, spec: &LiveSpec<'_>, label: &str) -> anyhow:
         raw: outcome.records,
         breakdown,
         dedup: stats,
+        sandboxes,
     })
 }
 
@@ -441,6 +482,21 @@ pub fn write_live(run: &LiveRun, dir: &Path) -> anyhow::Result<()> {
     let p = dir.join("memory_breakdown.json");
     std::fs::write(&p, serde_json::to_vec(&run.breakdown)?)
         .with_context(|| format!("writing {}", p.display()))?;
+    let mut csv = String::from("time_ms,id,action,state,charged_mb,measured_mb,in_flight\n");
+    for r in &run.sandboxes {
+        csv.push_str(&format!(
+            "{},{},{},{},{:.3},{},{}\n",
+            r.time_ms,
+            r.id,
+            r.action,
+            r.state,
+            r.charged_mb,
+            r.measured_mb.map_or(String::new(), |m| format!("{m:.3}")),
+            r.in_flight
+        ));
+    }
+    let p = dir.join("sandboxes.csv");
+    std::fs::write(&p, csv).with_context(|| format!("writing {}", p.display()))?;
     let p = dir.join("dedup_stats.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&run.dedup)?)
         .with_context(|| format!("writing {}", p.display()))
@@ -461,12 +517,39 @@ pub fn read_live(dir: &Path) -> anyhow::Result<LiveRun> {
         Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
         Err(_) => Vec::new(),
     };
+    let sandboxes = match std::fs::read_to_string(dir.join("sandboxes.csv")) {
+        Ok(text) => parse_sandboxes(&text),
+        Err(_) => Vec::new(),
+    };
     Ok(LiveRun {
         output,
         raw,
         breakdown,
         dedup: medes_controller::DedupStats::default(),
+        sandboxes,
     })
+}
+
+/// Parses `sandboxes.csv` (as [`write_live`] writes it); malformed rows are skipped.
+fn parse_sandboxes(text: &str) -> Vec<SandboxRow> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let v: Vec<&str> = line.split(',').collect();
+            if v.len() != 7 {
+                return None;
+            }
+            Some(SandboxRow {
+                time_ms: v[0].parse().ok()?,
+                id: v[1].to_string(),
+                action: v[2].to_string(),
+                state: StateKind::ALL.into_iter().find(|k| k.as_str() == v[3])?,
+                charged_mb: v[4].parse().ok()?,
+                measured_mb: v[5].parse().ok(),
+                in_flight: v[6].parse().ok()?,
+            })
+        })
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -574,6 +657,9 @@ pub fn run_sim(
     let cluster = ClusterConfig {
         nodes: 1,
         node_mb: budget_mb as f64 * 1.048_576,
+        // The live controller admits a new sandbox up to the whole budget (`make_room`), not
+        // the paper scheduler's 95%.
+        admit_fraction: 1.0,
         evict_idle_bases: true,
         cores: model.cores,
         start_hold_ms: model.start_hold_ms,
@@ -597,6 +683,9 @@ pub fn diff_pct(live: f64, sim: f64) -> f64 {
     }
 }
 
+/// Quantiles kept of a function's live execution times (every 2.5th percentile).
+const EXEC_QUANTILES: usize = 40;
+
 /// A profile calibrated from live runs' raw records (costs as they were under the replay's
 /// load), memory figures from `base` (normally the measured profile): per function, execution =
 /// the median activation duration of warm starts; cold start = the median `initTime` of cold
@@ -605,6 +694,8 @@ pub fn diff_pct(live: f64, sim: f64) -> f64 {
 /// execution) of dedup starts plus the overhead. Queueing for memory is left out (the
 /// simulator models it): `waitTime` (arrival to grant, the wait for memory) is subtracted
 /// from the overhead, and `initTime` and the activation's duration start after the grant.
+/// Execution times keep their live spread (`exec_quantiles_ms`), and m_W is what the
+/// controller charged measured warm sandboxes when the runs list them (`sandboxes.csv`).
 pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
     let mut p = base.clone();
     p.source = format!(
@@ -621,11 +712,10 @@ pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
             all.iter()
                 .filter(move |r| &r.function == name && r.start_kind == kind)
         };
-        let Some(exec) = median(
-            of("warm")
-                .filter_map(|r| r.duration_ms.map(|d| d as f64))
-                .collect(),
-        ) else {
+        let durations: Vec<f64> = of("warm")
+            .filter_map(|r| r.duration_ms.map(|d| d as f64))
+            .collect();
+        let Some(exec) = median(durations.clone()) else {
             continue;
         };
         let overhead = median(
@@ -638,7 +728,12 @@ pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
                 .collect(),
         )
         .unwrap_or(0.0);
-        f.exec_ms = exec;
+        // Execution times as they were live, spread included (contention makes them vary
+        // several-fold: linalg 15-78 ms from p10 to p99 at 512 MiB): the empirical
+        // distribution, its mean as the policy's figure; the median below for restores.
+        f.exec_quantiles_ms = FunctionProfile::quantiles_of(&durations, EXEC_QUANTILES);
+        f.exec_ms = durations.iter().sum::<f64>() / durations.len() as f64;
+        f.exec_cv = 0.0;
         f.warm_ms = overhead;
         if let Some(init) = median(of("cold").filter_map(|r| r.init_ms).collect()) {
             f.cold_ms = init + overhead;
@@ -649,6 +744,23 @@ pub fn calibrated_profile(live: &[LiveRun], base: &Profile) -> Profile {
                 .collect(),
         ) {
             f.dedup_ms = restore + overhead;
+        }
+        // m_W as the controller charged it: the median charge of the function's measured warm
+        // sandboxes, sampled every second (PSS; 10-20% below the idle-machine bench's figure
+        // on the suite, measured on vtrace2).
+        let charged: Vec<f64> = live
+            .iter()
+            .flat_map(|r| r.sandboxes.iter())
+            .filter(|s| {
+                s.state == StateKind::Warm
+                    && s.measured_mb.is_some()
+                    && s.action.rsplit('/').next() == Some(name.as_str())
+            })
+            .map(|s| s.charged_mb)
+            .collect();
+        if let Some(m) = median(charged).filter(|m| m.is_finite() && *m > 0.0) {
+            f.warm_mb = m;
+            f.dedup_mb = f.dedup_mb.min(m);
         }
     }
     p
@@ -725,11 +837,75 @@ mod tests {
             raw,
             breakdown: Vec::new(),
             dedup: medes_controller::DedupStats::default(),
+            sandboxes: Vec::new(),
         };
         let p = calibrated_profile(&[run], &Profile::paper());
         let f = &p.functions["linalg"];
         assert!((f.exec_ms - 100.0).abs() < 1e-9, "{}", f.exec_ms);
         assert!((f.warm_ms - 10.0).abs() < 1e-9, "{}", f.warm_ms);
         assert!((f.cold_ms - 710.0).abs() < 1e-9, "{}", f.cold_ms);
+        // No sandbox listing: m_W stays the base profile's.
+        assert_eq!(f.warm_mb, Profile::paper().functions["linalg"].warm_mb);
+    }
+
+    #[test]
+    fn calibrated_memory_is_what_the_controller_charged_measured_warm_sandboxes() {
+        let row = |t: u64, state: StateKind, charged: f64, measured: Option<f64>| SandboxRow {
+            time_ms: t,
+            id: "sb-1".into(),
+            action: "/guest/linalg".into(),
+            state,
+            charged_mb: charged,
+            measured_mb: measured,
+            in_flight: 0,
+        };
+        // Its limit while starting and before its first measurement (left out), then 23-24 MB.
+        let rows = vec![
+            row(1_000, StateKind::Starting, 268.4, None),
+            row(2_000, StateKind::Warm, 268.4, None),
+            row(3_000, StateKind::Warm, 23.0, Some(23.0)),
+            row(4_000, StateKind::Warm, 24.0, Some(24.0)),
+            row(5_000, StateKind::Warm, 23.5, Some(23.5)),
+            row(6_000, StateKind::Running, 40.0, Some(40.0)),
+        ];
+        let mut csv = String::from("time_ms,id,action,state,charged_mb,measured_mb,in_flight\n");
+        for r in &rows {
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{}\n",
+                r.time_ms,
+                r.id,
+                r.action,
+                r.state,
+                r.charged_mb,
+                r.measured_mb.map_or(String::new(), |m| m.to_string()),
+                r.in_flight
+            ));
+        }
+        csv.push_str("garbage,row\n");
+        assert_eq!(parse_sandboxes(&csv), rows);
+        let run = LiveRun {
+            output: SimOutput {
+                policy: "live".into(),
+                functions: vec!["linalg".into()],
+                records: Vec::new(),
+                memory: Vec::new(),
+                summary: SummaryBuilder::new(&["linalg".to_string()]).finish(
+                    "live".into(),
+                    &[],
+                    1,
+                    1.0,
+                    Counters::default(),
+                ),
+            },
+            raw: vec![rec("warm", 110.0, 100, None, 0.0)],
+            breakdown: Vec::new(),
+            dedup: medes_controller::DedupStats::default(),
+            sandboxes: rows,
+        };
+        let p = calibrated_profile(&[run], &Profile::paper());
+        let f = &p.functions["linalg"];
+        assert!((f.warm_mb - 23.5).abs() < 1e-9, "{}", f.warm_mb);
+        assert!(f.dedup_mb <= f.warm_mb);
+        p.validate().unwrap();
     }
 }
