@@ -963,6 +963,13 @@ impl Server {
                 self.serve_fault(ti, addr)?;
             }
             self.prefetch()?;
+            if self.shared.fill_held.load(Ordering::SeqCst)
+                && self.faults.is_empty()
+                && self.partial.capacity() > 0
+            {
+                // Held (an armed restore): no page buffer stays for what was served.
+                self.partial = Vec::new();
+            }
             if self.finished.is_some() && !self.shared.fill_held.load(Ordering::SeqCst) {
                 self.background_step()?;
                 if self.faults.is_empty()
