@@ -2,7 +2,8 @@
 //! CRIU: after a dedup the agent restores the sandbox lazily ahead of its request, left
 //! stopped; a dedup start then only resumes it.
 //! - an armed start gives the warm sandbox's results with fresh randomness, a restore racing
-//!   an arm in flight joins it, and a purge leaves nothing behind (no process, cgroup,
+//!   an arm in flight joins it, only a function's newest dedup sandbox stays armed, and a
+//!   purge or the shutdown leaves nothing of an armed tree behind (no process, cgroup,
 //!   network namespace or files);
 //! - a base or store corrupted after the sandbox was armed fails the start (the controller
 //!   falls back to a cold start), never a wrong process.
@@ -184,6 +185,26 @@ async fn armed_starts_match_the_warm_sandbox_and_purges_leave_nothing() {
     }
     assert_eq!(agent.dedup_counters().restore_failures, 0);
 
+    // The newest dedup sandbox of a function is the armed one: a newer dedup disarms the
+    // older (which then starts unarmed, and right).
+    dedup(&agent, &target).await;
+    armed(&agent, &target).await;
+    let t2 = id("res-t2");
+    lazy_agent::spawn(&agent, &t2, "pkg/res", CODE).await;
+    dedup(&agent, &t2).await;
+    armed(&agent, &t2).await;
+    let now: Vec<SandboxId> = agent.armed().into_iter().map(|a| a.sandbox).collect();
+    assert_eq!(now, vec![t2.clone()], "only the newest stays armed");
+    assert!(agent.dedup_counters().disarms >= 1);
+    let starts = agent.dedup_counters().armed_starts;
+    restore(&agent, &target).await.expect("unarmed start");
+    assert_eq!(
+        agent.dedup_counters().armed_starts,
+        starts,
+        "it was not armed"
+    );
+    assert_eq!(call(&agent, &target).await["a"], warm["a"]);
+
     // Armed, then purged: nothing of the armed tree is left.
     dedup(&agent, &target).await;
     armed(&agent, &target).await;
@@ -197,10 +218,18 @@ async fn armed_starts_match_the_warm_sandbox_and_purges_leave_nothing() {
     )
     .await
     .expect("purge");
-    assert!(agent.armed().is_empty(), "{:?}", agent.armed());
+    assert!(
+        !agent.armed().iter().any(|a| a.sandbox == target),
+        "{:?}",
+        agent.armed()
+    );
     for p in &left {
         assert!(!p.exists(), "{p:?} left behind");
     }
+    // The purge re-arms the function's newest remaining one; the shutdown disarms it.
+    armed(&agent, &t2).await;
+    let left2 = traces(&t2);
+    assert!(left2[0].exists());
     let _ = cmd(
         &agent,
         Command::Purge {
@@ -209,6 +238,7 @@ async fn armed_starts_match_the_warm_sandbox_and_purges_leave_nothing() {
     )
     .await;
     agent.shutdown().await;
+    gone(&left2).await;
 }
 
 /// Base pages or the store corrupted after the sandbox was armed: the start fails (the
