@@ -97,6 +97,10 @@ struct ValidateArgs {
     /// (e.g. after a controller change that concerns one policy).
     #[arg(long, value_parser = ["fixed", "medes"])]
     live_only: Option<String>,
+    /// Medes as `medes-predict` (hold below 90% of the budget, pre-warming, Greedy-Dual
+    /// eviction), live and simulated; its runs are labelled `medes-predict`.
+    #[arg(long)]
+    predict: bool,
     /// Only simulate the trace with --profile (no live runs, no comparison): to choose a
     /// trace and budget before the long live runs.
     #[arg(long)]
@@ -186,6 +190,7 @@ fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     };
     let mut timers = Timers::scaled(a.timer_scale.unwrap_or(60.0 / minutes));
     timers.medes_m0_mb = a.m0_mb;
+    timers.medes_predict = a.predict;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     trace
         .write_path(a.out.join("trace.csv"))

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use medes_core::StartKind;
-use medes_policy::policies::{ClusterPolicy, FixedKeepAlive, Medes, MedesConfig, MedesMode};
+use medes_policy::policies::{
+    ClusterPolicy, FixedKeepAlive, Medes, MedesConfig, MedesMode, PredictConfig,
+};
 use medes_policy::{KnobMode, PolicyChoice, PolicySettings, StateKind};
 use medes_sim::{
     ClusterConfig, Counters, FunctionProfile, InvocationRecord, MemorySample, Profile, SimConfig,
@@ -23,6 +25,10 @@ use medes_workload::{Client, ClientConfig, Manifest, ReplayOptions};
 
 use crate::config::MedesConfig as PlatformConfig;
 use crate::platform::Platform;
+
+/// The hold threshold of `medes-predict` (`PolicyUpdate::medes_predict`, the simulator's
+/// `medes-predict`).
+const PREDICT_HOLD: f64 = 0.9;
 
 /// The two policies compared live, with timers scaled to a short trace.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,6 +44,9 @@ pub struct Timers {
     /// Medes live: release a base's process once its image is taken (the knob's
     /// `release_base_process`; the simulator does not model it).
     pub medes_release_base_process: bool,
+    /// Medes as `medes-predict` (hold below 90% of the budget, pre-warming, Greedy-Dual
+    /// eviction; `medes policy set --preset medes-predict`), live and simulated.
+    pub medes_predict: bool,
 }
 
 impl Timers {
@@ -51,6 +60,7 @@ impl Timers {
             keep_dedup_s: s(900.0),
             medes_m0_mb: None,
             medes_release_base_process: false,
+            medes_predict: false,
         }
     }
 }
@@ -72,6 +82,7 @@ impl Which {
     pub fn label(self, t: &Timers) -> String {
         match self {
             Which::Fixed => format!("fixed-{}s", t.keep_alive_s),
+            Which::Medes if t.medes_predict => "medes-predict".into(),
             Which::Medes => "medes".into(),
         }
     }
@@ -89,6 +100,9 @@ impl Which {
             keep_alive_s: Some(t.keep_alive_s),
             keep_dedup_s: Some(t.keep_dedup_s),
             release_base_process: self == Which::Medes && t.medes_release_base_process,
+            hold_below: (self == Which::Medes && t.medes_predict).then_some(PREDICT_HOLD),
+            predict: self == Which::Medes && t.medes_predict,
+            greedy_dual: self == Which::Medes && t.medes_predict,
             ..PolicySettings::default()
         }
     }
@@ -109,6 +123,9 @@ impl Which {
                     idle_period_ms: t.idle_period_s * 1000,
                     keep_alive_ms: t.keep_alive_s * 1000,
                     keep_dedup_ms: t.keep_dedup_s * 1000,
+                    hold_below: t.medes_predict.then_some(PREDICT_HOLD),
+                    predict: t.medes_predict.then(PredictConfig::default),
+                    evict_greedy_dual: t.medes_predict,
                     ..MedesConfig::default()
                 },
                 costs,
