@@ -13,13 +13,15 @@
 //! last) and disarms older ones when a newer one is armed; a restore that consumed an armed
 //! sandbox re-arms the next newest. Arms run in the background, one at a time, never holding
 //! a command: a restore arriving while its sandbox is being armed joins the arm (it is further
-//! along than a fresh start would be); a purge cancels it.
+//! along than a fresh start would be); a purge cancels it. Stores that use another node's
+//! bases are not armed (their pages cannot be verified up front, so their starts cannot
+//! answer early anyway).
 //!
 //! Correctness: the inputs (the store, loaded and verified as a whole; every base page it
 //! references, against its per-page sum) are verified when the sandbox is armed, and the
 //! decode reads the store from the verified copy in memory. At the resume the store file and
 //! the base pages files (mapped: what the rebuild reads) must be unchanged since (inode, size,
-//! mtime, ctime); if not, the armed sandbox is disarmed and the start takes the unarmed path,
+//! mtime, ctime) and every base still resident in its domain; if not, the armed sandbox is disarmed and the start takes the unarmed path,
 //! which verifies again (and fails, for a cold start, if they are bad). Output pages are still
 //! verified one by one before they are copied in.
 //!
@@ -29,7 +31,8 @@
 //! (a stopped tree does not grow), this `armed` extra is added to the dedup sandbox's held
 //! bytes in the node status (the controller's budget and the policy's m_D see it) and shown
 //! by [`crate::Agent::armed`]. Disarmed on purge, on shutdown, and when a newer one of its
-//! function is armed. Not done: disarming under memory pressure (the controller purges dedup
+//! function is armed; a disarm in progress keeps its entry until the tree is gone, so a
+//! restore of the same sandbox waits for it (the sandbox id must be free). Not done: disarming under memory pressure (the controller purges dedup
 //! sandboxes when it needs memory, which disarms them), re-arming after an agent restart.
 
 use std::collections::HashMap;
@@ -50,6 +53,9 @@ use crate::lazy;
 /// Wait before re-arming after a dedup start consumed an armed sandbox (its request and the
 /// fill come first).
 pub(crate) const REARM_AFTER: Duration = Duration::from_millis(500);
+
+/// Why a store is not armed: it uses another node's bases.
+const NOT_ARMABLE: &str = "the store uses another node's bases";
 
 /// An armed (or arming) dedup sandbox, as [`crate::Agent::armed`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +103,8 @@ fn stamp(path: &std::path::Path) -> Option<Stamp> {
 /// An armed start and what it was verified against.
 pub(crate) struct Armed {
     started: lazy::Started,
+    /// The bases the store uses, with the pages that were verified.
+    bases: Vec<(medes_dedup::BaseId, Arc<crate::domain::BaseImage>)>,
     stamps: Vec<(PathBuf, Option<Stamp>)>,
     cgroup_bytes: u64,
     store_bytes: u64,
@@ -108,6 +116,10 @@ enum Slot {
         done: tokio::sync::watch::Receiver<bool>,
     },
     Armed(Box<Armed>),
+    /// Being torn down; `done` says when (its sandbox id is free again).
+    Disarming {
+        done: tokio::sync::watch::Receiver<bool>,
+    },
 }
 
 struct ArmState {
@@ -142,9 +154,10 @@ impl ArmedSet {
         let m = self.map.lock();
         let mut out: Vec<ArmedStatus> = m
             .iter()
+            .filter(|(_, st)| !matches!(st.slot, Slot::Disarming { .. }))
             .map(|(id, st)| {
                 let (ready, cgroup_bytes, store_bytes, buffered_bytes) = match &st.slot {
-                    Slot::Arming { .. } => (false, 0, 0, 0),
+                    Slot::Arming { .. } | Slot::Disarming { .. } => (false, 0, 0, 0),
                     Slot::Armed(a) => (
                         true,
                         a.cgroup_bytes,
@@ -244,7 +257,7 @@ impl Inner {
                 let t = self.sandboxes.lock();
                 let still = matches!(t.get(&id), Some(Entry::Dedup(r)) if Arc::ptr_eq(r, &rec));
                 let mut m = self.armed.map.lock();
-                if !still || m.contains_key(&id) {
+                if !still || m.contains_key(&id) || self.shutting_down.load(Ordering::SeqCst) {
                     None
                 } else {
                     let cancel = Arc::new(AtomicBool::new(false));
@@ -297,7 +310,11 @@ impl Inner {
             let ours = matches!(m.get(&id), Some(ArmState { slot: Slot::Arming { cancel: c, .. }, .. })
                 if Arc::ptr_eq(c, &cancel));
             match r {
-                Ok(a) if ours && !cancel.load(Ordering::SeqCst) => {
+                Ok(a)
+                    if ours
+                        && !cancel.load(Ordering::SeqCst)
+                        && !self.shutting_down.load(Ordering::SeqCst) =>
+                {
                     if let Some(st) = m.get_mut(&id) {
                         st.slot = Slot::Armed(Box::new(a));
                     }
@@ -311,7 +328,9 @@ impl Inner {
                     match r {
                         Ok(a) => Some(a),
                         Err(reason) => {
-                            if reason != "cancelled" {
+                            if reason == NOT_ARMABLE {
+                                debug!(sandbox = %id, "not armed: its store uses another node's bases");
+                            } else if reason != "cancelled" {
                                 self.counters.lock().arm_failures += 1;
                                 warn!(sandbox = %id, %reason, "arming a dedup sandbox failed; its start takes the unarmed path");
                             }
@@ -332,6 +351,11 @@ impl Inner {
     /// stopped.
     async fn arm_one(self: &Arc<Self>, rec: &Arc<DedupRec>) -> Result<Armed, String> {
         let id = &rec.info.spec.id;
+        if rec._pins.ids().iter().any(|b| crate::remote::is_alias(*b)) {
+            // Other nodes' pages cannot be verified up front: such a start waits for every
+            // page anyway (`lazy.rs`), so it is not armed.
+            return Err(NOT_ARMABLE.into());
+        }
         let dir = self.images.join("armed").join(&id.0);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
@@ -345,6 +369,13 @@ impl Inner {
                 return Err(super::error_chain(&e));
             }
         };
+        let snap = rec.info.domain.snapshot();
+        let verified_bases = store
+            .bases
+            .iter()
+            .filter_map(|b| snap.image(*b).map(|i| (*b, i)))
+            .collect();
+        drop(snap);
         let mut stamps = vec![(rec.path.clone(), store_stamp)];
         for b in &store.bases {
             let p = self.images.join("bases").join(format!("{}.pages", b.0));
@@ -365,6 +396,7 @@ impl Inner {
             .map_or(0, |m| m.cgroup_usage.0);
         Ok(Armed {
             started,
+            bases: verified_bases,
             stamps,
             cgroup_bytes,
             store_bytes: rec.stored_bytes,
@@ -374,30 +406,48 @@ impl Inner {
     /// Kills the armed sandbox of `id` (its store stays), or cancels its arm.
     pub(crate) async fn disarm(&self, id: &SandboxId) {
         enum Found {
-            Armed(Box<Armed>),
+            Armed(Box<Armed>, tokio::sync::watch::Sender<bool>),
             Arming(tokio::sync::watch::Receiver<bool>),
             Nothing,
         }
         let found = {
             let mut m = self.armed.map.lock();
-            match m.get(id).map(|st| &st.slot) {
-                Some(Slot::Armed(_)) => match m.remove(id) {
-                    Some(ArmState {
-                        slot: Slot::Armed(a),
-                        ..
-                    }) => Found::Armed(a),
-                    _ => Found::Nothing,
-                },
-                Some(Slot::Arming { cancel, done }) => {
+            match m.get_mut(id) {
+                Some(st) if matches!(st.slot, Slot::Armed(_)) => {
+                    // Stays in the table while it is torn down: a restore of the same sandbox
+                    // waits for it (the sandbox id must be free).
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    match std::mem::replace(&mut st.slot, Slot::Disarming { done: rx }) {
+                        Slot::Armed(a) => Found::Armed(a, tx),
+                        _ => Found::Nothing,
+                    }
+                }
+                Some(ArmState {
+                    slot: Slot::Arming { cancel, done },
+                    ..
+                }) => {
                     cancel.store(true, Ordering::SeqCst);
                     Found::Arming(done.clone())
                 }
-                None => Found::Nothing,
+                Some(ArmState {
+                    slot: Slot::Disarming { done },
+                    ..
+                }) => Found::Arming(done.clone()),
+                _ => Found::Nothing,
             }
         };
         match found {
-            Found::Armed(a) => {
+            Found::Armed(a, tx) => {
                 a.started.disarm().await;
+                {
+                    let mut m = self.armed.map.lock();
+                    if matches!(m.get(id), Some(ArmState { slot: Slot::Disarming { done }, .. })
+                        if done.same_channel(&tx.subscribe()))
+                    {
+                        m.remove(id);
+                    }
+                }
+                tx.send_replace(true);
                 self.counters.lock().disarms += 1;
                 debug!(sandbox = %id, "dedup sandbox disarmed");
             }
@@ -413,14 +463,24 @@ impl Inner {
 
     /// Disarms everything (shutdown), waiting for arms in flight.
     pub(crate) async fn disarm_all(&self) {
-        let ids: Vec<SandboxId> = self.armed.map.lock().keys().cloned().collect();
-        for id in &ids {
-            self.disarm(id).await;
-        }
         let bound = Duration::from_millis(self.cfg.dedup.restore_timeout_ms.max(1));
         let t = Instant::now();
-        while !self.armed.map.lock().is_empty() && t.elapsed() < bound {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        loop {
+            // An arm that began before the shutdown may still store its result: repeat.
+            let ids: Vec<SandboxId> = self.armed.map.lock().keys().cloned().collect();
+            if ids.is_empty() || t.elapsed() > bound {
+                if !ids.is_empty() {
+                    warn!(
+                        left = ids.len(),
+                        "armed sandboxes still being torn down at shutdown"
+                    );
+                }
+                return;
+            }
+            for id in &ids {
+                self.disarm(id).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -444,7 +504,9 @@ impl Inner {
                             _ => None,
                         };
                     }
-                    Some(Slot::Arming { done, .. }) => done.clone(),
+                    Some(Slot::Arming { done, .. }) | Some(Slot::Disarming { done }) => {
+                        done.clone()
+                    }
                 }
             };
             let left = bound.saturating_sub(t.elapsed());
@@ -476,6 +538,15 @@ impl Armed {
         if !self.started.is_of(rec) {
             return Err("armed for another store".into());
         }
+        // Every base still the one whose pages were verified (a base that lost its pages is
+        // gone for the unarmed path too).
+        let snap = rec.info.domain.snapshot();
+        for (b, img) in &self.bases {
+            if !snap.image(*b).is_some_and(|now| Arc::ptr_eq(&now, img)) {
+                return Err(format!("base {} changed since the sandbox was armed", b.0));
+            }
+        }
+        drop(snap);
         for (p, s) in &self.stamps {
             let now = stamp(p);
             if now.is_none() || now != *s {
