@@ -14,12 +14,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply, RestoreReply, SandboxForm};
+use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply, SandboxForm};
 use medes_core::SandboxId;
 use serde_json::Value;
 
 #[path = "support/lazy_agent.rs"]
 mod lazy_agent;
+use lazy_agent::{dedup, make_base, restore};
 
 /// A few MB of numpy state the answer depends on, and every random source.
 const CODE: &str = r#"
@@ -42,35 +43,6 @@ async fn cmd(agent: &Agent, c: Command) -> Result<Reply, AgentError> {
     agent.execute(c).await
 }
 
-async fn dedup(agent: &Agent, sb: &SandboxId) {
-    match cmd(
-        agent,
-        Command::Dedup {
-            sandbox: sb.clone(),
-        },
-    )
-    .await
-    {
-        Ok(Reply::Deduped(_)) => {}
-        other => panic!("dedup {sb}: {other:?}"),
-    }
-}
-
-async fn restore(agent: &Agent, sb: &SandboxId) -> Result<RestoreReply, AgentError> {
-    match cmd(
-        agent,
-        Command::Restore {
-            sandbox: sb.clone(),
-        },
-    )
-    .await
-    {
-        Ok(Reply::Restored(r)) => Ok(r),
-        Ok(other) => panic!("restore {sb}: {other:?}"),
-        Err(e) => Err(e),
-    }
-}
-
 /// A base and a warm target of one function, with the target's warm answer.
 async fn setup(agent: &Agent, tag: &str) -> (SandboxId, SandboxId, Value) {
     let (base, target) = (id(&format!("{tag}-b")), id(&format!("{tag}-t")));
@@ -78,17 +50,7 @@ async fn setup(agent: &Agent, tag: &str) -> (SandboxId, SandboxId, Value) {
     lazy_agent::spawn(agent, &base, &name, CODE).await;
     lazy_agent::spawn(agent, &target, &name, CODE).await;
     let warm = call(agent, &target).await;
-    match cmd(
-        agent,
-        Command::MakeBase {
-            sandbox: base.clone(),
-        },
-    )
-    .await
-    {
-        Ok(Reply::BaseReady(_)) => {}
-        other => panic!("make base: {other:?}"),
-    }
+    make_base(agent, &base).await;
     (base, target, warm)
 }
 

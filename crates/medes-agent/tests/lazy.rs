@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 #[path = "support/lazy_agent.rs"]
 mod lazy_agent;
+use lazy_agent::{dedup, make_base};
 
 fn agent() -> Option<(Agent, tempfile::TempDir)> {
     lazy_agent::lazy_agent("lazy dedup start")
@@ -66,30 +67,6 @@ async fn start(agent: &Agent, sb: &SandboxId, name: &str, code: &str) {
 
 async fn call(agent: &Agent, sb: &SandboxId, params: Value) -> Value {
     lazy_agent::run(agent, sb, params, 30_000).await
-}
-
-async fn make_base(agent: &Agent, sb: &SandboxId) {
-    match agent
-        .execute(Command::MakeBase {
-            sandbox: sb.clone(),
-        })
-        .await
-    {
-        Ok(Reply::BaseReady(_)) => {}
-        other => panic!("make base {sb}: {other:?}"),
-    }
-}
-
-async fn dedup(agent: &Agent, sb: &SandboxId) {
-    match agent
-        .execute(Command::Dedup {
-            sandbox: sb.clone(),
-        })
-        .await
-    {
-        Ok(Reply::Deduped(_)) => {}
-        other => panic!("dedup {sb}: {other:?}"),
-    }
 }
 
 /// `cycles` × (dedup → lazy dedup start → call): every answer equals the warm one on `keys`.

@@ -10,12 +10,13 @@
 
 use std::os::unix::fs::FileExt;
 
-use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply, RestoreReply};
+use medes_agent::{Agent, AgentError, Command, NodeAgent};
 use medes_core::SandboxId;
 use serde_json::Value;
 
 #[path = "support/lazy_agent.rs"]
 mod lazy_agent;
+use lazy_agent::{dedup, make_base, restore};
 
 fn agent() -> Option<(Agent, tempfile::TempDir)> {
     lazy_agent::lazy_agent("early lazy start")
@@ -43,43 +44,6 @@ async fn start(agent: &Agent, sb: &SandboxId, name: &str) {
 
 async fn call(agent: &Agent, sb: &SandboxId) -> Value {
     lazy_agent::run(agent, sb, Value::Object(Default::default()), 60_000).await
-}
-
-async fn make_base(agent: &Agent, sb: &SandboxId) -> medes_agent::BaseReply {
-    match agent
-        .execute(Command::MakeBase {
-            sandbox: sb.clone(),
-        })
-        .await
-    {
-        Ok(Reply::BaseReady(r)) => r,
-        other => panic!("make base {sb}: {other:?}"),
-    }
-}
-
-async fn dedup(agent: &Agent, sb: &SandboxId) -> medes_agent::DedupReply {
-    match agent
-        .execute(Command::Dedup {
-            sandbox: sb.clone(),
-        })
-        .await
-    {
-        Ok(Reply::Deduped(r)) => r,
-        other => panic!("dedup {sb}: {other:?}"),
-    }
-}
-
-async fn restore(agent: &Agent, sb: &SandboxId) -> Result<RestoreReply, AgentError> {
-    match agent
-        .execute(Command::Restore {
-            sandbox: sb.clone(),
-        })
-        .await
-    {
-        Ok(Reply::Restored(r)) => Ok(r),
-        Ok(other) => panic!("restore {sb}: {other:?}"),
-        Err(e) => Err(e),
-    }
 }
 
 /// A base and a warm target with its warm answer.

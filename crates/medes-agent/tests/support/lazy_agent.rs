@@ -1,12 +1,13 @@
 //! The agent the lazy dedup start tests share (`tests/lazy.rs`, `tests/lazy_early.rs`): lazy
-//! restore on, a fresh data directory, test logging from `MEDES_TEST_LOG`; spawning, running and
-//! corrupting the bases' pages.
+//! restore on, a fresh data directory, test logging from `MEDES_TEST_LOG`; spawning, running,
+//! make-base, dedup and restore commands, and corrupting the bases' pages.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
 use medes_agent::{
-    Agent, AgentConfig, Command, NodeAgent, Reply, RunCommand, RunOutcome, SpawnCommand,
+    Agent, AgentConfig, AgentError, BaseReply, Command, DedupReply, NodeAgent, Reply, RestoreReply,
+    RunCommand, RunOutcome, SpawnCommand,
 };
 use medes_core::{ActionName, Bytes, Code, Namespace, SandboxId};
 use medes_sandbox::{SandboxConfig, become_subreaper, preflight};
@@ -84,6 +85,49 @@ pub async fn run(agent: &Agent, sb: &SandboxId, params: Value, timeout_ms: u64) 
             other => panic!("run {sb}: {other:?}"),
         },
         other => panic!("run {sb}: {other:?}"),
+    }
+}
+
+/// Makes `sb` (warm, idle) a base; it must succeed.
+#[allow(dead_code)]
+pub async fn make_base(agent: &Agent, sb: &SandboxId) -> BaseReply {
+    match agent
+        .execute(Command::MakeBase {
+            sandbox: sb.clone(),
+        })
+        .await
+    {
+        Ok(Reply::BaseReady(r)) => r,
+        other => panic!("make base {sb}: {other:?}"),
+    }
+}
+
+/// Deduplicates `sb` (warm, idle); it must succeed.
+#[allow(dead_code)]
+pub async fn dedup(agent: &Agent, sb: &SandboxId) -> DedupReply {
+    match agent
+        .execute(Command::Dedup {
+            sandbox: sb.clone(),
+        })
+        .await
+    {
+        Ok(Reply::Deduped(r)) => r,
+        other => panic!("dedup {sb}: {other:?}"),
+    }
+}
+
+/// A dedup start of `sb`: its reply, or the agent's error (any other reply panics).
+#[allow(dead_code)]
+pub async fn restore(agent: &Agent, sb: &SandboxId) -> Result<RestoreReply, AgentError> {
+    match agent
+        .execute(Command::Restore {
+            sandbox: sb.clone(),
+        })
+        .await
+    {
+        Ok(Reply::Restored(r)) => Ok(r),
+        Ok(other) => panic!("restore {sb}: {other:?}"),
+        Err(e) => Err(e),
     }
 }
 
