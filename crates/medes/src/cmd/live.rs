@@ -499,21 +499,9 @@ pub fn write_live(run: &LiveRun, dir: &Path) -> anyhow::Result<()> {
     let p = dir.join("memory_breakdown.json");
     std::fs::write(&p, serde_json::to_vec(&run.breakdown)?)
         .with_context(|| format!("writing {}", p.display()))?;
-    let mut csv = String::from("time_ms,id,action,state,charged_mb,measured_mb,in_flight\n");
-    for r in &run.sandboxes {
-        csv.push_str(&format!(
-            "{},{},{},{},{:.3},{},{}\n",
-            r.time_ms,
-            r.id,
-            r.action,
-            r.state,
-            r.charged_mb,
-            r.measured_mb.map_or(String::new(), |m| format!("{m:.3}")),
-            r.in_flight
-        ));
-    }
     let p = dir.join("sandboxes.csv");
-    std::fs::write(&p, csv).with_context(|| format!("writing {}", p.display()))?;
+    std::fs::write(&p, sandboxes_csv(&run.sandboxes))
+        .with_context(|| format!("writing {}", p.display()))?;
     let p = dir.join("dedup_stats.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&run.dedup)?)
         .with_context(|| format!("writing {}", p.display()))
@@ -545,6 +533,24 @@ pub fn read_live(dir: &Path) -> anyhow::Result<LiveRun> {
         dedup: medes_controller::DedupStats::default(),
         sandboxes,
     })
+}
+
+/// `sandboxes.csv`: a header line, then one line per row (MB to the kB).
+fn sandboxes_csv(rows: &[SandboxRow]) -> String {
+    let mut csv = String::from("time_ms,id,action,state,charged_mb,measured_mb,in_flight\n");
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{:.3},{},{}\n",
+            r.time_ms,
+            r.id,
+            r.action,
+            r.state,
+            r.charged_mb,
+            r.measured_mb.map_or(String::new(), |m| format!("{m:.3}")),
+            r.in_flight
+        ));
+    }
+    csv
 }
 
 /// Parses `sandboxes.csv` (as [`write_live`] writes it); malformed rows are skipped.
@@ -827,17 +833,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn calibrated_costs_leave_out_the_wait_for_memory() {
-        // Warm starts: 100 ms execution, 10 ms platform overhead, two of three waited for
-        // memory (2 s, 5 s) before their grant. A cold start: 700 ms init, waited 3 s.
-        let raw = vec![
-            rec("warm", 110.0, 100, None, 0.0),
-            rec("warm", 2_110.0, 100, None, 2_000.0),
-            rec("warm", 5_110.0, 100, None, 5_000.0),
-            rec("cold", 3_810.0, 800, Some(700.0), 3_000.0),
-        ];
-        let run = LiveRun {
+    /// A live run of `linalg` alone: its raw records and sandbox listing, nothing simulated.
+    fn linalg_run(raw: Vec<ReplayRecord>, sandboxes: Vec<SandboxRow>) -> LiveRun {
+        LiveRun {
             output: SimOutput {
                 policy: "live".into(),
                 functions: vec!["linalg".into()],
@@ -854,8 +852,21 @@ mod tests {
             raw,
             breakdown: Vec::new(),
             dedup: medes_controller::DedupStats::default(),
-            sandboxes: Vec::new(),
-        };
+            sandboxes,
+        }
+    }
+
+    #[test]
+    fn calibrated_costs_leave_out_the_wait_for_memory() {
+        // Warm starts: 100 ms execution, 10 ms platform overhead, two of three waited for
+        // memory (2 s, 5 s) before their grant. A cold start: 700 ms init, waited 3 s.
+        let raw = vec![
+            rec("warm", 110.0, 100, None, 0.0),
+            rec("warm", 2_110.0, 100, None, 2_000.0),
+            rec("warm", 5_110.0, 100, None, 5_000.0),
+            rec("cold", 3_810.0, 800, Some(700.0), 3_000.0),
+        ];
+        let run = linalg_run(raw, Vec::new());
         let p = calibrated_profile(&[run], &Profile::paper());
         let f = &p.functions["linalg"];
         assert!((f.exec_ms - 100.0).abs() < 1e-9, "{}", f.exec_ms);
@@ -885,40 +896,10 @@ mod tests {
             row(5_000, StateKind::Warm, 23.5, Some(23.5)),
             row(6_000, StateKind::Running, 40.0, Some(40.0)),
         ];
-        let mut csv = String::from("time_ms,id,action,state,charged_mb,measured_mb,in_flight\n");
-        for r in &rows {
-            csv.push_str(&format!(
-                "{},{},{},{},{},{},{}\n",
-                r.time_ms,
-                r.id,
-                r.action,
-                r.state,
-                r.charged_mb,
-                r.measured_mb.map_or(String::new(), |m| m.to_string()),
-                r.in_flight
-            ));
-        }
+        let mut csv = sandboxes_csv(&rows);
         csv.push_str("garbage,row\n");
         assert_eq!(parse_sandboxes(&csv), rows);
-        let run = LiveRun {
-            output: SimOutput {
-                policy: "live".into(),
-                functions: vec!["linalg".into()],
-                records: Vec::new(),
-                memory: Vec::new(),
-                summary: SummaryBuilder::new(&["linalg".to_string()]).finish(
-                    "live".into(),
-                    &[],
-                    1,
-                    1.0,
-                    Counters::default(),
-                ),
-            },
-            raw: vec![rec("warm", 110.0, 100, None, 0.0)],
-            breakdown: Vec::new(),
-            dedup: medes_controller::DedupStats::default(),
-            sandboxes: rows,
-        };
+        let run = linalg_run(vec![rec("warm", 110.0, 100, None, 0.0)], rows);
         let p = calibrated_profile(&[run], &Profile::paper());
         let f = &p.functions["linalg"];
         assert!((f.warm_mb - 23.5).abs() < 1e-9, "{}", f.warm_mb);
