@@ -165,7 +165,8 @@ pub struct MemoryUsage {
     pub pss: Bytes,
     /// Resident set size summed over the sandbox's processes.
     pub rss: Bytes,
-    /// What the memory cgroup charges (includes page cache and tmpfs).
+    /// What the memory cgroup charges: its pages (page cache and tmpfs included) and its
+    /// kernel memory (page tables, slab, kernel stacks), without per-CPU pre-charges.
     pub cgroup_usage: Bytes,
 }
 
