@@ -149,6 +149,10 @@ struct FunctionRow {
     page_image_mb: Option<f64>,
     /// PSS of the warm sandbox, MB.
     warm_mb: Option<f64>,
+    /// The warm sandbox's memory cgroup charge (its pages and its kernel memory), MB: the
+    /// cross-check of `warm_mb`, and the warm side of `dedup_mb` when an armed tree's kernel
+    /// memory is counted.
+    warm_cgroup_mb: Option<f64>,
     /// Everything held for the dedup sandbox (store, non-page images, metadata), base
     /// excluded, MB.
     dedup_mb: Option<f64>,
@@ -485,6 +489,7 @@ async fn measure(
             criu_restore_run_ms_p50: p50(|d| &d.plain_run),
             page_image_mb: d.as_ref().map(|d| round3(d.page_image_mb)),
             warm_mb: d.as_ref().map(|d| round3(d.warm_mb)),
+            warm_cgroup_mb: d.as_ref().and_then(|d| d.warm_cgroup_mb.map(round3)),
             dedup_mb: d.as_ref().map(|d| round3(d.dedup_mb)),
             dedup_breakdown_ms: d.as_ref().map(|d| Breakdown {
                 read_base: pct(&d.read_base, 50.0),
@@ -565,6 +570,7 @@ struct DedupFigures {
     first_response: Vec<f64>,
     page_image_mb: f64,
     warm_mb: f64,
+    warm_cgroup_mb: Option<f64>,
     dedup_mb: f64,
     armed_starts: usize,
     dedup_unarmed_mb: Option<f64>,
@@ -643,6 +649,11 @@ async fn measure_dedup(
         warm_mb: target.measured.map_or(0.0, |b| b.0 as f64 / 1e6),
         ..Default::default()
     };
+    if let Some(agent) = &ctx.agent {
+        out.warm_cgroup_mb = memory_of(agent, &target.id)
+            .await
+            .map(|m| m.cgroup_usage.0 as f64 / 1e6);
+    }
     let find = |id: &SandboxId| {
         ctl.sandboxes()
             .into_iter()
@@ -758,6 +769,22 @@ async fn held_of(
     };
     let extra = armed.map_or(0, medes_agent::ArmedStatus::extra_bytes);
     (held, extra.min(held))
+}
+
+/// The memory the agent measured for sandbox `id`, if it has.
+async fn memory_of(
+    agent: &medes_agent::Agent,
+    id: &SandboxId,
+) -> Option<medes_agent::SandboxMemory> {
+    use medes_agent::NodeAgent;
+    match agent.execute(medes_agent::Command::Status).await {
+        Ok(medes_agent::Reply::Status(st)) => st
+            .sandboxes
+            .iter()
+            .find(|s| &s.id == id)
+            .and_then(|s| s.memory),
+        _ => None,
+    }
 }
 
 /// Deploys `spec` as a fresh version of `name` (the older version's sandboxes retire) and
@@ -1004,6 +1031,18 @@ fn print_table(r: &StartupReport) {
         ]);
     }
     println!("{t}");
+    let ratios: Vec<f64> = r
+        .functions
+        .iter()
+        .filter_map(|f| Some(f.dedup_mb? / f.warm_mb?).filter(|x| x.is_finite()))
+        .collect();
+    if !ratios.is_empty() {
+        println!(
+            "dedup ÷ warm memory (dedup MB ÷ warm MB): mean {:.1}% over {} functions",
+            100.0 * ratios.iter().sum::<f64>() / ratios.len() as f64,
+            ratios.len()
+        );
+    }
     print_template_table(r);
     println!(
         "warm overhead: p50 {:.2} ms, p99 {:.2} ms; no-op throughput {:.0}/s with {} clients (times in ms)",

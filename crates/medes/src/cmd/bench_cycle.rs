@@ -108,6 +108,45 @@ struct Sample {
     sandboxes: BTreeMap<String, usize>,
     /// Charged MB per state label.
     mb: BTreeMap<String, f64>,
+    /// Mean over the dedup sandboxes of (what is charged for it ÷ its function's warm PSS),
+    /// percent; `None` without a dedup sandbox whose function's warm PSS is known.
+    dedup_pct_of_warm: Option<f64>,
+}
+
+/// Dedup sandbox memory relative to the warm sandbox's, as the platform holds it: for every
+/// memory sample and every dedup sandbox in it, what is charged for the dedup sandbox (its
+/// store, metadata, non-page images and, when armed, its stopped tree) ÷ the PSS last
+/// measured of a warm sandbox of its function (issue 5's "≤ 15% of warm on average").
+#[derive(Debug, Default, Serialize)]
+struct DedupRatio {
+    /// Mean over every (sample, dedup sandbox), percent.
+    mean_pct: Option<f64>,
+    /// (sample, dedup sandbox) pairs.
+    n: u64,
+    /// Per function: mean percent.
+    per_function: BTreeMap<String, f64>,
+    #[serde(skip)]
+    sums: BTreeMap<String, (f64, u64)>,
+}
+
+impl DedupRatio {
+    fn add(&mut self, function: &str, pct: f64) {
+        let e = self.sums.entry(function.to_string()).or_default();
+        e.0 += pct;
+        e.1 += 1;
+    }
+
+    fn finish(&mut self) {
+        let (mut sum, mut n) = (0.0, 0u64);
+        for (f, (s, k)) in &self.sums {
+            self.per_function
+                .insert(f.clone(), (s / *k as f64 * 10.0).round() / 10.0);
+            sum += s;
+            n += k;
+        }
+        self.n = n;
+        self.mean_pct = (n > 0).then(|| (sum / n as f64 * 10.0).round() / 10.0);
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -149,6 +188,8 @@ struct CycleReport {
     per_function: BTreeMap<String, FnCounts>,
     latency: Vec<LatencyRow>,
     memory: Vec<Sample>,
+    /// Dedup sandbox memory ÷ warm, as held during the run.
+    dedup_of_warm: DedupRatio,
     peak_charged_mb: f64,
     first_failures: Vec<Failure>,
     load_at_end: String,
@@ -327,6 +368,8 @@ async fn drive(
     }
 
     let mut memory = Vec::new();
+    let mut ratio = DedupRatio::default();
+    let mut warm_pss = BTreeMap::new();
     let mut seen: BTreeMap<String, medes_core::ActionName> = BTreeMap::new();
     let sample_every = Duration::from_secs(args.sample_s.max(1));
     let mut next_sample = Instant::now();
@@ -335,7 +378,7 @@ async fn drive(
             for s in platform.controller.sandboxes() {
                 seen.insert(s.action.name.clone(), s.action);
             }
-            memory.push(sample(platform, t0));
+            memory.push(sample(platform, t0, &mut warm_pss, &mut ratio));
             next_sample += sample_every;
         }
         let (n, f, d) = {
@@ -360,7 +403,8 @@ async fn drive(
     for d in drivers {
         let _ = d.await;
     }
-    memory.push(sample(platform, t0));
+    memory.push(sample(platform, t0, &mut warm_pss, &mut ratio));
+    ratio.finish();
     bar.finish_and_clear();
     // Let the last checkpoints end, so the counters are final.
     let _ = tokio::time::timeout(Duration::from_secs(60), platform.controller.wait_settled()).await;
@@ -454,6 +498,7 @@ async fn drive(
         per_function,
         latency,
         memory,
+        dedup_of_warm: ratio,
         first_failures: shared.failures,
         load_at_end: load.trim().to_string(),
     })
@@ -537,12 +582,33 @@ fn compact(v: &Value) -> String {
     s.chars().take(300).collect()
 }
 
-fn sample(platform: &Platform, t0: Instant) -> Sample {
+/// One memory sample; `warm_pss` keeps the PSS last measured of a warm sandbox of each
+/// function (a dedup sandbox is compared with it), `ratio` gathers the dedup ÷ warm ratios.
+fn sample(
+    platform: &Platform,
+    t0: Instant,
+    warm_pss: &mut BTreeMap<String, f64>,
+    ratio: &mut DedupRatio,
+) -> Sample {
     let mut sandboxes = BTreeMap::new();
     let mut mb = BTreeMap::new();
-    for s in platform.controller.sandboxes() {
+    let all = platform.controller.sandboxes();
+    for s in &all {
         *sandboxes.entry(s.state.as_str().to_string()).or_insert(0) += 1;
         *mb.entry(s.state.as_str().to_string()).or_insert(0.0) += s.charged.0 as f64 / 1e6;
+        if s.state == StateKind::Warm
+            && let Some(m) = s.measured.filter(|m| m.0 > 0)
+        {
+            warm_pss.insert(s.action.name.clone(), m.0 as f64);
+        }
+    }
+    let mut pcts = Vec::new();
+    for s in all.iter().filter(|s| s.state == StateKind::Dedup) {
+        if let Some(w) = warm_pss.get(&s.action.name) {
+            let pct = 100.0 * s.charged.0 as f64 / w;
+            ratio.add(&s.action.name, pct);
+            pcts.push(pct);
+        }
     }
     for k in StateKind::ALL {
         sandboxes.entry(k.as_str().to_string()).or_insert(0);
@@ -557,6 +623,8 @@ fn sample(platform: &Platform, t0: Instant) -> Sample {
             .into_iter()
             .map(|(k, v)| (k, (v * 10.0).round() / 10.0))
             .collect(),
+        dedup_pct_of_warm: (!pcts.is_empty())
+            .then(|| (pcts.iter().sum::<f64>() / pcts.len() as f64 * 10.0).round() / 10.0),
     }
 }
 
@@ -676,6 +744,19 @@ fn print_report(r: &CycleReport) {
         ]);
     }
     println!("{m}");
+    if let Some(p) = r.dedup_of_warm.mean_pct {
+        let per: Vec<String> = r
+            .dedup_of_warm
+            .per_function
+            .iter()
+            .map(|(f, v)| format!("{f} {v:.1}%"))
+            .collect();
+        println!(
+            "dedup sandbox memory ÷ its function's warm PSS, as held: mean {p:.1}% over {} samples ({})",
+            r.dedup_of_warm.n,
+            per.join(", ")
+        );
+    }
     println!(
         "peak charged {:.1} MB; load at end: {}",
         r.peak_charged_mb, r.load_at_end
@@ -694,6 +775,22 @@ fn print_report(r: &CycleReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dedup_ratio_weighs_every_sample_and_sandbox_alike() {
+        let mut r = DedupRatio::default();
+        r.finish();
+        assert_eq!((r.mean_pct, r.n), (None, 0));
+        for p in [10.0, 20.0, 30.0] {
+            r.add("a", p);
+        }
+        r.add("b", 60.0);
+        r.finish();
+        assert_eq!(r.n, 4);
+        assert_eq!(r.mean_pct, Some(30.0));
+        assert_eq!(r.per_function["a"], 20.0);
+        assert_eq!(r.per_function["b"], 60.0);
+    }
 
     #[test]
     fn gaps_cover_every_start_kind() {
