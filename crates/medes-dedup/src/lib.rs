@@ -69,7 +69,10 @@ pub use registry::{
     AddBaseError, BackendError, BaseId, BaseMeta, BaseRefError, Candidates, Choice, MemoryIndex,
     NodeId, PageKeys, PageRef, Registry, RegistryBackend, RegistryReader, RegistryStats,
 };
-pub use store::{DedupStore, LoadStoreError, PageEntry, StoredProcess, WriteStoreError};
+pub use store::{
+    DedupStore, LoadStoreError, PageEntry, ReadPayloadError, StoreFile, StoredProcess,
+    WriteStoreError,
+};
 pub use template::{TemplateHint, TemplateLayout, dedup_with_template, register_raw_base};
 
 /// Bytes per page.

@@ -89,6 +89,13 @@ impl Default for RebaseCache {
 }
 
 impl MappingTable {
+    /// Heap memory the table holds, bytes.
+    pub fn heap_bytes(&self) -> usize {
+        (self.starts.capacity() + self.ends.capacity() + self.keys.capacity()) * 8
+            + self.ids.capacity() * 2
+            + (self.by_id.len() + self.gb_map.len()) * 8
+    }
+
     /// Builds the table of a process from its mm image and the names of `files.img`'s regular
     /// files (by file id).
     pub fn new(mm: &MmEntry, reg_files: &BTreeMap<u32, String>) -> Self {

@@ -9,7 +9,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::codec::{DecodePageError, Decoder};
 use crate::image::{BasePageError, BasePages};
 use crate::rebase::{MappingTable, UnknownMapping};
-use crate::store::DedupStore;
+use crate::store::{DedupStore, ReadPayloadError, StoreFile};
 use crate::{PAGE, Page};
 
 /// Pages decoded per parallel work item (one store block).
@@ -77,6 +77,15 @@ pub enum RebuildError {
         /// Bytes given.
         found: u64,
     },
+    /// A page's stored data could not be read from the store file ([`Rebuilder::from_file`]).
+    #[error("page {page}: cannot read its data from the store file")]
+    Read {
+        /// The first page of the batch whose data was read.
+        page: u64,
+        /// The cause.
+        #[source]
+        source: ReadPayloadError,
+    },
     /// The caller of [`rebuild_batches`] asked to stop.
     #[error("the rebuild was stopped by its caller")]
     Stopped,
@@ -136,6 +145,8 @@ struct Plan<'a> {
     store: &'a DedupStore,
     bases: &'a dyn BasePages,
     data: &'a PlanData,
+    /// Where the page data is read from when not in `store` (its `blob` and `blocks` empty).
+    file: Option<&'a StoreFile>,
 }
 
 /// The store-derived part of a [`Plan`].
@@ -170,16 +181,19 @@ impl Plan<'_> {
         b: usize,
         chunk: &mut [u8],
     ) -> Result<(), RebuildError> {
-        self.batch_only(dec, block, b, chunk, None, false)
+        self.batch_only(dec, block, &mut Vec::new(), b, chunk, None, false)
     }
 
     /// [`Plan::batch`] for the pages `only` accepts (all when `None`); the others' bytes in
     /// `chunk` are left as they are. `block` already holds batch `b`'s decompressed block when
-    /// `have_block`.
+    /// `have_block`. With a store file, `raw` receives what is read from it (the compressed
+    /// block, then the batch's range of the blob).
+    #[allow(clippy::too_many_arguments)]
     fn batch_only(
         &self,
         dec: &mut Decoder,
         block: &mut Vec<u8>,
+        raw: &mut Vec<u8>,
         b: usize,
         chunk: &mut [u8],
         only: Option<&dyn Fn(u64) -> bool>,
@@ -200,9 +214,48 @@ impl Plan<'_> {
                 page: (b * BATCH + first) as u64,
                 source: DecodePageError::Malformed(store.pages[b * BATCH + first].kind),
             };
-            let src = store.blocks.get(b).ok_or_else(bad)?;
-            dec.decompress_block(src, block, want).map_err(|_| bad())?;
+            match self.file {
+                None => {
+                    let src = store.blocks.get(b).ok_or_else(bad)?;
+                    dec.decompress_block(src, block, want).map_err(|_| bad())?;
+                }
+                Some(f) => {
+                    f.read_block(b, raw).map_err(|source| RebuildError::Read {
+                        page: (b * BATCH) as u64,
+                        source,
+                    })?;
+                    dec.decompress_block(raw, block, want).map_err(|_| bad())?;
+                }
+            }
         }
+        // The data of the batch's pages stored on their own: the whole blob in memory, or
+        // the batch's range of it read from the file.
+        let (blob, blob_lo): (&[u8], u64) = match self.file {
+            None => (&store.blob, 0),
+            Some(f) => {
+                let (mut lo, mut hi) = (u64::MAX, 0u64);
+                let n = store.pages.len();
+                let span = (b * BATCH).min(n)..(b * BATCH + chunk.len() / PAGE).min(n);
+                for i in span {
+                    let e = &store.pages[i];
+                    if !e.kind.in_block() && e.len > 0 {
+                        let o = self.data.offsets[i];
+                        lo = lo.min(o);
+                        hi = hi.max(o + u64::from(e.len));
+                    }
+                }
+                if lo < hi {
+                    f.read_blob(lo..hi, raw)
+                        .map_err(|source| RebuildError::Read {
+                            page: (b * BATCH) as u64,
+                            source,
+                        })?;
+                    (&raw[..], lo)
+                } else {
+                    (&[][..], 0)
+                }
+            }
+        };
         for (j, dst) in chunk.chunks_exact_mut(PAGE).enumerate() {
             let i = b * BATCH + j;
             let page = i as u64;
@@ -243,16 +296,22 @@ impl Plan<'_> {
                 ),
                 None => (None, None),
             };
-            let o = self.data.offsets[i] as usize;
-            let src: &[u8] = if e.kind.in_block() {
-                block
+            let (src, o): (&[u8], usize) = if e.len == 0 {
+                (&[], 0)
+            } else if e.kind.in_block() {
+                (block, self.data.offsets[i] as usize)
             } else {
-                &store.blob
+                let o = self.data.offsets[i]
+                    .checked_sub(blob_lo)
+                    .unwrap_or(u64::MAX);
+                (blob, usize::try_from(o).unwrap_or(usize::MAX))
             };
-            let data = src.get(o..o + e.len as usize).ok_or(RebuildError::Decode {
-                page,
-                source: DecodePageError::Malformed(e.kind),
-            })?;
+            let data =
+                src.get(o..o.saturating_add(e.len as usize))
+                    .ok_or(RebuildError::Decode {
+                        page,
+                        source: DecodePageError::Malformed(e.kind),
+                    })?;
             dec.decode(e.kind, data, base.as_deref(), window.as_deref(), dst)
                 .map_err(|source| RebuildError::Decode { page, source })?;
             if e.rebased {
@@ -300,6 +359,7 @@ pub fn rebuild_into(
         store,
         bases,
         data: &data,
+        file: None,
     };
     out.par_chunks_mut(PAGE * BATCH)
         .enumerate()
@@ -349,6 +409,7 @@ pub fn rebuild_to_files(
         store,
         bases,
         data: &data,
+        file: None,
     };
     let mut spans = Vec::with_capacity(files.len());
     let mut first = 0u64;
@@ -414,6 +475,9 @@ pub const BATCH_PAGES: usize = BATCH;
 pub struct RebuildScratch {
     dec: Decoder,
     block: Vec<u8>,
+    /// What a file-backed rebuilder read from its store file last (a compressed block, a range
+    /// of the blob).
+    raw: Vec<u8>,
     /// The rebuilder ([`Rebuilder`]'s unique id) and batch whose block `block` holds.
     block_of: Option<(u64, usize)>,
 }
@@ -425,11 +489,17 @@ static REBUILDERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 /// pages themselves (e.g. copy them into a restored process as they come, or rebuild the batch
 /// of a page asked for first). Owns what it needs, so it can live on its own thread. Every
 /// page is verified against its checksum before a batch is returned.
+///
+/// The page data is read from the store in memory ([`Rebuilder::new`]) or, for a store opened
+/// with [`DedupStore::open_lean`], from its file on demand ([`Rebuilder::from_file`]: each
+/// batch's compressed block and range of the blob are read with `pread` into the caller's
+/// [`RebuildScratch`], so no copy of the store's page data is held).
 pub struct Rebuilder {
     id: u64,
     store: std::sync::Arc<DedupStore>,
     bases: std::sync::Arc<dyn BasePages + Send>,
     data: PlanData,
+    file: Option<StoreFile>,
 }
 
 impl Rebuilder {
@@ -445,7 +515,81 @@ impl Rebuilder {
             store,
             bases,
             data,
+            file: None,
         })
+    }
+
+    /// Prepares a rebuild of a store opened with [`DedupStore::open_lean`] (`store`, whose
+    /// `blob` and `blocks` are ignored, and `file`), reading its page data from the file on
+    /// demand. The mapping tables are decoded from the store's mm and files images once, here;
+    /// then its non-page images are dropped (the rebuild does not need them: write them out
+    /// before), so the rebuilder holds only the store's metadata.
+    ///
+    /// Every page is still verified against its xxh3: a store file changed since it was opened
+    /// (and verified) fails the batch that reads the changed bytes ([`RebuildError::Checksum`],
+    /// [`RebuildError::Decode`], or [`RebuildError::Read`] for a truncated file), never yields a
+    /// wrong page.
+    pub fn from_file(
+        mut store: DedupStore,
+        file: StoreFile,
+        bases: std::sync::Arc<dyn BasePages + Send>,
+    ) -> Result<Self, RebuildError> {
+        let data = PlanData::new(&store)?;
+        store.images = Default::default();
+        store.blob = Vec::new();
+        store.blocks = Vec::new();
+        let id = REBUILDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Rebuilder {
+            id,
+            store: std::sync::Arc::new(store),
+            bases,
+            data,
+            file: Some(file),
+        })
+    }
+
+    /// Whether the page data is read from the store file ([`Rebuilder::from_file`]).
+    pub fn is_file_backed(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Memory this rebuilder holds of the store, bytes: the metadata (page table, processes,
+    /// bases, per-page offsets and processes, mapping tables, block offsets) and, for one made
+    /// with [`Rebuilder::new`], the store's page data and non-page images too (shared with the
+    /// caller's `Arc`). Excludes the per-thread [`RebuildScratch`] buffers.
+    pub fn held_bytes(&self) -> u64 {
+        use std::mem::size_of;
+        let s = &*self.store;
+        let mut n = size_of::<Self>() + size_of::<DedupStore>();
+        n += s.pages.capacity() * size_of::<crate::store::PageEntry>();
+        n += s.bases.capacity() * size_of::<crate::registry::BaseId>();
+        n += s
+            .procs
+            .iter()
+            .map(|p| size_of::<crate::store::StoredProcess>() + p.pages_file.capacity())
+            .sum::<usize>();
+        n += s.blob.capacity();
+        n += s
+            .blocks
+            .iter()
+            .map(|b| b.capacity() + size_of::<Vec<u8>>())
+            .sum::<usize>();
+        n += s
+            .images
+            .iter()
+            .map(|(k, v)| k.capacity() + v.capacity() + 64)
+            .sum::<usize>();
+        n += self.data.offsets.capacity() * size_of::<u64>();
+        n += self.data.proc_of.capacity() * size_of::<u16>();
+        n += self
+            .data
+            .tables
+            .iter()
+            .map(|t| {
+                size_of::<Option<MappingTable>>() + t.as_ref().map_or(0, MappingTable::heap_bytes)
+            })
+            .sum::<usize>();
+        n as u64 + self.file.as_ref().map_or(0, StoreFile::held_bytes)
     }
 
     /// The store being rebuilt.
@@ -515,10 +659,19 @@ impl Rebuilder {
             store: &self.store,
             bases: &*self.bases,
             data: &self.data,
+            file: self.file.as_ref(),
         };
         let have = scratch.block_of == Some((self.id, b));
         scratch.block_of = None;
-        plan.batch_only(&mut scratch.dec, &mut scratch.block, b, out, only, have)?;
+        plan.batch_only(
+            &mut scratch.dec,
+            &mut scratch.block,
+            &mut scratch.raw,
+            b,
+            out,
+            only,
+            have,
+        )?;
         scratch.block_of = Some((self.id, b));
         Ok(())
     }
@@ -541,6 +694,7 @@ where
         store,
         bases,
         data: &data,
+        file: None,
     };
     let n = store.pages.len();
     (0..n.div_ceil(BATCH)).into_par_iter().try_for_each_init(

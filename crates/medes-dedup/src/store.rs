@@ -165,6 +165,272 @@ fn zstd_decompress(data: &[u8], what: &'static str) -> Result<Vec<u8>, LoadStore
     zstd::bulk::decompress(data, 1 << 30).map_err(|_| LoadStoreError::Malformed(what))
 }
 
+fn parse_images(data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, LoadStoreError> {
+    let imgs = zstd_decompress(data, "images")?;
+    let mut ir = Reader {
+        d: &imgs,
+        at: 0,
+        what: "images",
+    };
+    let mut images = BTreeMap::new();
+    for _ in 0..ir.u64()? {
+        let name = String::from_utf8(ir.section()?.to_vec())
+            .map_err(|_| LoadStoreError::Malformed("images"))?;
+        images.insert(name, ir.section()?.to_vec());
+    }
+    Ok(images)
+}
+
+fn parse_procs(data: &[u8]) -> Result<Vec<StoredProcess>, LoadStoreError> {
+    let mut pr = Reader {
+        d: data,
+        at: 0,
+        what: "processes",
+    };
+    let mut procs = Vec::new();
+    for _ in 0..pr.u64()? {
+        let pid = pr.u32()?;
+        let pages_file = String::from_utf8(pr.section()?.to_vec())
+            .map_err(|_| LoadStoreError::Malformed("processes"))?;
+        let n_pages = pr.u64()?;
+        procs.push(StoredProcess {
+            pid,
+            pages_file,
+            n_pages,
+        });
+    }
+    Ok(procs)
+}
+
+fn parse_bases(data: &[u8]) -> Vec<BaseId> {
+    data.chunks_exact(4)
+        .map(|c| BaseId(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
+/// The page table, and the blob bytes it accounts for.
+fn parse_table(data: &[u8]) -> Result<(Vec<PageEntry>, u64), LoadStoreError> {
+    let t = zstd_decompress(data, "page table")?;
+    let mut tr = Reader {
+        d: &t,
+        at: 0,
+        what: "page table",
+    };
+    let n = tr.len()?;
+    if t.len()
+        != 8 + n
+            .checked_mul(19)
+            .ok_or(LoadStoreError::Malformed("page table"))?
+    {
+        return Err(LoadStoreError::Malformed("page table"));
+    }
+    let kinds = tr.bytes(n)?;
+    let slots = tr.bytes(2 * n)?;
+    let bpages = tr.bytes(4 * n)?;
+    let lens = tr.bytes(4 * n)?;
+    let sums = tr.bytes(8 * n)?;
+    let mut pages = Vec::with_capacity(n);
+    let mut prev = 0u32;
+    let mut total = 0u64;
+    for i in 0..n {
+        let kind =
+            PageKind::from_u8(kinds[i] & 0x7F).ok_or(LoadStoreError::Malformed("page kind"))?;
+        let d = u32::from_le_bytes(bpages[4 * i..4 * i + 4].try_into().unwrap_or_default());
+        prev = prev.wrapping_add(d);
+        let len = u32::from_le_bytes(lens[4 * i..4 * i + 4].try_into().unwrap_or_default());
+        if !kind.in_block() {
+            total += u64::from(len);
+        }
+        pages.push(PageEntry {
+            kind,
+            rebased: kinds[i] & 0x80 != 0,
+            base_slot: u16::from_le_bytes(slots[2 * i..2 * i + 2].try_into().unwrap_or_default()),
+            base_page: prev,
+            len,
+            checksum: u64::from_le_bytes(sums[8 * i..8 * i + 8].try_into().unwrap_or_default()),
+        });
+    }
+    Ok((pages, total))
+}
+
+/// A store file read once from its payload's start to its end, hashing what it reads.
+struct Stream {
+    r: std::io::BufReader<std::fs::File>,
+    hasher: xxhash_rust::xxh3::Xxh3Default,
+    /// Payload bytes not read yet.
+    left: u64,
+    /// File offset of the next byte.
+    at: u64,
+    skip_buf: Vec<u8>,
+}
+
+impl Stream {
+    fn seek_start(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.r.seek(std::io::SeekFrom::Start(self.at)).map(|_| ())
+    }
+
+    /// Reads `out.len()` payload bytes into `out`.
+    fn fill<E>(&mut self, out: &mut [u8], what: &'static str, io: E) -> Result<(), LoadStoreError>
+    where
+        E: Fn(std::io::Error) -> LoadStoreError,
+    {
+        use std::io::Read;
+        if out.len() as u64 > self.left {
+            return Err(LoadStoreError::Malformed(what));
+        }
+        self.r.read_exact(out).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // Shorter than its size said a moment ago: changed while read.
+                LoadStoreError::Malformed(what)
+            } else {
+                io(e)
+            }
+        })?;
+        self.hasher.update(out);
+        self.left -= out.len() as u64;
+        self.at += out.len() as u64;
+        Ok(())
+    }
+
+    fn u64<E>(&mut self, what: &'static str, io: E) -> Result<u64, LoadStoreError>
+    where
+        E: Fn(std::io::Error) -> LoadStoreError,
+    {
+        let mut b = [0u8; 8];
+        self.fill(&mut b, what, io)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// A length-prefixed section, read (the length is bounded by the payload, itself bounded
+    /// by the file's size).
+    fn section<E>(&mut self, what: &'static str, io: E) -> Result<Vec<u8>, LoadStoreError>
+    where
+        E: Fn(std::io::Error) -> LoadStoreError,
+    {
+        let n = self.u64(what, &io)?;
+        if n > self.left {
+            return Err(LoadStoreError::Malformed(what));
+        }
+        let mut v = vec![0u8; n as usize];
+        self.fill(&mut v, what, io)?;
+        Ok(v)
+    }
+
+    /// Reads (hashes) `n` bytes without keeping them; returns their file offset.
+    fn skip<E>(&mut self, n: u64, what: &'static str, io: E) -> Result<u64, LoadStoreError>
+    where
+        E: Fn(std::io::Error) -> LoadStoreError,
+    {
+        let at = self.at;
+        if n > self.left {
+            return Err(LoadStoreError::Malformed(what));
+        }
+        let mut buf = std::mem::take(&mut self.skip_buf);
+        buf.resize(1 << 16, 0);
+        let mut todo = n;
+        while todo > 0 {
+            let k = todo.min(buf.len() as u64) as usize;
+            let r = self.fill(&mut buf[..k], what, &io);
+            if let Err(e) = r {
+                self.skip_buf = buf;
+                return Err(e);
+            }
+            todo -= k as u64;
+        }
+        self.skip_buf = buf;
+        Ok(at)
+    }
+}
+
+/// The page data of a store opened with [`DedupStore::open_lean`], read from its file on
+/// demand: the open file and where the blob and each compressed block lie in it.
+#[derive(Debug)]
+pub struct StoreFile {
+    file: std::fs::File,
+    path: PathBuf,
+    blob_at: u64,
+    blob_len: u64,
+    /// File offset and length of each compressed block.
+    blocks: Vec<(u64, u64)>,
+}
+
+/// Error reading a store's page data from its file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadPayloadError {
+    /// The range is not in the blob, or the block does not exist.
+    #[error("{what} out of the store's bounds")]
+    OutOfBounds {
+        /// What was read.
+        what: &'static str,
+    },
+    /// The read failed, or the file is shorter than when it was opened.
+    #[error("reading {path:?}")]
+    Io {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error (`UnexpectedEof` for a file truncated since it was opened).
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreFile {
+    /// The store file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Memory this holds, bytes (the block offsets, the path).
+    pub fn held_bytes(&self) -> u64 {
+        (std::mem::size_of::<Self>()
+            + self.blocks.capacity() * std::mem::size_of::<(u64, u64)>()
+            + self.path.as_os_str().len()) as u64
+    }
+
+    /// Number of compressed blocks.
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Reads the blob's bytes `range` into `out` (resized to fit).
+    pub fn read_blob(
+        &self,
+        range: std::ops::Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReadPayloadError> {
+        if range.start > range.end || range.end > self.blob_len {
+            return Err(ReadPayloadError::OutOfBounds { what: "blob range" });
+        }
+        self.read_at(self.blob_at + range.start, range.end - range.start, out)
+    }
+
+    /// Reads compressed block `b` into `out` (resized to fit).
+    pub fn read_block(&self, b: usize, out: &mut Vec<u8>) -> Result<(), ReadPayloadError> {
+        let &(at, len) = self
+            .blocks
+            .get(b)
+            .ok_or(ReadPayloadError::OutOfBounds { what: "block" })?;
+        self.read_at(at, len, out)
+    }
+
+    fn read_at(&self, at: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadPayloadError> {
+        use std::os::unix::fs::FileExt;
+        let len =
+            usize::try_from(len).map_err(|_| ReadPayloadError::OutOfBounds { what: "read" })?;
+        out.clear();
+        out.resize(len, 0);
+        // A short read (the file was truncated) is `UnexpectedEof`, an error.
+        self.file
+            .read_exact_at(out, at)
+            .map_err(|source| ReadPayloadError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
 impl DedupStore {
     /// The serialised payload as pieces (small owned sections, the blob and blocks borrowed),
     /// so that writing needs no copy of the data.
@@ -294,86 +560,13 @@ impl DedupStore {
             at: 0,
             what: "images",
         };
-        let imgs = zstd_decompress(r.section()?, "images")?;
-        let mut ir = Reader {
-            d: &imgs,
-            at: 0,
-            what: "images",
-        };
-        let mut images = BTreeMap::new();
-        for _ in 0..ir.u64()? {
-            let name = String::from_utf8(ir.section()?.to_vec())
-                .map_err(|_| LoadStoreError::Malformed("images"))?;
-            images.insert(name, ir.section()?.to_vec());
-        }
+        let images = parse_images(r.section()?)?;
         r.what = "processes";
-        let mut pr = Reader {
-            d: r.section()?,
-            at: 0,
-            what: "processes",
-        };
-        let mut procs = Vec::new();
-        for _ in 0..pr.u64()? {
-            let pid = pr.u32()?;
-            let pages_file = String::from_utf8(pr.section()?.to_vec())
-                .map_err(|_| LoadStoreError::Malformed("processes"))?;
-            let n_pages = pr.u64()?;
-            procs.push(StoredProcess {
-                pid,
-                pages_file,
-                n_pages,
-            });
-        }
+        let procs = parse_procs(r.section()?)?;
         r.what = "bases";
-        let bases = r
-            .section()?
-            .chunks_exact(4)
-            .map(|c| BaseId(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect();
+        let bases = parse_bases(r.section()?);
         r.what = "page table";
-        let t = zstd_decompress(r.section()?, "page table")?;
-        let mut tr = Reader {
-            d: &t,
-            at: 0,
-            what: "page table",
-        };
-        let n = tr.len()?;
-        if t.len()
-            != 8 + n
-                .checked_mul(19)
-                .ok_or(LoadStoreError::Malformed("page table"))?
-        {
-            return Err(LoadStoreError::Malformed("page table"));
-        }
-        let kinds = tr.bytes(n)?;
-        let slots = tr.bytes(2 * n)?;
-        let bpages = tr.bytes(4 * n)?;
-        let lens = tr.bytes(4 * n)?;
-        let sums = tr.bytes(8 * n)?;
-        let mut pages = Vec::with_capacity(n);
-        let mut prev = 0u32;
-        let mut total = 0u64;
-        for i in 0..n {
-            let in_block = PageKind::from_u8(kinds[i] & 0x7F).is_some_and(PageKind::in_block);
-            let kind =
-                PageKind::from_u8(kinds[i] & 0x7F).ok_or(LoadStoreError::Malformed("page kind"))?;
-            let d = u32::from_le_bytes(bpages[4 * i..4 * i + 4].try_into().unwrap_or_default());
-            prev = prev.wrapping_add(d);
-            let len = u32::from_le_bytes(lens[4 * i..4 * i + 4].try_into().unwrap_or_default());
-            if !in_block {
-                total += u64::from(len);
-            }
-            pages.push(PageEntry {
-                kind,
-                rebased: kinds[i] & 0x80 != 0,
-                base_slot: u16::from_le_bytes(
-                    slots[2 * i..2 * i + 2].try_into().unwrap_or_default(),
-                ),
-                base_page: prev,
-                len,
-                checksum: u64::from_le_bytes(sums[8 * i..8 * i + 8].try_into().unwrap_or_default()),
-            });
-        }
+        let (pages, total) = parse_table(r.section()?)?;
         r.what = "blob";
         let blob = r.section()?.to_vec();
         if total != blob.len() as u64 {
@@ -386,7 +579,7 @@ impl DedupStore {
             what: "blocks",
         };
         let n_blocks = br.len()?;
-        if n_blocks != n.div_ceil(BLOCK_PAGES) {
+        if n_blocks != pages.len().div_ceil(BLOCK_PAGES) {
             return Err(LoadStoreError::Malformed("block count"));
         }
         let mut blocks = Vec::with_capacity(n_blocks);
@@ -402,10 +595,129 @@ impl DedupStore {
             blocks,
             window_radius,
         };
-        if store.procs.iter().map(|p| p.n_pages).sum::<u64>() != n as u64 {
+        store.check_counts()?;
+        Ok(store)
+    }
+
+    /// The processes' page counts must add up to the page table's.
+    fn check_counts(&self) -> Result<(), LoadStoreError> {
+        if self.procs.iter().map(|p| p.n_pages).sum::<u64>() != self.pages.len() as u64 {
             return Err(LoadStoreError::Malformed("process page counts"));
         }
-        Ok(store)
+        Ok(())
+    }
+
+    /// Opens a store written by [`DedupStore::write`] without keeping its page data: the file
+    /// is read once from start to end, its whole payload verified against the header's xxh3
+    /// as it streams by, and only the small sections are kept (the non-page images, processes,
+    /// bases, page table and window radius, in the returned store, whose `blob` and `blocks`
+    /// stay empty) with the file offsets of the blob and of each compressed block (the
+    /// returned [`StoreFile`], which keeps the file open). A [`crate::rebuild::Rebuilder`]
+    /// made with [`crate::rebuild::Rebuilder::from_file`] then reads each batch's data from
+    /// the file on demand (`pread`), and verifies every rebuilt page against its xxh3 as
+    /// always: a file changed after it was opened can fail a rebuild, never give a wrong page.
+    ///
+    /// Never maps the file (a file truncated under a mapping would fault the process).
+    pub fn open_lean(path: &Path) -> Result<(Self, StoreFile), LoadStoreError> {
+        let io = |source| LoadStoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let mut head = [0u8; HEADER];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                LoadStoreError::BadHeader
+            } else {
+                io(e)
+            }
+        })?;
+        if &head[..8] != MAGIC {
+            return Err(LoadStoreError::BadHeader);
+        }
+        let mut h = Reader {
+            d: &head,
+            at: 8,
+            what: "header",
+        };
+        if h.u32()? != VERSION {
+            return Err(LoadStoreError::BadHeader);
+        }
+        let window_radius = u64::from(h.u32()?);
+        let len = h.u64()?;
+        let sum = h.u64()?;
+        // The payload must be in the file: this bounds every length read below.
+        if size < HEADER as u64 || len > size - HEADER as u64 {
+            return Err(LoadStoreError::Malformed("header"));
+        }
+        let mut s = Stream {
+            r: std::io::BufReader::with_capacity(1 << 16, file),
+            hasher: xxhash_rust::xxh3::Xxh3Default::new(),
+            left: len,
+            at: HEADER as u64,
+            skip_buf: Vec::new(),
+        };
+        s.seek_start().map_err(io)?;
+        let images = s.section("images", io)?;
+        let procs = s.section("processes", io)?;
+        let bases = s.section("bases", io)?;
+        let table = s.section("page table", io)?;
+        let blob_len = s.u64("blob", io)?;
+        let blob_at = s.skip(blob_len, "blob", io)?;
+        let blocks_len = s.u64("blocks", io)?;
+        if blocks_len > s.left || blocks_len < 8 {
+            return Err(LoadStoreError::Malformed("blocks"));
+        }
+        let blocks_end = s.left - blocks_len;
+        let n_blocks = s.u64("blocks", io)?;
+        // Each block takes at least its 8-byte length: bounds the allocation.
+        if n_blocks > (s.left - blocks_end) / 8 {
+            return Err(LoadStoreError::Malformed("blocks"));
+        }
+        let mut block_at = Vec::with_capacity(n_blocks as usize);
+        for _ in 0..n_blocks {
+            let n = s.u64("blocks", io)?;
+            if n > s.left - blocks_end {
+                return Err(LoadStoreError::Malformed("blocks"));
+            }
+            block_at.push((s.skip(n, "blocks", io)?, n));
+        }
+        // What is left of the payload (nothing, as written) is covered by the checksum too.
+        let rest = s.left;
+        s.skip(rest, "payload", io)?;
+        if s.hasher.digest() != sum {
+            return Err(LoadStoreError::Checksum);
+        }
+        let file = s.r.into_inner();
+        // Verified: parse the small sections.
+        let (pages, total) = parse_table(&table)?;
+        if total != blob_len {
+            return Err(LoadStoreError::Malformed("blob length"));
+        }
+        if block_at.len() != pages.len().div_ceil(BLOCK_PAGES) {
+            return Err(LoadStoreError::Malformed("block count"));
+        }
+        let store = Self {
+            images: parse_images(&images)?,
+            procs: parse_procs(&procs)?,
+            bases: parse_bases(&bases),
+            pages,
+            blob: Vec::new(),
+            blocks: Vec::new(),
+            window_radius,
+        };
+        store.check_counts()?;
+        Ok((
+            store,
+            StoreFile {
+                file,
+                path: path.to_path_buf(),
+                blob_at,
+                blob_len,
+                blocks: block_at,
+            },
+        ))
     }
 
     /// Writes the store atomically: a temporary file in the same directory, fsync, rename.
@@ -562,6 +874,58 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn lean_open_keeps_the_metadata_and_reads_the_payload_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.medes");
+        let s = sample();
+        s.write(&path).unwrap();
+        let (lean, file) = DedupStore::open_lean(&path).unwrap();
+        assert_eq!(
+            lean,
+            DedupStore {
+                blocks: vec![],
+                ..s.clone()
+            }
+        );
+        assert_eq!(file.n_blocks(), 1);
+        let mut out = Vec::new();
+        file.read_block(0, &mut out).unwrap();
+        assert_eq!(out, s.blocks[0]);
+        assert!(file.read_block(1, &mut out).is_err());
+        assert!(file.read_blob(0..1, &mut out).is_err());
+        // Truncated after opening: an error, not a panic.
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        assert!(matches!(
+            file.read_block(0, &mut out),
+            Err(ReadPayloadError::Io { .. })
+        ));
+        assert!(matches!(
+            DedupStore::open_lean(&path),
+            Err(LoadStoreError::Malformed(_))
+        ));
+        // Every flipped byte and every truncation is refused (or, for the unchecked window
+        // radius, changes it).
+        let b = s.to_bytes();
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x55;
+            std::fs::write(&path, &c).unwrap();
+            match DedupStore::open_lean(&path) {
+                Err(_) => {}
+                Ok((l, _)) => assert!((12..16).contains(&i) && l.window_radius != 1, "byte {i}"),
+            }
+            std::fs::write(&path, &b[..i]).unwrap();
+            assert!(DedupStore::open_lean(&path).is_err(), "cut at {i}");
+        }
+    }
+
     proptest! {
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200), flip in any::<usize>()) {
@@ -570,6 +934,11 @@ mod tests {
             let i = flip % b.len();
             b[i] ^= 0x55;
             let _ = DedupStore::from_bytes(&b);
+            let f = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(f.path(), &data).unwrap();
+            let _ = DedupStore::open_lean(f.path());
+            std::fs::write(f.path(), &b).unwrap();
+            let _ = DedupStore::open_lean(f.path());
         }
     }
 }
