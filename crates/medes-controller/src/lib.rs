@@ -1004,6 +1004,8 @@ impl Controller {
         let asked_at = self.now();
         match node.agent.execute(Command::Status).await {
             Ok(Reply::Status(status)) => {
+                self.metrics()
+                    .armed(&node.id.to_string(), &status.sandboxes);
                 let jobs = {
                     let mut st = self.state.lock();
                     let (_, jobs) = st.apply_status(i, &status, asked_at);

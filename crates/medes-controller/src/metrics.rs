@@ -124,6 +124,20 @@ impl GlobalMetrics {
         gauge!("medes_unowned_memory_bytes").set(bytes);
     }
 
+    /// The node's armed dedup sandboxes (restored ahead of their request and left stopped;
+    /// the agent reports a dedup sandbox's process memory only when it is armed): how many,
+    /// and their stopped trees' memory, bytes (also inside `medes_memory_bytes{state="dedup"}`,
+    /// which counts everything held for dedup sandboxes).
+    pub(crate) fn armed(&self, node: &str, sandboxes: &[medes_agent::SandboxStatus]) {
+        let armed = sandboxes
+            .iter()
+            .filter(|s| s.form == medes_agent::SandboxForm::Dedup)
+            .filter_map(|s| s.memory);
+        let (n, bytes) = armed.fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.cgroup_usage.0));
+        gauge!("medes_armed_sandboxes", "node" => node.to_string()).set(n as f64);
+        gauge!("medes_armed_memory_bytes", "node" => node.to_string()).set(bytes as f64);
+    }
+
     /// A dedup start failed and fell back to a cold start (`reason` is a short fixed label).
     pub(crate) fn dedup_start_failure(&self, reason: &'static str) {
         counter!("medes_dedup_start_failures_total", "reason" => reason).increment(1);

@@ -767,6 +767,22 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
     busy.await.unwrap();
     ctl.refresh_memory().await;
     ctl.update_gauges();
+    // Armed dedup sandboxes: the dedup sandboxes whose process memory the node reports (two
+    // here, made from a live one's status; the fake keeps none armed).
+    let Ok(Reply::Status(st)) = _fake.execute(Command::Status).await else {
+        panic!("no status")
+    };
+    let mut armed = st.sandboxes[0].clone();
+    armed.form = medes_agent::SandboxForm::Dedup;
+    armed.memory = Some(SandboxMemory {
+        pss: Bytes(1_000_000),
+        rss: Bytes(1_000_000),
+        cgroup_usage: Bytes(3_000_000),
+    });
+    let mut unarmed = armed.clone();
+    unarmed.memory = None;
+    ctl.metrics()
+        .armed("armed-node", &[armed.clone(), unarmed, armed]);
     let mut got = Vec::new();
     // Node-wide series other tests may bump too (the recorder is global): only their presence.
     let mut global = std::collections::BTreeSet::new();
@@ -787,6 +803,9 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
         {
             global.insert(format!("{}{{{}}}", key.name(), labels.join(",")));
         }
+        if labels.iter().any(|l| l == "node=armed-node") {
+            got.push(format!("{}{{{}}} {value:?}", key.name(), labels.join(",")));
+        }
         if !labels.iter().any(|l| l == "action=/guest/metered") {
             continue;
         }
@@ -803,6 +822,8 @@ async fn invocations_are_counted_per_action_start_kind_and_status() {
     assert_eq!(
         got,
         vec![
+            "medes_armed_memory_bytes{node=armed-node} Gauge(6000000.0)",
+            "medes_armed_sandboxes{node=armed-node} Gauge(2.0)",
             "medes_invocation_duration_seconds{action=/guest/metered,start_kind=cold} 2 samples",
             "medes_invocation_duration_seconds{action=/guest/metered,start_kind=dedup} 1 samples",
             "medes_invocation_duration_seconds{action=/guest/metered,start_kind=warm} 4 samples",
