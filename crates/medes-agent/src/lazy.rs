@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 
 use medes_core::SandboxId;
 use medes_dedup::rebuild::{BATCH_PAGES, RebuildScratch, Rebuilder};
-use medes_dedup::{BasePages, DedupStore};
+use medes_dedup::{BasePages, DedupStore, StoreFile};
 use medes_sandbox::{LazyDaemon, LazyFeed, LazyLayout, RestoreError, Sandbox};
 use parking_lot::Mutex;
 use tracing::{debug, warn};
@@ -253,12 +253,45 @@ fn early_answer_enabled(inner: &Inner) -> bool {
         && std::env::var("MEDES_LAZY_EARLY_ANSWER").map_or(true, |v| v != "0")
 }
 
+/// A store loaded (and verified as a whole) for a dedup start.
+pub(crate) enum LoadedStore {
+    /// Parsed whole into memory (the plain path rebuilds from it).
+    InMemory(Arc<DedupStore>),
+    /// Opened with [`DedupStore::open_lean`]: the metadata and the non-page images (dropped
+    /// once the rebuilder is made), the page data read from the open file on demand.
+    File(Box<(DedupStore, StoreFile)>),
+}
+
+impl LoadedStore {
+    /// The store's metadata (page table, processes, bases) and non-page images.
+    pub(crate) fn meta(&self) -> &DedupStore {
+        match self {
+            LoadedStore::InMemory(s) => s,
+            LoadedStore::File(b) => &b.0,
+        }
+    }
+
+    /// The rebuilder of this store against `bases`.
+    fn rebuilder(
+        self,
+        bases: Arc<dyn BasePages + Send>,
+    ) -> Result<Rebuilder, medes_dedup::RebuildError> {
+        match self {
+            LoadedStore::InMemory(s) => Rebuilder::new(s, bases),
+            LoadedStore::File(b) => {
+                let (s, f) = *b;
+                Rebuilder::from_file(s, f, bases)
+            }
+        }
+    }
+}
+
 /// Restores `rec` lazily from `store` (loaded and verified; its non-page images are in `dir`).
 pub(crate) async fn restore(
     inner: &Arc<Inner>,
     rec: &Arc<DedupRec>,
     dir: &Path,
-    store: Arc<DedupStore>,
+    store: LoadedStore,
     bases: Arc<dyn BasePages + Send>,
     read_base_ms: f64,
 ) -> Result<LazyStart, LazyError> {
@@ -301,6 +334,8 @@ pub(crate) struct Started {
     go: Option<Arc<Go>>,
     read_base_ms: f64,
     rec: Arc<DedupRec>,
+    /// Memory the rebuilder holds of the store, bytes ([`Rebuilder::held_bytes`]).
+    store_held: u64,
 }
 
 impl Started {
@@ -315,6 +350,12 @@ impl Started {
     /// Whether it restores `rec`.
     pub(crate) fn is_of(&self, rec: &Arc<DedupRec>) -> bool {
         Arc::ptr_eq(&self.rec, rec)
+    }
+
+    /// Memory held of the store for the rebuild, bytes: with a store opened lean, its
+    /// metadata only (page table, per-page offsets, mapping tables, block offsets).
+    pub(crate) fn store_held_bytes(&self) -> u64 {
+        self.store_held
     }
 
     /// Page buffers the lazy-pages server holds now, bytes.
@@ -422,12 +463,36 @@ pub(crate) async fn resume(
         go.set(GO_RUN);
     }
     let t0 = started.t0;
-    let (sandbox, reseed_ms) = match armed.resume().await {
+    // A page failing verification while the runtime reseeds (the fill reads the store file
+    // again, which may have changed since the arm) is never copied in: the processes would
+    // wait for it, so they are killed, and the resume fails at once.
+    let killer = armed.killer();
+    let resume = armed.resume();
+    tokio::pin!(resume);
+    let failed = async {
+        match &started.daemon {
+            Some(d) => d.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let resumed = tokio::select! {
+        r = &mut resume => r.map_err(|e| error_chain(&e)),
+        reason = failed => {
+            if let Some(kill) = killer {
+                kill();
+            }
+            if let Ok((sb, _)) = resume.await {
+                let _ = sb.destroy().await;
+            }
+            Err(reason)
+        }
+    };
+    let (sandbox, reseed_ms) = match resumed {
         Ok(x) => x,
-        Err(e) => {
+        Err(reason) => {
             // The processes ran: no retry within the command.
             started.feed.fail("the resume failed".into());
-            return Err(LazyError::Failed(error_chain(&e)));
+            return Err(LazyError::Failed(reason));
         }
     };
     started.proc = Proc::Running(sandbox);
@@ -449,13 +514,14 @@ pub(crate) async fn start(
     inner: &Arc<Inner>,
     rec: &Arc<DedupRec>,
     dir: &Path,
-    store: Arc<DedupStore>,
+    loaded: LoadedStore,
     bases: Arc<dyn BasePages + Send>,
     read_base_ms: f64,
     armed: bool,
 ) -> Result<Started, LazyError> {
     let t0 = Instant::now();
     let fallback = |e: String| LazyError::Fallback(e);
+    let store = loaded.meta();
     // Which pages CRIU reads itself, which the server fills.
     let mut procs = Vec::with_capacity(store.procs.len());
     for p in &store.procs {
@@ -484,7 +550,7 @@ pub(crate) async fn start(
     }
     // Early answer needs every input checkable before the process resumes.
     let check = if early_answer_enabled(inner) || armed {
-        match verify::Check::plan(&inner.images, &rec.info.domain, &store, &inner.lazy.sums) {
+        match verify::Check::plan(&inner.images, &rec.info.domain, store, &inner.lazy.sums) {
             Ok(c) => Some(c),
             Err(e) => {
                 debug!(sandbox = %rec.info.spec.id, reason = %error_chain(&e),
@@ -502,9 +568,14 @@ pub(crate) async fn start(
         ));
     }
     let go = armed.then(|| Arc::new(Go::new()));
+    drop(procs);
+    // The mapping tables are made here; a lean store's non-page images are dropped then.
     let rebuilder = Arc::new(
-        Rebuilder::new(store.clone(), bases).map_err(|e| LazyError::Failed(error_chain(&e)))?,
+        loaded
+            .rebuilder(bases)
+            .map_err(|e| LazyError::Failed(error_chain(&e)))?,
     );
+    let store_held = rebuilder.held_bytes();
     let n_batches = rebuilder.n_batches();
     // Set when a page failed verification (no fallback then: the plain path would fail too).
     let bad_page = Arc::new(AtomicBool::new(false));
@@ -641,6 +712,7 @@ pub(crate) async fn start(
         go,
         read_base_ms,
         rec: rec.clone(),
+        store_held,
     })
 }
 

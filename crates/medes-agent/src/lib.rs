@@ -1695,18 +1695,29 @@ impl Inner {
     }
 
     /// Loads and verifies the store of `rec`, checks its bases are there, and writes its
-    /// non-page images into `dir`.
+    /// non-page images into `dir`. `lean`: opened with [`DedupStore::open_lean`] (verified as
+    /// a whole while streamed, only its metadata and non-page images kept, the page data read
+    /// from the file on demand); else parsed whole into memory.
     async fn load_store(
         &self,
         rec: &Arc<DedupRec>,
         dir: &Path,
-    ) -> Result<(Arc<DedupStore>, Arc<remote::ClusterBases>), DedupStartError> {
+        lean: bool,
+    ) -> Result<(lazy::LoadedStore, Arc<remote::ClusterBases>), DedupStartError> {
         let (rec2, dir2, remote) = (rec.clone(), dir.to_path_buf(), self.remote.clone());
         tokio::task::spawn_blocking(move || {
-            let store = DedupStore::load(&rec2.path).map_err(DedupStartError::Store)?;
+            let loaded = if lean {
+                let (store, file) =
+                    DedupStore::open_lean(&rec2.path).map_err(DedupStartError::Store)?;
+                lazy::LoadedStore::File(Box::new((store, file)))
+            } else {
+                let store = DedupStore::load(&rec2.path).map_err(DedupStartError::Store)?;
+                lazy::LoadedStore::InMemory(Arc::new(store))
+            };
+            let store = loaded.meta();
             // Local bases read directly; other nodes' pages prefetched from now on (remote.rs).
             let bases = remote
-                .restore_view(&rec2.info.domain, &store)
+                .restore_view(&rec2.info.domain, store)
                 .map_err(|reason| DedupStartError::RemoteBases { reason })?;
             let bases = Arc::new(bases);
             for b in &store.bases {
@@ -1721,7 +1732,7 @@ impl Inner {
                     return Err(DedupStartError::Io { what, path, source });
                 }
             }
-            Ok((Arc::new(store), bases))
+            Ok((loaded, bases))
         })
         .await
         .unwrap_or_else(|source| {
@@ -1776,12 +1787,19 @@ impl Inner {
             source,
         })?;
         // The store (verified) and every non-page image first: CRIU reads those from its start.
+        // A lazy start reads the page data from the store file (`lazy.rs`), the plain path
+        // from the store in memory.
         let t = Instant::now();
-        let (store, bases) = self.load_store(rec, &dir).await?;
+        let lean = self.cfg.lazy_restore && lean_lazy_starts();
+        let (loaded, bases) = self.load_store(rec, &dir, lean).await?;
         let read_base_ms = ms(t.elapsed());
+        let mut in_memory = match &loaded {
+            lazy::LoadedStore::InMemory(s) => Some(s.clone()),
+            lazy::LoadedStore::File(..) => None,
+        };
         if self.cfg.lazy_restore {
             let lazy_bases: Arc<dyn BasePages + Send> = bases.clone();
-            let r = lazy::restore(self, rec, &dir, store.clone(), lazy_bases, read_base_ms).await;
+            let r = lazy::restore(self, rec, &dir, loaded, lazy_bases, read_base_ms).await;
             let fallback = match r {
                 Ok((sandbox, mut reply, held)) => {
                     // `restore` adds the sampled m_R parts to the page buffers held.
@@ -1801,7 +1819,25 @@ impl Inner {
             };
             self.counters.lock().lazy_fallbacks += 1;
             warn!(sandbox = %id, reason = %fallback, "lazy dedup start not possible: plain restore");
+        } else {
+            drop(loaded);
         }
+        // The plain path rebuilds from the store in memory (loaded again after a lean lazy
+        // start fell back; its non-page images are in `dir` already).
+        let store = match in_memory.take() {
+            Some(s) => s,
+            None => {
+                let path = rec.path.clone();
+                tokio::task::spawn_blocking(move || DedupStore::load(&path))
+                    .await
+                    .map_err(|source| DedupStartError::Task {
+                        what: "store",
+                        source,
+                    })?
+                    .map(Arc::new)
+                    .map_err(DedupStartError::Store)?
+            }
+        };
         // The pages, while the sandbox is prepared and CRIU builds its namespaces.
         let rebuilt = Arc::new(Mutex::new(0.0));
         let rebuilt2 = rebuilt.clone();
@@ -1873,6 +1909,13 @@ impl Inner {
             },
         ))
     }
+}
+
+/// Whether unarmed lazy dedup starts read the page data from the store file instead of a copy
+/// in memory (on; the environment's `MEDES_LAZY_LEAN_STORE=0` turns it off, a benchmarking
+/// switch). Armed starts always do (`armed.rs`).
+fn lean_lazy_starts() -> bool {
+    std::env::var("MEDES_LAZY_LEAN_STORE").map_or(true, |v| v != "0")
 }
 
 /// The kind of a failed checkpoint.

@@ -6,7 +6,10 @@
 //!   purge or the shutdown leaves nothing of an armed tree behind (no process, cgroup,
 //!   network namespace or files);
 //! - a base or store corrupted after the sandbox was armed fails the start (the controller
-//!   falls back to a cold start), never a wrong process.
+//!   falls back to a cold start), never a wrong process;
+//! - the armed sandbox holds no copy of the store's page data (only its metadata), and a
+//!   store file changed after the resume's check (during the fill, which reads it) fails the
+//!   start or its run (the processes are killed), never a wrong process.
 //!
 //! Skipped with a message when the host cannot run sandboxes, unless `CI=true`.
 
@@ -14,7 +17,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use medes_agent::{Agent, AgentError, Command, NodeAgent, Reply, SandboxForm};
+use medes_agent::{
+    Agent, AgentError, Command, NodeAgent, Reply, RunCommand, RunOutcome, SandboxForm,
+};
 use medes_core::SandboxId;
 use serde_json::Value;
 
@@ -100,7 +105,10 @@ async fn armed_starts_match_the_warm_sandbox_and_purges_leave_nothing() {
     let (base, target, warm) = setup(&agent, "res").await;
     dedup(&agent, &target).await;
     let a = armed(&agent, &target).await;
-    assert!(a.cgroup_bytes > 0 && a.store_bytes > 0, "{a:?}");
+    assert!(
+        a.cgroup_bytes > 0 && a.pss_bytes > 0 && a.store_meta_bytes > 0,
+        "{a:?}"
+    );
     // The armed extra is part of the dedup sandbox's held bytes.
     let Ok(Reply::Status(st)) = cmd(&agent, Command::Status).await else {
         panic!("status")
@@ -111,10 +119,16 @@ async fn armed_starts_match_the_warm_sandbox_and_purges_leave_nothing() {
         .find(|s| s.id == target)
         .expect("target");
     assert_eq!(s.form, SandboxForm::Dedup);
+    // Held: the store file plus the extra, whose store part is the metadata only (much less
+    // than the file: no copy of the page data).
+    let file = std::fs::metadata(store_path(&agent, &target))
+        .expect("store file")
+        .len();
     assert!(
-        s.held_bytes >= a.extra_bytes() + a.store_bytes,
+        s.held_bytes >= file + a.cgroup_bytes + a.store_meta_bytes,
         "{s:?} {a:?}"
     );
+    assert!(a.store_meta_bytes < file / 2, "{a:?}: store file {file} B");
     eprintln!("armed: {a:?}; held {} bytes", s.held_bytes);
 
     let t = Instant::now();
@@ -214,10 +228,7 @@ async fn inputs_corrupted_after_arming_fail_the_start() {
     let (base2, t2, _) = setup(&agent, "bad2").await;
     dedup(&agent, &t2).await;
     armed(&agent, &t2).await;
-    let store = agent
-        .images_dir()
-        .join("store")
-        .join(format!("{}.medes", t2.0));
+    let store = store_path(&agent, &t2);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -252,6 +263,104 @@ async fn inputs_corrupted_after_arming_fail_the_start() {
         )
         .await;
     }
+    agent.shutdown().await;
+}
+
+/// The store file of dedup sandbox `sb`.
+fn store_path(agent: &Agent, sb: &SandboxId) -> PathBuf {
+    agent
+        .images_dir()
+        .join("store")
+        .join(format!("{}.medes", sb.0))
+}
+
+/// The store file changed in place after the resume's check, i.e. while the fill reads it (the
+/// test hook `MEDES_TEST_ARMED_UNCHECKED_STORE` skips the check of its stamp, which would
+/// otherwise disarm it): the per-page checksums catch the changed pages before any is copied
+/// in, the restored processes are killed, and the start or its run fails: never a wrong
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_changed_during_the_fill_never_gives_a_wrong_process() {
+    let target = id("fill-t");
+    // SAFETY: set before the agent exists: no other thread of this test reads the
+    // environment yet (nextest runs each test in its own process; under `cargo test` the other
+    // tests' sandboxes have other ids, which the hook ignores).
+    unsafe { std::env::set_var("MEDES_TEST_ARMED_UNCHECKED_STORE", &target.0) };
+    let Some((agent, _data)) = lazy_agent::lazy_agent_armed("armed start", 1) else {
+        return;
+    };
+    let base = id("fill-b");
+    lazy_agent::spawn(&agent, &base, "pkg/fill", CODE).await;
+    lazy_agent::spawn(&agent, &target, "pkg/fill", CODE).await;
+    let warm = call(&agent, &target).await;
+    make_base(&agent, &base).await;
+    dedup(&agent, &target).await;
+    armed(&agent, &target).await;
+    // Every 4 KiB of the back half of the store (page data: the blob and the blocks).
+    let path = store_path(&agent, &target);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("store");
+    let len = f.metadata().expect("stat").len();
+    let mut at = len / 2;
+    while at < len {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[b[0] ^ 0x5a], at).expect("write");
+        at += 4096;
+    }
+    drop(f);
+    let r = restore(&agent, &target).await;
+    let c = agent.dedup_counters();
+    assert_eq!(c.disarms, 0, "resumed, not disarmed: {c:?}");
+    let mut failed = match &r {
+        Err(e) => {
+            assert!(matches!(e, AgentError::RestoreFailed { .. }), "{e:?}");
+            eprintln!("the start failed: {e}");
+            true
+        }
+        Ok(_) => {
+            // Answered early: the fill goes on and must fail; a run returns the right
+            // answer (its pages were verified) or fails as a lost sandbox.
+            let run = Command::Run(RunCommand {
+                sandbox: target.clone(),
+                params: Default::default(),
+                env: Default::default(),
+                timeout_ms: 60_000,
+            });
+            match agent.execute(run).await {
+                Ok(Reply::Ran(r)) => match r.outcome {
+                    RunOutcome::Returned(v) => {
+                        assert_eq!(v["a"], warm["a"], "a wrong process answered");
+                        false
+                    }
+                    other => {
+                        eprintln!("the run failed: {other:?}");
+                        true
+                    }
+                },
+                other => {
+                    eprintln!("the run failed: {other:?}");
+                    true
+                }
+            }
+        }
+    };
+    // The fill failed (the processes were killed) in any case.
+    let t = Instant::now();
+    while !failed {
+        failed = agent.dedup_counters().restore_failures > 0;
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the changed store was never caught: {:?}",
+            agent.dedup_counters()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = cmd(&agent, Command::Purge { sandbox: target }).await;
+    let _ = cmd(&agent, Command::Purge { sandbox: base }).await;
     agent.shutdown().await;
 }
 

@@ -28,14 +28,61 @@ pub struct MappingTable {
     ids: Vec<u16>,
     /// Full 64-bit canonical key of each mapping.
     keys: Vec<u64>,
-    /// Start address by id (`EMPTY` if unused).
-    by_id: Box<[u64]>,
+    /// Start address by id.
+    by_id: ById,
     lo: u64,
     hi: u64,
     /// One bit per 1 GiB of the 47-bit address space: set if any mapping overlaps it. Most
     /// non-pointer words in `lo..hi` fall into unmapped gigabytes and are rejected here.
     gb_map: Box<[u64]>,
 }
+
+/// Start address by mapping id: an open-addressing table (each slot `id << 48 | start`, or
+/// `EMPTY`; linear probing from `id & mask`, at most half full), a few KiB where an array
+/// indexed by id would take 512 KiB per process.
+#[derive(Clone)]
+struct ById {
+    slots: Box<[u64]>,
+    mask: usize,
+}
+
+impl ById {
+    fn new(pairs: &[(u16, u64)]) -> ById {
+        let n = (pairs.len() * 2).next_power_of_two().max(16);
+        let mut t = ById {
+            slots: vec![EMPTY; n].into_boxed_slice(),
+            mask: n - 1,
+        };
+        for &(id, start) in pairs {
+            let mut i = usize::from(id) & t.mask;
+            while t.slots[i] != EMPTY {
+                i = (i + 1) & t.mask;
+            }
+            // Starts are below 2^47 (see `MappingTable::new`).
+            t.slots[i] = u64::from(id) << 48 | (start & ADDR);
+        }
+        t
+    }
+
+    /// The start address of mapping `id`, or `EMPTY`.
+    #[inline]
+    fn get(&self, id: u16) -> u64 {
+        let mut i = usize::from(id) & self.mask;
+        loop {
+            let s = self.slots[i];
+            if s == EMPTY {
+                return EMPTY;
+            }
+            if (s >> 48) as u16 == id {
+                return s & ADDR;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+}
+
+/// The address bits of a [`ById`] slot.
+const ADDR: u64 = (1 << 48) - 1;
 
 impl std::fmt::Debug for MappingTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,7 +140,7 @@ impl MappingTable {
     pub fn heap_bytes(&self) -> usize {
         (self.starts.capacity() + self.ends.capacity() + self.keys.capacity()) * 8
             + self.ids.capacity() * 2
-            + (self.by_id.len() + self.gb_map.len()) * 8
+            + (self.by_id.slots.len() + self.gb_map.len()) * 8
     }
 
     /// Builds the table of a process from its mm image and the names of `files.img`'s regular
@@ -105,7 +152,8 @@ impl MappingTable {
             .filter(|v| v.end > v.start && v.end <= 1 << 47)
             .collect();
         vmas.sort_by_key(|v| v.start);
-        let mut by_id = vec![EMPTY; 1 << 16].into_boxed_slice();
+        let mut used = vec![false; 1 << 16];
+        let mut pairs = Vec::new();
         let (mut starts, mut ends, mut ids, mut keys) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut prev_file = 0u64;
@@ -132,10 +180,11 @@ impl MappingTable {
                 }
             };
             let mut id = (key & 0xFFFF) as u16;
-            while by_id[usize::from(id)] != EMPTY {
+            while used[usize::from(id)] {
                 id = id.wrapping_add(1);
             }
-            by_id[usize::from(id)] = v.start;
+            used[usize::from(id)] = true;
+            pairs.push((id, v.start));
             starts.push(v.start);
             ends.push(v.end);
             ids.push(id);
@@ -154,7 +203,7 @@ impl MappingTable {
             ends,
             ids,
             keys,
-            by_id,
+            by_id: ById::new(&pairs),
             lo,
             hi,
             gb_map,
@@ -289,7 +338,7 @@ impl MappingTable {
                 m &= m - 1;
                 let d = &mut group[j];
                 let w = u64::from_le_bytes(*d);
-                let start = self.by_id[((w >> 32) & 0xFFFF) as usize];
+                let start = self.by_id.get(((w >> 32) & 0xFFFF) as u16);
                 bad |= start == EMPTY;
                 *d = start.wrapping_add(w & 0xFFFF_FFFF).to_le_bytes();
             }
@@ -307,7 +356,7 @@ impl MappingTable {
             .map(|d| u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]))
             .filter(|w| w >> 48 == TAG)
             .map(|w| (w >> 32) as u16)
-            .find(|&id| self.by_id[usize::from(id)] == EMPTY)
+            .find(|&id| self.by_id.get(id) == EMPTY)
             .unwrap_or(0)
     }
 }
@@ -370,7 +419,7 @@ mod tests {
         bogus[..8].copy_from_slice(
             &(TAG << 48 | 0xFFFF_u64.wrapping_sub(u64::from(a.ids[0])) << 32).to_le_bytes(),
         );
-        if a.by_id[usize::from(0xFFFF_u16.wrapping_sub(a.ids[0]))] == EMPTY {
+        if a.by_id.get(0xFFFF_u16.wrapping_sub(a.ids[0])) == EMPTY {
             assert!(a.unrebase(&mut bogus).is_err());
         }
         // A word that looks like a token blocks rebasing.
