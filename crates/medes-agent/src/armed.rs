@@ -17,20 +17,33 @@
 //! bases are not armed (their pages cannot be verified up front, so their starts cannot
 //! answer early anyway).
 //!
-//! Correctness: the inputs (the store, loaded and verified as a whole; every base page it
-//! references, against its per-page sum) are verified when the sandbox is armed, and the
-//! decode reads the store from the verified copy in memory. At the resume the store file and
-//! the base pages files (mapped: what the rebuild reads) must be unchanged since (inode, size,
-//! mtime, ctime) and every base still resident in its domain; if not, the armed sandbox is disarmed and the start takes the unarmed path,
-//! which verifies again (and fails, for a cold start, if they are bad). Output pages are still
-//! verified one by one before they are copied in.
+//! Correctness: the inputs are verified when the sandbox is armed: the store as a whole (its
+//! xxh3 over the payload, computed while the file is streamed once,
+//! [`medes_dedup::DedupStore::open_lean`]:
+//! only its metadata is kept, not the page data) and every base page it references, against
+//! its per-page sum. The decode then reads the page data from the store file on demand
+//! (`pread` through the descriptor opened at arm time, each batch's compressed block and range
+//! of the blob into a per-thread scratch buffer; never a mapping, which a truncated file would
+//! turn into a fault of the agent). At the resume the store file and the base pages files
+//! (mapped: what the rebuild reads) must be unchanged since (inode, size, mtime, ctime) and
+//! every base still resident in its domain; if not, the armed sandbox is disarmed and the start
+//! takes the unarmed path, which verifies again (and fails, for a cold start, if they are bad).
+//! Every output page is still verified against its own xxh3 before it is copied in, so a store
+//! file changed after that check (during the fill) never yields a wrong process: the page is
+//! not copied, the processes are killed (the resume fails at once, or the request's run fails
+//! as a lost sandbox), an error activation. A file truncated meanwhile is a read error, the
+//! same. (`MEDES_TEST_ARMED_UNCHECKED_STORE=<sandbox id>` is a test hook that skips the store's
+//! stamp check for that sandbox, to test exactly this.)
 //!
 //! Memory: an armed sandbox holds its stopped tree (the cgroup's usage: eager pages, page
-//! tables, kernel objects), the store loaded in memory (its file's size) and the server's page
-//! buffers (none while held, but pages faulted on by the prefetch). Measured once it is armed
-//! (a stopped tree does not grow), this `armed` extra is added to the dedup sandbox's held
-//! bytes in the node status (the controller's budget and the policy's m_D see it) and shown
-//! by [`crate::Agent::armed`]. Disarmed on purge, on shutdown, and when a newer one of its
+//! tables, kernel objects; its PSS is measured too, the measure of a warm sandbox), the store's
+//! metadata for the rebuild (page table, per-page offsets, the mapping tables of rebased
+//! processes, block offsets: about 50 bytes per page; the non-page images are dropped once
+//! written for CRIU and the mapping tables made) and the server's page buffers (none while
+//! held, but pages faulted on by the prefetch). Measured once it is armed (a stopped tree does
+//! not grow), this `armed` extra (with the tree's cgroup usage, not its PSS) is added to the
+//! dedup sandbox's held bytes in the node status (the controller's budget and the policy's m_D
+//! see it) and shown by [`crate::Agent::armed`]. Disarmed on purge, on shutdown, and when a newer one of its
 //! function is armed; a disarm in progress keeps its entry until the tree is gone, so a
 //! restore of the same sandbox waits for it (the sandbox id must be free). Not done: disarming under memory pressure (the controller purges dedup
 //! sandboxes when it needs memory, which disarms them), re-arming after an agent restart.

@@ -31,6 +31,17 @@
 //!    would see the missing pages as holes): [`Inner::settle_fill`] makes a make-base or
 //!    dedup wait for the fill.
 //!
+//! The store is opened lean ([`DedupStore::open_lean`]; `MEDES_LAZY_LEAN_STORE=0`, a
+//! benchmarking switch, loads it whole into memory instead, as armed starts never do): its
+//! file is streamed once and its whole payload verified against its xxh3, and only its
+//! metadata (page table, processes, bases, block offsets) and non-page images are kept; the
+//! images are written for CRIU, used for the layout and the mapping tables, then dropped. The
+//! [`Rebuilder`] reads each batch's compressed block and range of the blob from the open file
+//! with `pread` into its per-thread scratch buffers (on a tmpfs a memcpy). The file may change
+//! after it was verified (an armed start's fill runs long after the arm): every rebuilt page is
+//! verified against its own xxh3 anyway, a short read is an error, so a change fails pages
+//! the way a decode bug would (below), never gives a wrong one.
+//!
 //! Failures: an input failing verification, or an eager page, fails the start before the
 //! restored process resumes (the controller falls back to a cold start). With verified inputs
 //! the decode is deterministic, so a page failing verification after the answer is a bug (or
@@ -49,7 +60,8 @@
 //! plain path (rebuild into the pages files, then restore) in the same command.
 //!
 //! m_R of a lazy start: the sparse pages files on the tmpfs (eager pages only) + CRIU's
-//! resident size (both sampled as for the plain path) + the page buffers the server holds,
+//! resident size (both sampled as for the plain path) + the page buffers the server holds
+//! (the store's metadata, tens of bytes per page, is not counted),
 //! which this module reports: their peak when the fill ended before the answer, else the most
 //! the fill may still hold (the buffer bound, [`MAX_BUFFERS`] batches or the image's batches
 //! if fewer), since it runs on after the answer; while it runs the restored sandbox's status
