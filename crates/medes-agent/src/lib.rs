@@ -1191,6 +1191,12 @@ impl Inner {
         if !self.swap_live(&id, &slot, Entry::LostBase(base.clone(), Some(origin))) {
             return Err(AgentError::UnknownSandbox(id));
         }
+        // The mark survives an agent restart (which else retires a base without dependents).
+        let (dir, bid) = (self.images.join("bases"), base.id);
+        let marked = tokio::task::spawn_blocking(move || persist::mark_released(&dir, bid)).await;
+        if let Ok(Err(error)) = marked {
+            warn!(sandbox = %id, base = bid.0, %error, "the released mark of a base was not saved: a restarted agent retires it once nothing depends on it");
+        }
         info!(sandbox = %id, base = base.id.0, domain = %base.domain.key, image_mb = base.bytes >> 20, "base process released; its image stays the base");
         release(slot).await;
         Ok(())

@@ -74,6 +74,10 @@ pub(crate) struct BaseFile {
     /// That action's version (absent with `action`).
     #[serde(default)]
     pub version: Option<String>,
+    /// Its process was ended on purpose ([`crate::Command::ReleaseBase`]): kept as a base
+    /// without dependents across agent restarts too (absent in files of older agents).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 /// The action and version a base's sandbox ran.
@@ -82,8 +86,9 @@ pub(crate) struct BaseOrigin {
     pub action: ActionName,
     pub version: String,
     /// Its process was ended on purpose ([`crate::Command::ReleaseBase`]): the base is kept
-    /// even without dependents, until purged. Not kept across an agent restart (a reloaded
-    /// base is a lost one, retired once nothing depends on it).
+    /// even without dependents, until purged, across agent restarts too (the mark is in its
+    /// metadata file, [`mark_released`]); any other reloaded base is a lost one, retired once
+    /// nothing depends on it.
     pub released: bool,
 }
 
@@ -94,7 +99,7 @@ impl BaseFile {
             (Some(action), Some(version)) => Some(BaseOrigin {
                 action: action.clone(),
                 version: version.clone(),
-                released: false,
+                released: self.released,
             }),
             _ => None,
         }
@@ -176,8 +181,22 @@ pub(crate) fn save_base(
         positions_checksum,
         action: Some(origin.action.clone()),
         version: Some(origin.version.clone()),
+        released: origin.released,
     };
     write_json_atomic(&base_path(dir, id, "json"), &file)
+}
+
+/// Marks base `id`'s metadata in `dir` released (its process ended on purpose), so that an
+/// agent restart keeps it as a base without dependents.
+pub(crate) fn mark_released(dir: &Path, id: BaseId) -> io::Result<()> {
+    let path = base_path(dir, id, "json");
+    let mut file: BaseFile = serde_json::from_slice(&fs::read(&path)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if file.released {
+        return Ok(());
+    }
+    file.released = true;
+    write_json_atomic(&path, &file)
 }
 
 /// Removes a base's files (missing files are fine).
@@ -254,6 +273,7 @@ pub(crate) fn save_template_base(
         // Held by its template, not a sandbox the controller knows.
         action: None,
         version: None,
+        released: false,
     };
     write_json_atomic(&base_path(dir, id, "json"), &file)
 }
@@ -576,9 +596,11 @@ pub(crate) fn load(images: &Path, domains: &Domains, engine: &DedupConfig) -> Lo
             }
         }
     }
-    // Bases nothing depends on any more retire now.
+    // Bases nothing depends on any more retire now, unless their process was released on
+    // purpose (kept until purged).
     out.bases.retain(|b| {
-        if b.rec.domain.dependents(b.rec.id) > 0 {
+        if b.rec.domain.dependents(b.rec.id) > 0 || b.origin.as_ref().is_some_and(|o| o.released)
+        {
             return true;
         }
         let _ = b.rec.domain.retire(b.rec.id);
@@ -618,8 +640,42 @@ mod tests {
             pages_checksum: 1,
             positions_checksum: None,
             action: origin.as_ref().map(|o| o.action.clone()),
+            released: origin.as_ref().is_some_and(|o| o.released),
             version: origin.map(|o| o.version),
         }
+    }
+
+    #[test]
+    fn a_released_mark_survives_a_restart_and_older_files_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = BaseId(7);
+        let origin = BaseOrigin {
+            action: ActionName {
+                namespace: medes_core::Namespace("guest".into()),
+                name: "f".into(),
+            },
+            version: "1".into(),
+            released: false,
+        };
+        let path = base_path(dir.path(), id, "json");
+        write_json_atomic(&path, &file(Some(origin.clone()))).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("released"), "{text}");
+        let read = || -> BaseFile { serde_json::from_slice(&fs::read(&path).unwrap()).unwrap() };
+        assert_eq!(read().origin().map(|o| o.released), Some(false));
+        mark_released(dir.path(), id).unwrap();
+        mark_released(dir.path(), id).unwrap();
+        assert_eq!(
+            read().origin(),
+            Some(BaseOrigin {
+                released: true,
+                ..origin
+            })
+        );
+        assert!(
+            mark_released(dir.path(), BaseId(8)).is_err(),
+            "no such base"
+        );
     }
 
     #[test]

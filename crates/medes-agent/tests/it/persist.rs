@@ -401,3 +401,46 @@ async fn two_live_agents_cannot_share_a_data_directory() {
     agent.shutdown().await;
     agent.purge_kept().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_base_stays_a_base_across_an_agent_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    let r = id("rel");
+    let agent = Agent::new(cfg.clone()).unwrap();
+    start(&agent, &r).await;
+    call(&agent, &r).await.unwrap();
+    let Ok(Reply::BaseReady(base)) = agent
+        .execute(Command::MakeBase { sandbox: r.clone() })
+        .await
+    else {
+        panic!("no base")
+    };
+    assert!(matches!(
+        agent
+            .execute(Command::ReleaseBase { sandbox: r.clone() })
+            .await,
+        Ok(Reply::Purged)
+    ));
+    agent.shutdown().await;
+
+    // Nothing depends on it, yet the restarted agent keeps it: its process was released on
+    // purpose, and the mark is in its metadata. A lost base would be retired here.
+    let agent = Agent::new(cfg.clone()).unwrap();
+    // A status sweeps the bases without process and dependents: this one stays.
+    let st = status(&agent).await;
+    let sb = st.sandboxes.iter().find(|s| s.id == r).expect("kept");
+    assert_eq!((sb.form, sb.alive), (SandboxForm::Base, false), "{sb:?}");
+    assert_eq!(sb.image_bytes, Some(base.image_bytes));
+    assert_eq!(agent.dedup_counters().retired, 0);
+    // A purge retires it.
+    agent
+        .execute(Command::Purge { sandbox: r.clone() })
+        .await
+        .unwrap();
+    assert_eq!(agent.n_sandboxes(), 0);
+    assert_eq!(agent.dedup_counters().retired, 1);
+    agent.shutdown().await;
+}
