@@ -45,8 +45,10 @@
 //! dedup sandbox's held bytes in the node status (the controller's budget and the policy's m_D
 //! see it) and shown by [`crate::Agent::armed`]. Disarmed on purge, on shutdown, and when a newer one of its
 //! function is armed; a disarm in progress keeps its entry until the tree is gone, so a
-//! restore of the same sandbox waits for it (the sandbox id must be free). Not done: disarming under memory pressure (the controller purges dedup
-//! sandboxes when it needs memory, which disarms them), re-arming after an agent restart.
+//! restore of the same sandbox waits for it (the sandbox id must be free). A restarted
+//! agent arms the dedup sandboxes the previous one kept ([`crate::Agent::new`]). Not done:
+//! disarming under memory pressure (the controller purges dedup sandboxes when it needs
+//! memory, which disarms them).
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;

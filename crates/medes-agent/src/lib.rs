@@ -639,7 +639,7 @@ impl Agent {
             kept_dropped: loaded.dropped,
             ..DedupCounters::default()
         };
-        Ok(Agent {
+        let agent = Agent {
             inner: Arc::new(Inner {
                 cfg,
                 code_root,
@@ -659,7 +659,26 @@ impl Agent {
                 lazy: lazy::LazyState::default(),
                 armed: armed::ArmedSet::new(),
             }),
-        })
+        };
+        // The dedup sandboxes an earlier agent kept are armed again (`armed.rs`), in the
+        // background of the runtime that runs this agent (none: they are armed after their
+        // function's next dedup or start).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let functions: std::collections::BTreeSet<String> = agent
+                .inner
+                .sandboxes
+                .lock()
+                .values()
+                .filter_map(|e| match e {
+                    Entry::Dedup(r) => Some(r.info.function.clone()),
+                    _ => None,
+                })
+                .collect();
+            for f in functions {
+                agent.inner.rearm(&f, Duration::ZERO);
+            }
+        }
+        Ok(agent)
     }
 
     /// This node's id.

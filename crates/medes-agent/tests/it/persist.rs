@@ -444,3 +444,44 @@ async fn a_released_base_stays_a_base_across_an_agent_restart() {
     assert_eq!(agent.dedup_counters().retired, 1);
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_dedup_sandbox_is_armed_again_after_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(cfg) = cfg(data.path()) else {
+        return;
+    };
+    if cfg.armed_per_function == 0 || !cfg.lazy_restore {
+        return; // arming is off by configuration
+    }
+    let (a, b) = (id("ka"), id("kb"));
+    let agent = Agent::new(cfg.clone()).unwrap();
+    let before = base_and_dedups(&agent, &a, &[&b]).await;
+    agent.shutdown().await;
+
+    let agent = Agent::new(cfg.clone()).unwrap();
+    let t0 = std::time::Instant::now();
+    while !agent.armed().iter().any(|s| s.sandbox == b && s.ready) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "not armed after the restart: {:?} {:?}",
+            agent.armed(),
+            agent.dedup_counters()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let Reply::Restored(_) = agent
+        .execute(Command::Restore { sandbox: b.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let c = agent.dedup_counters();
+    assert_eq!((c.arms, c.armed_starts), (1, 1), "{c:?}");
+    let after = call(&agent, &b).await.unwrap();
+    assert_eq!(after["h"], before[0]["h"]);
+    assert_ne!(after["r"], before[0]["r"], "a fresh generator");
+    agent.shutdown().await;
+    agent.purge_kept().await;
+}
