@@ -155,6 +155,35 @@ fn benches(c: &mut Criterion) {
     g.bench_function("dedup", |b| {
         b.iter(|| black_box(dedup(&target, &registry, &bases, &cfg).unwrap()))
     });
+    // One thread, batch by batch: the store's page data in memory, or read from its file
+    // (`open_lean` + `Rebuilder::from_file`: a pread per batch).
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("bench.medes");
+    store.write(&path).unwrap();
+    let bases = std::sync::Arc::new(bases);
+    let in_memory =
+        rebuild::Rebuilder::new(std::sync::Arc::new(store.clone()), bases.clone()).unwrap();
+    let (lean, file) = DedupStore::open_lean(&path).unwrap();
+    let from_file = rebuild::Rebuilder::from_file(lean, file, bases.clone()).unwrap();
+    for (name, rb) in [("batches_memory", &in_memory), ("batches_file", &from_file)] {
+        g.bench_function(name, |b| {
+            let mut scratch = rebuild::RebuildScratch::default();
+            b.iter(|| {
+                for i in 0..rb.n_batches() {
+                    let r = rb.batch_pages(i);
+                    let o = r.start as usize * PAGE;
+                    rb.rebuild_batch(i, &mut scratch, &mut out[o..r.end as usize * PAGE])
+                        .unwrap();
+                }
+            })
+        });
+    }
+    g.bench_function("open_lean", |b| {
+        b.iter(|| black_box(DedupStore::open_lean(&path).unwrap()))
+    });
+    g.bench_function("load", |b| {
+        b.iter(|| black_box(DedupStore::load(&path).unwrap()))
+    });
     g.finish();
 }
 

@@ -38,7 +38,8 @@ pub struct MappingTable {
 }
 
 /// Start address by mapping id: an open-addressing table (each slot `id << 48 | start`, or
-/// `EMPTY`; linear probing from `id & mask`, at most half full), a few KiB where an array
+/// `EMPTY`; linear probing from `id & mask`, at most 1/8 full, so a lookup mostly reads one
+/// slot), tens of KiB where an array
 /// indexed by id would take 512 KiB per process.
 #[derive(Clone)]
 struct ById {
@@ -48,7 +49,7 @@ struct ById {
 
 impl ById {
     fn new(pairs: &[(u16, u64)]) -> ById {
-        let n = (pairs.len() * 2).next_power_of_two().max(16);
+        let n = (pairs.len() * 8).next_power_of_two().max(64);
         let mut t = ById {
             slots: vec![EMPTY; n].into_boxed_slice(),
             mask: n - 1,

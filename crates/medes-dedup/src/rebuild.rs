@@ -220,11 +220,11 @@ impl Plan<'_> {
                     dec.decompress_block(src, block, want).map_err(|_| bad())?;
                 }
                 Some(f) => {
-                    f.read_block(b, raw).map_err(|source| RebuildError::Read {
+                    let src = f.read_block(b, raw).map_err(|source| RebuildError::Read {
                         page: (b * BATCH) as u64,
                         source,
                     })?;
-                    dec.decompress_block(raw, block, want).map_err(|_| bad())?;
+                    dec.decompress_block(src, block, want).map_err(|_| bad())?;
                 }
             }
         }
@@ -245,12 +245,13 @@ impl Plan<'_> {
                     }
                 }
                 if lo < hi {
-                    f.read_blob(lo..hi, raw)
+                    let src = f
+                        .read_blob(lo..hi, raw)
                         .map_err(|source| RebuildError::Read {
                             page: (b * BATCH) as u64,
                             source,
                         })?;
-                    (&raw[..], lo)
+                    (src, lo)
                 } else {
                     (&[][..], 0)
                 }

@@ -394,40 +394,55 @@ impl StoreFile {
         self.blocks.len()
     }
 
-    /// Reads the blob's bytes `range` into `out` (resized to fit).
-    pub fn read_blob(
+    /// Reads the blob's bytes `range` into `buf` (grown if too small; its bytes past the
+    /// range are left as they are) and returns them.
+    pub fn read_blob<'a>(
         &self,
         range: std::ops::Range<u64>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), ReadPayloadError> {
+        buf: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], ReadPayloadError> {
         if range.start > range.end || range.end > self.blob_len {
             return Err(ReadPayloadError::OutOfBounds { what: "blob range" });
         }
-        self.read_at(self.blob_at + range.start, range.end - range.start, out)
+        self.read_at(self.blob_at + range.start, range.end - range.start, buf)
     }
 
-    /// Reads compressed block `b` into `out` (resized to fit).
-    pub fn read_block(&self, b: usize, out: &mut Vec<u8>) -> Result<(), ReadPayloadError> {
+    /// Reads compressed block `b` into `buf` (grown if too small; its bytes past the block
+    /// are left as they are) and returns it.
+    pub fn read_block<'a>(
+        &self,
+        b: usize,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], ReadPayloadError> {
         let &(at, len) = self
             .blocks
             .get(b)
             .ok_or(ReadPayloadError::OutOfBounds { what: "block" })?;
-        self.read_at(at, len, out)
+        self.read_at(at, len, buf)
     }
 
-    fn read_at(&self, at: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadPayloadError> {
+    fn read_at<'a>(
+        &self,
+        at: u64,
+        len: u64,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], ReadPayloadError> {
         use std::os::unix::fs::FileExt;
         let len =
             usize::try_from(len).map_err(|_| ReadPayloadError::OutOfBounds { what: "read" })?;
-        out.clear();
-        out.resize(len, 0);
+        // Grown (zeroed) only when too small: a reused buffer is not cleared again.
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let out = &mut buf[..len];
         // A short read (the file was truncated) is `UnexpectedEof`, an error.
         self.file
             .read_exact_at(out, at)
             .map_err(|source| ReadPayloadError::Io {
                 path: self.path.clone(),
                 source,
-            })
+            })?;
+        Ok(out)
     }
 }
 
@@ -890,8 +905,7 @@ mod tests {
         );
         assert_eq!(file.n_blocks(), 1);
         let mut out = Vec::new();
-        file.read_block(0, &mut out).unwrap();
-        assert_eq!(out, s.blocks[0]);
+        assert_eq!(file.read_block(0, &mut out).unwrap(), s.blocks[0]);
         assert!(file.read_block(1, &mut out).is_err());
         assert!(file.read_blob(0..1, &mut out).is_err());
         // Truncated after opening: an error, not a panic.
