@@ -39,8 +39,7 @@ pub struct MappingTable {
 
 /// Start address by mapping id: an open-addressing table (each slot `id << 48 | start`, or
 /// `EMPTY`; linear probing from `id & mask`, at most 1/8 full, so a lookup mostly reads one
-/// slot), tens of KiB where an array
-/// indexed by id would take 512 KiB per process.
+/// slot), a few KiB where an array indexed by id would take 512 KiB per process.
 #[derive(Clone)]
 struct ById {
     slots: Box<[u64]>,

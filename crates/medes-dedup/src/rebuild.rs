@@ -1,4 +1,8 @@
 //! Rebuild: store + base pages → the exact pages images CRIU restores from.
+//!
+//! The page data comes from the store in memory, or, for a [`Rebuilder::from_file`], from the
+//! store file read batch by batch ([`crate::store::StoreFile`]); either way every rebuilt page
+//! is verified against its xxh3 before it is handed over.
 
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,12 @@
 //! processes, base ids, page table (column layout, zstd), page blob, compressed blocks (per 256
 //! pages, the data of sparse-diff and raw pages, zstd-compressed together). Every page table entry holds
 //! the xxh3-64 of the original page, so a rebuild can never return a wrong page silently.
+//!
+//! Two ways to load: [`DedupStore::load`] parses the whole file into memory;
+//! [`DedupStore::open_lean`] streams it once (verifying the same checksum) and keeps only the
+//! metadata plus a [`StoreFile`] from which the page data (blob ranges, compressed blocks) is
+//! read on demand with `pread` (never mapped: a file truncated under a mapping would fault the
+//! reader; a short read is an error).
 
 use std::collections::BTreeMap;
 use std::io::Write;
