@@ -4,6 +4,8 @@
 #[path = "../../medes-criu-image/tests/support/mod.rs"]
 mod support;
 
+mod fixture;
+
 use std::sync::{Arc, Mutex};
 
 use medes_dedup::rebuild::{BATCH_PAGES, RebuildScratch, Rebuilder, rebuild_batches};
@@ -14,23 +16,7 @@ fn batches_match_the_whole_rebuild_and_stop_at_a_bad_page() {
     if support::skip_without_criu("batch rebuild on real dumps") {
         return;
     }
-    let root = support::tmp_dir("dedup-batches");
-    let (base, target) = (root.join("json-0"), root.join("json-1"));
-    support::make_dump(support::JSON_FUNCTION, &base, true).expect("base dump");
-    support::make_dump(support::JSON_FUNCTION, &target, true).expect("target dump");
-    let cfg = DedupConfig::default();
-    let registry = Registry::new();
-    let mut bases = LocalBases::new(cfg.rebase);
-    let dump = DumpImage::open(&base).unwrap();
-    let meta = BaseMeta {
-        function: "json".into(),
-        node: NodeId(0),
-    };
-    register_base(&registry, BaseId(1), meta, &dump, &cfg).unwrap();
-    bases.insert(BaseId(1), dump);
-    let t = DumpImage::open(&target).unwrap();
-    let (store, _) = dedup(&t, &registry, &bases, &cfg).unwrap();
-    let whole = rebuild_pages(&store, &bases).unwrap();
+    let (root, bases, store, whole) = fixture::json_store("dedup-batches");
 
     // Callback form: every batch once, at its place.
     let got = Mutex::new(vec![0u8; whole.len()]);

@@ -6,6 +6,8 @@
 #[path = "../../medes-criu-image/tests/support/mod.rs"]
 mod support;
 
+mod fixture;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -61,23 +63,7 @@ fn file_backed_rebuild_matches_and_catches_a_changed_file() {
     if support::skip_without_criu("file-backed rebuild on real dumps") {
         return;
     }
-    let root = support::tmp_dir("dedup-lean");
-    let (base, target) = (root.join("json-0"), root.join("json-1"));
-    support::make_dump(support::JSON_FUNCTION, &base, true).expect("base dump");
-    support::make_dump(support::JSON_FUNCTION, &target, true).expect("target dump");
-    let cfg = DedupConfig::default();
-    let registry = Registry::new();
-    let mut bases = LocalBases::new(cfg.rebase);
-    let dump = DumpImage::open(&base).unwrap();
-    let meta = BaseMeta {
-        function: "json".into(),
-        node: NodeId(0),
-    };
-    register_base(&registry, BaseId(1), meta, &dump, &cfg).unwrap();
-    bases.insert(BaseId(1), dump);
-    let t = DumpImage::open(&target).unwrap();
-    let (store, _) = dedup(&t, &registry, &bases, &cfg).unwrap();
-    let whole = rebuild_pages(&store, &bases).unwrap();
+    let (root, bases, store, whole) = fixture::json_store("dedup-lean");
     let bases = Arc::new(bases);
     let path = root.join("json-1.medes");
     let file_len = store.write(&path).unwrap();
