@@ -170,6 +170,9 @@ struct FunctionRow {
     armed_extra_mb: Option<f64>,
     /// The armed stopped tree's PSS, MB (what its cgroup usage is without kernel memory).
     armed_tree_pss_mb: Option<f64>,
+    /// What the agent holds of the store in memory for the armed sandbox (its metadata; the
+    /// page data is read from the store file), MB; part of `armed_extra_mb`.
+    armed_store_meta_mb: Option<f64>,
     /// `dedup_mb` with the armed tree counted by its PSS, the measure of `warm_mb` (which
     /// counts no kernel memory either), MB; equal to `dedup_mb` when not armed.
     dedup_pss_mb: Option<f64>,
@@ -509,6 +512,7 @@ async fn measure(
             dedup_unarmed_mb: d.as_ref().and_then(|d| d.dedup_unarmed_mb.map(round3)),
             armed_extra_mb: d.as_ref().and_then(|d| d.armed_extra_mb.map(round3)),
             armed_tree_pss_mb: d.as_ref().and_then(|d| d.armed_tree_pss_mb.map(round3)),
+            armed_store_meta_mb: d.as_ref().and_then(|d| d.armed_store_meta_mb.map(round3)),
             dedup_pss_mb: d
                 .as_ref()
                 .map(|d| round3(d.dedup_pss_mb.unwrap_or(d.dedup_mb))),
@@ -585,6 +589,7 @@ struct DedupFigures {
     dedup_unarmed_mb: Option<f64>,
     armed_extra_mb: Option<f64>,
     armed_tree_pss_mb: Option<f64>,
+    armed_store_meta_mb: Option<f64>,
     dedup_pss_mb: Option<f64>,
 }
 
@@ -706,6 +711,7 @@ async fn measure_dedup(
                         if let Some(a) = &armed {
                             let tree = a.cgroup_bytes.min(held);
                             out.armed_tree_pss_mb = Some(a.pss_bytes as f64 / 1e6);
+                            out.armed_store_meta_mb = Some(a.store_meta_bytes as f64 / 1e6);
                             out.dedup_pss_mb = Some((held - tree + a.pss_bytes) as f64 / 1e6);
                         }
                     }
