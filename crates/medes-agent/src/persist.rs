@@ -645,18 +645,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_released_mark_survives_a_restart_and_older_files_have_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let id = BaseId(7);
-        let origin = BaseOrigin {
+    /// guest/f at `version`, not released.
+    fn origin(version: &str) -> BaseOrigin {
+        BaseOrigin {
             action: ActionName {
                 namespace: medes_core::Namespace("guest".into()),
                 name: "f".into(),
             },
-            version: "1".into(),
+            version: version.into(),
             released: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_released_mark_survives_a_restart_and_older_files_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = BaseId(7);
+        let origin = origin("1");
         let path = base_path(dir.path(), id, "json");
         write_json_atomic(&path, &file(Some(origin.clone()))).unwrap();
         let text = fs::read_to_string(&path).unwrap();
@@ -680,14 +685,7 @@ mod tests {
 
     #[test]
     fn a_base_file_keeps_its_action_and_version() {
-        let origin = BaseOrigin {
-            action: ActionName {
-                namespace: medes_core::Namespace("guest".into()),
-                name: "f".into(),
-            },
-            version: "0.0.2".into(),
-            released: false,
-        };
+        let origin = origin("0.0.2");
         let text = serde_json::to_vec(&file(Some(origin.clone()))).unwrap();
         let back: BaseFile = serde_json::from_slice(&text).unwrap();
         assert_eq!(back.origin(), Some(origin));
