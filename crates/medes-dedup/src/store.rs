@@ -166,6 +166,36 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A store's fixed header, after its magic and version: the window radius, the payload's
+/// length and the payload's xxh3.
+struct Header {
+    window_radius: u64,
+    len: u64,
+    sum: u64,
+}
+
+/// Parses the [`HEADER`] bytes at the start of `data` (a bad magic or version, or too few
+/// bytes, is [`LoadStoreError::BadHeader`]).
+fn parse_header(data: &[u8]) -> Result<Header, LoadStoreError> {
+    let head = data.get(..HEADER).ok_or(LoadStoreError::BadHeader)?;
+    if &head[..8] != MAGIC {
+        return Err(LoadStoreError::BadHeader);
+    }
+    let mut h = Reader {
+        d: head,
+        at: 8,
+        what: "header",
+    };
+    if h.u32()? != VERSION {
+        return Err(LoadStoreError::BadHeader);
+    }
+    Ok(Header {
+        window_radius: u64::from(h.u32()?),
+        len: h.u64()?,
+        sum: h.u64()?,
+    })
+}
+
 fn zstd_decompress(data: &[u8], what: &'static str) -> Result<Vec<u8>, LoadStoreError> {
     // Bounded: a store section never decompresses to more than 1 GiB.
     zstd::bulk::decompress(data, 1 << 30).map_err(|_| LoadStoreError::Malformed(what))
@@ -558,20 +588,17 @@ impl DedupStore {
 
     /// Parses a serialised store, verifying its checksum.
     pub fn from_bytes(data: &[u8]) -> Result<Self, LoadStoreError> {
-        if data.len() < HEADER || &data[..8] != MAGIC {
-            return Err(LoadStoreError::BadHeader);
-        }
+        let Header {
+            window_radius,
+            len,
+            sum,
+        } = parse_header(data)?;
         let mut h = Reader {
             d: data,
-            at: 8,
+            at: HEADER,
             what: "header",
         };
-        if h.u32()? != VERSION {
-            return Err(LoadStoreError::BadHeader);
-        }
-        let window_radius = u64::from(h.u32()?);
-        let len = h.len()?;
-        let sum = h.u64()?;
+        let len = usize::try_from(len).map_err(|_| LoadStoreError::Malformed("header"))?;
         let payload = h.bytes(len)?;
         if xxh3_64(payload) != sum {
             return Err(LoadStoreError::Checksum);
@@ -654,20 +681,11 @@ impl DedupStore {
                 io(e)
             }
         })?;
-        if &head[..8] != MAGIC {
-            return Err(LoadStoreError::BadHeader);
-        }
-        let mut h = Reader {
-            d: &head,
-            at: 8,
-            what: "header",
-        };
-        if h.u32()? != VERSION {
-            return Err(LoadStoreError::BadHeader);
-        }
-        let window_radius = u64::from(h.u32()?);
-        let len = h.u64()?;
-        let sum = h.u64()?;
+        let Header {
+            window_radius,
+            len,
+            sum,
+        } = parse_header(&head)?;
         // The payload must be in the file: this bounds every length read below.
         if size < HEADER as u64 || len > size - HEADER as u64 {
             return Err(LoadStoreError::Malformed("header"));
