@@ -13,7 +13,6 @@
 //!
 //! Skipped with a message when the host cannot run sandboxes, unless `CI=true`.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -228,16 +227,7 @@ async fn inputs_corrupted_after_arming_fail_the_start() {
     let (base2, t2, _) = setup(&agent, "bad2").await;
     dedup(&agent, &t2).await;
     armed(&agent, &t2).await;
-    let store = store_path(&agent, &t2);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&store)
-        .expect("store");
-    let at = f.metadata().expect("stat").len() / 2;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).expect("read");
-    f.write_all_at(&[b[0] ^ 0xff], at).expect("write");
+    lazy_agent::flip_bytes(&store_path(&agent, &t2), 0xff, None);
     let e = restore(&agent, &t2).await.expect_err("a corrupt store");
     assert!(e.to_string().contains("checksum"), "{e}");
     // Corrupt base pages (a fresh pair; the other base is corrupted too, which no store left
@@ -297,21 +287,7 @@ async fn a_store_changed_during_the_fill_never_gives_a_wrong_process() {
     dedup(&agent, &target).await;
     armed(&agent, &target).await;
     // Every 4 KiB of the back half of the store (page data: the blob and the blocks).
-    let path = store_path(&agent, &target);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("store");
-    let len = f.metadata().expect("stat").len();
-    let mut at = len / 2;
-    while at < len {
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).expect("read");
-        f.write_all_at(&[b[0] ^ 0x5a], at).expect("write");
-        at += 4096;
-    }
-    drop(f);
+    lazy_agent::flip_bytes(&store_path(&agent, &target), 0x5a, Some(4096));
     let r = restore(&agent, &target).await;
     let c = agent.dedup_counters();
     assert_eq!(c.disarms, 0, "resumed, not disarmed: {c:?}");

@@ -8,8 +8,6 @@
 //!
 //! Skipped with a message when the host cannot run sandboxes, unless `CI=true`.
 
-use std::os::unix::fs::FileExt;
-
 use medes_agent::{Agent, AgentError, Command, NodeAgent};
 use medes_core::SandboxId;
 use serde_json::Value;
@@ -150,15 +148,7 @@ async fn corrupt_inputs_fail_the_start_before_the_process_resumes() {
         .images_dir()
         .join("store")
         .join(format!("{}.medes", t2.0));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&store)
-        .expect("open store");
-    let at = f.metadata().expect("stat").len() / 2;
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, at).expect("read");
-    f.write_all_at(&[byte[0] ^ 0xff], at).expect("write");
+    lazy_agent::flip_bytes(&store, 0xff, None);
     assert_failed_before_resume(&agent, &t2, "checksum").await;
     purge(&agent, &[&base, &b2]).await;
     agent.shutdown().await;

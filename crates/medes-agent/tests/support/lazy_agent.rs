@@ -131,6 +131,28 @@ pub async fn restore(agent: &Agent, sb: &SandboxId) -> Result<RestoreReply, Agen
     }
 }
 
+/// XORs bytes of the file at `path` with `mask`, in place: the byte in its middle and, with
+/// `step`, every `step`-th byte after it to the end.
+#[allow(dead_code)]
+pub fn flip_bytes(path: &std::path::Path, mask: u8, step: Option<u64>) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let len = f.metadata().expect("stat").len();
+    let mut at = len / 2;
+    while at < len {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[b[0] ^ mask], at).expect("write");
+        match step {
+            Some(s) => at += s,
+            None => break,
+        }
+    }
+}
+
 /// Overwrites the back half of every base pages file with `junk` bytes, in place (they are
 /// mapped: the resident pages change).
 pub fn corrupt_bases(agent: &Agent, junk: u8) {
