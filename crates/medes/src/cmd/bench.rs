@@ -666,8 +666,9 @@ async fn measure_dedup(
         ..Default::default()
     };
     if let Some(agent) = &ctx.agent {
-        out.warm_cgroup_mb = memory_of(agent, &target.id)
+        out.warm_cgroup_mb = status_of(agent, &target.id)
             .await
+            .and_then(|s| s.memory)
             .map(|m| m.cgroup_usage.0 as f64 / 1e6);
     }
     let find = |id: &SandboxId| {
@@ -780,31 +781,19 @@ async fn held_of(
     id: &SandboxId,
     armed: Option<&medes_agent::ArmedStatus>,
 ) -> (u64, u64) {
-    use medes_agent::NodeAgent;
-    let held = match agent.execute(medes_agent::Command::Status).await {
-        Ok(medes_agent::Reply::Status(st)) => st
-            .sandboxes
-            .iter()
-            .find(|s| &s.id == id)
-            .map_or(0, |s| s.held_bytes),
-        _ => 0,
-    };
+    let held = status_of(agent, id).await.map_or(0, |s| s.held_bytes);
     let extra = armed.map_or(0, medes_agent::ArmedStatus::extra_bytes);
     (held, extra.min(held))
 }
 
-/// The memory the agent measured for sandbox `id`, if it has.
-async fn memory_of(
+/// The agent's status of sandbox `id`, if it has it.
+async fn status_of(
     agent: &medes_agent::Agent,
     id: &SandboxId,
-) -> Option<medes_agent::SandboxMemory> {
+) -> Option<medes_agent::SandboxStatus> {
     use medes_agent::NodeAgent;
     match agent.execute(medes_agent::Command::Status).await {
-        Ok(medes_agent::Reply::Status(st)) => st
-            .sandboxes
-            .iter()
-            .find(|s| &s.id == id)
-            .and_then(|s| s.memory),
+        Ok(medes_agent::Reply::Status(st)) => st.sandboxes.into_iter().find(|s| &s.id == id),
         _ => None,
     }
 }
