@@ -137,6 +137,27 @@ pub(crate) struct Armed {
     cgroup_bytes: u64,
     pss_bytes: u64,
     store_meta_bytes: u64,
+    /// When `cgroup_bytes` and `pss_bytes` were measured.
+    measured: Instant,
+}
+
+/// How old an armed tree's memory figures may get before a status measures them again: the
+/// restore's transient kernel memory (freed in the first second or so after the arm) is not
+/// held for long, and a long-armed tree is reported as it is now.
+const REMEASURE: Duration = Duration::from_secs(2);
+
+impl Armed {
+    /// Measures the stopped tree again if its figures are older than [`REMEASURE`].
+    fn refresh(&mut self) {
+        if self.measured.elapsed() < REMEASURE {
+            return;
+        }
+        self.measured = Instant::now();
+        if let Some(m) = self.started.armed().and_then(|a| a.memory().ok()) {
+            self.cgroup_bytes = m.cgroup_usage.0;
+            self.pss_bytes = m.pss.0;
+        }
+    }
 }
 
 enum Slot {
@@ -180,7 +201,12 @@ impl ArmedSet {
 
     /// Status of every armed or arming sandbox.
     pub(crate) fn status(&self) -> Vec<ArmedStatus> {
-        let m = self.map.lock();
+        let mut m = self.map.lock();
+        for st in m.values_mut() {
+            if let Slot::Armed(a) = &mut st.slot {
+                a.refresh();
+            }
+        }
         let mut out: Vec<ArmedStatus> = m
             .iter()
             .filter(|(_, st)| !matches!(st.slot, Slot::Disarming { .. }))
@@ -437,6 +463,7 @@ impl Inner {
             cgroup_bytes,
             pss_bytes,
             store_meta_bytes,
+            measured: Instant::now(),
         })
     }
 

@@ -69,6 +69,7 @@
 
 mod verify;
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -536,6 +537,10 @@ pub(crate) async fn start(
     let store = loaded.meta();
     // Which pages CRIU reads itself, which the server fills.
     let mut procs = Vec::with_capacity(store.procs.len());
+    // The private file mappings split to make their written pages lazy (put back by the
+    // sandbox's later checkpoints), and the files' names.
+    let mut split: medes_sandbox::SplitMappings = Vec::new();
+    let mut names = None;
     for p in &store.procs {
         let get = |name: String| {
             store
@@ -544,13 +549,42 @@ pub(crate) async fn start(
                 .map(Vec::as_slice)
                 .ok_or_else(|| fallback(format!("the store has no {name}")))
         };
-        procs.push((
-            p.pid,
+        let (pagemap, mm) = (
             get(format!("pagemap-{}.img", p.pid))?,
             get(format!("mm-{}.img", p.pid))?,
-        ));
+        );
+        let (pagemap, mm) = if inner.cfg.lazy_file_pages {
+            let (pagemap, mm, originals) =
+                lazify_images(dir, p.pid, pagemap, mm).map_err(fallback)?;
+            if !originals.is_empty() {
+                let names = names.get_or_insert_with(|| {
+                    store
+                        .images
+                        .get("files.img")
+                        .and_then(|f| medes_criu_image::reg_file_names(f).ok())
+                        .unwrap_or_default()
+                });
+                let with_paths = originals
+                    .into_iter()
+                    .filter_map(|v| {
+                        let path = names.get(&u32::try_from(v.shmid).ok()?)?.clone();
+                        Some((v, path))
+                    })
+                    .collect();
+                split.push((p.pid, with_paths));
+            }
+            (pagemap, mm)
+        } else {
+            (Cow::Borrowed(pagemap), Cow::Borrowed(mm))
+        };
+        procs.push((p.pid, pagemap, mm));
     }
-    let layout = LazyLayout::new(&procs).map_err(|e| fallback(error_chain(&e)))?;
+    let views: Vec<(u32, &[u8], &[u8])> = procs
+        .iter()
+        .map(|(pid, pm, mm)| (*pid, pm.as_ref(), mm.as_ref()))
+        .collect();
+    let layout = LazyLayout::new(&views).map_err(|e| fallback(error_chain(&e)))?;
+    drop(views);
     let per_proc = layout.pages_per_process();
     if per_proc.len() != store.procs.len()
         || per_proc
@@ -698,7 +732,14 @@ pub(crate) async fn start(
         }
     };
     let (proc, t) = match restored {
-        Ok(Ok(x)) => x,
+        Ok(Ok(x)) => {
+            match &x.0 {
+                Proc::Running(s) => s.set_split_mappings(split),
+                Proc::Armed(Some(a)) => a.set_split_mappings(split),
+                Proc::Armed(None) => {}
+            }
+            x
+        }
         Ok(Err((reason, bad))) => {
             stop_producer(&feed, &producer).await;
             return Err(fail(reason, bad));
@@ -726,6 +767,46 @@ pub(crate) async fn start(
         rec: rec.clone(),
         store_held,
     })
+}
+
+/// Rewrites process `pid`'s mm and pagemap images in `dir` (where CRIU reads them) so that the
+/// pages it wrote in private file mappings are restored lazily too
+/// ([`medes_criu_image::lazify`]); returns the images to lay the restore out with and the
+/// mappings that were split, as they were.
+type Lazified<'a> = (
+    Cow<'a, [u8]>,
+    Cow<'a, [u8]>,
+    Vec<medes_criu_image::VmaEntry>,
+);
+
+fn lazify_images<'a>(
+    dir: &Path,
+    pid: u32,
+    pagemap: &'a [u8],
+    mm: &'a [u8],
+) -> Result<Lazified<'a>, String> {
+    use medes_criu_image::{decode_mm, decode_pagemap, encode_mm, encode_pagemap, lazify};
+    let bad = |what: &str, e: &dyn std::fmt::Display| format!("{what}-{pid}.img: {e}");
+    let pm = decode_pagemap(pagemap).map_err(|e| bad("pagemap", &e))?;
+    let m = decode_mm(mm).map_err(|e| bad("mm", &e))?;
+    let Some(l) = lazify(&m, &pm) else {
+        return Ok((Cow::Borrowed(pagemap), Cow::Borrowed(mm), Vec::new()));
+    };
+    let pm = encode_pagemap(&l.pagemap).map_err(|e| bad("pagemap", &e))?;
+    let m = encode_mm(&l.mm).map_err(|e| bad("mm", &e))?;
+    for (name, data) in [
+        (format!("pagemap-{pid}.img"), &pm),
+        (format!("mm-{pid}.img"), &m),
+    ] {
+        medes_sandbox::replace_image(dir, &name, data).map_err(|e| error_chain(&e))?;
+    }
+    debug!(
+        pid,
+        runs = l.runs,
+        pages = l.pages,
+        "file-mapping pages made lazy"
+    );
+    Ok((Cow::Owned(pm), Cow::Owned(m), l.split))
 }
 
 /// Finishes a start whose runtime answered (`t`: its restore's timings): answers at once

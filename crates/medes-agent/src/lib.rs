@@ -229,6 +229,12 @@ pub struct AgentConfig {
     /// filled in the background (`lazy.rs`); false waits for every page (an A/B switch; the
     /// environment's `MEDES_LAZY_EARLY_ANSWER=0` turns it off too). Default true.
     pub lazy_early_answer: bool,
+    /// Lazy dedup starts also restore lazily the pages a process wrote in its private file
+    /// mappings (relocated library data, the runtime's `.data`), which CRIU would restore
+    /// eagerly: each run of them becomes a private anonymous mapping
+    /// ([`medes_criu_image::lazify`]). An armed sandbox then holds almost none of its pages
+    /// while stopped. false keeps CRIU's split (an A/B switch). Default true.
+    pub lazy_file_pages: bool,
     /// Dedup sandboxes per function kept **armed**: restored lazily ahead of their request
     /// and left stopped, so a dedup start only resumes them (`armed.rs`; needs
     /// `lazy_restore`). Each holds its stopped tree and its store in memory, counted in its
@@ -290,6 +296,7 @@ impl Default for AgentConfig {
             registry: RegistryConfig::default(),
             lazy_restore: true,
             lazy_early_answer: true,
+            lazy_file_pages: true,
             armed_per_function: 1,
         }
     }

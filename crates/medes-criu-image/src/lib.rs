@@ -32,6 +32,7 @@
 
 mod files;
 mod frame;
+mod lazify;
 mod mm;
 mod pagemap;
 
@@ -43,6 +44,7 @@ pub use frame::{
     DecodeImageError, EncodeImageError, IMG_COMMON, IMG_SERVICE, MAGIC_FILES, MAGIC_INVENTORY,
     MAGIC_MM, MAGIC_PAGEMAP, RawImage, decode_raw, encode_raw,
 };
+pub use lazify::{Lazified, lazify, unlazify};
 pub use mm::{AioRingEntry, MmEntry, VmaEntry, decode_mm, encode_mm, vma_status};
 pub use pagemap::{
     PE_LAZY, PE_PARENT, PE_PRESENT, PageRun, Pagemap, PagemapEntry, PagemapHead, decode_pagemap,

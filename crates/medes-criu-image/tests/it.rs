@@ -7,8 +7,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use medes_criu_image::{
-    ImageDir, MAGIC_PAGEMAP, decode_files, decode_mm, decode_pagemap, decode_raw, encode_mm,
-    encode_pagemap, encode_raw,
+    ImageDir, MAGIC_PAGEMAP, PE_LAZY, decode_files, decode_mm, decode_pagemap, decode_raw,
+    encode_mm, encode_pagemap, encode_raw, lazify, reg_file_names, unlazify, vma_status,
 };
 use proptest::prelude::*;
 
@@ -65,6 +65,79 @@ fn real_dump_round_trips_byte_identical() {
     let loaded = ImageDir::load(dir).unwrap();
     assert!(!loaded.processes.is_empty());
     assert!(loaded.reg_files.values().any(|n| n.contains("python")));
+}
+
+/// The written pages of a real Python process's private file mappings become lazy anonymous
+/// runs, the rest of each mapping stays the file's, and a later dump gets them back.
+#[test]
+fn real_dump_lazifies_its_written_file_pages_and_gets_them_back() {
+    let Some(dir) = real_dump() else { return };
+    let names = reg_file_names(&std::fs::read(dir.join("files.img")).unwrap()).unwrap();
+    let ids = names.iter().map(|(id, n)| (n.clone(), *id)).collect();
+    let mut made_lazy = 0;
+    for (name, bytes) in image_files(dir, "mm-") {
+        let pid = &name["mm-".len()..name.len() - ".img".len()];
+        let mm = decode_mm(&bytes).unwrap();
+        let pm = decode_pagemap(&std::fs::read(dir.join(format!("pagemap-{pid}.img"))).unwrap())
+            .unwrap();
+        let Some(l) = lazify(&mm, &pm) else { continue };
+        made_lazy += l.pages;
+        // The same pages in the same order (the pages image is unchanged).
+        let addrs = |p: &medes_criu_image::Pagemap| p.page_addresses();
+        assert_eq!(addrs(&l.pagemap), addrs(&pm));
+        // The mappings cover the same addresses with the same protections.
+        let spans = |m: &medes_criu_image::MmEntry| {
+            let mut v: Vec<(u64, u64, u32)> = Vec::new();
+            for x in &m.vmas {
+                match v.last_mut() {
+                    Some(l) if l.1 == x.start && l.2 == x.prot => l.1 = x.end,
+                    _ => v.push((x.start, x.end, x.prot)),
+                }
+            }
+            v
+        };
+        assert_eq!(spans(&l.mm), spans(&mm));
+        // Every page in a private file mapping is lazy now, and no lazy page is in one.
+        for e in l.pagemap.entries.iter().filter(|e| e.is_present()) {
+            let lazy = e.flags.unwrap_or(0) & PE_LAZY != 0;
+            for i in 0..e.nr_pages {
+                let a = e.vaddr + i * 4096;
+                let v =
+                    l.mm.vmas
+                        .iter()
+                        .find(|v| v.start <= a && a < v.end)
+                        .unwrap();
+                if v.status & vma_status::FILE_PRIVATE != 0 {
+                    panic!("page {a:#x} left in a private file mapping");
+                }
+                let was_file = mm
+                    .vmas
+                    .iter()
+                    .any(|v| v.start <= a && a < v.end && v.status & vma_status::FILE_PRIVATE != 0);
+                assert!(lazy || !was_file, "page {a:#x} not made lazy");
+            }
+        }
+        // The python binary's data is among what was split; it comes back as it was.
+        let split: Vec<_> = l
+            .split
+            .iter()
+            .map(|v| (v.clone(), names[&(v.shmid as u32)].clone()))
+            .collect();
+        assert!(split.iter().any(|(_, n)| n.contains("python")));
+        let (back_mm, back_pm) = unlazify(&l.mm, &l.pagemap, &split, &ids).unwrap();
+        assert_eq!(back_mm, mm);
+        // Every page flagged as in the dump (the file mappings' pages eager again; entries
+        // stay split).
+        let flags = |p: &medes_criu_image::Pagemap| {
+            p.entries
+                .iter()
+                .filter(|e| e.is_present())
+                .flat_map(|e| (0..e.nr_pages).map(move |i| (e.vaddr + i * 4096, e.flags)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(flags(&back_pm), flags(&pm));
+    }
+    assert!(made_lazy > 50, "only {made_lazy} pages made lazy");
 }
 
 fn crit_decode(path: &Path) -> Option<serde_json::Value> {

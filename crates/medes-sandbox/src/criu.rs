@@ -156,6 +156,54 @@ pub(crate) fn write_meta(dir: &Path, meta: &Meta) -> io::Result<PathBuf> {
     Ok(p)
 }
 
+/// Replaces the image file `name` of the checkpoint in `dir` with `data` and records its new
+/// size in the checkpoint's metadata (restores check every file against it): for a caller that
+/// rewrites an image it understands, e.g. an mm and pagemap made lazier
+/// (`medes_criu_image::lazify`). The file must be one the dump wrote.
+pub fn replace_image(dir: &Path, name: &str, data: &[u8]) -> Result<(), ImageProblem> {
+    let mut meta = read_meta(dir)?;
+    let Some(size) = meta.files.get_mut(name) else {
+        return Err(ImageProblem::Missing { file: name.into() });
+    };
+    *size = data.len() as u64;
+    let write = |file: &str, source| ImageProblem::Write {
+        file: file.into(),
+        source,
+    };
+    fs::write(dir.join(name), data).map_err(|e| write(name, e))?;
+    write_meta(dir, &meta).map_err(|e| write(META, e))?;
+    Ok(())
+}
+
+/// Puts the split private file mappings back in a fresh dump in `dir` (before its metadata is
+/// written): see `medes_criu_image::unlazify`.
+pub(crate) fn put_back_split_mappings(dir: &Path, split: &crate::SplitMappings) -> io::Result<()> {
+    use medes_criu_image::{decode_mm, decode_pagemap, encode_mm, encode_pagemap, unlazify};
+    let files = fs::read(dir.join("files.img"))?;
+    let ids = medes_criu_image::reg_file_names(&files)
+        .map_err(io::Error::other)?
+        .into_iter()
+        .map(|(id, path)| (path, id))
+        .collect();
+    for (pid, mappings) in split {
+        let (mm_p, pm_p) = (
+            dir.join(format!("mm-{pid}.img")),
+            dir.join(format!("pagemap-{pid}.img")),
+        );
+        // A process of the restore that is gone has no images.
+        let (Ok(mm), Ok(pm)) = (fs::read(&mm_p), fs::read(&pm_p)) else {
+            continue;
+        };
+        let mm = decode_mm(&mm).map_err(io::Error::other)?;
+        let pm = decode_pagemap(&pm).map_err(io::Error::other)?;
+        if let Some((mm, pm)) = unlazify(&mm, &pm, mappings, &ids) {
+            fs::write(&mm_p, encode_mm(&mm).map_err(io::Error::other)?)?;
+            fs::write(&pm_p, encode_pagemap(&pm).map_err(io::Error::other)?)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn read_meta(dir: &Path) -> Result<Meta, ImageProblem> {
     let path = dir.join(META);
     let data = match fs::read(&path) {

@@ -192,6 +192,17 @@ impl LazyLayout {
                         if v.start > s {
                             return Err(bad("mm", format!("no mapping covers {s:#x}")));
                         }
+                        // CRIU skips every page marked lazy but hands only private anonymous
+                        // mappings to the server: a lazy page elsewhere would be left as the
+                        // file's (a wrong process), never filled.
+                        if v.flags & (libc::MAP_ANONYMOUS | libc::MAP_SHARED) as u32
+                            != libc::MAP_ANONYMOUS as u32
+                        {
+                            return Err(bad(
+                                "pagemap",
+                                format!("lazy page at {s:#x} outside a private anonymous mapping"),
+                            ));
+                        }
                         let z = end.min(v.end);
                         iovs.push(Iov {
                             start: s,
@@ -1578,6 +1589,7 @@ mod tests {
             vmas: vec![VmaEntry {
                 start: a,
                 end: a + N * PAGE,
+                flags: (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32,
                 ..Default::default()
             }],
             ..Default::default()

@@ -50,6 +50,9 @@ pub struct Sandbox {
     dead: AtomicBool,
     gate: tokio::sync::RwLock<()>,
     res: Mutex<Resources>,
+    /// Private file mappings its restore split ([`Sandbox::set_split_mappings`]), put back in
+    /// its checkpoints.
+    split: Mutex<SplitMappings>,
 }
 
 /// What must be released when the sandbox goes; teardown is idempotent.
@@ -567,6 +570,7 @@ impl Sandbox {
             dead: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
+            split: Mutex::new(Vec::new()),
         };
         match tokio::time::timeout(
             READY_TIMEOUT,
@@ -776,6 +780,14 @@ impl Sandbox {
         }
     }
 
+    /// Records the private file mappings that the images this sandbox was restored from split
+    /// into anonymous runs (`medes_criu_image::lazify`, by pid in the images): its
+    /// checkpoints put them back (`medes_criu_image::unlazify`), so a dump of it describes
+    /// its mappings as the original dump did.
+    pub fn set_split_mappings(&self, split: SplitMappings) {
+        *self.split.lock().unwrap_or_else(|e| e.into_inner()) = split;
+    }
+
     /// Dumps the sandbox with CRIU into `images_dir` (created if missing; use an empty one:
     /// files of an earlier dump are overwritten, stray ones would be listed as part of it).
     ///
@@ -873,6 +885,10 @@ impl Sandbox {
                     source,
                 });
             }
+        }
+        let split = self.split.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !split.is_empty() {
+            criu::put_back_split_mappings(images_dir, &split).map_err(io_err(images_dir))?;
         }
         let files = criu::image_files(images_dir).map_err(io_err(images_dir))?;
         let page_image_bytes = files
@@ -1280,6 +1296,7 @@ impl Sandbox {
             dead: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             res: Mutex::new(std::mem::replace(&mut res, Resources::empty())),
+            split: Mutex::new(Vec::new()),
         };
         let t_reseed = Instant::now();
         if !stopped {
@@ -1356,6 +1373,11 @@ pub struct ArmedSandbox {
 }
 
 impl ArmedSandbox {
+    /// See [`Sandbox::set_split_mappings`].
+    pub fn set_split_mappings(&self, split: SplitMappings) {
+        self.sandbox.set_split_mappings(split);
+    }
+
     /// The sandbox's id.
     pub fn id(&self) -> &SandboxId {
         self.sandbox.id()

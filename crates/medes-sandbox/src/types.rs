@@ -515,6 +515,15 @@ pub enum ImageProblem {
     /// The directory could not be listed.
     #[error("listing the image files")]
     List(#[source] io::Error),
+    /// An image file or the metadata could not be written.
+    #[error("writing {file}")]
+    Write {
+        /// The file name.
+        file: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// An image file of the dump is missing.
     #[error("{file} is missing")]
     Missing {
@@ -562,3 +571,7 @@ pub enum DestroyError {
         source: io::Error,
     },
 }
+
+/// Private file mappings split by `medes_criu_image::lazify`, per process (pid in the images):
+/// each mapping as it was, with the path of its file.
+pub type SplitMappings = Vec<(u32, Vec<(medes_criu_image::VmaEntry, String)>)>;

@@ -6,7 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use medes_criu_image::decode_pagemap;
+use medes_criu_image::{
+    decode_mm, decode_pagemap, encode_mm, encode_pagemap, lazify, reg_file_names, vma_status,
+};
 use medes_sandbox::*;
 use serde_json::json;
 
@@ -70,9 +72,47 @@ fn stopped(pid: i32) -> bool {
         .is_some_and(|st| st == "T" || st == "t")
 }
 
+/// Each process's (pid, pagemap, mm).
+type ProcImages = Vec<(u32, Vec<u8>, Vec<u8>)>;
+
+/// Rewrites the restore directory `rdir` with `medes_criu_image::lazify`'s images (through
+/// [`replace_image`]); returns the images to lay the restore out with, the split mappings and
+/// the bytes made lazy.
+fn lazify_dir(
+    rdir: &Path,
+    procs: &[(u32, Vec<u8>, Vec<u8>, String)],
+) -> (ProcImages, SplitMappings, u64) {
+    let names = reg_file_names(&std::fs::read(rdir.join("files.img")).expect("files")).unwrap();
+    let (mut out, mut split, mut lazy) = (Vec::new(), Vec::new(), 0);
+    for (pid, pm, mm, _) in procs {
+        let (p, m) = (decode_pagemap(pm).unwrap(), decode_mm(mm).unwrap());
+        let Some(l) = lazify(&m, &p) else {
+            out.push((*pid, pm.clone(), mm.clone()));
+            continue;
+        };
+        lazy += l.pages * 4096;
+        let (pm2, mm2) = (
+            encode_pagemap(&l.pagemap).unwrap(),
+            encode_mm(&l.mm).unwrap(),
+        );
+        replace_image(rdir, &format!("pagemap-{pid}.img"), &pm2).expect("replace");
+        replace_image(rdir, &format!("mm-{pid}.img"), &mm2).expect("replace");
+        let with_paths = l
+            .split
+            .iter()
+            .map(|v| (v.clone(), names[&(v.shmid as u32)].clone()))
+            .collect();
+        split.push((*pid, with_paths));
+        out.push((*pid, pm2, mm2));
+    }
+    (out, split, lazy)
+}
+
 /// Arm → (nothing runs, no background fill) → resume: the restored runtime continues from the
 /// checkpoint, reseeded, and the held fill completes; dropping an armed sandbox leaves
-/// nothing behind.
+/// nothing behind. With the written pages of its private file mappings made lazy
+/// (`medes_criu_image::lazify`), the stopped tree holds less, the runtime continues the same,
+/// and a checkpoint of it maps those files as the original dump did and restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn armed_lazy_restore_stays_stopped_until_resumed() {
     let Some(cfg) = config() else { return };
@@ -91,10 +131,25 @@ async fn armed_lazy_restore_stays_stopped_until_resumed() {
         .map(|(p, pm, mm, _)| (*p, &pm[..], &mm[..]))
         .collect();
 
-    for resume in [true, false] {
-        let layout = LazyLayout::new(&layout_in).expect("layout");
-        let n_pages = layout.n_pages();
+    let mut plain_pss = 0;
+    for (resume, lazy) in [(true, false), (false, false), (true, true)] {
         let rdir = restore_dir(images.path());
+        let (lazified, split, lazy_bytes) = if lazy {
+            lazify_dir(rdir.path(), &procs)
+        } else {
+            (Vec::new(), Vec::new(), 0)
+        };
+        let layout = if lazy {
+            assert!(lazy_bytes > 100 * 4096, "only {lazy_bytes} B made lazy");
+            let v: Vec<(u32, &[u8], &[u8])> = lazified
+                .iter()
+                .map(|(p, pm, mm)| (*p, &pm[..], &mm[..]))
+                .collect();
+            LazyLayout::new(&v).expect("layout")
+        } else {
+            LazyLayout::new(&layout_in).expect("layout")
+        };
+        let n_pages = layout.n_pages();
         let demand = {
             let pages = pages.clone();
             Box::new(move |b: usize, r: std::ops::Range<u64>, out: &mut [u8]| {
@@ -168,6 +223,15 @@ async fn armed_lazy_restore_stays_stopped_until_resumed() {
         );
         let m = armed.memory().expect("memory");
         eprintln!("armed: {m:?}, copied {} pages", st.copied_pages);
+        if lazy {
+            assert!(
+                m.pss.0 + lazy_bytes / 2 <= plain_pss,
+                "{m:?}: {lazy_bytes} B made lazy, {plain_pss} B of PSS without"
+            );
+            armed.set_split_mappings(split.clone());
+        } else if resume {
+            plain_pss = m.pss.0;
+        }
         if !resume {
             let dir = cfg.run_dir.join(&armed.id().0);
             armed.destroy().await.expect("destroy");
@@ -210,6 +274,33 @@ async fn armed_lazy_restore_stays_stopped_until_resumed() {
             .expect("fill in time")
             .expect("fill complete");
         assert!(st.complete);
+        if lazy {
+            // Dumped again: the split mappings are back as they were, and it restores.
+            let again = tempfile::tempdir().expect("tempdir");
+            c.checkpoint(again.path(), CheckpointMode::LeaveRunning)
+                .await
+                .expect("dump of the lazy restore");
+            for (pid, mappings) in &split {
+                let mm =
+                    decode_mm(&std::fs::read(again.path().join(format!("mm-{pid}.img"))).unwrap())
+                        .unwrap();
+                for (o, path) in mappings {
+                    assert!(
+                        mm.vmas.iter().any(|v| (v.start, v.end, v.pgoff, v.prot)
+                            == (o.start, o.end, o.pgoff, o.prot)
+                            && v.status & vma_status::FILE_PRIVATE != 0),
+                        "{path} at {:#x} not put back",
+                        o.start
+                    );
+                }
+            }
+            let d = Sandbox::restore(&cfg, spec("armed-again", &a.path, 128), again.path())
+                .await
+                .expect("restore of the dump of a lazy restore");
+            let r3 = d.run(run_req(json!({"x": 3}))).await.expect("run");
+            assert_eq!(r3.result["n"], 3, "continues from the second checkpoint");
+            d.destroy().await.expect("destroy");
+        }
         c.destroy().await.expect("destroy");
     }
     sb.destroy().await.expect("destroy");

@@ -106,6 +106,10 @@ pub struct StartupArgs {
     /// lazy start, for an A/B against the default.
     #[arg(long)]
     no_armed: bool,
+    /// Lazy dedup starts restore the pages written in private file mappings eagerly, as CRIU
+    /// does (`[agent] lazy_file_pages = false`), for an A/B against the default.
+    #[arg(long)]
+    no_lazy_file_pages: bool,
 }
 
 /// Medians of the dedup start's steps, ms.
@@ -251,6 +255,9 @@ fn startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
                 cfg.controller.template_starts = args.template;
                 if args.no_armed {
                     cfg.agent.armed_per_function = 0;
+                }
+                if args.no_lazy_file_pages {
+                    cfg.agent.lazy_file_pages = false;
                 }
                 cfg.finish();
                 let sandbox = cfg.agent.sandbox.clone();
