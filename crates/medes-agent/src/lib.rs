@@ -777,6 +777,7 @@ impl Agent {
         }
         futures::future::join_all(slots.into_iter().map(release)).await;
         self.inner.templates.clear();
+        medes_sandbox::remove_cgroup_parent(&self.inner.cfg.sandbox);
         let images = self.inner.images.clone();
         let _ = tokio::task::spawn_blocking(move || images::release(&images)).await;
         info!(node = %self.inner.cfg.node_id, sandboxes = n, kept_dedup = kept, "node agent shut down");

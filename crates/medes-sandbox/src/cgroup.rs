@@ -32,6 +32,20 @@ pub(crate) fn detect() -> Option<Layout> {
         .then_some(Layout::V2)
 }
 
+/// Removes the parent cgroup directories `<root>/<controller>/<parent>` if they are empty
+/// (`rmdir` refuses one that still holds sandboxes or tasks); returns how many went.
+pub(crate) fn remove_parent(parent: &str) -> usize {
+    let dirs = match detect() {
+        Some(Layout::V1) => vec![
+            Path::new(CG_ROOT).join("memory").join(parent),
+            Path::new(CG_ROOT).join("pids").join(parent),
+        ],
+        Some(Layout::V2) => vec![Path::new(CG_ROOT).join(parent)],
+        None => Vec::new(),
+    };
+    dirs.iter().filter(|d| fs::remove_dir(d).is_ok()).count()
+}
+
 /// The cgroup(s) of one sandbox.
 #[derive(Debug)]
 pub(crate) struct Cgroup {
@@ -99,11 +113,17 @@ impl Cgroup {
             }
         };
         for d in &cg.dirs {
-            match fs::create_dir_all(d) {
-                Ok(()) => {}
-                Err(e) => {
-                    let _ = cg.remove();
-                    return Err((d.clone(), e));
+            // Another agent removing the (then empty) parent as it shuts down
+            // (`remove_parent`) may race the creation of parent and child: try again.
+            let mut tries = 0;
+            loop {
+                match fs::create_dir_all(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                    Err(e) => {
+                        let _ = cg.remove();
+                        return Err((d.clone(), e));
+                    }
                 }
             }
         }

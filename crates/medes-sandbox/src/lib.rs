@@ -149,7 +149,7 @@ pub use lazy::{
     SOCKET_NAME as LAZY_SOCKET_NAME,
 };
 pub use net::release_spares as release_spare_netns;
-pub use sandbox::{ArmedSandbox, Sandbox, cleanup_stale};
+pub use sandbox::{ArmedSandbox, Sandbox, cleanup_stale, remove_cgroup_parent};
 pub use types::*;
 
 /// Checks that this host can run sandboxes: root, CRIU 4 or newer, the Python interpreter, the

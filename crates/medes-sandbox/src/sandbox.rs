@@ -213,6 +213,14 @@ fn owner_tag(pid: u32) -> Option<String> {
     Some(format!("{pid} {start}"))
 }
 
+/// Removes the parent cgroup of `cfg`'s sandboxes (`cfg.cgroup_name`, under every controller)
+/// if it is empty, as an agent does when it shuts down: instances and benchmark runs with a
+/// parent of their own (`medes-bench-<pid>`, ...) leave none behind. A parent that still holds
+/// sandboxes (another agent's) is left alone. Returns how many directories were removed.
+pub fn remove_cgroup_parent(cfg: &SandboxConfig) -> usize {
+    crate::cgroup::remove_parent(&cfg.cgroup_name)
+}
+
 /// Removes what sandboxes of processes that no longer exist left behind under
 /// `cfg.run_dir` (a crashed or killed agent cannot run its destructors): kills their
 /// processes, removes their cgroups, network namespaces and run directories, and deletes spare

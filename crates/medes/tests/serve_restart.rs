@@ -176,6 +176,13 @@ fn dedup_sandboxes_survive_a_serve_restart() {
     );
     assert_eq!(result["value"], first["value"]);
     assert!(text.contains("resumes as DEDUP"), "{text}");
+    // The instance's own parent cgroup went with it.
+    for c in ["memory", "pids"] {
+        let p = Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join(format!("medes-{tag}"));
+        assert!(!p.exists(), "{p:?} left behind");
+    }
 
     // Leave nothing on the tmpfs.
     if let Ok(rd) = std::fs::read_dir("/run/medes/images") {

@@ -126,7 +126,7 @@ pub fn run(args: DedupArgs) -> anyhow::Result<ExitCode> {
             }
         }
     } else {
-        let (tag, sb_cfg) = bench_sandboxes("bd", !args.no_aslr)?;
+        let (tag, sb_cfg, _parent) = bench_sandboxes("bd", !args.no_aslr)?;
         let rt = tokio::runtime::Runtime::new()?;
         for name in &names {
             bar.set_prefix(name.clone());
@@ -236,7 +236,7 @@ fn run_template(
             });
         }
     } else {
-        let (tag, sb_cfg) = bench_sandboxes("bt", true)?;
+        let (tag, sb_cfg, _parent) = bench_sandboxes("bt", true)?;
         let rt = tokio::runtime::Runtime::new()?;
         for name in names {
             bar.set_prefix(name.clone());
@@ -363,10 +363,22 @@ fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes a bench run's parent cgroup when the run ends (its sandboxes are gone by then).
+struct ParentCgroup(SandboxConfig);
+
+impl Drop for ParentCgroup {
+    fn drop(&mut self) {
+        medes_sandbox::remove_cgroup_parent(&self.0);
+    }
+}
+
 /// The sandboxes of a bench run: a tag of `prefix` and this process's id (their cgroup and run
 /// directory), isolated network, ASLR as asked; checks the machine can run them and makes this
-/// process their subreaper.
-fn bench_sandboxes(prefix: &str, aslr: bool) -> anyhow::Result<(String, SandboxConfig)> {
+/// process their subreaper; the guard removes their parent cgroup at the end.
+fn bench_sandboxes(
+    prefix: &str,
+    aslr: bool,
+) -> anyhow::Result<(String, SandboxConfig, ParentCgroup)> {
     let mut sb_cfg = SandboxConfig::default();
     let tag = format!("{prefix}{}", std::process::id());
     sb_cfg.cgroup_name = format!("medes-{tag}");
@@ -375,7 +387,8 @@ fn bench_sandboxes(prefix: &str, aslr: bool) -> anyhow::Result<(String, SandboxC
     set_aslr(&mut sb_cfg, aslr)?;
     medes_sandbox::preflight(&sb_cfg).context("this machine cannot run sandboxes")?;
     medes_sandbox::become_subreaper()?;
-    Ok((tag, sb_cfg))
+    let parent = ParentCgroup(sb_cfg.clone());
+    Ok((tag, sb_cfg, parent))
 }
 
 fn set_aslr(cfg: &mut SandboxConfig, on: bool) -> anyhow::Result<()> {
