@@ -769,16 +769,17 @@ pub(crate) async fn start(
     })
 }
 
-/// Rewrites process `pid`'s mm and pagemap images in `dir` (where CRIU reads them) so that the
-/// pages it wrote in private file mappings are restored lazily too
-/// ([`medes_criu_image::lazify`]); returns the images to lay the restore out with and the
-/// mappings that were split, as they were.
+/// A process's pagemap and mm images as the restore uses them, and the private file mappings
+/// split in them, as they were.
 type Lazified<'a> = (
     Cow<'a, [u8]>,
     Cow<'a, [u8]>,
     Vec<medes_criu_image::VmaEntry>,
 );
 
+/// Rewrites process `pid`'s mm and pagemap images in `dir` (where CRIU reads them) so that the
+/// pages it wrote in private file mappings are restored lazily too
+/// ([`medes_criu_image::lazify`]).
 fn lazify_images<'a>(
     dir: &Path,
     pid: u32,

@@ -197,8 +197,14 @@ pub(crate) fn put_back_split_mappings(dir: &Path, split: &crate::SplitMappings) 
         let mm = decode_mm(&mm).map_err(io::Error::other)?;
         let pm = decode_pagemap(&pm).map_err(io::Error::other)?;
         if let Some((mm, pm)) = unlazify(&mm, &pm, mappings, &ids) {
-            fs::write(&mm_p, encode_mm(&mm).map_err(io::Error::other)?)?;
-            fs::write(&pm_p, encode_pagemap(&pm).map_err(io::Error::other)?)?;
+            // The pagemap first: with it alone rewritten (a failed second write) the pages
+            // are eager in anonymous mappings, still a right dump.
+            let (mm, pm) = (
+                encode_mm(&mm).map_err(io::Error::other)?,
+                encode_pagemap(&pm).map_err(io::Error::other)?,
+            );
+            fs::write(&pm_p, pm)?;
+            fs::write(&mm_p, mm)?;
         }
     }
     Ok(())
