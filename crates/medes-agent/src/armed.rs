@@ -179,6 +179,34 @@ struct ArmState {
     slot: Slot,
 }
 
+/// The status of one armed or arming sandbox (its tree measured again if its figures are
+/// old); `None` while it is being disarmed.
+fn status_entry(id: &SandboxId, st: &mut ArmState) -> Option<ArmedStatus> {
+    let (ready, cgroup_bytes, pss_bytes, store_meta_bytes, buffered_bytes) = match &mut st.slot {
+        Slot::Disarming { .. } => return None,
+        Slot::Arming { .. } => (false, 0, 0, 0, 0),
+        Slot::Armed(a) => {
+            a.refresh();
+            (
+                true,
+                a.cgroup_bytes,
+                a.pss_bytes,
+                a.store_meta_bytes,
+                a.started.buffered_bytes(),
+            )
+        }
+    };
+    Some(ArmedStatus {
+        sandbox: id.clone(),
+        function: st.function.clone(),
+        ready,
+        cgroup_bytes,
+        pss_bytes,
+        store_meta_bytes,
+        buffered_bytes,
+    })
+}
+
 /// The agent's armed sandboxes.
 pub(crate) struct ArmedSet {
     map: Mutex<HashMap<SandboxId, ArmState>>,
@@ -202,36 +230,9 @@ impl ArmedSet {
     /// Status of every armed or arming sandbox.
     pub(crate) fn status(&self) -> Vec<ArmedStatus> {
         let mut m = self.map.lock();
-        for st in m.values_mut() {
-            if let Slot::Armed(a) = &mut st.slot {
-                a.refresh();
-            }
-        }
         let mut out: Vec<ArmedStatus> = m
-            .iter()
-            .filter(|(_, st)| !matches!(st.slot, Slot::Disarming { .. }))
-            .map(|(id, st)| {
-                let (ready, cgroup_bytes, pss_bytes, store_meta_bytes, buffered_bytes) =
-                    match &st.slot {
-                        Slot::Arming { .. } | Slot::Disarming { .. } => (false, 0, 0, 0, 0),
-                        Slot::Armed(a) => (
-                            true,
-                            a.cgroup_bytes,
-                            a.pss_bytes,
-                            a.store_meta_bytes,
-                            a.started.buffered_bytes(),
-                        ),
-                    };
-                ArmedStatus {
-                    sandbox: id.clone(),
-                    function: st.function.clone(),
-                    ready,
-                    cgroup_bytes,
-                    pss_bytes,
-                    store_meta_bytes,
-                    buffered_bytes,
-                }
-            })
+            .iter_mut()
+            .filter_map(|(id, st)| status_entry(id, st))
             .collect();
         out.sort_by(|a, b| a.sandbox.0.cmp(&b.sandbox.0));
         out
@@ -239,7 +240,9 @@ impl ArmedSet {
 
     /// The status of `id` if it is armed or being armed.
     pub(crate) fn status_of(&self, id: &SandboxId) -> Option<ArmedStatus> {
-        self.status().into_iter().find(|s| &s.sandbox == id)
+        let mut m = self.map.lock();
+        let st = m.get_mut(id)?;
+        status_entry(id, st)
     }
 
     /// Records that `id` was just deduplicated (the newest of its function).

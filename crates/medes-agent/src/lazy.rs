@@ -69,7 +69,6 @@
 
 mod verify;
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -78,6 +77,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use medes_core::SandboxId;
+use medes_criu_image::{
+    decode_mm, decode_pagemap, encode_mm, encode_pagemap, lazify, reg_file_names,
+};
 use medes_dedup::rebuild::{BATCH_PAGES, RebuildScratch, Rebuilder};
 use medes_dedup::{BasePages, DedupStore, StoreFile};
 use medes_sandbox::{LazyDaemon, LazyFeed, LazyLayout, RestoreError, Sandbox};
@@ -537,53 +539,73 @@ pub(crate) async fn start(
     let store = loaded.meta();
     // Which pages CRIU reads itself, which the server fills.
     let mut procs = Vec::with_capacity(store.procs.len());
-    // The private file mappings split to make their written pages lazy (put back by the
-    // sandbox's later checkpoints), and the files' names.
+    // The mm and pagemap images rewritten so the pages written in private file mappings are
+    // lazy too (`lazify`), the mappings split for it (put back by the sandbox's later
+    // checkpoints), and the files' names.
+    let mut rewritten: Vec<(String, Vec<u8>)> = Vec::new();
     let mut split: medes_sandbox::SplitMappings = Vec::new();
     let mut names = None;
     for p in &store.procs {
-        let get = |name: String| {
+        let read = |name: &str| -> Result<&Vec<u8>, LazyError> {
             store
                 .images
-                .get(&name)
-                .map(Vec::as_slice)
+                .get(name)
                 .ok_or_else(|| fallback(format!("the store has no {name}")))
         };
-        let (pagemap, mm) = (
-            get(format!("pagemap-{}.img", p.pid))?,
-            get(format!("mm-{}.img", p.pid))?,
+        let (pm_name, mm_name) = (
+            format!("pagemap-{}.img", p.pid),
+            format!("mm-{}.img", p.pid),
         );
-        let (pagemap, mm) = if inner.cfg.lazy_file_pages {
-            let (pagemap, mm, originals) =
-                lazify_images(dir, p.pid, pagemap, mm).map_err(fallback)?;
-            if !originals.is_empty() {
-                let names = names.get_or_insert_with(|| {
-                    store
-                        .images
-                        .get("files.img")
-                        .and_then(|f| medes_criu_image::reg_file_names(f).ok())
-                        .unwrap_or_default()
-                });
-                let with_paths = originals
-                    .into_iter()
-                    .filter_map(|v| {
-                        let path = names.get(&u32::try_from(v.shmid).ok()?)?.clone();
-                        Some((v, path))
-                    })
-                    .collect();
-                split.push((p.pid, with_paths));
-            }
-            (pagemap, mm)
-        } else {
-            (Cow::Borrowed(pagemap), Cow::Borrowed(mm))
+        let bad = |name: &str, e: &dyn std::fmt::Display| fallback(format!("{name}: {e}"));
+        let pm = decode_pagemap(read(&pm_name)?).map_err(|e| bad(&pm_name, &e))?;
+        let mm = decode_mm(read(&mm_name)?).map_err(|e| bad(&mm_name, &e))?;
+        let lazified = inner
+            .cfg
+            .lazy_file_pages
+            .then(|| lazify(&mm, &pm))
+            .flatten();
+        let Some(l) = lazified else {
+            procs.push((p.pid, pm, mm));
+            continue;
         };
-        procs.push((p.pid, pagemap, mm));
+        rewritten.push((
+            pm_name.clone(),
+            encode_pagemap(&l.pagemap).map_err(|e| bad(&pm_name, &e))?,
+        ));
+        rewritten.push((
+            mm_name.clone(),
+            encode_mm(&l.mm).map_err(|e| bad(&mm_name, &e))?,
+        ));
+        debug!(
+            pid = p.pid,
+            runs = l.runs,
+            pages = l.pages,
+            "file-mapping pages made lazy"
+        );
+        let names = names.get_or_insert_with(|| {
+            store
+                .images
+                .get("files.img")
+                .and_then(|f| reg_file_names(f).ok())
+                .unwrap_or_default()
+        });
+        let with_paths = l
+            .split
+            .into_iter()
+            .filter_map(|v| {
+                let path = names.get(&u32::try_from(v.shmid).ok()?)?.clone();
+                Some((v, path))
+            })
+            .collect();
+        split.push((p.pid, with_paths));
+        procs.push((p.pid, l.pagemap, l.mm));
     }
-    let views: Vec<(u32, &[u8], &[u8])> = procs
-        .iter()
-        .map(|(pid, pm, mm)| (*pid, pm.as_ref(), mm.as_ref()))
-        .collect();
-    let layout = LazyLayout::new(&views).map_err(|e| fallback(error_chain(&e)))?;
+    if !rewritten.is_empty() {
+        // Where CRIU reads them.
+        medes_sandbox::replace_images(dir, &rewritten).map_err(|e| fallback(error_chain(&e)))?;
+    }
+    let views: Vec<_> = procs.iter().map(|(pid, pm, mm)| (*pid, pm, mm)).collect();
+    let layout = LazyLayout::from_parsed(&views).map_err(|e| fallback(error_chain(&e)))?;
     drop(views);
     let per_proc = layout.pages_per_process();
     if per_proc.len() != store.procs.len()
@@ -767,47 +789,6 @@ pub(crate) async fn start(
         rec: rec.clone(),
         store_held,
     })
-}
-
-/// A process's pagemap and mm images as the restore uses them, and the private file mappings
-/// split in them, as they were.
-type Lazified<'a> = (
-    Cow<'a, [u8]>,
-    Cow<'a, [u8]>,
-    Vec<medes_criu_image::VmaEntry>,
-);
-
-/// Rewrites process `pid`'s mm and pagemap images in `dir` (where CRIU reads them) so that the
-/// pages it wrote in private file mappings are restored lazily too
-/// ([`medes_criu_image::lazify`]).
-fn lazify_images<'a>(
-    dir: &Path,
-    pid: u32,
-    pagemap: &'a [u8],
-    mm: &'a [u8],
-) -> Result<Lazified<'a>, String> {
-    use medes_criu_image::{decode_mm, decode_pagemap, encode_mm, encode_pagemap, lazify};
-    let bad = |what: &str, e: &dyn std::fmt::Display| format!("{what}-{pid}.img: {e}");
-    let pm = decode_pagemap(pagemap).map_err(|e| bad("pagemap", &e))?;
-    let m = decode_mm(mm).map_err(|e| bad("mm", &e))?;
-    let Some(l) = lazify(&m, &pm) else {
-        return Ok((Cow::Borrowed(pagemap), Cow::Borrowed(mm), Vec::new()));
-    };
-    let pm = encode_pagemap(&l.pagemap).map_err(|e| bad("pagemap", &e))?;
-    let m = encode_mm(&l.mm).map_err(|e| bad("mm", &e))?;
-    for (name, data) in [
-        (format!("pagemap-{pid}.img"), &pm),
-        (format!("mm-{pid}.img"), &m),
-    ] {
-        medes_sandbox::replace_image(dir, &name, data).map_err(|e| error_chain(&e))?;
-    }
-    debug!(
-        pid,
-        runs = l.runs,
-        pages = l.pages,
-        "file-mapping pages made lazy"
-    );
-    Ok((Cow::Owned(pm), Cow::Owned(m), l.split))
 }
 
 /// Finishes a start whose runtime answered (`t`: its restore's timings): answers at once

@@ -156,21 +156,23 @@ pub(crate) fn write_meta(dir: &Path, meta: &Meta) -> io::Result<PathBuf> {
     Ok(p)
 }
 
-/// Replaces the image file `name` of the checkpoint in `dir` with `data` and records its new
-/// size in the checkpoint's metadata (restores check every file against it): for a caller that
-/// rewrites an image it understands, e.g. an mm and pagemap made lazier
-/// (`medes_criu_image::lazify`). The file must be one the dump wrote.
-pub fn replace_image(dir: &Path, name: &str, data: &[u8]) -> Result<(), ImageProblem> {
+/// Replaces image files of the checkpoint in `dir` (`(name, contents)`) and records their new
+/// sizes in the checkpoint's metadata (restores check every file against it), which is read
+/// and written once: for a caller that rewrites images it understands, e.g. mm and pagemap
+/// images made lazier (`medes_criu_image::lazify`). Each file must be one the dump wrote.
+pub fn replace_images(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ImageProblem> {
     let mut meta = read_meta(dir)?;
-    let Some(size) = meta.files.get_mut(name) else {
-        return Err(ImageProblem::Missing { file: name.into() });
-    };
-    *size = data.len() as u64;
     let write = |file: &str, source| ImageProblem::Write {
         file: file.into(),
         source,
     };
-    fs::write(dir.join(name), data).map_err(|e| write(name, e))?;
+    for (name, data) in files {
+        let Some(size) = meta.files.get_mut(name) else {
+            return Err(ImageProblem::Missing { file: name.clone() });
+        };
+        *size = data.len() as u64;
+        fs::write(dir.join(name), data).map_err(|e| write(name, e))?;
+    }
     write_meta(dir, &meta).map_err(|e| write(META, e))?;
     Ok(())
 }

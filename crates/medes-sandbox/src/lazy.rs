@@ -45,7 +45,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use medes_criu_image::{PE_LAZY, decode_mm, decode_pagemap};
+use medes_criu_image::{MmEntry, PE_LAZY, Pagemap, decode_mm, decode_pagemap};
 use tracing::{debug, warn};
 
 const PAGE: u64 = 4096;
@@ -152,8 +152,7 @@ pub struct LazyLayout {
 impl LazyLayout {
     /// From each process's `(pid, pagemap-<pid>.img, mm-<pid>.img)`, in global page order.
     pub fn new(procs: &[(u32, &[u8], &[u8])]) -> Result<LazyLayout, LazyStartError> {
-        let mut out = Vec::with_capacity(procs.len());
-        let mut first = 0u64;
+        let mut parsed = Vec::with_capacity(procs.len());
         for &(pid, pagemap, mm) in procs {
             let bad = |name: &str, e: String| LazyStartError::Image {
                 name: format!("{name}-{pid}.img"),
@@ -161,6 +160,21 @@ impl LazyLayout {
             };
             let pm = decode_pagemap(pagemap).map_err(|e| bad("pagemap", e.to_string()))?;
             let mm = decode_mm(mm).map_err(|e| bad("mm", e.to_string()))?;
+            parsed.push((pid, pm, mm));
+        }
+        let views: Vec<_> = parsed.iter().map(|(p, pm, mm)| (*p, pm, mm)).collect();
+        LazyLayout::from_parsed(&views)
+    }
+
+    /// [`LazyLayout::new`] from images already parsed.
+    pub fn from_parsed(procs: &[(u32, &Pagemap, &MmEntry)]) -> Result<LazyLayout, LazyStartError> {
+        let mut out = Vec::with_capacity(procs.len());
+        let mut first = 0u64;
+        for &(pid, pm, mm) in procs {
+            let bad = |name: &str, e: String| LazyStartError::Image {
+                name: format!("{name}-{pid}.img"),
+                reason: e,
+            };
             let mut runs = Vec::new();
             let mut iovs = Vec::new();
             let mut at = first;

@@ -143,7 +143,7 @@ mod types;
 use std::path::Path;
 use std::process::Command;
 
-pub use criu::replace_image;
+pub use criu::replace_images;
 pub use lazy::{
     DemandFn, LazyDaemon, LazyFeed, LazyLayout, LazyStartError, LazyStats,
     SOCKET_NAME as LAZY_SOCKET_NAME,

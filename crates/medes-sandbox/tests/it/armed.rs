@@ -76,7 +76,7 @@ fn stopped(pid: i32) -> bool {
 type ProcImages = Vec<(u32, Vec<u8>, Vec<u8>)>;
 
 /// Rewrites the restore directory `rdir` with `medes_criu_image::lazify`'s images (through
-/// [`replace_image`]); returns the images to lay the restore out with, the split mappings and
+/// [`replace_images`]); returns the images to lay the restore out with, the split mappings and
 /// the bytes made lazy.
 fn lazify_dir(
     rdir: &Path,
@@ -95,8 +95,11 @@ fn lazify_dir(
             encode_pagemap(&l.pagemap).unwrap(),
             encode_mm(&l.mm).unwrap(),
         );
-        replace_image(rdir, &format!("pagemap-{pid}.img"), &pm2).expect("replace");
-        replace_image(rdir, &format!("mm-{pid}.img"), &mm2).expect("replace");
+        let files = [
+            (format!("pagemap-{pid}.img"), pm2.clone()),
+            (format!("mm-{pid}.img"), mm2.clone()),
+        ];
+        replace_images(rdir, &files).expect("replace");
         let with_paths = l
             .split
             .iter()
